@@ -1,0 +1,1 @@
+"""Thin Typer commands; the work lives in the library modules they call."""
