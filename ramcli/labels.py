@@ -1,0 +1,177 @@
+"""The label system: tag names, Chinese names and per-class thresholds.
+
+The files come from the official release (pinned commit, SHA-256 checked). They are resolved in
+this order, first hit wins:
+
+1. an explicit `--labels DIR` (a folder holding the official file names),
+2. the `RAMCLI_LABELS` environment variable (same layout),
+3. the label metadata embedded in a converted `.safetensors` model,
+4. a download of the official files at a pinned commit, cached and checksum-verified (pooch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ramcli.errors import RamcliError
+
+OFFICIAL_COMMIT = "7cb804a8609e9f4b1a50b7f31436d2df40bb9481"
+OFFICIAL_BASE_URL = f"https://raw.githubusercontent.com/xinyu1205/recognize-anything/{OFFICIAL_COMMIT}/ram/data/"
+
+#: file name -> SHA-256 of the official file at OFFICIAL_COMMIT
+OFFICIAL_FILES = {
+    "ram_tag_list.txt": "5d96d2f7225527480ad773aaac76b6e5c08a18adf6eae9ca7d2ab923d5e7bd8b",
+    "ram_tag_list_chinese.txt": "c912657a0f30be7b2f5df6ccffa17e1d84561d0bea508528e38b6d0d711bcfbe",
+    "ram_tag_list_threshold.txt": "b6f81d0de1bc7f9c251af512c413eae976c77dbfbadf700d4e3d90510f4c6447",
+    "tag_list.txt": "7d05c7cb88ed46a2aee1434776964f6bdbda0c0f4233c8633e109084382d3a45",
+}
+
+#: Tag2Text's decision rule (official `tag2text.py`): 0.68 everywhere, 0.7 for person/man/woman.
+TAG2TEXT_THRESHOLD = 0.68
+TAG2TEXT_THRESHOLD_EXCEPTIONS = {2701: 0.7, 2828: 0.7, 1167: 0.7}
+#: Tags Tag2Text drops before captioning: quarter, back, two, three, four, five, one.
+TAG2TEXT_DELETE_INDEX = (127, 2961, 3351, 3265, 3338, 3355, 3359)
+#: The constructor default of RAM/RAM++, used only where the per-class file says nothing.
+RAM_DEFAULT_THRESHOLD = 0.68
+#: Threshold of open-set (custom) tags in the official code.
+OPEN_SET_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Names, Chinese names and thresholds of a model's output classes, in output order.
+
+    `deleted` holds the indices that are never emitted (Tag2Text's caption-disturbing tags).
+    """
+
+    names: tuple[str, ...]
+    names_zh: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    deleted: frozenset[int] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        n = len(self.names)
+        if len(self.names_zh) != n or len(self.thresholds) != n:
+            raise RamcliError(
+                f"label files disagree: {n} names, {len(self.names_zh)} Chinese names, "
+                f"{len(self.thresholds)} thresholds"
+            )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def checksum(self) -> str:
+        """A short, stable digest of the label system (goes into converted models and the index)."""
+        payload = json.dumps([self.names, self.names_zh, self.thresholds, sorted(self.deleted)])
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+    def extend(self, names: list[str], names_zh: list[str], thresholds: list[float]) -> LabelSet:
+        """A new label set with custom (open-vocabulary) classes appended."""
+        return replace(
+            self,
+            names=self.names + tuple(names),
+            names_zh=self.names_zh + tuple(names_zh),
+            thresholds=self.thresholds + tuple(float(t) for t in thresholds),
+        )
+
+    def to_metadata(self) -> dict[str, str]:
+        """String metadata for a safetensors header."""
+        return {
+            "labels.names": json.dumps(self.names, ensure_ascii=False),
+            "labels.names_zh": json.dumps(self.names_zh, ensure_ascii=False),
+            "labels.thresholds": json.dumps(self.thresholds),
+            "labels.deleted": json.dumps(sorted(self.deleted)),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> LabelSet | None:
+        if "labels.names" not in meta:
+            return None
+        return cls(
+            names=tuple(json.loads(meta["labels.names"])),
+            names_zh=tuple(json.loads(meta["labels.names_zh"])),
+            thresholds=tuple(float(t) for t in json.loads(meta["labels.thresholds"])),
+            deleted=frozenset(json.loads(meta.get("labels.deleted", "[]"))),
+        )
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RamcliError(f"label file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise RamcliError(f"label file is not UTF-8: {path}") from None
+    return text.splitlines()
+
+
+def read_label_dir(folder: Path, family: str) -> LabelSet:
+    """Read the official label files for `family` ('ram', 'ram_plus' or 'tag2text') from a folder."""
+    folder = Path(folder)
+    if family == "tag2text":
+        names = _read_lines(folder / "tag_list.txt")
+        thresholds = [TAG2TEXT_THRESHOLD] * len(names)
+        for index, value in TAG2TEXT_THRESHOLD_EXCEPTIONS.items():
+            if index < len(thresholds):
+                thresholds[index] = value
+        deleted = frozenset(i for i in TAG2TEXT_DELETE_INDEX if i < len(names))
+        # Tag2Text has no Chinese list; the English name stands in.
+        return LabelSet(tuple(names), tuple(names), tuple(thresholds), deleted)
+    names = _read_lines(folder / "ram_tag_list.txt")
+    names_zh = [line.strip() for line in _read_lines(folder / "ram_tag_list_chinese.txt")]
+    threshold_lines = _read_lines(folder / "ram_tag_list_threshold.txt")
+    try:
+        thresholds = [float(s.strip()) for s in threshold_lines]
+    except ValueError:
+        raise RamcliError(f"threshold file has a non-number line: {folder / 'ram_tag_list_threshold.txt'}") from None
+    return LabelSet(tuple(names), tuple(names_zh), tuple(thresholds))
+
+
+def download_official(cache_dir: Path, family: str) -> Path:
+    """Fetch the official label files at the pinned commit into `cache_dir`, verifying SHA-256."""
+    import pooch
+
+    wanted = ["tag_list.txt"] if family == "tag2text" else [
+        "ram_tag_list.txt", "ram_tag_list_chinese.txt", "ram_tag_list_threshold.txt"
+    ]
+    target = Path(cache_dir) / f"labels-{OFFICIAL_COMMIT[:7]}"
+    for name in wanted:
+        try:
+            pooch.retrieve(
+                OFFICIAL_BASE_URL + name,
+                known_hash=f"sha256:{OFFICIAL_FILES[name]}",
+                fname=name,
+                path=target,
+                progressbar=False,
+            )
+        except Exception as exc:  # network errors come in many types; all mean the same to a user
+            raise RamcliError(
+                f"cannot download the label file {name} ({type(exc).__name__}); "
+                f"pass --labels DIR with the official ram/data files or set RAMCLI_LABELS"
+            ) from None
+    return target
+
+
+def resolve_labels(
+    family: str,
+    labels_dir: Path | None = None,
+    embedded: LabelSet | None = None,
+    cache_dir: Path | None = None,
+) -> LabelSet:
+    """The label set for a model, by the documented resolution order."""
+    if labels_dir is not None:
+        return read_label_dir(Path(labels_dir), family)
+    env = os.environ.get("RAMCLI_LABELS")
+    if env:
+        return read_label_dir(Path(env), family)
+    if embedded is not None:
+        return embedded
+    if cache_dir is None:
+        from ramcli.config import home
+
+        cache_dir = home().cache
+    return read_label_dir(download_official(cache_dir, family), family)
