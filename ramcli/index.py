@@ -1,0 +1,544 @@
+"""The SQLite index: which photos were tagged, with what, and by which model.
+
+It is the ledger that makes `ramcli tag` incremental (skip unchanged files, recognise moved ones
+by a content hash that survives metadata writes) and the data behind `ramcli search`. Its rules:
+
+* One write transaction per batch (`BEGIN IMMEDIATE`), so a kill -9 at any moment leaves either
+  the whole batch or none of it. WAL lets searches read while a `tag` run writes.
+* Two writers never corrupt it: the second waits (and says so on stderr) until the first commits.
+* The schema carries a version (`PRAGMA user_version`) and only ever migrates forward.
+* Tag counts (`tags.photo_count`) are kept in the same transaction as the photo tags; search uses
+  them to pick the most selective term of a query, `index check` verifies them.
+
+Other modules keep their own tables in the same file (the metadata write `ledger`); this module
+only touches them where a photo moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import simplemma
+import sqlite_utils
+
+from ramcli import config
+from ramcli.errors import RamcliError
+from ramcli.records import PhotoResult, TagScore
+
+#: How long a writer waits for another process's transaction before giving up (seconds).
+DEFAULT_BUSY_TIMEOUT = float(os.environ.get("RAMCLI_INDEX_TIMEOUT", "600"))
+#: Waits shorter than this pass silently; longer ones print a message first.
+_QUIET_WAIT_MS = 250
+
+
+@dataclass(frozen=True)
+class PhotoRecord:
+    """One row of the `photos` table."""
+
+    id: int
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    content_hash: str | None
+    width: int | None
+    height: int | None
+    taken_at: str | None
+    tagged_at: str | None
+    model_id: str | None
+    vocab_version: str | None
+    status: str
+    error: str | None
+
+
+_PHOTO_COLUMNS = ", ".join(f.name for f in fields(PhotoRecord))
+
+
+def normalize_path(path: str | os.PathLike) -> str:
+    """Paths are stored absolute and resolved, so one file has one row whatever the caller's cwd."""
+    return os.path.realpath(os.fspath(path))
+
+
+def lemma(name: str) -> str:
+    """The lemmatised, lower-case form of a tag name ('Christmas Trees' -> 'christmas tree').
+
+    Used to resolve plural/singular query words to tags; simplemma leaves non-English words alone.
+    """
+    return " ".join(simplemma.lemmatize(word, lang="en").lower() for word in name.split())
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    """The initial schema."""
+    db.table("photos").create(
+        {
+            "id": int,
+            "path": str,
+            "size": int,
+            "mtime_ns": int,
+            "content_hash": str,
+            "width": int,
+            "height": int,
+            "taken_at": str,
+            "tagged_at": str,
+            "model_id": str,
+            "vocab_version": str,
+            "status": str,
+            "error": str,
+        },
+        pk="id",
+        not_null={"path", "status"},
+    )
+    db.table("photos").create_index(["path"], unique=True)
+    db.table("photos").create_index(["content_hash"])
+    db.table("photos").create_index(["taken_at"])
+    db.execute(
+        "CREATE TABLE tags (id INTEGER PRIMARY KEY, name TEXT NOT NULL COLLATE NOCASE UNIQUE,"
+        " name_zh TEXT, lemma TEXT NOT NULL, group_id INTEGER REFERENCES tags(id),"
+        " source TEXT NOT NULL DEFAULT 'builtin', aliases TEXT NOT NULL DEFAULT '',"
+        " photo_count INTEGER NOT NULL DEFAULT 0)"
+    )
+    db.table("tags").create_index(["lemma"])
+    db.table("tags").create_index(["name_zh"])
+    db.table("synonyms").create(
+        {"alias": str, "tag_id": int}, pk="alias", foreign_keys=[("tag_id", "tags", "id")]
+    )
+    # Written by hand: sqlite-utils cannot declare WITHOUT ROWID or ON DELETE CASCADE. The primary
+    # key serves "tags of a photo"; the second index serves "photos of a tag, best score first".
+    db.execute(
+        "CREATE TABLE photo_tags ("
+        " photo_id INTEGER NOT NULL REFERENCES photos(id) ON DELETE CASCADE,"
+        " tag_id INTEGER NOT NULL REFERENCES tags(id),"
+        " score REAL NOT NULL,"
+        " PRIMARY KEY (photo_id, tag_id)) WITHOUT ROWID"
+    )
+    db.execute("CREATE INDEX idx_photo_tags_tag_score ON photo_tags (tag_id, score DESC, photo_id)")
+    db.table("tags").enable_fts(
+        ["name", "name_zh", "aliases"], create_triggers=True, tokenize="unicode61 remove_diacritics 2"
+    )
+
+
+#: Forward migrations: entry i takes the schema from version i to i + 1. Never edit a released one.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class Index:
+    """The index database. Open with `Index.open()`; use as a context manager or call `close()`."""
+
+    def __init__(self, db: sqlite_utils.Database, path: Path, readonly: bool, busy_timeout: float):
+        self.db = db
+        self.path = path
+        self.readonly = readonly
+        self.busy_timeout = busy_timeout
+        self._tag_ids: dict[str, int] = {}
+        #: Called with a message when a write has to wait for another process.
+        self.on_wait: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    # --- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, path: Path | None = None, *, readonly: bool = False, busy_timeout: float | None = None
+    ) -> Index:
+        """Open (creating and migrating if needed) the index at `path` (default: the home's)."""
+        path = Path(path) if path is not None else config.home().index
+        timeout = DEFAULT_BUSY_TIMEOUT if busy_timeout is None else busy_timeout
+        if readonly:
+            if not path.exists():
+                raise RamcliError(f"no index at {path}: run `ramcli tag` first")
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            connect = lambda: sqlite3.connect(uri, uri=True, timeout=timeout)  # noqa: E731
+        else:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RamcliError(f"cannot create the index folder {path.parent}: {exc.strerror}") from exc
+            connect = lambda: sqlite3.connect(path, timeout=timeout)  # noqa: E731
+        try:
+            conn = connect()
+            # Transactions are explicit (BEGIN IMMEDIATE per batch), never implicit.
+            conn.isolation_level = None
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA cache_size = -65536")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+            index = cls(sqlite_utils.Database(conn), path, readonly, timeout)
+            index._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise _database_error(path, exc) from exc
+        return index
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RamcliError(
+                f"the index {self.path} has schema version {version}, newer than this ramcli "
+                f"({SCHEMA_VERSION}): upgrade ramcli"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if self.readonly:
+            raise RamcliError(f"the index {self.path} needs an upgrade: run any writing command first")
+        with self._write():
+            # Re-read inside the write lock: another process may have migrated meanwhile.
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            for step in range(version, SCHEMA_VERSION):
+                MIGRATIONS[step](self.db)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transactions ---------------------------------------------------------------------------
+
+    def _write(self) -> _WriteTransaction:
+        if self.readonly:
+            raise RamcliError(f"the index {self.path} is open read-only")
+        return _WriteTransaction(self)
+
+    # --- photos ---------------------------------------------------------------------------------
+
+    def lookup(self, path: str) -> PhotoRecord | None:
+        row = self.db.execute(
+            f"SELECT {_PHOTO_COLUMNS} FROM photos WHERE path = ?", [normalize_path(path)]
+        ).fetchone()
+        return PhotoRecord(*row) if row else None
+
+    def needs_tagging(self, path: str, size: int, mtime_ns: int, model_id: str, vocab_version: str) -> bool:
+        """False only when the file is unchanged and was tagged by this model and vocabulary."""
+        record = self.lookup(path)
+        return not (
+            record is not None
+            and record.status == "tagged"
+            and record.size == size
+            and record.mtime_ns == mtime_ns
+            and record.model_id == model_id
+            and record.vocab_version == vocab_version
+        )
+
+    def find_moved(self, content_hash: str) -> PhotoRecord | None:
+        """A record with this content hash whose file is gone: the photo was moved or renamed."""
+        rows = self.db.execute(
+            f"SELECT {_PHOTO_COLUMNS} FROM photos WHERE content_hash = ? AND status = 'tagged'",
+            [content_hash],
+        ).fetchall()
+        for row in rows:
+            if not os.path.exists(row[1]):
+                return PhotoRecord(*row)
+        return None
+
+    def move(self, old_path: str, new_path: str, size: int, mtime_ns: int) -> None:
+        """Re-point a moved photo, keeping its tags (and the metadata ledger's rows)."""
+        old, new = normalize_path(old_path), normalize_path(new_path)
+        with self._write():
+            self._delete_photos(self.db.execute("SELECT id FROM photos WHERE path = ?", [new]).fetchall())
+            cur = self.db.execute(
+                "UPDATE photos SET path = ?, size = ?, mtime_ns = ? WHERE path = ?", [new, size, mtime_ns, old]
+            )
+            if cur.rowcount == 0:
+                raise RamcliError(f"cannot move {old}: it is not in the index")
+            if self.db.table("ledger").exists():
+                self.db.execute("UPDATE ledger SET path = ? WHERE path = ?", [new, old])
+
+    def update_stat(self, path: str, size: int, mtime_ns: int) -> None:
+        """Record a file's new size and mtime after a metadata write, so it is not re-tagged."""
+        with self._write():
+            self.db.execute(
+                "UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", [size, mtime_ns, normalize_path(path)]
+            )
+
+    def record_batch(self, results: list[PhotoResult]) -> None:
+        """Store a batch of tagging results in ONE transaction (idempotent).
+
+        Tagged results replace the photo's tags; failed ones record status and error and keep
+        whatever tags an earlier successful run stored.
+        """
+        if not results:
+            return
+        latest: dict[str, PhotoResult] = {normalize_path(r.path): r for r in results}
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        new_tag_ids: dict[str, int] = {}
+        with self._write():
+            tag_ids = self._ensure_tags(
+                {t.name: t.name_zh for r in latest.values() if r.status == "tagged" for t in r.tags}, new_tag_ids
+            )
+            self.db.conn.executemany(
+                "INSERT INTO photos (path, size, mtime_ns, content_hash, width, height, taken_at,"
+                " tagged_at, model_id, vocab_version, status, error)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns,"
+                " content_hash = coalesce(excluded.content_hash, content_hash),"
+                " width = coalesce(excluded.width, width), height = coalesce(excluded.height, height),"
+                " taken_at = coalesce(excluded.taken_at, taken_at), tagged_at = excluded.tagged_at,"
+                " model_id = excluded.model_id, vocab_version = excluded.vocab_version,"
+                " status = excluded.status, error = excluded.error",
+                [
+                    (
+                        path, r.size, r.mtime_ns, r.content_hash, r.width, r.height,
+                        r.taken_at.isoformat() if r.taken_at else None, now, r.model_id,
+                        r.vocab_version, r.status, r.error,
+                    )
+                    for path, r in latest.items()
+                ],
+            )
+            tagged_paths = [p for p, r in latest.items() if r.status == "tagged"]
+            photo_ids = dict(
+                self.db.execute(
+                    "SELECT path, id FROM photos WHERE path IN (SELECT value FROM json_each(?))",
+                    [json.dumps(tagged_paths)],
+                ).fetchall()
+            )
+            ids_json = json.dumps(list(photo_ids.values()))
+            delta: Counter[int] = Counter()
+            for tag_id, count in self.db.execute(
+                "SELECT tag_id, count(*) FROM photo_tags WHERE photo_id IN (SELECT value FROM json_each(?))"
+                " GROUP BY tag_id",
+                [ids_json],
+            ):
+                delta[tag_id] -= count
+            self.db.execute("DELETE FROM photo_tags WHERE photo_id IN (SELECT value FROM json_each(?))", [ids_json])
+            rows = []
+            for path in tagged_paths:
+                best: dict[int, float] = {}
+                for t in latest[path].tags:
+                    tag_id = tag_ids[t.name.casefold()]
+                    best[tag_id] = max(best.get(tag_id, 0.0), float(t.score))
+                photo_id = photo_ids[path]
+                rows.extend((photo_id, tag_id, score) for tag_id, score in best.items())
+                delta.update(best.keys())
+            self.db.conn.executemany("INSERT INTO photo_tags (photo_id, tag_id, score) VALUES (?, ?, ?)", rows)
+            self.db.conn.executemany(
+                "UPDATE tags SET photo_count = photo_count + ? WHERE id = ?",
+                [(d, tag_id) for tag_id, d in delta.items() if d],
+            )
+        self._tag_ids.update(new_tag_ids)
+
+    def photo_tags(self, path: str) -> list[TagScore]:
+        """A photo's tags, best score first."""
+        rows = self.db.execute(
+            "SELECT t.name, coalesce(t.name_zh, ''), pt.score FROM photo_tags pt"
+            " JOIN tags t ON t.id = pt.tag_id JOIN photos p ON p.id = pt.photo_id"
+            " WHERE p.path = ? ORDER BY pt.score DESC, t.name",
+            [normalize_path(path)],
+        ).fetchall()
+        return [TagScore(name, zh, score) for name, zh, score in rows]
+
+    def iter_photos(self, under: Path | None = None) -> Iterator[PhotoRecord]:
+        """All photos, by path; `under` limits them to one folder (recursively)."""
+        if under is None:
+            cur = self.db.execute(f"SELECT {_PHOTO_COLUMNS} FROM photos ORDER BY path")
+        else:
+            low, high = folder_range(under)
+            cur = self.db.execute(
+                f"SELECT {_PHOTO_COLUMNS} FROM photos WHERE path >= ? AND path < ? ORDER BY path", [low, high]
+            )
+        for row in cur:
+            yield PhotoRecord(*row)
+
+    def prune(self, exists: Callable[[str], bool] = os.path.exists) -> list[str]:
+        """Forget photos whose files are gone; returns their paths."""
+        missing = [(pid, path) for pid, path in self.db.execute("SELECT id, path FROM photos") if not exists(path)]
+        if missing:
+            with self._write():
+                self._delete_photos([(pid,) for pid, _ in missing])
+        return [path for _, path in missing]
+
+    def _delete_photos(self, ids: Sequence[tuple[int]]) -> None:
+        """Delete photos and their tags, keeping tag counts right (inside a write transaction)."""
+        if not ids:
+            return
+        ids_json = json.dumps([i for (i,) in ids])
+        self.db.conn.executemany(
+            "UPDATE tags SET photo_count = photo_count - ? WHERE id = ?",
+            [
+                (count, tag_id)
+                for tag_id, count in self.db.execute(
+                    "SELECT tag_id, count(*) FROM photo_tags WHERE photo_id IN (SELECT value FROM json_each(?))"
+                    " GROUP BY tag_id",
+                    [ids_json],
+                )
+            ],
+        )
+        self.db.execute("DELETE FROM photos WHERE id IN (SELECT value FROM json_each(?))", [ids_json])
+
+    # --- tags -----------------------------------------------------------------------------------
+
+    def upsert_tags(self, names: Iterable[str], names_zh: Iterable[str | None], source: str) -> None:
+        """Register tag names so search and did-you-mean know them before any photo has them."""
+        if source not in ("builtin", "custom"):
+            raise ValueError(f"source must be 'builtin' or 'custom', not {source!r}")
+        rows = [(n, zh or None, lemma(n), source) for n, zh in zip(names, names_zh, strict=True)]
+        with self._write():
+            self.db.conn.executemany(
+                "INSERT INTO tags (name, name_zh, lemma, source) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET name_zh = coalesce(excluded.name_zh, name_zh),"
+                " source = excluded.source",
+                rows,
+            )
+
+    def add_synonym(self, alias: str, tag_name: str) -> None:
+        """Make `alias` find `tag_name`'s photos. If the alias is itself a tag, the two tags' groups
+        merge, so searching either finds both."""
+        alias = alias.strip()
+        if not alias:
+            raise RamcliError("a synonym cannot be empty")
+        with self._write():
+            target = self.db.execute(
+                "SELECT id, coalesce(group_id, id) FROM tags WHERE name = ?", [tag_name]
+            ).fetchone()
+            if target is None:
+                raise RamcliError(f"unknown tag '{tag_name}': add it to the vocabulary first")
+            tag_id, group = target
+            other = self.db.execute("SELECT coalesce(group_id, id) FROM tags WHERE name = ?", [alias]).fetchone()
+            if other is not None:
+                self.db.execute(
+                    "UPDATE tags SET group_id = ? WHERE coalesce(group_id, id) IN (?, ?)", [group, group, other[0]]
+                )
+                return
+            previous = self.db.execute("SELECT tag_id FROM synonyms WHERE alias = ?", [alias]).fetchone()
+            self.db.execute(
+                "INSERT INTO synonyms (alias, tag_id) VALUES (?, ?) ON CONFLICT (alias) DO UPDATE SET tag_id = excluded.tag_id",
+                [alias, tag_id],
+            )
+            for affected in {tag_id, previous[0] if previous else tag_id}:
+                self._refresh_aliases(affected)
+
+    def _refresh_aliases(self, tag_id: int) -> None:
+        """Copy a tag's synonyms into `tags.aliases`, which the FTS index (and Datasette) search."""
+        aliases = [a for (a,) in self.db.execute("SELECT alias FROM synonyms WHERE tag_id = ? ORDER BY alias", [tag_id])]
+        self.db.execute("UPDATE tags SET aliases = ? WHERE id = ?", [" | ".join(aliases), tag_id])
+
+    def _ensure_tags(self, names: dict[str, str], new_ids: dict[str, int]) -> dict[str, int]:
+        """Ids of these tag names (by casefolded name), inserting unknown ones (inside a write)."""
+        ids = {}
+        missing = {}
+        for name, zh in names.items():
+            key = name.casefold()
+            if key in self._tag_ids:
+                ids[key] = self._tag_ids[key]
+            else:
+                missing[name] = zh
+        if missing:
+            self.db.conn.executemany(
+                "INSERT INTO tags (name, name_zh, lemma) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET name_zh = coalesce(name_zh, excluded.name_zh)",
+                [(n, zh or None, lemma(n)) for n, zh in missing.items()],
+            )
+            for tag_id, name in self.db.execute(
+                "SELECT id, name FROM tags WHERE name IN (SELECT value FROM json_each(?))", [json.dumps(list(missing))]
+            ):
+                ids[name.casefold()] = new_ids[name.casefold()] = tag_id
+            for name in missing:  # a case variant of an existing tag maps to that tag
+                key = name.casefold()
+                if key not in ids:
+                    (tag_id,) = self.db.execute("SELECT id FROM tags WHERE name = ?", [name]).fetchone()
+                    ids[key] = new_ids[key] = tag_id
+        return ids
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Problems found by SQLite's integrity and foreign-key checks and our own invariants."""
+        problems = [row[0] for row in self.db.execute("PRAGMA integrity_check") if row[0] != "ok"]
+        problems += [
+            f"foreign key violation in {table} row {rowid} -> {parent}"
+            for table, rowid, parent, _ in self.db.execute("PRAGMA foreign_key_check")
+        ]
+        problems += [
+            f"tag '{name}' counts {stored} photos but has {actual}"
+            for name, stored, actual in self.db.execute(
+                "SELECT t.name, t.photo_count, (SELECT count(*) FROM photo_tags pt WHERE pt.tag_id = t.id) AS actual"
+                " FROM tags t WHERE t.photo_count != actual"
+            )
+        ]
+        try:
+            self.db.execute("INSERT INTO tags_fts(tags_fts, rank) VALUES ('integrity-check', 1)")
+        except sqlite3.DatabaseError as exc:
+            problems.append(f"tag search index: {exc}")
+        return problems
+
+
+class _WriteTransaction:
+    """`BEGIN IMMEDIATE` ... `COMMIT`, waiting (with a message) for another writer first."""
+
+    def __init__(self, index: Index):
+        self.index = index
+
+    def __enter__(self) -> None:
+        conn = self.index.db.conn
+        conn.execute(f"PRAGMA busy_timeout = {_QUIET_WAIT_MS}")
+        try:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if not _is_locked(exc):
+                    raise
+                self.index.on_wait(
+                    f"the index {self.index.path} is busy (another ramcli process is writing); waiting "
+                    f"up to {self.index.busy_timeout:.0f} s..."
+                )
+                conn.execute(f"PRAGMA busy_timeout = {int(self.index.busy_timeout * 1000)}")
+                started = time.monotonic()
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc2:
+                    if _is_locked(exc2):
+                        raise RamcliError(
+                            f"the index {self.index.path} stayed locked by another process for "
+                            f"{time.monotonic() - started:.0f} s; try again when it has finished"
+                        ) from exc2
+                    raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.index.busy_timeout * 1000)}")
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        conn = self.index.db.conn
+        if exc_type is None:
+            try:
+                conn.execute("COMMIT")
+                return
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _database_error(path: Path, exc: sqlite3.DatabaseError) -> RamcliError:
+    """A one-line, actionable message for a database that cannot be opened."""
+    if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
+        return RamcliError(f"the index {path} is locked by another process; try again when it has finished")
+    if "not a database" in str(exc) or "malformed" in str(exc):
+        return RamcliError(
+            f"the index {path} is damaged ({exc}); move it aside and run `ramcli tag` again to rebuild it"
+        )
+    return RamcliError(f"cannot open the index {path}: {exc}")
+
+
+def folder_range(folder: str | os.PathLike) -> tuple[str, str]:
+    """The [low, high) path range of everything under `folder`, usable with the path index."""
+    base = normalize_path(folder).rstrip(os.sep) + os.sep
+    return base, base[:-1] + chr(ord(os.sep) + 1)
