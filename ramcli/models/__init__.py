@@ -1,0 +1,107 @@
+"""The RAM model family: configs, the model, checkpoint loading and the published-model registry.
+
+`load_model` is the one entry point the rest of ramcli uses:
+
+    model = load_model("photo-weights.pth")            # an official checkpoint, arch inferred
+    model = load_model("ram_plus_swin_large_14m")      # a published model, pulled on first use
+    logits = model(normalised_images)                   # (B, C), classes in model.labels order
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ramcli.config import home
+from ramcli.errors import CheckpointError
+from ramcli.labels import LabelSet, resolve_labels
+from ramcli.models.checkpoint import (
+    is_converted,
+    load_converted,
+    load_official,
+    read_converted_metadata,
+    read_official,
+    save_converted,
+)
+from ramcli.models.configs import ARCHS, ArchConfig, family_of, get_arch, infer_family
+from ramcli.models.ram import RecognitionModel
+from ramcli.models.registry import DEFAULT_MODEL, PUBLISHED, converted_path, download, get_published
+
+__all__ = [
+    "ARCHS", "ArchConfig", "DEFAULT_MODEL", "PUBLISHED", "RecognitionModel", "convert", "get_arch",
+    "load_model", "pull", "resolve_weights",
+]
+
+
+def _labels_for(family: str, labels_dir: Path | None, embedded: LabelSet | None) -> LabelSet:
+    return resolve_labels(family, labels_dir=labels_dir, embedded=embedded, cache_dir=home().cache)
+
+
+def load_any(path: Path, arch: str | None = None, labels_dir: Path | None = None,
+             dtype: torch.dtype | None = None) -> RecognitionModel:
+    """Load an official .pth or a converted .safetensors file from disk."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if is_converted(path):
+        meta = read_converted_metadata(path)
+        embedded = LabelSet.from_metadata(meta)
+        family = ArchConfig.from_json(meta["arch"]).family
+        labels = _labels_for(family, labels_dir, embedded)
+        return load_converted(path, labels=labels, dtype=dtype)
+    sd = read_official(path)
+    family = infer_family(sd) if arch is None else family_of(arch)
+    labels = _labels_for(family, labels_dir, None)
+    return load_official(path, arch=get_arch(arch) if arch and arch in ARCHS else None,
+                         labels=labels, dtype=dtype, sd=sd)
+
+
+def pull(name: str, dtype: str = "fp32", convert_to_tagger: bool = True,
+         labels_dir: Path | None = None) -> Path:
+    """Download a published model (hub cache, verified) and convert it to a tag-only file."""
+    p = get_published(name)
+    target = converted_path(home().models, name)
+    if p.arch is None or not convert_to_tagger:
+        return download(p)
+    if target.is_file():
+        return target
+    source = download(p)
+    model = load_any(source, arch=p.arch, labels_dir=labels_dir)
+    model.model_id = name
+    return save_converted(model, target, dtype=dtype, source=f"{p.repo_id}/{p.filename}")
+
+
+def resolve_weights(weights: str | None) -> tuple[Path, str | None]:
+    """(path, published name or None) for a --weights value: a file, a published name, or the default."""
+    name = weights or DEFAULT_MODEL
+    if weights and Path(weights).expanduser().exists():
+        return Path(weights).expanduser(), None
+    if name in PUBLISHED:
+        return converted_path(home().models, name), name
+    raise CheckpointError(f"weights not found: {weights} (a file path, or a name from `ramcli models list`)")
+
+
+def load_model(weights: str | Path | None = None, arch: str | None = None, labels_dir: Path | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               on_pull=None) -> RecognitionModel:
+    """Load a tagger from a file or a published name; published models are pulled on first use.
+
+    `on_pull(published)` is called before a download starts, so the CLI can say how big it is.
+    """
+    path, name = resolve_weights(str(weights) if weights is not None else None)
+    if name is not None and not path.is_file():
+        if on_pull is not None:
+            on_pull(get_published(name))
+        path = pull(name, labels_dir=labels_dir)
+    model = load_any(path, arch=arch, labels_dir=labels_dir, dtype=dtype)
+    if name is not None:
+        model.model_id = name
+    return model.to(device)
+
+
+def convert(src: Path, dst: Path, dtype: str = "fp32", arch: str | None = None,
+            labels_dir: Path | None = None) -> Path:
+    """`ramcli models convert`: an official .pth -> a self-contained tag-only safetensors file."""
+    model = load_any(src, arch=arch, labels_dir=labels_dir)
+    return save_converted(model, dst, dtype=dtype, source=Path(src).name)

@@ -1,0 +1,235 @@
+"""Loading the published checkpoints safely, and the converted tag-only format.
+
+Published files are `{'model': state_dict, 'optimizer': ..., ...}` pickles with Microsoft-Swin
+key names and training-only parts. We read them with `torch.load(weights_only=True, mmap=True)`:
+no code can run, and memory-mapping means the optimizer state and the caption branch are never
+read from disk. A file whose pickle needs more than tensors and plain containers is refused.
+
+Key mapping (official -> ours):
+- `visual_encoder.*` -> `backbone.*` through timm's own Swin `checkpoint_filter_fn` (downsample
+  moved to the start of the next stage, buffers dropped),
+- `tagging_head.encoder.layer.N.<part>` (older files: `vision_multi.`; RAM also ties these to
+  `tag_encoder.encoder.layer.N`) -> `decoder.layers.N.<ours>`,
+- Tag2Text's group-wise classifier `fc.W`/`fc.b` -> `fc_weight`/`fc_bias`, its learned queries
+  `label_embed.weight` -> `label_embed`; the rest keeps its name.
+
+The converted format is a safetensors file in our layout with the architecture, label system and
+provenance in its metadata: self-contained, memory-mapped on load, no pickle at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from timm.models.swin_transformer import checkpoint_filter_fn
+
+from ramcli.errors import CheckpointError
+from ramcli.labels import LabelSet
+from ramcli.models.configs import ArchConfig, infer_arch
+from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
+from ramcli.models.ram import RecognitionModel
+
+FORMAT_VERSION = "1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def file_fingerprint(path: Path) -> str:
+    """A cheap identity for a weights file: size + SHA-256 of its first and last MiB."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), 2)
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def read_official(path: Path) -> dict[str, torch.Tensor]:
+    """The `model` state dict of a published .pth, loaded without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"refusing to load {path.name}: it needs full unpickling, which could run code "
+            f"({first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path.name}: truncated or not a PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path.name} holds no state dict of tensors under 'model'")
+    return obj
+
+
+def map_official(sd: dict[str, torch.Tensor], model: RecognitionModel) -> dict[str, torch.Tensor]:
+    """Official key layout -> ours, for exactly the tensors tagging needs."""
+    arch = model.arch
+    out: dict[str, torch.Tensor] = {}
+
+    visual = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
+    for k, v in checkpoint_filter_fn(visual, model.backbone).items():
+        out[f"backbone.{k}"] = v
+
+    for prefix in ("tagging_head.encoder.layer.", "vision_multi.encoder.layer.", "tag_encoder.encoder.layer."):
+        if any(k.startswith(prefix) for k in sd):
+            break
+    for i in range(arch.layers):
+        for official, ours in OFFICIAL_LAYER_KEYS.items():
+            for param in ("weight", "bias"):
+                key = f"{prefix}{i}.{official}.{param}"
+                if key in sd:
+                    out[f"decoder.layers.{i}.{ours}.{param}"] = sd[key]
+
+    if arch.family == "tag2text":
+        # GroupWiseLinear stores (1, C, hidden) weights and (1, C) biases.
+        for src, dst in (("label_embed.weight", "label_embed"), ("fc.W", "fc_weight"), ("fc.b", "fc_bias")):
+            if src in sd:
+                out[dst] = sd[src].squeeze(0) if src != "label_embed.weight" else sd[src]
+    else:
+        for name in ("label_embed", "image_proj.weight", "image_proj.bias", "wordvec_proj.weight",
+                     "wordvec_proj.bias", "fc.weight", "fc.bias", "reweight_scale"):
+            if name in sd:
+                out[name] = sd[name]
+    return out
+
+
+def _check_complete(mapped: dict[str, torch.Tensor], model: RecognitionModel, source: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in mapped]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CheckpointError(f"{source} is missing tensors: {shown}")
+    for k, v in expected.items():
+        if tuple(mapped[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{source}: tensor {k} has shape {tuple(mapped[k].shape)}, the architecture needs {tuple(v.shape)}"
+            )
+
+
+def _materialise(arch: ArchConfig, tensors: dict[str, torch.Tensor], labels: LabelSet | None,
+                 model_id: str, source: str, dtype: torch.dtype | None) -> RecognitionModel:
+    """Build the model without initialising weights, then adopt the loaded tensors."""
+    with torch.device("meta"):
+        model = RecognitionModel(arch, labels, model_id)
+    _check_complete(tensors, model, source)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    # Buffers that are not in the file (timm's relative-position indices and shift masks, our
+    # empty custom-tag tables) get real storage, then timm fills its own.
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                module._buffers[name] = torch.empty_like(buf, device="cpu")
+    for module in model.modules():
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+    if dtype is not None:
+        model.to(dtype)  # params already are; float buffers computed above follow
+    return model.eval()
+
+
+def load_official(path: Path, arch: ArchConfig | None = None, labels: LabelSet | None = None,
+                  dtype: torch.dtype | None = None, sd: dict[str, torch.Tensor] | None = None) -> RecognitionModel:
+    """A tag-only model from a published .pth (text encoder/decoder never materialised).
+
+    `sd` is the file's state dict when the caller has already read it (memory-mapped, cheap).
+    """
+    sd = read_official(path) if sd is None else sd
+    inferred = infer_arch(sd, num_classes=len(labels) if labels is not None else None)
+    if arch is not None and arch.family != inferred.family:
+        raise CheckpointError(f"{Path(path).name} is a {inferred.family} checkpoint, not {arch.family}")
+    arch = inferred if arch is None else _with_classes(arch, inferred)
+    if labels is not None and len(labels) != arch.num_classes:
+        raise CheckpointError(
+            f"{Path(path).name} has {arch.num_classes} classes but the label files list {len(labels)}"
+        )
+    with torch.device("meta"):
+        skeleton = RecognitionModel(arch, labels)
+    mapped = map_official(sd, skeleton)
+    model_id = f"{Path(path).stem}@{file_fingerprint(path)}"
+    return _materialise(arch, mapped, labels, model_id, Path(path).name, dtype)
+
+
+def _with_classes(arch: ArchConfig, inferred: ArchConfig) -> ArchConfig:
+    from dataclasses import replace
+
+    return replace(arch, num_classes=inferred.num_classes, descriptions_per_class=inferred.descriptions_per_class)
+
+
+def save_converted(model: RecognitionModel, dst: Path, dtype: str = "fp32", source: str = "") -> Path:
+    """Write a self-contained tag-only safetensors file (weights + arch + labels + provenance)."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if model.labels is None:
+        raise CheckpointError("cannot convert without the label system (pass --labels DIR)")
+    if model.num_classes != model.arch.num_classes:
+        raise CheckpointError("custom vocabulary tags live in the vocabulary, not in converted models")
+    tensors = {
+        k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    meta = {
+        "format": "ramcli-tagger",
+        "format_version": FORMAT_VERSION,
+        "arch": model.arch.to_json(),
+        "model_id": model.model_id,
+        "source": source,
+        "dtype": dtype,
+        "labels_checksum": model.labels.checksum(),
+        **model.labels.to_metadata(),
+    }
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(dst)
+    return dst
+
+
+def read_converted_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"cannot read {Path(path).name}: not a valid safetensors file ({exc})") from None
+    if meta.get("format") != "ramcli-tagger":
+        raise CheckpointError(f"{Path(path).name} is a safetensors file but not a ramcli tagger (convert it first)")
+    return meta
+
+
+def load_converted(path: Path, labels: LabelSet | None = None, dtype: torch.dtype | None = None) -> RecognitionModel:
+    """Load a converted file memory-mapped; labels default to the ones embedded in it."""
+    meta = read_converted_metadata(path)
+    arch = ArchConfig.from_json(meta["arch"])
+    embedded = LabelSet.from_metadata(meta)
+    labels = labels or embedded
+    if labels is not None and len(labels) != arch.num_classes:
+        raise CheckpointError(f"{Path(path).name} has {arch.num_classes} classes but the labels list {len(labels)}")
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    return _materialise(arch, tensors, labels, meta.get("model_id", Path(path).stem), Path(path).name, dtype)
+
+
+def is_converted(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON object
+    return len(head) == 9 and head[8:9] == b"{"

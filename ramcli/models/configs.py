@@ -1,0 +1,194 @@
+"""Architecture configurations of the RAM family.
+
+An `ArchConfig` fixes the structure of a model (backbone, decoder sizes, family). The number of
+classes comes from the weights (a checkpoint's `label_embed`), so one config serves the official
+4,585 tags, a benchmark subset or a vocabulary with custom tags. Everything here can also be
+inferred from an official checkpoint's tensor shapes (`infer_arch`), which is how `--arch` is
+optional.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+from ramcli.errors import CheckpointError
+
+FAMILIES = ("ram", "ram_plus", "tag2text")
+CLIP_DIM = 512  # label queries of RAM/RAM++ live in CLIP ViT-B/16's text space
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    embed_dim: int
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_size: int
+    patch_size: int = 4
+
+    @property
+    def width(self) -> int:
+        """Channels of the last stage: the width of the image tokens."""
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    name: str
+    family: str
+    image_size: int
+    swin: SwinConfig
+    num_classes: int
+    hidden: int = 768
+    heads: int = 4
+    intermediate: int = 3072
+    layers: int = 2
+    descriptions_per_class: int = 1  # RAM++: 51 CLIP description embeddings per tag
+    layer_norm_eps: float = 1e-12
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ArchConfig:
+        data = json.loads(text)
+        swin = data.pop("swin")
+        swin["depths"] = tuple(swin["depths"])
+        swin["num_heads"] = tuple(swin["num_heads"])
+        return cls(swin=SwinConfig(**swin), **data)
+
+
+SWIN_L_384 = SwinConfig(192, (2, 2, 18, 2), (6, 12, 24, 48), 12)
+SWIN_L_224 = SwinConfig(192, (2, 2, 18, 2), (6, 12, 24, 48), 7)
+SWIN_B_384 = SwinConfig(128, (2, 2, 18, 2), (4, 8, 16, 32), 12)
+SWIN_B_224 = SwinConfig(128, (2, 2, 18, 2), (4, 8, 16, 32), 7)
+SWIN_TINY_TEST = SwinConfig(16, (2, 2, 2, 2), (1, 2, 4, 8), 4)
+
+_TINY = dict(hidden=64, heads=4, intermediate=128)
+
+ARCHS: dict[str, ArchConfig] = {
+    a.name: a
+    for a in [
+        ArchConfig("ram_swin_large_384", "ram", 384, SWIN_L_384, 4585),
+        ArchConfig("ram_swin_large_224", "ram", 224, SWIN_L_224, 4585),
+        ArchConfig("ram_swin_base_384", "ram", 384, SWIN_B_384, 4585),
+        ArchConfig("ram_swin_base_224", "ram", 224, SWIN_B_224, 4585),
+        ArchConfig("ram_plus_swin_large_384", "ram_plus", 384, SWIN_L_384, 4585, descriptions_per_class=51),
+        ArchConfig("ram_plus_swin_large_224", "ram_plus", 224, SWIN_L_224, 4585, descriptions_per_class=51),
+        ArchConfig("ram_plus_swin_base_384", "ram_plus", 384, SWIN_B_384, 4585, descriptions_per_class=51),
+        ArchConfig("tag2text_swin_base_384", "tag2text", 384, SWIN_B_384, 3429),
+        ArchConfig("tag2text_swin_base_224", "tag2text", 224, SWIN_B_224, 3429),
+        # Tiny configurations with the official structure, for tests and CPU training runs.
+        ArchConfig("ram_tiny", "ram", 64, SWIN_TINY_TEST, 50, **_TINY),
+        ArchConfig("ram_plus_tiny", "ram_plus", 64, SWIN_TINY_TEST, 50, descriptions_per_class=3, **_TINY),
+        ArchConfig("tag2text_tiny", "tag2text", 64, SWIN_TINY_TEST, 50, **_TINY),
+    ]
+}
+
+#: The official convention: 384-px models use window 12, 224-px models window 7.
+_IMAGE_SIZE_BY_WINDOW = {12: 384, 7: 224}
+
+
+def get_arch(name: str) -> ArchConfig:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise CheckpointError(f"unknown architecture {name!r}; known: {', '.join(ARCHS)}") from None
+
+
+def family_of(name: str) -> str:
+    """'ram', 'ram_plus' or 'tag2text' from an arch or family name ('ram' alone means RAM)."""
+    if name in FAMILIES:
+        return name
+    return get_arch(name).family
+
+
+def infer_family(sd: dict, prefix: str = "") -> str:
+    """`reweight_scale` marks RAM++, a group-wise classifier `fc.W` marks Tag2Text."""
+    if f"{prefix}reweight_scale" in sd:
+        return "ram_plus"
+    if f"{prefix}fc.W" in sd:
+        return "tag2text"
+    if f"{prefix}label_embed" in sd:
+        return "ram"
+    raise CheckpointError("not a RAM-family checkpoint: no label_embed / fc.W / reweight_scale tensor")
+
+
+def infer_arch(sd: dict, prefix: str = "", num_classes: int | None = None) -> ArchConfig:
+    """Read an architecture off an official-layout state dict's tensor shapes.
+
+    Swin: embed dim from the patch embedding, depths from block keys, heads per stage from the
+    relative-position tables, window from their size, image size from the shifted-window mask.
+    RAM++ stores C x D description rows; D is 51 unless `num_classes` (the label list's length)
+    says otherwise, as the official code divides by the tag list's length.
+    """
+    p = prefix
+    family = infer_family(sd, prefix)
+
+    try:
+        embed_dim = sd[f"{p}visual_encoder.patch_embed.proj.weight"].shape[0]
+    except KeyError:
+        raise CheckpointError("missing tensor visual_encoder.patch_embed.proj.weight") from None
+    block_re = re.compile(re.escape(p) + r"visual_encoder\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$")
+    depth: dict[int, int] = {}
+    heads: dict[int, int] = {}
+    window = None
+    for key, value in sd.items():
+        m = block_re.match(key)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            depth[stage] = max(depth.get(stage, 0), block + 1)
+            heads[stage] = value.shape[1]
+            if stage == 0:
+                window = int(round(value.shape[0] ** 0.5 + 1) // 2)
+    if not depth or window is None:
+        raise CheckpointError("missing Swin relative_position_bias_table tensors")
+    stages = sorted(depth)
+    swin = SwinConfig(embed_dim, tuple(depth[s] for s in stages), tuple(heads[s] for s in stages), window)
+
+    mask = sd.get(f"{p}visual_encoder.layers.0.blocks.1.attn_mask")
+    if mask is not None:
+        windows_per_side = int(round(mask.shape[0] ** 0.5))
+        image_size = windows_per_side * window * swin.patch_size
+    else:
+        image_size = _IMAGE_SIZE_BY_WINDOW.get(window, window * 32)
+
+    layer_re = re.compile(re.escape(p) + r"(?:tagging_head|vision_multi)\.encoder\.layer\.(\d+)\.intermediate\.dense\.weight$")
+    layer_ids = [int(m.group(1)) for k in sd if (m := layer_re.match(k))]
+    inter = sd.get(f"{p}tagging_head.encoder.layer.0.intermediate.dense.weight")
+    if inter is None:
+        inter = sd.get(f"{p}vision_multi.encoder.layer.0.intermediate.dense.weight")
+    if inter is None:
+        raise CheckpointError("missing tensor tagging_head.encoder.layer.0.intermediate.dense.weight")
+    hidden, intermediate = inter.shape[1], inter.shape[0]
+
+    if family == "tag2text":
+        num_classes = sd[f"{p}fc.W"].shape[1]
+        per_class = 1
+    else:
+        rows = sd[f"{p}label_embed"].shape[0]
+        if family == "ram":
+            per_class = 1
+        elif num_classes:
+            per_class = rows // num_classes
+        else:
+            per_class = 51
+        if rows % per_class or (num_classes and rows != num_classes * per_class):
+            raise CheckpointError(
+                f"label_embed has {rows} rows, which does not fit {num_classes or 'the'} classes"
+                + (f" x {per_class} descriptions" if family == "ram_plus" else "")
+            )
+        num_classes = rows // per_class
+
+    candidate = ArchConfig(
+        "custom", family, image_size, swin, num_classes,
+        hidden=hidden, intermediate=intermediate, layers=max(layer_ids) + 1,
+        descriptions_per_class=per_class,
+    )
+    for arch in ARCHS.values():
+        if replace(arch, name="custom", num_classes=num_classes, heads=candidate.heads,
+                   descriptions_per_class=arch.descriptions_per_class) == candidate:
+            return replace(arch, num_classes=num_classes)
+    return candidate
