@@ -1,12 +1,66 @@
-"""`ramcli eval`: mAP / CP / CR / F1 on the official benchmark formats (issue 8)."""
+"""`ramcli eval`: mAP / CP / CR / F1 on the official benchmark formats (issue 8).
+
+A thin wrapper over `ramcli_train.evaluate`; see docs/eval.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
-from ramcli.cli.common import not_built
+from ramcli.cli.common import console, err_console
+from ramcli.errors import RamcliError, UsageError
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def evaluate(ctx: typer.Context) -> None:
+    @app.command(name="eval")
+    def evaluate(
+        annotations: Path = typer.Option(..., "--annotations", help="Benchmark annotations: lines `image_id,tag,tag...` (or `image_id,i j k` class indices)."),
+        taglist: Path = typer.Option(..., "--taglist", help="Benchmark classes, one per line (names, or Tag2Text tag ids)."),
+        images: Path | None = typer.Option(None, "--images", help="Folder the image ids are relative to (`.jpg` etc. is added to ids without an extension)."),
+        weights: Path | None = typer.Option(None, "--weights", help="Model checkpoint (.pth or .safetensors). Without it, the scores cached in --out are reused."),
+        arch: str | None = typer.Option(None, "--arch", help="Architecture name, if the checkpoint does not say."),
+        labels: Path | None = typer.Option(None, "--labels", help="Folder with the official label files."),
+        device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
+        threshold: float | None = typer.Option(None, "--threshold", min=0.0, max=1.0, help="One threshold for every class (default: the model's per-class thresholds)."),
+        threshold_file: Path | None = typer.Option(None, "--threshold-file", help="One float per line: per model class, or per benchmark class."),
+        calibrate: bool = typer.Option(False, "--calibrate", help="Fit per-class F1-optimal thresholds on a held-out split; write OUT/thresholds.txt."),
+        calibration_split: float = typer.Option(0.5, "--calibration-split", help="Fraction of the images used to fit thresholds (the rest measures them)."),
+        out: Path = typer.Option(Path("ramcli-eval"), "--out", help="Output folder (also holds the score cache)."),
+        plots: bool = typer.Option(False, "--plots", help="Also write PR curves and a per-class AP chart as PNG."),
+    ) -> None:
         """Evaluate a model on a benchmark (mAP, CP/CR/F1, per-class AP, calibration)."""
-        not_built("eval", "evaluation issue")
+        if threshold is not None and threshold_file is not None:
+            raise UsageError("give --threshold or --threshold-file, not both")
+        if calibrate and not 0.0 < calibration_split < 1.0:
+            raise UsageError(f"--calibration-split must be between 0 and 1, got {calibration_split}")
+        try:
+            from ramcli_train import evaluate as ev
+        except ImportError as exc:
+            raise RamcliError(f"`ramcli eval` needs the training extras ({exc.name} is missing): pip install 'ramcli[train]'") from None
+
+        request = ev.EvalRequest(
+            annotations=annotations, taglist=taglist, out_dir=out, images=images, weights=weights, arch=arch,
+            labels_dir=labels, device=device, batch_size=batch_size, threshold=threshold,
+            threshold_file=threshold_file, calibration_fraction=calibration_split if calibrate else None,
+            plots=plots,
+        )
+        result, written, reused = ev.run(request)
+        if reused:
+            err_console.print(f"reused the cached scores in {out / ev.CACHE_NAME}", highlight=False)
+        if len(result.cache.missing_classes):
+            err_console.print(
+                f"[yellow]warning:[/] {len(result.cache.missing_classes)} benchmark classes are not in the model's "
+                f"vocabulary and were left out (listed in {written['missing_classes']}); "
+                "add them with `ramcli vocab add` to evaluate them", highlight=False,
+            )
+        if len(result.cache.failed_ids):
+            err_console.print(
+                f"[yellow]warning:[/] {len(result.cache.failed_ids)} images are missing or unreadable and were "
+                f"left out (listed in {written['failures']})", highlight=False,
+            )
+        console.print(ev.summary_text(result), highlight=False, markup=False)
+        console.print(f"results in {out}/ ({', '.join(sorted(p.name for p in written.values()))})",
+                      highlight=False, markup=False)
