@@ -260,11 +260,16 @@ class ScoreCache:
         return cls(**fields)
 
 
-def model_fingerprint(weights: Path, arch: str | None, labels_dir: Path | None) -> str:
-    """What the scores depend on, cheap to compute without loading (or hashing) a 2 GB checkpoint."""
-    weights = Path(weights).resolve()
-    stat = weights.stat()
-    payload = [str(weights), stat.st_size, stat.st_mtime_ns, arch, str(Path(labels_dir).resolve()) if labels_dir else None]
+def model_fingerprint(weights: Path | str, arch: str | None, labels_dir: Path | None) -> str:
+    """What the scores depend on, cheap to compute without loading (or hashing) a 2 GB checkpoint:
+    a file's path, size and mtime, or a published model's name."""
+    path = Path(weights).expanduser()
+    if path.is_file():
+        stat = path.resolve().stat()
+        source: list = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    else:
+        source = [str(weights)]
+    payload = [*source, arch, str(Path(labels_dir).resolve()) if labels_dir else None]
     return hashlib.sha256(json.dumps(payload).encode("utf-8")).hexdigest()[:16]
 
 
@@ -656,8 +661,6 @@ def run(request: EvalRequest) -> tuple[EvalResult, dict[str, Path], bool]:
         if request.weights is None:
             reason = "has none" if cache is None else "holds scores of another benchmark"
             raise UsageError(f"--weights is needed: {request.out_dir} {reason} (no reusable {CACHE_NAME})")
-        if not Path(request.weights).is_file():
-            raise RamcliError(f"weights file not found: {request.weights}")
         if request.images is None:
             raise UsageError("--images is needed to score the benchmark (the folder the image ids are relative to)")
         cache = score_benchmark(benchmark, request.images, request.weights, request.arch, request.labels_dir,

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         annotations: Path = typer.Option(..., "--annotations", help="Benchmark annotations: lines `image_id,tag,tag...` (or `image_id,i j k` class indices)."),
         taglist: Path = typer.Option(..., "--taglist", help="Benchmark classes, one per line (names, or Tag2Text tag ids)."),
         images: Path | None = typer.Option(None, "--images", help="Folder the image ids are relative to (`.jpg` etc. is added to ids without an extension)."),
-        weights: Path | None = typer.Option(None, "--weights", help="Model checkpoint (.pth or .safetensors). Without it, the scores cached in --out are reused."),
+        weights: Path | None = typer.Option(None, "--weights", help="Model checkpoint (.pth or .safetensors) or a published model name. Without it, the scores cached in --out are reused."),
         arch: str | None = typer.Option(None, "--arch", help="Architecture name, if the checkpoint does not say."),
         labels: Path | None = typer.Option(None, "--labels", help="Folder with the official label files."),
         device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
