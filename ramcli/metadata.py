@@ -1,0 +1,608 @@
+"""Tags into the photos' own metadata, through ExifTool, without losing a user keyword or a pixel.
+
+API (what the tagging pipeline and `ramcli write`/`untag` call)::
+
+    from ramcli.metadata import MetadataWriter, WriterOptions
+    from ramcli.ledger import Ledger
+
+    with MetadataWriter(WriterOptions(), Ledger(db)) as writer:     # starts ExifTool, checks version
+        plans = writer.plan_batch([(path, [TagScore, ...]), ...])     # dry run: nothing written
+        outcomes = writer.write_batch([(path, tags), ...], model_id="ram_plus_swin_large_14m")
+        outcomes = writer.untag_batch([path, ...])                    # remove ramcli's keywords only
+
+Each `WriteOutcome` says per photo: `status` 'written' | 'unchanged' | 'failed', a one-line
+`error`, `changes` (human-readable lines such as `IMG.CR2.xmp XMP-dc:Subject +dog -cat`) and,
+when the photo file itself was rewritten, its new `size`/`mtime_ns` (give them to
+`Index.update_stat` so the incremental tagger does not think the photo changed). One bad file
+never fails the batch.
+
+How a batch runs, and why:
+
+1. Targets. Embedded-capable formats (JPEG, TIFF, PNG, WebP, HEIC/HEIF, AVIF, DNG) are written in
+   place; RAW formats (and everything with `sidecar=True`) get XMP sidecars, because ExifTool's
+   Known Problems list RAW writes that vendor software rejects. Every existing sidecar of a photo
+   is updated in place (it may hold develop settings); a new one is named per `sidecar_name`.
+   Targets the ledger knows from earlier runs are always included, so that switching modes
+   moves ramcli's keywords instead of leaving stale ones behind.
+2. One ExifTool call (`-j`) reads the current keyword fields of every target of the batch.
+3. The per-field diff is computed here, in Python, from the current values, the ledger and the
+   wanted tags (`plan_field`). Files whose fields would not change are not touched at all, so a
+   re-run is a no-op.
+4. One ExifTool call writes every changed target: a JSON file with one object per target (the
+   full new list of each changed field) imported with `-j=`. This is how per-file values fit in
+   a single command; ExifTool still rewrites each file via a temporary file and a rename and
+   never touches the image data. Errors are read per file from ExifTool's stderr.
+5. One more `-j` read verifies that each written target now holds exactly the planned lists;
+   only then is the ledger updated. A target that fails is reported and the ledger is not told.
+
+ExifTool is kept running (`-stay_open`) for the life of the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ramcli.errors import RamcliError, UsageError
+from ramcli.ledger import Ledger, LedgerEntry
+from ramcli.records import TagScore
+
+MIN_EXIFTOOL = (12, 15)  # PyExifTool 0.5.6 needs -echo4 ${status}
+
+SUBJECT = "XMP-dc:Subject"
+HIERARCHICAL = "XMP-lr:HierarchicalSubject"
+IPTC_KEYWORDS = "IPTC:Keywords"
+TAGSLIST = "XMP-digiKam:TagsList"
+LAST_KEYWORD_XMP = "XMP-microsoft:LastKeywordXMP"
+KEYWORD_FIELDS = (SUBJECT, HIERARCHICAL, IPTC_KEYWORDS, TAGSLIST, LAST_KEYWORD_XMP)
+# A ledger pseudo-field: ramcli created this sidecar, so `untag` may delete it once it is empty.
+CREATED_SIDECAR = "ramcli:CreatedSidecar"
+
+IPTC_KEYWORD_BYTES = 64  # IPTC IIM 2:25 limit
+
+EMBED_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".png", ".webp", ".heic", ".heif", ".avif", ".dng"}
+)
+IPTC_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dng"})
+RAW_EXTENSIONS = frozenset(
+    {".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2",
+     ".pef", ".srw", ".rwl", ".3fr", ".iiq", ".erf", ".mrw", ".x3f", ".dcr", ".kdc"}
+)
+
+Policy = Literal["auto", "always", "never"]
+Lang = Literal["en", "zh", "both"]
+SidecarName = Literal["adobe", "ext"]
+Status = Literal["written", "unchanged", "failed"]
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """What to write where. Defaults are chosen so every common photo app sees the tags.
+
+    - `tag_root`: root of the hierarchical keywords (`auto|dog`); '' writes bare leaves there.
+    - `iptc`: IPTC Keywords. 'auto' updates them only in files that already carry IPTC.
+    - `digikam` (TagsList) and `windows` (LastKeywordXMP): 'auto' updates them only where the
+      file already has the field, because digiKam and Immich read the first non-empty field and
+      a stale one would hide the new tags.
+    - `lang`: keyword language: English names, Chinese names, or both.
+    - `sidecar`: write XMP sidecars for every format, not only RAW.
+    - `sidecar_name`: name of a new sidecar: 'adobe' `IMG.xmp` (`IMG.EXT.xmp` when another file
+      shares the base name), 'ext' always `IMG.EXT.xmp`.
+    - `keep_backups`: leave ExifTool's `FILE_original` copies.
+    - `preserve_mtime`: keep the file modification time (ExifTool -P). Off by default, because
+      Immich and PhotoPrism only re-read files whose mtime changed.
+    """
+
+    tag_root: str = "auto"
+    iptc: Policy = "auto"
+    digikam: Policy = "auto"
+    windows: Policy = "auto"
+    lang: Lang = "en"
+    sidecar: bool = False
+    sidecar_name: SidecarName = "adobe"
+    keep_backups: bool = False
+    preserve_mtime: bool = False
+    batch_size: int = 64
+    exiftool: str = "exiftool"
+
+    def __post_init__(self) -> None:
+        for name in ("iptc", "digikam", "windows"):
+            if getattr(self, name) not in ("auto", "always", "never"):
+                raise UsageError(f"--{name} must be auto, always or never, not {getattr(self, name)!r}")
+        if self.lang not in ("en", "zh", "both"):
+            raise UsageError(f"--lang must be en, zh or both, not {self.lang!r}")
+        if self.sidecar_name not in ("adobe", "ext"):
+            raise UsageError(f"--sidecar-name must be adobe or ext, not {self.sidecar_name!r}")
+        if "|" in self.tag_root or "/" in self.tag_root:
+            raise UsageError(f"--tag-root must be one level without '|' or '/', not {self.tag_root!r}")
+        if self.batch_size < 1:
+            raise UsageError("the write batch size must be at least 1")
+
+
+@dataclass
+class FieldChange:
+    field: str
+    added: list[str]
+    removed: list[str]
+
+    def describe(self) -> str:
+        return " ".join([self.field] + [f"+{v}" for v in self.added] + [f"-{v}" for v in self.removed])
+
+
+@dataclass
+class TargetPlan:
+    """What will change in one file that is written (the photo itself or one of its sidecars)."""
+
+    target: str
+    is_sidecar: bool
+    exists: bool
+    changes: list[FieldChange] = field(default_factory=list)
+    new_values: dict[str, list[str]] = field(default_factory=dict)  # full new list per changed field
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. IPTC charset and digest
+    record: list[LedgerEntry] = field(default_factory=list)
+    forget: list[LedgerEntry] = field(default_factory=list)
+    delete: bool = False  # a sidecar ramcli created that holds nothing else any more
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.new_values) and not self.delete
+
+
+@dataclass
+class FilePlan:
+    path: str
+    targets: list[TargetPlan] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def changes(self) -> list[str]:
+        lines = []
+        for t in self.targets:
+            name = Path(t.target).name
+            if t.delete:
+                lines.append(f"{name} delete (created by ramcli, now empty)")
+            lines += [f"{name} {c.describe()}" for c in t.changes]
+        return lines
+
+
+@dataclass
+class WriteOutcome:
+    path: str
+    status: Status
+    error: str | None = None
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    size: int | None = None  # set when the photo file itself was rewritten
+    mtime_ns: int | None = None
+
+
+# --- what to write ----------------------------------------------------------------------------
+
+
+def leaves(tags: Iterable[TagScore], lang: Lang) -> list[str]:
+    """Flat keywords for the tags, in tag order, without duplicates."""
+    out: list[str] = []
+    for t in tags:
+        names = {"en": [t.name], "zh": [t.name_zh or t.name], "both": [t.name, t.name_zh]}[lang]
+        out += [n.strip() for n in names if n and n.strip()]
+    return list(dict.fromkeys(out))
+
+
+def trim_iptc(value: str, encoding: str) -> str | None:
+    """A keyword cut to IPTC's 64 bytes on a character boundary; None if not encodable."""
+    try:
+        raw = value.encode(encoding)
+    except UnicodeEncodeError:
+        return None
+    return raw[:IPTC_KEYWORD_BYTES].decode(encoding, errors="ignore").rstrip() or None
+
+
+def policy_applies(policy: Policy, present: bool) -> bool:
+    return policy == "always" or (policy == "auto" and present)
+
+
+def wanted_values(
+    tags: Sequence[TagScore], options: WriterOptions, current: dict[str, list[str]], iptc: str | None
+) -> dict[str, list[str]]:
+    """Per field, the values ramcli wants in a target. `iptc` is the IPTC encoding, or None if
+    IPTC is not written to this target."""
+    flat = leaves(tags, options.lang)
+    root = options.tag_root
+    wanted = {
+        SUBJECT: flat,
+        HIERARCHICAL: [f"{root}|{v}" if root else v for v in flat],
+    }
+    if iptc:
+        trimmed = (trim_iptc(v, iptc) for v in flat)
+        wanted[IPTC_KEYWORDS] = list(dict.fromkeys(v for v in trimmed if v))
+    if policy_applies(options.digikam, bool(current.get(TAGSLIST))):
+        wanted[TAGSLIST] = [f"{root}/{v}" if root else v for v in flat]
+    if policy_applies(options.windows, bool(current.get(LAST_KEYWORD_XMP))):
+        wanted[LAST_KEYWORD_XMP] = flat
+    return wanted
+
+
+def plan_field(
+    current: list[str], wanted: list[str], ledger: dict[str, bool]
+) -> tuple[list[str], list[str], list[str]]:
+    """The merge rule for one field: (new list, values to record, values to forget).
+
+    `ledger` maps each value ramcli wrote earlier to whether it was already there (the user's).
+    - User values are never removed; ramcli's own ones go when no longer wanted.
+    - A wanted value is added once; one the ledger knows but the file lacks was deleted by the
+      user, and stays deleted.
+    """
+    owned = {v for v, pre in ledger.items() if not pre}
+    wanted_set = set(wanted)
+    drop = {v for v in current if v in owned and v not in wanted_set}
+    add = [v for v in wanted if v not in current and v not in ledger]
+    new = [v for v in current if v not in drop] + add
+    record = [v for v in wanted if v not in ledger]
+    forget = [v for v in ledger if v not in wanted_set]
+    return new, record, forget
+
+
+# --- targets ----------------------------------------------------------------------------------
+
+
+def is_raw(path: Path) -> bool:
+    return path.suffix.lower() in RAW_EXTENSIONS
+
+
+class _Dirs:
+    """Directory listings cached for one batch (sidecar and name-collision look-ups)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, set[str]] = {}
+
+    def names(self, folder: Path) -> set[str]:
+        if folder not in self._cache:
+            try:
+                self._cache[folder] = set(os.listdir(folder))
+            except OSError:
+                self._cache[folder] = set()
+        return self._cache[folder]
+
+
+def sidecar_targets(photo: Path, options: WriterOptions, dirs: _Dirs | None = None) -> list[Path]:
+    """The sidecar(s) of `photo`: every existing one, else the one to create.
+
+    `IMG.EXT.xmp` is always this photo's. `IMG.xmp` is, unless another non-sidecar file shares the
+    base name (RAW+JPEG pairs, Live Photos) and this photo is not the RAW one (Adobe pairs
+    `IMG.xmp` with the RAW)."""
+    names = (dirs or _Dirs()).names(photo.parent)
+    siblings = [n for n in names if Path(n).stem == photo.stem and n != photo.name
+                and Path(n).suffix.lower() != ".xmp"]
+    shares_base = bool(siblings)
+    adobe_ok = not shares_base or is_raw(photo)
+    existing = [photo.parent / n for n in (photo.name + ".xmp", photo.name + ".XMP") if n in names]
+    if adobe_ok:
+        existing += [photo.parent / n for n in (photo.stem + ".xmp", photo.stem + ".XMP") if n in names]
+    if existing:
+        return existing
+    if options.sidecar_name == "adobe" and not shares_base:
+        return [photo.with_suffix(".xmp")]
+    return [photo.with_name(photo.name + ".xmp")]
+
+
+# --- ExifTool -----------------------------------------------------------------------------------
+
+
+def parse_exiftool_json(text: str) -> list[dict]:
+    """ExifTool's -j output with every value as text (so keyword `1.50` stays `1.50`)."""
+    if not text.strip():
+        return []
+    return json.loads(text, parse_int=str, parse_float=str)
+
+
+def as_list(value) -> list[str]:
+    """ExifTool prints a one-item list as a scalar."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def per_file_messages(stderr: str) -> dict[str, list[str]]:
+    """`Error: msg - FILE` / `Warning: msg - FILE` lines of stderr, keyed by FILE."""
+    out: dict[str, list[str]] = {}
+    for line in stderr.splitlines():
+        if " - " in line and (line.startswith("Error") or line.startswith("Warning")):
+            message, _, name = line.rpartition(" - ")
+            out.setdefault(name.strip(), []).append(message.strip())
+    return out
+
+
+class ExifToolProcess:
+    """One long-lived `exiftool -stay_open` process, with a clear error when ExifTool is missing."""
+
+    def __init__(self, executable: str = "exiftool"):
+        import exiftool
+
+        found = shutil.which(executable)
+        if not found:
+            raise RamcliError(
+                f"ExifTool not found ({executable!r}): install it (Debian/Ubuntu: apt install "
+                "libimage-exiftool-perl; macOS: brew install exiftool; Windows: exiftool.org) "
+                "or write the index only with --no-write"
+            )
+        self._et = exiftool.ExifTool(executable=found, common_args=["-G1", "-charset", "filename=utf8"])
+        try:
+            self._et.run()
+            version = self._et.version
+        except Exception as exc:  # PyExifTool raises its own types for a bad binary or old version
+            raise RamcliError(f"ExifTool at {found} could not be started: {exc}") from exc
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if parts < MIN_EXIFTOOL:
+            self.close()
+            raise RamcliError(
+                f"ExifTool {version} is too old: ramcli needs {'.'.join(map(str, MIN_EXIFTOOL))} or newer"
+            )
+        self.version = version
+
+    def execute(self, *args: str) -> tuple[str, str]:
+        """Run one command; returns (stdout, stderr). A non-zero status is left to the caller,
+        which reads per-file errors from stderr."""
+        stdout = self._et.execute(*args)
+        return stdout, self._et.last_stderr
+
+    def read(self, targets: Sequence[str]) -> tuple[dict[str, dict], dict[str, list[str]]]:
+        """Keyword fields, all XMP and all IPTC of `targets`, keyed by target; plus read errors."""
+        if not targets:
+            return {}, {}
+        stdout, stderr = self.execute("-j", "-XMP:all", "-IPTC:all", *targets)
+        found = {os.path.abspath(d["SourceFile"]): d for d in parse_exiftool_json(stdout)}
+        return found, per_file_messages(stderr)
+
+    def close(self) -> None:
+        if self._et.running:
+            self._et.terminate()
+
+
+# --- the writer -------------------------------------------------------------------------------
+
+
+class MetadataWriter:
+    """Plans and writes keyword metadata for batches of photos; see the module docstring."""
+
+    def __init__(self, options: WriterOptions, ledger: Ledger):
+        self.options = options
+        self.ledger = ledger
+        self.exiftool = ExifToolProcess(options.exiftool)
+        self._tmp = tempfile.TemporaryDirectory(prefix="ramcli-exiftool-")
+
+    def __enter__(self) -> MetadataWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.exiftool.close()
+        self._tmp.cleanup()
+
+    # planning
+
+    def plan_batch(self, items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]]) -> list[FilePlan]:
+        """What `write_batch` would change, per photo (the dry run)."""
+        plans: list[FilePlan] = []
+        for start in range(0, len(items), self.options.batch_size):
+            plans += self._plan(list(items[start : start + self.options.batch_size]), untag=False)
+        return plans
+
+    def plan_untag(self, paths: Sequence[str | os.PathLike]) -> list[FilePlan]:
+        """What `untag_batch` would remove, per photo."""
+        plans: list[FilePlan] = []
+        for start in range(0, len(paths), self.options.batch_size):
+            chunk = paths[start : start + self.options.batch_size]
+            plans += self._plan([(p, []) for p in chunk], untag=True)
+        return plans
+
+    def write_batch(
+        self, items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]], model_id: str | None = None
+    ) -> list[WriteOutcome]:
+        """Merge the tags into each photo's metadata; one outcome per item, in order."""
+        outcomes: list[WriteOutcome] = []
+        for start in range(0, len(items), self.options.batch_size):
+            plans = self._plan(list(items[start : start + self.options.batch_size]), untag=False)
+            outcomes += self._execute(plans, model_id)
+        return outcomes
+
+    def untag_batch(self, paths: Sequence[str | os.PathLike]) -> list[WriteOutcome]:
+        """Remove exactly the keywords ramcli added (per the ledger) and nothing else."""
+        outcomes: list[WriteOutcome] = []
+        for start in range(0, len(paths), self.options.batch_size):
+            plans = self._plan([(p, []) for p in paths[start : start + self.options.batch_size]], untag=True)
+            outcomes += self._execute(plans, None)
+        return outcomes
+
+    def _targets(self, photo: Path, dirs: _Dirs, untag: bool) -> tuple[list[tuple[Path, bool]], str | None]:
+        """(target, wanted) pairs for a photo, or an error. Ledger targets come along unwanted."""
+        known = {e.target for e in self.ledger.entries(str(photo))}
+        targets: list[tuple[Path, bool]] = []
+        if not untag:
+            if not photo.is_file():
+                return [], "file not found"
+            if self.options.sidecar or is_raw(photo):
+                targets = [(t, True) for t in sidecar_targets(photo, self.options, dirs)]
+            elif photo.suffix.lower() in EMBED_EXTENSIONS:
+                targets = [(photo, True)]
+            elif not known:
+                return [], f"unsupported format {photo.suffix or '(no extension)'} for embedded metadata (use --sidecar)"
+        chosen = {str(t) for t, _ in targets}
+        targets += [(Path(t), False) for t in sorted(known - chosen)]
+        return targets, None
+
+    def _plan(self, items: list[tuple[str | os.PathLike, Sequence[TagScore]]], untag: bool) -> list[FilePlan]:
+        dirs = _Dirs()
+        latest = {os.path.abspath(p): list(tags) for p, tags in items}  # a repeated photo: last wins
+        plans: dict[str, FilePlan] = {}
+        wanted_by_target: dict[str, tuple[str, bool, list[TagScore]]] = {}
+        for path, tags in latest.items():
+            plan = plans[path] = FilePlan(path)
+            targets, error = self._targets(Path(path), dirs, untag)
+            plan.error = error
+            for target, wanted in targets:
+                key = str(target)
+                if key in wanted_by_target:  # two photos sharing one sidecar: first one keeps it
+                    continue
+                wanted_by_target[key] = (path, wanted, tags)
+                plan.targets.append(TargetPlan(key, is_sidecar=target != Path(path), exists=target.exists()))
+        readable = [t.target for p in plans.values() for t in p.targets if t.exists]
+        current_all, messages = self.exiftool.read(readable)
+        for plan in plans.values():
+            for t in plan.targets:
+                path, wanted, tags = wanted_by_target[t.target]
+                read_errors = [m for m in messages.get(t.target, []) if m.startswith("Error")]
+                if t.exists and (t.target not in current_all or read_errors):
+                    plan.error = plan.error or f"{Path(t.target).name}: " + (
+                        read_errors[0] if read_errors else "ExifTool could not read it"
+                    )
+                    continue
+                self._plan_target(t, path, current_all.get(t.target, {}), tags if wanted else [], wanted)
+        return [plans[os.path.abspath(p)] for p, _ in items]
+
+    def _plan_target(self, t: TargetPlan, path: str, data: dict, tags: list[TagScore], wanted: bool) -> None:
+        current = {f: as_list(data.get(f)) for f in KEYWORD_FIELDS}
+        rows: dict[str, dict[str, LedgerEntry]] = {}
+        for e in self.ledger.entries(path):
+            if e.target == t.target:
+                rows.setdefault(e.field, {})[e.value] = e
+        iptc = self._iptc_encoding(t, data) if wanted else None
+        want = wanted_values(tags, self.options, current, iptc) if wanted else {}
+        for f in KEYWORD_FIELDS:
+            ledger = {v: e.preexisting for v, e in rows.get(f, {}).items()}
+            new, record, forget = plan_field(current[f], want.get(f, []), ledger)
+            t.record += [LedgerEntry(path, t.target, f, v, v in current[f]) for v in record]
+            t.forget += [rows[f][v] for v in forget]
+            if new != current[f]:
+                t.new_values[f] = new
+                t.changes.append(
+                    FieldChange(f, [v for v in new if v not in current[f]], [v for v in current[f] if v not in new])
+                )
+        if IPTC_KEYWORDS in t.new_values:
+            if iptc == "utf-8" or not any(k.startswith("IPTC:") for k in data):
+                t.extra["IPTC:CodedCharacterSet"] = "UTF8"
+            t.extra["Photoshop:IPTCDigest"] = "new"
+        created = rows.get(CREATED_SIDECAR, {})
+        if t.is_sidecar and not t.exists and t.new_values:
+            t.record.append(LedgerEntry(path, t.target, CREATED_SIDECAR, "1", False))
+        if created and not wanted:
+            t.forget += list(created.values())
+            others = [k for k in data if k not in KEYWORD_FIELDS and k not in ("SourceFile", "XMP-x:XMPToolkit")]
+            left = any(t.new_values.get(f, current[f]) for f in KEYWORD_FIELDS)
+            t.delete = t.exists and not others and not left
+
+    def _iptc_encoding(self, t: TargetPlan, data: dict) -> str | None:
+        """The encoding of IPTC keywords in this target, or None when IPTC is not written there."""
+        if t.is_sidecar or Path(t.target).suffix.lower() not in IPTC_EXTENSIONS:
+            return None
+        has_iptc = any(k.startswith("IPTC:") for k in data)
+        if not policy_applies(self.options.iptc, has_iptc):
+            return None
+        # Existing IPTC without a UTF-8 declaration is Latin-1: keep it so (FAQ 10), rather than
+        # re-declaring a record whose other fields are Latin-1 bytes.
+        if has_iptc and data.get("IPTC:CodedCharacterSet") != "UTF8":
+            return "latin-1"
+        return "utf-8"
+
+    # writing
+
+    def _execute(self, plans: list[FilePlan], model_id: str | None) -> list[WriteOutcome]:
+        to_write = [t for p in plans if not p.error for t in p.targets if t.writes]
+        errors: dict[str, list[str]] = {}
+        if to_write:
+            errors = self._write_targets(to_write)
+            verified, _ = self.exiftool.read([t.target for t in to_write])
+            for t in to_write:
+                if any(m.startswith("Error") for m in errors.get(t.target, [])):
+                    continue
+                got = verified.get(t.target, {})
+                bad = [f for f, v in t.new_values.items() if as_list(got.get(f)) != v]
+                if bad:
+                    errors.setdefault(t.target, []).insert(0, f"Error: ExifTool did not store {', '.join(bad)}")
+        outcomes = []
+        for plan in plans:
+            outcomes.append(self._finish(plan, errors, model_id))
+        return outcomes
+
+    def _write_targets(self, targets: list[TargetPlan]) -> dict[str, list[str]]:
+        """One ExifTool command for all targets; per-target error and warning lines."""
+        payload = [{"SourceFile": t.target, **t.new_values, **t.extra} for t in targets]
+        json_path = os.path.join(self._tmp.name, "batch.json")
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, ensure_ascii=False)
+        args = [f"-j={json_path}"]
+        if not self.options.keep_backups:
+            args.append("-overwrite_original")
+        if self.options.preserve_mtime:
+            args.append("-P")
+        ready = []
+        messages: dict[str, list[str]] = {}
+        for t in targets:
+            problem = _unwritable(Path(t.target), t.exists)
+            if problem:
+                messages[t.target] = [f"Error: {problem}"]
+            else:
+                ready.append(t.target)
+        if ready:
+            try:
+                _, stderr = self.exiftool.execute(*args, *ready)
+            except Exception as exc:  # ExifTool died: the whole (remaining) batch failed, say why
+                self.exiftool.close()
+                self.exiftool = ExifToolProcess(self.options.exiftool)
+                return {**messages, **{t: [f"Error: ExifTool failed: {exc}"] for t in ready}}
+            for name, lines in per_file_messages(stderr).items():
+                messages.setdefault(os.path.abspath(name), []).extend(lines)
+        return messages
+
+    def _finish(self, plan: FilePlan, errors: dict[str, list[str]], model_id: str | None) -> WriteOutcome:
+        outcome = WriteOutcome(plan.path, "unchanged", changes=plan.changes)
+        if plan.error:
+            outcome.status, outcome.error = "failed", plan.error
+            return outcome
+        failures = []
+        for t in plan.targets:
+            lines = errors.get(t.target, [])
+            failed = [m for m in lines if m.startswith("Error")]
+            outcome.warnings += [f"{Path(t.target).name}: {m}" for m in lines if not m.startswith("Error")]
+            if failed:
+                failures.append(f"{Path(t.target).name}: {failed[0].removeprefix('Error: ')}")
+                continue
+            if t.delete:
+                try:
+                    os.remove(t.target)
+                except OSError as exc:
+                    failures.append(f"{Path(t.target).name}: cannot delete: {exc.strerror}")
+                    continue
+            stamp = [LedgerEntry(e.path, e.target, e.field, e.value, e.preexisting, model_id) for e in t.record]
+            self.ledger.record(stamp)
+            self.ledger.forget(t.forget)
+            if t.writes or t.delete:
+                outcome.status = "written"
+                if t.target == plan.path:
+                    st = os.stat(t.target)
+                    outcome.size, outcome.mtime_ns = st.st_size, st.st_mtime_ns
+        if failures:
+            outcome.status, outcome.error = "failed", "; ".join(failures)
+        return outcome
+
+
+def _unwritable(target: Path, exists: bool) -> str | None:
+    """Why ramcli will not write this file, if it will not: a file the user made read-only is a
+    request to leave it alone, even where the folder would let ExifTool replace it (and for root)."""
+    if exists:
+        if not os.stat(target).st_mode & 0o222:
+            return "read-only file (make it writable, or use --sidecar)"
+        if (target.parent / (target.name + "_exiftool_tmp")).exists():
+            return f"stale {target.name}_exiftool_tmp from an interrupted write: delete it and retry"
+    elif not os.access(target.parent, os.W_OK):
+        return "cannot create a sidecar: folder not writable"
+    return None
