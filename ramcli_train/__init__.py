@@ -1,0 +1,1 @@
+"""Training support for ramcli: caption parsing into tags, training data loading, synthetic data."""
