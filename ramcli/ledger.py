@@ -87,30 +87,26 @@ class Ledger:
         if not entries:
             return
         now = time.time()
-        table = self._table
-        with self.db.conn:
-            for e in entries:
-                key = (e.target, e.field, e.value)
-                try:
-                    table.get(key)
-                except sqlite_utils.db.NotFoundError:
-                    table.insert(
-                        {
-                            "path": e.path,
-                            "target": e.target,
-                            "field": e.field,
-                            "value": e.value,
-                            "preexisting": int(e.preexisting),
-                            "model_id": e.model_id,
-                            "written_at": e.written_at or now,
-                        }
-                    )
+        rows = [
+            {
+                "path": e.path,
+                "target": e.target,
+                "field": e.field,
+                "value": e.value,
+                "preexisting": int(e.preexisting),
+                "model_id": e.model_id,
+                "written_at": e.written_at or now,
+            }
+            for e in entries
+        ]
+        with self.db.atomic():  # nests (as a savepoint) inside the index's own transaction
+            self._table.insert_all(rows, ignore=True)  # a known value keeps its first row
 
     def forget(self, entries: list[LedgerEntry]) -> None:
         """Drop rows for values that ramcli removed (or that are no longer its concern)."""
         if not entries or not self.db[TABLE].exists():
             return
-        with self.db.conn:
+        with self.db.atomic():
             for e in entries:
                 self.db.execute(
                     f"delete from [{TABLE}] where target = ? and field = ? and value = ?",
@@ -126,7 +122,7 @@ class Ledger:
         if not self.db[TABLE].exists():
             return 0
         changed = 0
-        with self.db.conn:
+        with self.db.atomic():
             for target in {e.target for e in self.entries(old)}:
                 new_target = _moved_target(target, old, new)
                 cur = self.db.execute(

@@ -442,7 +442,7 @@ class MetadataWriter:
 
     def _plan(self, items: list[tuple[str | os.PathLike, Sequence[TagScore]]], untag: bool) -> list[FilePlan]:
         dirs = _Dirs()
-        latest = {os.path.abspath(p): list(tags) for p, tags in items}  # a repeated photo: last wins
+        latest = {os.path.realpath(p): list(tags) for p, tags in items}  # a repeated photo: last wins
         plans: dict[str, FilePlan] = {}
         wanted_by_target: dict[str, tuple[str, bool, list[TagScore]]] = {}
         for path, tags in latest.items():
@@ -467,7 +467,7 @@ class MetadataWriter:
                     )
                     continue
                 self._plan_target(t, path, current_all.get(t.target, {}), tags if wanted else [], wanted)
-        return [plans[os.path.abspath(p)] for p, _ in items]
+        return [plans[os.path.realpath(p)] for p, _ in items]
 
     def _plan_target(self, t: TargetPlan, path: str, data: dict, tags: list[TagScore], wanted: bool) -> None:
         current = {f: as_list(data.get(f)) for f in KEYWORD_FIELDS}

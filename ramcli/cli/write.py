@@ -1,17 +1,189 @@
-"""`ramcli write` and `ramcli untag`: tags into the photos' metadata (issue 4)."""
+"""`ramcli write` and `ramcli untag`: tags into the photos' metadata, and out again (issue 4).
+
+The writer flags are defined once, here, by the `writer_options` decorator; `ramcli tag` reuses
+it so both commands accept the same flags:
+
+    @app.command()
+    @writer_options
+    def tag(paths: list[Path], ..., writer_options: WriterOptions) -> None: ...
+"""
+
+import functools
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-from ramcli.cli.common import not_built
+from ramcli.cli.common import console, err_console
+from ramcli.errors import UsageError
+from ramcli.ledger import Ledger
+from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
+
+_PANEL = "Metadata writing"
+
+
+def _option(name: str, default, annotation, flag: str, help: str) -> inspect.Parameter:
+    info = typer.Option(flag, help=help, rich_help_panel=_PANEL)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, info])
+
+
+_WRITER_PARAMS = [
+    _option("tag_root", "auto", str, "--tag-root",
+            "Root of the hierarchical keywords (auto|dog); '' for none."),
+    _option("iptc", "auto", Policy, "--iptc", "IPTC Keywords: auto = only where the file has IPTC."),
+    _option("digikam", "auto", Policy, "--digikam", "digiKam TagsList: auto = only where present."),
+    _option("windows", "auto", Policy, "--windows", "Microsoft LastKeywordXMP: auto = only where present."),
+    _option("lang", "en", Lang, "--lang", "Keyword language: English, Chinese or both."),
+    _option("sidecar", False, bool, "--sidecar", "Write XMP sidecars for every format, not only RAW."),
+    _option("sidecar_name", "adobe", SidecarName, "--sidecar-name",
+            "New sidecar name: adobe = IMG.xmp (IMG.EXT.xmp if the base name is shared), ext = IMG.EXT.xmp."),
+    _option("keep_backups", False, bool, "--keep-backups", "Keep ExifTool's FILE_original backups."),
+    _option("preserve_mtime", False, bool, "--preserve-mtime",
+            "Keep file modification times (Immich/PhotoPrism then may not re-read the files)."),
+]
+
+
+def writer_options(func: Callable) -> Callable:
+    """Add the writer flags to a Typer command; it receives them as `writer_options: WriterOptions`."""
+    signature = inspect.signature(func, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "writer_options"]
+    names = [p.name for p in _WRITER_PARAMS]
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name in names}
+        return func(*args, writer_options=WriterOptions(**values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + _WRITER_PARAMS)
+    wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
+    return wrapper
+
+
+IndexOption = Annotated[
+    Optional[Path], typer.Option("--index", help="Index database (default: the one in RAMCLI_HOME).")
+]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would change per file; write nothing.")]
+
+
+def print_plans(plans: list[FilePlan]) -> None:
+    """The dry run: one block per photo that would change."""
+    changed = 0
+    for plan in plans:
+        if plan.error:
+            err_console.print(f"{plan.path}: cannot write: {plan.error}", markup=False, highlight=False)
+        elif plan.changes:
+            changed += 1
+            console.print(plan.path, markup=False, highlight=False)
+            for line in plan.changes:
+                console.print(f"  {line}", markup=False, highlight=False)
+    console.print(f"dry run: {changed} of {len(plans)} photos would change", markup=False, highlight=False)
+
+
+def report(outcomes: list[WriteOutcome]) -> int:
+    """One line per failure, a summary; returns the number of failures."""
+    counts = {"written": 0, "unchanged": 0, "failed": 0}
+    for o in outcomes:
+        counts[o.status] += 1
+        if o.status == "failed":
+            err_console.print(f"{o.path}: {o.error}", markup=False, highlight=False)
+        for w in o.warnings:
+            err_console.print(f"{o.path}: warning: {w}", markup=False, highlight=False)
+    console.print(
+        f"{counts['written']} written, {counts['unchanged']} unchanged, {counts['failed']} failed",
+        markup=False, highlight=False,
+    )
+    return counts["failed"]
+
+
+def _indexed_photos(index, paths: list[Path]) -> list[str]:
+    """The indexed photos named by `paths` (files or folders; none = all)."""
+    from ramcli.index import normalize_path
+
+    if not paths:
+        return [r.path for r in index.iter_photos()]
+    found: list[str] = []
+    for p in paths:
+        if p.is_dir():
+            found += [r.path for r in index.iter_photos(under=p)]
+        elif index.lookup(str(p)) is not None:
+            found.append(normalize_path(p))
+        else:
+            raise UsageError(f"{p} is not in the index: tag it first (`ramcli tag {p}`)")
+    return list(dict.fromkeys(found))
+
+
+def _ledger_photos(ledger: Ledger, paths: list[Path]) -> list[str]:
+    """The photos named by `paths` (files or folders) that ramcli wrote keywords into."""
+    found: list[str] = []
+    for p in paths:
+        real = os.path.realpath(p)
+        if os.path.isdir(real):
+            found += [e.path for e in ledger.entries_under(real)]
+        elif os.path.exists(real) or ledger.entries(real):
+            found.append(real)
+        else:
+            raise UsageError(f"{p}: no such file or folder")
+    return list(dict.fromkeys(found))
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def write(ctx: typer.Context) -> None:
+    @app.command()
+    @writer_options
+    def write(
+        paths: Annotated[Optional[list[Path]], typer.Argument(help="Photos or folders (default: the whole index).")] = None,
+        index_path: IndexOption = None,
+        dry_run: DryRunOption = False,
+        *,
+        writer_options: WriterOptions,
+    ) -> None:
         """Write the indexed tags into the photos' XMP/IPTC metadata (no model run)."""
-        not_built("write", "metadata issue")
+        from ramcli.index import Index
 
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def untag(ctx: typer.Context) -> None:
-        """Remove exactly the keywords ramcli added to these photos."""
-        not_built("untag", "metadata issue")
+        with Index.open(index_path) as index:
+            photos = _indexed_photos(index, list(paths or []))
+            items = [(p, index.photo_tags(p)) for p in photos]
+            with MetadataWriter(writer_options, Ledger(index.db)) as writer:
+                if dry_run:
+                    print_plans(writer.plan_batch(items))
+                    return
+                outcomes = []
+                for start in range(0, len(items), writer_options.batch_size):
+                    batch = writer.write_batch(items[start : start + writer_options.batch_size])
+                    _update_stats(index, batch)
+                    outcomes += batch
+        if report(outcomes):
+            raise typer.Exit(1)
+
+    @app.command()
+    @writer_options
+    def untag(
+        paths: Annotated[list[Path], typer.Argument(help="Photos or folders.")],
+        index_path: IndexOption = None,
+        dry_run: DryRunOption = False,
+        *,
+        writer_options: WriterOptions,
+    ) -> None:
+        """Remove exactly the keywords ramcli added to these photos, and nothing else."""
+        from ramcli.index import Index
+
+        with Index.open(index_path) as index:
+            ledger = Ledger(index.db)
+            photos = _ledger_photos(ledger, paths)
+            with MetadataWriter(writer_options, ledger) as writer:
+                if dry_run:
+                    print_plans(writer.plan_untag(photos))
+                    return
+                outcomes = writer.untag_batch(photos)
+                _update_stats(index, outcomes)
+        if report(outcomes):
+            raise typer.Exit(1)
+
+
+def _update_stats(index, outcomes: list[WriteOutcome]) -> None:
+    """Tell the index the new size/mtime of rewritten photos, so they are not re-tagged."""
+    for o in outcomes:
+        if o.size is not None and index.lookup(o.path) is not None:
+            index.update_stat(o.path, o.size, o.mtime_ns)
