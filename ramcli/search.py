@@ -1,0 +1,454 @@
+"""`ramcli search`: a small boolean query language over the index, ranked by tag score.
+
+Syntax: words are ANDed (`dog beach`), `OR` joins alternatives (`dog OR cat`), `-word` or
+`NOT word` excludes, `"christmas tree"` quotes a multi-word tag, parentheses group. `OR`, `NOT`
+and `AND` are operators only in capitals.
+
+Each word resolves to a *tag group*: the tag of that exact name (English or Chinese), or the
+tag a synonym points to, or failing both the tags whose lemma matches ('dogs' -> 'dog'), plus
+every tag merged into the same group by `vocab synonym`. Unknown words are a usage error with
+"did you mean" suggestions.
+
+Ranking is fuzzy logic: a term scores the best score of its group's tags on the photo, AND takes
+the minimum, OR the maximum. Those rules allow an exact top-k without scoring every hit (Fagin's
+threshold algorithm): photos are pulled from the most selective term's score index, best first,
+and the pull stops as soon as no unseen photo can beat the current k-th best. All SQL is
+parameterised; query text never becomes SQL.
+"""
+
+from __future__ import annotations
+
+import difflib
+import heapq
+import itertools
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ramcli.errors import UsageError
+from ramcli.index import Index, folder_range, lemma
+from ramcli.records import TagScore
+
+MAX_QUERY_CHARS = 1000
+MAX_TERMS = 64
+
+# --- syntax tree ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Term:
+    text: str
+    tag_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Not:
+    child: Node
+
+
+@dataclass(frozen=True)
+class And:
+    children: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    children: tuple[Node, ...]
+
+
+Node = Term | Not | And | Or
+
+_TOKEN = re.compile(r'(?P<neg>-)?"(?P<quoted>[^"]*)"|(?P<lp>\()|(?P<rp>\))|(?P<word>[^\s()"]+)')
+
+
+def _tokens(query: str) -> list[tuple[str, str]]:
+    if query.count('"') % 2:
+        raise UsageError(f"unbalanced quote in query: {query}")
+    tokens: list[tuple[str, str]] = []
+    for m in _TOKEN.finditer(query):
+        if m["quoted"] is not None:
+            text = " ".join(m["quoted"].split())
+            if not text:
+                raise UsageError('empty quotes "" in query')
+            if m["neg"]:
+                tokens.append(("NOT", "-"))
+            tokens.append(("TERM", text))
+        elif m["lp"]:
+            tokens.append(("(", "("))
+        elif m["rp"]:
+            tokens.append((")", ")"))
+        else:
+            word = m["word"]
+            if word in ("OR", "|"):
+                tokens.append(("OR", word))
+            elif word == "NOT":
+                tokens.append(("NOT", word))
+            elif word == "AND":
+                continue
+            elif word.startswith("-") and len(word) > 1:
+                tokens += [("NOT", "-"), ("TERM", word[1:])]
+            else:
+                tokens.append(("TERM", word))
+    return tokens
+
+
+def parse(query: str) -> Node:
+    """Parse a query into a tree; malformed queries raise UsageError (exit code 2)."""
+    if len(query) > MAX_QUERY_CHARS:
+        raise UsageError(f"query too long ({len(query)} characters, at most {MAX_QUERY_CHARS})")
+    tokens = _tokens(query)
+    if not tokens:
+        raise UsageError("empty query: give at least one tag, e.g. `ramcli search dog`")
+    if sum(kind == "TERM" for kind, _ in tokens) > MAX_TERMS:
+        raise UsageError(f"too many terms in query (at most {MAX_TERMS})")
+    pos = 0
+
+    def peek() -> str | None:
+        return tokens[pos][0] if pos < len(tokens) else None
+
+    def take() -> tuple[str, str]:
+        nonlocal pos
+        pos += 1
+        return tokens[pos - 1]
+
+    def and_expr() -> Node:
+        parts = []
+        while peek() not in (None, ")"):
+            parts.append(or_expr())
+        if not parts:
+            raise UsageError("empty group () in query")
+        return parts[0] if len(parts) == 1 else And(tuple(parts))
+
+    def or_expr() -> Node:
+        parts = [unary()]
+        while peek() == "OR":
+            take()
+            if peek() in (None, ")", "OR"):
+                raise UsageError("OR needs a tag on both sides")
+            parts.append(unary())
+        return parts[0] if len(parts) == 1 else Or(tuple(parts))
+
+    def unary() -> Node:
+        kind, text = take()
+        if kind == "NOT":
+            if peek() in (None, ")", "OR"):
+                raise UsageError("NOT (or -) needs a tag after it")
+            return Not(unary())
+        if kind == "TERM":
+            return Term(text)
+        if kind == "(":
+            inner = and_expr()
+            if peek() != ")":
+                raise UsageError("unbalanced parenthesis in query: missing ')'")
+            take()
+            return inner
+        if kind == "OR":
+            raise UsageError("OR needs a tag on both sides")
+        raise UsageError("unbalanced parenthesis in query: unexpected ')'")
+
+    tree = and_expr()
+    if pos != len(tokens):
+        raise UsageError("unbalanced parenthesis in query: unexpected ')'")
+    return tree
+
+
+# --- resolving words to tag groups ----------------------------------------------------------------
+
+
+class TagResolver:
+    """Maps a query word to the ids of its tag group (see the module docstring for the order)."""
+
+    def __init__(self, index: Index):
+        self.db = index.db
+
+    def groups(self, word: str) -> set[int]:
+        for sql, arg in (
+            ("SELECT coalesce(group_id, id) FROM tags WHERE name = ?", word),
+            ("SELECT coalesce(group_id, id) FROM tags WHERE name_zh = ?", word),
+            (
+                "SELECT coalesce(t.group_id, t.id) FROM synonyms s JOIN tags t ON t.id = s.tag_id"
+                " WHERE s.alias = ? COLLATE NOCASE",
+                word,
+            ),
+            ("SELECT coalesce(group_id, id) FROM tags WHERE lemma = ?", lemma(word)),
+        ):
+            found = {g for (g,) in self.db.execute(sql, [arg])}
+            if found:
+                return found
+        return set()
+
+    def resolve(self, word: str) -> frozenset[int]:
+        groups = self.groups(word)
+        if not groups:
+            suggestions = self.did_you_mean(word)
+            hint = f"; did you mean: {', '.join(suggestions)}?" if suggestions else "; `ramcli stats` lists the tags"
+            raise UsageError(f"unknown tag '{word}'{hint}")
+        rows = self.db.execute(
+            "SELECT id FROM tags WHERE coalesce(group_id, id) IN (SELECT value FROM json_each(?))",
+            [json.dumps(sorted(groups))],
+        )
+        return frozenset(tag_id for (tag_id,) in rows)
+
+    def did_you_mean(self, word: str, n: int = 5) -> list[str]:
+        """Nearest known tags: close spellings first (difflib), then tags containing the word (FTS)."""
+        names: dict[str, str] = {}
+        for name, zh, aliases in self.db.execute("SELECT name, name_zh, aliases FROM tags ORDER BY photo_count DESC"):
+            names.setdefault(name.lower(), name)
+            if zh:
+                names.setdefault(zh, name)
+            for alias in filter(None, aliases.split(" | ")):
+                names.setdefault(alias.lower(), name)
+        close = [names[m] for m in difflib.get_close_matches(word.lower(), list(names), n=n, cutoff=0.6)]
+        phrase = '"' + word.replace('"', '""') + '"*'
+        fts = [
+            name
+            for (name,) in self.db.execute(
+                "SELECT t.name FROM tags_fts JOIN tags t ON t.rowid = tags_fts.rowid WHERE tags_fts MATCH ?"
+                " ORDER BY t.photo_count DESC LIMIT ?",
+                [phrase, n],
+            )
+        ]
+        return list(dict.fromkeys(close + fts))[:n]
+
+
+def resolve(tree: Node, resolver: TagResolver) -> Node:
+    """The tree with every Term's tag ids filled in."""
+    if isinstance(tree, Term):
+        return Term(tree.text, resolver.resolve(tree.text))
+    if isinstance(tree, Not):
+        return Not(resolve(tree.child, resolver))
+    return type(tree)(tuple(resolve(c, resolver) for c in tree.children))
+
+
+def _tag_ids(tree: Node) -> set[int]:
+    if isinstance(tree, Term):
+        return set(tree.tag_ids)
+    if isinstance(tree, Not):
+        return _tag_ids(tree.child)
+    return set().union(*(_tag_ids(c) for c in tree.children))
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Filters:
+    """Restrictions beyond the tags: a tag counts only at `min_score` or above."""
+
+    min_score: float = 0.0
+    since: str | None = None  # ISO date(time), inclusive, on the date taken
+    until: str | None = None  # ISO date(time), inclusive (a bare date means the whole day)
+    under: Path | None = None
+
+
+@dataclass
+class Hit:
+    photo_id: int
+    path: str
+    score: float | None  # None for pure exclusion queries (`-night`), which have nothing to rank by
+    taken_at: str | None = None
+    tags: list[TagScore] = field(default_factory=list)
+
+
+def _score(tree: Node, tags: dict[int, float]) -> float | None:
+    """The fuzzy-logic score of one photo, or None when the photo does not match.
+
+    A true NOT is neutral (+inf) so that it never lowers an AND's minimum."""
+    if isinstance(tree, Term):
+        return max((tags[i] for i in tree.tag_ids if i in tags), default=None)
+    if isinstance(tree, Not):
+        return math.inf if _score(tree.child, tags) is None else None
+    values = [_score(c, tags) for c in tree.children]
+    if isinstance(tree, And):
+        return None if None in values else min(values)  # type: ignore[type-var]
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _estimate(tree: Node, counts: dict[int, int]) -> float:
+    """How many photos a node can match at most (from tags.photo_count)."""
+    if isinstance(tree, Term):
+        return sum(counts.get(i, 0) for i in tree.tag_ids)
+    if isinstance(tree, Not):
+        return math.inf
+    estimates = [_estimate(c, counts) for c in tree.children]
+    return min(estimates) if isinstance(tree, And) else sum(estimates)
+
+
+class _Searcher:
+    def __init__(self, index: Index, tree: Node, filters: Filters):
+        self.db = index.db
+        self.tree = tree
+        self.filters = filters
+        self.all_ids = json.dumps(sorted(_tag_ids(tree)))
+        self.counts = dict(
+            self.db.execute(
+                "SELECT id, photo_count FROM tags WHERE id IN (SELECT value FROM json_each(?))", [self.all_ids]
+            ).fetchall()
+        )
+        self.cursors: list = []
+
+    def _stream(self, tree: Node) -> Iterator[tuple[float, int]] | None:
+        """(upper bound of score, photo id), bounds non-increasing; None if the node has no positive term."""
+        if isinstance(tree, Term):
+            return self._term_stream(tree, [], [])
+        if isinstance(tree, Not):
+            return None
+        if isinstance(tree, And):
+            positive = [c for c in tree.children if not isinstance(c, Not)]
+            if not positive:
+                return None
+            driver = min(positive, key=lambda c: _estimate(c, self.counts))
+            if not isinstance(driver, Term):
+                return self._stream(driver)
+            # Let SQLite drop non-matches early: plain sibling terms become (NOT) EXISTS checks.
+            required = [c for c in positive if isinstance(c, Term) and c is not driver]
+            excluded = [c.child for c in tree.children if isinstance(c, Not) and isinstance(c.child, Term)]
+            return self._term_stream(driver, required, excluded)
+        streams = [self._stream(c) for c in tree.children]
+        if any(s is None for s in streams):
+            return None
+        return heapq.merge(*streams, key=lambda r: -r[0])  # type: ignore[arg-type]
+
+    def _term_stream(self, driver: Term, required: list[Term], excluded: list[Term]) -> Iterator[tuple[float, int]]:
+        """The driver's photos from its score index, best first, that have every `required` term
+        and no `excluded` one."""
+        checks, args = "", []
+        for term, negate in [(t, False) for t in required] + [(t, True) for t in excluded]:
+            ids = sorted(term.tag_ids)
+            checks += (
+                f" AND {'NOT ' if negate else ''}EXISTS (SELECT 1 FROM photo_tags o WHERE o.photo_id = d.photo_id"
+                f" AND o.tag_id IN ({', '.join('?' * len(ids))}) AND o.score >= ?)"
+            )
+            args += [*ids, self.filters.min_score]
+        streams = []
+        for tag_id in sorted(driver.tag_ids):
+            cur = self.db.execute(
+                "SELECT d.score, d.photo_id FROM photo_tags d WHERE d.tag_id = ? AND d.score >= ?"
+                f"{checks} ORDER BY d.score DESC",
+                [tag_id, self.filters.min_score, *args],
+            )
+            self.cursors.append(cur)
+            streams.append(cur)
+        return streams[0] if len(streams) == 1 else heapq.merge(*streams, key=lambda r: -r[0])
+
+    def _candidates(self) -> Iterator[tuple[float, int]]:
+        stream = self._stream(self.tree)
+        if stream is None:  # only exclusions: every tagged photo is a candidate
+            cur = self.db.execute("SELECT id FROM photos WHERE status = 'tagged' ORDER BY id")
+            self.cursors.append(cur)
+            return ((math.inf, pid) for (pid,) in cur)
+        return stream
+
+    def _scores(self, photo_ids: list[int]) -> dict[int, float]:
+        """Exact scores of the candidates that match the query and the filters."""
+        ids_json = json.dumps(photo_ids)
+        tags: dict[int, dict[int, float]] = {pid: {} for pid in photo_ids}
+        for pid, tag_id, score in self.db.execute(
+            "SELECT photo_id, tag_id, score FROM photo_tags WHERE photo_id IN (SELECT value FROM json_each(?))"
+            " AND tag_id IN (SELECT value FROM json_each(?)) AND score >= ?",
+            [ids_json, self.all_ids, self.filters.min_score],
+        ):
+            tags[pid][tag_id] = score
+        allowed = self._filter(ids_json) if self._has_photo_filters() else set(photo_ids)
+        scores = {}
+        for pid in photo_ids:
+            if pid in allowed:
+                s = _score(self.tree, tags[pid])
+                if s is not None:
+                    scores[pid] = s
+        return scores
+
+    def _has_photo_filters(self) -> bool:
+        f = self.filters
+        return bool(f.since or f.until or f.under)
+
+    def _filter(self, ids_json: str) -> set[int]:
+        f = self.filters
+        sql = "SELECT id FROM photos WHERE id IN (SELECT value FROM json_each(?))"
+        args: list = [ids_json]
+        if f.since:
+            sql += " AND taken_at >= ?"
+            args.append(f.since)
+        if f.until:
+            sql += " AND taken_at <= ?"
+            args.append(f.until + "\uffff" if len(f.until) == 10 else f.until)
+        if f.under:
+            low, high = folder_range(f.under)
+            sql += " AND path >= ? AND path < ?"
+            args += [low, high]
+        return {pid for (pid,) in self.db.execute(sql, args)}
+
+    def top(self, limit: int | None) -> list[tuple[float, int]]:
+        """(score, photo id) of the best `limit` matches (all if None), best first."""
+        best: list[tuple[float, int]] = []  # a min-heap when limited
+        seen: set[int] = set()
+        candidates = self._candidates()
+        chunk = 64
+        try:
+            while True:
+                batch = list(itertools.islice(candidates, chunk))
+                if not batch:
+                    break
+                chunk = min(chunk * 2, 4096)
+                bound = batch[-1][0]
+                new = [pid for _, pid in batch if pid not in seen]
+                seen.update(new)
+                for pid, s in self._scores(new).items():
+                    if limit is None:
+                        best.append((s, -pid))
+                    elif len(best) < limit:
+                        heapq.heappush(best, (s, -pid))
+                    elif (s, -pid) > best[0]:
+                        heapq.heapreplace(best, (s, -pid))
+                if limit is not None and len(best) >= limit and best[0][0] >= bound:
+                    break  # threshold reached: nothing unseen can score above the k-th best
+        finally:
+            for cur in self.cursors:
+                cur.close()
+        best.sort(reverse=True)
+        return [(s, -neg) for s, neg in best]
+
+
+def search(index: Index, query: str, *, limit: int | None = 50, filters: Filters | None = None,
+           with_tags: bool = True) -> list[Hit]:
+    """Run a query; `limit=None` returns every hit. Raises UsageError for a bad query."""
+    filters = filters or Filters()
+    if not 0.0 <= filters.min_score <= 1.0:
+        raise UsageError(f"--min-score must be between 0 and 1, not {filters.min_score}")
+    if limit is not None and limit < 1:
+        raise UsageError("--limit must be at least 1 (0 means no limit on the command line)")
+    tree = resolve(parse(query), TagResolver(index))
+    ranked = _Searcher(index, tree, filters).top(limit)
+    if not ranked:
+        return []
+    ids = [pid for _, pid in ranked]
+    info = {
+        pid: (path, taken)
+        for pid, path, taken in index.db.execute(
+            "SELECT id, path, taken_at FROM photos WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(ids)]
+        )
+    }
+    hits = [
+        Hit(pid, info[pid][0], None if math.isinf(s) else s, info[pid][1]) for s, pid in ranked
+    ]
+    if with_tags:
+        tags_of = photo_tags_by_id(index, ids)
+        for hit in hits:
+            hit.tags = tags_of.get(hit.photo_id, [])
+    return hits
+
+
+def photo_tags_by_id(index: Index, photo_ids: list[int]) -> dict[int, list[TagScore]]:
+    """Tags (best first) of many photos in one query."""
+    out: dict[int, list[TagScore]] = {}
+    for pid, name, zh, score in index.db.execute(
+        "SELECT pt.photo_id, t.name, coalesce(t.name_zh, ''), pt.score FROM photo_tags pt JOIN tags t ON t.id = pt.tag_id"
+        " WHERE pt.photo_id IN (SELECT value FROM json_each(?)) ORDER BY pt.photo_id, pt.score DESC",
+        [json.dumps(photo_ids)],
+    ):
+        out.setdefault(pid, []).append(TagScore(name, zh, score))
+    return out
