@@ -118,22 +118,29 @@ class _Init:
     """Seeded random tensors. 'lecun' (tiny configs) scales linears by 1/sqrt(fan_in) so signals
     stay O(1) through tiny widths; 'bert' uses the published models' 0.02."""
 
-    def __init__(self, seed: int, init: str):
+    def __init__(self, seed: int, init: str, meta: bool = False):
         self.gen = torch.Generator().manual_seed(seed)
         self.init = init
+        self.meta = meta  # shapes only (meta tensors): for counting full-size parameters cheaply
 
     def normal(self, *shape: int, std: float) -> torch.Tensor:
+        if self.meta:
+            return torch.empty(shape, device="meta")
         return torch.randn(shape, generator=self.gen) * std
 
     def uniform(self, *shape: int, bound: float) -> torch.Tensor:
+        if self.meta:
+            return torch.empty(shape, device="meta")
         return (torch.rand(shape, generator=self.gen) * 2 - 1) * bound
 
     def linear(self, sd: dict, key: str, out_f: int, in_f: int, bias: bool = True, std: float | None = None) -> None:
         if std is None:
             std = in_f**-0.5 if self.init == "lecun" else 0.02
-        w = torch.nn.init.trunc_normal_(torch.empty(out_f, in_f), std=std, a=-2 * std, b=2 * std,
-                                        generator=self.gen)
-        sd[f"{key}.weight"] = w
+        if self.meta:
+            sd[f"{key}.weight"] = torch.empty(out_f, in_f, device="meta")
+        else:
+            sd[f"{key}.weight"] = torch.nn.init.trunc_normal_(
+                torch.empty(out_f, in_f), std=std, a=-2 * std, b=2 * std, generator=self.gen)
         if bias:
             sd[f"{key}.bias"] = self.normal(out_f, std=0.1 if self.init == "lecun" else 0.02)
 
@@ -237,13 +244,22 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def official_state_dict(
-    arch: str, num_classes: int | None = None, des_per_class: int = 51, seed: int = 0, training_parts: bool = True
+    arch: str,
+    num_classes: int | None = None,
+    des_per_class: int = 51,
+    seed: int = 0,
+    training_parts: bool = True,
+    meta: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """A random state dict with the official keys, shapes and ties for `arch` (see TINY/FULL)."""
+    """A random state dict with the official keys, shapes and ties for `arch` (see TINY/FULL).
+
+    `meta=True` gives weights as meta tensors (shapes, no data); buffers stay real."""
     cfg = arch_config(arch, num_classes, des_per_class)
-    rnd = _Init(seed, cfg["init"])
+    rnd = _Init(seed, cfg["init"], meta)
     family, c, h, vw = cfg["family"], cfg["num_classes"], cfg["hidden_size"], cfg["vision_width"]
-    fc_bound = h**-0.5  # nn.Linear's default init, as the official fc keeps it
+    # nn.Linear's default init, as the official fc keeps it; tiny models widen it so that their
+    # logits spread over a few units, like trained ones, and tags fire
+    fc_bound = h**-0.5 * (6.0 if cfg["init"] == "lecun" else 1.0)
     sd: dict[str, torch.Tensor] = {}
     if family in ("ram", "ram_plus"):
         rows = c * cfg["des_per_class"] if family == "ram_plus" else c
@@ -254,8 +270,10 @@ def official_state_dict(
     _swin(sd, rnd, cfg, "visual_encoder.")
     head = _tagging_head(rnd, cfg, kv_width)
     if training_parts and family in ("ram", "tag2text"):
-        _tag_encoder(sd, rnd, cfg, kv_width, head)
-        _text_decoder(sd, rnd, cfg)
+        # own random stream: the tagging weights do not depend on training_parts
+        extra = _Init(seed + 1, cfg["init"], meta)
+        _tag_encoder(sd, extra, cfg, kv_width, head)
+        _text_decoder(sd, extra, cfg)
     sd.update(head)
     if family in ("ram", "ram_plus"):
         # wordvec_proj sees unit-norm CLIP vectors: std 1 keeps its outputs O(1) per coordinate
@@ -271,11 +289,14 @@ def official_state_dict(
 
 
 def _adamw_state(sd: dict[str, torch.Tensor], rnd: _Init) -> dict[str, Any]:
-    """AdamW.state_dict() over the model's unique trainable tensors (tied ones once, no buffers)."""
+    """AdamW.state_dict() over the model's unique trainable tensors (tied ones once, no buffers),
+    as the official finetune.py saves it: RAM/RAM++'s CLIP `label_embed` is frozen there, which
+    is why the published RAM++ file (3.0 GB) is far smaller than 3x its weights."""
     seen: set[int] = set()
     params = []
     for key, value in sd.items():
-        if not value.is_floating_point() or key.endswith("attn_mask") or id(value) in seen:
+        frozen = key == "label_embed"
+        if frozen or not value.is_floating_point() or key.endswith("attn_mask") or id(value) in seen:
             continue
         seen.add(id(value))
         params.append(value)
@@ -309,7 +330,7 @@ def make_official_checkpoint(
     plain_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
     checkpoint: dict[str, Any] = {"model": sd, "epoch": 4, "config": plain_cfg}
     if optimizer_state:
-        checkpoint["optimizer"] = _adamw_state(sd, _Init(seed + 1, cfg["init"]))
+        checkpoint["optimizer"] = _adamw_state(sd, _Init(seed + 2, cfg["init"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, path)
     return path
