@@ -479,7 +479,7 @@ def evaluate_scores(
     else:
         thresholds, source = cache.model_thresholds[cache.model_indices], "the model's per-class defaults"
     targets = targets_for(benchmark, cache)
-    scores = cache.scores.astype(np.float64)
+    scores = cache.scores
     calibration = None
     if calibration_fraction is not None:
         calibration = calibrate(scores, targets, thresholds, cache.model_indices,
