@@ -1,0 +1,80 @@
+"""The write ledger: what ramcli wrote where, kept exactly (no ExifTool needed)."""
+
+from __future__ import annotations
+
+import sqlite_utils
+
+from ramcli.ledger import TABLE, Ledger, LedgerEntry
+
+
+def entry(path="/p/IMG.jpg", target=None, field="XMP-dc:Subject", value="dog", pre=False, model="m1"):
+    return LedgerEntry(path, target or path, field, value, pre, model)
+
+
+def test_record_and_read_back_per_photo(tmp_path):
+    ledger = Ledger(sqlite_utils.Database(tmp_path / "i.db"))
+    assert ledger.entries("/p/IMG.jpg") == []  # no table yet: nothing, and no error
+    ledger.record([entry(value="dog"), entry(value="Oma", pre=True), entry(path="/p/other.jpg")])
+    got = ledger.entries("/p/IMG.jpg")
+    assert [(e.value, e.preexisting, e.model_id) for e in got] == [("dog", False, "m1"), ("Oma", True, "m1")]
+    assert all(e.written_at for e in got)
+    assert ledger.paths() == ["/p/IMG.jpg", "/p/other.jpg"]
+
+
+def test_recording_a_known_value_keeps_its_first_row(tmp_path):
+    """A re-run must not turn ramcli's own keyword into a 'preexisting' (user) one."""
+    ledger = Ledger(sqlite_utils.Database(tmp_path / "i.db"))
+    ledger.record([entry(value="dog", pre=False, model="m1")])
+    ledger.record([entry(value="dog", pre=True, model="m2")])
+    [only] = ledger.entries("/p/IMG.jpg")
+    assert (only.preexisting, only.model_id) == (False, "m1")
+
+
+def test_forget_removes_only_the_named_rows(tmp_path):
+    ledger = Ledger(sqlite_utils.Database(tmp_path / "i.db"))
+    ledger.record([entry(value="dog"), entry(value="cat"), entry(field="IPTC:Keywords", value="dog")])
+    ledger.forget([entry(value="dog")])
+    assert {(e.field, e.value) for e in ledger.entries("/p/IMG.jpg")} == {
+        ("XMP-dc:Subject", "cat"),
+        ("IPTC:Keywords", "dog"),
+    }
+
+
+def test_move_repoints_photo_and_its_sidecars(tmp_path):
+    ledger = Ledger(sqlite_utils.Database(tmp_path / "i.db"))
+    ledger.record([
+        entry(path="/a/IMG.jpg"),
+        entry(path="/a/IMG.CR2", target="/a/IMG.xmp"),
+        entry(path="/a/IMG.CR2", target="/a/IMG.CR2.xmp", value="cat"),
+        entry(path="/a/keep.jpg"),
+    ])
+    assert ledger.move("/a/IMG.jpg", "/b/NEW.jpg") == 1
+    assert ledger.move("/a/IMG.CR2", "/b/NEW.CR2") == 2
+    assert [(e.path, e.target) for e in ledger.entries("/b/NEW.jpg")] == [("/b/NEW.jpg", "/b/NEW.jpg")]
+    assert sorted(e.target for e in ledger.entries("/b/NEW.CR2")) == ["/b/NEW.CR2.xmp", "/b/NEW.xmp"]
+    assert ledger.entries("/a/IMG.CR2") == []
+    assert len(ledger.entries("/a/keep.jpg")) == 1
+    assert ledger.move("/nowhere.jpg", "/x.jpg") == 0
+
+
+def test_entries_under_a_folder_only(tmp_path):
+    ledger = Ledger(sqlite_utils.Database(tmp_path / "i.db"))
+    ledger.record([entry(path="/a/b/1.jpg"), entry(path="/a/bc/2.jpg"), entry(path="/a/b/c/3.jpg")])
+    assert sorted(e.path for e in ledger.entries_under("/a/b")) == ["/a/b/1.jpg", "/a/b/c/3.jpg"]
+
+
+def test_writes_nest_inside_an_open_transaction(tmp_path):
+    """The index may call the ledger inside its own BEGIN IMMEDIATE; a rollback must undo both."""
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "i.db", isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    ledger = Ledger(db)
+    ledger.record([entry(value="first")])
+    conn.execute("BEGIN IMMEDIATE")
+    ledger.record([entry(value="inside")])
+    ledger.move("/p/IMG.jpg", "/q/IMG.jpg")
+    assert conn.in_transaction  # the ledger did not commit the caller's transaction
+    conn.execute("ROLLBACK")
+    assert [e.value for e in ledger.entries("/p/IMG.jpg")] == ["first"]
+    assert db[TABLE].exists()
