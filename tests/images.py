@@ -14,7 +14,11 @@ KB) and deterministic, so tests stay fast.
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,3 +249,27 @@ def make_library(root: Path, read_only: bool = True) -> dict[Path, Expected]:
     (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(32))
     (root / "misc" / "photo.jpg.xmp").write_text("<x:xmpmeta xmlns:x='adobe:ns:meta/'/>")
     return out
+
+
+def run_unprivileged(code: str) -> str:
+    """Run Python `code` where file permissions apply; returns its stdout, stripped.
+
+    Permission-denied cases cannot be made as root (root reads a chmod-000 file), and tests
+    run as root on CI. So the code runs in a subprocess which, when we are root, has lost the
+    capabilities that bypass permissions (util-linux `setpriv`), with `WORKDIR` (a fresh folder
+    it may write in) defined and `images` importable.
+    """
+    tests_dir = Path(__file__).resolve().parent
+    no_bypass = "-dac_override,-dac_read_search"
+    wrapper = ["setpriv", f"--bounding-set={no_bypass}", f"--inh-caps={no_bypass}"] if os.geteuid() == 0 else []
+    with tempfile.TemporaryDirectory(prefix="ramcli-perm-") as tmp:
+        prelude = (
+            f"import sys\nfrom pathlib import Path\nsys.path[:0] = [{str(tests_dir)!r}, {str(tests_dir.parent)!r}]\n"
+            f"WORKDIR = Path({tmp!r})\n"
+        )
+        try:
+            done = subprocess.run([*wrapper, sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=tmp)
+        finally:
+            subprocess.run(["chmod", "-R", "u+rwx", tmp], check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
