@@ -594,7 +594,8 @@ def plot_pr_curves(scores: np.ndarray, targets: np.ndarray, names: np.ndarray, m
         ax.step(curve.recall, curve.precision, style, where="post",
                 label=f"{names[k]} (AP {100 * mean_ap.per_class[k]:.1f})")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
-           title=f"PR curves: best (solid) and worst (dashed) classes, mAP {100 * mean_ap.mean:.2f}")
+           title=(f"PR curves of all {len(chosen)} classes" if chosen == ranked else
+                  f"PR curves: {per_side} best (solid) and worst (dashed) classes") + f", mAP {100 * mean_ap.mean:.2f}")
     if chosen:
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
@@ -49,18 +50,18 @@ def register(app: typer.Typer) -> None:
         )
         result, written, reused = ev.run(request)
         if reused:
-            err_console.print(f"reused the cached scores in {out / ev.CACHE_NAME}", highlight=False)
+            err_console.print(f"reused the cached scores in {out / ev.CACHE_NAME}", highlight=False, markup=False, soft_wrap=True)
         if len(result.cache.missing_classes):
             err_console.print(
                 f"[yellow]warning:[/] {len(result.cache.missing_classes)} benchmark classes are not in the model's "
-                f"vocabulary and were left out (listed in {written['missing_classes']}); "
-                "add them with `ramcli vocab add` to evaluate them", highlight=False,
+                f"vocabulary and were left out (listed in {escape(str(written['missing_classes']))}); "
+                "add them with `ramcli vocab add` to evaluate them", highlight=False, soft_wrap=True,
             )
         if len(result.cache.failed_ids):
             err_console.print(
                 f"[yellow]warning:[/] {len(result.cache.failed_ids)} images are missing or unreadable and were "
-                f"left out (listed in {written['failures']})", highlight=False,
+                f"left out (listed in {escape(str(written['failures']))})", highlight=False, soft_wrap=True,
             )
-        console.print(ev.summary_text(result), highlight=False, markup=False)
+        console.print(ev.summary_text(result), highlight=False, markup=False, soft_wrap=True)
         console.print(f"results in {out}/ ({', '.join(sorted(p.name for p in written.values()))})",
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)
