@@ -177,7 +177,7 @@ class Index:
             index = cls(sqlite_utils.Database(conn), path, readonly, timeout)
             index._migrate()
         except sqlite3.DatabaseError as exc:
-            raise _database_error(path, exc) from exc
+            raise database_error(path, exc) from exc
         return index
 
     def _migrate(self) -> None:
@@ -527,7 +527,7 @@ def _is_locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
 
-def _database_error(path: Path, exc: sqlite3.DatabaseError) -> RamcliError:
+def database_error(path: Path, exc: sqlite3.DatabaseError) -> RamcliError:
     """A one-line, actionable message for a database that cannot be opened."""
     if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
         return RamcliError(f"the index {path} is locked by another process; try again when it has finished")

@@ -421,7 +421,11 @@ def search(index: Index, query: str, *, limit: int | None = 50, filters: Filters
         raise UsageError(f"--min-score must be between 0 and 1, not {filters.min_score}")
     if limit is not None and limit < 1:
         raise UsageError("--limit must be at least 1 (0 means no limit on the command line)")
-    tree = resolve(parse(query), TagResolver(index))
+    resolver = TagResolver(index)
+    tree = parse(query)
+    if _is_plain_words(tree, query) and resolver.groups(" ".join(query.split())):
+        tree = Term(" ".join(query.split()))  # `ramcli search christmas tree` means the tag, unquoted
+    tree = resolve(tree, resolver)
     ranked = _Searcher(index, tree, filters).top(limit)
     if not ranked:
         return []
@@ -440,6 +444,10 @@ def search(index: Index, query: str, *, limit: int | None = 50, filters: Filters
         for hit in hits:
             hit.tags = tags_of.get(hit.photo_id, [])
     return hits
+
+
+def _is_plain_words(tree: Node, query: str) -> bool:
+    return isinstance(tree, And) and all(isinstance(c, Term) for c in tree.children) and '"' not in query
 
 
 def photo_tags_by_id(index: Index, photo_ids: list[int]) -> dict[int, list[TagScore]]:
