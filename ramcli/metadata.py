@@ -357,7 +357,7 @@ class ExifToolProcess:
         """Keyword fields, all XMP and all IPTC of `targets`, keyed by target; plus read errors."""
         if not targets:
             return {}, {}
-        stdout, stderr = self.execute("-j", "-XMP:all", "-IPTC:all", *targets)
+        stdout, stderr = self.execute("-j", "-XMP:all", "-IPTC:all", "-Photoshop:IPTCDigest", *targets)
         found = {os.path.abspath(d["SourceFile"]): d for d in parse_exiftool_json(stdout)}
         return found, per_file_messages(stderr)
 
@@ -490,7 +490,11 @@ class MetadataWriter:
         if IPTC_KEYWORDS in t.new_values:
             if iptc == "utf-8" or not any(k.startswith("IPTC:") for k in data):
                 t.extra["IPTC:CodedCharacterSet"] = "UTF8"
-            t.extra["Photoshop:IPTCDigest"] = "new"
+            # MWG: a stale digest makes readers ignore the XMP, so refresh it. In TIFF/DNG ExifTool
+            # 12.57's "new" digest differs from its CurrentIPTCDigest (padding), so there we only
+            # refresh a digest the file already has and never create one.
+            if Path(t.target).suffix.lower() in (".jpg", ".jpeg", ".jpe") or "Photoshop:IPTCDigest" in data:
+                t.extra["Photoshop:IPTCDigest"] = "new"
         created = rows.get(CREATED_SIDECAR, {})
         if t.is_sidecar and not t.exists and t.new_values:
             t.record.append(LedgerEntry(path, t.target, CREATED_SIDECAR, "1", False))

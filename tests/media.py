@@ -114,6 +114,6 @@ def read_tags(path: Path, *tags: str) -> dict:
     """Tags as ExifTool reports them (JSON, grouped), read by a separate process."""
     import json
 
-    found = json.loads(exiftool("-j", "-G1", *[f"-{t}" for t in tags], path))[0]
+    found = json.loads(exiftool("-j", "-G1", *[f"-{t}" for t in tags], path), parse_float=str, parse_int=str)[0]
     found.pop("SourceFile")
     return {k: v if isinstance(v, list) else [v] for k, v in found.items()}

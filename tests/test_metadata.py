@@ -1,0 +1,347 @@
+"""The metadata writer against real ExifTool on real files of every format (never mocked).
+
+Read-back always goes through a separate one-shot `exiftool` process (tests/media.py), not
+through the writer under test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from media import (
+    EMBEDDED_FORMATS,
+    IPTC_FORMATS,
+    RAW_FORMATS,
+    RAW_WITH_SIDECAR,
+    USER_KEYWORDS,
+    USER_TITLE,
+    decoded_pixels_digest,
+    exiftool,
+    make_photo,
+    make_samples,
+    read_tags,
+)
+from ramcli.errors import RamcliError, UsageError
+from ramcli.ledger import Ledger
+from ramcli.metadata import (
+    MetadataWriter,
+    WriterOptions,
+    leaves,
+    plan_field,
+    sidecar_targets,
+    trim_iptc,
+)
+from ramcli.records import TagScore
+
+DOG = TagScore("dog", "狗", 0.9)
+BEACH = TagScore("beach", "海滩", 0.8)
+OMA = TagScore("Oma", "奶奶", 0.7)  # same text as a user keyword already in every sample
+KEYWORD_TAGS = ("XMP-dc:Subject", "XMP-lr:HierarchicalSubject", "IPTC:Keywords",
+                "XMP-digiKam:TagsList", "XMP-microsoft:LastKeywordXMP")
+OTHER_TAGS = ("ExifIFD:DateTimeOriginal", "GPS:GPSLatitude", "GPS:GPSLongitude", "XMP-dc:Title")
+
+
+@pytest.fixture(scope="module")
+def samples_src(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("samples")
+    make_samples(folder)
+    return folder
+
+
+@pytest.fixture
+def samples(samples_src, tmp_path) -> dict[str, Path]:
+    folder = tmp_path / "photos"
+    shutil.copytree(samples_src, folder)
+    return {p.suffix.lstrip("."): p for p in folder.iterdir() if p.suffix.lower() != ".xmp"}
+
+
+@pytest.fixture
+def ledger(tmp_path) -> Ledger:
+    return Ledger(sqlite_utils.Database(tmp_path / "index.db"))
+
+
+def writer(ledger: Ledger, **options) -> MetadataWriter:
+    return MetadataWriter(WriterOptions(**options), ledger)
+
+
+def keywords(path: Path) -> dict[str, list]:
+    return read_tags(path, *KEYWORD_TAGS)
+
+
+def sidecar_of(raw: Path) -> Path:
+    adobe = raw.with_suffix(".xmp")
+    return adobe if adobe.exists() else raw.with_name(raw.name + ".xmp")
+
+
+# --- pure rules --------------------------------------------------------------------------------
+
+
+def test_merge_rule_keeps_user_values_and_drops_only_ramcli_ones():
+    # current: the user's Oma and ramcli's dog (ledger: dog ours, Oma was there before ramcli)
+    new, record, forget = plan_field(["Oma", "dog"], ["Oma", "cat"], {"dog": False, "Oma": True})
+    assert new == ["Oma", "cat"]
+    assert record == ["cat"] and forget == ["dog"]
+    # dropping a preexisting value from the wanted list never removes it from the file
+    new, _, forget = plan_field(["Oma"], [], {"Oma": True})
+    assert new == ["Oma"] and forget == ["Oma"]
+    # a ramcli value the user deleted from the file stays deleted
+    new, record, _ = plan_field(["Oma"], ["dog"], {"dog": False})
+    assert new == ["Oma"] and record == []
+    # nothing wanted changes nothing
+    assert plan_field(["a", "b"], ["a", "b"], {"a": False, "b": True})[0] == ["a", "b"]
+
+
+def test_iptc_trim_cuts_on_character_boundaries():
+    long_zh = "狗" * 30  # 90 bytes in UTF-8
+    cut = trim_iptc(long_zh, "utf-8")
+    assert cut == "狗" * 21 and len(cut.encode()) == 63
+    assert trim_iptc("狗", "latin-1") is None
+    assert trim_iptc("café", "latin-1") == "café"
+
+
+def test_leaves_per_language():
+    assert leaves([DOG, BEACH], "en") == ["dog", "beach"]
+    assert leaves([DOG, TagScore("x", "", 0.5)], "zh") == ["狗", "x"]
+    assert leaves([DOG], "both") == ["dog", "狗"]
+
+
+def test_bad_options_are_usage_errors():
+    with pytest.raises(UsageError):
+        WriterOptions(iptc="sometimes")
+    with pytest.raises(UsageError):
+        WriterOptions(tag_root="a|b")
+
+
+def test_missing_exiftool_is_a_clear_error(ledger):
+    with pytest.raises(RamcliError, match="ExifTool not found.*apt install libimage-exiftool-perl"):
+        MetadataWriter(WriterOptions(exiftool="/nonexistent/exiftool"), ledger)
+
+
+# --- every format, end to end ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_format_write_rerun_untag(samples, ledger):
+    photos = list(samples.values())
+    assert sorted(samples) == sorted(EMBEDDED_FORMATS + RAW_FORMATS)
+    before_keywords = {p: keywords(p) for p in photos}
+    before_keywords.update({sidecar_of(samples[e]): keywords(sidecar_of(samples[e])) for e in RAW_WITH_SIDECAR})
+    before_other = {p: read_tags(p, *OTHER_TAGS) for p in photos}
+    before_pixels = {p: decoded_pixels_digest(p) for p in photos}
+    before_sidecars = {ext: read_tags(sidecar_of(samples[ext]), "XMP:all") for ext in RAW_WITH_SIDECAR}
+
+    with writer(ledger) as w:
+        outcomes = w.write_batch([(p, [DOG, OMA]) for p in photos], model_id="test_model")
+    assert {o.path: o.status for o in outcomes} == {os.path.realpath(p): "written" for p in photos}
+
+    for ext, p in samples.items():
+        target = sidecar_of(p) if ext in RAW_FORMATS else p
+        got = keywords(target)
+        user = USER_KEYWORDS if ext not in RAW_FORMATS or ext in RAW_WITH_SIDECAR else []
+        # the user's Oma is not duplicated; where there was none, Oma is added like any tag
+        assert got["XMP-dc:Subject"] == (user + ["dog"] if user else ["dog", "Oma"]), ext
+        assert got["XMP-lr:HierarchicalSubject"] == ["auto|dog", "auto|Oma"], ext
+        if ext in IPTC_FORMATS:
+            assert got["IPTC:Keywords"] == USER_KEYWORDS + ["dog"], ext
+            digest = read_tags(p, "Photoshop:IPTCDigest", "File:CurrentIPTCDigest")
+            if ext == "jpg":  # the MWG digest is kept consistent with the IPTC we wrote
+                assert digest["Photoshop:IPTCDigest"] == digest["File:CurrentIPTCDigest"], ext
+            else:  # TIFF/DNG without a digest: none is invented
+                assert "Photoshop:IPTCDigest" not in digest, ext
+        else:
+            assert "IPTC:Keywords" not in got, ext
+        assert read_tags(p, *OTHER_TAGS) == before_other[p], ext
+        assert decoded_pixels_digest(p) == before_pixels[p], ext
+        assert not list(p.parent.glob("*_original")), ext
+
+    for ext in RAW_WITH_SIDECAR:  # the Lightroom sidecar was updated in place, develop settings kept
+        side = read_tags(sidecar_of(samples[ext]), "XMP:all")
+        assert side["XMP-crs:Exposure2012"] == before_sidecars[ext]["XMP-crs:Exposure2012"]
+        assert side["XMP-dc:Title"] == [USER_TITLE]
+    assert samples["CR3"].with_suffix(".xmp").exists()  # new sidecars: Adobe naming by default
+
+    # second run: nothing to do, no file touched
+    stamps = {p: (sidecar_of(p) if p.suffix.lstrip(".") in RAW_FORMATS else p).stat().st_mtime_ns for p in photos}
+    with writer(ledger) as w:
+        again = w.write_batch([(p, [DOG, OMA]) for p in photos])
+    assert {o.status for o in again} == {"unchanged"}
+    assert stamps == {p: (sidecar_of(p) if p.suffix.lstrip(".") in RAW_FORMATS else p).stat().st_mtime_ns
+                      for p in photos}
+
+    # untag: exactly what ramcli added goes; the user's Oma stays; ramcli's own sidecars vanish
+    with writer(ledger) as w:
+        removed = w.untag_batch(photos)
+    assert {o.status for o in removed} == {"written"}
+    for ext, p in samples.items():
+        if ext in RAW_FORMATS and ext not in RAW_WITH_SIDECAR:
+            assert not p.with_suffix(".xmp").exists(), ext
+            continue
+        target = sidecar_of(p) if ext in RAW_FORMATS else p
+        got = keywords(target)
+        assert got == before_keywords[target], ext
+        assert decoded_pixels_digest(p) == before_pixels[p], ext
+    assert all(ledger.entries(p) == [] for p in photos)
+
+
+# --- merge behaviour ---------------------------------------------------------------------------
+
+
+def test_retag_drops_only_ramcli_copy(samples, ledger):
+    jpg = samples["jpg"]
+    with writer(ledger) as w:
+        w.write_batch([(jpg, [DOG, BEACH, OMA])])
+        # the user adds a keyword meanwhile, with another tool
+        exiftool("-q", "-overwrite_original", "-XMP-dc:Subject+=sunset", jpg)
+        out = w.write_batch([(jpg, [DOG])])
+    assert out[0].status == "written"
+    got = keywords(jpg)
+    assert got["XMP-dc:Subject"] == USER_KEYWORDS + ["dog", "sunset"]  # Oma (user's) survives
+    assert got["XMP-lr:HierarchicalSubject"] == ["auto|dog"]
+    assert got["IPTC:Keywords"] == USER_KEYWORDS + ["dog"]
+
+
+def test_keyword_the_user_deleted_is_not_written_again(samples, ledger):
+    png = samples["png"]
+    with writer(ledger) as w:
+        w.write_batch([(png, [DOG])])
+        exiftool("-q", "-overwrite_original", "-XMP-dc:Subject-=dog", png)
+        assert w.write_batch([(png, [DOG])])[0].status == "unchanged"
+    assert keywords(png)["XMP-dc:Subject"] == USER_KEYWORDS
+
+
+def test_number_like_keywords_survive_unchanged(samples, ledger):
+    webp = samples["webp"]
+    exiftool("-q", "-overwrite_original", "-XMP-dc:Subject+=1.50", "-XMP-dc:Subject+=007", webp)
+    with writer(ledger) as w:
+        w.write_batch([(webp, [DOG])])
+    assert keywords(webp)["XMP-dc:Subject"] == USER_KEYWORDS + ["1.50", "007", "dog"]
+
+
+def test_dry_run_plans_without_writing(samples, ledger):
+    jpg = samples["jpg"]
+    digest = jpg.read_bytes()
+    with writer(ledger) as w:
+        [plan] = w.plan_batch([(jpg, [DOG])])
+    assert "photo_jpg.jpg XMP-dc:Subject +dog" in plan.changes
+    assert jpg.read_bytes() == digest
+    assert ledger.entries(jpg) == []
+
+
+# --- fields and options ------------------------------------------------------------------------
+
+
+def test_iptc_utf8_trimmed_and_created_only_when_asked(tmp_path, ledger):
+    bare = make_photo(tmp_path, "bare", "jpg", user_metadata=False)
+    long_zh = TagScore("long", "狗" * 30, 0.9)
+    with writer(ledger, lang="zh") as w:
+        w.write_batch([(bare, [long_zh])])
+    assert "IPTC:Keywords" not in keywords(bare)  # auto: no IPTC in the file, none created
+    with writer(ledger, lang="zh", iptc="always") as w:
+        w.write_batch([(bare, [long_zh])])
+    got = read_tags(bare, "IPTC:Keywords", "IPTC:CodedCharacterSet", "XMP-dc:Subject")
+    assert got["IPTC:Keywords"] == ["狗" * 21]
+    assert got["IPTC:CodedCharacterSet"] == ["UTF8"]
+    assert got["XMP-dc:Subject"] == ["狗" * 30]  # XMP has no length limit
+
+
+def test_latin1_iptc_stays_latin1(tmp_path, ledger):
+    jpg = make_photo(tmp_path, "legacy", "jpg", user_metadata=False)
+    exiftool("-q", "-overwrite_original", "-IPTC:Keywords=café", jpg)  # no CodedCharacterSet: Latin-1
+    with writer(ledger, lang="both") as w:
+        w.write_batch([(jpg, [DOG])])
+    got = read_tags(jpg, "IPTC:Keywords", "IPTC:CodedCharacterSet")
+    assert got["IPTC:Keywords"] == ["café", "dog"]  # 狗 is not Latin-1: XMP only
+    assert "IPTC:CodedCharacterSet" not in got
+
+
+def test_digikam_and_windows_fields_follow_what_is_there(tmp_path, ledger):
+    present = make_photo(tmp_path, "dk", "jpg", user_metadata=False)
+    exiftool("-q", "-overwrite_original", "-XMP-digiKam:TagsList=People/Oma",
+             "-XMP-microsoft:LastKeywordXMP=Oma", present)
+    absent = make_photo(tmp_path, "plain", "jpg", user_metadata=False)
+    with writer(ledger, tag_root="ai") as w:
+        w.write_batch([(present, [DOG]), (absent, [DOG])])
+    got = keywords(present)
+    assert got["XMP-digiKam:TagsList"] == ["People/Oma", "ai/dog"]
+    assert got["XMP-microsoft:LastKeywordXMP"] == ["Oma", "dog"]
+    assert got["XMP-lr:HierarchicalSubject"] == ["ai|dog"]
+    assert "XMP-digiKam:TagsList" not in keywords(absent)
+    with writer(ledger, tag_root="ai", digikam="always") as w:
+        w.write_batch([(absent, [DOG])])
+    assert keywords(absent)["XMP-digiKam:TagsList"] == ["ai/dog"]
+
+
+def test_forced_sidecars_and_naming(tmp_path, ledger):
+    jpg = make_photo(tmp_path, "IMG_1", "jpg")
+    pair_raw = make_photo(tmp_path, "IMG_2", "CR2")
+    pair_jpg = make_photo(tmp_path, "IMG_2", "jpg")
+    before = jpg.read_bytes()
+    with writer(ledger, sidecar=True) as w:
+        w.write_batch([(jpg, [DOG]), (pair_raw, [DOG]), (pair_jpg, [BEACH])])
+    assert jpg.read_bytes() == before
+    assert keywords(tmp_path / "IMG_1.xmp")["XMP-dc:Subject"] == ["dog"]
+    # RAW+JPEG share a base name: each gets IMG.EXT.xmp so they never share a sidecar
+    assert keywords(tmp_path / "IMG_2.CR2.xmp")["XMP-dc:Subject"] == ["dog"]
+    assert keywords(tmp_path / "IMG_2.jpg.xmp")["XMP-dc:Subject"] == ["beach"]
+    assert sidecar_targets(tmp_path / "new.NEF", WriterOptions(sidecar_name="ext")) == [tmp_path / "new.NEF.xmp"]
+
+
+def test_switching_to_sidecars_moves_ramcli_keywords(samples, ledger):
+    jpg = samples["jpg"]
+    with writer(ledger) as w:
+        w.write_batch([(jpg, [DOG])])
+    with writer(ledger, sidecar=True) as w:
+        w.write_batch([(jpg, [DOG])])
+    assert keywords(jpg)["XMP-dc:Subject"] == USER_KEYWORDS
+    assert keywords(jpg.with_suffix(".xmp"))["XMP-dc:Subject"] == ["dog"]
+
+
+def test_backups_and_mtime_options(samples, ledger):
+    jpg, tif = samples["jpg"], samples["tif"]
+    old = 1_600_000_000
+    os.utime(tif, (old, old))
+    with writer(ledger, keep_backups=True, preserve_mtime=True) as w:
+        [a, b] = w.write_batch([(jpg, [DOG]), (tif, [DOG])])
+    assert Path(str(jpg) + "_original").exists()
+    assert int(tif.stat().st_mtime) == old
+    assert b.mtime_ns == tif.stat().st_mtime_ns and b.size == tif.stat().st_size
+    os.utime(jpg, (old, old))
+    with writer(ledger) as w:  # default: mtime bumped, so library scanners re-read the file
+        w.write_batch([(jpg, [BEACH])])
+    assert int(jpg.stat().st_mtime) > old
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+
+def test_bad_files_are_reported_and_the_batch_goes_on(tmp_path, samples, ledger):
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image at all")
+    wrong_ext = tmp_path / "really_png.jpg"
+    shutil.copy(samples["png"], wrong_ext)
+    readonly = tmp_path / "readonly.jpg"
+    shutil.copy(samples["jpg"], readonly)
+    readonly.chmod(stat.S_IRUSR | stat.S_IRGRP)
+    unsupported = tmp_path / "notes.txt"
+    unsupported.write_text("hello")
+    good = samples["heic"]
+    batch = [garbage, wrong_ext, readonly, unsupported, tmp_path / "missing.jpg", good]
+    untouched = {p: p.read_bytes() for p in batch[:4]}
+    with writer(ledger) as w:
+        outcomes = w.write_batch([(p, [DOG]) for p in batch])
+    status = {Path(o.path).name: (o.status, o.error) for o in outcomes}
+    assert status["photo_heic.heic"] == ("written", None)
+    assert keywords(good)["XMP-dc:Subject"] == USER_KEYWORDS + ["dog"]
+    for name, needle in [("garbage.jpg", "Not a valid JPG"), ("really_png.jpg", "looks more like a PNG"),
+                         ("readonly.jpg", "read-only"), ("notes.txt", "unsupported format .txt"),
+                         ("missing.jpg", "not found")]:
+        assert status[name][0] == "failed" and needle in status[name][1], (name, status[name])
+    assert all(p.read_bytes() == data for p, data in untouched.items())
+    assert all(ledger.entries(p) == [] for p in batch[:5])
+    assert not list(tmp_path.glob("*_exiftool_tmp"))
