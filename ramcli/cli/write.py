@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from ramcli.cli.common import console, err_console
-from ramcli.errors import UsageError
+from ramcli.errors import RamcliError, UsageError
 from ramcli.ledger import Ledger
 from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
 
@@ -73,13 +73,13 @@ def print_plans(plans: list[FilePlan]) -> None:
     changed = 0
     for plan in plans:
         if plan.error:
-            err_console.print(f"{plan.path}: cannot write: {plan.error}", markup=False, highlight=False)
+            err_console.print(f"{plan.path}: cannot write: {plan.error}", markup=False, highlight=False, soft_wrap=True)
         elif plan.changes:
             changed += 1
-            console.print(plan.path, markup=False, highlight=False)
+            console.print(plan.path, markup=False, highlight=False, soft_wrap=True)
             for line in plan.changes:
-                console.print(f"  {line}", markup=False, highlight=False)
-    console.print(f"dry run: {changed} of {len(plans)} photos would change", markup=False, highlight=False)
+                console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"dry run: {changed} of {len(plans)} photos would change", markup=False, highlight=False, soft_wrap=True)
 
 
 def report(outcomes: list[WriteOutcome]) -> int:
@@ -88,12 +88,12 @@ def report(outcomes: list[WriteOutcome]) -> int:
     for o in outcomes:
         counts[o.status] += 1
         if o.status == "failed":
-            err_console.print(f"{o.path}: {o.error}", markup=False, highlight=False)
+            err_console.print(f"{o.path}: {o.error}", markup=False, highlight=False, soft_wrap=True)
         for w in o.warnings:
-            err_console.print(f"{o.path}: warning: {w}", markup=False, highlight=False)
+            err_console.print(f"{o.path}: warning: {w}", markup=False, highlight=False, soft_wrap=True)
     console.print(
         f"{counts['written']} written, {counts['unchanged']} unchanged, {counts['failed']} failed",
-        markup=False, highlight=False,
+        markup=False, highlight=False, soft_wrap=True,
     )
     return counts["failed"]
 
@@ -154,8 +154,7 @@ def register(app: typer.Typer) -> None:
                     batch = writer.write_batch(items[start : start + writer_options.batch_size])
                     _update_stats(index, batch)
                     outcomes += batch
-        if report(outcomes):
-            raise typer.Exit(1)
+        _fail_if_any(report(outcomes))
 
     @app.command()
     @writer_options
@@ -178,8 +177,12 @@ def register(app: typer.Typer) -> None:
                     return
                 outcomes = writer.untag_batch(photos)
                 _update_stats(index, outcomes)
-        if report(outcomes):
-            raise typer.Exit(1)
+        _fail_if_any(report(outcomes))
+
+
+def _fail_if_any(failed: int) -> None:
+    if failed:
+        raise RamcliError(f"{failed} photo(s) could not be written (see above); the others were")
 
 
 def _update_stats(index, outcomes: list[WriteOutcome]) -> None:
