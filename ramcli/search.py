@@ -61,7 +61,7 @@ class Or:
 
 Node = Term | Not | And | Or
 
-_TOKEN = re.compile(r'(?P<neg>-)?"(?P<quoted>[^"]*)"|(?P<lp>\()|(?P<rp>\))|(?P<word>[^\s()"]+)')
+_TOKEN = re.compile(r'(?P<neg>-)?(?:"(?P<quoted>[^"]*)"|(?P<lp>\())|(?P<rp>\))|(?P<word>[^\s()"]+)')
 
 
 def _tokens(query: str) -> list[tuple[str, str]]:
@@ -77,6 +77,8 @@ def _tokens(query: str) -> list[tuple[str, str]]:
                 tokens.append(("NOT", "-"))
             tokens.append(("TERM", text))
         elif m["lp"]:
+            if m["neg"]:
+                tokens.append(("NOT", "-"))
             tokens.append(("(", "("))
         elif m["rp"]:
             tokens.append((")", ")"))
