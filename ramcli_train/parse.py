@@ -5,10 +5,13 @@ The official parser (a scene-graph parser) was never released, so this is a lexi
 1. Normalise: Unicode NFKC, accents stripped, curly quotes made straight, lower case.
 2. Tokenise into words and punctuation; hyphens split words ("t-shirt" = "t shirt"), a
    possessive "'s" is dropped ("woman's" = "woman").
-3. Each caption word gets *candidate keys*: the word itself, its simplemma lemma and every
-   lemma lemminflect knows for it (nouns and verbs alike, because without a POS tagger
+3. Each caption word gets *candidate keys*: the word itself, every lemma lemminflect knows
+   for it and its simplemma lemma (nouns and verbs alike, because without a POS tagger
    "sitting" may be the verb "sit" or the noun "sitting"). simplemma alone misses forms such as
-   "sitting" and "playing"; the two maintained lemmatisers together cover them.
+   "sitting" and "playing"; the two maintained lemmatisers together cover them. lemminflect's
+   dictionary lemmas are tried before simplemma's, whose suffix rules can invent words. A word
+   both lemmatisers take for a base noun keeps only its regular readings ("hanging" may be
+   "hang"; "ground" is not "grind", "rose" is not "rise", "left" is not "leave").
 4. Tag names are tokenised the same way. A tag word written in its base form (its lemma equals
    itself) matches any caption word with that key; an inflected tag word ("glasses", "shorts",
    "playing chess") matches only that exact word, so "a glass of wine" is not "glasses".
@@ -142,13 +145,21 @@ def tokenize(text: str) -> list[Token]:
 
 @lru_cache(maxsize=200_000)
 def lemma_candidates(word: str) -> tuple[str, ...]:
-    """The word, then its simplemma lemma, then every lemma lemminflect has for it (deduplicated)."""
+    """The word, then every lemma lemminflect's dictionary has for it, then simplemma's lemma.
+
+    lemminflect goes first: it knows real inflections ("swinging" -> "swing"), where
+    simplemma's suffix rules sometimes invent a word ("swinge", "playe").
+    """
     import lemminflect
 
-    out = [word, _simplemma_lemma(word)]
-    for lemmas in lemminflect.getAllLemmas(word).values():
-        out.extend(lemma.lower() for lemma in lemmas)
-    return tuple(dict.fromkeys(out))
+    found = lemminflect.getAllLemmas(word)
+    simple = _simplemma_lemma(word)
+    lemmas = [lemma.lower() for group in found.values() for lemma in group]
+    if simple == word and word in found.get("NOUN", ()):
+        # a base noun to both: keep regular readings ("hanging" -> "hang"), not irregular
+        # ones ("ground" is not the past of "grind")
+        lemmas = [lemma for lemma in lemmas if word.startswith(lemma[:-1])]
+    return tuple(dict.fromkeys([word, *lemmas, simple]))
 
 
 @lru_cache(maxsize=200_000)
