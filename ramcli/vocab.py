@@ -1,0 +1,456 @@
+"""The user's vocabulary: custom (open-vocabulary) tags, disabled tags, thresholds, synonyms.
+
+Stored under `home().vocab` as a JSON manifest plus one safetensors file of CLIP embeddings.
+The manifest is the commit point: embeddings are written to a new content-named file first and
+the manifest is replaced atomically afterwards, so a crash never leaves the two out of step.
+
+`version` is a content hash of everything that changes tagging output (custom tags and their
+embeddings, thresholds, disabled tags; not synonyms, which only affect search), so the index
+can tell which photos were tagged with an older vocabulary.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ramcli.clip_text import ClipTextEncoder, ensemble, processed_name
+from ramcli.errors import RamcliError
+from ramcli.labels import OPEN_SET_THRESHOLD
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+EncoderLoader = Callable[[], ClipTextEncoder]
+
+
+def name_key(name: str) -> str:
+    """Two names with the same key would get the same CLIP embedding, so they are the same tag."""
+    return " ".join(processed_name(name).split())
+
+
+def clean_name(name: str, what: str = "tag name") -> str:
+    """A stripped, single-spaced name, or a one-line error for empty or unprintable input."""
+    cleaned = " ".join(str(name).split())
+    if not cleaned:
+        raise RamcliError(f"{what} is empty")
+    if not cleaned.isprintable():
+        raise RamcliError(f"{what} has control characters: {cleaned!r}")
+    return cleaned
+
+
+def check_threshold(value: float, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise RamcliError(f"threshold for '{name}' is not a number: {value!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise RamcliError(f"threshold for '{name}' must be between 0 and 1, got {value}")
+    return value
+
+
+@dataclass
+class CustomTag:
+    name: str
+    threshold: float = OPEN_SET_THRESHOLD
+    #: User descriptions (RAM++); empty means the official prompt ensemble is used.
+    descriptions: list[str] = field(default_factory=list)
+    #: Which CLIP weights made the embeddings (first 16 hex digits of the file's SHA-256).
+    clip_weights: str = ""
+
+
+@dataclass(frozen=True)
+class AppliedVocab:
+    """What `apply_to_model` did, for the tagging pipeline.
+
+    `classes` are the label indices to decode (None: all); disabled tags are left out so they
+    cost nothing. `custom_indices` are the custom tags' indices in `model.labels`.
+    """
+
+    version: str
+    custom_indices: tuple[int, ...]
+    disabled: frozenset[int]
+    classes: torch.Tensor | None
+    skipped_custom: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    custom: list[CustomTag]
+    disabled: list[str]
+    thresholds: dict[str, float]
+    synonyms: dict[str, str]
+
+
+class Vocabulary:
+    """The vocabulary store. `builtin` names (the model's 4,585 tags) are needed to validate
+    names; commands that only read custom data may leave it empty."""
+
+    def __init__(self, path: Path, builtin: Sequence[str] = ()):
+        self.path = Path(path)
+        self.builtin = {name_key(n): n for n in builtin}
+        self.custom: list[CustomTag] = []
+        self.embeddings: dict[str, dict[str, torch.Tensor]] = {}
+        self.disabled: set[str] = set()
+        self.thresholds: dict[str, float] = {}
+        self.synonyms: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def open(cls, path: Path | None = None, builtin: Sequence[str] = ()) -> Vocabulary:
+        """Load the vocabulary at `path` (default: the home's); a missing one is empty."""
+        if path is None:
+            from ramcli.config import home
+
+            path = home().vocab
+        vocab = cls(path, builtin)
+        manifest_path = vocab.path / MANIFEST
+        if not manifest_path.exists():
+            return vocab
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+            vocab.custom = [CustomTag(**entry) for entry in data["custom"]]
+            vocab.disabled = set(data["disabled"])
+            vocab.thresholds = {k: float(v) for k, v in data["thresholds"].items()}
+            vocab.synonyms = dict(data["synonyms"])
+            tensors = load_file(str(vocab.path / data["embeddings"])) if vocab.custom else {}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RamcliError(f"the vocabulary at {vocab.path} is damaged ({type(exc).__name__}); "
+                              f"restore it from `ramcli vocab export` output or delete the folder") from None
+        for tag in vocab.custom:
+            parts = {kind: tensors[f"{kind}:{tag.name}"] for kind in ("template", "descriptions")
+                     if f"{kind}:{tag.name}" in tensors}
+            if "template" not in parts:
+                raise RamcliError(f"the vocabulary at {vocab.path} lacks embeddings for '{tag.name}'")
+            vocab.embeddings[tag.name] = parts
+        return vocab
+
+    def save(self) -> None:
+        """Write embeddings (new content-named file), then the manifest (atomic replace)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{kind}:{name}": t.contiguous() for name, parts in self.embeddings.items()
+                   for kind, t in parts.items()}
+        embeddings_name = ""
+        if tensors:
+            embeddings_name = f"embeddings-{_tensor_digest(tensors)[:16]}.safetensors"
+            if not (self.path / embeddings_name).exists():
+                tmp = self.path / f".{embeddings_name}.tmp"
+                save_file(tensors, str(tmp))
+                os.replace(tmp, self.path / embeddings_name)
+        manifest = {
+            "format": FORMAT,
+            "version": self.version,
+            "embeddings": embeddings_name,
+            "custom": [vars(tag) for tag in self.custom],
+            "disabled": sorted(self.disabled),
+            "thresholds": dict(sorted(self.thresholds.items())),
+            "synonyms": dict(sorted(self.synonyms.items())),
+        }
+        _atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
+        for stale in self.path.glob("embeddings-*.safetensors"):
+            if stale.name != embeddings_name:
+                stale.unlink(missing_ok=True)
+
+    @property
+    def version(self) -> str:
+        """Content hash of everything that changes tagging output."""
+        payload = {
+            "custom": [
+                [tag.name, tag.threshold, tag.descriptions, _tensor_digest(self.embeddings[tag.name])]
+                for tag in self.custom
+            ],
+            "disabled": sorted(self.disabled),
+            "thresholds": sorted(self.thresholds.items()),
+        }
+        return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ lookups
+    def find_custom(self, name: str) -> CustomTag | None:
+        key = name_key(name)
+        return next((t for t in self.custom if name_key(t.name) == key), None)
+
+    def resolve(self, name: str) -> tuple[str, str]:
+        """(canonical name, 'builtin' | 'custom') of a known tag, or a one-line error."""
+        name = clean_name(name)
+        tag = self.find_custom(name)
+        if tag is not None:
+            return tag.name, "custom"
+        builtin = self.builtin.get(name_key(name))
+        if builtin is not None:
+            return builtin, "builtin"
+        raise RamcliError(f"unknown tag '{name}': see `ramcli vocab list --search {name.split()[0]}`")
+
+    # ------------------------------------------------------------------ custom tags
+    def check_new(self, name: str, descriptions: Sequence[str] = (), pending: Iterable[str] = ()) -> str:
+        """Validate a new custom tag before any CLIP work; returns its cleaned name."""
+        name = clean_name(name)
+        key = name_key(name)
+        if not key:
+            raise RamcliError(f"tag name has no letters after normalisation: {name!r}")
+        if key in self.builtin:
+            builtin = self.builtin[key]
+            raise RamcliError(
+                f"'{name}' is already a built-in tag ('{builtin}'): use `ramcli vocab enable \"{builtin}\"` "
+                f"if you disabled it, or `ramcli vocab synonym \"{builtin}\" ALIAS` to give it another name"
+            )
+        existing = self.find_custom(name)
+        if existing is not None or key in {name_key(p) for p in pending}:
+            shown = existing.name if existing else name
+            raise RamcliError(f"custom tag '{shown}' already exists: `ramcli vocab remove \"{shown}\"` first to redo it")
+        for description in descriptions:
+            clean_name(description, what=f"a description of '{name}'")
+        return name
+
+    def add(self, name: str, load_encoder: EncoderLoader, descriptions: Sequence[str] = (),
+            threshold: float = OPEN_SET_THRESHOLD) -> CustomTag:
+        """Embed and add one custom tag (not saved until `save`)."""
+        name = self.check_new(name, descriptions)
+        threshold = check_threshold(threshold, name)
+        return self._add_all([CustomTag(name, threshold, [d.strip() for d in descriptions])], load_encoder)[0]
+
+    def _add_all(self, tags: list[CustomTag], load_encoder: EncoderLoader) -> list[CustomTag]:
+        """Embed every tag first, then add them all: a failure leaves the vocabulary untouched."""
+        if not tags:
+            return []
+        encoder = load_encoder()
+        computed = {}
+        for tag in tags:
+            parts = {"template": encoder.template_embeddings(tag.name)}
+            if tag.descriptions:
+                parts["descriptions"] = encoder.description_embeddings(tag.descriptions)
+            tag.clip_weights = encoder.weights_id
+            computed[tag.name] = parts
+        self.custom.extend(tags)
+        self.embeddings.update(computed)
+        return tags
+
+    def remove(self, name: str) -> str:
+        canonical, kind = self.resolve(name)
+        if kind != "custom":
+            raise RamcliError(f"'{canonical}' is a built-in tag and cannot be removed: "
+                              f"`ramcli vocab disable \"{canonical}\"` stops it being emitted")
+        self.custom = [t for t in self.custom if t.name != canonical]
+        del self.embeddings[canonical]
+        self.disabled.discard(canonical)
+        self.synonyms = {a: n for a, n in self.synonyms.items() if n != canonical}
+        return canonical
+
+    # ------------------------------------------------------------------ settings
+    def disable(self, name: str) -> str:
+        canonical, _ = self.resolve(name)
+        self.disabled.add(canonical)
+        return canonical
+
+    def enable(self, name: str) -> str:
+        canonical, _ = self.resolve(name)
+        if canonical not in self.disabled:
+            raise RamcliError(f"'{canonical}' is not disabled")
+        self.disabled.discard(canonical)
+        return canonical
+
+    def set_threshold(self, name: str, value: float) -> str:
+        canonical, kind = self.resolve(name)
+        value = check_threshold(value, canonical)
+        if kind == "custom":
+            self.find_custom(canonical).threshold = value
+        else:
+            self.thresholds[canonical] = value
+        return canonical
+
+    def add_synonym(self, name: str, alias: str) -> str:
+        canonical, _ = self.resolve(name)
+        alias = clean_name(alias, what="synonym")
+        if name_key(alias) == name_key(canonical):
+            raise RamcliError(f"'{alias}' is the tag's own name")
+        self.synonyms[alias] = canonical
+        return canonical
+
+    # ------------------------------------------------------------------ import / export
+    def export(self) -> dict:
+        """Everything a user set, as portable JSON (embeddings are recomputed on import)."""
+        return {
+            "format": FORMAT,
+            "custom": [{"name": t.name, "threshold": t.threshold, "descriptions": t.descriptions} for t in self.custom],
+            "disabled": sorted(self.disabled),
+            "thresholds": dict(sorted(self.thresholds.items())),
+            "synonyms": dict(sorted(self.synonyms.items())),
+        }
+
+    def plan_import(self, path: Path) -> ImportPlan:
+        """Parse and validate an import file completely before anything changes."""
+        plan = parse_import_file(Path(path))
+        pending: list[str] = []
+        for tag in plan.custom:
+            tag.name = self.check_new(tag.name, tag.descriptions, pending)
+            tag.threshold = check_threshold(tag.threshold, tag.name)
+            pending.append(tag.name)
+        known = {name_key(n) for n in pending}
+
+        def check_known(name: str) -> None:
+            if name_key(name) not in known:
+                self.resolve(name)
+
+        for name in plan.disabled:
+            check_known(name)
+        for name, value in plan.thresholds.items():
+            check_known(name)
+            check_threshold(value, name)
+        for alias, name in plan.synonyms.items():
+            check_known(name)
+            clean_name(alias, what="synonym")
+        return plan
+
+    def apply_import(self, plan: ImportPlan, load_encoder: EncoderLoader) -> None:
+        self._add_all(plan.custom, load_encoder)
+        for name in plan.disabled:
+            self.disable(name)
+        for name, value in plan.thresholds.items():
+            self.set_threshold(name, value)
+        for alias, name in plan.synonyms.items():
+            self.add_synonym(name, alias)
+
+    # ------------------------------------------------------------------ the model
+    def apply_to_model(self, model) -> AppliedVocab:
+        """Append custom tags as label queries and fold thresholds/disabled tags into `model.labels`.
+
+        RAM gets one query per tag: the official prompt ensemble. RAM++ gets the user's
+        descriptions, or without them the 63 prompts as descriptions, reweighted per image.
+        Tag2Text is closed-set: its custom tags are skipped (listed in `skipped_custom`).
+        Idempotent: tags the model already has are not added twice.
+        """
+        family = model.arch.family
+        present = {name_key(n) for n in model.labels.names}
+        todo = [t for t in self.custom if name_key(t.name) not in present]
+        skipped: tuple[str, ...] = ()
+        if family == "tag2text":
+            skipped, todo = tuple(t.name for t in todo), []
+        if todo:
+            if family == "ram":
+                embeds = torch.stack([ensemble(self.embeddings[t.name]["template"]) for t in todo])
+                counts = None
+            else:
+                rows = [self.embeddings[t.name].get("descriptions", self.embeddings[t.name]["template"]) for t in todo]
+                embeds, counts = torch.cat(rows), [len(r) for r in rows]
+            model.add_label_queries(embeds, [t.name for t in todo], [t.name for t in todo],
+                                    [t.threshold for t in todo], descriptions_per_tag=counts)
+        labels = model.labels
+        index = {name_key(n): i for i, n in enumerate(labels.names)}
+        thresholds = list(labels.thresholds)
+        for tag in self.custom:
+            if name_key(tag.name) in index:
+                thresholds[index[name_key(tag.name)]] = tag.threshold
+        for name, value in self.thresholds.items():
+            if name_key(name) in index:
+                thresholds[index[name_key(name)]] = value
+        disabled = frozenset(index[name_key(n)] for n in self.disabled if name_key(n) in index)
+        model.labels = replace(labels, thresholds=tuple(thresholds), deleted=labels.deleted | disabled)
+        classes = None
+        if disabled:
+            classes = torch.tensor([i for i in range(len(model.labels)) if i not in disabled], dtype=torch.long)
+        custom_indices = tuple(index[name_key(t.name)] for t in self.custom if name_key(t.name) in index)
+        return AppliedVocab(self.version, custom_indices, disabled, classes, skipped)
+
+
+# ---------------------------------------------------------------------- import file formats
+def parse_import_file(path: Path) -> ImportPlan:
+    """txt (one name a line, '#' comments), csv (name[,threshold[,description...]]) or json
+    (the official RAM++ [{tag: [descriptions]}] list, a list of names, or `vocab export` output)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise RamcliError(f"import file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise RamcliError(f"import file is not UTF-8 (byte {exc.start}): {path}") from None
+    except OSError as exc:
+        raise RamcliError(f"cannot read import file {path}: {exc.strerror}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _parse_json(text, path)
+    if suffix == ".csv":
+        return _parse_csv(text, path)
+    if suffix in (".txt", ""):
+        names = [line.strip() for line in text.splitlines()]
+        return ImportPlan([CustomTag(n) for n in names if n and not n.startswith("#")], [], {}, {})
+    raise RamcliError(f"unknown import format '{suffix}': use .txt, .csv or .json")
+
+
+def _parse_csv(text: str, path: Path) -> ImportPlan:
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    except csv.Error as exc:
+        raise RamcliError(f"malformed CSV in {path}: {exc}") from None
+    if rows and rows[0][0].strip().lower() == "name":
+        rows = rows[1:]
+    tags = []
+    for line, row in enumerate(rows, start=1):
+        threshold = row[1].strip() if len(row) > 1 and row[1].strip() else OPEN_SET_THRESHOLD
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise RamcliError(f"{path}: row {line}: threshold {row[1]!r} is not a number") from None
+        tags.append(CustomTag(row[0], threshold, [d.strip() for d in row[2:] if d.strip()]))
+    return ImportPlan(tags, [], {}, {})
+
+
+def _parse_json(text: str, path: Path) -> ImportPlan:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RamcliError(f"malformed JSON in {path}: {exc.msg} at line {exc.lineno}") from None
+    bad = RamcliError(f"{path}: expected a list of names, a list of {{tag: [descriptions]}} "
+                      f"(the official RAM++ format), or `ramcli vocab export` output")
+    if isinstance(data, dict) and "custom" in data:
+        try:
+            custom = [CustomTag(str(e["name"]), e.get("threshold", OPEN_SET_THRESHOLD), list(e.get("descriptions", [])))
+                      for e in data["custom"]]
+            return ImportPlan(custom, list(data.get("disabled", [])), dict(data.get("thresholds", {})),
+                              dict(data.get("synonyms", {})))
+        except (TypeError, KeyError, AttributeError):
+            raise bad from None
+    if not isinstance(data, list):
+        raise bad
+    tags = []
+    for item in data:
+        if isinstance(item, str):
+            tags.append(CustomTag(item))
+        elif isinstance(item, dict) and len(item) == 1:
+            (name, descriptions), = item.items()
+            if not (isinstance(descriptions, list) and descriptions and all(isinstance(d, str) for d in descriptions)):
+                raise RamcliError(f"{path}: '{name}' needs a non-empty list of description strings")
+            tags.append(CustomTag(name, OPEN_SET_THRESHOLD, descriptions))
+        else:
+            raise bad
+    return ImportPlan(tags, [], {}, {})
+
+
+# ---------------------------------------------------------------------- helpers
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,249 @@
+"""The vocabulary store, its CLI, and custom tags' fidelity to the official open-set computation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from ckpt_factory import arch_config, make_labels_dir, make_official_checkpoint, official_state_dict
+from clip_fixtures import TINY_CLIP, save_random_clip
+from official_reference import official_logits
+
+from ramcli import clip_text
+from ramcli.errors import RamcliError
+from ramcli.labels import read_label_dir
+from ramcli.models import load_model
+from ramcli.vocab import Vocabulary
+
+NUM_CLASSES = 30
+SEED = 3
+
+
+@pytest.fixture(scope="session")
+def clip_file(tmp_path_factory):
+    return save_random_clip(tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors", TINY_CLIP)
+
+
+@pytest.fixture(scope="session")
+def encoder(clip_file):
+    return clip_text.load_text_encoder(clip_file, model_config=TINY_CLIP)
+
+
+@pytest.fixture
+def load_encoder(encoder):
+    calls = []
+
+    def load():
+        calls.append(1)
+        return encoder
+
+    load.calls = calls
+    return load
+
+
+@pytest.fixture(scope="session")
+def builtin(labels_dir):
+    return read_label_dir(labels_dir, "ram").names
+
+
+@pytest.fixture
+def vocab(tmp_path, builtin):
+    return Vocabulary.open(tmp_path / "vocab", builtin)
+
+
+def images(size: int, n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(7))
+
+
+# ---------------------------------------------------------------------- store and versioning
+def test_add_persists_and_reloads(vocab, load_encoder, builtin, encoder):
+    before = vocab.version
+    vocab.add("tram", load_encoder)
+    vocab.add("Rack_railway", load_encoder, descriptions=["a rack railway on a hill.", "a red cog train"], threshold=0.6)
+    vocab.save()
+    again = Vocabulary.open(vocab.path, builtin)
+    assert [t.name for t in again.custom] == ["tram", "Rack_railway"]
+    assert again.custom[1].threshold == 0.6 and again.custom[1].descriptions == ["a rack railway on a hill.", "a red cog train"]
+    assert again.embeddings["Rack_railway"]["descriptions"].shape == (2, 512)
+    torch.testing.assert_close(again.embeddings["tram"]["template"], encoder.template_embeddings("tram"), atol=0, rtol=0)
+    assert again.version == vocab.version != before
+    assert len(list(vocab.path.glob("embeddings-*.safetensors"))) == 1
+
+
+def test_every_output_change_bumps_the_version(vocab, load_encoder):
+    vocab.add("tram", load_encoder)
+    seen = {vocab.version}
+    for change in (lambda: vocab.set_threshold("tram", 0.7), lambda: vocab.disable("person"),
+                   lambda: vocab.set_threshold("dog", 0.9), lambda: vocab.enable("person"),
+                   lambda: vocab.remove("tram")):
+        change()
+        assert vocab.version not in seen
+        seen.add(vocab.version)
+    version = vocab.version
+    vocab.add_synonym("dog", "doggo")  # search-only: tagging output unchanged
+    assert vocab.version == version
+
+
+def test_bad_names_leave_the_vocabulary_untouched(vocab, load_encoder):
+    vocab.add("tram", load_encoder)
+    vocab.save()
+    manifest = (vocab.path / "manifest.json").read_bytes()
+    for name, message in [("", "empty"), ("   \t", "empty"), ("TRAM", "already exists"),
+                          ("person", "built-in tag.*vocab enable.*vocab synonym"), ("bad\x07name", "control")]:
+        with pytest.raises(RamcliError, match=message):
+            vocab.add(name, load_encoder)
+    with pytest.raises(RamcliError, match="between 0 and 1"):
+        vocab.add("trolleybus", load_encoder, threshold=1.5)
+    assert [t.name for t in vocab.custom] == ["tram"]
+    assert (vocab.path / "manifest.json").read_bytes() == manifest
+    assert len(load_encoder.calls) == 1  # invalid input is refused before CLIP is loaded
+
+
+def test_settings_validate_names(vocab):
+    with pytest.raises(RamcliError, match="unknown tag 'nosuchtag'"):
+        vocab.disable("nosuchtag")
+    with pytest.raises(RamcliError, match="cannot be removed"):
+        vocab.remove("person")
+    with pytest.raises(RamcliError, match="not disabled"):
+        vocab.enable("person")
+    assert vocab.disable("Person") == "person"
+
+
+def test_import_export_round_trip(tmp_path, vocab, load_encoder, builtin):
+    (tmp_path / "tags.txt").write_text("# trains\ntram\n\nfunicular\n", encoding="utf-8")
+    (tmp_path / "tags.csv").write_text("name,threshold,description\nmonorail,0.55,a monorail train\n", encoding="utf-8")
+    official = [{"velodrome": ["a velodrome.", "a cycling track", "an indoor track"]}, {"gondola lift": ["a gondola."]}]
+    (tmp_path / "llm.json").write_text(json.dumps(official), encoding="utf-8")
+    for name in ("tags.txt", "tags.csv", "llm.json"):
+        vocab.apply_import(vocab.plan_import(tmp_path / name), load_encoder)
+    vocab.disable("person")
+    vocab.set_threshold("dog", 0.8)
+    vocab.add_synonym("tram", "streetcar")
+    assert [t.name for t in vocab.custom] == ["tram", "funicular", "monorail", "velodrome", "gondola lift"]
+    assert vocab.find_custom("monorail").threshold == 0.55
+    assert len(vocab.embeddings["velodrome"]["descriptions"]) == 3
+    exported = tmp_path / "export.json"
+    exported.write_text(json.dumps(vocab.export()), encoding="utf-8")
+    other = Vocabulary.open(tmp_path / "other", builtin)
+    other.apply_import(other.plan_import(exported), load_encoder)
+    assert other.export() == vocab.export()
+    assert other.version == vocab.version
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    (b"\xff\xfe\x00bad", ".txt", "not UTF-8"),
+    (b"[{\"a\": ", ".json", "malformed JSON"),
+    (b"{\"tags\": 1}", ".json", "expected a list"),
+    (b"[{\"tram\": []}]", ".json", "non-empty list"),
+    (b"tram\ntram\n", ".txt", "already exists"),
+    (b"tram\nperson\n", ".txt", "built-in"),
+    (b"tram,high\n", ".csv", "not a number"),
+    (b"tram", ".yaml", "unknown import format"),
+])
+def test_bad_import_files(tmp_path, vocab, load_encoder, content, suffix, message):
+    path = tmp_path / f"in{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(RamcliError, match=message):
+        vocab.plan_import(path)
+    assert vocab.custom == [] and not load_encoder.calls
+
+
+def test_damaged_manifest_is_one_line_error(vocab, load_encoder, builtin):
+    vocab.add("tram", load_encoder)
+    vocab.save()
+    (vocab.path / "manifest.json").write_text("{nope", encoding="utf-8")
+    with pytest.raises(RamcliError, match="damaged"):
+        Vocabulary.open(vocab.path, builtin)
+
+
+# ---------------------------------------------------------------------- the model
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(path, labels_dir) of tiny official-layout RAM and RAM++ checkpoints."""
+    root = tmp_path_factory.mktemp("models")
+    labels = make_labels_dir(root, NUM_CLASSES)
+    return {
+        arch: make_official_checkpoint(root / f"{arch}.pth", arch, NUM_CLASSES, des_per_class=3, seed=SEED)
+        for arch in ("ram_tiny", "ram_plus_tiny")
+    }, labels
+
+
+def official_openset_logits(arch: str, label_embed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The official open-set path on the same weights: replace label_embed and num_class."""
+    sd = official_state_dict(arch, NUM_CLASSES, des_per_class=3, seed=SEED)
+    sd["label_embed"] = label_embed
+    cfg = arch_config(arch, NUM_CLASSES, des_per_class=3)
+    cfg["num_classes"] = 1 if arch == "ram_plus_tiny" else label_embed.shape[0]
+    return official_logits(sd, cfg, x)
+
+
+def independent_ensemble(clip_file, name):
+    from test_clip_text import official_openset_embedding, reference_model
+
+    return official_openset_embedding(reference_model(clip_file, TINY_CLIP), name)
+
+
+def test_ram_custom_tag_scores_match_official_openset(tiny_models, vocab, load_encoder, clip_file):
+    paths, labels = tiny_models
+    vocab.add("tram", load_encoder)
+    vocab.add("Rack_railway", load_encoder, threshold=0.42)
+    model = load_model(paths["ram_tiny"], labels_dir=labels)
+    applied = vocab.apply_to_model(model)
+    assert applied.custom_indices == (NUM_CLASSES, NUM_CLASSES + 1)
+    assert model.labels.names[-2:] == ("tram", "Rack_railway") and model.labels.thresholds[-2:] == (0.5, 0.42)
+    x = images(model.arch.image_size)
+    with torch.no_grad():
+        ours = model(x)[:, NUM_CLASSES:]
+    reference = torch.stack([independent_ensemble(clip_file, n) for n in ("tram", "Rack_railway")])
+    theirs = official_openset_logits("ram_tiny", reference, x)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert (ours[:, 0] - ours[:, 1]).abs().max() > 1e-3  # the two tags are told apart
+
+
+def test_ram_plus_unequal_description_counts_match_official(tiny_models, vocab, load_encoder, encoder):
+    paths, labels = tiny_models
+    vocab.add("tram", load_encoder, descriptions=["a tram.", "a streetcar on rails", "a yellow tram in Lisbon"])
+    vocab.add("funicular", load_encoder, descriptions=["a funicular railway."])
+    vocab.add("monorail", load_encoder)  # no descriptions: the 63 prompts, reweighted per image
+    model = load_model(paths["ram_plus_tiny"], labels_dir=labels)
+    vocab.apply_to_model(model)
+    x = images(model.arch.image_size)
+    with torch.no_grad():
+        ours = model(x)[:, NUM_CLASSES:]
+    # The official code needs equal counts per call, so each tag is its own official call.
+    rows = [encoder.description_embeddings(["a tram.", "a streetcar on rails", "a yellow tram in Lisbon"]),
+            encoder.description_embeddings(["a funicular railway."]),
+            encoder.encode(clip_text.prompts_for("monorail"))]
+    theirs = torch.cat([official_openset_logits("ram_plus_tiny", r, x) for r in rows], dim=1)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_disabled_and_thresholds_fold_into_the_model(tiny_models, vocab, load_encoder):
+    paths, labels = tiny_models
+    model = load_model(paths["ram_tiny"], labels_dir=labels)
+    names = model.labels.names
+    vocab.add("tram", load_encoder)
+    vocab.disable(names[2])
+    vocab.disable("tram")
+    vocab.set_threshold(names[4], 0.93)
+    applied = vocab.apply_to_model(model)
+    assert applied.disabled == {2, NUM_CLASSES}
+    assert model.labels.deleted >= {2, NUM_CLASSES} and model.labels.thresholds[4] == 0.93
+    assert applied.classes.tolist() == [i for i in range(NUM_CLASSES + 1) if i not in (2, NUM_CLASSES)]
+    x = images(model.arch.image_size)
+    with torch.no_grad():
+        full, subset = model(x), model(x, classes=applied.classes)
+    torch.testing.assert_close(subset, full[:, applied.classes], atol=1e-5, rtol=0)
+    again = vocab.apply_to_model(model)  # idempotent: tram is not added twice
+    assert len(model.labels) == NUM_CLASSES + 1 and again.custom_indices == (NUM_CLASSES,)
+
+
+def test_tag2text_skips_custom_tags(tmp_path, vocab, load_encoder):
+    labels = make_labels_dir(tmp_path, NUM_CLASSES, family="tag2text")
+    model = load_model(make_official_checkpoint(tmp_path / "t2t.pth", "tag2text_tiny", NUM_CLASSES), labels_dir=labels)
+    vocab.add("tram", load_encoder)
+    vocab.disable(model.labels.names[1])
+    applied = vocab.apply_to_model(model)
+    assert applied.skipped_custom == ("tram",) and len(model.labels) == NUM_CLASSES
+    assert 1 in model.labels.deleted
