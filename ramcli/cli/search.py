@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
             write_gallery(hits, gallery, title=f"ramcli search {_query_text(query)}")
             err_console.print(f"gallery: {gallery} ({len(hits)} photos)", highlight=False)
         if not hits:
-            raise typer.Exit(1)
+            sys.exit(1)  # like grep; SystemExit because the entry point drops a returned exit code
 
     @app.command()
     def show(photo: Path = typer.Argument(..., help="A photo in the index."), index_path: Path = IndexOption) -> None:

@@ -1,0 +1,153 @@
+"""`ramcli search`, `show`, `stats`, `index prune|check` through the real entry point."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from ramcli.cli.app import main
+from ramcli.index import Index
+from ramcli.records import PhotoResult, TagScore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(capsysbinary, *argv) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv])
+        raise SystemExit(0)
+    out, err = capsysbinary.readouterr()
+    return exc.value.code or 0, out.decode(), err.decode()
+
+
+@pytest.fixture
+def library(tmp_path):
+    lib = tmp_path / "lib"
+    (lib / "2021").mkdir(parents=True)
+    photos = {
+        lib / "a.jpg": [("dog", "狗", 0.9), ("beach", "海滩", 0.7)],
+        lib / "2021" / "b.jpg": [("cat", "猫", 0.8), ("night", "夜晚", 0.6)],
+        lib / "2021" / "c d.jpg": [("dog", "狗", 0.6), ("night", "夜晚", 0.9), ("christmas tree", "圣诞树", 0.75)],
+    }
+    for p in photos:
+        p.write_bytes(b"jpeg")
+    with Index.open() as ix:
+        ix.record_batch([
+            PhotoResult(str(p), "tagged", 4, 1, taken_at=datetime(2020 + i, 3, 4), tags=[TagScore(*t) for t in tags])
+            for i, (p, tags) in enumerate(photos.items())
+        ])
+        ix.record_batch([PhotoResult(str(lib / "broken.jpg"), "failed", error="cannot decode image")])
+    return lib
+
+
+def test_search_formats_and_exit_codes(capsysbinary, library):
+    code, out, err = run(capsysbinary, "search", "dog")
+    assert code == 0 and "a.jpg" in out and "c d.jpg" in out and "2 photos" in err
+    code, out, _ = run(capsysbinary, "search", "dog", "--format", "paths")
+    assert out.splitlines() == [str(library / "a.jpg"), str(library / "2021" / "c d.jpg")]
+    code, out, _ = run(capsysbinary, "search", "dog", "--format", "paths", "-0")
+    assert out.split("\0") == [str(library / "a.jpg"), str(library / "2021" / "c d.jpg"), ""]
+    code, out, _ = run(capsysbinary, "search", "dog", "-night", "--format", "json")
+    data = json.loads(out)
+    assert [d["path"] for d in data] == [str(library / "a.jpg")]
+    assert data[0]["tags"][0] == {"name": "dog", "name_zh": "狗", "score": 0.9}
+    code, out, _ = run(capsysbinary, "search", "christmas tree", "--format", "csv")
+    assert out.splitlines()[0] == "path,score,taken_at,tags" and "christmas tree:0.750" in out
+    code, out, _ = run(capsysbinary, "search", "dog", "OR", "cat", "--format", "paths", "--limit", "2")
+    assert len(out.splitlines()) == 2
+    code, out, err = run(capsysbinary, "search", "zebra")
+    assert code == 2 and "unknown tag 'zebra'" in err
+    code, out, err = run(capsysbinary, "search", "dog", "cat")
+    assert code == 1 and "0 photos" in err
+
+
+def test_search_filters(capsysbinary, library):
+    code, out, _ = run(capsysbinary, "search", "狗", "--since", "2022-01-01", "--format", "paths")
+    assert out.splitlines() == [str(library / "2021" / "c d.jpg")]
+    code, out, _ = run(capsysbinary, "search", "dog", "--in", str(library / "2021"), "--format", "paths")
+    assert out.splitlines() == [str(library / "2021" / "c d.jpg")]
+    code, out, _ = run(capsysbinary, "search", "dog", "--min-score", "0.8", "--format", "paths")
+    assert out.splitlines() == [str(library / "a.jpg")]
+    code, _, err = run(capsysbinary, "search", "dog", "--since", "last week")
+    assert code == 2 and "--since wants a date" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["'; DROP TABLE photos; --"], "unknown tag"),
+        (['"dog'], "unbalanced quote"),
+        ([""], "empty query"),
+        (["dog " * 300], "too long"),
+        (["dog", "--min-score", "2"], "--min-score must be between 0 and 1"),
+        (["dog", "-0"], "-0 only goes with --format paths"),
+    ],
+)
+def test_bad_queries_one_line_exit_2_nothing_lost(capsysbinary, library, args, message):
+    code, out, err = run(capsysbinary, "search", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    with Index.open() as ix:
+        assert ix.db.execute("SELECT count(*) FROM photos").fetchone()[0] == 4
+
+
+def test_corrupted_index(capsysbinary, tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"garbage" * 1000)
+    for argv in (["search", "dog"], ["stats"], ["index", "check"], ["index", "prune"]):
+        code, _, err = run(capsysbinary, *argv, "--index", str(bad))
+        assert code == 1 and "damaged" in err and len(err.strip().splitlines()) == 1
+    assert bad.read_bytes() == b"garbage" * 1000
+
+
+def test_locked_index_gives_up_with_message(tmp_path, library):
+    from ramcli.config import home
+
+    holder = sqlite3.connect(home().index, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    env = {"RAMCLI_INDEX_TIMEOUT": "1", "PATH": "/usr/bin:/bin", "RAMCLI_HOME": str(home().root)}
+    (library / "a.jpg").unlink()
+    result = subprocess.run([sys.executable, "-m", "ramcli", "index", "prune"], capture_output=True, text=True, cwd=REPO, env=env)
+    holder.execute("ROLLBACK")
+    assert result.returncode == 1 and "busy" in result.stderr and "stayed locked" in result.stderr
+    assert "Traceback" not in result.stderr
+    # readers are not blocked by a writer (WAL)
+    holder.execute("BEGIN IMMEDIATE")
+    result = subprocess.run([sys.executable, "-m", "ramcli", "search", "cat", "--format", "paths"],
+                            capture_output=True, text=True, cwd=REPO, env=env)
+    holder.execute("ROLLBACK")
+    assert result.returncode == 0 and result.stdout.strip() == str(library / "2021" / "b.jpg")
+
+
+def test_show_stats_prune_check(capsysbinary, library):
+    code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"))
+    assert code == 0 and "dog" in out and "海滩" in out and "0.900" in out and "nothing written" in out
+    with Index.open() as ix:
+        ix.db.execute("CREATE TABLE ledger (path TEXT, field TEXT, value TEXT)")
+        ix.db.execute("INSERT INTO ledger VALUES (?, 'XMP-dc:Subject', 'dog')", [str(library / "a.jpg")])
+    code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"))
+    assert "XMP-dc:Subject" in out
+    code, _, err = run(capsysbinary, "show", str(library / "nope.jpg"))
+    assert code == 1 and "not in the index" in err
+    code, out, _ = run(capsysbinary, "stats")
+    assert "photos: 4" in out and "1 failed" in out and "cannot decode image" in out
+    assert out.index("dog") < out.index("beach")  # top tags by count
+    (library / "a.jpg").unlink()
+    code, out, err = run(capsysbinary, "index", "prune", "--dry-run")
+    assert str(library / "a.jpg") in out and "would forget 2" in err  # a.jpg and the never-existing broken.jpg
+    code, out, err = run(capsysbinary, "index", "prune")
+    assert "forgot 2" in err
+    code, out, _ = run(capsysbinary, "index", "check")
+    assert code == 0 and out.startswith("ok")
+    code, out, _ = run(capsysbinary, "search", "beach")
+    assert code == 1
+
+
+def test_search_without_index(capsysbinary):
+    code, _, err = run(capsysbinary, "search", "dog")
+    assert code == 1 and "no index" in err
