@@ -1,12 +1,62 @@
-"""`ramcli tag`: the main job (issue 3)."""
+"""`ramcli tag`: the main job. Discover photos, tag what is new or changed, write the results."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
-from ramcli.cli.common import not_built
+from ramcli.cli.common import console, err_console, stdout_is_terminal
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def tag(ctx: typer.Context) -> None:
-        """Tag photos and folders."""
-        not_built("tag", "tagging issue")
+    @app.command()
+    def tag(
+        paths: list[Path] = typer.Argument(..., help="Photos and folders (walked recursively)."),
+        weights: str = typer.Option(None, "--weights", "-w", help="Model file (.pth or converted .safetensors) or a published name. Default: ram_plus_swin_large_14m."),
+        arch: str = typer.Option(None, help="Architecture (ram, ram_plus, tag2text or a full arch name); inferred from the weights when omitted."),
+        labels: Path = typer.Option(None, "--labels", help="Folder with the official label files (overrides RAMCLI_LABELS and the model's own)."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+        precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+        batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per model call (default: 64 on CUDA, 4 on CPU)."),
+        workers: int = typer.Option(None, min=0, help="Decode worker processes (default: cores-1 on CPU, up to 8 with a GPU)."),
+        compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (slow first batch, faster after)."),
+        threshold: float = typer.Option(None, min=0.0, max=1.0, help="One threshold for every tag (default: the official per-class thresholds)."),
+        threshold_file: Path = typer.Option(None, help="Per-class thresholds, one per line in label order (e.g. from `ramcli eval --calibrate`)."),
+        top_k: int = typer.Option(None, min=1, help="Keep at most K tags per photo."),
+        lang: str = typer.Option("en", help="Tag language for output and metadata: en, zh or both."),
+        exclude_tags: str = typer.Option("", help="Comma-separated tags never to emit (they are not even computed)."),
+        include: list[str] = typer.Option([], "--include", help="Only files whose relative path matches this glob (repeatable)."),
+        exclude: list[str] = typer.Option([], "--exclude", help="Skip files whose relative path matches this glob (repeatable)."),
+        fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl or csv (default: table on a terminal, jsonl otherwise)."),
+        output: Path = typer.Option(None, "--output", "-o", help="Write results to this file instead of stdout."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="List what would be tagged and exit."),
+        force: bool = typer.Option(False, "--force", help="Re-tag every photo, even unchanged ones."),
+        no_index: bool = typer.Option(False, "--no-index", help="Do not record results in the index (every photo is tagged)."),
+        index_path: Path = typer.Option(None, "--index", help="Index database (default: $RAMCLI_HOME/index.db)."),
+        write: bool = typer.Option(True, "--write/--no-write", help="Write tags into the photos' XMP/IPTC metadata (or sidecars)."),
+        tag_root: str = typer.Option("auto", help="Root of the hierarchical keywords (auto|dog)."),
+        sidecar: bool = typer.Option(False, "--sidecar", help="Write XMP sidecars for every format, not only RAW."),
+        keep_backups: bool = typer.Option(False, "--keep-backups", help="Keep ExifTool's FILE_original copies."),
+        preserve_mtime: bool = typer.Option(False, "--preserve-mtime", help="Keep file modification times when writing metadata."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+    ) -> None:
+        """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.
+
+        Exit code 0 when every photo was handled, 1 when some failed (listed), 2 on usage errors.
+        """
+        from ramcli.tagrun import TagRun
+
+        run = TagRun(
+            paths=paths, weights=weights, arch=arch, labels=labels, device=device, precision=precision,
+            batch_size=batch_size, workers=workers, compile_model=compile_model, threshold=threshold,
+            threshold_file=threshold_file, top_k=top_k, lang=lang,
+            exclude_tags=[t for t in exclude_tags.split(",") if t.strip()], include=include, exclude=exclude,
+            fmt=fmt or ("table" if stdout_is_terminal() and output is None else "jsonl"), output=output,
+            dry_run=dry_run, force=force, use_index=not no_index, index_path=index_path, write=write,
+            tag_root=tag_root, sidecar=sidecar, keep_backups=keep_backups, preserve_mtime=preserve_mtime,
+            quiet=quiet,
+        )
+        failed = run.execute(console=console, err_console=err_console)
+        if failed:
+            raise typer.Exit(1)

@@ -17,6 +17,7 @@ from ramcli.config import home
 from ramcli.errors import CheckpointError
 from ramcli.labels import LabelSet, resolve_labels
 from ramcli.models.checkpoint import (
+    file_fingerprint,
     is_converted,
     load_converted,
     load_official,
@@ -30,7 +31,7 @@ from ramcli.models.registry import DEFAULT_MODEL, PUBLISHED, converted_path, dow
 
 __all__ = [
     "ARCHS", "ArchConfig", "DEFAULT_MODEL", "PUBLISHED", "RecognitionModel", "convert", "get_arch",
-    "load_model", "pull", "resolve_weights",
+    "load_model", "model_id_of", "pull", "resolve_weights",
 ]
 
 
@@ -80,6 +81,16 @@ def resolve_weights(weights: str | None) -> tuple[Path, str | None]:
     if name in PUBLISHED:
         return converted_path(home().models, name), name
     raise CheckpointError(f"weights not found: {weights} (a file path, or a name from `ramcli models list`)")
+
+
+def model_id_of(weights: str | Path | None) -> str:
+    """The id `load_model` will give these weights, without loading them (for incremental runs)."""
+    path, name = resolve_weights(str(weights) if weights is not None else None)
+    if name is not None:
+        return name
+    if is_converted(path):
+        return read_converted_metadata(path).get("model_id", path.stem)
+    return f"{path.stem}@{file_fingerprint(path)}"
 
 
 def load_model(weights: str | Path | None = None, arch: str | None = None, labels_dir: Path | None = None,

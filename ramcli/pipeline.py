@@ -1,0 +1,249 @@
+"""The one tagging pipeline: files -> decode workers -> batches -> model scores -> decisions -> sinks.
+
+`ramcli tag`, `ramcli eval` and `ramcli engine generate` all run through here, so a photo gets the
+same scores whichever command looks at it.
+
+- `Tagger` owns the model on its device with its precision, the active classes (disabled,
+  excluded and Tag2Text's deleted tags are removed from the label queries, so they cost nothing)
+  and the decision rule: a tag is emitted when sigmoid(logit) > its threshold (strict, as the
+  official code), per-class thresholds unless `threshold` overrides them all.
+- `tag_files` streams batches from `ramcli.loader` through the Tagger and hands every
+  `PhotoResult` to the sinks batch by batch, so a killed run loses at most the batch in flight.
+- `score_files` returns the raw score matrix (evaluation, data engine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ramcli.errors import UsageError
+from ramcli.imaging import normalize
+from ramcli.loader import Batch, Item, make_loader
+from ramcli.models import RecognitionModel
+from ramcli.records import PhotoResult, TagScore
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present (this rank's GPU under torchrun), else the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (try --device cpu)")
+    return dev
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32.
+
+    auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp32 on the CPU. CPU bf16 stays opt-in:
+    its tag agreement with fp32 is measured by bench/tag_cpu.py and is below 99% on random
+    weights near the thresholds (see docs/performance.md).
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def read_threshold_file(path: Path, count: int) -> list[float]:
+    """A threshold file in the official format: one float per line, in label order."""
+    try:
+        lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]
+        values = [float(s) for s in lines]
+    except FileNotFoundError:
+        raise UsageError(f"threshold file not found: {path}") from None
+    except (UnicodeDecodeError, ValueError):
+        raise UsageError(f"threshold file {path} must hold one number per line") from None
+    if len(values) != count:
+        raise UsageError(f"threshold file {path} has {len(values)} values; the model has {count} classes")
+    return values
+
+
+@dataclass
+class Tagger:
+    """A model ready to tag: device, precision, active classes and the decision rule."""
+
+    model: RecognitionModel
+    device: torch.device
+    autocast: torch.dtype | None = None
+    threshold: float | None = None
+    thresholds: Sequence[float] | None = None
+    exclude: Iterable[str] = ()
+    disabled: Iterable[int] = ()
+    top_k: int | None = None
+    compile: bool = False
+    classes: torch.Tensor | None = field(init=False, default=None)
+    _class_thresholds: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        labels = self.model.labels
+        if labels is None:
+            raise UsageError("the model has no label system (pass --labels DIR)")
+        names = labels.names
+        excluded = {n.strip().lower() for n in self.exclude if n.strip()}
+        unknown = excluded - {n.lower() for n in names}
+        if unknown:
+            raise UsageError(f"--exclude-tags: unknown tag(s): {', '.join(sorted(unknown)[:5])}")
+        dropped = set(labels.deleted) | set(self.disabled) | {i for i, n in enumerate(names) if n.lower() in excluded}
+        active = [i for i in range(len(names)) if i not in dropped]
+        if not active:
+            raise UsageError("every tag is disabled or excluded: nothing to tag")
+        self.classes = None if len(active) == len(names) else torch.tensor(active)
+        base = list(self.thresholds) if self.thresholds is not None else list(labels.thresholds)
+        chosen = [self.threshold if self.threshold is not None else base[i] for i in active]
+        self._class_thresholds = torch.tensor(chosen, dtype=torch.float32)
+        self._active = active
+        self.model = self.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self._forward: Callable = self.model
+        if self.compile:
+            self._forward = torch.compile(self.model, dynamic=False)
+        if self.classes is not None:
+            self.classes = self.classes.to(self.device)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.arch.image_size
+
+    @property
+    def active_names(self) -> list[str]:
+        return [self.model.labels.names[i] for i in self._active]
+
+    @torch.inference_mode()
+    def scores(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B,3,S,S) -> sigmoid scores (B, active classes), float32 on the CPU."""
+        x = normalize(pixels.to(self.device, non_blocking=True))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        with amp:
+            logits = self._forward(x, self.classes)
+        return torch.sigmoid(logits.float()).cpu()
+
+    def decide(self, scores: torch.Tensor) -> list[list[TagScore]]:
+        """Scores -> emitted tags per image: score > threshold (strict), sorted by score, top-k."""
+        labels = self.model.labels
+        keep = scores > self._class_thresholds
+        out = []
+        for row, mask in zip(scores, keep):
+            idx = mask.nonzero().flatten().tolist()
+            idx.sort(key=lambda j: -float(row[j]))
+            if self.top_k is not None:
+                idx = idx[: self.top_k]
+            out.append([TagScore(labels.names[self._active[j]], labels.names_zh[self._active[j]], float(row[j])) for j in idx])
+        return out
+
+    def full_scores(self, scores: torch.Tensor) -> np.ndarray:
+        """Active-class scores placed into a (B, all classes) matrix; inactive classes score 0."""
+        out = np.zeros((scores.shape[0], len(self.model.labels)), dtype=np.float32)
+        out[:, self._active] = scores.numpy()
+        return out
+
+
+def default_workers() -> int:
+    """Decode workers: every core but one for the model on CPU; all cores (max 8) with a GPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores) if torch.cuda.is_available() else max(0, cores - 1)
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 64 if device.type == "cuda" else 4
+
+
+def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: int,
+                 skip: Callable[[Item], bool] | None = None) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """(batch, scores of its decoded photos) in input order.
+
+    `skip(item)` may drop decoded photos before the model runs (e.g. a moved photo the index
+    already knows); their pixels are removed from the batch.
+    """
+    loader = make_loader(paths, tagger.image_size, batch_size, workers=workers,
+                         pin_memory=tagger.device.type == "cuda")
+    for batch in loader:
+        if skip is not None and batch.items:
+            keep = [i for i, item in enumerate(batch.items) if not skip(item)]
+            if len(keep) != len(batch.items):
+                batch = Batch(batch.pixels[keep], [batch.items[i] for i in keep], batch.failures)
+        scores = tagger.scores(batch.pixels) if len(batch.items) else torch.zeros(0, len(tagger._active))
+        yield batch, scores
+
+
+def results_of(batch: Batch, tags: list[list[TagScore]], tagger: Tagger, vocab_version: str) -> list[PhotoResult]:
+    out = [
+        PhotoResult(
+            path=str(item.path), status="tagged", size=item.size, mtime_ns=item.mtime_ns,
+            content_hash=item.content_hash, width=item.width, height=item.height, taken_at=item.taken_at,
+            model_id=tagger.model.model_id, vocab_version=vocab_version, tags=t,
+        )
+        for item, t in zip(batch.items, tags)
+    ]
+    for failure in batch.failures:
+        try:
+            st = os.stat(failure.path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = 0, 0
+        out.append(PhotoResult(path=str(failure.path), status="failed", size=size, mtime_ns=mtime,
+                               model_id=tagger.model.model_id, vocab_version=vocab_version, error=failure.reason))
+    return out
+
+
+def tag_files(paths: list[Path], tagger: Tagger, sinks: Sequence[Callable[[list[PhotoResult]], None]],
+              batch_size: int, workers: int, vocab_version: str = "builtin",
+              on_batch: Callable[[int, int], None] | None = None,
+              skip: Callable[[Item], bool] | None = None) -> None:
+    """Tag `paths` and hand each batch's results to every sink, in order."""
+    for batch, scores in iter_batches(paths, tagger, batch_size, workers, skip):
+        results = results_of(batch, tagger.decide(scores), tagger, vocab_version)
+        for sink in sinks:
+            sink(results)
+        if on_batch is not None:
+            on_batch(len(batch.items) + len(batch.failures), len(batch.failures))
+
+
+@dataclass
+class ScoreResult:
+    paths: list[Path]
+    scores: np.ndarray  # (N, C) sigmoid scores in model.labels order
+    failures: dict[Path, str]
+
+
+def score_files(model: RecognitionModel, paths: list[Path], batch_size: int = 8, device: str = "auto",
+                workers: int | None = None, precision: str = "auto") -> ScoreResult:
+    """Raw scores of every class for every decodable photo (evaluation, the data engine)."""
+    dev = resolve_device(device)
+    tagger = Tagger(model, dev, resolve_precision(dev, precision))
+    done: list[Path] = []
+    rows: list[np.ndarray] = []
+    failures: dict[Path, str] = {}
+    for batch, scores in iter_batches(list(paths), tagger, batch_size, default_workers() if workers is None else workers):
+        done.extend(item.path for item in batch.items)
+        rows.append(tagger.full_scores(scores))
+        failures.update({f.path: f.reason for f in batch.failures})
+    matrix = np.concatenate(rows) if rows else np.zeros((0, len(model.labels)), dtype=np.float32)
+    return ScoreResult(done, matrix, failures)

@@ -1,0 +1,245 @@
+"""One `ramcli tag` run: discovery, the incremental filter, the model, the sinks, progress, summary.
+
+Order matters for resumability: each batch is recorded in the index in one transaction after
+its results were printed and written into the files, so a run killed at any moment resumes with
+the photos of the batch in flight and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ramcli.discover import Found, describe_skipped, discover
+from ramcli.errors import UsageError
+from ramcli.records import PhotoResult
+
+
+@dataclass
+class Summary:
+    tagged: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    written: int = 0
+    write_failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+
+class MetadataSink:
+    """Writes each batch's tags into the photos' metadata before the index records the batch.
+
+    The results are updated with the files' size and mtime after the write, so the index keeps
+    the post-write state and the next run does not take ramcli's own write for a change.
+    """
+
+    def __init__(self, writer, model_id: str, summary: Summary):
+        self.writer, self.model_id, self.summary = writer, model_id, summary
+
+    def __call__(self, results: list[PhotoResult]) -> None:
+        tagged = [r for r in results if r.status == "tagged"]
+        if not tagged:
+            return
+        outcomes = self.writer.write_batch([(r.path, r.tags) for r in tagged], model_id=self.model_id)
+        for result, outcome in zip(tagged, outcomes):
+            if outcome.status == "written":
+                self.summary.written += 1
+                if outcome.size is not None:
+                    result.size, result.mtime_ns = outcome.size, outcome.mtime_ns
+            elif outcome.status == "failed":
+                self.summary.write_failed.append((result.path, outcome.error or "write failed"))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class TagRun:
+    paths: list[Path]
+    weights: str | None = None
+    arch: str | None = None
+    labels: Path | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    compile_model: bool = False
+    threshold: float | None = None
+    threshold_file: Path | None = None
+    top_k: int | None = None
+    lang: str = "en"
+    exclude_tags: list[str] = field(default_factory=list)
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    fmt: str = "jsonl"
+    output: Path | None = None
+    dry_run: bool = False
+    force: bool = False
+    use_index: bool = True
+    index_path: Path | None = None
+    write: bool = True
+    tag_root: str = "auto"
+    sidecar: bool = False
+    keep_backups: bool = False
+    preserve_mtime: bool = False
+    quiet: bool = False
+
+    # ------------------------------------------------------------------ steps
+    def _discover(self) -> tuple[list[Found], Counter]:
+        for p in self.paths:
+            if not p.exists() and not p.is_symlink():
+                raise UsageError(f"no such file or folder: {p}")
+        found = list(discover(self.paths, self.include, self.exclude))
+        counts = Counter(f.kind for f in found)
+        photos = [f for f in found if f.kind in ("image", "raw")]
+        return photos, counts
+
+    def _shard(self, photos: list[Found]) -> list[Found]:
+        """Under torchrun, each rank takes every WORLD_SIZE-th photo."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        return photos[rank::world] if world > 1 else photos
+
+    def execute(self, console: Console, err_console: Console) -> int:
+        """Run; returns the number of photos that failed."""
+        from ramcli.models import load_model, model_id_of
+        from ramcli.output import ResultWriter
+        from ramcli.pipeline import (
+            Tagger, default_batch_size, default_workers, read_threshold_file, resolve_device,
+            resolve_precision, tag_files,
+        )
+        from ramcli.vocab import Vocabulary
+
+        if self.write and not self.use_index:
+            raise UsageError("--no-index needs --no-write: the index keeps the ledger that makes `untag` exact")
+        start = time.monotonic()
+        summary = Summary()
+        photos, counts = self._discover()
+        photos = self._shard(photos)
+        summary.skipped = Counter({k: v for k, v in counts.items() if k not in ("image", "raw")})
+        device = resolve_device(self.device)
+        autocast = resolve_precision(device, self.precision)
+        vocab = Vocabulary.open()
+        model_id = model_id_of(self.weights)
+
+        index = None
+        if self.use_index:
+            from ramcli.index import Index
+
+            index = Index.open(self.index_path)
+        try:
+            todo = photos
+            if index is not None and not self.force:
+                todo = [f for f in photos if index.needs_tagging(str(f.path), f.size, f.mtime_ns, model_id, vocab.version)]
+            summary.unchanged = len(photos) - len(todo)
+            if self.dry_run:
+                for f in todo:
+                    console.print(str(f.path), markup=False, highlight=False, soft_wrap=True)
+                if not self.quiet:
+                    err_console.print(f"would tag {len(todo)} photo(s); {summary.unchanged} unchanged; "
+                                      f"{describe_skipped(summary.skipped) or 'nothing skipped'}")
+                return 0
+            if not todo:
+                self._print_summary(err_console, summary, start)
+                return 0
+
+            model = load_model(self.weights, arch=self.arch, labels_dir=self.labels, device=device,
+                               on_pull=lambda p: err_console.print(
+                                   f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
+            applied = vocab.apply_to_model(model)
+            thresholds = read_threshold_file(self.threshold_file, len(model.labels)) if self.threshold_file else None
+            tagger = Tagger(model, device, autocast, threshold=self.threshold, thresholds=thresholds,
+                            exclude=self.exclude_tags, top_k=self.top_k, compile=self.compile_model)
+            writer = self._metadata_sink(index, summary, model.model_id) if self.write else None
+            sinks = [ResultWriter(self.fmt, self.output, self.lang)]
+            if writer is not None:
+                sinks.append(writer)
+            if index is not None:
+                index.upsert_tags(model.labels.names, model.labels.names_zh, "builtin")
+                sinks.append(index.record_batch)
+            sinks.append(lambda results: self._count(results, summary))
+
+            skip = self._moved_skipper(index, summary) if index is not None else None
+            batch_size = self.batch_size or default_batch_size(device)
+            workers = default_workers() if self.workers is None else self.workers
+            show = not self.quiet and err_console.is_terminal
+            with Progress(TextColumn("[bold]tagging"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("{task.fields[failed]} failed"),
+                          TimeRemainingColumn(), console=err_console, disable=not show) as progress:
+                task = progress.add_task("tag", total=len(todo), rate=0.0, failed=0)
+
+                def advance(n: int, failed: int) -> None:
+                    elapsed = max(time.monotonic() - start, 1e-6)
+                    progress.update(task, advance=n, failed=len(summary.failed),
+                                    rate=(summary.tagged + len(summary.failed)) / elapsed)
+
+                try:
+                    tag_files([f.path for f in todo], tagger, sinks, batch_size, workers,
+                              vocab_version=applied.version, on_batch=advance, skip=skip)
+                finally:
+                    sinks[0].close()
+                    if writer is not None:
+                        writer.close()
+        finally:
+            if index is not None:
+                index.close()
+        if not self.quiet:
+            self._print_summary(err_console, summary, start)
+        return len(summary.failed)
+
+    # ------------------------------------------------------------------ sinks
+    @staticmethod
+    def _count(results: list[PhotoResult], summary: Summary) -> None:
+        for r in results:
+            if r.status == "tagged":
+                summary.tagged += 1
+            else:
+                summary.failed.append((r.path, r.error or r.status))
+
+    def _moved_skipper(self, index, summary: Summary):
+        """A photo whose image data the index knows under a path that is gone was moved: re-point it."""
+
+        def skip(item) -> bool:
+            if index.lookup(str(item.path)) is not None:
+                return False
+            old = index.find_moved(item.content_hash)
+            if old is None:
+                return False
+            index.move(old.path, str(item.path), item.size, item.mtime_ns)
+            summary.moved += 1
+            return True
+
+        return skip
+
+    def _metadata_sink(self, index, summary: Summary, model_id: str) -> MetadataSink:
+        from ramcli.ledger import Ledger
+        from ramcli.metadata import MetadataWriter, WriterOptions
+
+        options = WriterOptions(tag_root=self.tag_root, lang=self.lang, sidecar=self.sidecar,
+                                keep_backups=self.keep_backups, preserve_mtime=self.preserve_mtime)
+        return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, summary)
+
+    # ------------------------------------------------------------------ report
+    def _print_summary(self, err: Console, s: Summary, start: float) -> None:
+        elapsed = time.monotonic() - start
+        parts = [f"tagged {s.tagged}", f"unchanged {s.unchanged}"]
+        if s.moved:
+            parts.append(f"moved {s.moved}")
+        if self.write:
+            parts.append(f"metadata written {s.written}")
+        skipped = describe_skipped(s.skipped)
+        if skipped:
+            parts.append(skipped)
+        parts.append(f"failed {len(s.failed)}")
+        rate = s.tagged / elapsed if elapsed > 0 else 0.0
+        err.print(", ".join(parts) + f" in {elapsed:.1f} s ({rate:.2f} img/s)", highlight=False)
+        for path, reason in s.failed:
+            err.print(f"  failed: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+        for path, reason in s.write_failed:
+            err.print(f"  not written: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
