@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from official_reference import official_logits
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 CLIP_DIM = 512  # RAM/RAM++ label embeddings live in CLIP's text space
@@ -259,7 +261,7 @@ def official_state_dict(
     rnd = _Init(seed, cfg["init"], meta)
     family, c, h, vw = cfg["family"], cfg["num_classes"], cfg["hidden_size"], cfg["vision_width"]
     # nn.Linear's default init, as the official fc keeps it; tiny models widen it so that their
-    # logits spread over a few units, like trained ones, and tags fire
+    # logits spread over a few units, like trained ones
     fc_bound = h**-0.5 * (6.0 if cfg["init"] == "lecun" else 1.0)
     sd: dict[str, torch.Tensor] = {}
     if family in ("ram", "ram_plus"):
@@ -286,7 +288,22 @@ def official_state_dict(
         sd["label_embed.weight"] = rnd.normal(c, h, std=1.0)
         sd["fc.W"] = rnd.uniform(1, c, h, bound=fc_bound)
         sd["fc.b"] = rnd.uniform(1, c, bound=fc_bound)
+    if cfg["init"] == "lecun" and not meta:
+        _center_logits(sd, cfg, seed)
     return sd
+
+
+#: sigmoid(this) = 0.65, the most common official per-class threshold
+_TYPICAL_THRESHOLD_LOGIT = math.log(0.65 / 0.35)
+
+
+def _center_logits(sd: dict[str, torch.Tensor], cfg: dict[str, Any], seed: int) -> None:
+    """Shift the fc bias so that on a fixed batch of noise images the median logit sits at the
+    typical threshold: about half of a tiny model's tags fire, so tests see both outcomes."""
+    images = torch.randn(4, 3, cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(seed))
+    shift = _TYPICAL_THRESHOLD_LOGIT - official_logits(sd, cfg, images).median()
+    bias_key = "fc.b" if cfg["family"] == "tag2text" else "fc.bias"
+    sd[bias_key] = sd[bias_key] + shift
 
 
 def _adamw_state(sd: dict[str, torch.Tensor], rnd: _Init) -> dict[str, Any]:

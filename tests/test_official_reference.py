@@ -168,10 +168,10 @@ def test_official_logits_match_library_implementation(checkpoints, arch):
     logits = official_logits(sd, cfg, images)
     assert logits.shape == (3, NUM_CLASSES) and logits.dtype == torch.float32
     torch.testing.assert_close(logits, _library_logits(sd, cfg, images), atol=1e-5, rtol=0)
-    # not degenerate: classes and images are told apart, and some (not all) tags fire at 0.6
+    # not degenerate: classes and images are told apart, and some (not all) tags fire at 0.65
     assert logits.std(dim=1).min() > 0.05
     assert (logits[0] - logits[1]).abs().max() > 0.01
-    fired = torch.sigmoid(logits) > 0.6
+    fired = torch.sigmoid(logits) > 0.65
     assert 0 < fired.sum() < fired.numel()
 
 
