@@ -8,7 +8,9 @@ text decoder's output projection *is* its word embedding), as the official modul
 produces them. Key order follows the official modules (own parameters before child modules).
 
 Weights are random but scaled so that every part matters: attention is not uniform, label
-queries differ per class, and logits spread around the thresholds so some tags fire.
+queries differ per class, and logits spread over a few units. Tiny models are centred on the
+typical threshold (about half their tags fire), which makes the factory depend on
+`official_reference`; full-size ones keep the published init scales.
 """
 
 from __future__ import annotations
