@@ -84,4 +84,4 @@ def test_gallery_in_headless_browser(tmp_path, sample_photos, capsysbinary):
     chromium("--window-size=1000,700", f"--screenshot={shot}", out.as_uri(), tmp=tmp_path)
     with Image.open(shot) as im:
         assert im.size == (1000, 700)
-        assert len(set(im.convert("RGB").resize((100, 70)).getdata())) > 50  # real thumbnails, not a blank page
+        assert len(im.convert("RGB").resize((100, 70)).getcolors(maxcolors=7000)) > 50  # real thumbnails, not a blank page
