@@ -83,7 +83,7 @@ def exif_with(orientation: int | None = None, taken_at: str | None = None) -> Im
     return exif
 
 
-def write_dng(path: Path, preview: Image.Image) -> None:
+def write_dng(path: Path, preview: Image.Image, orientation: int | None = None) -> None:
     """A minimal valid DNG: a JPEG preview in IFD0 and a 16-bit Bayer raw in a SubIFD.
 
     tifffile writes the structure; JPEG strips need imagecodecs, so IFD0 is written
@@ -93,6 +93,8 @@ def write_dng(path: Path, preview: Image.Image) -> None:
     cfa = np.random.default_rng(1).integers(0, 4000, (64, 96)).astype(np.uint16)
     dng_tags = [(50706, "B", 4, (1, 4, 0, 0), True), (50708, "s", 0, "ramcli test camera", True),
                 (271, "s", 0, "Canon", True), (272, "s", 0, "EOS test", True)]
+    if orientation is not None:
+        dng_tags.append((274, "H", 1, (orientation,), True))
     with tifffile.TiffWriter(path) as tif:
         tif.write(np.asarray(preview), photometric="rgb", subfiletype=1, subifds=1, extratags=dng_tags)
         tif.write(cfa, photometric=32803, subfiletype=0,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from images import KINDS, W, H, available_kinds, jpeg_bytes, make_image, photo_like, run_unprivileged
+from images import KINDS, W, H, available_kinds, jpeg_bytes, make_image, photo_like, run_unprivileged, write_dng
 from PIL import Image
 from torchvision import transforms
 
@@ -195,3 +195,13 @@ def test_content_hash_errors_are_one_line(tmp_path):
     make_image(path, "text_as_jpg")
     with pytest.raises(ImageError, match=r"^not an image \(text\)$"):
         content_hash(path)
+
+
+def test_raw_preview_follows_the_raw_orientation(tmp_path):
+    preview = photo_like(W, H, seed=5)
+    write_dng(tmp_path / "portrait.dng", preview, orientation=6)
+    preview.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")
+    decoded = load_for_model(tmp_path / "portrait.dng", S, draft=False)
+    assert (decoded.width, decoded.height) == (H, W)
+    upright = load_for_model(tmp_path / "upright.png", S, draft=False).pixels.float()
+    assert (decoded.pixels.float() - upright).abs().mean() < 4  # the preview is a JPEG of the same pixels
