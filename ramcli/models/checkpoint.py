@@ -31,7 +31,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 
 from ramcli.errors import CheckpointError
 from ramcli.labels import LabelSet
-from ramcli.models.configs import ArchConfig, infer_arch
+from ramcli.models.configs import ArchConfig, head_prefix, infer_arch
 from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
 from ramcli.models.ram import RecognitionModel
 
@@ -85,9 +85,7 @@ def map_official(sd: dict[str, torch.Tensor], model: RecognitionModel) -> dict[s
     for k, v in checkpoint_filter_fn(visual, model.backbone).items():
         out[f"backbone.{k}"] = v
 
-    for prefix in ("tagging_head.encoder.layer.", "vision_multi.encoder.layer.", "tag_encoder.encoder.layer."):
-        if any(k.startswith(prefix) for k in sd):
-            break
+    prefix = head_prefix(sd)
     for i in range(arch.layers):
         for official, ours in OFFICIAL_LAYER_KEYS.items():
             for param in ("weight", "bias"):

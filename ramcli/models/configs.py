@@ -105,6 +105,16 @@ def family_of(name: str) -> str:
     return get_arch(name).family
 
 
+def head_prefix(sd: dict, prefix: str = "") -> str:
+    """Where the recognition decoder's layers are: `tagging_head` (current files), `vision_multi`
+    (early files), or the RAM/Tag2Text tag encoder whose lowest layers are tied to it."""
+    for name in ("tagging_head", "vision_multi", "tag_encoder"):
+        head = f"{prefix}{name}.encoder.layer."
+        if any(k.startswith(head) for k in sd):
+            return head
+    raise CheckpointError("missing the recognition decoder (tagging_head.encoder.layer.*)")
+
+
 def infer_family(sd: dict, prefix: str = "") -> str:
     """`reweight_scale` marks RAM++, a group-wise classifier `fc.W` marks Tag2Text."""
     if f"{prefix}reweight_scale" in sd:
@@ -155,14 +165,15 @@ def infer_arch(sd: dict, prefix: str = "", num_classes: int | None = None) -> Ar
     else:
         image_size = _IMAGE_SIZE_BY_WINDOW.get(window, window * 32)
 
-    layer_re = re.compile(re.escape(p) + r"(?:tagging_head|vision_multi)\.encoder\.layer\.(\d+)\.intermediate\.dense\.weight$")
+    head = head_prefix(sd, p)
+    layer_re = re.compile(re.escape(head) + r"(\d+)\.intermediate\.dense\.weight$")
     layer_ids = [int(m.group(1)) for k in sd if (m := layer_re.match(k))]
-    inter = sd.get(f"{p}tagging_head.encoder.layer.0.intermediate.dense.weight")
-    if inter is None:
-        inter = sd.get(f"{p}vision_multi.encoder.layer.0.intermediate.dense.weight")
+    inter = sd.get(f"{head}0.intermediate.dense.weight")
     if inter is None:
         raise CheckpointError("missing tensor tagging_head.encoder.layer.0.intermediate.dense.weight")
     hidden, intermediate = inter.shape[1], inter.shape[0]
+    # The 12-layer tag encoder shares only its lowest two layers with the tagging head.
+    layers = 2 if head.endswith("tag_encoder.encoder.layer.") else max(layer_ids) + 1
 
     if family == "tag2text":
         num_classes = sd[f"{p}fc.W"].shape[1]
@@ -177,14 +188,15 @@ def infer_arch(sd: dict, prefix: str = "", num_classes: int | None = None) -> Ar
             per_class = 51
         if rows % per_class or (num_classes and rows != num_classes * per_class):
             raise CheckpointError(
-                f"label_embed has {rows} rows, which does not fit {num_classes or 'the'} classes"
-                + (f" x {per_class} descriptions" if family == "ram_plus" else "")
+                f"the weights have {rows} label rows, which does not fit the "
+                f"{num_classes or '?'} classes the label files list"
+                + (f" ({per_class} descriptions each)" if family == "ram_plus" else "")
             )
         num_classes = rows // per_class
 
     candidate = ArchConfig(
         "custom", family, image_size, swin, num_classes,
-        hidden=hidden, intermediate=intermediate, layers=max(layer_ids) + 1,
+        hidden=hidden, intermediate=intermediate, layers=layers,
         descriptions_per_class=per_class,
     )
     for arch in ARCHS.values():
