@@ -281,16 +281,17 @@ def score_benchmark(
     labels_dir: Path | None,
     device: str,
     batch_size: int,
-    workers: int = 0,
+    workers: int | None = None,
 ) -> ScoreCache:
     """Load the model, score every benchmark image with the `ramcli tag` pipeline, keep the scores
     of the benchmark classes. Images that are missing or cannot be decoded are recorded as failures
     (the official script silently scored a black image instead)."""
     from ramcli.models import load_model
-    from ramcli.pipeline import score_files
+    from ramcli.pipeline import resolve_device, score_files
 
     if not Path(images_dir).is_dir():
         raise RamcliError(f"images folder not found: {images_dir}")
+    device = str(resolve_device(device))
     model = load_model(weights, arch=arch, labels_dir=labels_dir, device=device)
     selection = select_classes(benchmark, model.labels)
 
@@ -637,9 +638,9 @@ class EvalRequest:
     weights: Path | None = None
     arch: str | None = None
     labels_dir: Path | None = None
-    device: str = "cpu"
+    device: str = "auto"
     batch_size: int = 16
-    workers: int = 0
+    workers: int | None = None  # None: the `ramcli tag` default
     threshold: float | None = None
     threshold_file: Path | None = None
     calibration_fraction: float | None = None

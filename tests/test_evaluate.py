@@ -262,3 +262,56 @@ def test_cli_sweep_from_cache_and_errors(tmp_path):
     assert (out / "thresholds.txt").is_file()
     bad = subprocess.run(cmd + ["--threshold", "0.5", "--threshold-file", str(taglist)], capture_output=True, text=True)
     assert bad.returncode == 2 and "not both" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------- end to end with a tiny model
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_with_a_tiny_model(tmp_path):
+    from ckpt_factory import make_labels_dir, make_official_checkpoint
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ramcli.cli.app import app
+
+    from ramcli_train.evaluate import targets_for
+
+    weights = make_official_checkpoint(tmp_path / "ram_tiny.pth", arch="ram_tiny", num_classes=40)
+    labels = make_labels_dir(tmp_path, 40)
+    names = read_label_dir(labels, "ram").names
+    classes = [names[i] for i in (2, 5, 9, 17)]
+    folder = tmp_path / "imgs" / "test"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"im{i}.jpg")
+        lines.append(f"test/im{i}," + ",".join(c for k, c in enumerate(classes) if (i >> k) & 1 or k == i % 4))
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    lines += [f"test/absent,{classes[0]}", f"test/broken,{classes[1]}"]
+    annotations = _write(tmp_path / "annots.txt", "\n".join(lines) + "\n")
+    taglist = _write(tmp_path / "taglist.txt", "\n".join(classes + ["not a ram tag"]) + "\n")
+    out = tmp_path / "out"
+    base = ["eval", "--annotations", str(annotations), "--taglist", str(taglist), "--out", str(out)]
+    runner = CliRunner()  # in-process: one torch import instead of two subprocesses
+
+    done = runner.invoke(app, base + ["--images", str(tmp_path / "imgs"), "--weights", str(weights), "--labels",
+                                      str(labels), "--batch-size", "3", "--device", "cpu", "--calibrate", "--plots"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads((out / "summary.json").read_text())
+    cache = ScoreCache.load(out / "scores.npz")
+    benchmark = load_benchmark(annotations, taglist)
+    assert cache.scores.shape == (8, 4) and cache.model_indices.tolist() == [2, 5, 9, 17]
+    assert summary["failed_images"] == 2 and summary["missing_classes"] == 1
+    failures = dict(line.split("\t") for line in (out / "failures.txt").read_text().splitlines())
+    assert failures["test/absent"] == "not found" and set(failures) == {"test/absent", "test/broken"}
+    assert summary["mAP"] == metrics.mean_average_precision(cache.scores, targets_for(benchmark, cache)).mean
+    assert len((out / "thresholds.txt").read_text().split()) == 40
+    for name in ("per_class.csv", "pred.txt", "summary.txt", "pr_curves.png", "ap_per_class.png", "failures.txt"):
+        assert (out / name).is_file(), name
+
+    again = runner.invoke(app, base + ["--threshold", "0.3"])
+    assert again.exit_code == 0, again.output
+    assert "reused the cached scores" in again.output
+    assert json.loads((out / "summary.json").read_text())["mAP"] == summary["mAP"]

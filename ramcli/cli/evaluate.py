@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         weights: Path | None = typer.Option(None, "--weights", help="Model checkpoint (.pth or .safetensors) or a published model name. Without it, the scores cached in --out are reused."),
         arch: str | None = typer.Option(None, "--arch", help="Architecture name, if the checkpoint does not say."),
         labels: Path | None = typer.Option(None, "--labels", help="Folder with the official label files."),
-        device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, mps."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (as for `ramcli tag`)."),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward pass."),
         threshold: float | None = typer.Option(None, "--threshold", min=0.0, max=1.0, help="One threshold for every class (default: the model's per-class thresholds)."),
         threshold_file: Path | None = typer.Option(None, "--threshold-file", help="One float per line: per model class, or per benchmark class."),
