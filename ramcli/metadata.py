@@ -357,7 +357,7 @@ class ExifToolProcess:
         """Keyword fields, all XMP and all IPTC of `targets`, keyed by target; plus read errors."""
         if not targets:
             return {}, {}
-        stdout, stderr = self.execute("-j", "-XMP:all", "-IPTC:all", "-Photoshop:IPTCDigest", *targets)
+        stdout, stderr = self.execute("-j", "-fast2", "-XMP:all", "-IPTC:all", "-Photoshop:IPTCDigest", *targets)
         found = {os.path.abspath(d["SourceFile"]): d for d in parse_exiftool_json(stdout)}
         return found, per_file_messages(stderr)
 
@@ -532,10 +532,8 @@ class MetadataWriter:
                 bad = [f for f, v in t.new_values.items() if as_list(got.get(f)) != v]
                 if bad:
                     errors.setdefault(t.target, []).insert(0, f"Error: ExifTool did not store {', '.join(bad)}")
-        outcomes = []
-        for plan in plans:
-            outcomes.append(self._finish(plan, errors, model_id))
-        return outcomes
+        with self.ledger.db.atomic():  # one commit per batch, not one per file
+            return [self._finish(plan, errors, model_id) for plan in plans]
 
     def _write_targets(self, targets: list[TargetPlan]) -> dict[str, list[str]]:
         """One ExifTool command for all targets; per-target error and warning lines."""
