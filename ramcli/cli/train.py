@@ -1,15 +1,77 @@
-"""`ramcli train`, `finetune`, `parse`: the training pipeline (issues 7 and 8)."""
+"""`ramcli train` (pretrain RAM / RAM++ / Tag2Text on captioned shards), `ramcli train export`,
+and the `finetune` stub (issue 8). Thin wrappers over ramcli_train.loop / export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
-from ramcli.cli.common import not_built
+from ramcli.cli.common import console, not_built
+from ramcli.errors import UsageError
+
+train_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+                        help="Pretrain RAM on image-caption shards (the paper's full pipeline).")
+
+
+@train_app.callback()
+def train(
+    ctx: typer.Context,
+    data: list[str] = typer.Option(None, "--data", help="Shard folder/.tar/brace pattern, or official JSON files; repeatable."),
+    config: Path | None = typer.Option(None, "--config", help="YAML or TOML file of config keys."),
+    preset: str | None = typer.Option(None, "--preset", help="tiny (CPU), swin_b or swin_l (default swin_l)."),
+    model: str | None = typer.Option(None, "--model", help="Family: ram, ram_plus or tag2text."),
+    out: str | None = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, config.json."),
+    labels: str | None = typer.Option(None, "--labels", help="Label folder (official files) or a tags.txt."),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Per process."),
+    lr: float | None = typer.Option(None, "--lr"),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    sets: list[str] = typer.Option(None, "--set", help="Any config key: --set warmup_steps=100 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/checkpoint_last.pt."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, sample counts, memory; train nothing."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard scalars."),
+) -> None:
+    """Pretrain RAM on image-caption shards (the paper's full pipeline)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ramcli_train.config import resolve
+    from ramcli_train.loop import plan, train as run
+
+    overrides = dict(data=data or None, preset=preset, family=model, out=out, labels=labels, epochs=epochs,
+                     batch_size=batch_size, lr=lr, max_steps=max_steps, tensorboard=tensorboard or None)
+    cfg = resolve(None, config, overrides, sets)
+    if not cfg.data:
+        raise UsageError("no training data: pass --data SHARDS (e.g. the folder `ramcli synth` wrote)")
+    if dry_run:
+        console.print_json(json.dumps(plan(cfg)))
+        return
+    summary = run(cfg, resume=resume)
+    console.print(f"trained {summary['step']} steps; {summary['data']}; checkpoint {summary['checkpoint']}")
+
+
+@train_app.command("export")
+def export(
+    checkpoint: Path = typer.Argument(..., help="A training checkpoint (OUT/checkpoint_last.pt)."),
+    dst: Path = typer.Argument(..., help="Output file."),
+    to: str = typer.Option("tagger", "--to", help="tagger: tag-only .safetensors for `ramcli tag`; official: the official .pth layout."),
+    dtype: str = typer.Option("fp32", "--dtype", help="tagger files: fp32, bf16 or fp16."),
+) -> None:
+    """Export a training checkpoint for `ramcli tag` or the official code."""
+    from ramcli_train.export import export_official, export_tagger
+
+    if to == "tagger":
+        path = export_tagger(checkpoint, dst, dtype)
+    elif to == "official":
+        path = export_official(checkpoint, dst)
+    else:
+        raise UsageError("--to must be tagger or official")
+    console.print(f"wrote {path}")
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def train(ctx: typer.Context) -> None:
-        """Pretrain RAM on image-caption shards (the paper's full pipeline)."""
-        not_built("train", "training issue")
+    app.add_typer(train_app, name="train")
 
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def finetune(ctx: typer.Context) -> None:

@@ -1,0 +1,209 @@
+"""Training configuration: one dataclass, presets, YAML/TOML files and `key=value` overrides.
+
+Resolution order (later wins): dataclass defaults (the official pretraining recipe) -> preset
+(`tiny`, `swin_b`, `swin_l`) -> config file -> CLI overrides. The same config drives pretraining
+and finetuning (`schedule: cosine`, `init_from: checkpoint`), so `ramcli finetune` reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ramcli.errors import UsageError
+from ramcli.models.configs import ARCHS, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, ArchConfig
+from ramcli_train.caption import CaptionConfig
+
+FAMILIES = ("ram", "ram_plus", "tag2text")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: list[str] = field(default_factory=list)
+    val_data: list[str] = field(default_factory=list)
+    labels: str | None = None  # label folder; default: the tag list next to the data, else the family's
+    shuffle: bool = True
+    augment: bool = True  # the official RandomResizedCrop + flip + RandAugment(2, 5)
+    # model
+    family: str = "ram"
+    preset: str = "swin_l"
+    image_size: int = 224
+    caption_layers: int = 12
+    caption_heads: int = 12
+    tokenizer: str = "bert-base-uncased"  # bert-base-uncased | path to vocab.txt/tokenizer.json | train
+    tokenizer_vocab: int = 1000  # size of a vocabulary trained on the captions (tokenizer=train)
+    prompt: str = "a picture of "
+    prepend_prompt: bool = True  # BLIP's recipe; the official RAM dataset omits it (see docs)
+    label_embed: str = "clip"  # clip | random | FILE with (C[*D], 512) CLIP text embeddings
+    clip_weights: str | None = None
+    clip_model: str = "ViT-B-16-quickgelu"
+    distill: str = "online"  # online | precomputed | off
+    alignment: bool | None = None  # RAM++ image-text alignment loss; default on for ram_plus
+    pretrained_backbone: bool = True  # ImageNet-22k Swin through timm when available
+    init_from: str | None = None  # a training checkpoint or official .pth to start from (finetune)
+    # optimisation
+    batch_size: int = 52  # per process
+    epochs: int = 5
+    max_steps: int | None = None  # optimizer steps; stops early (tests, benchmarks)
+    lr: float = 1e-4
+    min_lr: float = 5e-7
+    warmup_lr: float = 5e-7
+    warmup_steps: int = 3000
+    lr_decay_rate: float = 0.9
+    schedule: str = "step"  # step (pretrain: x0.9 per epoch) | cosine (finetune: per epoch to min_lr)
+    weight_decay: float = 0.05
+    grad_clip: float = 0.0  # 0: off (official)
+    accum_steps: int = 1
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    grad_ckpt: bool = False
+    seed: int = 42
+    num_workers: int = 2
+    device: str = "auto"
+    # outputs
+    out: str = "runs/train"
+    save_every: int = 1000  # optimizer steps between checkpoints (and one per epoch)
+    log_every: int = 10
+    tensorboard: bool = False
+    progress: bool = True
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def use_alignment(self) -> bool:
+        return self.family == "ram_plus" if self.alignment is None else self.alignment and self.family == "ram_plus"
+
+    def arch(self, num_classes: int) -> ArchConfig:
+        """The ArchConfig of this preset, family and class count."""
+        if self.preset == "tiny":
+            return replace(ARCHS[f"{self.family}_tiny"], num_classes=num_classes)
+        swins = {("swin_b", 224): SWIN_B_224, ("swin_b", 384): SWIN_B_384,
+                 ("swin_l", 224): SWIN_L_224, ("swin_l", 384): SWIN_L_384}
+        swin = swins.get((self.preset, self.image_size))
+        if swin is None:
+            raise UsageError(f"preset {self.preset} supports image_size 224 or 384, not {self.image_size}")
+        return ArchConfig(f"{self.family}_{self.preset}_{self.image_size}", self.family, self.image_size, swin,
+                          num_classes, descriptions_per_class=51 if self.family == "ram_plus" else 1)
+
+    def caption_config(self, arch: ArchConfig, vocab_size: int) -> CaptionConfig | None:
+        if arch.family == "ram_plus":
+            return None
+        width = 512 if arch.family == "ram" else arch.swin.width
+        return CaptionConfig(arch.hidden, self.caption_heads, arch.intermediate, self.caption_layers,
+                             vocab_size, 512, width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: 64 px, tiny Swin and heads, a caption vocabulary trained on the data, no teacher
+    "tiny": dict(preset="tiny", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
+                 label_embed="random", distill="off", pretrained_backbone=False, batch_size=32, epochs=10,
+                 lr=5e-4, warmup_lr=1e-5, warmup_steps=50, lr_decay_rate=0.95, amp="off", num_workers=0,
+                 save_every=200, log_every=5),
+    # Tag2Text's pretraining setting (Swin-B 224, 80 per GPU)
+    "swin_b": dict(preset="swin_b", image_size=224, batch_size=80),
+    # RAM's pretraining setting (Swin-L 224, 52 per GPU)
+    "swin_l": dict(preset="swin_l", image_size=224, batch_size=52),
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A CLI string or file value -> the field's type (YAML scalars: 1e-4, true, null, [a, b])."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    if name not in kinds:
+        raise UsageError(f"unknown config key {name!r}; known: {', '.join(sorted(kinds))}")
+    kind = str(kinds[name])
+    if isinstance(value, str) and "None" in kind and value.strip().lower() in ("null", "none", ""):
+        return None
+    if isinstance(value, str) and not kind.startswith("str"):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"cannot parse {name}={value!r}") from None
+    if kind.startswith("list") and isinstance(value, str):
+        value = [value]
+    if value is None:
+        if "None" not in kind:
+            raise UsageError(f"{name} cannot be empty")
+        return None
+    base = kind.split(" | ")[0]
+    try:
+        if base == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base == "float":
+            return float(value)
+        if base == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if base == "str":
+            return str(value)
+        if base.startswith("list"):
+            return [str(v) for v in value]
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be {base}, got {value!r}") from None
+    return value
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot parse {path.name}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path.name} must hold a mapping of config keys")
+    return data
+
+
+def resolve(preset: str | None = None, file: Path | None = None, overrides: dict[str, Any] | None = None,
+            sets: list[str] | None = None) -> TrainConfig:
+    """Defaults -> preset -> file -> overrides (typed values) -> sets ('key=value' strings)."""
+    layers: list[dict[str, Any]] = []
+    from_file = read_config_file(file) if file else {}
+    name = (overrides or {}).get("preset") or from_file.get("preset") or preset
+    if name:
+        if name not in PRESETS:
+            raise UsageError(f"unknown preset {name!r}; choose {', '.join(PRESETS)}")
+        layers.append(PRESETS[name])
+    layers += [from_file, {k: v for k, v in (overrides or {}).items() if v is not None}]
+    for item in sets or []:
+        if "=" not in item:
+            raise UsageError(f"--set takes key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        layers.append({k.strip().replace("-", "_"): v})
+    cfg = TrainConfig()
+    for layer in layers:
+        cfg = replace(cfg, **{k: _coerce(k, v) for k, v in layer.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.family in FAMILIES, f"family must be one of {', '.join(FAMILIES)}"),
+        (cfg.distill in ("online", "precomputed", "off"), "distill must be online, precomputed or off"),
+        (cfg.schedule in ("step", "cosine"), "schedule must be step or cosine"),
+        (cfg.amp in ("auto", "bf16", "off"), "amp must be auto, bf16 or off"),
+        (cfg.batch_size > 0 and cfg.accum_steps > 0 and cfg.epochs > 0, "batch_size, accum_steps, epochs must be > 0"),
+        (cfg.lr > 0, "lr must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def dump(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

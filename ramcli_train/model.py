@@ -1,0 +1,245 @@
+"""The trainable RAM: the tagger everyone else uses, plus what only training needs.
+
+`TrainableRAM` wraps `ramcli.models.RecognitionModel` (the very module `ramcli tag` runs, so an
+export is a plain state-dict copy) and adds the caption generator (RAM, Tag2Text) whose lowest
+tag-encoder layers are tied to the recognition decoder, as in the official code. The frozen CLIP
+image encoder used as the distillation teacher lives outside the module (`ClipTeacher`): it is
+never trained, checkpointed or wrapped in DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ramcli.errors import RamcliError
+from ramcli.labels import LabelSet
+from ramcli.models.configs import CLIP_DIM, ArchConfig
+from ramcli.models.ram import RecognitionModel
+from ramcli_train import losses
+from ramcli_train.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: timm names of the ImageNet-22k Swin weights the official code starts from
+TIMM_PRETRAINED = {
+    (128, 7): "swin_base_patch4_window7_224.ms_in22k",
+    (128, 12): "swin_base_patch4_window12_384.ms_in22k",
+    (192, 7): "swin_large_patch4_window7_224.ms_in22k",
+    (192, 12): "swin_large_patch4_window12_384.ms_in22k",
+}
+
+
+def tag_texts(labels: LabelSet, multi_hot: torch.Tensor) -> list[str]:
+    """The caption generator's tag input: tag names in label order, joined by ' | ' (official)."""
+    rows = multi_hot.detach().cpu() > 0.5
+    return [" | ".join(labels.names[i] for i in row.nonzero().flatten().tolist()) for row in rows]
+
+
+class TrainableRAM(nn.Module):
+    """Tagger + caption generator; `forward` returns the loss parts of one batch."""
+
+    def __init__(self, arch: ArchConfig, labels: LabelSet, label_embed: torch.Tensor | None = None,
+                 caption_cfg: CaptionConfig | None = None, tokenizer: CaptionTokenizer | None = None,
+                 prompt: str = "a picture of "):
+        super().__init__()
+        self.arch = arch
+        self.labels = labels
+        self.tagger = RecognitionModel(arch, labels, model_id="training")
+        _init_tagger(self.tagger, label_embed)
+        self.caption: CaptionGenerator | None = None
+        if arch.family in ("ram", "tag2text") and caption_cfg is not None:
+            if tokenizer is None:
+                raise RamcliError("a caption generator needs a tokenizer")
+            self.caption = CaptionGenerator(caption_cfg, tokenizer, prompt, tied_layers=self.tagger.decoder.layers)
+            self.caption.apply(_bert_init)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.tagger.backbone.set_grad_checkpointing(enabled)
+        if self.caption is not None:
+            self.caption.set_grad_checkpointing(enabled)
+
+    def forward(self, images: torch.Tensor, tags: torch.Tensor, parse_tags: torch.Tensor | None = None,
+                captions: Sequence[str] | None = None, clip_features: torch.Tensor | None = None,
+                text_embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss parts: tag (always), lm (caption branch), dis (with clip_features), align (RAM++
+        with caption text_embeds). Tag2Text trains on the parsed tags, as the official code."""
+        embeds = self.tagger.encode_image(images)
+        logits = self.tagger.decode(embeds)
+        family = self.arch.family
+        targets = parse_tags if family == "tag2text" and parse_tags is not None else tags
+        parts = {"tag": losses.asymmetric_loss(logits, targets)}
+        if self.caption is not None and captions is not None:
+            guide = parse_tags if parse_tags is not None else tags
+            lm_logits, lm_targets = self.caption.logits(embeds, tag_texts(self.labels, guide), captions)
+            parts["lm"] = losses.lm_loss(lm_logits, lm_targets)
+        if clip_features is not None and family != "tag2text":
+            parts["dis"] = losses.distillation_loss(embeds[:, 0, :], clip_features)
+        if text_embeds is not None and family == "ram_plus":
+            parts["align"] = losses.alignment_loss(self.tagger.decode(embeds, label_embed=text_embeds))
+        return parts
+
+
+def _bert_init(module: nn.Module) -> None:
+    """BERT's initialisation (normal 0.02, zero bias, unit LayerNorm), as the official text parts."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _init_tagger(tagger: RecognitionModel, label_embed: torch.Tensor | None) -> None:
+    """Frozen CLIP label queries (RAM/RAM++) or learned ones (Tag2Text); classifier init as official.
+
+    Tag2Text's queries are an nn.Embedding in the official model (trained), so the buffer of the
+    inference module becomes a parameter under the same name (state-dict keys are unchanged).
+    """
+    arch = tagger.arch
+    tagger.decoder.apply(_bert_init)
+    if arch.family == "tag2text":
+        del tagger._buffers["label_embed"]
+        tagger.label_embed = nn.Parameter(torch.randn(arch.num_classes, arch.hidden))
+        bound = 1 / math.sqrt(arch.hidden)
+        nn.init.uniform_(tagger.fc_weight, -bound, bound)
+        nn.init.uniform_(tagger.fc_bias, -bound, bound)
+        return
+    rows = arch.num_classes * arch.descriptions_per_class
+    if label_embed is None or tuple(label_embed.shape) != (rows, CLIP_DIM):
+        got = "none" if label_embed is None else tuple(label_embed.shape)
+        raise RamcliError(f"label embeddings must be ({rows}, {CLIP_DIM}) CLIP text vectors, got {got}")
+    tagger.label_embed.copy_(label_embed)
+    if arch.family == "ram_plus":
+        with torch.no_grad():
+            tagger.reweight_scale.fill_(math.log(1 / 0.07))
+
+
+def load_imagenet_backbone(tagger: RecognitionModel) -> bool:
+    """ImageNet-22k Swin weights through timm (the official start point); warn and keep random
+    weights when they are not available (no network, unknown size)."""
+    swin = tagger.arch.swin
+    name = TIMM_PRETRAINED.get((swin.embed_dim, swin.window_size))
+    if name is None:
+        warnings.warn(f"no ImageNet-22k weights for a Swin of width {swin.embed_dim}; the backbone starts random",
+                      stacklevel=2)
+        return False
+    try:
+        import timm
+
+        source = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
+    except Exception as exc:  # offline or hub errors: training can still start from random weights
+        warnings.warn(f"ImageNet-22k weights {name} not available ({type(exc).__name__}); the backbone starts random",
+                      stacklevel=2)
+        return False
+    missing = tagger.backbone.load_state_dict(source.state_dict(), strict=False)
+    if missing.missing_keys:
+        warnings.warn(f"backbone weights partly loaded: {len(missing.missing_keys)} tensors kept random", stacklevel=2)
+    return True
+
+
+# ----------------------------------------------------------------------------- CLIP teacher
+
+
+class ClipTeacher:
+    """Frozen CLIP image encoder: the distillation target (fp16 on CUDA, like the official)."""
+
+    def __init__(self, model: nn.Module, image_size: int, device: torch.device):
+        self.model = model.eval().requires_grad_(False).to(device)
+        if device.type == "cuda":
+            self.model.half()
+        self.image_size = image_size
+        self.device = device
+
+    @classmethod
+    def load(cls, weights: str | None, model_name: str, device: torch.device) -> ClipTeacher:
+        """open_clip `model_name` with CLIP weights found like `ramcli vocab` finds them; without
+        weights a seeded random encoder and a warning (tests, smoke runs)."""
+        import open_clip
+
+        from ramcli.clip_text import _read_state_dict, find_clip_weights
+
+        if model_name == "tiny":
+            config = {"embed_dim": CLIP_DIM, "quick_gelu": True,
+                      "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+                      "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+        else:
+            config = open_clip.get_model_config(model_name)
+            if config is None:
+                raise RamcliError(f"unknown open_clip model {model_name!r}")
+        torch.manual_seed(0)
+        model = open_clip.CLIP(**config)
+        try:
+            path = find_clip_weights(weights)
+        except RamcliError as exc:
+            warnings.warn(f"distilling towards a RANDOM CLIP image encoder: {exc}", stacklevel=2)
+        else:
+            state = {k: v for k, v in _read_state_dict(path).items() if k.startswith("visual.")}
+            model.visual.load_state_dict({k[len("visual."):]: v for k, v in state.items()}, strict=True)
+        return cls(model.visual, config["vision_cfg"]["image_size"], device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, clip_images: torch.Tensor | None = None) -> torch.Tensor:
+        """CLIP features (B, 512) of CLIP-normalised views; without views, the training crop
+        re-normalised and resized (the official pretraining uses the same crop)."""
+        if clip_images is None:
+            clip_images = imagenet_to_clip(images, self.image_size)
+        x = clip_images.to(self.device, next(self.model.parameters()).dtype)
+        return self.model(x).float()
+
+
+def imagenet_to_clip(images: torch.Tensor, size: int) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    raw = images.float() * std + mean
+    if raw.shape[-1] != size:
+        raw = F.interpolate(raw, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    cmean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    cstd = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (raw - cmean) / cstd
+
+
+def label_embeddings(labels: LabelSet, arch: ArchConfig, source: str, clip_weights: str | None = None,
+                     seed: int = 0) -> torch.Tensor | None:
+    """Frozen label queries for RAM/RAM++: 'clip' (CLIP text of the official prompt templates),
+    'random' (unit vectors; synthetic data and tests), or a .safetensors/.pt file with one tensor."""
+    if arch.family == "tag2text":
+        return None
+    rows = arch.num_classes * arch.descriptions_per_class
+    if source == "random":
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(rows, CLIP_DIM, generator=g)
+        return x / x.norm(dim=-1, keepdim=True)
+    if source == "clip":
+        from ramcli.clip_text import ensemble, load_text_encoder
+
+        encoder = load_text_encoder(clip_weights)
+        out = []
+        for name in labels.names:
+            t = encoder.template_embeddings(name)
+            out.append(ensemble(t)[None] if arch.family == "ram" else t[: arch.descriptions_per_class])
+        return torch.cat(out)
+    from pathlib import Path
+
+    path = Path(source)
+    if not path.is_file():
+        raise RamcliError(f"label embedding file not found: {path} (or use label_embed=clip|random)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = list(load_file(str(path)).values())
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    if len(tensors) != 1:
+        raise RamcliError(f"{path.name} must hold exactly one tensor of label embeddings")
+    return tensors[0].float()
