@@ -10,8 +10,8 @@ by a content hash that survives metadata writes) and the data behind `ramcli sea
 * Tag counts (`tags.photo_count`) are kept in the same transaction as the photo tags; search uses
   them to pick the most selective term of a query, `index check` verifies them.
 
-Other modules keep their own tables in the same file (the metadata write `ledger`); this module
-only touches them where a photo moves.
+Other modules keep their own tables in the same file (the metadata write ledger,
+`ramcli.ledger`); this module only touches them where a photo moves.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class Index:
         return None
 
     def move(self, old_path: str, new_path: str, size: int, mtime_ns: int) -> None:
-        """Re-point a moved photo, keeping its tags (and the metadata ledger's rows)."""
+        """Re-point a moved photo, keeping its tags and the metadata ledger's rows (one transaction)."""
         old, new = normalize_path(old_path), normalize_path(new_path)
         with self._write():
             self._delete_photos(self.db.execute("SELECT id FROM photos WHERE path = ?", [new]).fetchall())
@@ -255,8 +255,9 @@ class Index:
             )
             if cur.rowcount == 0:
                 raise RamcliError(f"cannot move {old}: it is not in the index")
-            if self.db.table("ledger").exists():
-                self.db.execute("UPDATE ledger SET path = ? WHERE path = ?", [new, old])
+            from ramcli.ledger import Ledger  # the metadata writer's table; re-pointed in this transaction
+
+            Ledger(self.db).move(old, new)
 
     def update_stat(self, path: str, size: int, mtime_ns: int) -> None:
         """Record a file's new size and mtime after a metadata write, so it is not re-tagged."""

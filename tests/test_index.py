@@ -16,6 +16,7 @@ import pytest
 
 from ramcli.errors import RamcliError
 from ramcli.index import SCHEMA_VERSION, Index
+from ramcli.ledger import Ledger, LedgerEntry
 from ramcli.records import PhotoResult, TagScore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,8 +115,7 @@ def test_moved_photo_is_found_by_hash_and_keeps_tags_and_ledger(index, tmp_path)
     old, new = tmp_path / "old.jpg", tmp_path / "new.jpg"
     old.write_bytes(b"x")
     index.record_batch([result(old, [("dog", "狗", 0.9)], content_hash="h1")])
-    index.db.execute("CREATE TABLE ledger (path TEXT, tag TEXT)")  # as ramcli/ledger.py would
-    index.db.execute("INSERT INTO ledger VALUES (?, 'dog')", [str(old)])
+    Ledger(index.db).record([LedgerEntry(str(old), str(old), "XMP-dc:Subject", "dog", False)])
     assert index.find_moved("h1") is None  # still on disk: not moved
     old.rename(new)
     moved = index.find_moved("h1")
@@ -123,7 +123,7 @@ def test_moved_photo_is_found_by_hash_and_keeps_tags_and_ledger(index, tmp_path)
     index.move(str(old), str(new), 1, 7)
     assert index.lookup(str(old)) is None
     assert (index.lookup(str(new)).mtime_ns, index.photo_tags(str(new))[0].name) == (7, "dog")
-    assert index.db.execute("SELECT path FROM ledger").fetchall() == [(str(new),)]
+    assert [(e.path, e.target) for e in Ledger(index.db).entries(str(new))] == [(str(new), str(new))]
     with pytest.raises(RamcliError, match="not in the index"):
         index.move(str(old), str(new), 1, 7)
 

@@ -13,6 +13,7 @@ import pytest
 
 from ramcli.cli.app import main
 from ramcli.index import Index
+from ramcli.ledger import Ledger, LedgerEntry
 from ramcli.records import PhotoResult, TagScore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,10 +129,9 @@ def test_show_stats_prune_check(capsysbinary, library):
     code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"))
     assert code == 0 and "dog" in out and "海滩" in out and "0.900" in out and "nothing written" in out
     with Index.open() as ix:
-        ix.db.execute("CREATE TABLE ledger (path TEXT, field TEXT, value TEXT)")
-        ix.db.execute("INSERT INTO ledger VALUES (?, 'XMP-dc:Subject', 'dog')", [str(library / "a.jpg")])
+        Ledger(ix.db).record([LedgerEntry(str(library / "a.jpg"), str(library / "a.xmp"), "XMP-dc:Subject", "dog", False)])
     code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"))
-    assert "XMP-dc:Subject" in out
+    assert "XMP-dc:Subject" in out and "a.xmp" in out
     code, _, err = run(capsysbinary, "show", str(library / "nope.jpg"))
     assert code == 1 and "not in the index" in err
     code, out, _ = run(capsysbinary, "stats")

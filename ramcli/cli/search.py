@@ -20,6 +20,7 @@ from ramcli import config
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
 from ramcli.index import Index, database_error, normalize_path
+from ramcli.ledger import Ledger
 from ramcli.search import Filters, Hit, search as run_search
 
 index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity.", no_args_is_help=True)
@@ -149,9 +150,7 @@ def register(app: typer.Typer) -> None:
             if record is None:
                 raise RamcliError(f"{photo} is not in the index: tag it with `ramcli tag {photo}`")
             tags = index.photo_tags(record.path)
-            ledger = []
-            if index.db.table("ledger").exists():
-                ledger = list(index.db.query("SELECT * FROM ledger WHERE path = ?", [record.path]))
+            ledger = Ledger(index.db).entries(record.path)
         console.print(f"[bold]{record.path}[/]", highlight=False)
         for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash"):
             value = getattr(record, field)
@@ -164,11 +163,11 @@ def register(app: typer.Typer) -> None:
             table.add_row(t.name, t.name_zh, f"{t.score:.3f}")
         console.print(table)
         if ledger:
-            written = Table(title="written", show_edge=False, header_style="bold")
-            for col in ledger[0]:
-                written.add_column(col)
-            for row in ledger:
-                written.add_row(*("" if v is None else str(v) for v in row.values()))
+            written = Table(title="written to metadata", show_edge=False, header_style="bold")
+            for col in ("file", "field", "value", "ours"):
+                written.add_column(col, overflow="fold")
+            for e in ledger:
+                written.add_row(e.target, e.field, e.value, "no (was there)" if e.preexisting else "yes")
             console.print(written)
         else:
             console.print("  nothing written to the file's metadata yet", style="dim")
