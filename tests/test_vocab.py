@@ -247,3 +247,97 @@ def test_tag2text_skips_custom_tags(tmp_path, vocab, load_encoder):
     applied = vocab.apply_to_model(model)
     assert applied.skipped_custom == ("tram",) and len(model.labels) == NUM_CLASSES
     assert 1 in model.labels.deleted
+
+
+# ---------------------------------------------------------------------- the CLI
+@pytest.fixture
+def cli(monkeypatch, labels_dir, tmp_path, capsys):
+    """Run `ramcli ...` in-process: (exit code, stdout, stderr). No HF cache, official labels."""
+    import huggingface_hub.constants
+
+    from ramcli.cli.app import main
+
+    monkeypatch.setenv("RAMCLI_LABELS", str(labels_dir))
+    monkeypatch.delenv(clip_text.CLIP_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(["vocab", *args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_cli_settings_without_clip(cli, builtin, labels_dir):
+    from ramcli.config import home
+    from ramcli.index import Index
+
+    assert cli("disable", "Person")[0] == 0
+    code, out, _ = cli("threshold", "dog", "0.8")
+    assert code == 0 and "threshold of 'dog' is now 0.8" in out
+    assert cli("synonym", "dog", "doggo")[0] == 0
+    code, out, _ = cli("list", "--builtin", "--search", "doggo")
+    assert out.splitlines() == ["dog\tbuilt-in\t0.8\tenabled\tdoggo"]
+    code, out, _ = cli("list", "--search", "person")
+    person = read_label_dir(labels_dir, "ram").thresholds[builtin.index("person")]
+    assert f"person\tbuilt-in\t{person:g}\tdisabled\t" in out.splitlines()
+    with Index.open(readonly=True) as index:
+        assert index.db.execute("SELECT alias FROM synonyms").fetchall() == [("doggo",)]
+    manifest = (home().vocab / "manifest.json").read_bytes()
+    for args, message in [(("threshold", "dog", "2"), "between 0 and 1"), (("disable", "nosuchtag"), "unknown tag"),
+                          (("enable", "dog"), "not disabled"), (("remove", "dog"), "built-in"),
+                          (("synonym", "dog", " "), "synonym is empty")]:
+        code, out, err = cli(*args)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert (home().vocab / "manifest.json").read_bytes() == manifest
+
+
+def test_cli_add_errors_are_one_line_and_change_nothing(cli, tmp_path):
+    from ramcli.config import home
+
+    cases = [(("add", ""), "tag name is empty"), (("add", "  "), "tag name is empty"),
+             (("add", "person"), "already a built-in tag ('person'): use `ramcli vocab enable"),
+             (("add", "tram"), "ramcli models pull clip-vit-b-16"),
+             (("add", "tram", "--clip-weights", str(tmp_path / "none.pt")), "CLIP weights file not found"),
+             (("add", "tram", "--descriptions", str(tmp_path / "none.json")), "descriptions file not found")]
+    for args, message in cases:
+        code, _, err = cli(*args)
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    (tmp_path / "bad.txt").write_bytes(b"tram\n\xff\n")
+    code, _, err = cli("import", str(tmp_path / "bad.txt"))
+    assert code == 1 and "not UTF-8" in err
+    assert not (home().vocab / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_add_with_real_clip_architecture(cli, tmp_path):
+    """`vocab add` end to end with a random-weight ViT-B-16 (QuickGELU) text tower on disk."""
+    import open_clip
+
+    weights = save_random_clip(tmp_path / "clip.safetensors", open_clip.get_model_config(clip_text.CLIP_MODEL_NAME),
+                               text_only=True)
+    code, out, err = cli("add", "tram", "--clip-weights", str(weights))
+    assert code == 0, err
+    assert "added custom tag 'tram' (threshold 0.5, 63 prompts)" in out
+    code, out, err = cli("add", "funicular", "-d", "a funicular.", "-d", "a cliff railway", "--threshold", "0.6",
+                         "--clip-weights", str(weights))
+    assert code == 0 and "2 descriptions" in out
+    code, out, _ = cli("list", "--custom")
+    assert out.splitlines() == ["tram\tcustom\t0.5\tenabled\t", "funicular\tcustom\t0.6\tenabled\t"]
+    code, _, err = cli("add", "Tram", "--clip-weights", str(weights))
+    assert code == 1 and "already exists" in err
+    vocab = Vocabulary.open()
+    encoder = clip_text.load_text_encoder(weights)
+    torch.testing.assert_close(vocab.embeddings["tram"]["template"], encoder.template_embeddings("tram"))
+    exported = tmp_path / "export.json"
+    assert cli("export", str(exported))[0] == 0
+    assert json.loads(exported.read_text())["custom"][1] == {
+        "name": "funicular", "threshold": 0.6, "descriptions": ["a funicular.", "a cliff railway"]}
+    assert cli("remove", "tram")[0] == 0
+    assert [t.name for t in Vocabulary.open().custom] == ["funicular"]
