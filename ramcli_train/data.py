@@ -380,7 +380,7 @@ class ShardDataset(_StreamBase):
         samples: Iterator[dict] = wds.tarfile_samples(urls, handler=on_error)
         rng = self._rng(self.rank)
         if self.shuffle and self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
+            samples = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(samples)
         for raw in samples:
             pending.seen += 1
             sample = self._build(raw, rng, pending)
