@@ -42,23 +42,17 @@ for module in (tag, search, write, vocab, models, train, parse, evaluate, engine
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app; every failure becomes one line on stderr.
+    """Console-script entry point; every failure becomes one line on stderr.
 
-    Set RAMCLI_DEBUG=1 to get the traceback of an unexpected error instead.
+    Typer handles usage errors (exit 2) and `typer.Exit` itself in standalone mode; what reaches
+    here is ours. Set RAMCLI_DEBUG=1 to get the traceback of an unexpected error instead.
     """
-    import click
-
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="ramcli")
     except RamcliError as exc:
         fail(str(exc))
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except KeyboardInterrupt:
         fail("interrupted")
         sys.exit(130)
     except Exception as exc:

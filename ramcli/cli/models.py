@@ -1,9 +1,109 @@
 """`ramcli models`: list, info, pull, import, convert."""
 
-import typer
+from __future__ import annotations
 
-models_app = typer.Typer(help="The published models: list, pull, import, convert.", no_args_is_help=True)
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ramcli.cli.common import console, err_console
+
+models_app = typer.Typer(help="The published models: list, info, pull, import, convert.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """The published models, their size, and whether they are installed."""
+    from ramcli.config import home
+    from ramcli.models import DEFAULT_MODEL, PUBLISHED
+    from ramcli.models.registry import converted_path
+
+    table = Table("name", "arch", "download", "installed", "description")
+    for p in PUBLISHED.values():
+        installed = converted_path(home().models, p.name).is_file()
+        name = p.name + (" (default)" if p.name == DEFAULT_MODEL else "")
+        table.add_row(name, p.arch or "-", f"{p.size / 1e9:.2f} GB", "yes" if installed else "-", p.description)
+    console.print(table)
+
+
+@models_app.command()
+def info(name: str = typer.Argument(..., help="A published name or a weights file.")) -> None:
+    """Architecture, classes, label checksum and provenance of a model (reads headers only for converted files)."""
+    from ramcli.models import PUBLISHED, load_any
+    from ramcli.models.checkpoint import is_converted, read_converted_metadata
+    from ramcli.models.configs import ArchConfig
+
+    if name in PUBLISHED:
+        p = PUBLISHED[name]
+        console.print_json(json.dumps({"name": p.name, "repo": p.repo_id, "file": p.filename,
+                                       "bytes": p.size, "arch": p.arch, "description": p.description}))
+        return
+    path = Path(name)
+    if path.is_file() and is_converted(path):
+        meta = read_converted_metadata(path)
+        arch = ArchConfig.from_json(meta["arch"])
+        console.print_json(json.dumps({
+            "file": str(path), "model_id": meta.get("model_id"), "arch": arch.name, "family": arch.family,
+            "image_size": arch.image_size, "classes": arch.num_classes, "dtype": meta.get("dtype"),
+            "labels_checksum": meta.get("labels_checksum"), "source": meta.get("source"),
+        }))
+        return
+    model = load_any(path)
+    console.print_json(json.dumps({"file": str(path), "model_id": model.model_id, "arch": model.arch.name,
+                                   "family": model.arch.family, "image_size": model.arch.image_size,
+                                   "classes": model.arch.num_classes}))
+
+
+@models_app.command()
+def pull(
+    name: str = typer.Argument("ram_plus_swin_large_14m", help="A name from `ramcli models list`."),
+    dtype: str = typer.Option("fp32", help="Precision of the converted file: fp32, bf16 or fp16."),
+    no_convert: bool = typer.Option(False, "--no-convert", help="Keep only the original download."),
+    labels: Path = typer.Option(None, help="Folder with the official label files (else downloaded)."),
+) -> None:
+    """Download a published model from the Hugging Face hub (verified) and convert it to a tag-only file."""
+    from ramcli.models import get_published, pull as do_pull
+
+    p = get_published(name)
+    err_console.print(f"{p.name}: {p.size / 1e9:.2f} GB from huggingface.co/{p.repo_id}")
+    path = do_pull(name, dtype=dtype, convert_to_tagger=not no_convert, labels_dir=labels)
+    console.print(str(path))
+
+
+@models_app.command("import")
+def import_(
+    src: Path = typer.Argument(..., help="A .pth you downloaded yourself (or a converted file)."),
+    name: str = typer.Option(None, help="Register under this name (default: the file's stem; a published name makes it that model)."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    labels: Path = typer.Option(None, help="Folder with the official label files."),
+    arch: str = typer.Option(None, help="Architecture when it cannot be inferred."),
+) -> None:
+    """Convert a local checkpoint into the models folder, so `--weights NAME` finds it."""
+    from ramcli.config import home
+    from ramcli.models import convert
+    from ramcli.models.registry import converted_path
+
+    target = converted_path(home().models, name or src.stem)
+    convert(src, target, dtype=dtype, arch=arch, labels_dir=labels)
+    console.print(str(target))
+
+
+@models_app.command("convert")
+def convert_cmd(
+    src: Path = typer.Argument(..., help="An official .pth checkpoint."),
+    dst: Path = typer.Argument(..., help="The tag-only .safetensors file to write."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS or a download)."),
+    arch: str = typer.Option(None, help="Architecture when it cannot be inferred."),
+) -> None:
+    """Write a self-contained tag-only file (weights + arch + labels), loaded memory-mapped."""
+    from ramcli.models import convert
+
+    out = convert(src, dst, dtype=dtype, arch=arch, labels_dir=labels)
+    console.print(f"{out} ({out.stat().st_size / 1e6:.1f} MB)")
