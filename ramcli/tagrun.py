@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ramcli.discover import Found, describe_skipped, discover
 from ramcli.errors import UsageError
+from ramcli.metadata import WriterOptions
 from ramcli.records import PhotoResult
 
 
@@ -84,10 +85,7 @@ class TagRun:
     use_index: bool = True
     index_path: Path | None = None
     write: bool = True
-    tag_root: str = "auto"
-    sidecar: bool = False
-    keep_backups: bool = False
-    preserve_mtime: bool = False
+    writer_options: WriterOptions | None = None
     quiet: bool = False
 
     # ------------------------------------------------------------------ steps
@@ -219,10 +217,9 @@ class TagRun:
 
     def _metadata_sink(self, index, summary: Summary, model_id: str) -> MetadataSink:
         from ramcli.ledger import Ledger
-        from ramcli.metadata import MetadataWriter, WriterOptions
+        from ramcli.metadata import MetadataWriter
 
-        options = WriterOptions(tag_root=self.tag_root, lang=self.lang, sidecar=self.sidecar,
-                                keep_backups=self.keep_backups, preserve_mtime=self.preserve_mtime)
+        options = self.writer_options or WriterOptions(lang=self.lang)
         return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, summary)
 
     # ------------------------------------------------------------------ report

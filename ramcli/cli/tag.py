@@ -7,10 +7,13 @@ from pathlib import Path
 import typer
 
 from ramcli.cli.common import console, err_console, stdout_is_terminal
+from ramcli.cli.write import writer_options as with_writer_options
+from ramcli.metadata import WriterOptions
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
+    @with_writer_options
     def tag(
         paths: list[Path] = typer.Argument(..., help="Photos and folders (walked recursively)."),
         weights: str = typer.Option(None, "--weights", "-w", help="Model file (.pth or converted .safetensors) or a published name. Default: ram_plus_swin_large_14m."),
@@ -24,7 +27,6 @@ def register(app: typer.Typer) -> None:
         threshold: float = typer.Option(None, min=0.0, max=1.0, help="One threshold for every tag (default: the official per-class thresholds)."),
         threshold_file: Path = typer.Option(None, help="Per-class thresholds, one per line in label order (e.g. from `ramcli eval --calibrate`)."),
         top_k: int = typer.Option(None, min=1, help="Keep at most K tags per photo."),
-        lang: str = typer.Option("en", help="Tag language for output and metadata: en, zh or both."),
         exclude_tags: str = typer.Option("", help="Comma-separated tags never to emit (they are not even computed)."),
         include: list[str] = typer.Option([], "--include", help="Only files whose relative path matches this glob (repeatable)."),
         exclude: list[str] = typer.Option([], "--exclude", help="Skip files whose relative path matches this glob (repeatable)."),
@@ -35,11 +37,9 @@ def register(app: typer.Typer) -> None:
         no_index: bool = typer.Option(False, "--no-index", help="Do not record results in the index (every photo is tagged)."),
         index_path: Path = typer.Option(None, "--index", help="Index database (default: $RAMCLI_HOME/index.db)."),
         write: bool = typer.Option(True, "--write/--no-write", help="Write tags into the photos' XMP/IPTC metadata (or sidecars)."),
-        tag_root: str = typer.Option("auto", help="Root of the hierarchical keywords (auto|dog)."),
-        sidecar: bool = typer.Option(False, "--sidecar", help="Write XMP sidecars for every format, not only RAW."),
-        keep_backups: bool = typer.Option(False, "--keep-backups", help="Keep ExifTool's FILE_original copies."),
-        preserve_mtime: bool = typer.Option(False, "--preserve-mtime", help="Keep file modification times when writing metadata."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+        *,
+        writer_options: WriterOptions,
     ) -> None:
         """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.
 
@@ -50,12 +50,11 @@ def register(app: typer.Typer) -> None:
         run = TagRun(
             paths=paths, weights=weights, arch=arch, labels=labels, device=device, precision=precision,
             batch_size=batch_size, workers=workers, compile_model=compile_model, threshold=threshold,
-            threshold_file=threshold_file, top_k=top_k, lang=lang,
+            threshold_file=threshold_file, top_k=top_k, lang=writer_options.lang,
             exclude_tags=[t for t in exclude_tags.split(",") if t.strip()], include=include, exclude=exclude,
             fmt=fmt or ("table" if stdout_is_terminal() and output is None else "jsonl"), output=output,
             dry_run=dry_run, force=force, use_index=not no_index, index_path=index_path, write=write,
-            tag_root=tag_root, sidecar=sidecar, keep_backups=keep_backups, preserve_mtime=preserve_mtime,
-            quiet=quiet,
+            writer_options=writer_options, quiet=quiet,
         )
         failed = run.execute(console=console, err_console=err_console)
         if failed:
