@@ -129,6 +129,8 @@ class TransformConfig:
 
     clip_view: None, "same" (the augmented crop resized to 224, as in pretraining) or
     "separate" (an independently augmented 224 crop, as in finetuning).
+    crop_scale: RandomResizedCrop's area range; the official 0.2 can crop a small object out of
+    the picture, harmless on photos with many tags, but raise it for sparse synthetic scenes.
     """
 
     size: int = 224
@@ -136,12 +138,15 @@ class TransformConfig:
     randaugment: bool = True
     normalization: str = "imagenet"
     clip_view: str | None = None
+    crop_scale: tuple[float, float] = (0.2, 1.0)
 
     def __post_init__(self) -> None:
         if self.normalization not in ("imagenet", "clip"):
             raise UsageError(f"normalization must be 'imagenet' or 'clip', not {self.normalization!r}")
         if self.clip_view not in (None, "same", "separate"):
             raise UsageError(f"clip_view must be None, 'same' or 'separate', not {self.clip_view!r}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UsageError(f"crop scale must be 0 < low <= high <= 1, not {self.crop_scale}")
         if self.size < 8:
             raise UsageError(f"image size {self.size} is too small")
 
@@ -166,7 +171,7 @@ class SampleTransform:
         if not self.config.train:
             return T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR)
         steps = [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(size, scale=self.config.crop_scale, interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
         ]
         if self.config.randaugment:
