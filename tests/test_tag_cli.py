@@ -1,0 +1,206 @@
+"""`ramcli tag` end to end: the JSONL contract, decisions, incremental runs, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ckpt_factory import make_labels_dir, make_official_checkpoint
+from images import make_library, photo_like
+from ramcli.cli.app import app
+from ramcli.models import load_any
+from ramcli.pipeline import Tagger
+
+N = 30
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    return (make_official_checkpoint(root / "ram_tiny.pth", "ram_tiny", num_classes=N),
+            make_labels_dir(root, N))
+
+
+def _photos(folder: Path, n: int, size=(160, 120)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = folder / f"p{i:03d}.jpg"
+        photo_like(*size, seed=i).save(p, quality=85)
+        out.append(p)
+    return out
+
+
+def _tag(model_files, *args: str, home: Path | None = None):
+    weights, labels = model_files
+    env = {"RAMCLI_HOME": str(home)} if home else {}
+    return CliRunner().invoke(app, ["tag", *args, "--weights", str(weights), "--labels", str(labels),
+                                    "--workers", "0", "-q"], env=env, catch_exceptions=False)
+
+
+def _lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_jsonl_contract(model_files, tmp_path):
+    photos = _photos(tmp_path / "lib", 3)
+    res = _tag(model_files, str(tmp_path / "lib"), "--format", "jsonl", "--no-write", "--no-index")
+    assert res.exit_code == 0, res.output
+    rows = _lines(res.stdout)
+    assert [r["path"] for r in rows] == [str(p) for p in photos]
+    for r in rows:
+        assert r["model"].startswith("ram_tiny@")
+        scores = [t["score"] for t in r["tags"]]
+        assert scores == sorted(scores, reverse=True) and all(isinstance(s, float) for s in scores)
+        assert all(t["name"] and t["name_zh"] for t in r["tags"])
+    assert any(r["tags"] for r in rows)
+
+
+def test_decisions_are_strict_per_class_and_overridable(model_files):
+    weights, labels = model_files
+    model = load_any(weights, labels_dir=labels)
+    th = torch.tensor(model.labels.thresholds)
+    scores = torch.stack([th, th + 1e-4, th - 1e-4])  # equal, just above, just below
+    tagger = Tagger(model, torch.device("cpu"))
+    equal, above, below = tagger.decide(scores)
+    assert equal == [] and below == [] and len(above) == N
+    assert {t.name for t in above} == set(model.labels.names)
+    override = Tagger(model, torch.device("cpu"), threshold=0.9).decide(torch.full((1, N), 0.85))
+    assert override == [[]]
+    top = Tagger(model, torch.device("cpu"), top_k=2).decide(scores[1:2])[0]
+    assert len(top) == 2 and top[0].score >= top[1].score
+    excluded = model.labels.names[0]
+    t = Tagger(model, torch.device("cpu"), exclude=[excluded])
+    assert excluded not in t.active_names and len(t.active_names) == N - 1
+
+
+def test_excluded_tags_are_not_emitted_and_chinese_names_work(model_files, tmp_path):
+    _photos(tmp_path / "lib", 2)
+    first = _lines(_tag(model_files, str(tmp_path / "lib"), "-f", "jsonl", "--no-write", "--no-index",
+                        "--threshold", "0.0").stdout)
+    top = first[0]["tags"][0]["name"]
+    res = _tag(model_files, str(tmp_path / "lib"), "-f", "csv", "--no-write", "--no-index", "--threshold", "0.0",
+               "--exclude-tags", top, "--lang", "zh")
+    assert res.exit_code == 0
+    assert top not in res.stdout
+    assert first[0]["tags"][1]["name_zh"] in res.stdout  # Chinese names in the output
+
+
+def test_incremental_force_moved_and_vocab_change(model_files, tmp_path):
+    home = tmp_path / "home"
+    lib = tmp_path / "lib"
+    photos = _photos(lib, 4)
+    res = _tag(model_files, str(lib), "-f", "jsonl", "--no-write", home=home)
+    assert res.exit_code == 0 and len(_lines(res.stdout)) == 4
+    assert _lines(_tag(model_files, str(lib), "-f", "jsonl", "--no-write", home=home).stdout) == []
+    # a changed photo is re-tagged, the others are not
+    photo_like(160, 120, seed=99).save(photos[1], quality=85)
+    os.utime(photos[1], ns=(time.time_ns(), time.time_ns() + 10**9))
+    again = _lines(_tag(model_files, str(lib), "-f", "jsonl", "--no-write", home=home).stdout)
+    assert [r["path"] for r in again] == [str(photos[1])]
+    # a moved photo is recognised by its image data and not re-tagged
+    moved = lib / "sub" / "renamed.jpg"
+    moved.parent.mkdir()
+    shutil.move(photos[2], moved)
+    assert _lines(_tag(model_files, str(lib), "-f", "jsonl", "--no-write", home=home).stdout) == []
+    con = sqlite3.connect(home / "index.db")
+    paths = {row[0] for row in con.execute("select path from photos")}
+    assert str(moved) in paths and str(photos[2]) not in paths
+    # --force re-tags everything
+    assert len(_lines(_tag(model_files, str(lib), "-f", "jsonl", "--no-write", "--force", home=home).stdout)) == 4
+    # a vocabulary change makes every photo due again
+    env = {"RAMCLI_HOME": str(home), "RAMCLI_LABELS": str(model_files[1])}
+    name = load_any(model_files[0], labels_dir=model_files[1]).labels.names[3]
+    vocab = CliRunner().invoke(app, ["vocab", "threshold", name, "0.42"], env=env)
+    assert vocab.exit_code == 0, vocab.output
+    assert len(_lines(_tag(model_files, str(lib), "-f", "jsonl", "--no-write", home=home).stdout)) == 4
+
+
+def test_dry_run_lists_and_tags_nothing(model_files, tmp_path):
+    home = tmp_path / "home"
+    photos = _photos(tmp_path / "lib", 2)
+    res = _tag(model_files, str(tmp_path / "lib"), "--dry-run", home=home)
+    assert res.exit_code == 0
+    assert [line for line in res.stdout.splitlines() if line.strip()] == [str(p) for p in photos]
+    res = _tag(model_files, str(tmp_path / "lib"), "-f", "jsonl", "--no-write", home=home)
+    assert len(_lines(res.stdout)) == 2
+
+
+def _run_cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ramcli", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_bad_photos_are_reported_and_the_run_completes(model_files, tmp_path):
+    weights, labels = model_files
+    library = make_library(tmp_path / "lib")
+    res = _run_cli(["tag", str(tmp_path / "lib"), "--weights", str(weights), "--labels", str(labels),
+                    "-f", "jsonl", "--no-write", "--workers", "1"], {"RAMCLI_HOME": str(tmp_path / "home")},
+                   timeout=600)
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    rows = {r["path"]: r for r in _lines(res.stdout)}
+    decodable = [p for p, e in library.items() if e.decodes and e.kind in ("image", "raw")]
+    failing = [p for p, e in library.items() if not e.decodes and e.kind in ("image", "raw")]
+    assert decodable and all(str(p) in rows and "status" not in rows[str(p)] for p in decodable)
+    for p in failing:
+        assert rows[str(p)]["status"] == "failed" and rows[str(p)]["error"]
+        assert f"failed: {p}" in res.stderr
+    assert res.returncode == (1 if failing else 0)
+
+
+@pytest.mark.slow
+def test_usage_errors_exit_2_without_traceback(model_files, tmp_path):
+    res = _run_cli(["tag", str(tmp_path / "missing"), "--no-write", "--no-index"], {"RAMCLI_HOME": str(tmp_path)})
+    assert res.returncode == 2 and "no such file or folder" in res.stderr and "Traceback" not in res.stderr
+    res = _run_cli(["tag", str(tmp_path), "--device", "tpu"], {"RAMCLI_HOME": str(tmp_path)})
+    assert res.returncode == 2 and "unknown device" in res.stderr
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_resumes_with_nothing_lost_or_duplicated(model_files, tmp_path):
+    weights, labels = model_files
+    photos = _photos(tmp_path / "lib", 24)
+    home = tmp_path / "home"
+    args = ["tag", str(tmp_path / "lib"), "--weights", str(weights), "--labels", str(labels), "-f", "jsonl",
+            "--no-write", "--workers", "0", "--batch-size", "2", "-q"]
+    env = {**os.environ, "RAMCLI_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "ramcli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    db = home / "index.db"
+    deadline = time.time() + 300
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                    done = con.execute("select count(*) from photos where status='tagged'").fetchone()[0]
+            except sqlite3.OperationalError:
+                done = 0
+            if done >= 4:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < done < len(photos), "the run was not caught in the middle"
+    rest = subprocess.run([sys.executable, "-m", "ramcli", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert rest.returncode == 0, rest.stderr
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select path, count(*) from photos group by path").fetchall()
+        tagged = con.execute("select count(*) from photos where status='tagged'").fetchone()[0]
+    assert sorted(r[0] for r in rows) == sorted(str(p) for p in photos)
+    assert all(count == 1 for _, count in rows) and tagged == len(photos)
+    resumed = _lines(rest.stdout)
+    assert len(resumed) <= len(photos) - 4  # the photos recorded before the kill were not redone
