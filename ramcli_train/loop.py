@@ -112,6 +112,14 @@ def split_data_paths(cfg: TrainConfig) -> tuple[list[str], list[str]]:
         train = [str(root / "train")]
         if not val and (root / "val").is_dir():
             val = [str(root / "val")]
+    for paths in (train, val):  # fail before anything else is loaded when the data is not there
+        if paths and not _is_annotation(paths):
+            from ramcli_train.data import resolve_shards
+
+            resolve_shards(paths)
+        for p in paths if paths and _is_annotation(paths) else []:
+            if not Path(p).is_file():
+                raise RamcliError(f"annotation file not found: {p}")
     return train, val
 
 
@@ -362,8 +370,10 @@ def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
     text_encoder = None
     if cfg.use_alignment:
         from ramcli.clip_text import load_text_encoder
+        from ramcli_train.model import TINY_CLIP
 
-        text_encoder = load_text_encoder(Path(cfg.clip_weights) if cfg.clip_weights else None)
+        text_encoder = load_text_encoder(Path(cfg.clip_weights) if cfg.clip_weights else None,
+                                         model_config=TINY_CLIP if cfg.clip_model == "tiny" else None)
     ddp = model
     if rt.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -381,7 +391,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
         (out / "config.json").write_text(dump(cfg) + "\n", encoding="utf-8")
     samples = count_samples(train_paths)
     per_epoch = max(1, math.ceil(samples / (cfg.batch_size * rt.world * cfg.accum_steps)))
-    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)  # for the progress bar
 
     def checkpoint(name: str, batch_in_epoch: int, ep: int) -> Path | None:
         if not rt.main:
@@ -401,7 +411,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
     model.train()
     with _progress(cfg.progress and rt.main) as progress:
         task = progress.add_task("training", total=total, completed=step)
-        while epoch < cfg.epochs and step < total:
+        while epoch < cfg.epochs and not (cfg.max_steps and step >= cfg.max_steps):
             loader.set_epoch(epoch)
             seed_everything(cfg.seed * 1000 + epoch * 10 + rt.rank)  # the epoch's augmentations
             batches, micro, accum_parts = 0, 0, {}
@@ -452,7 +462,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
                 progress.update(task, completed=step)
                 if cfg.save_every and step % cfg.save_every == 0:
                     last_path = checkpoint(CHECKPOINT_LAST, batches, epoch) or last_path
-                if step >= total:
+                if cfg.max_steps and step >= cfg.max_steps:
                     break
             else:
                 skip, state = 0, None

@@ -149,6 +149,13 @@ def load_imagenet_backbone(tagger: RecognitionModel) -> bool:
 
 # ----------------------------------------------------------------------------- CLIP teacher
 
+#: clip_model "tiny": a 512-d CLIP small enough for CPU tests (same shape as the tests' fixture)
+TINY_CLIP = {
+    "embed_dim": CLIP_DIM, "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
 
 class ClipTeacher:
     """Frozen CLIP image encoder: the distillation target (fp16 on CUDA, like the official)."""
@@ -169,9 +176,7 @@ class ClipTeacher:
         from ramcli.clip_text import _read_state_dict, find_clip_weights
 
         if model_name == "tiny":
-            config = {"embed_dim": CLIP_DIM, "quick_gelu": True,
-                      "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
-                      "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+            config = TINY_CLIP
         else:
             config = open_clip.get_model_config(model_name)
             if config is None:

@@ -1,0 +1,141 @@
+"""`ramcli train` end to end on synthetic shards with the tiny preset: losses, checkpoints,
+exact resume, exports that `ramcli.models.load_model` and the official forward accept, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_factory import arch_config
+from clip_fixtures import TINY_CLIP, save_random_clip
+from official_reference import official_logits
+
+from ramcli.cli.app import main
+from ramcli.models import load_model
+from ramcli_train.config import resolve
+from ramcli_train.export import export_official, export_tagger, tagger_from_checkpoint
+from ramcli_train.loop import load_checkpoint, train
+from ramcli_train.synth import write_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    write_shards(out, samples=48, shards=2, seed=1, val_samples=8, size=64)
+    return out
+
+
+def _cfg(shards: Path, out: Path, **kw):
+    base = dict(data=[str(shards)], out=str(out), batch_size=8, max_steps=3, progress=False,
+                tokenizer_vocab=300, log_every=1, save_every=100)
+    base.update(kw)
+    return resolve("tiny", overrides=base)
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def test_ram_trains_logs_and_exports_for_tag_and_the_official_layout(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = _run(["train", "--data", str(shards), "--preset", "tiny", "--out", str(out),
+                              "--batch-size", "8", "--max-steps", "3", "--set", "log_every=1",
+                              "--set", "tokenizer_vocab=300", "--set", "progress=false"], capsys)
+    assert code in (0, None), err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all({"tag", "lm", "lr", "img_per_s"} <= set(r) for r in steps)
+    assert steps[0]["lr"] < steps[2]["lr"]  # warmup
+    assert records[-1]["data"]["used"] == 24
+    ckpt = out / "checkpoint_last.pt"
+    state = load_checkpoint(ckpt)
+    assert state["step"] == 3 and state["batch_in_epoch"] == 3
+
+    trained = tagger_from_checkpoint(ckpt)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = trained(images)
+        tagger = load_model(export_tagger(ckpt, tmp_path / "t.safetensors"))
+        torch.testing.assert_close(tagger(images), want)
+
+    official = export_official(ckpt, tmp_path / "official.pth")
+    labels_dir = tmp_path / "labels"
+    labels_dir.mkdir()
+    names = trained.labels.names
+    (labels_dir / "ram_tag_list.txt").write_text("\n".join(names) + "\n")
+    (labels_dir / "ram_tag_list_chinese.txt").write_text("\n".join(names) + "\n")
+    (labels_dir / "ram_tag_list_threshold.txt").write_text("\n".join(["0.68"] * len(names)) + "\n")
+    with torch.no_grad():
+        loaded = load_model(official, labels_dir=labels_dir)
+        torch.testing.assert_close(loaded(images), want)
+        sd = torch.load(official, weights_only=True)["model"]
+        ref = official_logits(sd, arch_config("ram_tiny", len(names)), images)
+        torch.testing.assert_close(ref, want, atol=1e-4, rtol=1e-4)
+    assert any(k.startswith("text_decoder.cls.predictions") for k in sd)
+    assert torch.equal(sd["tag_encoder.encoder.layer.0.crossattention.self.query.weight"],
+                       sd["tagging_head.encoder.layer.0.crossattention.self.query.weight"])  # the official tie
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(shards, tmp_path):
+    straight = train(_cfg(shards, tmp_path / "a", max_steps=4))
+    train(_cfg(shards, tmp_path / "b", max_steps=2))
+    resumed = train(_cfg(shards, tmp_path / "b", max_steps=4), resume=True)
+    assert straight["step"] == resumed["step"] == 4
+    a = load_checkpoint(tmp_path / "a" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint_last.pt")["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["last"] == resumed["last"]
+
+
+@pytest.mark.slow
+def test_tag2text_and_ram_plus_train_with_their_losses(shards, tmp_path):
+    t2t = train(_cfg(shards, tmp_path / "t2t", family="tag2text", max_steps=2))
+    assert set(t2t["last"]) == {"tag", "lm", "loss"}
+    clip = save_random_clip(tmp_path / "clip.safetensors", TINY_CLIP)
+    plus = train(_cfg(shards, tmp_path / "plus", family="ram_plus", max_steps=2, distill="online",
+                      clip_model="tiny", clip_weights=str(clip)))
+    assert set(plus["last"]) == {"tag", "dis", "align", "loss"}
+    assert plus["last"]["dis"] > 0 and plus["last"]["align"] > 0
+
+
+def test_bad_data_is_counted_not_fatal(tmp_path):
+    import webdataset as wds
+    from PIL import Image
+
+    shard_dir = tmp_path / "bad"
+    shard_dir.mkdir()
+    (shard_dir / "tags.txt").write_text("dog\ncat\ngrass\n")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 120, 0)).save(buf, format="JPEG")
+    with wds.TarWriter(str(shard_dir / "00000.tar")) as sink:
+        for i in range(6):
+            sink.write({"__key__": f"ok{i}", "jpg": buf.getvalue(), "txt": b"a dog on the grass"})
+        sink.write({"__key__": "broken", "jpg": b"not a jpeg", "txt": b"a cat"})
+        sink.write({"__key__": "untagged", "jpg": buf.getvalue(), "txt": b"an empty room"})
+    summary = train(_cfg(shard_dir, tmp_path / "run", batch_size=4, max_steps=None, epochs=1))
+    assert summary["step"] == 2  # 6 usable samples
+    end = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end["data"]["undecodable_image"] == 1 and end["data"]["no_tags"] == 1
+
+
+def test_missing_data_and_dry_run(shards, tmp_path, capsys):
+    code, _, err = _run(["train", "--data", str(tmp_path / "nope"), "--preset", "tiny", "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and "not found" in err and "Traceback" not in err
+    code, _, err = _run(["train", "--preset", "tiny"], capsys)
+    assert code == 2 and "--data" in err
+    code, stdout, _ = _run(["train", "--data", str(shards), "--preset", "tiny", "--out", str(tmp_path / "o"),
+                            "--dry-run", "--set", "tokenizer_vocab=300"], capsys)
+    plan = json.loads(stdout)
+    assert plan["train_samples"] == 48 and plan["val_samples"] == 8 and plan["classes"] > 10
+    assert plan["memory"]["parameters_millions"] > 0.1
+    code, _, err = _run(["train", "--data", str(shards), "--preset", "tiny", "--set", "lr=fast"], capsys)
+    assert code == 2 and "lr" in err
