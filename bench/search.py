@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4585)
     ap.add_argument("--batch", type=int, default=5000)
     ap.add_argument("--queries", type=int, default=100, help="queries per type")
-    ap.add_argument("--baseline-queries", type=int, default=20, help="queries per type for the exhaustive baseline")
+    ap.add_argument("--baseline-queries", type=int, default=5, help="queries per type for the exhaustive baseline")
     ap.add_argument("--db", type=Path, help="index file (default: a temporary one, deleted afterwards)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
