@@ -1,0 +1,368 @@
+"""The data engine of the RAM paper (§3.2), whose code was never released: generate missing
+tags with a baseline model, then clean wrong ones.
+
+`generate`: every image of the input shards is scored by the baseline model through
+`ramcli.pipeline.score_files` (the pipeline `ramcli tag` uses). Tags above their threshold that
+the sample does not already have (given in its JSON or parsed from its captions) are added; an
+optional `Captioner` adds a generated caption, and the tags parsed from it. Output shards keep
+every member of a sample; only KEY.json changes:
+
+    tags               given ∪ generated ∪ parsed-from-generated-caption tag names
+    generated_tags     what the model added
+    caption            the captions, plus the generated one (when captioning)
+
+`clean`: for each tag (category) the detector boxes its region in every image that carries it;
+the crops are embedded and clustered with K-Means++; the `outlier_fraction` of crops farthest
+from their cluster centre lose the tag, and so does every crop on which the baseline model does
+not predict the tag (scored through the same pipeline). Tags the detector cannot find are kept
+and counted. Removed tags are listed in KEY.json `removed_tags` (captions still mention them:
+see docs/engine.md).
+
+Both write `report.json` with per-tag counts before and after.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ramcli.errors import RamcliError, UsageError
+from ramcli.models import RecognitionModel
+from ramcli_train.data import IMAGE_EXTENSIONS, decode_image, resolve_shards
+from ramcli_train.detector import CropEmbedder, Detector, crop
+
+REPORT = "report.json"
+#: a caption model: (images, their tag names) -> one caption per image
+Captioner = Callable[[Sequence[Image.Image], Sequence[Sequence[str]]], list[str]]
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def read_samples(shard: str) -> Iterator[dict]:
+    """The samples of one shard as webdataset groups them ({"__key__", ext: bytes, ...})."""
+    import webdataset as wds
+
+    def fail(exc: Exception) -> bool:
+        raise RamcliError(f"cannot read shard {shard}: {exc}")
+
+    for raw in wds.tarfile_samples(iter([{"url": shard}]), handler=fail):
+        yield {k: v for k, v in raw.items() if k != "__url__" and k != "__local_path__"}
+
+
+def _meta(sample: dict) -> dict:
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, UnicodeDecodeError):
+        meta = {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _captions(sample: dict, meta: dict) -> list[str]:
+    caps = meta.get("caption")
+    caps = [caps] if isinstance(caps, str) else [c for c in caps or [] if isinstance(c, str)]
+    if "txt" in sample:
+        caps.append(sample["txt"].decode("utf-8", "replace"))
+    return list(dict.fromkeys(c.strip() for c in caps if c.strip()))
+
+
+def _image_bytes(sample: dict) -> bytes | None:
+    return next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+
+
+def _write(out: Path, samples: list[dict]) -> None:
+    import webdataset as wds
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    with wds.TarWriter(str(tmp), mtime=0) as sink:
+        for s in samples:
+            sink.write(s)
+    tmp.replace(out)
+
+
+def _output_path(shard: str, out_dir: Path, index: int, used: set[str]) -> Path:
+    name = Path(shard).name
+    if name in used:  # shards of different folders with the same name
+        name = f"{index:05d}_{name}"
+    used.add(name)
+    return out_dir / name
+
+
+class TagNames:
+    """Tag names of the model's label system, and the caption parser for it."""
+
+    def __init__(self, model: RecognitionModel):
+        from ramcli_train.parse import TagParser
+
+        self.names = model.labels.names
+        self.parser = TagParser(model.labels)
+
+    def of(self, captions: Sequence[str], given: Sequence[str]) -> set[str]:
+        ids = set(self.parser.ids_for_names([str(g) for g in given])[0])
+        for c in captions:
+            ids.update(self.parser.tag_ids(c))
+        return {self.names[i] for i in ids}
+
+
+@dataclass
+class EngineReport:
+    samples: int = 0
+    images_scored: int = 0
+    undecodable: int = 0
+    before: Counter = field(default_factory=Counter)
+    after: Counter = field(default_factory=Counter)
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        tags = sorted(set(self.before) | set(self.after), key=lambda t: (-self.after[t], t))
+        return {"samples": self.samples, "images_scored": self.images_scored, "undecodable": self.undecodable,
+                "tag_count_before": sum(self.before.values()), "tag_count_after": sum(self.after.values()),
+                "per_tag": {t: {"before": self.before[t], "after": self.after[t]} for t in tags}, **self.extra}
+
+    def save(self, out_dir: Path) -> Path:
+        path = Path(out_dir) / REPORT
+        path.write_text(json.dumps(self.as_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
+
+
+def _score(model: RecognitionModel, images: list[tuple[int, bytes]], device: str, batch_size: int,
+           workers: int) -> dict[int, np.ndarray]:
+    """Scores (all classes) of encoded images through the tagging pipeline, by position."""
+    from ramcli.pipeline import score_files
+
+    with tempfile.TemporaryDirectory(prefix="ramcli-engine-") as tmp:
+        paths = []
+        for i, data in images:
+            p = Path(tmp) / f"{i:08d}.img"
+            p.write_bytes(data)
+            paths.append(p)
+        result = score_files(model, paths, batch_size=batch_size, device=device, workers=workers)
+        return {int(p.stem): row for p, row in zip(result.paths, result.scores)}
+
+
+def _decide(model: RecognitionModel, scores: np.ndarray, threshold: float | None) -> list[str]:
+    labels = model.labels
+    thr = np.full(len(labels), threshold) if threshold is not None else np.asarray(labels.thresholds)
+    keep = scores > thr
+    keep[list(labels.deleted)] = False
+    return [labels.names[i] for i in np.flatnonzero(keep)]
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def generate(model: RecognitionModel, data: Sequence[str], out_dir: Path, threshold: float | None = None,
+             captioner: Captioner | None = None, device: str = "auto", batch_size: int = 8,
+             workers: int | None = 0) -> dict:
+    """Add the baseline model's tags (and generated captions' tags) to every sample; write new
+    shards and `report.json` (per-tag counts before and after)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = TagNames(model)
+    report = EngineReport(extra={"model": model.model_id, "threshold": threshold if threshold is not None else "per-class",
+                                 "captioned": captioner is not None, "generated": 0})
+    used: set[str] = set()
+    for index, shard in enumerate(resolve_shards(list(data))):
+        samples = list(read_samples(shard))
+        images = [(i, b) for i, s in enumerate(samples) if (b := _image_bytes(s)) is not None]
+        scores = _score(model, images, device, batch_size, workers) if images else {}
+        report.images_scored += len(scores)
+        report.undecodable += len(images) - len(scores)
+        predicted = {i: _decide(model, row, threshold) for i, row in scores.items()}
+        captions_new: dict[int, str] = {}
+        if captioner is not None and predicted:
+            order = sorted(predicted)
+            pil = [decode_image(samples[i][next(e for e in IMAGE_EXTENSIONS if e in samples[i])]) for i in order]
+            for i, text in zip(order, captioner(pil, [predicted[i] for i in order])):
+                captions_new[i] = text
+        written = []
+        for i, sample in enumerate(samples):
+            report.samples += 1
+            meta = _meta(sample)
+            captions = _captions(sample, meta)
+            given = [str(t) for t in meta.get("tags") or []]
+            before = names.of(captions, given)
+            report.before.update(before)
+            if i not in predicted:
+                report.after.update(before)
+                written.append(sample)
+                continue
+            added = sorted(set(predicted[i]) - before)
+            caption_tags: set[str] = set()
+            if i in captions_new:
+                caption_tags = names.of([captions_new[i]], []) - before - set(added)
+                meta["caption"] = [*captions_new_list(meta), captions_new[i]]
+                meta["generated_caption"] = captions_new[i]
+                meta["generated_caption_tags"] = sorted(caption_tags)
+            after = before | set(added) | caption_tags
+            report.after.update(after)
+            report.extra["generated"] += len(added) + len(caption_tags)
+            meta["tags"] = sorted(set(given) | set(added) | caption_tags)
+            meta["generated_tags"] = added
+            written.append({**sample, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
+        _write(_output_path(shard, out_dir, index, used), written)
+    report.save(out_dir)
+    return report.as_dict()
+
+
+def captions_new_list(meta: dict) -> list[str]:
+    caps = meta.get("caption")
+    return [caps] if isinstance(caps, str) else [c for c in caps or [] if isinstance(c, str)]
+
+
+def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int = 3) -> Captioner:
+    """Captions from the caption branch of a `ramcli train` / `ramcli finetune` checkpoint (RAM,
+    Tag2Text), guided by the tags the engine found, as RAM's captioner is."""
+    import torch
+
+    from ramcli.imaging import normalize
+    from ramcli_train.caption import CaptionTokenizer
+    from ramcli_train.config import TrainConfig
+    from ramcli_train.loop import build_model, load_checkpoint
+    from ramcli.labels import LabelSet
+
+    ckpt = load_checkpoint(Path(checkpoint))
+    if not isinstance(ckpt, dict) or not any(k.startswith("caption.") for k in ckpt.get("model", {})):
+        raise UsageError(f"{Path(checkpoint).name} has no caption branch (train RAM or Tag2Text, not RAM++)")
+    tok = Path(checkpoint).parent / "tokenizer.json"
+    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
+    cfg.tokenizer, cfg.label_embed, cfg.pretrained_backbone, cfg.init_from = str(tok), "random", False, None
+    labels = LabelSet.from_metadata(ckpt["labels"])
+    model = build_model(cfg, labels, CaptionTokenizer.from_vocab(tok))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    size = model.arch.image_size
+
+    @torch.inference_mode()
+    def caption(images: Sequence[Image.Image], tags: Sequence[Sequence[str]]) -> list[str]:
+        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+                                            for im in images])).permute(0, 3, 1, 2).to(device)
+        embeds = model.tagger.encode_image(normalize(pixels))
+        return model.caption.generate(embeds, [" | ".join(t) for t in tags], num_beams=num_beams)
+
+    return caption
+
+
+# ----------------------------------------------------------------------------- clean
+
+
+def outliers(vectors: np.ndarray, fraction: float = 0.1, clusters: int = 4, seed: int = 0) -> np.ndarray:
+    """Indices of the `fraction` of vectors farthest from their K-Means++ cluster centre."""
+    from sklearn.cluster import KMeans
+
+    n = len(vectors)
+    drop = int(math.floor(n * fraction))
+    if n < 2 or drop == 0:
+        return np.zeros(0, dtype=int)
+    km = KMeans(n_clusters=max(1, min(clusters, n // 2)), init="k-means++", n_init=4, random_state=seed).fit(vectors)
+    dist = np.linalg.norm(vectors - km.cluster_centers_[km.labels_], axis=1)
+    return np.argsort(-dist, kind="stable")[:drop]
+
+
+@dataclass
+class _Region:
+    shard: int
+    sample: int
+    tag: str
+    image: Image.Image
+
+
+def clean(model: RecognitionModel, data: Sequence[str], out_dir: Path, detector: Detector,
+          embedder: CropEmbedder, outlier_fraction: float = 0.1, clusters: int = 4,
+          threshold: float | None = None, categories: Sequence[str] | None = None, device: str = "auto",
+          batch_size: int = 8, seed: int = 0) -> dict:
+    """Drop tags whose region is an outlier of its category or is not recognised by the model."""
+    if not 0 <= outlier_fraction < 1:
+        raise UsageError("--outlier-fraction must be in [0, 1)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = TagNames(model)
+    index = {n: i for i, n in enumerate(model.labels.names)}
+    wanted = set(categories) if categories else None
+    if wanted and (unknown := wanted - set(index)):
+        raise UsageError(f"--category: not tags of the model: {', '.join(sorted(unknown)[:5])}")
+    shards = resolve_shards(list(data))
+    all_samples = [list(read_samples(s)) for s in shards]
+    tags_of: dict[tuple[int, int], set[str]] = {}
+    regions: list[_Region] = []
+    undetected: Counter = Counter()
+    report = EngineReport(extra={"model": model.model_id, "outlier_fraction": outlier_fraction})
+    for si, samples in enumerate(all_samples):
+        for i, sample in enumerate(samples):
+            meta = _meta(sample)
+            tags = names.of(_captions(sample, meta), [str(t) for t in meta.get("tags") or []])
+            tags_of[(si, i)] = tags
+            report.samples += 1
+            report.before.update(tags)
+            todo = sorted(t for t in tags if wanted is None or t in wanted)
+            data_bytes = _image_bytes(sample)
+            image = decode_image(data_bytes) if data_bytes is not None else None
+            if image is None or not todo:
+                report.undecodable += image is None
+                continue
+            best: dict[str, tuple[float, tuple]] = {}
+            for det in detector.detect(image, todo):
+                if det.phrase in todo and det.score > best.get(det.phrase, (-1.0, ()))[0]:
+                    best[det.phrase] = (det.score, det.box)
+            for tag in todo:
+                region = crop(image, best[tag][1]) if tag in best else None
+                if region is None:
+                    undetected[tag] += 1
+                else:
+                    regions.append(_Region(si, i, tag, region))
+
+    removed: dict[tuple[int, int], dict[str, str]] = {}
+    per_tag: dict[str, dict[str, int]] = {}
+    by_tag: dict[str, list[int]] = {}
+    for r, region in enumerate(regions):
+        by_tag.setdefault(region.tag, []).append(r)
+    # region check: the baseline model's score of the tag on its own crop, through the pipeline
+    encoded = []
+    for r, region in enumerate(regions):
+        buf = io.BytesIO()
+        region.image.save(buf, format="PNG")
+        encoded.append((r, buf.getvalue()))
+    crop_scores = _score(model, encoded, device, batch_size, 0) if encoded else {}
+    thresholds = model.labels.thresholds
+    for tag, members in sorted(by_tag.items()):
+        vectors = embedder.embed([regions[r].image for r in members])
+        far = {members[j] for j in outliers(vectors, outlier_fraction, clusters, seed)}
+        thr = threshold if threshold is not None else thresholds[index[tag]]
+        missed = {r for r in members if r in crop_scores and crop_scores[r][index[tag]] <= thr}
+        for r in members:
+            reason = "outlier" if r in far else "not_recognised" if r in missed else None
+            if reason:
+                removed.setdefault((regions[r].shard, regions[r].sample), {})[tag] = reason
+        per_tag[tag] = {"regions": len(members), "outliers": len(far), "not_recognised": len(missed - far),
+                        "undetected": undetected[tag]}
+    for tag, n in undetected.items():
+        per_tag.setdefault(tag, {"regions": 0, "outliers": 0, "not_recognised": 0, "undetected": n})
+
+    used: set[str] = set()
+    for si, (shard, samples) in enumerate(zip(shards, all_samples)):
+        written = []
+        for i, sample in enumerate(samples):
+            drop = removed.get((si, i), {})
+            report.after.update(tags_of[(si, i)] - set(drop))
+            if not drop:
+                written.append(sample)
+                continue
+            meta = _meta(sample)
+            meta["tags"] = sorted(tags_of[(si, i)] - set(drop))
+            meta["removed_tags"] = sorted(set(meta.get("removed_tags") or []) | set(drop))
+            written.append({**sample, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
+        _write(_output_path(shard, out_dir, si, used), written)
+    report.extra["removed"] = sum(len(d) for d in removed.values())
+    report.extra["categories"] = per_tag
+    report.save(out_dir)
+    return report.as_dict()
