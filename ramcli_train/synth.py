@@ -205,7 +205,7 @@ def _fill(colour: tuple[int, int, int], texture: str | None, size: int, rng: np.
         return img
     draw = ImageDraw.Draw(img)
     tone = tuple(int(v) for v in shade)
-    period = max(5, size // 14)
+    period = max(6, size // 10)  # coarse enough to survive downscaling to a small training size
     offset = int(rng.integers(period))
     if texture in ("stripe", "plaid"):
         for k in range(-size, 2 * size, period):
