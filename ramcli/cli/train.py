@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ramcli.cli.common import console, not_built
+from ramcli.cli.common import console
 from ramcli.errors import UsageError
 
 train_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
@@ -73,7 +73,38 @@ def export(
 def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
 
-    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def finetune(ctx: typer.Context) -> None:
-        """Finetune a checkpoint at 384 px on high-quality captions."""
-        not_built("finetune", "finetune issue")
+    @app.command()
+    def finetune(
+        start: Path = typer.Option(..., "--from", help="Start: a published .pth (training parts included), a tagger .safetensors or a `ramcli train` checkpoint."),
+        data: list[str] = typer.Option(..., "--data", help="Shard folder/.tar/brace pattern, or official JSON files; repeatable."),
+        out: str = typer.Option("runs/finetune", "--out", help="Run folder."),
+        tags: Path | None = typer.Option(None, "--tags", help="New tag list: a `vocab build` folder or a name-a-line file (known tags keep their weights)."),
+        add_tag: list[str] = typer.Option(None, "--add-tag", help="Append a tag (repeatable); new tags get CLIP-initialised embeddings."),
+        labels: Path | None = typer.Option(None, "--labels", help="Label folder of a published start checkpoint."),
+        clip_weights: Path | None = typer.Option(None, "--clip-weights", help="CLIP ViT-B/16 weights for new tags' embeddings."),
+        config: Path | None = typer.Option(None, "--config", help="YAML or TOML file of config keys."),
+        epochs: int | None = typer.Option(None, "--epochs", help="Default 2."),
+        batch_size: int | None = typer.Option(None, "--batch-size", help="Per process; default 26 (Tag2Text 36)."),
+        lr: float | None = typer.Option(None, "--lr", help="Default 5e-6, cosine to 0."),
+        image_size: int | None = typer.Option(None, "--image-size", help="Default 384."),
+        max_steps: int | None = typer.Option(None, "--max-steps"),
+        sets: list[str] = typer.Option(None, "--set", help="Any config key: --set distill=off (repeatable)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint_last.pt."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Prepare the run folder, print the plan, train nothing."),
+    ) -> None:
+        """Finetune a checkpoint (official recipe: 384 px, lr 5e-6 cosine, 2 epochs), optionally on new tags."""
+        from ramcli_train.finetune import finetune as run
+
+        def encoder():
+            from ramcli.clip_text import load_text_encoder
+
+            return load_text_encoder(clip_weights)
+
+        overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, max_steps=max_steps)
+        summary = run(start, data, Path(out), tags, add_tag or [], labels, config, overrides, sets or [], encoder,
+                      resume=resume, dry_run=dry_run)
+        if dry_run:
+            console.print_json(json.dumps(summary))
+            return
+        console.print(f"finetuned {summary['step']} steps; {len(summary['new_tags'])} new tags; {summary['data']}; "
+                      f"checkpoint {summary['checkpoint']}", highlight=False)
