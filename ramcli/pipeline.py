@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ramcli.embed_cache import EmbeddingCache, rescore
 from ramcli.errors import UsageError
 from ramcli.imaging import normalize
 from ramcli.loader import Batch, Item, make_loader
@@ -94,6 +95,7 @@ class Tagger:
     disabled: Iterable[int] = ()
     top_k: int | None = None
     compile: bool = False
+    cache: EmbeddingCache | None = None  # keep image embeddings for decoder-only re-scoring
     classes: torch.Tensor | None = field(init=False, default=None)
     _class_thresholds: torch.Tensor = field(init=False)
 
@@ -134,16 +136,35 @@ class Tagger:
     def active_names(self) -> list[str]:
         return [self.model.labels.names[i] for i in self._active]
 
+    def _amp(self):
+        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+
     @torch.inference_mode()
-    def scores(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B,3,S,S) -> sigmoid scores (B, active classes), float32 on the CPU."""
+    def scores(self, pixels: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
+        """uint8 (B,3,S,S) -> sigmoid scores (B, active classes), float32 on the CPU.
+
+        With an embedding cache, the image embeddings are stored under `keys` (content hashes).
+        """
         x = normalize(pixels.to(self.device, non_blocking=True))
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        amp = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
-        with amp:
-            logits = self._forward(x, self.classes)
+        with self._amp():
+            if self.cache is not None and keys is not None:
+                embeds = self.model.encode_image(x)
+                self.cache.put(keys, embeds)
+                logits = self.model.decode(embeds, self.classes)
+            else:
+                logits = self._forward(x, self.classes)
         return torch.sigmoid(logits.float()).cpu()
+
+    @torch.inference_mode()
+    def rescore_cached(self, keys: Sequence[str]) -> torch.Tensor:
+        """Scores of cached photos from their stored embeddings: the recognition decoder only."""
+        with self._amp():
+            return rescore(self.model, self.cache, keys, self._active_tensor())
+
+    def _active_tensor(self) -> torch.Tensor:
+        return self.classes if self.classes is not None else torch.arange(len(self._active), device=self.device)
 
     def decide(self, scores: torch.Tensor) -> list[list[TagScore]]:
         """Scores -> emitted tags per image: score > threshold (strict), sorted by score, top-k."""
@@ -189,7 +210,8 @@ def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: in
             keep = [i for i, item in enumerate(batch.items) if not skip(item)]
             if len(keep) != len(batch.items):
                 batch = Batch(batch.pixels[keep], [batch.items[i] for i in keep], batch.failures)
-        scores = tagger.scores(batch.pixels) if len(batch.items) else torch.zeros(0, len(tagger._active))
+        keys = [item.content_hash for item in batch.items]
+        scores = tagger.scores(batch.pixels, keys) if len(batch.items) else torch.zeros(0, len(tagger._active))
         yield batch, scores
 
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ramcli.discover import Found, describe_skipped, discover
+from ramcli.embed_cache import EmbeddingCache
 from ramcli.errors import UsageError
 from ramcli.metadata import WriterOptions
 from ramcli.records import PhotoResult
@@ -27,6 +28,7 @@ class Summary:
     tagged: int = 0
     unchanged: int = 0
     moved: int = 0
+    rescored: int = 0  # of the tagged: from cached embeddings, decoder only
     failed: list[tuple[str, str]] = field(default_factory=list)
     written: int = 0
     write_failed: list[tuple[str, str]] = field(default_factory=list)
@@ -86,6 +88,7 @@ class TagRun:
     index_path: Path | None = None
     write: bool = True
     writer_options: WriterOptions | None = None
+    cache_embeddings: bool = False
     quiet: bool = False
 
     # ------------------------------------------------------------------ steps
@@ -152,8 +155,11 @@ class TagRun:
                                    f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
             applied = vocab.apply_to_model(model)
             thresholds = read_threshold_file(self.threshold_file, len(model.labels)) if self.threshold_file else None
+            cache = EmbeddingCache(model.model_id) if self.cache_embeddings else None
             tagger = Tagger(model, device, autocast, threshold=self.threshold, thresholds=thresholds,
-                            exclude=self.exclude_tags, top_k=self.top_k, compile=self.compile_model)
+                            exclude=self.exclude_tags, top_k=self.top_k, compile=self.compile_model, cache=cache)
+            cached, todo = self._split_cached(todo, index, model.model_id, cache)
+            summary.rescored = len(cached)
             writer = self._metadata_sink(index, summary, model.model_id) if self.write else None
             sinks = [ResultWriter(self.fmt, self.output, self.lang)]
             if writer is not None:
@@ -170,7 +176,7 @@ class TagRun:
             with Progress(TextColumn("[bold]tagging"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("{task.fields[failed]} failed"),
                           TimeRemainingColumn(), console=err_console, disable=not show) as progress:
-                task = progress.add_task("tag", total=len(todo), rate=0.0, failed=0)
+                task = progress.add_task("tag", total=len(todo) + len(cached), rate=0.0, failed=0)
 
                 def advance(n: int, failed: int) -> None:
                     elapsed = max(time.monotonic() - start, 1e-6)
@@ -178,6 +184,18 @@ class TagRun:
                                     rate=(summary.tagged + len(summary.failed)) / elapsed)
 
                 try:
+                    for start in range(0, len(cached), 256):
+                        chunk = cached[start:start + 256]
+                        scores = tagger.rescore_cached([rec.content_hash for _, rec in chunk])
+                        results = [
+                            PhotoResult(path=rec.path, status="tagged", size=f.size, mtime_ns=f.mtime_ns,
+                                        content_hash=rec.content_hash, model_id=model.model_id,
+                                        vocab_version=applied.version, tags=tags)
+                            for (f, rec), tags in zip(chunk, tagger.decide(scores))
+                        ]
+                        for sink in sinks:
+                            sink(results)
+                        advance(len(chunk), 0)
                     tag_files([f.path for f in todo], tagger, sinks, batch_size, workers,
                               vocab_version=applied.version, on_batch=advance, skip=skip)
                 finally:
@@ -190,6 +208,22 @@ class TagRun:
         if not self.quiet:
             self._print_summary(err_console, summary, start)
         return len(summary.failed)
+
+    @staticmethod
+    def _split_cached(todo: list[Found], index, model_id: str, cache) -> tuple[list, list[Found]]:
+        """Photos due only because the vocabulary changed, whose embeddings are cached, need only
+        the recognition decoder: (those with their index records, the rest)."""
+        if cache is None or index is None:
+            return [], todo
+        cached, rest = [], []
+        for f in todo:
+            rec = index.lookup(str(f.path))
+            if (rec is not None and rec.status == "tagged" and rec.size == f.size and rec.mtime_ns == f.mtime_ns
+                    and rec.model_id == model_id and rec.content_hash and rec.content_hash in cache):
+                cached.append((f, rec))
+            else:
+                rest.append(f)
+        return cached, rest
 
     # ------------------------------------------------------------------ sinks
     @staticmethod
@@ -225,7 +259,8 @@ class TagRun:
     # ------------------------------------------------------------------ report
     def _print_summary(self, err: Console, s: Summary, start: float) -> None:
         elapsed = time.monotonic() - start
-        parts = [f"tagged {s.tagged}", f"unchanged {s.unchanged}"]
+        parts = [f"tagged {s.tagged}" + (f" ({s.rescored} from cached embeddings)" if s.rescored else ""),
+                 f"unchanged {s.unchanged}"]
         if s.moved:
             parts.append(f"moved {s.moved}")
         if self.write:

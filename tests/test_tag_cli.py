@@ -204,3 +204,36 @@ def test_kill_9_mid_run_resumes_with_nothing_lost_or_duplicated(model_files, tmp
     assert all(count == 1 for _, count in rows) and tagged == len(photos)
     resumed = _lines(rest.stdout)
     assert len(resumed) <= len(photos) - 4  # the photos recorded before the kill were not redone
+
+
+def test_cached_embeddings_rescore_new_tags_without_the_backbone(model_files, tmp_path, monkeypatch):
+    from clip_fixtures import TINY_CLIP, save_random_clip
+    from ramcli import clip_text
+    from ramcli.vocab import Vocabulary
+
+    home = tmp_path / "home"
+    lib = tmp_path / "lib"
+    _photos(lib, 3)
+    first = _tag(model_files, str(lib), "-f", "jsonl", "--no-write", "--cache-embeddings", home=home)
+    assert first.exit_code == 0 and len(_lines(first.stdout)) == 3
+    clip = save_random_clip(tmp_path / "clip.safetensors", TINY_CLIP)
+    builtin = load_any(model_files[0], labels_dir=model_files[1]).labels.names
+    vocab = Vocabulary.open(home / "vocab", builtin=builtin)
+    vocab.add("tram", lambda: clip_text.load_text_encoder(clip, model_config=TINY_CLIP), threshold=0.0)
+    vocab.save()
+    weights, labels = model_files
+    runner = CliRunner()
+    args = ["tag", str(lib), "--weights", str(weights), "--labels", str(labels), "--workers", "0",
+            "-f", "jsonl", "--no-write", "--cache-embeddings"]
+    cheap = runner.invoke(app, args, env={"RAMCLI_HOME": str(home)}, catch_exceptions=False)
+    assert cheap.exit_code == 0
+    assert "3 from cached embeddings" in cheap.stderr
+    full = runner.invoke(app, [*args, "--force"], env={"RAMCLI_HOME": str(home)}, catch_exceptions=False)
+    cheap_rows, full_rows = _lines(cheap.stdout), _lines(full.stdout)
+    assert [r["path"] for r in cheap_rows] == [r["path"] for r in full_rows]
+    for c, f in zip(cheap_rows, full_rows):
+        assert "tram" in {t["name"] for t in c["tags"]}  # threshold 0: the new tag is always emitted
+        fs = {t["name"]: t["score"] for t in f["tags"]}
+        for t in c["tags"]:
+            if t["name"] in fs:
+                assert abs(t["score"] - fs[t["name"]]) < 5e-3  # fp16 cache

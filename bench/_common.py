@@ -1,0 +1,46 @@
+"""Shared helpers for the benchmarks: random-weight official-layout checkpoints and photo-like JPEGs.
+
+Benchmarks reuse the test factories (tests/ckpt_factory.py, tests/images.py) so that what is
+measured is exactly what is tested; they cache what they generate under .bench_cache/.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".bench_cache"
+sys.path.insert(0, str(REPO / "tests"))
+
+from ckpt_factory import make_labels_dir, make_official_checkpoint  # noqa: E402
+from images import photo_like  # noqa: E402
+
+
+def checkpoint(arch: str, optimizer_state: bool = False) -> tuple[Path, Path]:
+    """(official-layout .pth, labels dir) for a full-size arch, built once and cached."""
+    CACHE.mkdir(exist_ok=True)
+    family = "tag2text" if arch.startswith("tag2text") else "ram"
+    n = 3429 if family == "tag2text" else 4585
+    path = CACHE / f"{arch}{'-optim' if optimizer_state else ''}.pth"
+    if not path.exists():
+        print(f"building {path.name} (random weights, official layout) ...", file=sys.stderr, flush=True)
+        make_official_checkpoint(path, arch, num_classes=n, optimizer_state=optimizer_state)
+    return path, make_labels_dir(CACHE, n, family)
+
+
+def jpegs(folder: Path, count: int, size: tuple[int, int] = (4000, 3000), quality: int = 90) -> list[Path]:
+    """Photo-like JPEGs (12 MP by default), built once and cached."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(count):
+        p = folder / f"img{i:04d}.jpg"
+        if not p.exists():
+            photo_like(*size, seed=i).save(p, quality=quality)
+        out.append(p)
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
