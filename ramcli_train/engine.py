@@ -257,7 +257,8 @@ def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int =
 
 
 def outliers(vectors: np.ndarray, fraction: float = 0.1, clusters: int = 4, seed: int = 0) -> np.ndarray:
-    """Indices of the `fraction` of vectors farthest from their K-Means++ cluster centre."""
+    """Indices of the `fraction` of vectors farthest from the nearest K-Means++ cluster centre
+    (clusters of one vector do not count as clusters)."""
     from sklearn.cluster import KMeans
 
     n = len(vectors)
@@ -265,7 +266,11 @@ def outliers(vectors: np.ndarray, fraction: float = 0.1, clusters: int = 4, seed
     if n < 2 or drop == 0:
         return np.zeros(0, dtype=int)
     km = KMeans(n_clusters=max(1, min(clusters, n // 2)), init="k-means++", n_init=4, random_state=seed).fit(vectors)
-    dist = np.linalg.norm(vectors - km.cluster_centers_[km.labels_], axis=1)
+    # a lone outlier becomes its own cluster (distance 0): measure against the real clusters only
+    sizes = np.bincount(km.labels_, minlength=len(km.cluster_centers_))
+    real = km.cluster_centers_[sizes >= max(2, math.ceil(0.05 * n))]
+    centres = real if len(real) else km.cluster_centers_
+    dist = np.linalg.norm(vectors[:, None, :] - centres[None, :, :], axis=-1).min(axis=1)
     return np.argsort(-dist, kind="stable")[:drop]
 
 
