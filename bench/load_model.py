@@ -26,15 +26,22 @@ from pathlib import Path
 from _common import CACHE, checkpoint
 
 CHILD = r"""
-import json, sys, time, resource, torch
-sys.path.insert(0, {bench!r})
+import json, sys, time, torch
+from ramcli.labels import read_label_dir
+from ramcli.models import load_any
+from ramcli.models.checkpoint import map_official
+from ramcli.models.configs import infer_arch
+from ramcli.models.ram import RecognitionModel
+
+def hwm_mb():  # this process's own high-water mark (ru_maxrss would include the parent's, via fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 mode, path, labels, forward = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+base = hwm_mb()
 t0 = time.perf_counter()
 if mode == "official":
-    from ramcli.labels import read_label_dir
-    from ramcli.models.checkpoint import map_official
-    from ramcli.models.configs import infer_arch
-    from ramcli.models.ram import RecognitionModel
     ckpt = torch.load(path, map_location="cpu", weights_only=False)   # the whole file, as official
     sd = ckpt["model"]
     labels = read_label_dir(labels, "ram")
@@ -42,23 +49,20 @@ if mode == "official":
     model.load_state_dict(map_official(sd, model), strict=True)
     model.eval()
 else:
-    from ramcli.models import load_any
     model = load_any(path, labels_dir=labels if mode == "ramcli" else None)
 load_s = time.perf_counter() - t0
-load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+load_rss = hwm_mb() - base
 ready_s = None
 if forward:
     with torch.inference_mode():
         model(torch.randn(1, 3, model.arch.image_size, model.arch.image_size))
     ready_s = time.perf_counter() - t0
-print(json.dumps(dict(load_s=load_s, load_rss_mb=load_rss, ready_s=ready_s,
-                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+print(json.dumps(dict(load_s=load_s, load_rss_mb=load_rss, ready_s=ready_s, peak_rss_mb=hwm_mb() - base)))
 """
 
 
 def run(mode: str, path: Path, labels: Path, forward: bool) -> dict:
-    code = CHILD.format(bench=str(Path(__file__).parent))
-    out = subprocess.run([sys.executable, "-c", code, mode, str(path), str(labels), "1" if forward else "0"],
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(path), str(labels), "1" if forward else "0"],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -79,6 +83,7 @@ def main() -> None:
     rows = {m: run(m, p, labels, forward) for m, p in
             (("official", pth), ("ramcli", pth), ("converted", converted))}
     print(f"{args.arch}: .pth {pth.stat().st_size / 1e9:.2f} GB, converted {converted.stat().st_size / 1e9:.2f} GB")
+    print("memory: growth of the process's resident high-water mark over its state after imports")
     print(f"{'mode':10} {'load s':>8} {'RSS after load MB':>18} {'load+1st image s':>17} {'peak RSS MB':>12}")
     for mode, r in rows.items():
         ready = f"{r['ready_s']:.2f}" if r["ready_s"] is not None else "-"
