@@ -237,3 +237,19 @@ def test_cached_embeddings_rescore_new_tags_without_the_backbone(model_files, tm
         for t in c["tags"]:
             if t["name"] in fs:
                 assert abs(t["score"] - fs[t["name"]]) < 5e-3  # fp16 cache
+
+
+def test_ranks_split_the_photos_and_share_one_index(model_files, tmp_path, monkeypatch):
+    """Under torchrun every rank takes every WORLD_SIZE-th photo; all results land in one index."""
+    home = tmp_path / "home"
+    photos = _photos(tmp_path / "lib", 5)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        res = _tag(model_files, str(tmp_path / "lib"), "-f", "jsonl", "--no-write", home=home)
+        assert res.exit_code == 0
+        seen.append({r["path"] for r in _lines(res.stdout)})
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == {str(p) for p in photos}
+    with sqlite3.connect(home / "index.db") as con:
+        assert con.execute("select count(*) from photos where status='tagged'").fetchone()[0] == 5
