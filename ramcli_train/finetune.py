@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from ramcli.clip_text import ClipTextEncoder, ensemble
-from ramcli.errors import CheckpointError, RamcliError, UsageError
+from ramcli.errors import CheckpointError, UsageError
 from ramcli.labels import RAM_DEFAULT_THRESHOLD, LabelSet, resolve_labels
 from ramcli.models.configs import CLIP_DIM, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, SWIN_TINY_TEST, ArchConfig
 from ramcli.vocab import name_key
