@@ -167,17 +167,19 @@ class TagResolver:
         self.db = index.db
 
     def groups(self, word: str) -> set[int]:
+        # The lemma is computed only when the exact lookups fail: simplemma's first call loads its
+        # dictionary (about half a second), which a one-shot `ramcli search dog` must not pay.
         for sql, arg in (
-            ("SELECT coalesce(group_id, id) FROM tags WHERE name = ?", word),
-            ("SELECT coalesce(group_id, id) FROM tags WHERE name_zh = ?", word),
+            ("SELECT coalesce(group_id, id) FROM tags WHERE name = ?", lambda: word),
+            ("SELECT coalesce(group_id, id) FROM tags WHERE name_zh = ?", lambda: word),
             (
                 "SELECT coalesce(t.group_id, t.id) FROM synonyms s JOIN tags t ON t.id = s.tag_id"
                 " WHERE s.alias = ? COLLATE NOCASE",
-                word,
+                lambda: word,
             ),
-            ("SELECT coalesce(group_id, id) FROM tags WHERE lemma = ?", lemma(word)),
+            ("SELECT coalesce(group_id, id) FROM tags WHERE lemma = ?", lambda: lemma(word)),
         ):
-            found = {g for (g,) in self.db.execute(sql, [arg])}
+            found = {g for (g,) in self.db.execute(sql, [arg()])}
             if found:
                 return found
         return set()
@@ -350,8 +352,10 @@ class _Searcher:
         ids_json = json.dumps(photo_ids)
         tags: dict[int, dict[int, float]] = {pid: {} for pid in photo_ids}
         for pid, tag_id, score in self.db.execute(
-            "SELECT photo_id, tag_id, score FROM photo_tags WHERE photo_id IN (SELECT value FROM json_each(?))"
-            " AND tag_id IN (SELECT value FROM json_each(?)) AND score >= ?",
+            # CROSS JOIN pins the loop order: a primary-key probe per candidate. Left to itself the
+            # planner may scan every row of the query's tags instead (tens of ms on a big library).
+            "SELECT o.photo_id, o.tag_id, o.score FROM json_each(?) AS c CROSS JOIN photo_tags o"
+            " ON o.photo_id = c.value WHERE o.tag_id IN (SELECT value FROM json_each(?)) AND o.score >= ?",
             [ids_json, self.all_ids, self.filters.min_score],
         ):
             tags[pid][tag_id] = score
@@ -369,23 +373,93 @@ class _Searcher:
         return bool(f.since or f.until or f.under)
 
     def _filter(self, ids_json: str) -> set[int]:
+        checks, args = self._filter_sql()
+        sql = f"SELECT id FROM photos p WHERE id IN (SELECT value FROM json_each(?)){checks}"
+        return {pid for (pid,) in self.db.execute(sql, [ids_json, *args])}
+
+    def _filter_sql(self) -> tuple[str, list]:
+        """The date and folder filters as `AND ...` conditions on `photos p`, with their arguments."""
         f = self.filters
-        sql = "SELECT id FROM photos WHERE id IN (SELECT value FROM json_each(?))"
-        args: list = [ids_json]
+        sql, args = "", []
         if f.since:
-            sql += " AND taken_at >= ?"
+            sql += " AND p.taken_at >= ?"
             args.append(f.since)
         if f.until:
-            sql += " AND taken_at <= ?"
+            sql += " AND p.taken_at <= ?"
             args.append(f.until + "\uffff" if len(f.until) == 10 else f.until)
         if f.under:
             low, high = folder_range(f.under)
-            sql += " AND path >= ? AND path < ?"
+            sql += " AND p.path >= ? AND p.path < ?"
             args += [low, high]
-        return {pid for (pid,) in self.db.execute(sql, args)}
+        return sql, args
+
+    def _flat_plan(self) -> tuple[Term, list[Term], list[Term]] | None:
+        """(driver, required, excluded) when the query is one SQL statement's worth: a term, or an
+        AND of terms and excluded terms, driven by a single-tag term; None otherwise.
+
+        Such a query (most real ones: `dog`, `dog beach sunset`, `dog -night`) is answered by one
+        statement that scans the driver's score index best first, drops non-matches with (NOT)
+        EXISTS probes and computes each match's exact score, so only matches reach Python."""
+        children = self.tree.children if isinstance(self.tree, And) else (self.tree,)
+        if not all(isinstance(c, Term) or (isinstance(c, Not) and isinstance(c.child, Term)) for c in children):
+            return None
+        positive = sorted((c for c in children if isinstance(c, Term)), key=lambda c: _estimate(c, self.counts))
+        if not positive or len(positive[0].tag_ids) != 1:
+            return None
+        excluded = [c.child for c in children if isinstance(c, Not)]
+        return positive[0], positive[1:], excluded  # type: ignore[return-value]
+
+    def _top_flat(self, plan: tuple[Term, list[Term], list[Term]], limit: int | None) -> list[tuple[float, int]]:
+        """`top` for a flat query (see `_flat_plan`): exact scores from SQL, threshold stop in Python."""
+        driver, required, excluded = plan
+        min_score = self.filters.min_score
+        where, scores, args, score_args = "", [], [], []
+        # Probes run in the order written: the most selective term first drops a non-match soonest.
+        for term, negate in [(t, False) for t in required] + [(t, True) for t in excluded]:
+            ids = sorted(term.tag_ids)
+            probe = (f"FROM photo_tags o WHERE o.photo_id = d.photo_id AND o.tag_id IN ({', '.join('?' * len(ids))})"
+                     " AND o.score >= ?")
+            where += f" AND {'NOT ' if negate else ''}EXISTS (SELECT 1 {probe})"
+            args += [*ids, min_score]
+            if not negate:
+                scores.append(f"(SELECT max(o.score) {probe})")
+                score_args += [*ids, min_score]
+        where, args = self._photo_checks(where, args)
+        # One-argument min() would be SQLite's aggregate: the driver's score alone needs no min.
+        score = f"min(d.score, {', '.join(scores)})" if scores else "d.score"
+        cur = self.db.execute(
+            f"SELECT d.score, d.photo_id, {score} FROM photo_tags d WHERE d.tag_id = ? AND d.score >= ?{where}"
+            " ORDER BY d.score DESC",
+            [*score_args, next(iter(driver.tag_ids)), min_score, *args],
+        )
+        best: list[tuple[float, int]] = []  # a min-heap when limited
+        try:
+            for bound, pid, s in cur:
+                if limit is not None and len(best) >= limit and best[0][0] > bound:
+                    # No photo from here on scores above its driver score, which is below the k-th
+                    # best: strictly below, so equal scores (ranked by photo id) are never cut off.
+                    break
+                if limit is None or len(best) < limit:
+                    heapq.heappush(best, (s, -pid))
+                elif (s, -pid) > best[0]:
+                    heapq.heapreplace(best, (s, -pid))
+        finally:
+            cur.close()
+        best.sort(reverse=True)
+        return [(s, -neg) for s, neg in best]
+
+    def _photo_checks(self, where: str, args: list) -> tuple[str, list]:
+        """The date and folder filters as a correlated check on `d.photo_id` (primary-key lookup)."""
+        if not self._has_photo_filters():
+            return where, args
+        checks, extra = self._filter_sql()
+        return where + f" AND EXISTS (SELECT 1 FROM photos p WHERE p.id = d.photo_id{checks})", args + extra
 
     def top(self, limit: int | None) -> list[tuple[float, int]]:
         """(score, photo id) of the best `limit` matches (all if None), best first."""
+        plan = self._flat_plan()
+        if plan is not None:
+            return self._top_flat(plan, limit)
         best: list[tuple[float, int]] = []  # a min-heap when limited
         seen: set[int] = set()
         candidates = self._candidates()
