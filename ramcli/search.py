@@ -480,8 +480,10 @@ class _Searcher:
                         heapq.heappush(best, (s, -pid))
                     elif (s, -pid) > best[0]:
                         heapq.heapreplace(best, (s, -pid))
-                if limit is not None and len(best) >= limit and best[0][0] >= bound:
-                    break  # threshold reached: nothing unseen can score above the k-th best
+                if limit is not None and len(best) >= limit and best[0][0] > bound:
+                    # Nothing unseen can beat the k-th best. Strictly: an unseen photo scoring
+                    # exactly the bound would still outrank a k-th best of equal score and higher id.
+                    break
         finally:
             for cur in self.cursors:
                 cur.close()
