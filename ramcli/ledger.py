@@ -13,7 +13,16 @@ metadata field of one target file:
 - `model_id`, `written_at`: provenance.
 
 Rows are recorded only after ExifTool reported the file written, so the ledger never claims a
-keyword that is not in the file because of ramcli.
+keyword that ramcli failed to write.
+
+The kill window. Between ExifTool renaming a rewritten file into place and the ledger commit, a
+kill would leave ramcli's keywords in a file that the ledger does not know about: a re-run would
+then take them for the user's (`preexisting`) and `untag` would never remove them. So every
+ledger change that depends on a write is **staged** first (table `metadata_ledger_staged`,
+committed before ExifTool starts) and **settled** after it (applied to the ledger and cleared in
+one transaction). Staged rows that a killed process left behind are resolved against what the
+files really hold (`MetadataWriter` does this when it starts): a value that the write was to add
+is recorded if the file has it, one it was to remove is forgotten if the file lacks it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ from pathlib import Path
 import sqlite_utils
 
 TABLE = "metadata_ledger"
+STAGED_TABLE = "metadata_ledger_staged"
+_COLUMNS = ("path", "target", "field", "value", "preexisting", "model_id", "written_at")
+_PARAMS_PER_QUERY = 500  # well under SQLite's host-parameter limit
 
 # Sidecar of the photo `path` that a target name may be derived from (see metadata.sidecar_names).
 _SIDECAR_SUFFIXES = (".xmp", ".XMP")
@@ -40,6 +52,19 @@ class LedgerEntry:
     preexisting: bool
     model_id: str | None = None
     written_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A ledger change that depends on an ExifTool write: staged before it, settled after it.
+
+    `remove` False: after the write the file holds `entry.value` and the ledger has the row;
+    True: the ledger drops the row. `pid`: the process that staged it (0 until staged).
+    """
+
+    entry: LedgerEntry
+    remove: bool = False
+    pid: int = 0
 
 
 class Ledger:
@@ -72,6 +97,16 @@ class Ledger:
         """Every row for the photo `path` (all its targets), in insertion order."""
         return self._query("path = ?", [str(path)])
 
+    def entries_of(self, paths: list[str]) -> dict[str, list[LedgerEntry]]:
+        """`entries` for many photos in a few queries (one batch of the writer)."""
+        found: dict[str, list[LedgerEntry]] = {p: [] for p in paths}
+        unique = list(found)
+        for start in range(0, len(unique), _PARAMS_PER_QUERY):
+            chunk = unique[start : start + _PARAMS_PER_QUERY]
+            for e in self._query(f"path in ({','.join('?' * len(chunk))})", chunk):
+                found[e.path].append(e)
+        return found
+
     def entries_under(self, folder: str | os.PathLike) -> list[LedgerEntry]:
         """Every row for photos inside `folder` (recursively)."""
         prefix = str(folder).rstrip(os.sep) + os.sep
@@ -86,31 +121,69 @@ class Ledger:
         """Remember values ramcli wrote (or confirmed) in a file. Existing rows keep `preexisting`."""
         if not entries:
             return
-        now = time.time()
-        rows = [
-            {
-                "path": e.path,
-                "target": e.target,
-                "field": e.field,
-                "value": e.value,
-                "preexisting": int(e.preexisting),
-                "model_id": e.model_id,
-                "written_at": e.written_at or now,
-            }
-            for e in entries
-        ]
+        self._table  # noqa: B018 - creates the table on first use
         with self.db.atomic():  # nests (as a savepoint) inside the index's own transaction
-            self._table.insert_all(rows, ignore=True)  # a known value keeps its first row
+            self.db.conn.executemany(  # a known value keeps its first row
+                f"insert or ignore into [{TABLE}] ({', '.join(_COLUMNS)}) values (?, ?, ?, ?, ?, ?, ?)",
+                _rows(entries, time.time()),
+            )
 
     def forget(self, entries: list[LedgerEntry]) -> None:
         """Drop rows for values that ramcli removed (or that are no longer its concern)."""
         if not entries or not self.db[TABLE].exists():
             return
         with self.db.atomic():
-            for e in entries:
-                self.db.execute(
-                    f"delete from [{TABLE}] where target = ? and field = ? and value = ?",
-                    [e.target, e.field, e.value],
+            self.db.conn.executemany(
+                f"delete from [{TABLE}] where target = ? and field = ? and value = ?",
+                [(e.target, e.field, e.value) for e in entries],
+            )
+
+    # --- staging around a write (see the module docstring) --------------------------------------
+
+    def stage(self, intents: list[Intent]) -> None:
+        """Commit the intents of a write that is about to start, owned by this process.
+
+        Call outside any open transaction: staged rows only protect the kill window once they
+        are committed."""
+        if not intents:
+            return
+        self._staged_table  # noqa: B018 - creates the table on first use
+        pid, now = os.getpid(), time.time()
+        with self.db.atomic():
+            self.db.conn.executemany(
+                f"insert into [{STAGED_TABLE}] ({', '.join(_COLUMNS)}, remove, pid) "
+                "values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*row, int(i.remove), pid) for i, row in zip(intents, _rows([i.entry for i in intents], now))],
+            )
+
+    def staged(self) -> list[Intent]:
+        """Intents that a process which is no longer running staged and never settled."""
+        if not self.db[STAGED_TABLE].exists():
+            return []
+        rows = self.db.execute(
+            f"select {', '.join(_COLUMNS)}, remove, pid from [{STAGED_TABLE}] order by rowid"
+        ).fetchall()
+        alive: dict[int, bool] = {}
+        out = []
+        for r in rows:
+            pid = r[8]
+            if pid not in alive:
+                alive[pid] = _running(pid)
+            if not alive[pid]:
+                out.append(Intent(LedgerEntry(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]), bool(r[7]), pid))
+        return out
+
+    def settle(self, applied: list[Intent], cleared: list[Intent]) -> None:
+        """In one transaction: apply `applied` to the ledger and drop the staged rows `cleared`."""
+        with self.db.atomic():
+            self.record([i.entry for i in applied if not i.remove])
+            self.forget([i.entry for i in applied if i.remove])
+            if cleared and self.db[STAGED_TABLE].exists():
+                self.db.conn.executemany(
+                    f"delete from [{STAGED_TABLE}] where pid = ? and target = ? and field = ? and value = ? "
+                    "and remove = ?",
+                    [(i.pid or os.getpid(), i.entry.target, i.entry.field, i.entry.value, int(i.remove))
+                     for i in cleared],
                 )
 
     def move(self, old_path: str | os.PathLike, new_path: str | os.PathLike) -> int:
@@ -122,15 +195,37 @@ class Ledger:
         if not self.db[TABLE].exists():
             return 0
         changed = 0
+        staged = self.db[STAGED_TABLE].exists()
         with self.db.atomic():
-            for target in {e.target for e in self.entries(old)}:
+            for target in {e.target for e in self.entries(old)} | self._staged_targets(old):
                 new_target = _moved_target(target, old, new)
                 cur = self.db.execute(
                     f"update [{TABLE}] set path = ?, target = ? where path = ? and target = ?",
                     [new, new_target, old, target],
                 )
                 changed += cur.rowcount
+                if staged:
+                    self.db.execute(
+                        f"update [{STAGED_TABLE}] set path = ?, target = ? where path = ? and target = ?",
+                        [new, new_target, old, target],
+                    )
         return changed
+
+    def _staged_targets(self, path: str) -> set[str]:
+        if not self.db[STAGED_TABLE].exists():
+            return set()
+        return {r[0] for r in self.db.execute(f"select target from [{STAGED_TABLE}] where path = ?", [path])}
+
+    @property
+    def _staged_table(self) -> sqlite_utils.db.Table:
+        table = self.db[STAGED_TABLE]
+        if not table.exists():
+            table.create(
+                {**{c: str for c in _COLUMNS}, "preexisting": int, "written_at": float, "remove": int, "pid": int},
+                not_null={"path", "target", "field", "value", "preexisting", "remove", "pid"},
+            )
+            table.create_index(["target"])
+        return table
 
     def _query(self, where: str, params: list) -> list[LedgerEntry]:
         if not self.db[TABLE].exists():
@@ -141,6 +236,26 @@ class Ledger:
             params,
         ).fetchall()
         return [LedgerEntry(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+
+def _rows(entries: list[LedgerEntry], now: float) -> list[tuple]:
+    return [(e.path, e.target, e.field, e.value, int(e.preexisting), e.model_id, e.written_at or now) for e in entries]
+
+
+def _running(pid: int) -> bool:
+    """Whether the process `pid` still runs (so its staged rows are a write in flight, not
+    leftovers). Where that cannot be asked cheaply (Windows), only this process counts as running."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _moved_target(target: str, old: str, new: str) -> str:

@@ -45,12 +45,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ramcli.errors import RamcliError, UsageError
-from ramcli.ledger import Ledger, LedgerEntry
+from ramcli.ledger import Intent, Ledger, LedgerEntry
 from ramcli.records import TagScore
 
 MIN_EXIFTOOL = (12, 15)  # PyExifTool 0.5.6 needs -echo4 ${status}
@@ -369,14 +370,42 @@ class ExifToolProcess:
 # --- the writer -------------------------------------------------------------------------------
 
 
+WriteState = Literal["written", "failed", "uncertain"]
+
+
+@dataclass
+class _Batch:
+    """One chunk of a call, from layout (targets, ledger rows) through reading and planning."""
+
+    plans: list[FilePlan]
+    wanted: dict[str, tuple[str, bool, list[TagScore]]]  # target -> (photo, wanted there, tags)
+    rows: dict[str, list[LedgerEntry]]  # photo -> its ledger rows
+
+    @property
+    def names(self) -> set[str]:
+        """Every photo and target the chunk touches (two chunks overlap only when disjoint)."""
+        return {p.path for p in self.plans} | set(self.wanted)
+
+    def staged(self) -> list[TargetPlan]:
+        """Targets whose ledger changes depend on a file operation (ExifTool write, delete)."""
+        return [t for p in self.plans if not p.error for t in p.targets if t.writes or t.delete]
+
+
 class MetadataWriter:
     """Plans and writes keyword metadata for batches of photos; see the module docstring."""
 
     def __init__(self, options: WriterOptions, ledger: Ledger):
         self.options = options
         self.ledger = ledger
-        self.exiftool = ExifToolProcess(options.exiftool)
+        # [reader, background writer]; None: not started yet, or died (restarted when next needed)
+        self._exiftools: list[ExifToolProcess | None] = [ExifToolProcess(options.exiftool), None]
+        self._background: ThreadPoolExecutor | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="ramcli-exiftool-")
+        try:
+            self.recovered = self._recover()
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> MetadataWriter:
         return self
@@ -385,47 +414,73 @@ class MetadataWriter:
         self.close()
 
     def close(self) -> None:
-        self.exiftool.close()
+        if self._background is not None:
+            self._background.shutdown(wait=True)
+        for process in self._exiftools:
+            if process is not None:
+                process.close()
         self._tmp.cleanup()
+
+    @property
+    def exiftool(self) -> ExifToolProcess:
+        """The process that reads (and writes when nothing runs beside the write)."""
+        return self._process(0)
+
+    def _process(self, slot: int) -> ExifToolProcess:
+        """The ExifTool process in `slot`, started if needed. Only the main thread starts them:
+        PyExifTool ties each process to the life of the thread that started it (PDEATHSIG)."""
+        process = self._exiftools[slot]
+        if process is None:
+            process = self._exiftools[slot] = ExifToolProcess(self.options.exiftool)
+        return process
 
     # planning
 
     def plan_batch(self, items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]]) -> list[FilePlan]:
         """What `write_batch` would change, per photo (the dry run)."""
-        plans: list[FilePlan] = []
-        for start in range(0, len(items), self.options.batch_size):
-            plans += self._plan(list(items[start : start + self.options.batch_size]), untag=False)
-        return plans
+        return [plan for chunk in self._chunks(items) for plan in self._read_and_plan(self._layout(chunk, False))]
 
     def plan_untag(self, paths: Sequence[str | os.PathLike]) -> list[FilePlan]:
         """What `untag_batch` would remove, per photo."""
-        plans: list[FilePlan] = []
-        for start in range(0, len(paths), self.options.batch_size):
-            chunk = paths[start : start + self.options.batch_size]
-            plans += self._plan([(p, []) for p in chunk], untag=True)
-        return plans
+        items = [(p, []) for p in paths]
+        return [plan for chunk in self._chunks(items) for plan in self._read_and_plan(self._layout(chunk, True))]
 
     def write_batch(
         self, items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]], model_id: str | None = None
     ) -> list[WriteOutcome]:
         """Merge the tags into each photo's metadata; one outcome per item, in order."""
-        outcomes: list[WriteOutcome] = []
-        for start in range(0, len(items), self.options.batch_size):
-            plans = self._plan(list(items[start : start + self.options.batch_size]), untag=False)
-            outcomes += self._execute(plans, model_id)
-        return outcomes
+        return self._run(self._chunks(items), False, model_id)
 
     def untag_batch(self, paths: Sequence[str | os.PathLike]) -> list[WriteOutcome]:
         """Remove exactly the keywords ramcli added (per the ledger) and nothing else."""
-        outcomes: list[WriteOutcome] = []
-        for start in range(0, len(paths), self.options.batch_size):
-            plans = self._plan([(p, []) for p in paths[start : start + self.options.batch_size]], untag=True)
-            outcomes += self._execute(plans, None)
-        return outcomes
+        return self._run(self._chunks([(p, []) for p in paths]), True, None)
 
-    def _targets(self, photo: Path, dirs: _Dirs, untag: bool) -> tuple[list[tuple[Path, bool]], str | None]:
+    def _chunks(self, items: Sequence) -> list[list]:
+        size = self.options.batch_size
+        return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+    def _layout(self, items: list[tuple[str | os.PathLike, Sequence[TagScore]]], untag: bool) -> _Batch:
+        """Plans with their targets, before anything is read (cheap: stat and directory listings)."""
+        dirs = _Dirs()
+        latest = {os.path.realpath(p): list(tags) for p, tags in items}  # a repeated photo: last wins
+        rows = self.ledger.entries_of(list(latest))
+        plans: dict[str, FilePlan] = {}
+        wanted_by_target: dict[str, tuple[str, bool, list[TagScore]]] = {}
+        for path, tags in latest.items():
+            plan = plans[path] = FilePlan(path)
+            targets, plan.error = self._targets(Path(path), dirs, untag, {e.target for e in rows[path]})
+            for target, wanted in targets:
+                key = str(target)
+                if key in wanted_by_target:  # two photos sharing one sidecar: first one keeps it
+                    continue
+                wanted_by_target[key] = (path, wanted, tags)
+                plan.targets.append(TargetPlan(key, is_sidecar=target != Path(path), exists=target.exists()))
+        return _Batch([plans[os.path.realpath(p)] for p, _ in items], wanted_by_target, rows)
+
+    def _targets(
+        self, photo: Path, dirs: _Dirs, untag: bool, known: set[str]
+    ) -> tuple[list[tuple[Path, bool]], str | None]:
         """(target, wanted) pairs for a photo, or an error. Ledger targets come along unwanted."""
-        known = {e.target for e in self.ledger.entries(str(photo))}
         targets: list[tuple[Path, bool]] = []
         if not untag:
             if not photo.is_file():
@@ -440,39 +495,30 @@ class MetadataWriter:
         targets += [(Path(t), False) for t in sorted(known - chosen)]
         return targets, None
 
-    def _plan(self, items: list[tuple[str | os.PathLike, Sequence[TagScore]]], untag: bool) -> list[FilePlan]:
-        dirs = _Dirs()
-        latest = {os.path.realpath(p): list(tags) for p, tags in items}  # a repeated photo: last wins
-        plans: dict[str, FilePlan] = {}
-        wanted_by_target: dict[str, tuple[str, bool, list[TagScore]]] = {}
-        for path, tags in latest.items():
-            plan = plans[path] = FilePlan(path)
-            targets, error = self._targets(Path(path), dirs, untag)
-            plan.error = error
-            for target, wanted in targets:
-                key = str(target)
-                if key in wanted_by_target:  # two photos sharing one sidecar: first one keeps it
-                    continue
-                wanted_by_target[key] = (path, wanted, tags)
-                plan.targets.append(TargetPlan(key, is_sidecar=target != Path(path), exists=target.exists()))
-        readable = [t.target for p in plans.values() for t in p.targets if t.exists]
+    def _read_and_plan(self, batch: _Batch) -> list[FilePlan]:
+        """One ExifTool read for every existing target of the chunk, then the diff per target."""
+        unique = {p.path: p for p in batch.plans}.values()  # a repeated photo is planned once
+        readable = [t.target for p in unique for t in p.targets if t.exists]
         current_all, messages = self.exiftool.read(readable)
-        for plan in plans.values():
+        for plan in unique:
             for t in plan.targets:
-                path, wanted, tags = wanted_by_target[t.target]
+                path, wanted, tags = batch.wanted[t.target]
                 read_errors = [m for m in messages.get(t.target, []) if m.startswith("Error")]
                 if t.exists and (t.target not in current_all or read_errors):
                     plan.error = plan.error or f"{Path(t.target).name}: " + (
                         read_errors[0] if read_errors else "ExifTool could not read it"
                     )
                     continue
-                self._plan_target(t, path, current_all.get(t.target, {}), tags if wanted else [], wanted)
-        return [plans[os.path.realpath(p)] for p, _ in items]
+                data = current_all.get(t.target, {})
+                self._plan_target(t, path, data, tags if wanted else [], wanted, batch.rows[path])
+        return batch.plans
 
-    def _plan_target(self, t: TargetPlan, path: str, data: dict, tags: list[TagScore], wanted: bool) -> None:
+    def _plan_target(
+        self, t: TargetPlan, path: str, data: dict, tags: list[TagScore], wanted: bool, path_rows: list[LedgerEntry]
+    ) -> None:
         current = {f: as_list(data.get(f)) for f in KEYWORD_FIELDS}
         rows: dict[str, dict[str, LedgerEntry]] = {}
-        for e in self.ledger.entries(path):
+        for e in path_rows:
             if e.target == t.target:
                 rows.setdefault(e.field, {})[e.value] = e
         iptc = self._iptc_encoding(t, data) if wanted else None
@@ -519,82 +565,189 @@ class MetadataWriter:
 
     # writing
 
-    def _execute(self, plans: list[FilePlan], model_id: str | None) -> list[WriteOutcome]:
-        to_write = [t for p in plans if not p.error for t in p.targets if t.writes]
-        errors: dict[str, list[str]] = {}
-        if to_write:
-            errors = self._write_targets(to_write)
-            verified, _ = self.exiftool.read([t.target for t in to_write])
-            for t in to_write:
-                if any(m.startswith("Error") for m in errors.get(t.target, [])):
-                    continue
-                got = verified.get(t.target, {})
-                bad = [f for f, v in t.new_values.items() if as_list(got.get(f)) != v]
-                if bad:
-                    errors.setdefault(t.target, []).insert(0, f"Error: ExifTool did not store {', '.join(bad)}")
-        with self.ledger.db.atomic():  # one commit per batch, not one per file
-            return [self._finish(plan, errors, model_id) for plan in plans]
+    def _run(self, chunks: list[list], untag: bool, model_id: str | None) -> list[WriteOutcome]:
+        """Each chunk: stage, write, settle. While ExifTool writes chunk k in the background
+        process, the reader process reads chunk k+1 and it is planned, unless the two chunks share
+        a photo or target (then k+1 is laid out and read only after k is settled)."""
+        outcomes: list[WriteOutcome] = []
+        batch = self._layout(chunks[0], untag) if chunks else None
+        if batch is not None:
+            self._read_and_plan(batch)
+        for k in range(len(chunks)):
+            following = self._layout(chunks[k + 1], untag) if k + 1 < len(chunks) else None
+            overlap = following is not None and not (following.names & batch.names)
+            intents = self._stage(batch, model_id)
+            targets = [t for t in batch.staged() if t.writes]
+            if overlap:
+                if self._background is None:
+                    self._background = ThreadPoolExecutor(1, thread_name_prefix="ramcli-exiftool")
+                self._process(1)
+                job = self._background.submit(self._write_targets, targets, 1)
+                try:
+                    self._read_and_plan(following)
+                finally:
+                    results = job.result()  # never leave a write running unaccounted for
+            else:
+                self._process(0)
+                results = self._write_targets(targets, 0)
+            outcomes += self._settle(batch, intents, results)
+            if following is not None and not overlap:  # laid out before chunk k changed the files
+                following = self._layout(chunks[k + 1], untag)
+                self._read_and_plan(following)
+            batch = following
+        return outcomes
 
-    def _write_targets(self, targets: list[TargetPlan]) -> dict[str, list[str]]:
-        """One ExifTool command for all targets; per-target error and warning lines."""
-        payload = [{"SourceFile": t.target, **t.new_values, **t.extra} for t in targets]
-        json_path = os.path.join(self._tmp.name, "batch.json")
+    def _stage(self, batch: _Batch, model_id: str | None) -> dict[str, list[Intent]]:
+        """The ledger intents per target, stamped with the model; those that hang on a file
+        operation are committed to the staging table before it starts."""
+        intents: dict[str, list[Intent]] = {}
+        for plan in batch.plans:
+            if plan.error:
+                continue
+            for t in plan.targets:
+                intents[t.target] = [
+                    Intent(LedgerEntry(e.path, e.target, e.field, e.value, e.preexisting, model_id)) for e in t.record
+                ] + [Intent(e, remove=True) for e in t.forget]
+        self.ledger.stage([i for t in batch.staged() for i in intents[t.target]])
+        return intents
+
+    def _write_targets(self, targets: list[TargetPlan], slot: int) -> dict[str, tuple[WriteState, list[str]]]:
+        """One ExifTool command for all targets: per target its state and its error/warning lines.
+
+        'written': no error, not reported unchanged, no warning; 'failed': an error, or ExifTool
+        left the file unchanged; 'uncertain': a warning, or ExifTool itself failed: what the file
+        holds is then read back before the ledger is told anything."""
+        results: dict[str, tuple[WriteState, list[str]]] = {}
+        ready = []
+        for t in targets:
+            problem = _unwritable(Path(t.target), t.exists)
+            if problem:
+                results[t.target] = ("failed", [f"Error: {problem}"])
+            else:
+                ready.append(t)
+        if not ready:
+            return results
+        folder = Path(self._tmp.name) / f"slot{slot}"
+        folder.mkdir(exist_ok=True)
+        json_path, errors_path, same_path = folder / "batch.json", folder / "errors.txt", folder / "unchanged.txt"
+        errors_path.unlink(missing_ok=True)  # ExifTool appends to these
+        same_path.unlink(missing_ok=True)
         with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, ensure_ascii=False)
-        args = [f"-j={json_path}"]
+            json.dump([{"SourceFile": t.target, **t.new_values, **t.extra} for t in ready], fh, ensure_ascii=False)
+        args = [f"-j={json_path}", "-efile", str(errors_path), "-efile2", str(same_path)]
         if not self.options.keep_backups:
             args.append("-overwrite_original")
         if self.options.preserve_mtime:
             args.append("-P")
-        ready = []
+        try:
+            _, stderr = self._exiftools[slot].execute(*args, *(t.target for t in ready))
+        except Exception as exc:  # ExifTool died mid-command: some files may have been written
+            self._exiftools[slot].close()
+            self._exiftools[slot] = None
+            return {**results, **{t.target: ("uncertain", [f"Error: ExifTool failed: {exc}"]) for t in ready}}
         messages: dict[str, list[str]] = {}
-        for t in targets:
-            problem = _unwritable(Path(t.target), t.exists)
-            if problem:
-                messages[t.target] = [f"Error: {problem}"]
+        for name, lines in per_file_messages(stderr).items():
+            messages.setdefault(os.path.abspath(name), []).extend(lines)
+        errored, unchanged = _listed(errors_path), _listed(same_path)
+        for t in ready:
+            lines = messages.get(t.target, [])
+            if t.target in errored or any(m.startswith("Error") for m in lines):
+                state: WriteState = "failed"
+                if not any(m.startswith("Error") for m in lines):
+                    lines.insert(0, "Error: ExifTool could not write it")
+            elif t.target in unchanged:
+                state = "failed"
+                lines.insert(0, "Error: ExifTool left it unchanged")
             else:
-                ready.append(t.target)
-        if ready:
-            try:
-                _, stderr = self.exiftool.execute(*args, *ready)
-            except Exception as exc:  # ExifTool died: the whole (remaining) batch failed, say why
-                self.exiftool.close()
-                self.exiftool = ExifToolProcess(self.options.exiftool)
-                return {**messages, **{t: [f"Error: ExifTool failed: {exc}"] for t in ready}}
-            for name, lines in per_file_messages(stderr).items():
-                messages.setdefault(os.path.abspath(name), []).extend(lines)
-        return messages
+                state = "uncertain" if lines else "written"
+            results[t.target] = (state, lines)
+        return results
 
-    def _finish(self, plan: FilePlan, errors: dict[str, list[str]], model_id: str | None) -> WriteOutcome:
-        outcome = WriteOutcome(plan.path, "unchanged", changes=plan.changes)
-        if plan.error:
-            outcome.status, outcome.error = "failed", plan.error
-            return outcome
-        failures = []
-        for t in plan.targets:
-            lines = errors.get(t.target, [])
-            failed = [m for m in lines if m.startswith("Error")]
-            outcome.warnings += [f"{Path(t.target).name}: {m}" for m in lines if not m.startswith("Error")]
-            if failed:
-                failures.append(f"{Path(t.target).name}: {failed[0].removeprefix('Error: ')}")
+    def _settle(
+        self, batch: _Batch, intents: dict[str, list[Intent]], results: dict[str, tuple[WriteState, list[str]]]
+    ) -> list[WriteOutcome]:
+        """Outcomes per photo, and the ledger told exactly what the files now hold (one commit)."""
+        staged = {t.target: t for t in batch.staged()}
+        unclear = [t for t in staged.values() if t.writes and results.get(t.target, ("", []))[0] == "uncertain"]
+        now, _ = self.exiftool.read([t.target for t in unclear])
+        applied: list[Intent] = []
+        outcomes: dict[str, WriteOutcome] = {}
+        for plan in batch.plans:
+            if plan.path in outcomes:  # a repeated photo: the same outcome again
                 continue
-            if t.delete:
-                try:
-                    os.remove(t.target)
-                except OSError as exc:
-                    failures.append(f"{Path(t.target).name}: cannot delete: {exc.strerror}")
-                    continue
-            stamp = [LedgerEntry(e.path, e.target, e.field, e.value, e.preexisting, model_id) for e in t.record]
-            self.ledger.record(stamp)
-            self.ledger.forget(t.forget)
-            if t.writes or t.delete:
-                outcome.status = "written"
-                if t.target == plan.path:
-                    st = os.stat(t.target)
-                    outcome.size, outcome.mtime_ns = st.st_size, st.st_mtime_ns
-        if failures:
-            outcome.status, outcome.error = "failed", "; ".join(failures)
-        return outcome
+            outcome = outcomes[plan.path] = WriteOutcome(plan.path, "unchanged", changes=plan.changes)
+            if plan.error:
+                outcome.status, outcome.error = "failed", plan.error
+                continue
+            failures = []
+            for t in plan.targets:
+                state, lines = results.get(t.target, ("written", []))
+                if t.delete:
+                    state, lines = _delete(t.target)
+                if state == "uncertain":
+                    got = now.get(t.target)
+                    applied += [i for i in intents[t.target] if _holds(i, got)]
+                    bad = [f for f, v in t.new_values.items() if got is None or as_list(got.get(f)) != v]
+                    errors = [m for m in lines if m.startswith("Error")]
+                    lines = [m for m in lines if not m.startswith("Error")]
+                    if bad:
+                        state = "failed"
+                        lines.insert(0, errors[0] if errors else f"Error: ExifTool did not store {', '.join(bad)}")
+                elif state == "written":
+                    applied += intents[t.target]
+                outcome.warnings += [f"{Path(t.target).name}: {m}" for m in lines if not m.startswith("Error")]
+                if state == "failed":
+                    failed = next(m for m in lines if m.startswith("Error"))
+                    failures.append(f"{Path(t.target).name}: {failed.removeprefix('Error: ')}")
+                elif t.target in staged:
+                    outcome.status = "written"
+                    if t.target == plan.path:
+                        st = os.stat(t.target)
+                        outcome.size, outcome.mtime_ns = st.st_size, st.st_mtime_ns
+            if failures:
+                outcome.status, outcome.error = "failed", "; ".join(failures)
+        self.ledger.settle(applied, [i for target in staged for i in intents[target]])
+        return [outcomes[plan.path] for plan in batch.plans]
+
+    def _recover(self) -> int:
+        """Resolve what a killed run staged and never settled, against what the files now hold.
+
+        Returns the number of resolved intents. Targets that exist but cannot be read now stay
+        staged for a later run."""
+        intents = self.ledger.staged()
+        if not intents:
+            return 0
+        targets = sorted({i.entry.target for i in intents})
+        found, _ = self.exiftool.read([t for t in targets if os.path.exists(t)])
+        decidable = [i for i in intents if i.entry.target in found or not os.path.exists(i.entry.target)]
+        self.ledger.settle([i for i in decidable if _holds(i, found.get(i.entry.target))], decidable)
+        return len(decidable)
+
+
+def _holds(intent: Intent, data: dict | None) -> bool:
+    """Whether a target as it is now (`data` read from it; None: gone) bears the intent out:
+    a value to add is there, a value to remove is gone (a user's value may always be forgotten)."""
+    e = intent.entry
+    present = data is not None and (e.field == CREATED_SIDECAR or e.value in as_list(data.get(e.field)))
+    return (e.preexisting or not present) if intent.remove else present
+
+
+def _delete(target: str) -> tuple[WriteState, list[str]]:
+    """Delete a sidecar ramcli created that holds nothing else any more."""
+    try:
+        os.remove(target)
+    except FileNotFoundError:
+        return "written", []
+    except OSError as exc:
+        return "failed", [f"Error: cannot delete: {exc.strerror}"]
+    return "written", []
+
+
+def _listed(efile: Path) -> set[str]:
+    """The files named in an ExifTool -efile list (absolute paths, one a line)."""
+    if not efile.exists():
+        return set()
+    return {os.path.abspath(n) for n in efile.read_text(encoding="utf-8", errors="surrogateescape").splitlines() if n}
 
 
 def _unwritable(target: Path, exists: bool) -> str | None:

@@ -23,6 +23,9 @@ from ramcli.ledger import Ledger
 from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
 
 _PANEL = "Metadata writing"
+# Writer batches per `write_batch` call: within a call, ExifTool reads the next batch while it
+# writes one (docs/metadata.md); between calls the index learns the new file sizes and mtimes.
+_BATCHES_PER_CALL = 8
 
 
 def _option(name: str, default, annotation, flag: str, help: str) -> inspect.Parameter:
@@ -150,8 +153,9 @@ def register(app: typer.Typer) -> None:
                     print_plans(writer.plan_batch(items))
                     return
                 outcomes = []
-                for start in range(0, len(items), writer_options.batch_size):
-                    batch = writer.write_batch(items[start : start + writer_options.batch_size])
+                span = writer_options.batch_size * _BATCHES_PER_CALL
+                for start in range(0, len(items), span):
+                    batch = writer.write_batch(items[start : start + span])
                     _update_stats(index, batch)
                     outcomes += batch
         _fail_if_any(report(outcomes))
@@ -170,8 +174,8 @@ def register(app: typer.Typer) -> None:
 
         with Index.open(index_path) as index:
             ledger = Ledger(index.db)
-            photos = _ledger_photos(ledger, paths)
-            with MetadataWriter(writer_options, ledger) as writer:
+            with MetadataWriter(writer_options, ledger) as writer:  # first settles a killed run's writes
+                photos = _ledger_photos(ledger, paths)
                 if dry_run:
                     print_plans(writer.plan_untag(photos))
                     return
