@@ -189,21 +189,20 @@ class Ledger:
     def move(self, old_path: str | os.PathLike, new_path: str | os.PathLike) -> int:
         """Re-point the rows of a photo that was moved or renamed (its sidecars moved with it).
 
-        Returns the number of rows changed.
+        Returns the number of ledger rows changed (staged intents move along, uncounted).
         """
         old, new = str(old_path), str(new_path)
-        if not self.db[TABLE].exists():
-            return 0
+        ledger, staged = self.db[TABLE].exists(), self.db[STAGED_TABLE].exists()
         changed = 0
-        staged = self.db[STAGED_TABLE].exists()
         with self.db.atomic():
             for target in {e.target for e in self.entries(old)} | self._staged_targets(old):
                 new_target = _moved_target(target, old, new)
-                cur = self.db.execute(
-                    f"update [{TABLE}] set path = ?, target = ? where path = ? and target = ?",
-                    [new, new_target, old, target],
-                )
-                changed += cur.rowcount
+                if ledger:
+                    cur = self.db.execute(
+                        f"update [{TABLE}] set path = ?, target = ? where path = ? and target = ?",
+                        [new, new_target, old, target],
+                    )
+                    changed += cur.rowcount
                 if staged:
                     self.db.execute(
                         f"update [{STAGED_TABLE}] set path = ?, target = ? where path = ? and target = ?",

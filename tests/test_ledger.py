@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import sqlite_utils
 
-from ramcli.ledger import TABLE, Ledger, LedgerEntry
+from ramcli.ledger import STAGED_TABLE, TABLE, Intent, Ledger, LedgerEntry
 
 
 def entry(path="/p/IMG.jpg", target=None, field="XMP-dc:Subject", value="dog", pre=False, model="m1"):
@@ -78,3 +81,42 @@ def test_writes_nest_inside_an_open_transaction(tmp_path):
     conn.execute("ROLLBACK")
     assert [e.value for e in ledger.entries("/p/IMG.jpg")] == ["first"]
     assert db[TABLE].exists()
+
+
+def test_staged_intents_settle_in_one_step(tmp_path):
+    ledger = Ledger(sqlite_utils.Database(tmp_path / "i.db"))
+    ledger.record([entry(value="cat")])
+    add, drop = Intent(entry(value="dog")), Intent(entry(value="cat"), remove=True)
+    ledger.stage([add, drop])
+    assert ledger.staged() == []  # this process is running: its intents are a write in flight
+    assert [e.value for e in ledger.entries("/p/IMG.jpg")] == ["cat"]  # nothing applied yet
+    ledger.settle([add, drop], [add, drop])
+    assert [e.value for e in ledger.entries("/p/IMG.jpg")] == ["dog"]
+    assert ledger.db[STAGED_TABLE].count == 0
+
+
+def test_intents_of_a_dead_process_are_handed_back_and_move_with_the_photo(tmp_path):
+    db = tmp_path / "i.db"
+    stage = (
+        "import sqlite_utils, sys\n"
+        "from ramcli.ledger import Intent, Ledger, LedgerEntry\n"
+        "Ledger(sqlite_utils.Database(sys.argv[1])).stage("
+        "[Intent(LedgerEntry('/a/IMG.CR2', '/a/IMG.xmp', 'XMP-dc:Subject', 'dog', False, 'm1'))])\n"
+    )
+    subprocess.run([sys.executable, "-c", stage, db], check=True)  # it exits without settling
+    ledger = Ledger(sqlite_utils.Database(db))
+    [left] = ledger.staged()
+    assert (left.entry.target, left.entry.value, left.remove, left.entry.model_id) == ("/a/IMG.xmp", "dog", False, "m1")
+    ledger.move("/a/IMG.CR2", "/b/NEW.CR2")
+    [moved] = ledger.staged()
+    assert (moved.entry.path, moved.entry.target) == ("/b/NEW.CR2", "/b/NEW.xmp")
+    ledger.settle([], [moved])  # resolved as "not written": dropped, nothing recorded
+    assert ledger.staged() == [] and ledger.entries("/b/NEW.CR2") == []
+
+
+def test_entries_of_many_photos(tmp_path):
+    ledger = Ledger(sqlite_utils.Database(tmp_path / "i.db"))
+    ledger.record([entry(path=f"/p/{i}.jpg", value=str(i)) for i in range(1200)])
+    got = ledger.entries_of([f"/p/{i}.jpg" for i in range(0, 1200, 2)] + ["/p/none.jpg"])
+    assert len(got) == 601 and got["/p/none.jpg"] == []
+    assert all([e.value for e in got[f"/p/{i}.jpg"]] == [str(i)] for i in range(0, 1200, 2))

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import stat
 from pathlib import Path
 
@@ -165,6 +168,10 @@ def test_every_format_write_rerun_untag(samples, ledger):
         assert side["XMP-crs:Exposure2012"] == before_sidecars[ext]["XMP-crs:Exposure2012"]
         assert side["XMP-dc:Title"] == [USER_TITLE]
     assert samples["CR3"].with_suffix(".xmp").exists()  # new sidecars: Adobe naming by default
+    for p in photos:  # trusting ExifTool's per-file status: the ledger claims nothing the file lacks
+        for e in ledger.entries(os.path.realpath(p)):
+            if e.field != "ramcli:CreatedSidecar":
+                assert e.value in read_tags(Path(e.target), e.field).get(e.field, []), (p, e)
 
     # second run: nothing to do, no file touched
     stamps = {p: (sidecar_of(p) if p.suffix.lstrip(".") in RAW_FORMATS else p).stat().st_mtime_ns for p in photos}
@@ -345,3 +352,119 @@ def test_bad_files_are_reported_and_the_batch_goes_on(tmp_path, samples, ledger)
     assert all(p.read_bytes() == data for p, data in untouched.items())
     assert all(ledger.entries(p) == [] for p in batch[:5])
     assert not list(tmp_path.glob("*_exiftool_tmp"))
+
+
+# --- pipelining and the kill window -------------------------------------------------------------
+
+
+def staged_rows(ledger: Ledger) -> int:
+    table = ledger.db["metadata_ledger_staged"]
+    return table.count if table.exists() else 0
+
+
+def test_pipelined_batches_report_failures_per_file(tmp_path, samples, ledger):
+    """batch_size 2: ExifTool reads each next batch while the previous one is written."""
+    good = [make_photo(tmp_path, f"good{i}", "jpg", seed=i) for i in range(5)]
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image at all")
+    wrong_ext = tmp_path / "really_png.jpg"
+    shutil.copy(samples["png"], wrong_ext)
+    # chunks: [g0 g1] [g2 garbage] [g3 g2] [wrong_ext g4]: the third shares g2 with the second, so
+    # it is read only once the second is written (g2 is then unchanged); the others overlap
+    batch = [good[0], good[1], good[2], garbage, good[3], good[2], wrong_ext, good[4]]
+    with writer(ledger, batch_size=2) as w:
+        outcomes = w.write_batch([(p, [DOG, BEACH]) for p in batch], model_id="m")
+    assert [o.status for o in outcomes] == (
+        ["written"] * 3 + ["failed", "written", "unchanged", "failed", "written"])
+    assert "Not a valid JPG" in outcomes[3].error and "looks more like a PNG" in outcomes[6].error
+    for p in good:
+        assert keywords(p)["XMP-dc:Subject"] == USER_KEYWORDS + ["dog", "beach"], p
+        assert {(e.field, e.value, e.preexisting, e.model_id) for e in ledger.entries(os.path.realpath(p))} >= {
+            ("XMP-dc:Subject", "dog", False, "m"), ("XMP-lr:HierarchicalSubject", "auto|beach", False, "m")}
+    assert ledger.entries(os.path.realpath(garbage)) == [] and ledger.entries(os.path.realpath(wrong_ext)) == []
+    assert staged_rows(ledger) == 0
+    with writer(ledger, batch_size=2) as w:  # the re-run, pipelined too, changes nothing
+        assert {o.status for o in w.write_batch([(p, [DOG, BEACH]) for p in good])} == {"unchanged"}
+
+
+def test_exiftool_dying_mid_write_records_exactly_what_was_written(tmp_path, ledger, monkeypatch):
+    """ExifTool writes two of three files, then dies: the ledger learns what the files hold."""
+    from ramcli.metadata import ExifToolProcess
+
+    photos = [make_photo(tmp_path, f"p{i}", "jpg", seed=i) for i in range(3)]
+    real = ExifToolProcess.execute
+
+    def dies_before_the_last_file(self, *args):
+        if any(a.startswith("-j=") for a in args):
+            real(self, *args[:-1])
+            raise RuntimeError("simulated crash")
+        return real(self, *args)
+
+    with writer(ledger) as w:
+        monkeypatch.setattr(ExifToolProcess, "execute", dies_before_the_last_file)
+        outcomes = w.write_batch([(p, [DOG]) for p in photos])
+        monkeypatch.setattr(ExifToolProcess, "execute", real)
+        assert [o.status for o in outcomes] == ["written", "written", "failed"]
+        assert "ExifTool failed: simulated crash" in outcomes[2].error
+        assert keywords(photos[2])["XMP-dc:Subject"] == USER_KEYWORDS
+        assert ledger.entries(os.path.realpath(photos[2])) == []
+        assert any(e.value == "dog" for e in ledger.entries(os.path.realpath(photos[0])))
+        assert staged_rows(ledger) == 0
+        assert [o.status for o in w.write_batch([(p, [DOG]) for p in photos])] == ["unchanged", "unchanged", "written"]
+    assert all(keywords(p)["XMP-dc:Subject"] == USER_KEYWORDS + ["dog"] for p in photos)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+import sqlite_utils
+from ramcli.ledger import Ledger
+from ramcli.metadata import ExifToolProcess, MetadataWriter, WriterOptions
+from ramcli.records import TagScore
+
+db, when, photos = sys.argv[1], sys.argv[2], sys.argv[3:]
+real = ExifToolProcess.execute
+
+def execute(self, *args):
+    if any(a.startswith("-j=") for a in args):
+        if when == "after":
+            real(self, *args)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args)
+
+ExifToolProcess.execute = execute
+writer = MetadataWriter(WriterOptions(), Ledger(sqlite_utils.Database(db)))
+writer.write_batch([(p, [TagScore("dog", "", 0.9), TagScore("Oma", "", 0.8)]) for p in photos], model_id="m")
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_kill_around_the_write_loses_nothing(tmp_path, samples, when):
+    """kill -9 just before ExifTool writes, or just after (before the ledger commit): the next
+    writer settles what was staged from what the files hold, so untag stays exact."""
+    jpg, cr3 = samples["jpg"], samples["CR3"]  # the CR3 gets a new sidecar, created by ramcli
+    before = keywords(jpg)
+    db = tmp_path / "index.db"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_WRITER)
+    done = subprocess.run([sys.executable, script, db, when, jpg, cr3], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    ledger = Ledger(sqlite_utils.Database(db))
+    assert ledger.entries(os.path.realpath(jpg)) == [] and staged_rows(ledger) > 0
+    sidecar = cr3.with_suffix(".xmp")
+    assert sidecar.exists() == (when == "after")
+    assert (keywords(jpg) == before) == (when == "before")
+
+    with writer(ledger) as w:  # starting a writer settles the staged rows
+        assert staged_rows(ledger) == 0
+        rows = {(e.field, e.value): e.preexisting for e in ledger.entries(os.path.realpath(jpg))}
+        if when == "after":  # ramcli's dog is ramcli's (not taken for the user's); Oma is the user's
+            assert rows[("XMP-dc:Subject", "dog")] is False and rows[("XMP-dc:Subject", "Oma")] is True
+            assert ("ramcli:CreatedSidecar", "1") in {(e.field, e.value) for e in ledger.entries(os.path.realpath(cr3))}
+        else:  # nothing was written: only the user's own Oma may be known (as the user's)
+            assert rows and all(rows.values()) and ("XMP-dc:Subject", "dog") not in rows
+            assert ledger.entries(os.path.realpath(cr3)) == []
+        again = w.write_batch([(p, [DOG, OMA]) for p in (jpg, cr3)])
+        assert [o.status for o in again] == (["unchanged"] * 2 if when == "after" else ["written"] * 2)
+        assert [o.status for o in w.untag_batch([jpg, cr3])] == ["written", "written"]
+    assert keywords(jpg) == before
+    assert not sidecar.exists()
