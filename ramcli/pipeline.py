@@ -116,7 +116,7 @@ class Tagger:
         base = list(self.thresholds) if self.thresholds is not None else list(labels.thresholds)
         chosen = [self.threshold if self.threshold is not None else base[i] for i in active]
         self._class_thresholds = torch.tensor(chosen, dtype=torch.float32)
-        self._active = active
+        self.active = active  # label indices that are computed, in output order
         self.model = self.model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -134,7 +134,7 @@ class Tagger:
 
     @property
     def active_names(self) -> list[str]:
-        return [self.model.labels.names[i] for i in self._active]
+        return [self.model.labels.names[i] for i in self.active]
 
     def _amp(self):
         return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
@@ -164,7 +164,7 @@ class Tagger:
             return rescore(self.model, self.cache, keys, self._active_tensor())
 
     def _active_tensor(self) -> torch.Tensor:
-        return self.classes if self.classes is not None else torch.arange(len(self._active), device=self.device)
+        return self.classes if self.classes is not None else torch.arange(len(self.active), device=self.device)
 
     def decide(self, scores: torch.Tensor) -> list[list[TagScore]]:
         """Scores -> emitted tags per image: score > threshold (strict), sorted by score, top-k."""
@@ -176,13 +176,13 @@ class Tagger:
             idx.sort(key=lambda j: -float(row[j]))
             if self.top_k is not None:
                 idx = idx[: self.top_k]
-            out.append([TagScore(labels.names[self._active[j]], labels.names_zh[self._active[j]], float(row[j])) for j in idx])
+            out.append([TagScore(labels.names[self.active[j]], labels.names_zh[self.active[j]], float(row[j])) for j in idx])
         return out
 
     def full_scores(self, scores: torch.Tensor) -> np.ndarray:
         """Active-class scores placed into a (B, all classes) matrix; inactive classes score 0."""
         out = np.zeros((scores.shape[0], len(self.model.labels)), dtype=np.float32)
-        out[:, self._active] = scores.numpy()
+        out[:, self.active] = scores.numpy()
         return out
 
 
@@ -211,7 +211,7 @@ def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: in
             if len(keep) != len(batch.items):
                 batch = Batch(batch.pixels[keep], [batch.items[i] for i in keep], batch.failures)
         keys = [item.content_hash for item in batch.items]
-        scores = tagger.scores(batch.pixels, keys) if len(batch.items) else torch.zeros(0, len(tagger._active))
+        scores = tagger.scores(batch.pixels, keys) if len(batch.items) else torch.zeros(0, len(tagger.active))
         yield batch, scores
 
 
