@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
         rows.append(("vocabulary", True, str(h.vocab) + ("" if h.vocab.exists() else " (empty)")))
         rows.append(("index", True, str(h.index) + ("" if h.index.exists() else " (not created yet)")))
         table = Table("check", "", "details", show_header=False)
+        table.columns[2].overflow = "fold"  # paths are copied into commands: never elide them
         for name, ok, detail in rows:
             table.add_row(name, "[green]ok[/]" if ok else "[red]missing[/]", detail)
         console.print(table)

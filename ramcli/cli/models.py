@@ -24,11 +24,18 @@ def list_models() -> None:
     from ramcli.models import DEFAULT_MODEL, PUBLISHED
     from ramcli.models.registry import converted_path
 
-    table = Table("name", "arch", "download", "installed", "description")
+    rows = []
     for p in PUBLISHED.values():
-        installed = converted_path(home().models, p.name).is_file()
+        installed = "yes" if converted_path(home().models, p.name).is_file() else "-"
         name = p.name + (" (default)" if p.name == DEFAULT_MODEL else "")
-        table.add_row(name, p.arch or "-", f"{p.size / 1e9:.2f} GB", "yes" if installed else "-", p.description)
+        rows.append((name, p.arch or "-", f"{p.size / 1e9:.2f} GB", installed, p.description))
+    if not console.is_terminal:  # scripts get one tab-separated line per model
+        for row in rows:
+            typer.echo("\t".join(row))
+        return
+    table = Table("name", "arch", "download", "installed", "description")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

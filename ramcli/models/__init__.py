@@ -74,12 +74,19 @@ def pull(name: str, dtype: str = "fp32", convert_to_tagger: bool = True,
 
 
 def resolve_weights(weights: str | None) -> tuple[Path, str | None]:
-    """(path, published name or None) for a --weights value: a file, a published name, or the default."""
+    """(path, published name or None) for a --weights value.
+
+    A file path wins; then a name in the models folder (`ramcli models import --name`, or a pulled
+    model); then a published name (pulled on first use); no value means the default model.
+    """
     name = weights or DEFAULT_MODEL
-    if weights and Path(weights).expanduser().exists():
+    if weights and Path(weights).expanduser().is_file():
         return Path(weights).expanduser(), None
+    installed = converted_path(home().models, name)
     if name in PUBLISHED:
-        return converted_path(home().models, name), name
+        return installed, name
+    if installed.is_file():
+        return installed, None
     raise CheckpointError(f"weights not found: {weights} (a file path, or a name from `ramcli models list`)")
 
 
