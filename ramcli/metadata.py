@@ -28,12 +28,22 @@ How a batch runs, and why:
 3. The per-field diff is computed here, in Python, from the current values, the ledger and the
    wanted tags (`plan_field`). Files whose fields would not change are not touched at all, so a
    re-run is a no-op.
-4. One ExifTool call writes every changed target: a JSON file with one object per target (the
+4. The ledger changes that hang on the write are staged (committed) in the ledger database, so
+   that a kill during the write cannot leave ramcli keywords the ledger does not know (see
+   ramcli/ledger.py).
+5. One ExifTool call writes every changed target: a JSON file with one object per target (the
    full new list of each changed field) imported with `-j=`. This is how per-file values fit in
    a single command; ExifTool still rewrites each file via a temporary file and a rename and
-   never touches the image data. Errors are read per file from ExifTool's stderr.
-5. One more `-j` read verifies that each written target now holds exactly the planned lists;
-   only then is the ledger updated. A target that fails is reported and the ledger is not told.
+   never touches the image data. Per file, ExifTool says what failed (stderr, `-efile`) and what
+   it left unchanged (`-efile2`).
+6. Settle, in one transaction: the staged changes of targets ExifTool wrote go into the ledger.
+   A target that ExifTool warned about, or a batch during which ExifTool died, is read back, and
+   the ledger records exactly what the file holds. Failed targets are reported, the ledger is
+   not told.
+
+Staged changes that a killed run left behind are settled from the files' contents when the next
+writer starts. When one call spans several batches, a second ExifTool process writes batch k in
+a background thread while the first reads batch k+1.
 
 ExifTool is kept running (`-stay_open`) for the life of the writer.
 """
