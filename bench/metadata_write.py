@@ -37,7 +37,7 @@ from PIL import Image
 
 from ramcli.index import Index
 from ramcli.ledger import Ledger
-from ramcli.metadata import MetadataWriter, WriterOptions
+import ramcli.metadata
 from ramcli.records import TagScore
 
 TAGS = [TagScore(n, "", 0.9) for n in ("dog", "beach", "sunset", "person", "sky", "sand", "water", "tree")]
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--before", metavar="REF", help="also measure the writer of this git commit")
     args = parser.parse_args()
     before = load_before(args.before) if args.before else None
-    current = sys.modules[MetadataWriter.__module__]
+    current = ramcli.metadata
     results: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
 
