@@ -49,7 +49,8 @@ def main() -> None:
         root = Path(tmp)
         write_shards(root / "data", samples=args.samples, shards=4, seed=0, val_samples=300, size=64)
         cfg = resolve("tiny", overrides=dict(data=[str(root / "data")], out=str(root / "run"), epochs=args.epochs,
-                                             batch_size=args.batch_size, progress=False, save_every=0))
+                                             batch_size=args.batch_size, progress=False, save_every=0,
+                                             augment=False))  # crops would cut the drawn shapes out
         labels = resolve_training_labels(cfg)
         untrained = build_model(cfg, labels, build_tokenizer(cfg, [str(root / "data" / "train")], root)).tagger.eval()
         # the tags present in training (every synthetic tag, in practice)

@@ -105,7 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: 64 px, tiny Swin and heads, a caption vocabulary trained on the data, no teacher
     "tiny": dict(preset="tiny", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
                  label_embed="random", distill="off", pretrained_backbone=False, batch_size=32, epochs=10,
-                 lr=5e-4, warmup_lr=1e-5, warmup_steps=50, lr_decay_rate=0.95, amp="off", num_workers=0,
+                 lr=1e-3, warmup_lr=1e-5, warmup_steps=20, lr_decay_rate=0.9, amp="off", num_workers=0,
                  save_every=200, log_every=5),
     # Tag2Text's pretraining setting (Swin-B 224, 80 per GPU)
     "swin_b": dict(preset="swin_b", image_size=224, batch_size=80),

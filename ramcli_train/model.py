@@ -119,6 +119,11 @@ def _init_tagger(tagger: RecognitionModel, label_embed: torch.Tensor | None) -> 
         got = "none" if label_embed is None else tuple(label_embed.shape)
         raise RamcliError(f"label embeddings must be ({rows}, {CLIP_DIM}) CLIP text vectors, got {got}")
     tagger.label_embed.copy_(label_embed)
+    # Label queries are unit-norm CLIP vectors; nn.Linear's default init maps them to ~0.03 per
+    # coordinate, so every class starts with nearly the same query and the decoder needs many
+    # steps before classes differ. Std 1 gives O(1) queries that differ from the first step.
+    nn.init.normal_(tagger.wordvec_proj.weight, std=1.0)
+    nn.init.zeros_(tagger.wordvec_proj.bias)
     if arch.family == "ram_plus":
         with torch.no_grad():
             tagger.reweight_scale.fill_(math.log(1 / 0.07))
