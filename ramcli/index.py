@@ -57,6 +57,7 @@ class PhotoRecord:
     vocab_version: str | None
     status: str
     error: str | None
+    caption: str | None = None
 
 
 _PHOTO_COLUMNS = ", ".join(f.name for f in fields(PhotoRecord))
@@ -128,8 +129,14 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Captions (`ramcli tag --caption`, Tag2Text), searchable by word through their own FTS table."""
+    db.table("photos").add_column("caption", str)
+    db.table("photos").enable_fts(["caption"], create_triggers=True, tokenize="unicode61 remove_diacritics 2")
+
+
 #: Forward migrations: entry i takes the schema from version i to i + 1. Never edit a released one.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -283,19 +290,20 @@ class Index:
             )
             self.db.conn.executemany(
                 "INSERT INTO photos (path, size, mtime_ns, content_hash, width, height, taken_at,"
-                " tagged_at, model_id, vocab_version, status, error)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " tagged_at, model_id, vocab_version, status, error, caption)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns,"
                 " content_hash = coalesce(excluded.content_hash, content_hash),"
                 " width = coalesce(excluded.width, width), height = coalesce(excluded.height, height),"
                 " taken_at = coalesce(excluded.taken_at, taken_at), tagged_at = excluded.tagged_at,"
                 " model_id = excluded.model_id, vocab_version = excluded.vocab_version,"
-                " status = excluded.status, error = excluded.error",
+                " status = excluded.status, error = excluded.error,"
+                " caption = coalesce(excluded.caption, caption)",
                 [
                     (
                         path, r.size, r.mtime_ns, r.content_hash, r.width, r.height,
                         r.taken_at.isoformat() if r.taken_at else None, now, r.model_id,
-                        r.vocab_version, r.status, r.error,
+                        r.vocab_version, r.status, r.error, r.caption,
                     )
                     for path, r in latest.items()
                 ],

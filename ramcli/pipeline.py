@@ -96,6 +96,7 @@ class Tagger:
     top_k: int | None = None
     compile: bool = False
     cache: EmbeddingCache | None = None  # keep image embeddings for decoder-only re-scoring
+    captioner: torch.nn.Module | None = None  # Tag2Text's tag-guided caption generator
     classes: torch.Tensor | None = field(init=False, default=None)
     _class_thresholds: torch.Tensor = field(init=False)
 
@@ -122,6 +123,8 @@ class Tagger:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if self.captioner is not None:
+            self.captioner = self.captioner.to(self.device).eval()
         self._forward: Callable = self.model
         if self.compile:
             self._forward = torch.compile(self.model, dynamic=False)
@@ -139,23 +142,33 @@ class Tagger:
     def _amp(self):
         return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
 
-    @torch.inference_mode()
     def scores(self, pixels: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
-        """uint8 (B,3,S,S) -> sigmoid scores (B, active classes), float32 on the CPU.
+        """uint8 (B,3,S,S) -> sigmoid scores (B, active classes), float32 on the CPU."""
+        return self.forward_batch(pixels, keys)[0]
 
-        With an embedding cache, the image embeddings are stored under `keys` (content hashes).
-        """
+    @torch.inference_mode()
+    def forward_batch(self, pixels: torch.Tensor, keys: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores, image embeddings or None). Embeddings are computed separately only when they
+        are needed afterwards: stored in the embedding cache under `keys`, or for captions."""
         x = normalize(pixels.to(self.device, non_blocking=True))
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        embeds = None
         with self._amp():
-            if self.cache is not None and keys is not None:
+            if self.captioner is not None or (self.cache is not None and keys is not None):
                 embeds = self.model.encode_image(x)
-                self.cache.put(keys, embeds)
+                if self.cache is not None and keys is not None:
+                    self.cache.put(keys, embeds)
                 logits = self.model.decode(embeds, self.classes)
             else:
                 logits = self._forward(x, self.classes)
-        return torch.sigmoid(logits.float()).cpu()
+        return torch.sigmoid(logits.float()).cpu(), embeds
+
+    @torch.inference_mode()
+    def captions(self, embeds: torch.Tensor, tags: list[list[TagScore]]) -> list[str]:
+        """Tag2Text captions guided by each photo's emitted tags (official: joined with ' | ')."""
+        with self._amp():
+            return self.captioner.generate(embeds, [" | ".join(t.name for t in row) for row in tags])
 
     @torch.inference_mode()
     def rescore_cached(self, keys: Sequence[str]) -> torch.Tensor:
@@ -197,8 +210,9 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: int,
-                 skip: Callable[[Item], bool] | None = None) -> Iterator[tuple[Batch, torch.Tensor]]:
-    """(batch, scores of its decoded photos) in input order.
+                 skip: Callable[[Item], bool] | None = None
+                 ) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor | None]]:
+    """(batch, scores of its decoded photos, their image embeddings or None) in input order.
 
     `skip(item)` may drop decoded photos before the model runs (e.g. a moved photo the index
     already knows); their pixels are removed from the batch.
@@ -210,19 +224,23 @@ def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: in
             keep = [i for i, item in enumerate(batch.items) if not skip(item)]
             if len(keep) != len(batch.items):
                 batch = Batch(batch.pixels[keep], [batch.items[i] for i in keep], batch.failures)
-        keys = [item.content_hash for item in batch.items]
-        scores = tagger.scores(batch.pixels, keys) if len(batch.items) else torch.zeros(0, len(tagger.active))
-        yield batch, scores
+        if not batch.items:
+            yield batch, torch.zeros(0, len(tagger.active)), None
+            continue
+        scores, embeds = tagger.forward_batch(batch.pixels, [item.content_hash for item in batch.items])
+        yield batch, scores, embeds
 
 
-def results_of(batch: Batch, tags: list[list[TagScore]], tagger: Tagger, vocab_version: str) -> list[PhotoResult]:
+def results_of(batch: Batch, tags: list[list[TagScore]], tagger: Tagger, vocab_version: str,
+               captions: list[str] | None = None) -> list[PhotoResult]:
     out = [
         PhotoResult(
             path=str(item.path), status="tagged", size=item.size, mtime_ns=item.mtime_ns,
             content_hash=item.content_hash, width=item.width, height=item.height, taken_at=item.taken_at,
             model_id=tagger.model.model_id, vocab_version=vocab_version, tags=t,
+            caption=captions[i] if captions else None,
         )
-        for item, t in zip(batch.items, tags)
+        for i, (item, t) in enumerate(zip(batch.items, tags))
     ]
     for failure in batch.failures:
         try:
@@ -240,8 +258,10 @@ def tag_files(paths: list[Path], tagger: Tagger, sinks: Sequence[Callable[[list[
               on_batch: Callable[[int, int], None] | None = None,
               skip: Callable[[Item], bool] | None = None) -> None:
     """Tag `paths` and hand each batch's results to every sink, in order."""
-    for batch, scores in iter_batches(paths, tagger, batch_size, workers, skip):
-        results = results_of(batch, tagger.decide(scores), tagger, vocab_version)
+    for batch, scores, embeds in iter_batches(paths, tagger, batch_size, workers, skip):
+        tags = tagger.decide(scores)
+        captions = tagger.captions(embeds, tags) if tagger.captioner is not None and batch.items else None
+        results = results_of(batch, tags, tagger, vocab_version, captions)
         for sink in sinks:
             sink(results)
         if on_batch is not None:
@@ -263,7 +283,7 @@ def score_files(model: RecognitionModel, paths: list[Path], batch_size: int = 8,
     done: list[Path] = []
     rows: list[np.ndarray] = []
     failures: dict[Path, str] = {}
-    for batch, scores in iter_batches(list(paths), tagger, batch_size, default_workers() if workers is None else workers):
+    for batch, scores, _ in iter_batches(list(paths), tagger, batch_size, default_workers() if workers is None else workers):
         done.extend(item.path for item in batch.items)
         rows.append(tagger.full_scores(scores))
         failures.update({f.path: f.reason for f in batch.failures})

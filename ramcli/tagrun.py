@@ -89,6 +89,7 @@ class TagRun:
     write: bool = True
     writer_options: WriterOptions | None = None
     cache_embeddings: bool = False
+    caption: bool = False
     quiet: bool = False
 
     # ------------------------------------------------------------------ steps
@@ -156,8 +157,10 @@ class TagRun:
             applied = vocab.apply_to_model(model)
             thresholds = read_threshold_file(self.threshold_file, len(model.labels)) if self.threshold_file else None
             cache = EmbeddingCache(model.model_id) if self.cache_embeddings else None
+            captioner = self._load_captioner(model) if self.caption else None
             tagger = Tagger(model, device, autocast, threshold=self.threshold, thresholds=thresholds,
-                            exclude=self.exclude_tags, top_k=self.top_k, compile=self.compile_model, cache=cache)
+                            exclude=self.exclude_tags, top_k=self.top_k, compile=self.compile_model, cache=cache,
+                            captioner=captioner)
             cached, todo = self._split_cached(todo, index, model.model_id, cache)
             summary.rescored = len(cached)
             writer = self._metadata_sink(index, summary, model.model_id) if self.write else None
@@ -208,6 +211,25 @@ class TagRun:
         if not self.quiet:
             self._print_summary(err_console, summary, start)
         return len(summary.failed)
+
+    def _load_captioner(self, model):
+        """Tag2Text's caption generator, from the training parts of the original .pth."""
+        from ramcli.models import get_published, resolve_weights
+        from ramcli.models.checkpoint import is_converted, read_official
+        from ramcli.models.registry import download
+
+        if model.arch.family != "tag2text":
+            raise UsageError("--caption needs Tag2Text weights (tag2text_swin_14m): RAM and RAM++ do not caption")
+        path, name = resolve_weights(self.weights)
+        if is_converted(path):
+            if name is None:
+                raise UsageError("--caption needs the original Tag2Text .pth: converted files are tag-only")
+            path = download(get_published(name))  # the hub cache keeps the original after `pull`
+        try:
+            from ramcli_train.caption import load_official_generator
+        except ImportError as exc:
+            raise UsageError(f"--caption needs the training extras: pip install 'ramcli[train]' ({exc.name})") from None
+        return load_official_generator(read_official(path))
 
     @staticmethod
     def _split_cached(todo: list[Found], index, model_id: str, cache) -> tuple[list, list[Found]]:

@@ -243,3 +243,21 @@ def test_kill_9_mid_batch_leaves_whole_batches_only(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ramcli", "index", "check", "--index", str(tmp_path / "i.db")],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_version_1_index_migrates_forward_keeping_its_photos(tmp_path):
+    """Schema 2 added captions; an index written by schema 1 upgrades in place on open."""
+    import sqlite_utils
+
+    from ramcli.index import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    db = sqlite_utils.Database(path)
+    MIGRATIONS[0](db)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO photos (path, status) VALUES ('/x.jpg', 'tagged')")
+    db.conn.commit()
+    db.close()
+    with Index.open(path) as ix:
+        assert ix.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert ix.lookup("/x.jpg").caption is None and "caption" in ix.db["photos"].columns_dict

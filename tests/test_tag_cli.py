@@ -253,3 +253,36 @@ def test_ranks_split_the_photos_and_share_one_index(model_files, tmp_path, monke
     assert not seen[0] & seen[1] and seen[0] | seen[1] == {str(p) for p in photos}
     with sqlite3.connect(home / "index.db") as con:
         assert con.execute("select count(*) from photos where status='tagged'").fetchone()[0] == 5
+
+
+def test_captions_flow_from_tag2text_into_results_and_the_index(tmp_path):
+    """`tag --caption`: Tag2Text's generator, guided by the emitted tags, on the pipeline's embeddings."""
+
+    from ramcli.index import Index
+    from ramcli.models.checkpoint import load_official
+    from ramcli.labels import read_label_dir
+    from ramcli.pipeline import tag_files
+    from test_caption import _setup
+
+    sd, cfg, tok, gen, _ = _setup()
+    labels_dir = make_labels_dir(tmp_path, 20, "tag2text")
+    path = tmp_path / "t2t.pth"
+    torch.save({"model": sd}, path)
+    model = load_official(path, labels=read_label_dir(labels_dir, "tag2text"))
+    photos = _photos(tmp_path / "lib", 3)
+    tagger = Tagger(model, torch.device("cpu"), threshold=0.0, captioner=gen)
+    results = []
+    tag_files(photos, tagger, [results.extend], batch_size=2, workers=0)
+    captions = [r.caption for r in results]
+    assert all(isinstance(c, str) for c in captions) and any(captions)  # random tiny weights: some may be empty
+    # the same photo, tags and weights give the same caption; the tags guide the generation
+    again = []
+    tag_files(photos[:1], tagger, [again.extend], batch_size=1, workers=0)
+    assert again[0].caption == captions[0]
+    with Index.open(tmp_path / "index.db") as index:
+        index.record_batch(results)
+        assert [index.lookup(str(p)).caption for p in photos] == captions
+        word = next(c for c in captions if c).split()[0]
+        hits = index.db.execute("select rowid from photos_fts where photos_fts match ?", [word]).fetchall()
+        assert hits  # captions are searchable through the index's full-text table
+

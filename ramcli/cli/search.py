@@ -152,7 +152,7 @@ def register(app: typer.Typer) -> None:
             tags = index.photo_tags(record.path)
             ledger = Ledger(index.db).entries(record.path)
         console.print(f"[bold]{record.path}[/]", highlight=False)
-        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash"):
+        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption"):
             value = getattr(record, field)
             if value is not None:
                 console.print(f"  {field:<13} {value}", highlight=False, markup=False)

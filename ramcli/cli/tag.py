@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         index_path: Path = typer.Option(None, "--index", help="Index database (default: $RAMCLI_HOME/index.db)."),
         write: bool = typer.Option(True, "--write/--no-write", help="Write tags into the photos' XMP/IPTC metadata (or sidecars)."),
         cache_embeddings: bool = typer.Option(False, "--cache-embeddings", help="Keep image embeddings (fp16, ~145 KB/photo) so tags added later re-run only the decoder."),
+        caption: bool = typer.Option(False, "--caption", help="Tag2Text only: also write a caption per photo (beam search 3, 10-30 tokens, as the official)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
         *,
         writer_options: WriterOptions,
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
             exclude_tags=[t for t in exclude_tags.split(",") if t.strip()], include=include, exclude=exclude,
             fmt=fmt or ("table" if stdout_is_terminal() and output is None else "jsonl"), output=output,
             dry_run=dry_run, force=force, use_index=not no_index, index_path=index_path, write=write,
-            writer_options=writer_options, cache_embeddings=cache_embeddings, quiet=quiet,
+            writer_options=writer_options, cache_embeddings=cache_embeddings, caption=caption, quiet=quiet,
         )
         failed = run.execute(console=console, err_console=err_console)
         if failed:
