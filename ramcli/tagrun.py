@@ -187,18 +187,7 @@ class TagRun:
                                     rate=(summary.tagged + len(summary.failed)) / elapsed)
 
                 try:
-                    for start in range(0, len(cached), 256):
-                        chunk = cached[start:start + 256]
-                        scores = tagger.rescore_cached([rec.content_hash for _, rec in chunk])
-                        results = [
-                            PhotoResult(path=rec.path, status="tagged", size=f.size, mtime_ns=f.mtime_ns,
-                                        content_hash=rec.content_hash, model_id=model.model_id,
-                                        vocab_version=applied.version, tags=tags)
-                            for (f, rec), tags in zip(chunk, tagger.decide(scores))
-                        ]
-                        for sink in sinks:
-                            sink(results)
-                        advance(len(chunk), 0)
+                    self._rescore_cached(cached, tagger, sinks, applied.version, advance)
                     tag_files([f.path for f in todo], tagger, sinks, batch_size, workers,
                               vocab_version=applied.version, on_batch=advance, skip=skip)
                 finally:
@@ -211,6 +200,22 @@ class TagRun:
         if not self.quiet:
             self._print_summary(err_console, summary, start)
         return len(summary.failed)
+
+    @staticmethod
+    def _rescore_cached(cached: list, tagger, sinks, vocab_version: str, advance, chunk: int = 256) -> None:
+        """Photos whose embeddings are cached: decoder-only scores, then the same sinks."""
+        for first in range(0, len(cached), chunk):
+            part = cached[first:first + chunk]
+            scores = tagger.rescore_cached([rec.content_hash for _, rec in part])
+            results = [
+                PhotoResult(path=rec.path, status="tagged", size=f.size, mtime_ns=f.mtime_ns,
+                            content_hash=rec.content_hash, model_id=tagger.model.model_id,
+                            vocab_version=vocab_version, tags=tags)
+                for (f, rec), tags in zip(part, tagger.decide(scores))
+            ]
+            for sink in sinks:
+                sink(results)
+            advance(len(part), 0)
 
     def _load_captioner(self, model):
         """Tag2Text's caption generator, from the training parts of the original .pth."""
