@@ -8,7 +8,15 @@ API (what the tagging pipeline and `ramcli write`/`untag` call)::
     with MetadataWriter(WriterOptions(), Ledger(db)) as writer:     # starts ExifTool, checks version
         plans = writer.plan_batch([(path, [TagScore, ...]), ...])     # dry run: nothing written
         outcomes = writer.write_batch([(path, tags), ...], model_id="ram_plus_swin_large_14m")
+        outcomes = writer.write_batch(items, model_id=..., captions=["a dog on a beach", None, ...])
         outcomes = writer.untag_batch([path, ...])                    # remove ramcli's keywords only
+
+Captions (Tag2Text) go to `XMP-dc:Description` (x-default), to the same targets as the keywords,
+only where no description is there yet or where the description is still exactly the one ramcli
+wrote (the ledger knows it, under the field `XMP-dc:Description`). A user's description, in any
+language or in IPTC `Caption-Abstract` / EXIF `ImageDescription`, is never touched and keeps
+ramcli from writing one. A caption of None leaves the description as it is (only `untag`
+removes ramcli's).
 
 Each `WriteOutcome` says per photo: `status` 'written' | 'unchanged' | 'failed', a one-line
 `error`, `changes` (human-readable lines such as `IMG.CR2.xmp XMP-dc:Subject +dog -cat`) and,
@@ -72,6 +80,19 @@ IPTC_KEYWORDS = "IPTC:Keywords"
 TAGSLIST = "XMP-digiKam:TagsList"
 LAST_KEYWORD_XMP = "XMP-microsoft:LastKeywordXMP"
 KEYWORD_FIELDS = (SUBJECT, HIERARCHICAL, IPTC_KEYWORDS, TAGSLIST, LAST_KEYWORD_XMP)
+# The caption: the x-default item of the dc:description language alternative, as ExifTool reads
+# it (also the ledger's field name). It is written under the explicit x-default name, because
+# deleting plain `XMP-dc:Description` would delete every language of it.
+DESCRIPTION = "XMP-dc:Description"
+DESCRIPTION_WRITE = "XMP-dc:Description-x-default"
+MANAGED_FIELDS = (*KEYWORD_FIELDS, DESCRIPTION)
+# Where else a user's description may live (MWG Description): any of these keeps ramcli's caption out.
+OTHER_DESCRIPTIONS = ("IPTC:Caption-Abstract", "IFD0:ImageDescription")
+# What cameras put into EXIF ImageDescription by themselves: not a description anyone wrote.
+CAMERA_DESCRIPTIONS = frozenset(
+    {"OLYMPUS DIGITAL CAMERA", "SONY DSC", "DIGITAL CAMERA", "MINOLTA DIGITAL CAMERA",
+     "KONICA MINOLTA DIGITAL CAMERA", "SAMSUNG DIGITAL CAMERA", "DCIM\\100MEDIA"}
+)
 # A ledger pseudo-field: ramcli created this sidecar, so `untag` may delete it once it is empty.
 CREATED_SIDECAR = "ramcli:CreatedSidecar"
 
@@ -143,7 +164,9 @@ class FieldChange:
     removed: list[str]
 
     def describe(self) -> str:
-        return " ".join([self.field] + [f"+{v}" for v in self.added] + [f"-{v}" for v in self.removed])
+        """`XMP-dc:Subject +dog -cat`; a description is quoted (it has spaces)."""
+        show = (lambda v: json.dumps(v, ensure_ascii=False)) if self.field == DESCRIPTION else str
+        return " ".join([self.field] + [f"+{show(v)}" for v in self.added] + [f"-{show(v)}" for v in self.removed])
 
 
 @dataclass
@@ -259,6 +282,42 @@ def plan_field(
     return new, record, forget
 
 
+def plan_description(
+    current: str | None, elsewhere: bool, wanted: str | None, ledger: dict[str, bool]
+) -> tuple[str | None, list[str], list[str]]:
+    """The rule for the caption in one target: (new description, value to record, values to forget).
+
+    `current`: the x-default description there now; `elsewhere`: the user has a description in
+    another language or field; `wanted`: the caption (None: remove ramcli's); `ledger`: the
+    captions ramcli wrote there (value -> preexisting, always False for captions).
+    - A description the ledger did not write is the user's: it stays, and ramcli's stale rows go.
+    - ramcli's own one is replaced by the wanted caption, or removed when none is wanted.
+    - An empty slot gets the caption, unless the user has a description elsewhere, or deleted
+      this very caption after ramcli wrote it (like a deleted keyword, it stays deleted).
+    """
+    owned = {v for v, pre in ledger.items() if not pre}
+    if current is not None and current not in owned:  # the user's
+        return current, [], list(ledger)
+    if current is None and wanted is not None and (elsewhere or wanted in ledger):
+        return None, [], [v for v in ledger if v != wanted]  # remember a deleted caption
+    record = [wanted] if wanted is not None and wanted not in ledger else []
+    return wanted, record, [v for v in ledger if v != wanted]
+
+
+def description_elsewhere(data: dict) -> bool:
+    """Whether a target read by `ExifToolProcess.read` has a description other than x-default."""
+    other_languages = any(k.startswith(DESCRIPTION + "-") for k in data)
+    fields = (as_list(data.get(f)) for f in OTHER_DESCRIPTIONS)
+    return other_languages or any(v.strip() and v.strip() not in CAMERA_DESCRIPTIONS for f in fields for v in f)
+
+
+def clean_caption(caption: str | None) -> str | None:
+    """A caption as written: stripped; None when there is none."""
+    if caption is None:
+        return None
+    return caption.strip() or None
+
+
 # --- targets ----------------------------------------------------------------------------------
 
 
@@ -365,10 +424,13 @@ class ExifToolProcess:
         return stdout, self._et.last_stderr
 
     def read(self, targets: Sequence[str]) -> tuple[dict[str, dict], dict[str, list[str]]]:
-        """Keyword fields, all XMP and all IPTC of `targets`, keyed by target; plus read errors."""
+        """All XMP and IPTC (keywords, descriptions) and EXIF ImageDescription of `targets`, keyed
+        by target; plus read errors."""
         if not targets:
             return {}, {}
-        stdout, stderr = self.execute("-j", "-fast2", "-XMP:all", "-IPTC:all", "-Photoshop:IPTCDigest", *targets)
+        stdout, stderr = self.execute(
+            "-j", "-fast2", "-XMP:all", "-IPTC:all", "-Photoshop:IPTCDigest", "-EXIF:ImageDescription", *targets
+        )
         found = {os.path.abspath(d["SourceFile"]): d for d in parse_exiftool_json(stdout)}
         return found, per_file_messages(stderr)
 
@@ -381,6 +443,7 @@ class ExifToolProcess:
 
 
 WriteState = Literal["written", "failed", "uncertain"]
+_Item = tuple[str | os.PathLike, Sequence[TagScore], str | None]  # (photo, tags, caption) in the writer
 
 
 @dataclass
@@ -388,8 +451,9 @@ class _Batch:
     """One chunk of a call, from layout (targets, ledger rows) through reading and planning."""
 
     plans: list[FilePlan]
-    wanted: dict[str, tuple[str, bool, list[TagScore]]]  # target -> (photo, wanted there, tags)
+    wanted: dict[str, tuple[str, bool, list[TagScore], str | None]]  # target -> (photo, wanted there, tags, caption)
     rows: dict[str, list[LedgerEntry]]  # photo -> its ledger rows
+    untag: bool = False
 
     @property
     def names(self) -> set[str]:
@@ -446,46 +510,57 @@ class MetadataWriter:
 
     # planning
 
-    def plan_batch(self, items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]]) -> list[FilePlan]:
+    def plan_batch(
+        self,
+        items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]],
+        captions: Sequence[str | None] | None = None,
+    ) -> list[FilePlan]:
         """What `write_batch` would change, per photo (the dry run)."""
-        return [plan for chunk in self._chunks(items) for plan in self._read_and_plan(self._layout(chunk, False))]
+        chunks = self._chunks(_with_captions(items, captions))
+        return [plan for chunk in chunks for plan in self._read_and_plan(self._layout(chunk, False))]
 
     def plan_untag(self, paths: Sequence[str | os.PathLike]) -> list[FilePlan]:
         """What `untag_batch` would remove, per photo."""
-        items = [(p, []) for p in paths]
+        items = [(p, [], None) for p in paths]
         return [plan for chunk in self._chunks(items) for plan in self._read_and_plan(self._layout(chunk, True))]
 
     def write_batch(
-        self, items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]], model_id: str | None = None
+        self,
+        items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]],
+        model_id: str | None = None,
+        captions: Sequence[str | None] | None = None,
     ) -> list[WriteOutcome]:
-        """Merge the tags into each photo's metadata; one outcome per item, in order."""
-        return self._run(self._chunks(items), False, model_id)
+        """Merge the tags into each photo's metadata; one outcome per item, in order.
+
+        `captions`, aligned with `items`: a caption for `XMP-dc:Description` per photo, or None
+        to leave that photo's description as it is (see the module docstring)."""
+        return self._run(self._chunks(_with_captions(items, captions)), False, model_id)
 
     def untag_batch(self, paths: Sequence[str | os.PathLike]) -> list[WriteOutcome]:
-        """Remove exactly the keywords ramcli added (per the ledger) and nothing else."""
-        return self._run(self._chunks([(p, []) for p in paths]), True, None)
+        """Remove exactly the keywords and caption ramcli added (per the ledger) and nothing else."""
+        return self._run(self._chunks([(p, [], None) for p in paths]), True, None)
 
     def _chunks(self, items: Sequence) -> list[list]:
         size = self.options.batch_size
         return [list(items[start : start + size]) for start in range(0, len(items), size)]
 
-    def _layout(self, items: list[tuple[str | os.PathLike, Sequence[TagScore]]], untag: bool) -> _Batch:
+    def _layout(self, items: list[_Item], untag: bool) -> _Batch:
         """Plans with their targets, before anything is read (cheap: stat and directory listings)."""
         dirs = _Dirs()
-        latest = {os.path.realpath(p): list(tags) for p, tags in items}  # a repeated photo: last wins
+        latest = {os.path.realpath(p): (list(tags), caption) for p, tags, caption in items}  # repeated: last wins
         rows = self.ledger.entries_of(list(latest))
         plans: dict[str, FilePlan] = {}
-        wanted_by_target: dict[str, tuple[str, bool, list[TagScore]]] = {}
-        for path, tags in latest.items():
+        wanted_by_target: dict[str, tuple[str, bool, list[TagScore], str | None]] = {}
+        for path, (tags, caption) in latest.items():
             plan = plans[path] = FilePlan(path)
             targets, plan.error = self._targets(Path(path), dirs, untag, {e.target for e in rows[path]})
             for target, wanted in targets:
                 key = str(target)
                 if key in wanted_by_target:  # two photos sharing one sidecar: first one keeps it
                     continue
-                wanted_by_target[key] = (path, wanted, tags)
+                wanted_by_target[key] = (path, wanted, tags, caption)
                 plan.targets.append(TargetPlan(key, is_sidecar=target != Path(path), exists=target.exists()))
-        return _Batch([plans[os.path.realpath(p)] for p, _ in items], wanted_by_target, rows)
+        return _Batch([plans[os.path.realpath(p)] for p, _, _ in items], wanted_by_target, rows, untag)
 
     def _targets(
         self, photo: Path, dirs: _Dirs, untag: bool, known: set[str]
@@ -512,7 +587,7 @@ class MetadataWriter:
         current_all, messages = self.exiftool.read(readable)
         for plan in unique:
             for t in plan.targets:
-                path, wanted, tags = batch.wanted[t.target]
+                path, wanted, tags, caption = batch.wanted[t.target]
                 read_errors = [m for m in messages.get(t.target, []) if m.startswith("Error")]
                 if t.exists and (t.target not in current_all or read_errors):
                     plan.error = plan.error or f"{Path(t.target).name}: " + (
@@ -521,6 +596,12 @@ class MetadataWriter:
                     continue
                 data = current_all.get(t.target, {})
                 self._plan_target(t, path, data, tags if wanted else [], wanted, batch.rows[path])
+                if caption is not None or batch.untag:  # None: the description is left alone
+                    self._plan_caption(t, path, data, caption if wanted else None, batch.rows[path])
+                if t.is_sidecar and not t.exists and t.new_values:
+                    t.record.append(LedgerEntry(path, t.target, CREATED_SIDECAR, "1", False))
+                if not wanted:
+                    self._plan_deletion(t, data, batch.rows[path])
         return batch.plans
 
     def _plan_target(
@@ -551,14 +632,33 @@ class MetadataWriter:
             # refresh a digest the file already has and never create one.
             if Path(t.target).suffix.lower() in (".jpg", ".jpeg", ".jpe") or "Photoshop:IPTCDigest" in data:
                 t.extra["Photoshop:IPTCDigest"] = "new"
-        created = rows.get(CREATED_SIDECAR, {})
-        if t.is_sidecar and not t.exists and t.new_values:
-            t.record.append(LedgerEntry(path, t.target, CREATED_SIDECAR, "1", False))
-        if created and not wanted:
-            t.forget += list(created.values())
-            others = [k for k in data if k not in KEYWORD_FIELDS and k not in ("SourceFile", "XMP-x:XMPToolkit")]
-            left = any(t.new_values.get(f, current[f]) for f in KEYWORD_FIELDS)
-            t.delete = t.exists and not others and not left
+        if not wanted:
+            t.forget += list(rows.get(CREATED_SIDECAR, {}).values())
+
+    def _plan_caption(
+        self, t: TargetPlan, path: str, data: dict, caption: str | None, path_rows: list[LedgerEntry]
+    ) -> None:
+        """The caption's part of a target's plan (`plan_description`), after the keywords'."""
+        current = as_list(data.get(DESCRIPTION))
+        rows = {e.value: e for e in path_rows if e.target == t.target and e.field == DESCRIPTION}
+        new, record, forget = plan_description(
+            current[0] if current else None, description_elsewhere(data), caption,
+            {v: e.preexisting for v, e in rows.items()},
+        )
+        t.record += [LedgerEntry(path, t.target, DESCRIPTION, v, False) for v in record]
+        t.forget += [rows[v] for v in forget]
+        new_list = [new] if new is not None else []
+        if new_list != current:
+            t.new_values[DESCRIPTION] = new_list
+            t.changes.append(FieldChange(DESCRIPTION, new_list, current))
+
+    def _plan_deletion(self, t: TargetPlan, data: dict, path_rows: list[LedgerEntry]) -> None:
+        """A sidecar ramcli created goes once nothing but ramcli's (removed) values was in it."""
+        if not any(e.target == t.target and e.field == CREATED_SIDECAR for e in path_rows):
+            return
+        others = [k for k in data if k not in MANAGED_FIELDS and k not in ("SourceFile", "XMP-x:XMPToolkit")]
+        left = any(t.new_values.get(f, as_list(data.get(f))) for f in MANAGED_FIELDS)
+        t.delete = t.exists and not others and not left
 
     def _iptc_encoding(self, t: TargetPlan, data: dict) -> str | None:
         """The encoding of IPTC keywords in this target, or None when IPTC is not written there."""
@@ -643,7 +743,8 @@ class MetadataWriter:
         errors_path.unlink(missing_ok=True)  # ExifTool appends to these
         same_path.unlink(missing_ok=True)
         with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump([{"SourceFile": t.target, **t.new_values, **t.extra} for t in ready], fh, ensure_ascii=False)
+            json.dump([{"SourceFile": t.target, **_import_values(t.new_values), **t.extra} for t in ready], fh,
+                      ensure_ascii=False)
         args = [f"-j={json_path}", "-efile", str(errors_path), "-efile2", str(same_path)]
         if not self.options.keep_backups:
             args.append("-overwrite_original")
@@ -732,6 +833,25 @@ class MetadataWriter:
         decidable = [i for i in intents if i.entry.target in found or not os.path.exists(i.entry.target)]
         self.ledger.settle([i for i in decidable if _holds(i, found.get(i.entry.target))], decidable)
         return len(decidable)
+
+
+def _with_captions(
+    items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]], captions: Sequence[str | None] | None
+) -> list[_Item]:
+    if captions is None:
+        return [(p, tags, None) for p, tags in items]
+    if len(captions) != len(items):
+        raise ValueError(f"{len(captions)} captions for {len(items)} photos: pass one per photo (None for none)")
+    return [(p, tags, clean_caption(c)) for (p, tags), c in zip(items, captions)]
+
+
+def _import_values(new_values: dict[str, list[str]]) -> dict[str, list[str] | str]:
+    """The new lists as ExifTool's JSON import takes them: the caption as its x-default item
+    (a text; an empty list deletes that item and no other language)."""
+    out: dict[str, list[str] | str] = {f: v for f, v in new_values.items() if f != DESCRIPTION}
+    if DESCRIPTION in new_values:
+        out[DESCRIPTION_WRITE] = new_values[DESCRIPTION][0] if new_values[DESCRIPTION] else []
+    return out
 
 
 def _holds(intent: Intent, data: dict | None) -> bool:

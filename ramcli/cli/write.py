@@ -1,4 +1,5 @@
-"""`ramcli write` and `ramcli untag`: tags into the photos' metadata, and out again (issue 4).
+"""`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again
+(issues 4 and 7).
 
 The writer flags are defined once, here, by the `writer_options` decorator; `ramcli tag` reuses
 it so both commands accept the same flags:
@@ -142,20 +143,21 @@ def register(app: typer.Typer) -> None:
         *,
         writer_options: WriterOptions,
     ) -> None:
-        """Write the indexed tags into the photos' XMP/IPTC metadata (no model run)."""
+        """Write the indexed tags (and captions) into the photos' XMP/IPTC metadata (no model run)."""
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
             photos = _indexed_photos(index, list(paths or []))
             items = [(p, index.photo_tags(p)) for p in photos]
+            captions = [index.lookup(p).caption for p in photos]  # Tag2Text captions, where indexed
             with MetadataWriter(writer_options, Ledger(index.db)) as writer:
                 if dry_run:
-                    print_plans(writer.plan_batch(items))
+                    print_plans(writer.plan_batch(items, captions=captions))
                     return
                 outcomes = []
                 span = writer_options.batch_size * _BATCHES_PER_CALL
                 for start in range(0, len(items), span):
-                    batch = writer.write_batch(items[start : start + span])
+                    batch = writer.write_batch(items[start : start + span], captions=captions[start : start + span])
                     _update_stats(index, batch)
                     outcomes += batch
         _fail_if_any(report(outcomes))
@@ -169,7 +171,7 @@ def register(app: typer.Typer) -> None:
         *,
         writer_options: WriterOptions,
     ) -> None:
-        """Remove exactly the keywords ramcli added to these photos, and nothing else."""
+        """Remove exactly the keywords and captions ramcli added to these photos, and nothing else."""
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
