@@ -7,7 +7,8 @@ Two sources, one sample shape (`TrainSample`):
   A source is a folder of `.tar` files, one `.tar`, a brace pattern
   (`shards/{00000..00099}.tar`) or a list of any of these. Tags = given tags ∪ tags parsed
   from every caption (the official `union_label_id`); the parsed tags of the caption drawn for
-  this step are the `parse_tags` (the official `parse_label_id`).
+  this step are the `parse_tags` (the official `parse_label_id`). Tags listed in the JSON's
+  `removed_tags` (written by `ramcli engine clean`) are taken out of both.
 - **Official JSON annotations** (COCO/VG/SBU/CC3M files of the release): a list of
   {image_path, caption: [..], parse_label_id: [[..]], union_label_id: [..]} plus an image root.
 
@@ -280,6 +281,10 @@ class _Targets:
     def parse(self, caption: str) -> list[int]:
         return self.parser.tag_ids(caption) if self.parser is not None else []
 
+    def known(self, names: list[str]) -> list[int]:
+        """Ids of the names the label system has; the others are ignored (not counted)."""
+        return self.parser.ids_for_names(names)[0] if self.parser is not None and names else []
+
     def names(self, names: list[str], pending: DataStats) -> list[int]:
         if self.parser is None:
             pending.unknown_tag_names += len(names)
@@ -425,11 +430,16 @@ class ShardDataset(_StreamBase):
         if given_ids is None:
             pending.bad_tag_ids += 1
             return None
-        if not isinstance(names, list):
+        removed = meta.get("removed_tags") or []
+        if not isinstance(names, list) or not isinstance(removed, list):
             pending.bad_metadata += 1
             return None
-        parsed = [self.targets.parse(c) for c in captions]
-        union = sorted(set(given_ids) | set(self.targets.names([str(n) for n in names], pending)).union(*parsed))
+        # `ramcli engine clean` lists the tags it judged wrong; the captions still name them, so
+        # they are taken out after parsing, from the union and from each caption's parsed tags
+        dropped = set(self.targets.known([str(n) for n in removed]))
+        parsed = [sorted(set(self.targets.parse(c)) - dropped) for c in captions]
+        union = sorted((set(given_ids) | set(self.targets.names([str(n) for n in names], pending)).union(*parsed))
+                       - dropped)
         image = decode_image(image_bytes)
         if image is None:
             pending.undecodable_image += 1

@@ -156,6 +156,26 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, parser, labels):
     assert batches[0].captions[0] == "a red dog on the grass"
 
 
+def test_removed_tags_leave_the_union_and_the_parsed_tags(tmp_path, parser, labels):
+    """`ramcli engine clean` writes KEY.json `removed_tags`; the caption still names them."""
+    meta = {"caption": "a red dog on the grass with a cat", "tags": ["dog", "cat"], "removed_tags": ["cat", "red"]}
+    _write_tar(
+        tmp_path / "cleaned.tar",
+        [
+            {"__key__": "cleaned", "jpg": _jpeg(), "json": json.dumps(meta).encode()},
+            {"__key__": "all_removed", "jpg": _jpeg(), "json": json.dumps({"caption": "a cat", "removed_tags": ["cat"]}).encode()},
+            {"__key__": "bad_list", "jpg": _jpeg(), "json": json.dumps({"caption": "a cat", "removed_tags": "cat"}).encode()},
+        ],
+    )
+    loader = TrainLoader(ShardDataset(tmp_path / "cleaned.tar", parser, EVAL, shuffle=False), batch_size=4)
+    (batch,) = list(loader)
+    assert batch.keys == ["cleaned"]
+    names = lambda row: {labels.names[i] for i in row.nonzero().flatten().tolist()}  # noqa: E731
+    assert names(batch.tags[0]) == {"dog", "grass"}
+    assert names(batch.parse_tags[0]) == {"dog", "grass"}
+    assert (loader.stats.no_tags, loader.stats.bad_metadata) == (1, 1)
+
+
 def _webp() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (20, 20), (0, 0, 200)).save(buf, format="WEBP")
