@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ class Tagger:
         if self.captioner is not None:
             self.captioner = self.captioner.to(self.device).eval()
         self._forward: Callable = self.model
+        self._compiled_batch: int | None = None
         if self.compile:
             self._forward = torch.compile(self.model, dynamic=False)
         if self.classes is not None:
@@ -161,8 +163,24 @@ class Tagger:
                     self.cache.put(keys, embeds)
                 logits = self.model.decode(embeds, self.classes)
             else:
-                logits = self._forward(x, self.classes)
+                logits = self._compiled_forward(x) if self.compile else self._forward(x, self.classes)
         return torch.sigmoid(logits.float()).cpu(), embeds
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The compiled graph has a fixed batch size (the first one seen): a smaller last batch is
+        padded to it rather than paying for a second compilation."""
+        if self._compiled_batch is None:
+            self._compiled_batch = x.shape[0]
+        n = x.shape[0]
+        if n < self._compiled_batch:
+            x = torch.cat([x, x.new_zeros(self._compiled_batch - n, *x.shape[1:])])
+        try:
+            return self._forward(x, self.classes)[:n]
+        except Exception as exc:  # no C++ compiler, unsupported op...: tag anyway, just slower
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                          "continuing without it", stacklevel=2)
+            self.compile, self._forward = False, self.model
+            return self.model(x[:n], self.classes)
 
     @torch.inference_mode()
     def captions(self, embeds: torch.Tensor, tags: list[list[TagScore]]) -> list[str]:

@@ -286,3 +286,26 @@ def test_captions_flow_from_tag2text_into_results_and_the_index(tmp_path):
         hits = index.db.execute("select rowid from photos_fts where photos_fts match ?", [word]).fetchall()
         assert hits  # captions are searchable through the index's full-text table
 
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_and_pads_the_last_batch(model_files, tmp_path):
+    """Large jobs run torch.compile'd: same scores, one compilation even with a short last batch."""
+    import torch._dynamo
+
+    weights, labels = model_files
+    model = load_any(weights, labels_dir=labels)
+    photos = _photos(tmp_path / "lib", 7)
+    eager, compiled = [], []
+    tag_files_args = dict(batch_size=4, workers=0)
+    from ramcli.pipeline import tag_files
+
+    tag_files(photos, Tagger(model, torch.device("cpu")), [eager.extend], **tag_files_args)
+    torch._dynamo.reset()
+    tagger = Tagger(model, torch.device("cpu"), compile=True)
+    tag_files(photos, tagger, [compiled.extend], **tag_files_args)
+    assert tagger.compile and tagger._compiled_batch == 4  # did not fall back to eager
+    for e, c in zip(eager, compiled):
+        assert [t.name for t in e.tags] == [t.name for t in c.tags]
+        assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(e.tags, c.tags))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
