@@ -36,6 +36,7 @@ from ramcli.metadata import (
     MetadataWriter,
     WriterOptions,
     leaves,
+    plan_description,
     plan_field,
     sidecar_targets,
     trim_iptc,
@@ -48,6 +49,8 @@ OMA = TagScore("Oma", "奶奶", 0.7)  # same text as a user keyword already in e
 KEYWORD_TAGS = ("XMP-dc:Subject", "XMP-lr:HierarchicalSubject", "IPTC:Keywords",
                 "XMP-digiKam:TagsList", "XMP-microsoft:LastKeywordXMP")
 OTHER_TAGS = ("ExifIFD:DateTimeOriginal", "GPS:GPSLatitude", "GPS:GPSLongitude", "XMP-dc:Title")
+DESCRIPTION = "XMP-dc:Description"
+CAPTION = "a dog running on the beach"
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +143,8 @@ def test_every_format_write_rerun_untag(samples, ledger):
     before_sidecars = {ext: read_tags(sidecar_of(samples[ext]), "XMP:all") for ext in RAW_WITH_SIDECAR}
 
     with writer(ledger) as w:
-        outcomes = w.write_batch([(p, [DOG, OMA]) for p in photos], model_id="test_model")
+        outcomes = w.write_batch([(p, [DOG, OMA]) for p in photos], model_id="test_model",
+                                 captions=[CAPTION] * len(photos))
     assert {o.path: o.status for o in outcomes} == {os.path.realpath(p): "written" for p in photos}
 
     for ext, p in samples.items():
@@ -150,6 +154,7 @@ def test_every_format_write_rerun_untag(samples, ledger):
         # the user's Oma is not duplicated; where there was none, Oma is added like any tag
         assert got["XMP-dc:Subject"] == (user + ["dog"] if user else ["dog", "Oma"]), ext
         assert got["XMP-lr:HierarchicalSubject"] == ["auto|dog", "auto|Oma"], ext
+        assert read_tags(target, DESCRIPTION) == {DESCRIPTION: [CAPTION]}, ext
         if ext in IPTC_FORMATS:
             assert got["IPTC:Keywords"] == USER_KEYWORDS + ["dog"], ext
             digest = read_tags(p, "Photoshop:IPTCDigest", "File:CurrentIPTCDigest")
@@ -176,7 +181,7 @@ def test_every_format_write_rerun_untag(samples, ledger):
     # second run: nothing to do, no file touched
     stamps = {p: (sidecar_of(p) if p.suffix.lstrip(".") in RAW_FORMATS else p).stat().st_mtime_ns for p in photos}
     with writer(ledger) as w:
-        again = w.write_batch([(p, [DOG, OMA]) for p in photos])
+        again = w.write_batch([(p, [DOG, OMA]) for p in photos], captions=[CAPTION] * len(photos))
     assert {o.status for o in again} == {"unchanged"}
     assert stamps == {p: (sidecar_of(p) if p.suffix.lstrip(".") in RAW_FORMATS else p).stat().st_mtime_ns
                       for p in photos}
@@ -192,6 +197,7 @@ def test_every_format_write_rerun_untag(samples, ledger):
         target = sidecar_of(p) if ext in RAW_FORMATS else p
         got = keywords(target)
         assert got == before_keywords[target], ext
+        assert DESCRIPTION not in read_tags(target, DESCRIPTION), ext
         assert decoded_pixels_digest(p) == before_pixels[p], ext
     assert all(ledger.entries(p) == [] for p in photos)
 
@@ -433,7 +439,8 @@ def execute(self, *args):
 
 ExifToolProcess.execute = execute
 writer = MetadataWriter(WriterOptions(), Ledger(sqlite_utils.Database(db)))
-writer.write_batch([(p, [TagScore("dog", "", 0.9), TagScore("Oma", "", 0.8)]) for p in photos], model_id="m")
+writer.write_batch([(p, [TagScore("dog", "", 0.9), TagScore("Oma", "", 0.8)]) for p in photos], model_id="m",
+                   captions=["a dog on a beach"] * len(photos))
 """
 
 
@@ -459,12 +466,142 @@ def test_kill_around_the_write_loses_nothing(tmp_path, samples, when):
         rows = {(e.field, e.value): e.preexisting for e in ledger.entries(os.path.realpath(jpg))}
         if when == "after":  # ramcli's dog is ramcli's (not taken for the user's); Oma is the user's
             assert rows[("XMP-dc:Subject", "dog")] is False and rows[("XMP-dc:Subject", "Oma")] is True
+            assert rows[(DESCRIPTION, "a dog on a beach")] is False  # so untag removes the caption
             assert ("ramcli:CreatedSidecar", "1") in {(e.field, e.value) for e in ledger.entries(os.path.realpath(cr3))}
         else:  # nothing was written: only the user's own Oma may be known (as the user's)
             assert rows and all(rows.values()) and ("XMP-dc:Subject", "dog") not in rows
             assert ledger.entries(os.path.realpath(cr3)) == []
-        again = w.write_batch([(p, [DOG, OMA]) for p in (jpg, cr3)])
+        again = w.write_batch([(p, [DOG, OMA]) for p in (jpg, cr3)], captions=["a dog on a beach"] * 2)
         assert [o.status for o in again] == (["unchanged"] * 2 if when == "after" else ["written"] * 2)
+        assert read_tags(jpg, DESCRIPTION) == {DESCRIPTION: ["a dog on a beach"]}
         assert [o.status for o in w.untag_batch([jpg, cr3])] == ["written", "written"]
     assert keywords(jpg) == before
+    assert DESCRIPTION not in read_tags(jpg, DESCRIPTION)
     assert not sidecar.exists()
+
+
+# --- captions in XMP-dc:Description ------------------------------------------------------------
+
+
+def test_caption_rule_never_takes_a_user_description():
+    # an empty slot gets the caption, recorded as ramcli's
+    assert plan_description(None, False, "a dog", {}) == ("a dog", ["a dog"], [])
+    # the user's description stays; a stale ramcli row goes
+    assert plan_description("Oma at the sea", False, "a dog", {"a cat": False}) == ("Oma at the sea", [], ["a cat"])
+    # a description in another language or field keeps the slot empty
+    assert plan_description(None, True, "a dog", {}) == (None, [], [])
+    # ramcli's own caption: kept, replaced, or (nothing wanted: untag) removed
+    assert plan_description("a dog", False, "a dog", {"a dog": False}) == ("a dog", [], [])
+    assert plan_description("a dog", False, "two dogs", {"a dog": False}) == ("two dogs", ["two dogs"], ["a dog"])
+    assert plan_description("a dog", False, None, {"a dog": False}) == (None, [], ["a dog"])
+    # the user deleted ramcli's caption: it stays deleted, and the ledger remembers it
+    assert plan_description(None, False, "a dog", {"a dog": False}) == (None, [], [])
+
+
+def test_caption_into_jpeg_and_raw_sidecars_rerun_replace_untag(samples, ledger):
+    jpg, cr3, cr2 = samples["jpg"], samples["CR3"], samples["CR2"]  # CR3: new sidecar; CR2: Lightroom's
+    targets = {jpg: jpg, cr3: cr3.with_suffix(".xmp"), cr2: cr2.with_suffix(".xmp")}
+    raw_bytes = {p: p.read_bytes() for p in (cr3, cr2)}
+    photos = list(targets)
+    with writer(ledger) as w:
+        out = w.write_batch([(p, [DOG]) for p in photos], model_id="t2t", captions=[CAPTION] * 3)
+    assert [o.status for o in out] == ["written"] * 3
+    for p, target in targets.items():
+        got = read_tags(target, DESCRIPTION, "XMP-dc:Subject", "XMP-dc:Title")
+        assert got[DESCRIPTION] == [CAPTION], p
+        assert "dog" in got["XMP-dc:Subject"], p  # keywords in the same write
+        entries = [e for e in ledger.entries(os.path.realpath(p)) if e.field == DESCRIPTION]
+        assert [(e.target, e.value, e.preexisting, e.model_id) for e in entries] == [
+            (str(target), CAPTION, False, "t2t")], p
+    assert read_tags(targets[cr2], "XMP-dc:Title")["XMP-dc:Title"] == [USER_TITLE]  # sidecar updated in place
+    assert all(p.read_bytes() == data for p, data in raw_bytes.items())  # RAW files never written
+
+    stamps = {t: t.stat().st_mtime_ns for t in targets.values()}
+    with writer(ledger) as w:  # same caption: nothing to do, no file touched
+        assert {o.status for o in w.write_batch([(p, [DOG]) for p in photos], captions=[CAPTION] * 3)} == {"unchanged"}
+        # no caption this time (e.g. a re-tag without --caption): ramcli's caption stays
+        assert {o.status for o in w.write_batch([(p, [DOG]) for p in photos])} == {"unchanged"}
+    assert stamps == {t: t.stat().st_mtime_ns for t in targets.values()}
+
+    with writer(ledger) as w:  # a new caption replaces ramcli's old one, and only that
+        w.write_batch([(p, [DOG]) for p in photos], captions=["two dogs on a beach"] * 3)
+    for p, target in targets.items():
+        assert read_tags(target, DESCRIPTION)[DESCRIPTION] == ["two dogs on a beach"], p
+        assert [e.value for e in ledger.entries(os.path.realpath(p)) if e.field == DESCRIPTION] == [
+            "two dogs on a beach"], p
+
+    with writer(ledger) as w:
+        assert [o.status for o in w.untag_batch(photos)] == ["written"] * 3
+    assert read_tags(jpg, DESCRIPTION, "XMP-dc:Subject", "XMP-dc:Title") == {
+        "XMP-dc:Subject": USER_KEYWORDS, "XMP-dc:Title": [USER_TITLE]}
+    assert not targets[cr3].exists()  # ramcli created it; nothing else was in it
+    assert DESCRIPTION not in read_tags(targets[cr2], DESCRIPTION)
+    assert read_tags(targets[cr2], "XMP-crs:Exposure2012")  # the user's sidecar stays, develop settings too
+    assert all(ledger.entries(os.path.realpath(p)) == [] for p in photos)
+
+
+def test_user_description_is_never_touched(tmp_path, ledger):
+    own = make_photo(tmp_path, "own", "jpg")  # x-default plus a German description
+    exiftool("-q", "-overwrite_original", "-XMP-dc:Description=Oma am Meer, 1987",
+             "-XMP-dc:Description-de=Oma am Meer", own)
+    german_only = make_photo(tmp_path, "de", "jpg")
+    exiftool("-q", "-overwrite_original", "-XMP-dc:Description-de=Oma am Meer", german_only)
+    iptc_only = make_photo(tmp_path, "iptc", "jpg")  # e.g. written by an older app
+    exiftool("-q", "-overwrite_original", "-IPTC:Caption-Abstract=Oma am Meer", iptc_only)
+    camera = make_photo(tmp_path, "camera", "jpg")  # a camera's placeholder is not a description
+    exiftool("-q", "-overwrite_original", "-EXIF:ImageDescription=OLYMPUS DIGITAL CAMERA         ", camera)
+    photos = [own, german_only, iptc_only, camera]
+    descriptions = {p: read_tags(p, "XMP-dc:all", "IPTC:Caption-Abstract") for p in photos[:3]}
+    whole = {p: p.read_bytes() for p in photos}
+
+    with writer(ledger) as w:  # a caption alone: files with a description are not even rewritten
+        out = w.write_batch([(p, []) for p in photos], captions=[CAPTION] * 4)
+        assert [o.status for o in out] == ["unchanged"] * 3 + ["written"]
+        assert all(p.read_bytes() == whole[p] for p in photos[:3])
+        assert read_tags(camera, DESCRIPTION)[DESCRIPTION] == [CAPTION]
+        out = w.write_batch([(p, [DOG]) for p in photos[:3]], captions=[CAPTION] * 3)  # keywords go in
+        assert [o.status for o in out] == ["written"] * 3
+    for p in photos[:3]:
+        got = read_tags(p, "XMP-dc:all", "IPTC:Caption-Abstract")
+        assert {k: v for k, v in got.items() if k != "XMP-dc:Subject"} == {
+            k: v for k, v in descriptions[p].items() if k != "XMP-dc:Subject"}, p
+        assert [e for e in ledger.entries(os.path.realpath(p)) if e.field == DESCRIPTION] == [], p
+
+    # the user overwrites ramcli's caption with their own: it is theirs from then on
+    exiftool("-q", "-overwrite_original", "-XMP-dc:Description=Our dog Bello", camera)
+    with writer(ledger) as w:
+        w.write_batch([(camera, [])], captions=["another caption"])
+        assert read_tags(camera, DESCRIPTION)[DESCRIPTION] == ["Our dog Bello"]
+        w.untag_batch(photos)
+    assert read_tags(camera, DESCRIPTION)[DESCRIPTION] == ["Our dog Bello"]
+    for p in photos[:3]:
+        got = read_tags(p, "XMP-dc:all", "IPTC:Caption-Abstract")
+        assert {k: v for k, v in got.items() if k != "XMP-dc:Subject"} == {
+            k: v for k, v in descriptions[p].items() if k != "XMP-dc:Subject"}, p
+
+
+def test_caption_the_user_deleted_is_not_written_again(samples, ledger):
+    png = samples["png"]
+    with writer(ledger) as w:
+        w.write_batch([(png, [])], captions=[CAPTION])
+        exiftool("-q", "-overwrite_original", "-XMP-dc:Description=", png)
+        assert w.write_batch([(png, [])], captions=[CAPTION])[0].status == "unchanged"
+    assert DESCRIPTION not in read_tags(png, DESCRIPTION)
+
+
+def test_dry_run_shows_the_description_change(samples, ledger):
+    jpg = samples["jpg"]
+    data = jpg.read_bytes()
+    with writer(ledger) as w:
+        [plan] = w.plan_batch([(jpg, [DOG])], captions=[f"  {CAPTION}\n"])  # stripped, like every caption
+        assert f'photo_jpg.jpg XMP-dc:Description +"{CAPTION}"' in plan.changes
+        assert "photo_jpg.jpg XMP-dc:Subject +dog" in plan.changes
+        w.write_batch([(jpg, [DOG])], captions=[CAPTION])
+        [plan] = w.plan_batch([(jpg, [DOG])], captions=["two dogs"])
+        assert plan.changes == ['photo_jpg.jpg XMP-dc:Description +"two dogs" -"a dog running on the beach"']
+        [plan] = w.plan_untag([jpg])
+        assert f'photo_jpg.jpg XMP-dc:Description -"{CAPTION}"' in plan.changes
+        with pytest.raises(ValueError, match="2 captions for 1 photos"):
+            w.plan_batch([(jpg, [DOG])], captions=["a", "b"])
+    assert read_tags(jpg, DESCRIPTION)[DESCRIPTION] == [CAPTION]
+    assert data != jpg.read_bytes()

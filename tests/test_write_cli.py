@@ -81,3 +81,24 @@ def test_unknown_paths_are_clear_errors(tmp_path):
     assert result.returncode == 2 and "is not in the index" in result.stderr
     result = ramcli("untag", "--index", db, tmp_path / "nope.jpg")
     assert result.returncode == 2 and "no such file or folder" in result.stderr
+
+
+def test_write_puts_the_indexed_caption_into_the_description(tmp_path):
+    db, jpg, raw = indexed(tmp_path)
+    with Index.open(db) as index:  # a later `ramcli tag --caption` run captioned the JPEG only
+        index.record_batch([PhotoResult(str(jpg), "tagged", size=jpg.stat().st_size, mtime_ns=jpg.stat().st_mtime_ns,
+                                        model_id="m", tags=[TagScore("dog", "狗", 0.9)], caption="a dog on the beach")])
+
+    dry = ramcli("write", "--index", db, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert 'a.jpg XMP-dc:Description +"a dog on the beach"' in dry.stdout
+    assert "Description" not in dry.stdout.split("b.xmp", 1)[1]
+
+    done = ramcli("write", "--index", db)
+    assert done.returncode == 0, done.stderr
+    assert read_tags(jpg, "XMP-dc:Description") == {"XMP-dc:Description": ["a dog on the beach"]}
+    assert "XMP-dc:Description" not in read_tags(raw.with_suffix(".xmp"), "XMP-dc:Description")
+
+    gone = ramcli("untag", "--index", db, jpg)
+    assert gone.returncode == 0, gone.stderr
+    assert read_tags(jpg, "XMP-dc:Description", "XMP-dc:Subject") == {"XMP-dc:Subject": USER_KEYWORDS}
