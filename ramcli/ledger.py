@@ -6,7 +6,8 @@ themselves cannot say which keywords are ramcli's. The ledger can. It lives in t
 metadata field of one target file:
 
 - `path`: the photo; `target`: the file actually written (the photo itself, or its XMP sidecar);
-- `field`: the ExifTool tag (`XMP-dc:Subject`, `XMP-lr:HierarchicalSubject`, `IPTC:Keywords`, ...);
+- `field`: the ExifTool tag (`XMP-dc:Subject`, `XMP-lr:HierarchicalSubject`, `IPTC:Keywords`, ...;
+  `XMP-dc:Description` for a caption);
 - `value`: the keyword as written;
 - `preexisting`: 1 when the value was already in the field before ramcli wrote there. Such a
   value is the user's: a re-tag or `ramcli untag` never removes it;

@@ -32,9 +32,9 @@ How a batch runs, and why:
    is updated in place (it may hold develop settings); a new one is named per `sidecar_name`.
    Targets the ledger knows from earlier runs are always included, so that switching modes
    moves ramcli's keywords instead of leaving stale ones behind.
-2. One ExifTool call (`-j`) reads the current keyword fields of every target of the batch.
+2. One ExifTool call (`-j`) reads the current keyword and description fields of every target.
 3. The per-field diff is computed here, in Python, from the current values, the ledger and the
-   wanted tags (`plan_field`). Files whose fields would not change are not touched at all, so a
+   wanted tags (`plan_field`) and caption (`plan_description`). Files whose fields would not change are not touched at all, so a
    re-run is a no-op.
 4. The ledger changes that hang on the write are staged (committed) in the ledger database, so
    that a kill during the write cannot leave ramcli keywords the ledger does not know (see
