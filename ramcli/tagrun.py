@@ -49,7 +49,8 @@ class MetadataSink:
         tagged = [r for r in results if r.status == "tagged"]
         if not tagged:
             return
-        outcomes = self.writer.write_batch([(r.path, r.tags) for r in tagged], model_id=self.model_id)
+        outcomes = self.writer.write_batch([(r.path, r.tags) for r in tagged], model_id=self.model_id,
+                                           captions=[r.caption for r in tagged])
         for result, outcome in zip(tagged, outcomes):
             if outcome.status == "written":
                 self.summary.written += 1
