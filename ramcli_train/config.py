@@ -17,10 +17,17 @@ from typing import Any
 import yaml
 
 from ramcli.errors import UsageError
-from ramcli.models.configs import ARCHS, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, ArchConfig
+from ramcli.models.configs import ARCHS, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, ArchConfig, SwinConfig
 from ramcli_train.caption import CaptionConfig
 
 FAMILIES = ("ram", "ram_plus", "tag2text")
+
+#: The `cpu` preset's image encoder: wide enough in its first stage to tell shapes and textures
+#: apart (the test Swin of `tiny` starts at 16 channels and never gets there on a CPU budget),
+#: three stages of 8x8 windows over 4x4 patches.
+CPU_SWIN = SwinConfig(32, (2, 2, 2), (2, 4, 8), 8)
+#: the `cpu` preset's recognition decoder (and caption stack) width, heads, feed-forward width
+CPU_DECODER = dict(hidden=128, heads=4, intermediate=256)
 
 
 @dataclass
@@ -59,6 +66,7 @@ class TrainConfig:
     lr_decay_rate: float = 0.9
     schedule: str = "step"  # step (pretrain: x0.9 per epoch) | cosine (finetune: per epoch to min_lr)
     weight_decay: float = 0.05
+    tag_rescale: bool = True  # RAM/Tag2Text: scale the tag loss to the LM loss's size (official)
     grad_clip: float = 0.0  # 0: off (official)
     accum_steps: int = 1
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
@@ -66,6 +74,7 @@ class TrainConfig:
     seed: int = 42
     num_workers: int = 2
     device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0: torch's default (all cores)
     # outputs
     out: str = "runs/train"
     save_every: int = 1000  # optimizer steps between checkpoints (and one per epoch)
@@ -82,6 +91,10 @@ class TrainConfig:
         """The ArchConfig of this preset, family and class count."""
         if self.preset == "tiny":
             return replace(ARCHS[f"{self.family}_tiny"], num_classes=num_classes)
+        if self.preset == "cpu":
+            return ArchConfig(f"{self.family}_cpu_{self.image_size}", self.family, self.image_size, CPU_SWIN,
+                              num_classes, descriptions_per_class=3 if self.family == "ram_plus" else 1,
+                              **CPU_DECODER)
         swins = {("swin_b", 224): SWIN_B_224, ("swin_b", 384): SWIN_B_384,
                  ("swin_l", 224): SWIN_L_224, ("swin_l", 384): SWIN_L_384}
         swin = swins.get((self.preset, self.image_size))
@@ -107,6 +120,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                  label_embed="random", distill="off", pretrained_backbone=False, batch_size=32, epochs=10,
                  lr=1e-3, warmup_lr=1e-5, warmup_steps=20, lr_decay_rate=0.9, amp="off", num_workers=0,
                  save_every=200, log_every=5),
+    # CPU training that learns in minutes (bench/train_learns.py): a wider small Swin, the tag
+    # loss unscaled, no augmentation (synthetic scenes are sparse: crops cut the shapes out)
+    "cpu": dict(preset="cpu", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
+                tokenizer_vocab=300, label_embed="random", distill="off", pretrained_backbone=False,
+                batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=50, lr_decay_rate=0.8,
+                grad_clip=1.0, tag_rescale=False, augment=False, amp="off", num_workers=0, threads=1, save_every=0, log_every=10),
     # Tag2Text's pretraining setting (Swin-B 224, 80 per GPU)
     "swin_b": dict(preset="swin_b", image_size=224, batch_size=80),
     # RAM's pretraining setting (Swin-L 224, 52 per GPU)

@@ -66,6 +66,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if cfg.threads > 0:  # small models: one thread beats two that wait on each other on a busy CPU
+        torch.set_num_threads(cfg.threads)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Runtime(rank, world, local, device)
@@ -436,7 +438,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
                 ctx = ddp.no_sync() if (rt.world > 1 and not sync) else contextlib.nullcontext()
                 with ctx, autocast(cfg, rt.device):
                     parts = ddp(images, batch.tags.to(rt.device), batch.parse_tags.to(rt.device), captions, **extra)
-                    loss = losses.combine(parts) / cfg.accum_steps
+                    loss = losses.combine(parts, cfg.tag_rescale) / cfg.accum_steps
                 loss.backward()
                 for k, v in parts.items():
                     accum_parts[k] = accum_parts.get(k, 0.0) + v.item() / cfg.accum_steps

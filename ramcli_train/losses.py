@@ -53,12 +53,18 @@ def alignment_loss(logits: torch.Tensor) -> torch.Tensor:
     return asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, clip=0.05)
 
 
-def combine(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+def combine(parts: dict[str, torch.Tensor], rescale_tag: bool = True) -> torch.Tensor:
     """The official total from the parts a family has: RAM lm + rescaled tag + dis; RAM++
-    tag + dis + align; Tag2Text lm + rescaled tag."""
+    tag + dis + align; Tag2Text lm + rescaled tag.
+
+    `rescale_tag=False` adds the summed tag loss as it is. With few classes the rescaling hands
+    the shared image encoder to the caption loss (Adam sees mostly its gradient), which is what
+    a small model on a CPU budget cannot afford; the `cpu` preset turns it off."""
     tag = parts["tag"]
-    if "lm" in parts:
+    if "lm" in parts and rescale_tag:
         total = parts["lm"] + tag / (tag / parts["lm"]).detach()
+    elif "lm" in parts:
+        total = parts["lm"] + tag
     else:
         total = tag
     for name in ("dis", "align"):

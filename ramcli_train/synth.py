@@ -205,16 +205,18 @@ def _fill(colour: tuple[int, int, int], texture: str | None, size: int, rng: np.
         return img
     draw = ImageDraw.Draw(img)
     tone = tuple(int(v) for v in shade)
-    period = max(6, size // 10)  # coarse enough to survive downscaling to a small training size
+    # coarse enough to read at 64 px after JPEG: two or three periods across a shape, lines of
+    # at least 2 px (a 1-px plaid line or a 1.5-px dot is noise at that size, not a texture)
+    period = max(8, size // 8)
     offset = int(rng.integers(period))
     if texture in ("stripe", "plaid"):
         for k in range(-size, 2 * size, period):
-            width = max(1, period // 4) if texture == "plaid" else max(2, period // 3)
+            width = max(2, period // 4) if texture == "plaid" else max(3, period // 3)
             draw.line([(k + offset, 0), (k + offset + size, size)], fill=tone, width=width)
             if texture == "plaid":
                 draw.line([(k + offset, size), (k + offset + size, 0)], fill=tone, width=width)
     else:  # polka dot
-        rad = max(1.5, period * 0.3)
+        rad = max(2.5, period * 0.3)
         for yy in range(offset, size, period):
             for xx in range(offset + (yy // period % 2) * period // 2, size, period):
                 draw.ellipse([xx - rad, yy - rad, xx + rad, yy + rad], fill=tone)

@@ -142,17 +142,17 @@ def test_missing_data_and_dry_run(shards, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_tiny_model_learns_the_synthetic_tags(tmp_path):
-    """The CI version of bench/train_learns.py: a lower bar, a smaller run."""
+def test_cpu_preset_learns_the_synthetic_tags(tmp_path):
+    """The CI version of bench/train_learns.py: the `cpu` recipe, a smaller run, a lower bar."""
     import numpy as np
 
     from ramcli_train.loop import Runtime, build_loader
     from ramcli_train.metrics import mean_average_precision
 
     data = tmp_path / "data"
-    write_shards(data, samples=512, shards=2, seed=5, val_samples=128, size=64)
-    cfg = _cfg(data, tmp_path / "run", family="ram_plus", alignment=False, batch_size=32, max_steps=None, epochs=8,
-               augment=False)
+    write_shards(data, samples=640, shards=2, seed=5, val_samples=200, size=64)
+    cfg = resolve("cpu", overrides=dict(data=[str(data)], out=str(tmp_path / "run"), family="ram_plus",
+                                        alignment=False, epochs=10, progress=False))
 
     def held_out(tagger) -> float:
         loader = build_loader(cfg, [str(data / "val")], tagger.labels, Runtime(), train=False)
@@ -162,7 +162,7 @@ def test_tiny_model_learns_the_synthetic_tags(tmp_path):
                                       np.concatenate([p[1] for p in pairs])).mean_with_positives
 
     train(cfg)
-    first = held_out(tagger_from_checkpoint(tmp_path / "run" / "checkpoint_00.pt"))  # after 16 steps
-    last = held_out(tagger_from_checkpoint(tmp_path / "run" / "checkpoint_last.pt"))  # after 128
-    # chance level (an untrained model) is about 0.25 on these tags
-    assert last >= 0.4 and last > first + 0.05, (first, last)
+    first = held_out(tagger_from_checkpoint(tmp_path / "run" / "checkpoint_00.pt"))  # after 20 steps
+    last = held_out(tagger_from_checkpoint(tmp_path / "run" / "checkpoint_last.pt"))  # after 200
+    # chance level (an untrained model) is about 0.25 on these tags; 28 s on 2 shared cores
+    assert last >= 0.55 and last > first + 0.15, (first, last)  # measured: 0.37 -> 0.62
