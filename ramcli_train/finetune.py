@@ -41,7 +41,7 @@ from ramcli.errors import CheckpointError, UsageError
 from ramcli.labels import RAM_DEFAULT_THRESHOLD, LabelSet, resolve_labels
 from ramcli.models.configs import CLIP_DIM, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, SWIN_TINY_TEST, ArchConfig
 from ramcli.vocab import name_key
-from ramcli_train.config import TrainConfig, read_config_file, resolve
+from ramcli_train.config import CPU_SWIN, TrainConfig, read_config_file, resolve
 
 INIT_FILE = "init.pt"
 LABEL_DIR = "labels"
@@ -56,7 +56,7 @@ INHERITED_KEYS = ("family", "preset", "caption_layers", "caption_heads", "tokeni
                   "prepend_prompt", "clip_model", "clip_weights", "distill", "alignment", "amp", "num_workers",
                   "log_every", "save_every", "seed")
 _PRESET_OF_SWIN = {SWIN_L_224: "swin_l", SWIN_L_384: "swin_l", SWIN_B_224: "swin_b", SWIN_B_384: "swin_b",
-                   SWIN_TINY_TEST: "tiny"}
+                   SWIN_TINY_TEST: "tiny", CPU_SWIN: "cpu"}
 
 
 # ----------------------------------------------------------------------------- the start point

@@ -20,7 +20,7 @@ def train(
     ctx: typer.Context,
     data: list[str] = typer.Option(None, "--data", help="Shard folder/.tar/brace pattern, or official JSON files; repeatable."),
     config: Path | None = typer.Option(None, "--config", help="YAML or TOML file of config keys."),
-    preset: str | None = typer.Option(None, "--preset", help="tiny (CPU), swin_b or swin_l (default swin_l)."),
+    preset: str | None = typer.Option(None, "--preset", help="cpu (learns on a CPU), tiny (tests), swin_b or swin_l (default swin_l)."),
     model: str | None = typer.Option(None, "--model", help="Family: ram, ram_plus or tag2text."),
     out: str | None = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, config.json."),
     labels: str | None = typer.Option(None, "--labels", help="Label folder (official files) or a tags.txt."),
