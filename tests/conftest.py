@@ -28,6 +28,33 @@ def sample_photos(shared_dir: Path) -> list[Path]:
     return sorted((shared_dir / "ram" / "images").glob("*.jpg"))
 
 
+@pytest.fixture(scope="session")
+def labels(labels_dir: Path):
+    """The official RAM label system (LabelSet)."""
+    from ramcli.labels import read_label_dir
+
+    return read_label_dir(labels_dir, "ram")
+
+
+@pytest.fixture(scope="session")
+def parser(labels):
+    """A caption parser over the official label system (building one takes ~0.6 s)."""
+    from ramcli_train.parse import TagParser
+
+    return TagParser(labels)
+
+
+def run_cli(args: list[str]) -> int:
+    """Run the real `ramcli` entry point in-process; its exit code (standalone mode exits)."""
+    from ramcli.cli.app import main
+
+    try:
+        main(args)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own RAMCLI_HOME so nothing touches the user's real state."""

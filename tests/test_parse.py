@@ -7,19 +7,11 @@ import json
 
 import pytest
 
-from ramcli.cli.app import main
+from conftest import run_cli
 from ramcli.errors import RamcliError
-from ramcli.labels import read_label_dir
 from ramcli_train.parse import DEFAULT_SYNONYMS, TagParser, clean_caption
 
 
-def _cli(args: list[str]) -> int:
-    """Run the ramcli entry point; its exit code (it exits via SystemExit in standalone mode)."""
-    try:
-        main(args)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 # (caption, expected tag names). Each expectation was checked by hand against the caption and
 # against the official 4,585-tag list (the test below asserts every name is a tag of it).
@@ -85,14 +77,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def labels(labels_dir):
-    return read_label_dir(labels_dir, "ram")
-
-
-@pytest.fixture(scope="module")
-def parser(labels):
-    return TagParser(labels)
 
 
 def test_at_least_fifty_hand_checked_captions_use_real_tags(labels):
@@ -186,14 +170,14 @@ def test_clean_caption_matches_the_official_rule():
 
 
 def test_cli_parse_table(labels_dir, capsys):
-    assert _cli(["parse", "a dog sitting on a couch next to a lamp", "--labels", str(labels_dir)]) == 0
+    assert run_cli(["parse", "a dog sitting on a couch next to a lamp", "--labels", str(labels_dir)]) == 0
     out = capsys.readouterr().out
     for name in ("dog", "sitting", "couch", "lamp", "1363"):
         assert name in out
 
 
 def test_cli_parse_json(labels_dir, labels, capsys):
-    assert _cli(["parse", "A street with no cars, just people.", "--labels", str(labels_dir), "--json"]) == 0
+    assert run_cli(["parse", "A street with no cars, just people.", "--labels", str(labels_dir), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [t["name"] for t in data["tags"]] == ["city street", "person"]
     assert data["tags"][1]["words"] == "people" and data["tags"][1]["synonym"] == "people"
@@ -203,6 +187,6 @@ def test_cli_parse_json(labels_dir, labels, capsys):
 
 
 def test_cli_parse_bad_labels_is_one_line(tmp_path, capsys):
-    assert _cli(["parse", "a dog", "--labels", str(tmp_path)]) == 1
+    assert run_cli(["parse", "a dog", "--labels", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "label file not found" in err and "Traceback" not in err

@@ -11,24 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ramcli.cli.app import main
+from conftest import run_cli
 from ramcli.labels import read_label_dir
 from ramcli_train import synth
-from ramcli_train.parse import TagParser
 
 
-def _cli(args: list[str]) -> int:
-    """Run the ramcli entry point; its exit code (it exits via SystemExit in standalone mode)."""
-    try:
-        main(args)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
-
-
-@pytest.fixture(scope="module")
-def parser(labels_dir):
-    return TagParser(read_label_dir(labels_dir, "ram"))
 
 
 def _members(path):
@@ -104,7 +91,7 @@ def test_train_and_val_differ(tmp_path):
 
 
 def test_cli_synth_writes_shards(tmp_path, capsys):
-    assert _cli(["synth", str(tmp_path / "out"), "--samples", "6", "--shards", "2", "--seed", "1", "--size", "40"]) == 0
+    assert run_cli(["synth", str(tmp_path / "out"), "--samples", "6", "--shards", "2", "--seed", "1", "--size", "40"]) == 0
     assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["00000.tar", "00001.tar"]
     assert (tmp_path / "out" / "val" / "00000.tar").is_file()
     assert "wrote 6 training samples" in capsys.readouterr().out
@@ -112,5 +99,5 @@ def test_cli_synth_writes_shards(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [["--samples", "0"], ["--samples", "3", "--shards", "5"], ["--size", "8"]])
 def test_cli_synth_bad_arguments(tmp_path, capsys, args):
-    assert _cli(["synth", str(tmp_path / "o"), *args]) == 2
+    assert run_cli(["synth", str(tmp_path / "o"), *args]) == 2
     assert "Traceback" not in capsys.readouterr().err

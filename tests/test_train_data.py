@@ -12,7 +12,6 @@ import webdataset as wds
 from PIL import Image
 
 from ramcli.errors import RamcliError
-from ramcli.labels import read_label_dir
 from ramcli_train import synth
 from ramcli_train.data import (
     AnnotationDataset,
@@ -22,19 +21,10 @@ from ramcli_train.data import (
     TransformConfig,
     resolve_shards,
 )
-from ramcli_train.parse import TagParser
 
 EVAL = TransformConfig(size=32, train=False)
 
 
-@pytest.fixture(scope="module")
-def labels(labels_dir):
-    return read_label_dir(labels_dir, "ram")
-
-
-@pytest.fixture(scope="module")
-def parser(labels):
-    return TagParser(labels)
 
 
 @pytest.fixture(scope="module")
