@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -165,8 +166,7 @@ def load_official(path: Path, arch: ArchConfig | None = None, labels: LabelSet |
 
 
 def _with_classes(arch: ArchConfig, inferred: ArchConfig) -> ArchConfig:
-    from dataclasses import replace
-
+    """A requested arch, with the class count the weights actually have."""
     return replace(arch, num_classes=inferred.num_classes, descriptions_per_class=inferred.descriptions_per_class)
 
 
