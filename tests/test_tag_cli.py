@@ -171,10 +171,11 @@ def test_usage_errors_exit_2_without_traceback(model_files, tmp_path):
 @pytest.mark.slow
 def test_kill_9_mid_run_resumes_with_nothing_lost_or_duplicated(model_files, tmp_path):
     weights, labels = model_files
-    photos = _photos(tmp_path / "lib", 24)
+    # enough work (one photo per batch, each its own transaction) that the kill lands mid-run
+    photos = _photos(tmp_path / "lib", 150, size=(640, 480))
     home = tmp_path / "home"
     args = ["tag", str(tmp_path / "lib"), "--weights", str(weights), "--labels", str(labels), "-f", "jsonl",
-            "--no-write", "--workers", "0", "--batch-size", "2", "-q"]
+            "--no-write", "--workers", "0", "--batch-size", "1", "-q"]
     env = {**os.environ, "RAMCLI_HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-m", "ramcli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -190,7 +191,7 @@ def test_kill_9_mid_run_resumes_with_nothing_lost_or_duplicated(model_files, tmp
                 done = 0
             if done >= 4:
                 break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 0 < done < len(photos), "the run was not caught in the middle"
