@@ -26,8 +26,3 @@ class UsageError(RamcliError):
 class CheckpointError(RamcliError):
     """A weights file that cannot be loaded safely or does not fit the architecture."""
 
-
-class NotBuiltError(RamcliError):
-    """A command that is registered but not implemented yet."""
-
-    exit_code = 3

@@ -1,24 +1,20 @@
-"""Helpers shared by the CLI modules: the console, error output, option types."""
+"""Helpers shared by the CLI modules: the consoles and one-line error output."""
 
 from __future__ import annotations
 
 import sys
 
 from rich.console import Console
-
-from ramcli.errors import NotBuiltError
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def fail(message: str) -> None:
-    """Print a one-line error to stderr (no traceback, no markup surprises)."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
-
-
-def not_built(command: str, issue: str) -> None:
-    raise NotBuiltError(f"`ramcli {command}` is not built yet ({issue}).")
+    """Print a one-line error to stderr. The message is escaped: paths like `IMG[1].jpg` or a
+    `[tag]` in a file name must not be read as rich markup."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def stdout_is_terminal() -> bool:

@@ -17,10 +17,10 @@ from ramcli.config import home
 from ramcli.errors import CheckpointError
 from ramcli.labels import LabelSet, resolve_labels
 from ramcli.models.checkpoint import (
-    file_fingerprint,
     is_converted,
     load_converted,
     load_official,
+    official_model_id,
     read_converted_metadata,
     read_official,
     save_converted,
@@ -97,7 +97,7 @@ def model_id_of(weights: str | Path | None) -> str:
         return name
     if is_converted(path):
         return read_converted_metadata(path).get("model_id", path.stem)
-    return f"{path.stem}@{file_fingerprint(path)}"
+    return official_model_id(path)
 
 
 def load_model(weights: str | Path | None = None, arch: str | None = None, labels_dir: Path | None = None,

@@ -53,6 +53,12 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def official_model_id(path: Path) -> str:
+    """The id of a .pth in the index: its name and fingerprint, so re-downloaded or retrained
+    weights under the same name are told apart."""
+    return f"{Path(path).stem}@{file_fingerprint(path)}"
+
+
 def read_official(path: Path) -> dict[str, torch.Tensor]:
     """The `model` state dict of a published .pth, loaded without unpickling code."""
     path = Path(path)
@@ -161,7 +167,7 @@ def load_official(path: Path, arch: ArchConfig | None = None, labels: LabelSet |
     with torch.device("meta"):
         skeleton = RecognitionModel(arch, labels)
     mapped = map_official(sd, skeleton)
-    model_id = f"{Path(path).stem}@{file_fingerprint(path)}"
+    model_id = official_model_id(path)
     return _materialise(arch, mapped, labels, model_id, Path(path).name, dtype)
 
 
