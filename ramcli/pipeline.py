@@ -52,7 +52,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32.
 
-    auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp32 on the CPU. CPU bf16 (2x faster
+    auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp32 on the CPU. CPU bf16 (2.6x faster
     here) stays opt-in: its tag agreement with fp32, measured by bench/tag_cpu.py, is 96.9%,
     below the 99% the project requires (docs/performance.md).
     """
