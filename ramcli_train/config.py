@@ -51,7 +51,7 @@ class TrainConfig:
     label_embed: str = "clip"  # clip | random | FILE with (C[*D], 512) CLIP text embeddings
     clip_weights: str | None = None
     clip_model: str = "ViT-B-16-quickgelu"
-    distill: str = "online"  # online | off
+    distill: str = "online"  # online | precomputed (KEY.clip.npy in the shards) | off
     alignment: bool | None = None  # RAM++ image-text alignment loss; default on for ram_plus
     pretrained_backbone: bool = True  # ImageNet-22k Swin through timm when available
     init_from: str | None = None  # a training checkpoint or official .pth to start from (finetune)
@@ -213,7 +213,8 @@ def resolve(preset: str | None = None, file: Path | None = None, overrides: dict
 def validate(cfg: TrainConfig) -> None:
     checks = [
         (cfg.family in FAMILIES, f"family must be one of {', '.join(FAMILIES)}"),
-        (cfg.distill in ("online", "off"), "distill must be online or off (precomputed CLIP features in shards are not supported yet)"),
+        (cfg.distill in ("online", "precomputed", "off"),
+         "distill must be online, precomputed (shards from `ramcli train clip-features`) or off"),
         (cfg.schedule in ("step", "cosine"), "schedule must be step or cosine"),
         (cfg.amp in ("auto", "bf16", "off"), "amp must be auto, bf16 or off"),
         (cfg.batch_size > 0 and cfg.accum_steps > 0 and cfg.epochs > 0, "batch_size, accum_steps, epochs must be > 0"),

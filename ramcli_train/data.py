@@ -9,6 +9,8 @@ Two sources, one sample shape (`TrainSample`):
   from every caption (the official `union_label_id`); the parsed tags of the caption drawn for
   this step are the `parse_tags` (the official `parse_label_id`). Tags listed in the JSON's
   `removed_tags` (written by `ramcli engine clean`) are taken out of both.
+  With `distill=precomputed` each sample must also hold `KEY.clip.npy`, its CLIP image
+  feature (written by `ramcli train clip-features`, see ramcli_train/clip_features.py).
 - **Official JSON annotations** (COCO/VG/SBU/CC3M files of the release): a list of
   {image_path, caption: [..], parse_label_id: [[..]], union_label_id: [..]} plus an image root.
 
@@ -35,6 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -47,6 +50,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_SIZE = 224
+#: the shard member with a sample's precomputed CLIP image feature (float16 .npy, shape (512,))
+CLIP_FEATURES_MEMBER = "clip.npy"
+CLIP_FEATURES_DIM = 512
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -65,8 +71,10 @@ class DataStats:
     no_tags: int = 0  # captions without any known tag, and no given tags
     bad_tag_ids: int = 0  # tag ids outside the label system
     unknown_tag_names: int = 0  # given tag names not in the label system (dropped, sample kept)
+    no_clip_features: int = 0  # distill=precomputed: KEY.clip.npy missing or malformed
 
-    _SKIPS = ("bad_shard", "no_image", "undecodable_image", "missing_image", "bad_metadata", "no_caption", "no_tags", "bad_tag_ids")
+    _SKIPS = ("bad_shard", "no_image", "undecodable_image", "missing_image", "bad_metadata", "no_caption", "no_tags",
+              "bad_tag_ids", "no_clip_features")
 
     def add(self, other: DataStats) -> None:
         for f in fields(self):
@@ -106,6 +114,7 @@ class TrainSample:
     caption: str
     key: str
     image_clip: torch.Tensor | None = None
+    clip_features: torch.Tensor | None = None  # precomputed distillation target (512,)
     stats: DataStats = field(default_factory=DataStats)
 
 
@@ -118,6 +127,7 @@ class TrainBatch:
     keys: list[str]
     images_clip: torch.Tensor | None
     stats: DataStats
+    clip_features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -187,6 +197,20 @@ class SampleTransform:
         elif self.config.clip_view == "separate":
             clip = self._clip_tensor(self._clip_augment(image))
         return self._to_tensor(view), clip
+
+
+def decode_clip_features(data: bytes | None) -> torch.Tensor | None:
+    """A `KEY.clip.npy` member -> float32 (512,), or None when missing or not such an array.
+    Read with allow_pickle=False: a shard is data, never code."""
+    if data is None:
+        return None
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None
+    if arr.shape != (CLIP_FEATURES_DIM,) or arr.dtype.kind != "f" or not np.isfinite(arr).all():
+        return None
+    return torch.from_numpy(arr.astype(np.float32))
 
 
 def decode_image(data: bytes) -> Image.Image | None:
@@ -359,8 +383,10 @@ class ShardDataset(_StreamBase):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         keep_untagged: bool = False,
+        clip_features: bool = False,
     ):
         super().__init__(transform, seed, shuffle, keep_untagged)
+        self.clip_features = clip_features  # read (and require) each sample's KEY.clip.npy
         self.shards = resolve_shards(source)
         self.rank, self.world_size = _rank_world(rank, world_size)
         if len(self.shards) < self.world_size:
@@ -440,11 +466,20 @@ class ShardDataset(_StreamBase):
         parsed = [sorted(set(self.targets.parse(c)) - dropped) for c in captions]
         union = sorted((set(given_ids) | set(self.targets.names([str(n) for n in names], pending)).union(*parsed))
                        - dropped)
+        features = None
+        if self.clip_features:
+            features = decode_clip_features(raw.get(CLIP_FEATURES_MEMBER))
+            if features is None:
+                pending.no_clip_features += 1
+                return None
         image = decode_image(image_bytes)
         if image is None:
             pending.undecodable_image += 1
             return None
-        return self._finish(key, image, captions, union, parsed, rng, num_classes, pending)
+        sample = self._finish(key, image, captions, union, parsed, rng, num_classes, pending)
+        if sample is not None:
+            sample.clip_features = features
+        return sample
 
 
 class AnnotationDataset(_StreamBase):
@@ -571,6 +606,7 @@ def collate(items: list[TrainSample | DataStats]) -> TrainBatch:
     if not samples:
         return TrainBatch(torch.empty(0), torch.empty(0), torch.empty(0), [], [], None, stats)
     clips = [s.image_clip for s in samples]
+    features = [s.clip_features for s in samples]
     return TrainBatch(
         images=torch.stack([s.image for s in samples]),
         tags=torch.stack([s.tags for s in samples]),
@@ -579,6 +615,7 @@ def collate(items: list[TrainSample | DataStats]) -> TrainBatch:
         keys=[s.key for s in samples],
         images_clip=torch.stack(clips) if all(c is not None for c in clips) else None,
         stats=stats,
+        clip_features=torch.stack(features) if all(f is not None for f in features) else None,
     )
 
 

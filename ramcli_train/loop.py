@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ramcli.errors import RamcliError
+from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import LabelSet, read_label_dir, resolve_labels
 from ramcli_train import losses
 from ramcli_train.caption import CaptionTokenizer, train_tokenizer
@@ -159,10 +159,14 @@ def build_loader(cfg: TrainConfig, paths: list[str], labels: LabelSet, rt: Runti
                                 clip_view=clip_view if cfg.clip_model != "tiny" else None)
     parser = TagParser(labels)
     common = dict(transform=transform, rank=rt.rank, world_size=rt.world, shuffle=train and cfg.shuffle, seed=cfg.seed)
+    precomputed = train and cfg.distill == "precomputed" and cfg.family != "tag2text"
     if _is_annotation(paths):
+        if precomputed:
+            raise UsageError("distill=precomputed reads CLIP features from shards; official JSON annotations have "
+                             "none (use distill=online)")
         dataset = AnnotationDataset(paths, len(labels), parser=parser, **common)
     else:
-        dataset = ShardDataset(paths, parser, **common)
+        dataset = ShardDataset(paths, parser, clip_features=precomputed, **common)
     return TrainLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
 
 
@@ -431,6 +435,8 @@ def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
                 extra = {}
                 if teacher is not None:
                     extra["clip_features"] = teacher(images, batch.images_clip)
+                elif batch.clip_features is not None:  # distill=precomputed
+                    extra["clip_features"] = batch.clip_features.to(rt.device, non_blocking=True)
                 if text_encoder is not None:
                     extra["text_embeds"] = text_encoder.encode(batch.captions).to(rt.device)
                 micro += 1

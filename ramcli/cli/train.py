@@ -70,6 +70,31 @@ def export(
     console.print(f"wrote {path}")
 
 
+@train_app.command("clip-features")
+def clip_features(
+    data: list[str] = typer.Option(..., "--data", help="Shard folder/.tar/brace pattern; repeatable."),
+    out: Path = typer.Option(..., "--out", help="Folder for the copies of the shards with KEY.clip.npy added.", file_okay=False),
+    clip_weights: str | None = typer.Option(None, "--clip-weights", help="CLIP ViT-B/16 weights (default: found like `ramcli vocab` finds them)."),
+    clip_model: str = typer.Option("ViT-B-16-quickgelu", "--clip-model", help="open_clip model name (the official teacher: ViT-B-16-quickgelu)."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Precompute the CLIP distillation targets into copies of the shards, for `--set distill=precomputed`."""
+    from ramcli.pipeline import resolve_device
+    from ramcli_train.clip_features import precompute
+    from ramcli_train.model import ClipTeacher
+
+    teacher = ClipTeacher.load(clip_weights, clip_model, resolve_device(device))
+
+    def report(r) -> None:
+        done = "already written" if r.skipped else f"{r.features} of {r.samples} samples with a feature"
+        console.print(f"{Path(r.shard).name}: {done}", highlight=False)
+
+    reports = precompute(data, out, teacher, batch_size, on_shard=report)
+    console.print(f"wrote {sum(not r.skipped for r in reports)} shard(s) to {out}; train with "
+                  f"--data {out} --set distill=precomputed", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
 
