@@ -54,6 +54,7 @@ class TrainConfig:
     distill: str = "online"  # online | precomputed (KEY.clip.npy in the shards) | off
     alignment: bool | None = None  # RAM++ image-text alignment loss; default on for ram_plus
     pretrained_backbone: bool = True  # ImageNet-22k Swin through timm when available
+    drop_path: float = 0.1  # Swin stochastic depth (the official rate); the CPU presets use 0
     init_from: str | None = None  # a training checkpoint or official .pth to start from (finetune)
     # optimisation
     batch_size: int = 52  # per process
@@ -117,14 +118,14 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: 64 px, tiny Swin and heads, a caption vocabulary trained on the data, no teacher
     "tiny": dict(preset="tiny", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
-                 label_embed="random", distill="off", pretrained_backbone=False, batch_size=32, epochs=10,
-                 lr=1e-3, warmup_lr=1e-5, warmup_steps=20, lr_decay_rate=0.9, amp="off", num_workers=0,
+                 label_embed="random", distill="off", pretrained_backbone=False, drop_path=0.0, batch_size=32,
+                 epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=20, lr_decay_rate=0.9, amp="off", num_workers=0,
                  save_every=200, log_every=5),
     # CPU training that learns in minutes (bench/train_learns.py): a wider small Swin, the tag
     # loss unscaled, no augmentation (synthetic scenes are sparse: crops cut the shapes out)
     "cpu": dict(preset="cpu", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
                 tokenizer_vocab=300, label_embed="random", distill="off", pretrained_backbone=False,
-                batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=50, lr_decay_rate=0.8,
+                drop_path=0.0, batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=50, lr_decay_rate=0.8,
                 grad_clip=1.0, tag_rescale=False, augment=False, amp="off", num_workers=0, threads=1, save_every=0, log_every=10),
     # Tag2Text's pretraining setting (Swin-B 224, 80 per GPU)
     "swin_b": dict(preset="swin_b", image_size=224, batch_size=80),
@@ -219,6 +220,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.amp in ("auto", "bf16", "off"), "amp must be auto, bf16 or off"),
         (cfg.batch_size > 0 and cfg.accum_steps > 0 and cfg.epochs > 0, "batch_size, accum_steps, epochs must be > 0"),
         (cfg.lr > 0, "lr must be > 0"),
+        (0 <= cfg.drop_path < 1, "drop_path must be in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -223,7 +223,7 @@ def build_model(cfg: TrainConfig, labels: LabelSet, tokenizer: CaptionTokenizer 
     embed = label_embeddings(labels, arch, cfg.label_embed, cfg.clip_weights, cfg.seed)
     vocab = max(len(tokenizer), 30524 if cfg.tokenizer == "bert-base-uncased" else 0) if tokenizer else 0
     model = TrainableRAM(arch, labels, embed, cfg.caption_config(arch, vocab) if tokenizer else None, tokenizer,
-                         cfg.prompt)
+                         cfg.prompt, drop_path_rate=cfg.drop_path)
     if cfg.pretrained_backbone and cfg.init_from is None:
         load_imagenet_backbone(model.tagger)
     if cfg.init_from:

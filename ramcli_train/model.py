@@ -49,11 +49,11 @@ class TrainableRAM(nn.Module):
 
     def __init__(self, arch: ArchConfig, labels: LabelSet, label_embed: torch.Tensor | None = None,
                  caption_cfg: CaptionConfig | None = None, tokenizer: CaptionTokenizer | None = None,
-                 prompt: str = "a picture of "):
+                 prompt: str = "a picture of ", drop_path_rate: float = 0.0):
         super().__init__()
         self.arch = arch
         self.labels = labels
-        self.tagger = RecognitionModel(arch, labels, model_id="training")
+        self.tagger = RecognitionModel(arch, labels, model_id="training", drop_path_rate=drop_path_rate)
         _init_tagger(self.tagger, label_embed)
         self.caption: CaptionGenerator | None = None
         if arch.family in ("ram", "tag2text") and caption_cfg is not None:

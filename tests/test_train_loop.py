@@ -14,6 +14,7 @@ from clip_fixtures import TINY_CLIP, save_random_clip
 from official_reference import official_logits
 
 from ramcli.cli.app import main
+from ramcli.errors import UsageError
 from ramcli.models import load_model
 from ramcli_train.config import resolve
 from ramcli_train.export import export_official, export_tagger, tagger_from_checkpoint
@@ -166,3 +167,23 @@ def test_cpu_preset_learns_the_synthetic_tags(tmp_path):
     last = held_out(tagger_from_checkpoint(tmp_path / "run" / "checkpoint_last.pt"))  # after 200
     # chance level (an untrained model) is about 0.25 on these tags; 28 s on 2 shared cores
     assert last >= 0.55 and last > first + 0.15, (first, last)  # measured: 0.37 -> 0.62
+
+
+def test_drop_path_is_the_official_rate_and_acts_only_in_training(shards, tmp_path):
+    from ramcli_train.loop import build_model, resolve_training_labels
+
+    assert resolve(None).drop_path == 0.1 and resolve("cpu").drop_path == 0.0
+    cfg = _cfg(shards, tmp_path, drop_path=0.5)
+    model = build_model(cfg, resolve_training_labels(cfg), None).tagger
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(0)
+        a = model(images)
+        b = model(images)
+        model.eval()
+        c, d = model(images), model(images)
+    assert not torch.equal(a, b)  # blocks are dropped at random while training
+    assert torch.equal(c, d)
+    with pytest.raises(UsageError, match="drop_path"):
+        resolve("tiny", overrides=dict(drop_path=1.5))

@@ -27,7 +27,9 @@ from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.decoder import RecognitionDecoder
 
 
-def build_backbone(arch: ArchConfig) -> SwinTransformer:
+def build_backbone(arch: ArchConfig, drop_path_rate: float = 0.0) -> SwinTransformer:
+    """timm's Swin for `arch`. Stochastic depth (`drop_path_rate`, official training: 0.1) only
+    acts in training mode, so inference is the same whatever the rate."""
     s = arch.swin
     return SwinTransformer(
         img_size=arch.image_size,
@@ -38,7 +40,7 @@ def build_backbone(arch: ArchConfig) -> SwinTransformer:
         window_size=s.window_size,
         num_classes=0,
         global_pool="",
-        drop_path_rate=0.0,
+        drop_path_rate=drop_path_rate,
     )
 
 
@@ -48,12 +50,13 @@ class RecognitionModel(nn.Module):
     Attributes other modules rely on: `arch`, `labels` (LabelSet, output order), `model_id`.
     """
 
-    def __init__(self, arch: ArchConfig, labels: LabelSet | None = None, model_id: str = "untrained"):
+    def __init__(self, arch: ArchConfig, labels: LabelSet | None = None, model_id: str = "untrained",
+                 drop_path_rate: float = 0.0):
         super().__init__()
         self.arch = arch
         self.model_id = model_id
         self.labels = labels
-        self.backbone = build_backbone(arch)
+        self.backbone = build_backbone(arch, drop_path_rate)
         width = arch.swin.width
         c = arch.num_classes
         if arch.family == "tag2text":
