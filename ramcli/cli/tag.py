@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
         batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per model call (default: 64 on CUDA, 4 on CPU)."),
-        workers: int = typer.Option(None, min=0, help="Decode worker processes (default: cores-1 on CPU, up to 8 with a GPU)."),
+        workers: int = typer.Option(None, min=0, help="Decode worker processes (default: up to 2 on CPU, up to 8 with a GPU)."),
         compile_model: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: a slow first batch, then up to 2x faster. Default: on for jobs of 100+ photos on the CPU (50,000+ on a GPU).", show_default=False),
         threshold: float = typer.Option(None, min=0.0, max=1.0, help="One threshold for every tag (default: the official per-class thresholds)."),
         threshold_file: Path = typer.Option(None, help="Per-class thresholds, one per line in label order (e.g. from `ramcli eval --calibrate`)."),
