@@ -8,6 +8,11 @@ other seeds), trains with the real loop (`ramcli_train.loop.train`, the same as
 `ramcli train --preset cpu`: tagging + caption losses for RAM), evaluates the tagger on the
 held-out split with the official mAP (ramcli_train.metrics), and prints the numbers next to the
 untrained model's mAP (the baseline, same run), the wall time and the load average.
+
+A control row trains a small CNN (four conv-BN-ReLU blocks, average pool, linear head; BCE) on
+the same data for the same number of steps, outside the loop: it says whether the data can be
+learned in that budget at all, so a low mAP of RAM points at the model rather than the data.
+`--no-control` skips it.
 """
 
 from __future__ import annotations
@@ -27,17 +32,46 @@ from ramcli_train.metrics import mean_average_precision
 from ramcli_train.synth import write_shards
 
 
-def held_out_map(tagger, cfg, val_dir: Path) -> tuple[float, dict[str, float]]:
+def held_out_map(tagger, labels, cfg, val_dir: Path) -> tuple[float, dict[str, float]]:
     """mAP over the classes with positives in the held-out split, and the AP of each."""
-    loader = build_loader(cfg, [str(val_dir)], tagger.labels, Runtime(), train=False)
+    loader = build_loader(cfg, [str(val_dir)], labels, Runtime(), train=False)
     scores, targets = [], []
     with torch.no_grad():
         for batch in loader:
             scores.append(torch.sigmoid(tagger(batch.images)).numpy())
             targets.append(batch.tags.numpy())
     result = mean_average_precision(np.concatenate(scores), np.concatenate(targets))
-    per_tag = {n: float(ap) for n, ap, pos in zip(tagger.labels.names, result.per_class, result.positives) if pos}
+    per_tag = {n: float(ap) for n, ap, pos in zip(labels.names, result.per_class, result.positives) if pos}
     return result.mean_with_positives, per_tag
+
+
+def control_cnn(cfg, labels, data: Path, steps: int) -> tuple[float, float]:
+    """(held-out mAP, minutes) of the CNN control after `steps` steps on the training shards."""
+    from torch import nn
+
+    def block(i: int, o: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(),
+                             nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+
+    torch.manual_seed(cfg.seed)
+    net = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), block(128, 128),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, len(labels)))
+    opt = torch.optim.AdamW(net.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+    loader = build_loader(cfg, [str(data / "train")], labels, Runtime(), train=True)
+    start, step, epoch = time.perf_counter(), 0, 0
+    while step < steps:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(batch.images), batch.tags)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+        epoch += 1
+    minutes = (time.perf_counter() - start) / 60
+    return held_out_map(net.eval(), labels, cfg, data / "val")[0], minutes
 
 
 def load_average() -> str:
@@ -52,6 +86,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra config key=value")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--goal", type=float, default=0.9)
+    ap.add_argument("--no-control", action="store_true", help="skip the CNN control row")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -63,20 +98,24 @@ def main() -> None:
         labels = resolve_training_labels(cfg)
         torch.manual_seed(cfg.seed)
         untrained = build_model(cfg, labels, build_tokenizer(cfg, [str(data / "train")], root)).tagger.eval()
-        base, _ = held_out_map(untrained, cfg, data / "val")
+        base, _ = held_out_map(untrained, labels, cfg, data / "val")
 
         load_before = load_average()
         start = time.perf_counter()
         summary = train(cfg)
         minutes = (time.perf_counter() - start) / 60
         load_after = load_average()
-        trained, per_tag = held_out_map(tagger_from_checkpoint(root / "run" / "checkpoint_last.pt"), cfg, data / "val")
+        trained, per_tag = held_out_map(tagger_from_checkpoint(root / "run" / "checkpoint_last.pt"), labels, cfg,
+                                        data / "val")
+        control = None if args.no_control else control_cnn(cfg, labels, data, summary["step"])
     print(f"config: preset cpu, family {cfg.family}, {cfg.image_size} px, batch {cfg.batch_size}, lr {cfg.lr}, "
           f"{cfg.epochs} epochs of {args.samples} scenes, {cfg.threads or torch.get_num_threads()} thread(s)")
     print(f"load average before/after training: {load_before} / {load_after}")
     print(f"{'model':<28}{'held-out mAP':>14}{'steps':>8}{'minutes':>9}")
     print(f"{'untrained (baseline)':<28}{base:>14.3f}{0:>8}{0:>9.1f}")
     print(f"{'trained, CPU':<28}{trained:>14.3f}{summary['step']:>8}{minutes:>9.1f}")
+    if control is not None:
+        print(f"{'control: small CNN, BCE':<28}{control[0]:>14.3f}{summary['step']:>8}{control[1]:>9.1f}")
     worst = sorted(per_tag.items(), key=lambda kv: kv[1])[:5]
     print("lowest AP: " + ", ".join(f"{n} {v:.2f}" for n, v in worst))
     met = trained >= args.goal and minutes <= args.minutes
