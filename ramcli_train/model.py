@@ -173,9 +173,11 @@ class ClipTeacher:
         self.device = device
 
     @classmethod
-    def load(cls, weights: str | None, model_name: str, device: torch.device) -> ClipTeacher:
+    def load(cls, weights: str | None, model_name: str, device: torch.device,
+             require_weights: bool = False) -> ClipTeacher:
         """open_clip `model_name` with CLIP weights found like `ramcli vocab` finds them; without
-        weights a seeded random encoder and a warning (tests, smoke runs)."""
+        weights a seeded random encoder and a warning (tests, smoke runs), or the lookup's error
+        when `require_weights` (targets written to disk must never come from a random encoder)."""
         import open_clip
 
         from ramcli.clip_text import _read_state_dict, find_clip_weights
@@ -191,6 +193,8 @@ class ClipTeacher:
         try:
             path = find_clip_weights(weights)
         except RamcliError as exc:
+            if require_weights:
+                raise
             warnings.warn(f"distilling towards a RANDOM CLIP image encoder: {exc}", stacklevel=2)
         else:
             state = {k: v for k, v in _read_state_dict(path).items() if k.startswith("visual.")}

@@ -70,6 +70,15 @@ def test_cli_writes_each_samples_teacher_feature_and_resumes(world, tmp_path, ca
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == stamp
 
 
+def test_no_clip_weights_is_an_error_not_random_targets(world, tmp_path, capsys):
+    root, data, clip = world
+    code = run_cli(["train", "clip-features", "--data", str(data), "--out", str(tmp_path / "o"), "--clip-model", "tiny",
+                    "--clip-weights", str(tmp_path / "missing.safetensors")])
+    err = capsys.readouterr().err
+    assert code != 0 and "missing.safetensors" in err and "Traceback" not in err
+    assert not list((tmp_path / "o").glob("*.tar"))
+
+
 def test_output_folder_must_differ_from_the_input(world, capsys):
     root, data, clip = world
     code = run_cli(["train", "clip-features", "--data", str(data), "--out", str(data),

@@ -84,7 +84,7 @@ def clip_features(
     from ramcli_train.clip_features import precompute
     from ramcli_train.model import ClipTeacher
 
-    teacher = ClipTeacher.load(clip_weights, clip_model, resolve_device(device))
+    teacher = ClipTeacher.load(clip_weights, clip_model, resolve_device(device), require_weights=True)
 
     def report(r) -> None:
         done = "already written" if r.skipped else f"{r.features} of {r.samples} samples with a feature"
