@@ -170,7 +170,9 @@ class TagRun:
             if writer is not None:
                 sinks.append(writer)
             if index is not None:
-                index.upsert_tags(model.labels.names, model.labels.names_zh, "builtin")
+                names, names_zh, n = model.labels.names, model.labels.names_zh, model.arch.num_classes
+                index.upsert_tags(names[:n], names_zh[:n], "builtin")
+                index.upsert_tags(names[n:], names_zh[n:], "custom")  # the vocabulary's, appended
                 sinks.append(index.record_batch)
             sinks.append(lambda results: self._count(results, summary))
 

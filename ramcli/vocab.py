@@ -68,6 +68,8 @@ class CustomTag:
     descriptions: list[str] = field(default_factory=list)
     #: Which CLIP weights made the embeddings (first 16 hex digits of the file's SHA-256).
     clip_weights: str = ""
+    #: Chinese name for `--lang zh|both` output; empty means the English name is shown.
+    name_zh: str = ""
 
 
 @dataclass(frozen=True)
@@ -213,11 +215,13 @@ class Vocabulary:
         return name
 
     def add(self, name: str, load_encoder: EncoderLoader, descriptions: Sequence[str] = (),
-            threshold: float = OPEN_SET_THRESHOLD) -> CustomTag:
+            threshold: float = OPEN_SET_THRESHOLD, name_zh: str = "") -> CustomTag:
         """Embed and add one custom tag (not saved until `save`)."""
         name = self.check_new(name, descriptions)
         threshold = check_threshold(threshold, name)
-        return self._add_all([CustomTag(name, threshold, [d.strip() for d in descriptions])], load_encoder)[0]
+        zh = clean_name(name_zh, what=f"the Chinese name of '{name}'") if name_zh else ""
+        tag = CustomTag(name, threshold, [d.strip() for d in descriptions], name_zh=zh)
+        return self._add_all([tag], load_encoder)[0]
 
     def _add_all(self, tags: list[CustomTag], load_encoder: EncoderLoader) -> list[CustomTag]:
         """Embed every tag first, then add them all: a failure leaves the vocabulary untouched."""
@@ -281,7 +285,8 @@ class Vocabulary:
         """Everything a user set, as portable JSON (embeddings are recomputed on import)."""
         return {
             "format": FORMAT,
-            "custom": [{"name": t.name, "threshold": t.threshold, "descriptions": t.descriptions} for t in self.custom],
+            "custom": [{"name": t.name, "threshold": t.threshold, "descriptions": t.descriptions}
+                       | ({"name_zh": t.name_zh} if t.name_zh else {}) for t in self.custom],
             "disabled": sorted(self.disabled),
             "thresholds": dict(sorted(self.thresholds.items())),
             "synonyms": dict(sorted(self.synonyms.items())),
@@ -342,7 +347,7 @@ class Vocabulary:
             else:
                 rows = [self.embeddings[t.name].get("descriptions", self.embeddings[t.name]["template"]) for t in todo]
                 embeds, counts = torch.cat(rows), [len(r) for r in rows]
-            model.add_label_queries(embeds, [t.name for t in todo], [t.name for t in todo],
+            model.add_label_queries(embeds, [t.name for t in todo], [t.name_zh or t.name for t in todo],
                                     [t.threshold for t in todo], descriptions_per_tag=counts)
         labels = model.labels
         index = {name_key(n): i for i, n in enumerate(labels.names)}
@@ -412,8 +417,8 @@ def _parse_json(text: str, path: Path) -> ImportPlan:
                       f"(the official RAM++ format), or `ramcli vocab export` output")
     if isinstance(data, dict) and "custom" in data:
         try:
-            custom = [CustomTag(str(e["name"]), e.get("threshold", OPEN_SET_THRESHOLD), list(e.get("descriptions", [])))
-                      for e in data["custom"]]
+            custom = [CustomTag(str(e["name"]), e.get("threshold", OPEN_SET_THRESHOLD), list(e.get("descriptions", [])),
+                                name_zh=str(e.get("name_zh", ""))) for e in data["custom"]]
             return ImportPlan(custom, list(data.get("disabled", [])), dict(data.get("thresholds", {})),
                               dict(data.get("synonyms", {})))
         except (TypeError, KeyError, AttributeError):

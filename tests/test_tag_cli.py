@@ -220,7 +220,8 @@ def test_cached_embeddings_rescore_new_tags_without_the_backbone(model_files, tm
     clip = save_random_clip(tmp_path / "clip.safetensors", TINY_CLIP)
     builtin = load_any(model_files[0], labels_dir=model_files[1]).labels.names
     vocab = Vocabulary.open(home / "vocab", builtin=builtin)
-    vocab.add("tram", lambda: clip_text.load_text_encoder(clip, model_config=TINY_CLIP), threshold=0.0)
+    vocab.add("tram", lambda: clip_text.load_text_encoder(clip, model_config=TINY_CLIP), threshold=0.0,
+              name_zh="电车")
     vocab.save()
     weights, labels = model_files
     runner = CliRunner()
@@ -233,11 +234,13 @@ def test_cached_embeddings_rescore_new_tags_without_the_backbone(model_files, tm
     cheap_rows, full_rows = _lines(cheap.stdout), _lines(full.stdout)
     assert [r["path"] for r in cheap_rows] == [r["path"] for r in full_rows]
     for c, f in zip(cheap_rows, full_rows):
-        assert "tram" in {t["name"] for t in c["tags"]}  # threshold 0: the new tag is always emitted
+        assert {"name": "tram", "name_zh": "电车"} in [{k: t[k] for k in ("name", "name_zh")} for t in c["tags"]]
         fs = {t["name"]: t["score"] for t in f["tags"]}
         for t in c["tags"]:
             if t["name"] in fs:
                 assert abs(t["score"] - fs[t["name"]]) < 5e-3  # fp16 cache
+    with sqlite3.connect(home / "index.db") as con:  # the custom tag stays custom in the index
+        assert con.execute("select name_zh, source from tags where name = 'tram'").fetchone() == ("电车", "custom")
 
 
 def test_ranks_split_the_photos_and_share_one_index(model_files, tmp_path, monkeypatch):

@@ -120,7 +120,8 @@ def test_import_export_round_trip(tmp_path, vocab, load_encoder, builtin):
     vocab.disable("person")
     vocab.set_threshold("dog", 0.8)
     vocab.add_synonym("tram", "streetcar")
-    assert [t.name for t in vocab.custom] == ["tram", "funicular", "monorail", "velodrome", "gondola lift"]
+    vocab.add("aerial tramway", load_encoder, name_zh="空中缆车")
+    assert [t.name for t in vocab.custom] == ["tram", "funicular", "monorail", "velodrome", "gondola lift", "aerial tramway"]
     assert vocab.find_custom("monorail").threshold == 0.55
     assert len(vocab.embeddings["velodrome"]["descriptions"]) == 3
     exported = tmp_path / "export.json"
@@ -129,6 +130,7 @@ def test_import_export_round_trip(tmp_path, vocab, load_encoder, builtin):
     other.apply_import(other.plan_import(exported), load_encoder)
     assert other.export() == vocab.export()
     assert other.version == vocab.version
+    assert other.find_custom("aerial tramway").name_zh == "空中缆车"
 
 
 @pytest.mark.parametrize("content, suffix, message", [
@@ -326,7 +328,7 @@ def test_cli_add_with_real_clip_architecture(cli, tmp_path):
     assert code == 0, err
     assert "added custom tag 'tram' (threshold 0.5, 63 prompts)" in out
     code, out, err = cli("add", "funicular", "-d", "a funicular.", "-d", "a cliff railway", "--threshold", "0.6",
-                         "--clip-weights", str(weights))
+                         "--zh", "缆车", "--clip-weights", str(weights))
     assert code == 0 and "2 descriptions" in out
     code, out, _ = cli("list", "--custom")
     assert out.splitlines() == ["tram\tcustom\t0.5\tenabled\t", "funicular\tcustom\t0.6\tenabled\t"]
@@ -338,6 +340,7 @@ def test_cli_add_with_real_clip_architecture(cli, tmp_path):
     exported = tmp_path / "export.json"
     assert cli("export", str(exported))[0] == 0
     assert json.loads(exported.read_text())["custom"][1] == {
-        "name": "funicular", "threshold": 0.6, "descriptions": ["a funicular.", "a cliff railway"]}
+        "name": "funicular", "threshold": 0.6, "descriptions": ["a funicular.", "a cliff railway"], "name_zh": "缆车"}
+    assert [t.name_zh for t in Vocabulary.open().custom] == ["", "缆车"]
     assert cli("remove", "tram")[0] == 0
     assert [t.name for t in Vocabulary.open().custom] == ["funicular"]

@@ -72,6 +72,7 @@ def add(
     description: list[str] = typer.Option(None, "--description", "-d", help="A description (RAM++); repeat for more."),
     descriptions: Path = typer.Option(None, "--descriptions", help="JSON file of descriptions (official RAM++ format)."),
     threshold: float = typer.Option(OPEN_SET_THRESHOLD, "--threshold", help="Score above which the tag is emitted."),
+    name_zh: str = typer.Option("", "--zh", help="Chinese name, shown with --lang zh|both (default: the English name)."),
     clip_weights: Path = CLIP_OPTION,
     labels: Path = LABELS_OPTION,
 ) -> None:
@@ -82,9 +83,9 @@ def add(
         if texts:
             raise UsageError("use either --description or --descriptions, not both")
         texts = _descriptions_from_file(descriptions, name)
-    tag = vocab.add(name, _encoder_loader(clip_weights), texts, threshold)
+    tag = vocab.add(name, _encoder_loader(clip_weights), texts, threshold, name_zh)
     with _index() as index:
-        index.upsert_tags([tag.name], [None], "custom")
+        index.upsert_tags([tag.name], [tag.name_zh or None], "custom")
     kind = f"{len(tag.descriptions)} descriptions" if tag.descriptions else "63 prompts"
     _done(vocab, f"added custom tag '{tag.name}' (threshold {tag.threshold}, {kind})")
 
