@@ -2,7 +2,7 @@
 
 Prints img/s for: decode alone (CPU draft decode in worker processes vs nvJPEG on the GPU),
 model alone (batch 1/32/128, bf16 eager vs torch.compile), and end to end (12 MP JPEGs ->
-tags) with the `ramcli tag` pipeline, plus an official-style baseline (full decode, fp32,
+tags) with the `ramcli tag` pipeline, decoding in the CPU workers and on the GPU (`--decode`), plus an official-style baseline (full decode, fp32,
 batch 1) in the same run. Random-weight RAM Swin-L in the official layout.
 
     python bench/gpu_tag.py [--images 256] [--workers 16] [--quick]
@@ -90,12 +90,16 @@ def main() -> None:
             sec = timed(lambda: tagger.scores(x), device)
             print(f"model   bf16 {'compiled' if compiled else 'eager   '} batch {b:4d}: {b / sec:8.1f} img/s")
 
-    for compiled in (False, True):
+    for compiled, decode in ((False, "workers"), (True, "workers"), (False, "device"), (True, "device")):
         tagger = Tagger(model, device, torch.bfloat16 if device.type == "cuda" else None, compile=compiled)
-        tag_files(photos[:batches[-1]], tagger, [lambda r: None], batch_size=batches[-1], workers=args.workers)
+        run = lambda paths: tag_files(paths, tagger, [lambda r: None], batch_size=batches[-1],  # noqa: E731
+                                      workers=args.workers, decode=decode)
+        run(photos[:batches[-1]])
         t0 = time.perf_counter()
-        tag_files(photos, tagger, [lambda r: None], batch_size=batches[-1], workers=args.workers)
-        print(f"end-to-end ramcli {'compiled' if compiled else 'eager'}: {len(photos) / (time.perf_counter() - t0):8.1f} img/s")
+        run(photos)
+        where = "CPU draft decode" if decode == "workers" else "nvJPEG decode" if device.type == "cuda" else "torchvision decode"
+        print(f"end-to-end ramcli {'compiled' if compiled else 'eager   '}, {where}: "
+              f"{len(photos) / (time.perf_counter() - t0):8.1f} img/s")
 
     base = Tagger(model, device, None)
     n = min(len(photos), 32)

@@ -64,11 +64,15 @@ class Decoded:
     the image data whatever happens to its metadata.
     """
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     width: int
     height: int
     taken_at: datetime | None
     content_hash: str
+    #: `defer_jpeg`: the JPEG's bytes (1-D uint8) and EXIF orientation, decoded later on the
+    #: model's device by `decode_jpegs` (nvJPEG on CUDA); `pixels` is then None.
+    encoded: torch.Tensor | None = None
+    orientation: int = 1
 
 
 def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -109,8 +113,14 @@ def open_image(path: Path, data: bytes | None = None) -> Image.Image:
         raise ImageError(_decode_reason(exc)) from None
 
 
-def load_for_model(path: Path, size: int, draft: bool = True) -> Decoded:
-    """Decode, orient, convert and resize one photo to uint8 (3, size, size). Raises `ImageError`."""
+def load_for_model(path: Path, size: int, draft: bool = True, defer_jpeg: bool = False) -> Decoded:
+    """Decode, orient, convert and resize one photo to uint8 (3, size, size). Raises `ImageError`.
+
+    `defer_jpeg`: a plain JPEG (RGB or greyscale, complete up to its EOI marker) is only
+    parsed, not decoded: its bytes come back for `decode_jpegs` on the model's device. Anything
+    else (CMYK, RAW previews, truncated files, other formats) is decoded here as usual, so
+    every bad file still gets its one-line reason.
+    """
     path = Path(path)
     data = read_bytes(path)
     img = open_image(path, data)
@@ -123,6 +133,9 @@ def load_for_model(path: Path, size: int, draft: bool = True) -> Decoded:
                 width, height = height, width
             taken_at = _taken_at(img)
             known_hash = _byte_hash(data) or img.info.get(_PREVIEW_HASH)
+            if defer_jpeg and known_hash and _deferrable(img, data):
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return Decoded(None, width, height, taken_at, known_hash, encoded, orientation)
             if draft and img.format == "JPEG":
                 img.draft("RGB", (2 * size, 2 * size))
             rgb = to_rgb(ImageOps.exif_transpose(img))
@@ -136,6 +149,65 @@ def load_for_model(path: Path, size: int, draft: bool = True) -> Decoded:
         img.close()
     pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     return Decoded(pixels, width, height, taken_at, digest)
+
+
+def _deferrable(img: Image.Image, data: bytes) -> bool:
+    """A JPEG that nvJPEG / libjpeg decode to the same RGB as Pillow: YCbCr or greyscale, with
+    its EOI marker (a truncated file is left to Pillow, which names the problem)."""
+    return (img.format == "JPEG" and img.mode in ("RGB", "L") and _PREVIEW_HASH not in img.info
+            and data.rstrip(b"\0").endswith(b"\xff\xd9"))
+
+
+#: EXIF orientation -> the tensor ops of PIL's `exif_transpose` on (C, H, W)
+_ORIENT_OPS = {
+    2: lambda t: t.flip(-1),
+    3: lambda t: t.flip(-1).flip(-2),
+    4: lambda t: t.flip(-2),
+    5: lambda t: t.transpose(-1, -2),
+    6: lambda t: torch.rot90(t, -1, (-2, -1)),
+    7: lambda t: t.transpose(-1, -2).flip(-1).flip(-2),
+    8: lambda t: torch.rot90(t, 1, (-2, -1)),
+}
+
+
+def decode_jpegs(encoded: list[torch.Tensor], orientations: list[int], size: int,
+                 device: torch.device) -> list[torch.Tensor | str]:
+    """Deferred JPEGs -> uint8 (3, size, size) on `device`, or a one-line reason per failure.
+
+    torchvision's decoder: nvJPEG on CUDA (one batched call), libjpeg on the CPU. Then EXIF
+    orientation and the antialiased bilinear resize, as `load_for_model` does with Pillow
+    (equal to within a few levels: a full decode, not draft mode). A batch that fails is
+    decoded one by one so only the bad photos fail.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; its decode still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            images: list[torch.Tensor | str] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            images = []
+            for data in encoded:
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as exc:
+                    images.append(f"cannot decode JPEG ({_decoder_message(exc)})")
+    out: list[torch.Tensor | str] = []
+    for img, orientation in zip(images, orientations):
+        if isinstance(img, str):
+            out.append(img)
+            continue
+        img = _ORIENT_OPS.get(orientation, lambda t: t)(img)
+        resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
+                                                  antialias=True, align_corners=False)
+        out.append(resized[0].round_().clamp_(0, 255).to(torch.uint8))
+    return out
+
+
+def _decoder_message(exc: Exception) -> str:
+    """libjpeg's / nvJPEG's own words, without torchvision's 'function, file.cpp:line, ' prefix."""
+    message = " ".join(str(exc).split())
+    return (message.rsplit(", ", 1)[-1] if ".cpp:" in message else message)[:120]
 
 
 def content_hash(path: Path) -> str:

@@ -5,6 +5,10 @@ core), so it runs in a torch DataLoader's persistent worker processes with prefe
 photo must never stop a batch: `__getitem__` never raises, it returns a failure record, and
 the collate function separates failures from the good pixels. Order is deterministic (the
 input order), whatever the number of workers.
+
+On a GPU, CPU decoding cannot keep up, so with `defer_jpeg` the workers only parse plain JPEGs
+and hand over their bytes (`Batch.deferred`); `decode_deferred` decodes them on the model's
+device (nvJPEG) just before the forward pass.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ramcli.imaging import ImageError, load_for_model
+from ramcli.imaging import ImageError, decode_jpegs, load_for_model
 
 
 class Failure(NamedTuple):
@@ -44,29 +48,65 @@ class Item:
     mtime_ns: int
 
 
+class Deferred(NamedTuple):
+    """A JPEG left for the model's device to decode: row `row` of the batch's pixels."""
+
+    row: int
+    encoded: torch.Tensor
+    orientation: int
+
+
 @dataclass
 class Batch:
     """Up to `batch_size` photos: stacked pixels of those that decoded, in input order.
 
     `pixels[i]` belongs to `items[i]`; `pixels` is (0, 3, S, S) when every photo failed.
+    With device decoding, the rows named in `deferred` are zeros until `decode_deferred`.
     """
 
     pixels: torch.Tensor
     items: list[Item] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    deferred: list[Deferred] = field(default_factory=list)
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread: page-locked pixels copy to the GPU asynchronously."""
-        return Batch(self.pixels.pin_memory(), self.items, self.failures)
+        return Batch(self.pixels.pin_memory(), self.items, self.failures, self.deferred)
+
+    def select(self, keep: list[int], failures: list[Failure] | None = None) -> Batch:
+        """The batch with only the photos at rows `keep` (in order), deferred rows renumbered."""
+        rows = {old: new for new, old in enumerate(keep)}
+        deferred = [d._replace(row=rows[d.row]) for d in self.deferred if d.row in rows]
+        return Batch(self.pixels[keep], [self.items[i] for i in keep],
+                     self.failures if failures is None else failures, deferred)
+
+
+def decode_deferred(batch: Batch, size: int, device: torch.device) -> Batch:
+    """The batch with its deferred JPEGs decoded on `device` (pixels then live there); a JPEG
+    that fails to decode moves from the items to the failures."""
+    pixels = batch.pixels.to(device, non_blocking=True)
+    if not batch.deferred:
+        return Batch(pixels, batch.items, batch.failures)
+    decoded = decode_jpegs([d.encoded for d in batch.deferred], [d.orientation for d in batch.deferred], size, device)
+    failures, bad = list(batch.failures), set()
+    for d, result in zip(batch.deferred, decoded):
+        if isinstance(result, str):
+            failures.append(Failure(batch.items[d.row].path, result))
+            bad.add(d.row)
+        else:
+            pixels[d.row] = result
+    done = Batch(pixels, batch.items, failures)
+    return done.select([i for i in range(len(batch.items)) if i not in bad], failures) if bad else done
 
 
 class PhotoDataset(Dataset):
     """Photos by index; each item is `(pixels, Item)` or a `Failure`, never an exception."""
 
-    def __init__(self, paths: list[Path], size: int, draft: bool = True):
+    def __init__(self, paths: list[Path], size: int, draft: bool = True, defer_jpeg: bool = False):
         self.paths = [Path(p) for p in paths]
         self.size = size
         self.draft = draft
+        self.defer_jpeg = defer_jpeg
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -75,7 +115,7 @@ class PhotoDataset(Dataset):
         path = self.paths[index]
         try:
             st = os.stat(path)
-            decoded = load_for_model(path, self.size, draft=self.draft)
+            decoded = load_for_model(path, self.size, draft=self.draft, defer_jpeg=self.defer_jpeg)
         except ImageError as exc:
             return Failure(path, str(exc))
         except PermissionError:
@@ -85,20 +125,26 @@ class PhotoDataset(Dataset):
         except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not end the run
             return Failure(path, f"cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
         item = Item(path, decoded.width, decoded.height, decoded.taken_at, decoded.content_hash, st.st_size, st.st_mtime_ns)
+        if decoded.encoded is not None:
+            return Deferred(-1, decoded.encoded, decoded.orientation), item
         return decoded.pixels, item
 
 
 def collate(records: list[tuple[torch.Tensor, Item] | Failure], size: int) -> Batch:
     """Stack the good pixels, keep failures aside; order within each list is the input order."""
-    pixels, items, failures = [], [], []
+    pixels, items, failures, deferred = [], [], [], []
     for record in records:
         if isinstance(record, Failure):
             failures.append(record)
-        else:
-            pixels.append(record[0])
-            items.append(record[1])
+            continue
+        data, item = record
+        if isinstance(data, Deferred):
+            deferred.append(data._replace(row=len(items)))
+            data = torch.zeros((3, size, size), dtype=torch.uint8)
+        pixels.append(data)
+        items.append(item)
     stacked = torch.stack(pixels) if pixels else torch.empty((0, 3, size, size), dtype=torch.uint8)
-    return Batch(stacked, items, failures)
+    return Batch(stacked, items, failures, deferred)
 
 
 class _Collate:
@@ -119,6 +165,7 @@ def make_loader(
     pin_memory: bool | None = None,
     draft: bool = True,
     prefetch_factor: int = 4,
+    defer_jpeg: bool = False,
 ) -> DataLoader:
     """An iterable of `Batch`es over `paths`, decoded by `workers` processes (0: in-process).
 
@@ -129,7 +176,7 @@ def make_loader(
         pin_memory = torch.cuda.is_available()
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
     return DataLoader(
-        PhotoDataset(paths, size, draft),
+        PhotoDataset(paths, size, draft, defer_jpeg),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

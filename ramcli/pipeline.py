@@ -27,7 +27,7 @@ import torch
 from ramcli.embed_cache import EmbeddingCache, rescore
 from ramcli.errors import UsageError
 from ramcli.imaging import normalize
-from ramcli.loader import Batch, Item, make_loader
+from ramcli.loader import Batch, Item, decode_deferred, make_loader
 from ramcli.models import RecognitionModel
 from ramcli.records import PhotoResult, TagScore
 
@@ -217,6 +217,19 @@ class Tagger:
         return out
 
 
+DECODES = ("auto", "workers", "device")
+
+
+def resolve_decode(device: torch.device, decode: str = "auto") -> str:
+    """Where JPEGs are decoded. auto: on the GPU (nvJPEG) when the model runs on CUDA, where
+    CPU decoding of 12 MP photos is the bottleneck; in the workers (draft mode) on the CPU."""
+    if decode not in DECODES:
+        raise UsageError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
+    if decode == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    return decode
+
+
 def default_workers() -> int:
     """Decode workers: all cores (max 8) with a GPU, where decoding is the bottleneck; on the
     CPU at most 2 (never every core): a draft decode of a 12 MP JPEG takes 50-70 ms against
@@ -230,20 +243,24 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: int,
-                 skip: Callable[[Item], bool] | None = None
+                 skip: Callable[[Item], bool] | None = None, decode: str = "workers",
                  ) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor | None]]:
     """(batch, scores of its decoded photos, their image embeddings or None) in input order.
 
     `skip(item)` may drop decoded photos before the model runs (e.g. a moved photo the index
-    already knows); their pixels are removed from the batch.
+    already knows); their pixels are removed from the batch. `decode`: "workers" decodes
+    everything in the worker processes (Pillow, JPEG draft mode); "device" leaves plain JPEGs
+    to the model's device (nvJPEG on CUDA: see `resolve_decode`).
     """
     loader = make_loader(paths, tagger.image_size, batch_size, workers=workers,
-                         pin_memory=tagger.device.type == "cuda")
+                         pin_memory=tagger.device.type == "cuda", defer_jpeg=decode == "device")
     for batch in loader:
         if skip is not None and batch.items:
             keep = [i for i, item in enumerate(batch.items) if not skip(item)]
             if len(keep) != len(batch.items):
-                batch = Batch(batch.pixels[keep], [batch.items[i] for i in keep], batch.failures)
+                batch = batch.select(keep)
+        if batch.deferred:
+            batch = decode_deferred(batch, tagger.image_size, tagger.device)
         if not batch.items:
             yield batch, torch.zeros(0, len(tagger.active)), None
             continue
@@ -276,9 +293,9 @@ def results_of(batch: Batch, tags: list[list[TagScore]], tagger: Tagger, vocab_v
 def tag_files(paths: list[Path], tagger: Tagger, sinks: Sequence[Callable[[list[PhotoResult]], None]],
               batch_size: int, workers: int, vocab_version: str = "builtin",
               on_batch: Callable[[int, int], None] | None = None,
-              skip: Callable[[Item], bool] | None = None) -> None:
+              skip: Callable[[Item], bool] | None = None, decode: str = "workers") -> None:
     """Tag `paths` and hand each batch's results to every sink, in order."""
-    for batch, scores, embeds in iter_batches(paths, tagger, batch_size, workers, skip):
+    for batch, scores, embeds in iter_batches(paths, tagger, batch_size, workers, skip, decode):
         tags = tagger.decide(scores)
         captions = tagger.captions(embeds, tags) if tagger.captioner is not None and batch.items else None
         results = results_of(batch, tags, tagger, vocab_version, captions)

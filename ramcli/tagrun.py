@@ -71,6 +71,7 @@ class TagRun:
     labels: Path | None = None
     device: str = "auto"
     precision: str = "auto"
+    decode: str = "auto"  # where JPEGs are decoded: workers (Pillow) or the model's device
     batch_size: int | None = None
     workers: int | None = None
     compile_model: bool | None = None  # None: compile when the job is large enough to repay it
@@ -115,7 +116,7 @@ class TagRun:
         from ramcli.output import ResultWriter
         from ramcli.pipeline import (
             Tagger, default_batch_size, default_workers, read_threshold_file, resolve_device,
-            resolve_precision, tag_files,
+            resolve_decode, resolve_precision, tag_files,
         )
         from ramcli.vocab import Vocabulary
 
@@ -128,6 +129,7 @@ class TagRun:
         summary.skipped = Counter({k: v for k, v in counts.items() if k not in ("image", "raw")})
         device = resolve_device(self.device)
         autocast = resolve_precision(device, self.precision)
+        decode = resolve_decode(device, self.decode)
         vocab = Vocabulary.open()
         model_id = model_id_of(self.weights)
 
@@ -193,7 +195,7 @@ class TagRun:
                 try:
                     self._rescore_cached(cached, tagger, sinks, applied.version, advance)
                     tag_files([f.path for f in todo], tagger, sinks, batch_size, workers,
-                              vocab_version=applied.version, on_batch=advance, skip=skip)
+                              vocab_version=applied.version, on_batch=advance, skip=skip, decode=decode)
                 finally:
                     sinks[0].close()
                     if writer is not None:

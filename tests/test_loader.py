@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import torch
 from images import make_image, make_library
 
 from ramcli.imaging import load_for_model
-from ramcli.loader import Batch, Failure, make_loader
+from ramcli.loader import Batch, Failure, decode_deferred, make_loader
 
 S = 32
 
@@ -68,3 +71,62 @@ def test_loader_settings(tmp_path):
     assert loader.persistent_workers and loader.prefetch_factor >= 2
     assert loader.pin_memory == torch.cuda.is_available()
     assert make_loader([], S, batch_size=8, workers=0).num_workers == 0
+
+
+# ------------------------------------------------------------------ decoding on the model's device
+def test_device_decode_gives_the_same_photos_and_nearly_the_same_pixels(tmp_path):
+    """`defer_jpeg`: plain JPEGs come back as bytes and are decoded by torchvision (the code path
+    that is nvJPEG on CUDA, libjpeg here); every other file, and every failure, is as before."""
+    library = make_library(tmp_path / "lib")
+    paths = sorted(library)
+    loader = make_loader(paths, S, batch_size=5, workers=0, pin_memory=False, defer_jpeg=True)
+    deferred_names, items, failures = set(), [], []
+    for raw in loader:
+        deferred_names |= {raw.items[d.row].path.name for d in raw.deferred}
+        batch = decode_deferred(raw, S, torch.device("cpu"))
+        assert not batch.deferred and batch.pixels.shape == (len(batch.items), 3, S, S)
+        for pixels, item in zip(batch.pixels, batch.items):
+            exact = load_for_model(item.path, S, draft=False).pixels
+            assert (pixels.int() - exact.int()).abs().max() <= 8, item.path.name  # full decode, torch resize
+            assert (pixels.float() - exact.float()).abs().mean() < 1.0
+        items += batch.items
+        failures += batch.failures
+    assert deferred_names == {"photo.jpg", "portrait (rotated).jpg", "grey.jpeg", "read only.jpg"}  # not CMYK, truncated
+    workers = [b for b in run(paths, workers=0, batch_size=5)]
+    assert [i.path for i in items] == [i for b in workers for i in (x.path for x in b.items)]
+    assert items == [i for b in workers for i in b.items]  # same sizes, hashes, dates
+    assert failures == [f for b in workers for f in b.failures]
+
+
+def test_device_decode_orients_like_pillow(tmp_path):
+    from PIL import Image, ImageOps
+    from images import exif_with, jpeg_bytes, photo_like
+
+    from ramcli.imaging import decode_jpegs
+
+    img = photo_like(60, 36, seed=3)
+    for orientation in range(1, 9):
+        data = jpeg_bytes(img, quality=95, exif=exif_with(orientation=orientation))
+        want = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        (got,) = decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], [orientation],
+                              S, torch.device("cpu"))
+        expected = torch.from_numpy(np.array(want.resize((S, S), Image.Resampling.BILINEAR))).permute(2, 0, 1)
+        assert (got.int() - expected.int()).abs().float().mean() < 1.5, orientation
+
+
+def test_a_jpeg_that_fails_on_the_device_fails_alone(tmp_path):
+    from images import jpeg_bytes, photo_like
+
+    good = tmp_path / "good.jpg"
+    good.write_bytes(jpeg_bytes(photo_like(40, 30, seed=1)))
+    data = bytearray(jpeg_bytes(photo_like(40, 30, seed=2)))
+    sos = data.find(b"\xff\xda")
+    data[sos + 20 : -2] = b"\xff\x00\xff\xd0" * ((len(data) - sos - 22) // 4) + b"\x00" * ((len(data) - sos - 22) % 4)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(bytes(data[:sos]) + b"\xff\xc4\x00\x03\x00" + bytes(data[sos:]))  # a broken Huffman table
+    (raw,) = list(make_loader([bad, good], S, batch_size=2, workers=0, pin_memory=False, defer_jpeg=True))
+    assert len(raw.deferred) == 2  # Pillow's header parse does not read the Huffman tables
+    batch = decode_deferred(raw, S, torch.device("cpu"))
+    assert [i.path for i in batch.items] == [good] and [f.path for f in batch.failures] == [bad]
+    assert batch.failures[0].reason == "cannot decode JPEG (Bogus marker length)"
+    assert torch.equal(batch.pixels[0], decode_deferred(raw.select([1]), S, torch.device("cpu")).pixels[0])

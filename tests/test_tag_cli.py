@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from ckpt_factory import make_labels_dir, make_official_checkpoint
-from images import make_library, photo_like
+from images import make_image, make_library, photo_like
 from ramcli.cli.app import app
 from ramcli.models import load_any
 from ramcli.pipeline import Tagger
@@ -166,6 +166,8 @@ def test_usage_errors_exit_2_without_traceback(model_files, tmp_path):
     assert res.returncode == 2 and "no such file or folder" in res.stderr and "Traceback" not in res.stderr
     res = _run_cli(["tag", str(tmp_path), "--device", "tpu"], {"RAMCLI_HOME": str(tmp_path)})
     assert res.returncode == 2 and "unknown device" in res.stderr
+    res = _run_cli(["tag", str(tmp_path), "--decode", "gpu"], {"RAMCLI_HOME": str(tmp_path)})
+    assert res.returncode == 2 and "unknown decode 'gpu'" in res.stderr
 
 
 @pytest.mark.slow
@@ -313,3 +315,26 @@ def test_compiled_model_matches_eager_and_pads_the_last_batch(model_files, tmp_p
         assert [t.name for t in e.tags] == [t.name for t in c.tags]
         assert all(abs(a.score - b.score) < 1e-5 for a, b in zip(e.tags, c.tags))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_decode_on_the_device_tags_like_the_workers(model_files, tmp_path):
+    """`--decode device` (nvJPEG on CUDA; torchvision's libjpeg here) gives the same photos, the
+    same failures and scores within a few thousandths of the worker (Pillow) path."""
+    lib = tmp_path / "lib"
+    _photos(lib, 3)
+    make_image(lib / "truncated.jpg", "truncated_jpeg")  # stays with Pillow, which names the problem
+    make_image(lib / "pic.png", "png")
+    runs = {}
+    for decode in ("workers", "device"):
+        res = _tag(model_files, str(lib), "-f", "jsonl", "--no-write", "--no-index", "--threshold", "0",
+                   "--decode", decode)
+        assert res.exit_code == 1, res.output  # truncated.jpg fails, the rest is tagged
+        runs[decode] = {r["path"]: r for r in _lines(res.stdout)}
+    assert runs["workers"].keys() == runs["device"].keys()
+    assert sum("error" in r for r in runs["device"].values()) == 1
+    for path, row in runs["workers"].items():
+        other = runs["device"][path]
+        assert row.get("error") == other.get("error")
+        a, b = ({t["name"]: t["score"] for t in r["tags"]} for r in (row, other))
+        assert a.keys() == b.keys() and ("error" in row or len(a) == N)  # threshold 0: every tag
+        assert all(abs(a[k] - b[k]) < 0.02 for k in a)
