@@ -14,6 +14,12 @@ the minimum, OR the maximum. Those rules allow an exact top-k without scoring ev
 threshold algorithm): photos are pulled from the most selective term's score index, best first,
 and the pull stops as soon as no unseen photo can beat the current k-th best. All SQL is
 parameterised; query text never becomes SQL.
+
+Captions (`Filters.caption`, `ramcli search --caption`) are matched by the `photos_fts` full-text
+index: every word must appear, "quoted phrases" in order. With tags they are one more photo filter
+(ranking stays by tag score); alone they are ranked by FTS5's bm25 relevance. The user's text is
+rewritten into FTS5 string literals (`caption_match`), so FTS5 operators typed by a user (`OR`,
+`-`, `*`, `NEAR`, a stray quote) are plain words, never syntax.
 """
 
 from __future__ import annotations
@@ -235,6 +241,32 @@ def _tag_ids(tree: Node) -> set[int]:
     return set().union(*(_tag_ids(c) for c in tree.children))
 
 
+# --- captions ------------------------------------------------------------------------------------
+
+_CAPTION_TOKEN = re.compile(r'"(?P<phrase>[^"]*)"|(?P<word>[^\s"]+)')
+
+
+def caption_match(text: str) -> str:
+    """The FTS5 query for a caption search: each word and "quoted phrase" as an FTS5 string
+    literal (inner quotes doubled), ANDed. A quote without its pair is ignored.
+
+    Tokens with no letter or digit are dropped: FTS5's tokenizer would turn them into empty
+    phrases, and a query of only those would silently match nothing."""
+    if len(text) > MAX_QUERY_CHARS:
+        raise UsageError(f"--caption text too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
+    parts = [
+        '"' + token.replace('"', '""') + '"'
+        for m in _CAPTION_TOKEN.finditer(text)
+        for token in [m["phrase"] if m["phrase"] is not None else m["word"]]
+        if any(ch.isalnum() for ch in token)
+    ]
+    if not parts:
+        raise UsageError("--caption needs at least one word, e.g. --caption 'on a beach'")
+    if len(parts) > MAX_TERMS:
+        raise UsageError(f"too many words in --caption (at most {MAX_TERMS})")
+    return " ".join(parts)
+
+
 # --- evaluation -----------------------------------------------------------------------------------
 
 
@@ -246,6 +278,7 @@ class Filters:
     since: str | None = None  # ISO date(time), inclusive, on the date taken
     until: str | None = None  # ISO date(time), inclusive (a bare date means the whole day)
     under: Path | None = None
+    caption: str | None = None  # user text: every word must be in the photo's caption
 
 
 @dataclass
@@ -255,6 +288,7 @@ class Hit:
     score: float | None  # None for pure exclusion queries (`-night`), which have nothing to rank by
     taken_at: str | None = None
     tags: list[TagScore] = field(default_factory=list)
+    caption: str | None = None
 
 
 def _score(tree: Node, tags: dict[int, float]) -> float | None:
@@ -282,11 +316,32 @@ def _estimate(tree: Node, counts: dict[int, int]) -> float:
     return min(estimates) if isinstance(tree, And) else sum(estimates)
 
 
+def photo_filter_sql(filters: Filters, caption_fts: str | None) -> tuple[str, list]:
+    """The date, folder and caption filters as `AND ...` conditions on `photos p`, with their
+    arguments; `caption_fts` is `caption_match(filters.caption)`, compiled once by the caller."""
+    sql, args = "", []
+    if filters.since:
+        sql += " AND p.taken_at >= ?"
+        args.append(filters.since)
+    if filters.until:
+        sql += " AND p.taken_at <= ?"
+        args.append(filters.until + "\uffff" if len(filters.until) == 10 else filters.until)
+    if filters.under:
+        low, high = folder_range(filters.under)
+        sql += " AND p.path >= ? AND p.path < ?"
+        args += [low, high]
+    if caption_fts is not None:
+        sql += " AND p.id IN (SELECT rowid FROM photos_fts WHERE photos_fts MATCH ?)"
+        args.append(caption_fts)
+    return sql, args
+
+
 class _Searcher:
     def __init__(self, index: Index, tree: Node, filters: Filters):
         self.db = index.db
         self.tree = tree
         self.filters = filters
+        self.caption_match = None if filters.caption is None else caption_match(filters.caption)
         self.all_ids = json.dumps(sorted(_tag_ids(tree)))
         self.counts = dict(
             self.db.execute(
@@ -370,7 +425,7 @@ class _Searcher:
 
     def _has_photo_filters(self) -> bool:
         f = self.filters
-        return bool(f.since or f.until or f.under)
+        return bool(f.since or f.until or f.under or self.caption_match)
 
     def _filter(self, ids_json: str) -> set[int]:
         checks, args = self._filter_sql()
@@ -378,20 +433,9 @@ class _Searcher:
         return {pid for (pid,) in self.db.execute(sql, [ids_json, *args])}
 
     def _filter_sql(self) -> tuple[str, list]:
-        """The date and folder filters as `AND ...` conditions on `photos p`, with their arguments."""
-        f = self.filters
-        sql, args = "", []
-        if f.since:
-            sql += " AND p.taken_at >= ?"
-            args.append(f.since)
-        if f.until:
-            sql += " AND p.taken_at <= ?"
-            args.append(f.until + "\uffff" if len(f.until) == 10 else f.until)
-        if f.under:
-            low, high = folder_range(f.under)
-            sql += " AND p.path >= ? AND p.path < ?"
-            args += [low, high]
-        return sql, args
+        """The date, folder and caption filters as `AND ...` conditions on `photos p`, with their
+        arguments."""
+        return photo_filter_sql(self.filters, self.caption_match)
 
     def _flat_plan(self) -> tuple[Term, list[Term], list[Term]] | None:
         """(driver, required, excluded) when the query is one SQL statement's worth: a term, or an
@@ -491,37 +535,60 @@ class _Searcher:
         return [(s, -neg) for s, neg in best]
 
 
-def search(index: Index, query: str, *, limit: int | None = 50, filters: Filters | None = None,
+def search(index: Index, query: str | None, *, limit: int | None = 50, filters: Filters | None = None,
            with_tags: bool = True) -> list[Hit]:
-    """Run a query; `limit=None` returns every hit. Raises UsageError for a bad query."""
+    """Run a query; `limit=None` returns every hit. Raises UsageError for a bad query.
+
+    An empty `query` with `filters.caption` searches captions alone, ranked by relevance."""
     filters = filters or Filters()
     if not 0.0 <= filters.min_score <= 1.0:
         raise UsageError(f"--min-score must be between 0 and 1, not {filters.min_score}")
     if limit is not None and limit < 1:
         raise UsageError("--limit must be at least 1 (0 means no limit on the command line)")
-    resolver = TagResolver(index)
-    tree = parse(query)
-    if _is_plain_words(tree, query) and resolver.groups(" ".join(query.split())):
-        tree = Term(" ".join(query.split()))  # `ramcli search christmas tree` means the tag, unquoted
-    tree = resolve(tree, resolver)
-    ranked = _Searcher(index, tree, filters).top(limit)
+    if filters.caption is not None and not (query or "").strip():
+        ranked: list[tuple[float | None, int]] = _caption_top(index, filters, limit)
+    else:
+        resolver = TagResolver(index)
+        query = query or ""
+        tree = parse(query)
+        if _is_plain_words(tree, query) and resolver.groups(" ".join(query.split())):
+            tree = Term(" ".join(query.split()))  # `ramcli search christmas tree` means the tag, unquoted
+        tree = resolve(tree, resolver)
+        ranked = _Searcher(index, tree, filters).top(limit)  # type: ignore[assignment]
     if not ranked:
         return []
     ids = [pid for _, pid in ranked]
     info = {
-        pid: (path, taken)
-        for pid, path, taken in index.db.execute(
-            "SELECT id, path, taken_at FROM photos WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(ids)]
+        pid: (path, taken, caption)
+        for pid, path, taken, caption in index.db.execute(
+            "SELECT id, path, taken_at, caption FROM photos WHERE id IN (SELECT value FROM json_each(?))",
+            [json.dumps(ids)],
         )
     }
     hits = [
-        Hit(pid, info[pid][0], None if math.isinf(s) else s, info[pid][1]) for s, pid in ranked
+        Hit(pid, info[pid][0], None if s is None or math.isinf(s) else s, info[pid][1], caption=info[pid][2])
+        for s, pid in ranked
     ]
     if with_tags:
         tags_of = photo_tags_by_id(index, ids)
         for hit in hits:
             hit.tags = tags_of.get(hit.photo_id, [])
     return hits
+
+
+def _caption_top(index: Index, filters: Filters, limit: int | None) -> list[tuple[float | None, int]]:
+    """(None, photo id) of the best caption matches, most relevant (bm25) first, ties by id.
+
+    There is no tag score to report, so hits carry none (like exclusion-only tag queries)."""
+    if filters.min_score:
+        raise UsageError("--min-score applies to tags: give a tag query along with --caption")
+    checks, args = photo_filter_sql(filters, None)
+    rows = index.db.execute(
+        "SELECT p.id FROM photos_fts JOIN photos p ON p.id = photos_fts.rowid"
+        f" WHERE photos_fts MATCH ?{checks} ORDER BY photos_fts.rank, p.id LIMIT ?",
+        [caption_match(filters.caption or ""), *args, -1 if limit is None else limit],
+    )
+    return [(None, pid) for (pid,) in rows]
 
 
 def _is_plain_words(tree: Node, query: str) -> bool:

@@ -241,3 +241,133 @@ def test_exact_tag_names_resolve_without_the_lemmatiser(index, monkeypatch):
 
     monkeypatch.setattr("ramcli.search.lemma", no_lemma)
     assert names(search(index, '"christmas tree" OR 狗 OR DOG')) == ["a", "c"]
+
+
+# --- captions -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def captioned(tmp_path):
+    with Index.open(tmp_path / "c.db") as ix:
+        ix.record_batch([
+            PhotoResult(str(tmp_path / "lib" / f"{k}.jpg"), "tagged", 1, 1, taken_at=datetime(2020 + i, 1, 2),
+                        tags=[TagScore(n, "", s) for n, s in tags], caption=caption)
+            for i, (k, tags, caption) in enumerate([
+                ("a", [("dog", 0.9)], "a dog running on the beach"),
+                ("b", [("dog", 0.7), ("cat", 0.6)], "a dog and a cat on a sofa"),
+                ("c", [("cat", 0.8)], "a cat sleeping on a well-known sofa, or a bed"),
+                ("d", [("dog", 0.95)], None),
+                ("e", [("dog", 0.5)], "dog dog dog: the beach dog near the sea"),
+            ])
+        ])
+        yield ix
+
+
+def cap(ix, query, caption, **kw):
+    filters = Filters(caption=caption, **{k: v for k, v in kw.items() if k != "limit"})
+    return names(search(ix, query, filters=filters, limit=kw.get("limit", 50)))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("dog beach", '"dog" "beach"'),
+        ('"on the beach" dog', '"on the beach" "dog"'),
+        ('dog OR cat', '"dog" "OR" "cat"'),
+        ("-dog NEAR(cat) dog*", '"-dog" "NEAR(cat)" "dog*"'),
+        ('dog "beach', '"dog" "beach"'),  # the unpaired quote is dropped
+        ('a"b', '"a" "b"'),
+        ("dog - * ^ :", '"dog"'),  # tokens without a letter or digit would be empty FTS5 phrases
+    ],
+)
+def test_caption_match_turns_user_text_into_fts5_string_literals(text, expected):
+    from ramcli.search import caption_match
+
+    assert caption_match(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "   ", '"', '""', "- * ^", "x" * 1001])
+def test_caption_without_words_is_a_usage_error(captioned, text):
+    with pytest.raises(UsageError, match="--caption"):
+        search(captioned, "", filters=Filters(caption=text))
+
+
+def test_caption_alone_is_ranked_by_relevance(captioned):
+    assert cap(captioned, "", "dog") == ["e", "a", "b"]  # bm25: the caption saying "dog" four times first
+    assert cap(captioned, None, "sofa") == ["b", "c"]  # equal relevance: by photo id
+    assert cap(captioned, "", '"on the beach"') == ["a"]  # a phrase keeps its order ...
+    assert cap(captioned, "", '"the beach on"') == []
+    assert sorted(cap(captioned, "", "beach dog")) == ["a", "e"]  # ... words need not
+    assert cap(captioned, "", "dog", limit=1) == ["e"]
+    hit = search(captioned, "", filters=Filters(caption="running"))[0]
+    assert (hit.score, hit.caption, [t.name for t in hit.tags]) == (None, "a dog running on the beach", ["dog"])
+
+
+def test_caption_alone_with_filters(captioned, tmp_path):
+    assert cap(captioned, "", "dog", since="2021-01-01") == ["e", "b"]
+    assert cap(captioned, "", "dog", until="2020-01-02") == ["a"]
+    assert cap(captioned, "", "sofa", under=tmp_path / "lib") == ["b", "c"]
+    assert cap(captioned, "", "sofa", under=tmp_path / "elsewhere") == []
+    with pytest.raises(UsageError, match="--min-score applies to tags"):
+        search(captioned, "", filters=Filters(caption="dog", min_score=0.5))
+
+
+def test_hostile_caption_text_is_plain_words(captioned):
+    assert cap(captioned, "", "OR") == ["c"]  # the word "or" in c's caption, not an operator
+    assert cap(captioned, "", "well-known") == ["c"]  # a hyphenated word, not an exclusion
+    assert cap(captioned, "", "dog*") == ["e", "a", "b"]  # not a prefix query for "do*"
+    assert cap(captioned, "", '(sea) NEAR "') == ["e"]  # no NEAR group, no unbalanced-quote error
+    assert cap(captioned, "", "'; DROP TABLE photos; --") == []
+    assert captioned.db.execute("SELECT count(*) FROM photos").fetchone()[0] == 5
+
+
+def test_caption_with_tags_both_must_match_ranked_by_tag_score(captioned):
+    assert cap(captioned, "dog", "beach") == ["a", "e"]  # by tag score now, not bm25
+    assert cap(captioned, "dog", "sofa") == ["b"]
+    assert cap(captioned, "cat", "sofa") == ["c", "b"]
+    assert cap(captioned, "dog -cat", "sofa") == []
+    assert cap(captioned, "dog OR cat", "sofa") == ["c", "b"]  # the general (non-flat) path
+    assert cap(captioned, "dog", "beach", min_score=0.6) == ["a"]
+    assert cap(captioned, "dog", "beach", since="2021-01-01") == ["e"]
+    assert cap(captioned, "-cat", "beach") == ["a", "e"]
+    hit = search(captioned, "dog", filters=Filters(caption="beach"))[0]
+    assert (hit.score, hit.caption) == (pytest.approx(0.9), "a dog running on the beach")
+
+
+def test_caption_with_tags_equals_exhaustive_ranking_filtered_by_caption(tmp_path):
+    """Randomised: tag query + caption gives exactly the tag ranking of the photos whose caption
+    holds every word, for flat and general queries."""
+    rng = random.Random(5)
+    vocab = [f"t{i}" for i in range(6)]
+    words = ["dog", "beach", "sofa", "red", "car", "sea"]
+    with Index.open(tmp_path / "i.db") as ix:
+        ix.record_batch([
+            PhotoResult(f"/p/{i:04d}.jpg", "tagged", 1, 1,
+                        tags=[TagScore(n, "", rng.choice([0.5, 0.7, 0.9])) for n in rng.sample(vocab, rng.randint(1, 4))],
+                        caption=" ".join(rng.choices(words, k=4)) if i % 7 else None)
+            for i in range(400)
+        ])
+        captions = dict(ix.db.execute("SELECT id, caption FROM photos").fetchall())
+        for q in ("t0", "t0 t1", "t1 -t2", "t0 OR t3", "-t4"):
+            for caption in ("dog", "beach sea", "red car dog"):
+                for limit in (3, None):
+                    wanted = [pid for pid in _exhaustive(ix, q, None, Filters())
+                              if captions[pid] and set(caption.split()) <= set(captions[pid].split())][:limit]
+                    got = [h.photo_id for h in search(ix, q, limit=limit, filters=Filters(caption=caption), with_tags=False)]
+                    assert got == wanted, (q, caption, limit)
+
+
+def test_caption_search_uses_indexes(captioned):
+    """Caption filters keep the tag search's plans: no scan of photo_tags; caption-only search
+    reads the FTS index, not every photo."""
+    statements = []
+    captioned.db.conn.set_trace_callback(statements.append)
+    try:
+        for q in ("dog", "dog -cat", "dog OR cat", ""):
+            search(captioned, q, filters=Filters(caption="sofa", since="2020-01-01"))
+    finally:
+        captioned.db.conn.set_trace_callback(None)
+    for sql in statements:
+        if "photo_tags" in sql or "photos_fts MATCH" in sql:
+            details = [row[3] for row in captioned.db.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()]
+            assert not any(d.startswith(("SCAN d", "SCAN o", "SCAN pt", "SCAN photo_tags", "SCAN p ")) for d in details), (sql, details)

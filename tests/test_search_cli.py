@@ -151,3 +151,81 @@ def test_show_stats_prune_check(capsysbinary, library):
 def test_search_without_index(capsysbinary):
     code, _, err = run(capsysbinary, "search", "dog")
     assert code == 1 and "no index" in err
+
+
+@pytest.fixture
+def captioned(library):
+    """The library, re-tagged with Tag2Text captions (and the same tags)."""
+    captions = {
+        library / "a.jpg": ("a dog running on the beach", [("dog", "狗", 0.9), ("beach", "海滩", 0.7)]),
+        library / "2021" / "b.jpg": ("a cat on a well-known sofa at night", [("cat", "猫", 0.8), ("night", "夜晚", 0.6)]),
+        library / "2021" / "c d.jpg": ("a dog next to a christmas tree at night", [("dog", "狗", 0.6), ("night", "夜晚", 0.9)]),
+    }
+    with Index.open() as ix:
+        ix.record_batch([
+            PhotoResult(str(p), "tagged", 4, 1, taken_at=datetime(2020 + i, 3, 4), caption=c,
+                        tags=[TagScore(*t) for t in tags])
+            for i, (p, (c, tags)) in enumerate(captions.items())
+        ])
+    return library
+
+
+def test_search_by_caption_alone_and_with_tags(capsysbinary, captioned):
+    lib = captioned
+    code, out, _ = run(capsysbinary, "search", "--caption", "night", "--format", "paths")
+    assert code == 0 and sorted(out.splitlines()) == [str(lib / "2021" / "b.jpg"), str(lib / "2021" / "c d.jpg")]
+    code, out, _ = run(capsysbinary, "search", "dog", "--caption", "at night", "--format", "paths")
+    assert out.splitlines() == [str(lib / "2021" / "c d.jpg")]  # both the tag and the caption
+    code, out, _ = run(capsysbinary, "search", "dog", "--caption", "sofa")
+    assert code == 1  # the caption matches b, the tag does not
+    code, out, _ = run(capsysbinary, "search", "--caption", "night", "--in", str(lib / "2021"), "--since", "2022-01-01",
+                       "--format", "paths")
+    assert out.splitlines() == [str(lib / "2021" / "c d.jpg")]
+    code, out, _ = run(capsysbinary, "search", "night", "--caption", "a", "--min-score", "0.7", "--format", "paths")
+    assert out.splitlines() == [str(lib / "2021" / "c d.jpg")]
+    code, out, _ = run(capsysbinary, "search", "--caption", '"christmas tree"', "--format", "json")
+    data = json.loads(out)
+    assert [(d["path"], d["caption"], d["score"]) for d in data] == [
+        (str(lib / "2021" / "c d.jpg"), "a dog next to a christmas tree at night", None)]
+    assert [t["name"] for t in data[0]["tags"]] == ["night", "dog"]
+    code, out, _ = run(capsysbinary, "search", "dog", "--caption", "beach", "--format", "jsonl")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["path"], r["caption"], r["score"]) for r in rows] == [(str(lib / "a.jpg"), "a dog running on the beach", 0.9)]
+    code, out, err = run(capsysbinary, "search", "--caption", "running")
+    assert code == 0 and "caption" in out and "a.jpg" in out and "1 photo" in err  # the table gets a caption column
+    code, out, _ = run(capsysbinary, "search", "--caption", "night", "--limit", "1", "--format", "paths")
+    assert len(out.splitlines()) == 1
+
+
+def test_search_caption_gallery(capsysbinary, captioned, tmp_path):
+    page = tmp_path / "g.html"
+    code, _, err = run(capsysbinary, "search", "--caption", "beach", "--gallery", str(page), "--format", "paths")
+    assert code == 0 and "gallery" in err
+    html = page.read_text()
+    assert "a.jpg" in html and "b.jpg" not in html and "--caption beach" in html
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give tags, --caption TEXT or both"),
+        (["--caption", ""], "--caption needs at least one word"),
+        (["--caption", '"'], "--caption needs at least one word"),
+        (["--caption", "- * ^"], "--caption needs at least one word"),
+        (["--caption", "dog", "--min-score", "0.5"], "--min-score applies to tags"),
+        (["zebra", "--caption", "dog"], "unknown tag 'zebra'"),
+    ],
+)
+def test_bad_caption_searches_one_line_exit_2(capsysbinary, captioned, args, message):
+    code, out, err = run(capsysbinary, "search", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ['dog "', "NEAR(dog", "dog OR", "-dog", "dog*", "^night", "dog AND NOT", "'; DROP TABLE photos; --"])
+def test_fts5_syntax_in_caption_is_plain_words(capsysbinary, captioned, text):
+    code, out, err = run(capsysbinary, "search", "--caption", text, "--format", "paths")
+    assert code in (0, 1) and "Traceback" not in err and "error" not in err
+    with Index.open() as ix:
+        assert ix.db.execute("SELECT count(*) FROM photos").fetchone()[0] == 4
+    if text in ('dog "', "-dog", "dog*"):  # the word dog, whatever punctuation surrounds it
+        assert sorted(out.splitlines()) == [str(captioned / "2021" / "c d.jpg"), str(captioned / "a.jpg")]

@@ -32,6 +32,7 @@ class Format(str, Enum):
     table = "table"
     paths = "paths"
     json = "json"
+    jsonl = "jsonl"
     csv = "csv"
 
 
@@ -72,6 +73,9 @@ def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> No
     elif fmt is Format.json:
         json.dump([_hit_json(h) for h in hits], sys.stdout, ensure_ascii=False, indent=1)
         sys.stdout.write("\n")
+    elif fmt is Format.jsonl:
+        for h in hits:
+            sys.stdout.write(json.dumps(_hit_json(h), ensure_ascii=False) + "\n")
     elif fmt is Format.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["path", "score", "taken_at", "tags"])
@@ -83,8 +87,12 @@ def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> No
         table.add_column("photo", overflow="fold")
         table.add_column("taken")
         table.add_column("tags")
+        with_captions = any(h.caption for h in hits)
+        if with_captions:
+            table.add_column("caption", overflow="fold")
         for h in hits:
-            table.add_row(_fmt_score(h.score), h.path, (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8]))
+            row = [_fmt_score(h.score), h.path, (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8])]
+            table.add_row(*row, *([h.caption or ""] if with_captions else []))
         console.print(table)
         more = " (more with --limit 0)" if truncated else ""
         err_console.print(f"{len(hits)} photo{'s' if len(hits) != 1 else ''}{more}", highlight=False)
@@ -100,6 +108,7 @@ def _hit_json(h: Hit) -> dict:
         "score": None if h.score is None else round(h.score, 6),
         "taken_at": h.taken_at,
         "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(t.score, 6)} for t in h.tags],
+        "caption": h.caption,
     }
 
 
@@ -109,7 +118,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command(context_settings=query_settings)
     def search(
-        query: list[str] = typer.Argument(..., help='Tags: `dog beach`, `dog OR cat`, `dog -night`, `"christmas tree"`.'),
+        query: list[str] = typer.Argument(None, help='Tags: `dog beach`, `dog OR cat`, `dog -night`, `"christmas tree"`. Optional with --caption.', show_default=False),
+        caption: str = typer.Option(None, "--caption", help='Words that must all be in the caption (Tag2Text, `tag --caption`); "quoted phrases" kept in order.'),
         min_score: float = typer.Option(0.0, "--min-score", help="Count a tag only at this score or above (0-1)."),
         limit: int = typer.Option(None, "--limit", help="At most this many hits, best first; 0 = all. [default: 50 for table, all otherwise]", show_default=False),
         since: str = typer.Option(None, "--since", help="Taken on or after this date (YYYY-MM-DD)."),
@@ -120,16 +130,19 @@ def register(app: typer.Typer) -> None:
         gallery: Path = typer.Option(None, "--gallery", help="Also write a static HTML page with thumbnails of the hits.", dir_okay=False),
         index_path: Path = IndexOption,
     ) -> None:
-        """Find photos by tag: `ramcli search dog`, `dog OR cat`, `dog -night`. Exit 0 with hits, 1 without, 2 on a bad query."""
+        """Find photos by tag: `ramcli search dog`, `dog OR cat`, `dog -night`; by caption: `--caption "on a beach"`. Exit 0 with hits, 1 without, 2 on a bad query."""
+        if not query and caption is None:
+            raise UsageError('give tags, --caption TEXT or both, e.g. `ramcli search dog` or `ramcli search --caption "on a beach"`')
+        query_text = _query_text(query) if query else ""
         if null and fmt is not Format.paths:
             raise UsageError("-0 only goes with --format paths")
         if limit is not None and limit < 0:
             raise UsageError("--limit must be 0 (all) or more")
         wanted = (50 if fmt is Format.table else None) if limit is None else (limit or None)
         filters = Filters(min_score=min_score, since=_iso_date(since, "--since"), until=_iso_date(until, "--until"),
-                          under=Path(normalize_path(folder)) if folder else None)
+                          under=Path(normalize_path(folder)) if folder else None, caption=caption)
         with _opened(index_path, readonly=True) as index:
-            hits = run_search(index, _query_text(query), limit=None if wanted is None else wanted + 1,
+            hits = run_search(index, query_text, limit=None if wanted is None else wanted + 1,
                               filters=filters, with_tags=fmt is not Format.paths or gallery is not None)
             truncated = wanted is not None and len(hits) > wanted
             hits = hits[:wanted]
@@ -137,7 +150,8 @@ def register(app: typer.Typer) -> None:
         if gallery is not None:
             from ramcli.gallery import write_gallery
 
-            write_gallery(hits, gallery, title=f"ramcli search {_query_text(query)}")
+            title = " ".join([query_text, *([f"--caption {caption}"] if caption is not None else [])])
+            write_gallery(hits, gallery, title=f"ramcli search {title}".strip())
             err_console.print(f"gallery: {gallery} ({len(hits)} photos)", highlight=False)
         if not hits:
             sys.exit(1)  # like grep; SystemExit because the entry point drops a returned exit code
