@@ -11,7 +11,11 @@ by a content hash that survives metadata writes) and the data behind `ramcli sea
   them to pick the most selective term of a query, `index check` verifies them.
 
 Other modules keep their own tables in the same file (the metadata write ledger,
-`ramcli.ledger`); this module only touches them where a photo moves.
+`ramcli.ledger`); this module only touches them where a photo moves or indexes are merged.
+
+`merge` combines indexes that separate machines wrote (one per node of a multi-node run): one
+transaction per source, the source ATTACHed read-only, every row copied by SQL on the attached
+schema, so no value from a source ever becomes SQL text.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import json
 import os
 import sqlite3
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +67,15 @@ class PhotoRecord:
 
 
 _PHOTO_COLUMNS = ", ".join(f.name for f in fields(PhotoRecord))
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    """What `Index.merge` did with one source's photos."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
 
 
 def normalize_path(path: str | os.PathLike) -> str:
@@ -418,9 +433,7 @@ class Index:
             tag_id, group = target
             other = self.db.execute("SELECT coalesce(group_id, id) FROM tags WHERE name = ?", [alias]).fetchone()
             if other is not None:
-                self.db.execute(
-                    "UPDATE tags SET group_id = ? WHERE coalesce(group_id, id) IN (?, ?)", [group, group, other[0]]
-                )
+                self._join_groups(group, other[0])
                 return
             previous = self.db.execute("SELECT tag_id FROM synonyms WHERE alias = ?", [alias]).fetchone()
             self.db.execute(
@@ -429,6 +442,10 @@ class Index:
             )
             for affected in {tag_id, previous[0] if previous else tag_id}:
                 self._refresh_aliases(affected)
+
+    def _join_groups(self, group: int, other: int) -> None:
+        """Make every tag of group `other` a member of `group` (inside a write transaction)."""
+        self.db.execute("UPDATE tags SET group_id = ? WHERE coalesce(group_id, id) IN (?, ?)", [group, group, other])
 
     def _refresh_aliases(self, tag_id: int) -> None:
         """Copy a tag's synonyms into `tags.aliases`, which the FTS index (and Datasette) search."""
@@ -461,6 +478,156 @@ class Index:
                     (tag_id,) = self.db.execute("SELECT id FROM tags WHERE name = ?", [name]).fetchone()
                     ids[key] = new_ids[key] = tag_id
         return ids
+
+    # --- merging -------------------------------------------------------------------------------
+
+    def merge(self, source: Path) -> MergeCounts:
+        """Copy another index's photos, tags, scores, captions, vocabulary links and write ledger
+        into this one, in ONE transaction; the source is only read.
+
+        A path in both keeps the record with the later `tagged_at`, the way a re-tag would store
+        it (`record_batch`): a winning failure keeps the photo's tags (the loser's, unless it has
+        none) and a missing hash, size or caption keeps the other's. Merging the same source
+        twice changes nothing. An older source schema is migrated in a temporary copy (next to
+        this index) first; a newer one, a non-ramcli file or a damaged one is refused."""
+        source = Path(source)
+        version = check_merge_source(source, self.path)
+        with self._migrated(source, version) as readable:
+            uri = f"{readable.resolve().as_uri()}?mode=ro"
+            try:
+                self.db.execute("ATTACH DATABASE ? AS merge_src", [uri])
+            except sqlite3.DatabaseError as exc:
+                raise _source_error(source, exc) from exc
+            try:
+                with self._write():
+                    return self._merge_attached()
+            except sqlite3.DatabaseError as exc:
+                raise _source_error(source, exc) from exc
+            finally:
+                self.db.execute("DROP TABLE IF EXISTS temp.merge_tag_map")
+                self.db.execute("DROP TABLE IF EXISTS temp.merge_photos")
+                self.db.execute("DETACH DATABASE merge_src")
+
+    @contextmanager
+    def _migrated(self, source: Path, version: int) -> Iterator[Path]:
+        """`source` itself when its schema is current, else a migrated temporary copy of it."""
+        if version == SCHEMA_VERSION:
+            yield source
+            return
+        with tempfile.TemporaryDirectory(prefix=".ramcli-merge-", dir=self.path.parent) as tmp:
+            copy = Path(tmp) / "source.db"
+            reader = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+            writer = sqlite3.connect(copy)
+            try:
+                reader.backup(writer)  # a consistent snapshot, WAL content included
+            except sqlite3.DatabaseError as exc:
+                raise _source_error(source, exc) from exc
+            finally:
+                reader.close()
+                writer.close()
+            Index.open(copy).close()  # migrates forward
+            yield copy
+
+    def _merge_attached(self) -> MergeCounts:
+        """The merge of the attached `merge_src` (inside a write transaction)."""
+        run = self.db.execute
+        # Tags by name (case-insensitive, like everywhere); this index's Chinese name and source win.
+        run(
+            "INSERT INTO main.tags (name, name_zh, lemma, source)"
+            " SELECT name, name_zh, lemma, source FROM merge_src.tags WHERE true"
+            " ON CONFLICT (name) DO UPDATE SET name_zh = coalesce(tags.name_zh, excluded.name_zh)"
+        )
+        run(
+            "CREATE TEMP TABLE merge_tag_map AS SELECT s.id AS src_id, d.id AS dst_id, s.group_id AS src_group"
+            " FROM merge_src.tags s JOIN main.tags d ON d.name = s.name"
+        )
+        self._merge_vocabulary()
+        run(
+            "CREATE TEMP TABLE merge_photos AS SELECT s.id AS src_id, s.path, d.id AS dst_id,"
+            " CASE WHEN d.id IS NULL THEN 'added'"
+            "  WHEN coalesce(s.tagged_at, '') > coalesce(d.tagged_at, '') THEN 'updated'"
+            "  ELSE 'unchanged' END AS outcome,"
+            " d.id IS NULL OR s.status = 'tagged'"
+            "  OR NOT EXISTS (SELECT 1 FROM main.photo_tags pt WHERE pt.photo_id = d.id) AS take_tags"
+            " FROM merge_src.photos s LEFT JOIN main.photos d ON d.path = s.path"
+        )
+        run(
+            "UPDATE main.photos SET size = s.size, mtime_ns = s.mtime_ns,"
+            " content_hash = coalesce(s.content_hash, photos.content_hash),"
+            " width = coalesce(s.width, photos.width), height = coalesce(s.height, photos.height),"
+            " taken_at = coalesce(s.taken_at, photos.taken_at), tagged_at = s.tagged_at,"
+            " model_id = s.model_id, vocab_version = s.vocab_version, status = s.status, error = s.error,"
+            " caption = coalesce(s.caption, photos.caption)"
+            " FROM merge_src.photos s JOIN temp.merge_photos m ON m.src_id = s.id"
+            " WHERE m.outcome = 'updated' AND photos.id = m.dst_id"
+        )
+        run(
+            "DELETE FROM main.photo_tags WHERE photo_id IN"
+            " (SELECT dst_id FROM temp.merge_photos WHERE outcome = 'updated' AND take_tags)"
+        )
+        run(
+            "INSERT INTO main.photos (path, size, mtime_ns, content_hash, width, height, taken_at, tagged_at,"
+            " model_id, vocab_version, status, error, caption)"
+            " SELECT s.path, s.size, s.mtime_ns, s.content_hash, s.width, s.height, s.taken_at, s.tagged_at,"
+            " s.model_id, s.vocab_version, s.status, s.error, s.caption"
+            " FROM merge_src.photos s JOIN temp.merge_photos m ON m.src_id = s.id WHERE m.outcome = 'added'"
+        )
+        run(
+            "UPDATE temp.merge_photos SET dst_id = (SELECT id FROM main.photos p WHERE p.path = merge_photos.path)"
+            " WHERE outcome = 'added'"
+        )
+        run(
+            "INSERT INTO main.photo_tags (photo_id, tag_id, score)"
+            " SELECT m.dst_id, tm.dst_id, st.score FROM temp.merge_photos m"
+            " JOIN merge_src.photo_tags st ON st.photo_id = m.src_id"
+            " JOIN temp.merge_tag_map tm ON tm.src_id = st.tag_id"
+            " WHERE m.outcome != 'unchanged' AND m.take_tags"
+        )
+        run(
+            "UPDATE main.tags SET photo_count = c.n FROM"
+            " (SELECT t.id, (SELECT count(*) FROM main.photo_tags pt WHERE pt.tag_id = t.id) AS n FROM main.tags t) c"
+            " WHERE c.id = tags.id AND tags.photo_count != c.n"
+        )
+        self._merge_ledger()
+        counts = dict(run("SELECT outcome, count(*) FROM temp.merge_photos GROUP BY outcome").fetchall())
+        return MergeCounts(**counts)
+
+    def _merge_vocabulary(self) -> None:
+        """The source's synonyms (this index's win a conflict) and tag groups (joined)."""
+        self.db.execute(
+            "INSERT INTO main.synonyms (alias, tag_id) SELECT s.alias, m.dst_id FROM merge_src.synonyms s"
+            " JOIN temp.merge_tag_map m ON m.src_id = s.tag_id WHERE true ON CONFLICT (alias) DO NOTHING"
+        )
+        for (tag_id,) in self.db.execute(
+            "SELECT DISTINCT m.dst_id FROM merge_src.synonyms s JOIN temp.merge_tag_map m ON m.src_id = s.tag_id"
+        ).fetchall():
+            self._refresh_aliases(tag_id)
+        pairs = self.db.execute(
+            "SELECT m.dst_id, g.dst_id FROM temp.merge_tag_map m JOIN temp.merge_tag_map g ON g.src_id = m.src_group"
+            " WHERE m.src_group IS NOT NULL AND m.src_group != m.src_id"
+        ).fetchall()
+        for tag_id, leader_id in pairs:
+            (group, other) = self.db.execute(
+                "SELECT (SELECT coalesce(group_id, id) FROM tags WHERE id = ?),"
+                " (SELECT coalesce(group_id, id) FROM tags WHERE id = ?)",
+                [leader_id, tag_id],
+            ).fetchone()
+            if group != other:
+                self._join_groups(group, other)
+
+    def _merge_ledger(self) -> None:
+        """What the source's machine wrote into photos' metadata (`ramcli.ledger`), so that
+        `ramcli untag` here can take it out again. A row this index has already keeps its own."""
+        from ramcli.ledger import TABLE, Ledger
+
+        has_ledger = self.db.execute(
+            "SELECT 1 FROM merge_src.sqlite_master WHERE type = 'table' AND name = ?", [TABLE]
+        ).fetchone()
+        if not has_ledger:
+            return
+        Ledger(self.db)._table  # noqa: B018 - creates the ledger's table (its schema is the ledger's own)
+        columns = "path, target, field, value, preexisting, model_id, written_at"
+        self.db.execute(f"INSERT OR IGNORE INTO main.{TABLE} ({columns}) SELECT {columns} FROM merge_src.{TABLE}")
 
     # --- health ---------------------------------------------------------------------------------
 
@@ -530,6 +697,38 @@ class _WriteTransaction:
                 raise
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+
+
+def check_merge_source(source: Path, destination: Path) -> int:
+    """The schema version of an index to merge from; a one-line error when it is not one, is
+    newer than this ramcli, or is the destination itself. Opens it read-only."""
+    if not source.is_file():
+        raise RamcliError(f"cannot merge {source}: no such file")
+    if destination.exists() and source.samefile(destination):
+        raise RamcliError(f"cannot merge {source} into itself")
+    try:
+        conn = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise _source_error(source, exc) from exc
+    if version < 1 or not {"photos", "tags", "photo_tags", "synonyms"} <= tables:
+        raise RamcliError(f"cannot merge {source}: it is not a ramcli index")
+    if version > SCHEMA_VERSION:
+        raise RamcliError(
+            f"cannot merge {source}: its schema version {version} is newer than this ramcli ({SCHEMA_VERSION}); "
+            "upgrade ramcli"
+        )
+    return version
+
+
+def _source_error(source: Path, exc: sqlite3.DatabaseError) -> RamcliError:
+    if "not a database" in str(exc) or "malformed" in str(exc):
+        return RamcliError(f"cannot merge {source}: it is not a ramcli index or is damaged ({exc})")
+    return RamcliError(f"cannot merge {source}: {exc}")
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:

@@ -1,4 +1,4 @@
-"""`ramcli search`, `show`, `stats`, `index prune|check`: thin wrappers over ramcli.index/search."""
+"""`ramcli search`, `show`, `stats`, `index prune|check|merge`: thin wrappers over ramcli.index/search."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from rich.table import Table
 from ramcli import config
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
-from ramcli.index import Index, database_error, normalize_path
+from ramcli.index import Index, check_merge_source, database_error, normalize_path
 from ramcli.ledger import Ledger
 from ramcli.search import Filters, Hit, search as run_search
 
-index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity.", no_args_is_help=True)
+index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity, merge indexes.", no_args_is_help=True)
 
 IndexOption = typer.Option(None, "--index", help="Index file (default: the one in RAMCLI_HOME).", show_default=False)
 
@@ -244,5 +244,19 @@ def register(app: typer.Typer) -> None:
                 err_console.print(f"problem: {p}", highlight=False, markup=False)
             raise RamcliError(f"the index {resolved} has {len(problems)} problem(s); move it aside and re-run `ramcli tag` to rebuild it")
         console.print(f"ok: {resolved}", highlight=False)
+
+    @index_app.command()
+    def merge(sources: list[Path] = typer.Argument(..., help="Index files to merge in (each node's index.db).", show_default=False),
+              index_path: Path = IndexOption) -> None:
+        """Merge other indexes (e.g. one per node of a multi-node run) into this one; a photo in both keeps its newer tagging."""
+        destination = index_path or config.home().index
+        for source in sources:  # refuse a bad source before merging any
+            check_merge_source(source, destination)
+        with _opened(destination, readonly=False) as index:
+            for source in sources:
+                counts = index.merge(source)
+                console.print(f"{source}: {counts.added} added, {counts.updated} updated, {counts.unchanged} unchanged",
+                              highlight=False, markup=False)
+        err_console.print(f"merged {len(sources)} index{'es' if len(sources) != 1 else ''} into {destination}", highlight=False)
 
     app.add_typer(index_app, name="index")
