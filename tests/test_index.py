@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ramcli.errors import RamcliError
-from ramcli.index import SCHEMA_VERSION, Index
+from ramcli.index import SCHEMA_VERSION, Index, MergeCounts
 from ramcli.ledger import Ledger, LedgerEntry
 from ramcli.records import PhotoResult, TagScore
 
@@ -261,3 +261,165 @@ def test_a_version_1_index_migrates_forward_keeping_its_photos(tmp_path):
     with Index.open(path) as ix:
         assert ix.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert ix.lookup("/x.jpg").caption is None and "caption" in ix.db["photos"].columns_dict
+
+
+# --- merging indexes from several nodes -----------------------------------------------------------
+
+
+def _node(path, results, tagged_at=None) -> Path:
+    """An index as one node writes it; `tagged_at` backdates every record (as if tagged then)."""
+    with Index.open(path) as ix:
+        ix.record_batch(results)
+        if tagged_at is not None:
+            ix.db.execute("UPDATE photos SET tagged_at = ?", [tagged_at])
+    return path
+
+
+def _state(ix) -> tuple:
+    photos = ix.db.execute(
+        "SELECT path, size, mtime_ns, content_hash, taken_at, tagged_at, model_id, vocab_version, status, error, caption"
+        " FROM photos ORDER BY path").fetchall()
+    tags = ix.db.execute("SELECT p.path, t.name, pt.score FROM photo_tags pt JOIN photos p ON p.id = pt.photo_id"
+                         " JOIN tags t ON t.id = pt.tag_id ORDER BY 1, 2").fetchall()
+    return photos, tags, ix.db.execute("SELECT name, photo_count FROM tags ORDER BY name").fetchall()
+
+
+def _caption_hits(ix, word) -> list[str]:
+    return [p for (p,) in ix.db.execute(
+        "SELECT p.path FROM photos_fts JOIN photos p ON p.id = photos_fts.rowid WHERE photos_fts MATCH ? ORDER BY p.path",
+        [word])]
+
+
+def test_merge_keeps_the_newer_record_per_path_and_never_duplicates(index, tmp_path):
+    index.record_batch([
+        result("/n/a.jpg", [("dog", "狗", 0.9)], caption="a dog on a beach", content_hash="ha"),
+        result("/n/b.jpg", [("cat", "猫", 0.8)], caption="a cat on a sofa", model_id="old"),
+        result("/n/c.jpg", [("tree", "树", 0.7)], caption="a tree"),
+    ])
+    index.db.execute("UPDATE photos SET tagged_at = '2024-05-01T10:00:00+00:00' WHERE path != '/n/c.jpg'")
+    index.db.execute("UPDATE photos SET tagged_at = '2024-07-01T10:00:00+00:00' WHERE path = '/n/c.jpg'")
+    source = _node(tmp_path / "node1.db", [
+        result("/n/b.jpg", [("sofa", "沙发", 0.6), ("Cat", "", 0.95)], caption="a black cat asleep", model_id="new",
+               mtime_ns=9),
+        result("/n/c.jpg", [("bush", "", 0.5)], caption="a bush"),  # older than this index's c.jpg
+        result("/n/d.jpg", [("dog", "", 0.4)], caption="a puppy", content_hash="hd", taken_at=datetime(2020, 1, 2)),
+    ], tagged_at="2024-06-01T10:00:00+00:00")
+    before = source.read_bytes()
+
+    assert index.merge(source) == MergeCounts(added=1, updated=1, unchanged=1)
+    photos, tags, counts = _state(index)
+    assert [(p[0], p[6], p[10]) for p in photos] == [
+        ("/n/a.jpg", "m1", "a dog on a beach"),  # only here
+        ("/n/b.jpg", "new", "a black cat asleep"),  # the source's is newer
+        ("/n/c.jpg", "m1", "a tree"),  # this index's is newer
+        ("/n/d.jpg", "m1", "a puppy"),  # only there
+    ]
+    assert photos[1][2] == 9 and photos[1][5] == "2024-06-01T10:00:00+00:00"
+    assert photos[3][3:5] == ("hd", "2020-01-02T00:00:00")
+    assert tags == [("/n/a.jpg", "dog", 0.9), ("/n/b.jpg", "cat", 0.95), ("/n/b.jpg", "sofa", 0.6),
+                    ("/n/c.jpg", "tree", 0.7), ("/n/d.jpg", "dog", 0.4)]
+    assert dict(counts) == {"bush": 0, "cat": 1, "dog": 2, "sofa": 1, "tree": 1}
+    assert index.db.execute("SELECT name_zh FROM tags WHERE name = 'sofa'").fetchone() == ("沙发",)
+    # the caption search index follows: the replaced caption is gone, the new ones are found
+    assert _caption_hits(index, "sofa") == [] and _caption_hits(index, "asleep") == ["/n/b.jpg"]
+    assert _caption_hits(index, "puppy") == ["/n/d.jpg"] and _caption_hits(index, "bush") == []
+    assert index.check() == []
+    index.db.execute("INSERT INTO photos_fts(photos_fts, rank) VALUES ('integrity-check', 1)")
+    # merging again (or the same data twice) changes nothing and adds no row
+    state = _state(index)
+    assert index.merge(source) == MergeCounts(unchanged=3)
+    assert _state(index) == state
+    assert source.read_bytes() == before  # the source was only read
+
+
+def test_merge_of_a_newer_failure_keeps_the_photos_tags(index, tmp_path):
+    index.record_batch([result("/n/a.jpg", [("dog", "狗", 0.9)], caption="a dog")])
+    index.db.execute("UPDATE photos SET tagged_at = '2024-01-01T00:00:00+00:00'")
+    source = _node(tmp_path / "node.db", [PhotoResult("/n/a.jpg", "failed", size=1, mtime_ns=2, error="truncated")],
+                   tagged_at="2024-02-01T00:00:00+00:00")
+    assert index.merge(source) == MergeCounts(updated=1)
+    rec = index.lookup("/n/a.jpg")
+    assert (rec.status, rec.error, rec.caption) == ("failed", "truncated", "a dog")
+    assert index.photo_tags("/n/a.jpg") == [TagScore("dog", "狗", 0.9)]  # like a failed re-tag
+    assert index.check() == []
+
+
+def test_merge_brings_synonyms_groups_and_the_write_ledger(index, tmp_path):
+    from ramcli.search import search
+
+    path = tmp_path / "node.db"
+    with Index.open(path) as node:
+        node.record_batch([result("/n/a.jpg", [("dog", "狗", 0.9)]), result("/n/b.jpg", [("puppy", "小狗", 0.8)])])
+        node.add_synonym("doggo", "dog")
+        node.add_synonym("puppy", "dog")  # two tags: their groups merge
+        Ledger(node.db).record([LedgerEntry("/n/a.jpg", "/n/a.xmp", "XMP-dc:Subject", "dog", False)])
+    index.merge(path)
+    assert [h.path for h in search(index, "doggo")] == ["/n/a.jpg", "/n/b.jpg"]
+    assert [h.path for h in search(index, "dog")] == ["/n/a.jpg", "/n/b.jpg"]
+    assert index.db.execute("SELECT aliases FROM tags WHERE name = 'dog'").fetchone() == ("doggo",)
+    assert [(e.target, e.value) for e in Ledger(index.db).entries("/n/a.jpg")] == [("/n/a.xmp", "dog")]
+    index.merge(path)
+    assert len(Ledger(index.db).entries("/n/a.jpg")) == 1
+
+
+def test_merge_failing_midway_leaves_the_destination_as_it_was(index, tmp_path):
+    index.record_batch([result("/n/a.jpg", [("dog", "狗", 0.9)], caption="old")])
+    index.db.execute("UPDATE photos SET tagged_at = '2024-01-01T00:00:00+00:00'")
+    source = _node(tmp_path / "node.db", [result("/n/a.jpg", [("cat", "猫", 0.9)], caption="new"),
+                                          result("/n/b.jpg", [("dog", "狗", 0.5)], caption="more")])
+    before = _state(index)
+    # A failure after the photos were written (as a full disk would): the last step's insert aborts.
+    index.db.execute("CREATE TEMP TRIGGER boom BEFORE INSERT ON main.photo_tags WHEN new.score < 0.6"
+                     " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(RamcliError, match="disk full"):
+        index.merge(source)
+    index.db.execute("DROP TRIGGER boom")
+    assert _state(index) == before and index.check() == []
+    assert _caption_hits(index, "old") == ["/n/a.jpg"] and _caption_hits(index, "more") == []
+    assert index.merge(source) == MergeCounts(added=1, updated=1)  # the connection is usable again
+
+
+def test_merge_refuses_bad_sources_with_one_line(index, tmp_path):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all" * 100)
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE photos (x)").connection.commit()
+    newer = _node(tmp_path / "newer.db", [])
+    conn = sqlite3.connect(newer)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    for source, message in [
+        (tmp_path / "missing.db", "no such file"),
+        (garbage, "not a ramcli index or is damaged"),
+        (other, "not a ramcli index"),
+        (newer, "newer than this ramcli"),
+        (index.path, "into itself"),
+        (tmp_path, "no such file"),
+    ]:
+        with pytest.raises(RamcliError, match=message) as exc:
+            index.merge(source)
+        assert "\n" not in str(exc.value)
+    assert garbage.read_bytes() == b"not sqlite at all" * 100
+    assert index.db.execute("SELECT count(*) FROM photos").fetchone() == (0,)
+
+
+def test_merge_migrates_an_older_source_in_a_temporary_copy(index, tmp_path):
+    import sqlite_utils
+
+    from ramcli.index import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    db = sqlite_utils.Database(path)
+    MIGRATIONS[0](db)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO photos (path, status, tagged_at) VALUES ('/n/x.jpg', 'tagged', '2023-01-01T00:00:00+00:00')")
+    db.execute("INSERT INTO tags (name, lemma, photo_count) VALUES ('dog', 'dog', 1)")
+    db.execute("INSERT INTO photo_tags VALUES (1, 1, 0.75)")
+    db.conn.commit()
+    db.close()
+    before = path.read_bytes()
+    assert index.merge(path) == MergeCounts(added=1)
+    assert index.photo_tags("/n/x.jpg") == [TagScore("dog", "", 0.75)] and index.lookup("/n/x.jpg").caption is None
+    assert path.read_bytes() == before  # still version 1: the migration ran on a copy
+    assert [p.name for p in index.path.parent.iterdir() if p.name.startswith(".ramcli-merge")] == []
+    assert index.check() == []

@@ -229,3 +229,54 @@ def test_fts5_syntax_in_caption_is_plain_words(capsysbinary, captioned, text):
         assert ix.db.execute("SELECT count(*) FROM photos").fetchone()[0] == 4
     if text in ('dog "', "-dog", "dog*"):  # the word dog, whatever punctuation surrounds it
         assert sorted(out.splitlines()) == [str(captioned / "2021" / "c d.jpg"), str(captioned / "a.jpg")]
+
+
+def _node_index(path, photos, tagged_at="2024-01-01T00:00:00+00:00") -> Path:
+    """An index as one node of a multi-node run writes it, tagged at `tagged_at`."""
+    with Index.open(path) as ix:
+        ix.record_batch([PhotoResult(str(p), "tagged", 4, 1, tags=[TagScore(*t) for t in tags], caption=c)
+                         for p, tags, c in photos])
+        ix.db.execute("UPDATE photos SET tagged_at = ?", [tagged_at])
+    return path
+
+
+def test_index_merge_combines_node_indexes(capsysbinary, tmp_path):
+    n1 = _node_index(tmp_path / "node1.db", [(tmp_path / "a.jpg", [("dog", "狗", 0.9)], "a dog on grass"),
+                                             (tmp_path / "b.jpg", [("cat", "猫", 0.8)], None)],
+                     tagged_at="2024-02-01T00:00:00+00:00")
+    n2 = _node_index(tmp_path / "node2.db", [(tmp_path / "c.jpg", [("dog", "狗", 0.7)], "a dog in snow"),
+                                             (tmp_path / "b.jpg", [("cat", "猫", 0.6)], None)])  # b: older than node1's
+    code, out, err = run(capsysbinary, "index", "merge", str(n1), str(n2))
+    assert code == 0, err
+    assert out.splitlines() == [f"{n1}: 2 added, 0 updated, 0 unchanged", f"{n2}: 1 added, 0 updated, 1 unchanged"]
+    assert "merged 2 indexes into" in err
+    code, out, _ = run(capsysbinary, "search", "dog", "--format", "paths")
+    assert out.splitlines() == [str(tmp_path / "a.jpg"), str(tmp_path / "c.jpg")]
+    code, out, _ = run(capsysbinary, "search", "--caption", "snow", "--format", "paths")
+    assert out.splitlines() == [str(tmp_path / "c.jpg")]
+    code, out, _ = run(capsysbinary, "search", "cat", "--format", "json")
+    assert [(d["path"], d["score"]) for d in json.loads(out)] == [(str(tmp_path / "b.jpg"), 0.8)]  # node1's, newer
+    code, out, _ = run(capsysbinary, "index", "check")
+    assert code == 0
+    code, out, _ = run(capsysbinary, "index", "merge", str(n1), str(n2))  # again: nothing new
+    assert out.splitlines() == [f"{n1}: 0 added, 0 updated, 2 unchanged", f"{n2}: 0 added, 0 updated, 2 unchanged"]
+    dest = tmp_path / "all.db"
+    code, out, _ = run(capsysbinary, "index", "merge", str(n2), "--index", str(dest))
+    assert code == 0 and out.startswith(f"{n2}: 2 added")
+    code, out, _ = run(capsysbinary, "search", "cat", "--format", "paths", "--index", str(dest))
+    assert out.splitlines() == [str(tmp_path / "b.jpg")]
+
+
+def test_index_merge_bad_source_one_line_and_nothing_merged(capsysbinary, tmp_path):
+    good = _node_index(tmp_path / "good.db", [(tmp_path / "a.jpg", [("dog", "狗", 0.9)], None)])
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"garbage" * 1000)
+    for args, message in [([str(good), str(bad)], "not a ramcli index or is damaged"),
+                          ([str(tmp_path / "none.db")], "no such file")]:
+        code, out, err = run(capsysbinary, "index", "merge", *args)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    code, _, err = run(capsysbinary, "index", "merge")
+    assert code == 2
+    code, _, _ = run(capsysbinary, "search", "dog")
+    assert code == 1  # the good source was not merged either: bad sources are refused first
+    assert bad.read_bytes() == b"garbage" * 1000

@@ -256,7 +256,7 @@ def register(app: typer.Typer) -> None:
             for source in sources:
                 counts = index.merge(source)
                 console.print(f"{source}: {counts.added} added, {counts.updated} updated, {counts.unchanged} unchanged",
-                              highlight=False, markup=False)
+                              highlight=False, markup=False, soft_wrap=True)
         err_console.print(f"merged {len(sources)} index{'es' if len(sources) != 1 else ''} into {destination}", highlight=False)
 
     app.add_typer(index_app, name="index")
