@@ -618,16 +618,9 @@ class Index:
     def _merge_ledger(self) -> None:
         """What the source's machine wrote into photos' metadata (`ramcli.ledger`), so that
         `ramcli untag` here can take it out again. A row this index has already keeps its own."""
-        from ramcli.ledger import TABLE, Ledger
+        from ramcli.ledger import Ledger
 
-        has_ledger = self.db.execute(
-            "SELECT 1 FROM merge_src.sqlite_master WHERE type = 'table' AND name = ?", [TABLE]
-        ).fetchone()
-        if not has_ledger:
-            return
-        Ledger(self.db)._table  # noqa: B018 - creates the ledger's table (its schema is the ledger's own)
-        columns = "path, target, field, value, preexisting, model_id, written_at"
-        self.db.execute(f"INSERT OR IGNORE INTO main.{TABLE} ({columns}) SELECT {columns} FROM merge_src.{TABLE}")
+        Ledger(self.db).merge_from("merge_src")
 
     # --- health ---------------------------------------------------------------------------------
 

@@ -94,6 +94,19 @@ class Ledger:
             table.create_index(["path"])
         return table
 
+    def merge_from(self, schema: str) -> None:
+        """Copy the ledger of the database ATTACHed as `schema` (another node's index, `ramcli
+        index merge`), so `untag` here can undo what that node wrote; rows this ledger already
+        has keep their own values. `schema` is an attachment name chosen by the caller."""
+        has_ledger = self.db.execute(
+            f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?", [TABLE]
+        ).fetchone()
+        if not has_ledger:
+            return
+        self._table  # noqa: B018 - creates the table on first use
+        columns = "path, target, field, value, preexisting, model_id, written_at"
+        self.db.execute(f"INSERT OR IGNORE INTO main.{TABLE} ({columns}) SELECT {columns} FROM {schema}.{TABLE}")
+
     def entries(self, path: str | os.PathLike) -> list[LedgerEntry]:
         """Every row for the photo `path` (all its targets), in insertion order."""
         return self._query("path = ?", [str(path)])
