@@ -177,7 +177,7 @@ def decode_jpegs(encoded: list[torch.Tensor], orientations: list[int], size: int
     torchvision's decoder: nvJPEG on CUDA (one batched call), libjpeg on the CPU. Then EXIF
     orientation and the antialiased bilinear resize, as `load_for_model` does with Pillow
     (equal to within a few levels: a full decode, not draft mode). A batch that fails is
-    decoded one by one so only the bad photos fail.
+    decoded one by one (`_decode_one`) so only the bad photos fail.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -186,12 +186,7 @@ def decode_jpegs(encoded: list[torch.Tensor], orientations: list[int], size: int
         try:
             images: list[torch.Tensor | str] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
-            images = []
-            for data in encoded:
-                try:
-                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError as exc:
-                    images.append(f"cannot decode JPEG ({_decoder_message(exc)})")
+            images = [_decode_one(data, device) for data in encoded]
     out: list[torch.Tensor | str] = []
     for img, orientation in zip(images, orientations):
         if isinstance(img, str):
@@ -204,9 +199,27 @@ def decode_jpegs(encoded: list[torch.Tensor], orientations: list[int], size: int
     return out
 
 
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | str:
+    """One JPEG on `device`; where the GPU decoder refuses it (a JPEG variant nvJPEG lacks, or
+    a torchvision without nvJPEG), libjpeg on the CPU. Only a file both refuse is a failure."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        error = exc
+    if device.type != "cpu":
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB).to(device)
+        except RuntimeError as exc:
+            error = exc
+    return f"cannot decode JPEG ({_decoder_message(error)})"
+
+
 def _decoder_message(exc: Exception) -> str:
     """libjpeg's / nvJPEG's own words, without torchvision's 'function, file.cpp:line, ' prefix."""
-    message = " ".join(str(exc).split())
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    message = " ".join(lines[0].split())  # CUDA errors go on with a C++ stack trace
     return (message.rsplit(", ", 1)[-1] if ".cpp:" in message else message)[:120]
 
 
