@@ -313,14 +313,16 @@ class ScoreResult:
 
 
 def score_files(model: RecognitionModel, paths: list[Path], batch_size: int = 8, device: str = "auto",
-                workers: int | None = None, precision: str = "auto") -> ScoreResult:
-    """Raw scores of every class for every decodable photo (evaluation, the data engine)."""
+                workers: int | None = None, precision: str = "auto", decode: str = "auto") -> ScoreResult:
+    """Raw scores of every class for every decodable photo (evaluation, the data engine), with
+    the same device, precision and decode defaults as `ramcli tag`, so the scores match."""
     dev = resolve_device(device)
     tagger = Tagger(model, dev, resolve_precision(dev, precision))
     done: list[Path] = []
     rows: list[np.ndarray] = []
     failures: dict[Path, str] = {}
-    for batch, scores, _ in iter_batches(list(paths), tagger, batch_size, default_workers() if workers is None else workers):
+    workers = default_workers() if workers is None else workers
+    for batch, scores, _ in iter_batches(list(paths), tagger, batch_size, workers, decode=resolve_decode(dev, decode)):
         done.extend(item.path for item in batch.items)
         rows.append(tagger.full_scores(scores))
         failures.update({f.path: f.reason for f in batch.failures})
