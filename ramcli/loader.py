@@ -84,7 +84,7 @@ class Batch:
 def decode_deferred(batch: Batch, size: int, device: torch.device) -> Batch:
     """The batch with its deferred JPEGs decoded on `device` (pixels then live there); a JPEG
     that fails to decode moves from the items to the failures."""
-    pixels = batch.pixels.to(device, non_blocking=True)
+    pixels = batch.pixels.to(device, non_blocking=True, copy=True)  # rows are filled in: never the caller's
     if not batch.deferred:
         return Batch(pixels, batch.items, batch.failures)
     decoded = decode_jpegs([d.encoded for d in batch.deferred], [d.orientation for d in batch.deferred], size, device)

@@ -127,6 +127,7 @@ def test_a_jpeg_that_fails_on_the_device_fails_alone(tmp_path):
     (raw,) = list(make_loader([bad, good], S, batch_size=2, workers=0, pin_memory=False, defer_jpeg=True))
     assert len(raw.deferred) == 2  # Pillow's header parse does not read the Huffman tables
     batch = decode_deferred(raw, S, torch.device("cpu"))
+    assert not raw.pixels.any()  # the loader's batch is left as it was
     assert [i.path for i in batch.items] == [good] and [f.path for f in batch.failures] == [bad]
     assert batch.failures[0].reason == "cannot decode JPEG (Bogus marker length)"
     assert torch.equal(batch.pixels[0], decode_deferred(raw.select([1]), S, torch.device("cpu")).pixels[0])
