@@ -170,6 +170,11 @@ _ORIENT_OPS = {
 }
 
 
+#: JPEGs decoded per call: a full-size 12 MP photo is 36 MB of pixels on the GPU, so a 128-photo
+#: batch in one call would briefly need 4.6 GB next to the model
+_DECODE_CHUNK = 32
+
+
 def decode_jpegs(encoded: list[torch.Tensor], orientations: list[int], size: int,
                  device: torch.device) -> list[torch.Tensor | str]:
     """Deferred JPEGs -> uint8 (3, size, size) on `device`, or a one-line reason per failure.
@@ -181,21 +186,23 @@ def decode_jpegs(encoded: list[torch.Tensor], orientations: list[int], size: int
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; its decode still works
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            images: list[torch.Tensor | str] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
-            images = [_decode_one(data, device) for data in encoded]
     out: list[torch.Tensor | str] = []
-    for img, orientation in zip(images, orientations):
-        if isinstance(img, str):
-            out.append(img)
-            continue
-        img = _ORIENT_OPS.get(orientation, lambda t: t)(img)
-        resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
-                                                  antialias=True, align_corners=False)
-        out.append(resized[0].round_().clamp_(0, 255).to(torch.uint8))
+    for start in range(0, len(encoded), _DECODE_CHUNK):
+        chunk = encoded[start : start + _DECODE_CHUNK]
+        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; its decode still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                images: list[torch.Tensor | str] = list(decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                images = [_decode_one(data, device) for data in chunk]
+        for img, orientation in zip(images, orientations[start : start + _DECODE_CHUNK]):
+            if isinstance(img, str):
+                out.append(img)
+                continue
+            img = _ORIENT_OPS.get(orientation, lambda t: t)(img)
+            resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
+                                                      antialias=True, align_corners=False)
+            out.append(resized[0].round_().clamp_(0, 255).to(torch.uint8))
     return out
 
 

@@ -131,3 +131,22 @@ def test_a_jpeg_that_fails_on_the_device_fails_alone(tmp_path):
     assert [i.path for i in batch.items] == [good] and [f.path for f in batch.failures] == [bad]
     assert batch.failures[0].reason == "cannot decode JPEG (Bogus marker length)"
     assert torch.equal(batch.pixels[0], decode_deferred(raw.select([1]), S, torch.device("cpu")).pixels[0])
+
+
+def test_device_decode_of_a_batch_larger_than_one_decoder_call(tmp_path):
+    """Batches are decoded in chunks (GPU memory); order and pixels survive the chunking."""
+    from images import jpeg_bytes, photo_like
+
+    from ramcli.imaging import decode_jpegs
+
+    paths = []
+    for i in range(40):
+        paths.append(tmp_path / f"{i:02d}.jpg")
+        paths[-1].write_bytes(jpeg_bytes(photo_like(24, 18, seed=i)))
+    (raw,) = list(make_loader(paths, S, batch_size=40, workers=0, pin_memory=False, defer_jpeg=True))
+    batch = decode_deferred(raw, S, torch.device("cpu"))
+    assert [i.path for i in batch.items] == paths
+    for row, path in enumerate(paths):
+        (alone,) = decode_jpegs([torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)], [1], S,
+                                torch.device("cpu"))
+        assert torch.equal(batch.pixels[row], alone)
