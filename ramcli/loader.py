@@ -61,7 +61,9 @@ class Batch:
     """Up to `batch_size` photos: stacked pixels of those that decoded, in input order.
 
     `pixels[i]` belongs to `items[i]`; `pixels` is (0, 3, S, S) when every photo failed.
-    With device decoding, the rows named in `deferred` are zeros until `decode_deferred`.
+    With device decoding, the photos named in `deferred` have no row yet (`pixels` holds the
+    others, in order) until `decode_deferred`: no placeholder pixels cross the process
+    boundary or the bus.
     """
 
     pixels: torch.Tensor
@@ -73,20 +75,25 @@ class Batch:
         """Called by the DataLoader's pin-memory thread: page-locked pixels copy to the GPU asynchronously."""
         return Batch(self.pixels.pin_memory(), self.items, self.failures, self.deferred)
 
-    def select(self, keep: list[int], failures: list[Failure] | None = None) -> Batch:
-        """The batch with only the photos at rows `keep` (in order), deferred rows renumbered."""
+    def _decoded_rows(self) -> list[int]:
+        """The item rows that `pixels` holds, in order."""
+        waiting = {d.row for d in self.deferred}
+        return [i for i in range(len(self.items)) if i not in waiting]
+
+    def select(self, keep: list[int]) -> Batch:
+        """The batch with only the photos at item rows `keep` (in order), deferred rows renumbered."""
         rows = {old: new for new, old in enumerate(keep)}
+        pixel_row = {item: k for k, item in enumerate(self._decoded_rows())}
         deferred = [d._replace(row=rows[d.row]) for d in self.deferred if d.row in rows]
-        return Batch(self.pixels[keep], [self.items[i] for i in keep],
-                     self.failures if failures is None else failures, deferred)
+        return Batch(self.pixels[[pixel_row[i] for i in keep if i in pixel_row]], [self.items[i] for i in keep],
+                     self.failures, deferred)
 
 
 def decode_deferred(batch: Batch, size: int, device: torch.device) -> Batch:
-    """The batch with its deferred JPEGs decoded on `device` (pixels then live there); a JPEG
-    that fails to decode moves from the items to the failures."""
-    pixels = batch.pixels.to(device, non_blocking=True, copy=True)  # rows are filled in: never the caller's
-    if not batch.deferred:
-        return Batch(pixels, batch.items, batch.failures)
+    """The batch with its deferred JPEGs decoded on `device` and every photo's pixels there, in
+    item order; a JPEG that fails to decode moves from the items to the failures."""
+    pixels = torch.empty((len(batch.items), 3, size, size), dtype=torch.uint8, device=device)
+    pixels[batch._decoded_rows()] = batch.pixels.to(device, non_blocking=True)
     decoded = decode_jpegs([d.encoded for d in batch.deferred], [d.orientation for d in batch.deferred], size, device)
     failures, bad = list(batch.failures), set()
     for d, result in zip(batch.deferred, decoded):
@@ -96,7 +103,7 @@ def decode_deferred(batch: Batch, size: int, device: torch.device) -> Batch:
         else:
             pixels[d.row] = result
     done = Batch(pixels, batch.items, failures)
-    return done.select([i for i in range(len(batch.items)) if i not in bad], failures) if bad else done
+    return done.select([i for i in range(len(batch.items)) if i not in bad]) if bad else done
 
 
 class PhotoDataset(Dataset):
@@ -140,8 +147,8 @@ def collate(records: list[tuple[torch.Tensor, Item] | Failure], size: int) -> Ba
         data, item = record
         if isinstance(data, Deferred):
             deferred.append(data._replace(row=len(items)))
-            data = torch.zeros((3, size, size), dtype=torch.uint8)
-        pixels.append(data)
+        else:
+            pixels.append(data)
         items.append(item)
     stacked = torch.stack(pixels) if pixels else torch.empty((0, 3, size, size), dtype=torch.uint8)
     return Batch(stacked, items, failures, deferred)
