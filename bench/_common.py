@@ -48,5 +48,13 @@ def jpegs(folder: Path, count: int, size: tuple[int, int] = (4000, 3000), qualit
     return out
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: benchmarks print them next to their numbers."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _common import load_average
 from ramcli.index import Index
 from ramcli.ledger import Ledger
 import ramcli.metadata
@@ -117,13 +118,6 @@ def load_before(ref: str):
     return module
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1000)
@@ -155,7 +149,7 @@ def main() -> None:
             return sorted(folder.glob("*.jpg"))
 
         for r in range(args.repeat):
-            print(f"repeat {r + 1}/{args.repeat}, load average {loadavg()}", flush=True)
+            print(f"repeat {r + 1}/{args.repeat}, load average {load_average()}", flush=True)
             add("exiftool process per file", args.baseline_files, per_process(fresh("a", args.baseline_files)))
             add("stay_open, 1 file per call", args.baseline_files, stay_open(fresh("b", args.baseline_files), 1))
             add(f"stay_open, {BATCH} files per call, fixed", args.files, stay_open(fresh("c"), BATCH))
@@ -168,7 +162,7 @@ def main() -> None:
             add("ramcli, one call (write)", args.files, first)
             add("ramcli re-run (no-op)", args.files, rerun)
     print(f"\nJPEG {args.size}x{args.size}, {mb:.2f} MB each, 8 tags -> dc:subject + lr:hierarchicalSubject; "
-          f"load average now {loadavg()}")
+          f"load average now {load_average()}")
     print(f"{'mode':40s} {'files':>6s} {'median':>8s}   each run (files/s)")
     for name, rates in results.items():
         each = " ".join(f"{x:6.1f}" for x in rates)

@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import load_average  # noqa: E402
 from ramcli.index import Index  # noqa: E402
 from ramcli.records import PhotoResult, TagScore  # noqa: E402
 from ramcli.search import photo_tags_by_id, search  # noqa: E402
@@ -107,13 +108,6 @@ def timed(index: Index, qs: list[str], limit: int | None) -> list[float]:
             search(index, q, limit=limit)
         times.append((time.perf_counter() - t) * 1000)
     return times
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def pct(values: list[float], q: float) -> float:

@@ -27,16 +27,12 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from _common import CACHE, checkpoint, jpegs
+from _common import CACHE, checkpoint, jpegs, load_average
 from ramcli.imaging import IMAGENET_MEAN, IMAGENET_STD, load_for_model
 from ramcli.models import load_any
 from ramcli.pipeline import Tagger, tag_files
 
 Tags = list[set[str]]
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").is_file() else "n/a"
 
 
 def baseline(model, paths: list[Path]) -> tuple[float, Tags, torch.Tensor]:

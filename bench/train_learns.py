@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import load_average
 from ramcli_train.config import resolve
 from ramcli_train.export import tagger_from_checkpoint
 from ramcli_train.loop import Runtime, build_loader, build_model, build_tokenizer, resolve_training_labels, train
@@ -72,10 +73,6 @@ def control_cnn(cfg, labels, data: Path, steps: int) -> tuple[float, float]:
         epoch += 1
     minutes = (time.perf_counter() - start) / 60
     return held_out_map(net.eval(), labels, cfg, data / "val")[0], minutes
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").is_file() else "n/a"
 
 
 def main() -> None:
