@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Summary:
     tagged: int = 0
     unchanged: int = 0
     moved: int = 0
+    removed: int = 0  # photos whose files were deleted, dropped from the index (`ramcli watch`)
     rescored: int = 0  # of the tagged: from cached embeddings, decoder only
     failed: list[tuple[str, str]] = field(default_factory=list)
     written: int = 0
@@ -93,6 +95,9 @@ class TagRun:
     cache_embeddings: bool = False
     caption: bool = False
     quiet: bool = False
+    #: Asked after each batch; True ends the run there, the batch in flight written and recorded
+    #: (`ramcli watch` stops this way on Ctrl-C or SIGTERM).
+    stop: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------------ steps
     def _discover(self) -> tuple[list[Found], Counter]:
@@ -110,99 +115,30 @@ class TagRun:
         rank = int(os.environ.get("RANK", "0"))
         return photos[rank::world] if world > 1 else photos
 
-    def execute(self, console: Console, err_console: Console) -> int:
-        """Run; returns the number of photos that failed."""
-        from ramcli.models import load_model, model_id_of
-        from ramcli.output import ResultWriter
-        from ramcli.pipeline import (
-            Tagger, default_batch_size, default_workers, read_threshold_file, resolve_device,
-            resolve_decode, resolve_precision, tag_files,
-        )
-        from ramcli.vocab import Vocabulary
+    def open_session(self, err_console: Console) -> TagSession:
+        return TagSession(self, err_console)
 
-        if self.write and not self.use_index:
-            raise UsageError("--no-index needs --no-write: the index keeps the ledger that makes `untag` exact")
+    def execute(self, console: Console, err_console: Console, session: TagSession | None = None) -> int:
+        """Run; returns the number of photos that failed. `session`: an open one to use and leave
+        open (`ramcli watch` keeps the model loaded between runs); by default the run has its own."""
+        if session is None:
+            with self.open_session(err_console) as own:
+                return self.execute(console, err_console, own)
         start = time.monotonic()
-        summary = Summary()
         photos, counts = self._discover()
         photos = self._shard(photos)
-        summary.skipped = Counter({k: v for k, v in counts.items() if k not in ("image", "raw")})
-        device = resolve_device(self.device)
-        autocast = resolve_precision(device, self.precision)
-        decode = resolve_decode(device, self.decode)
-        vocab = Vocabulary.open()
-        model_id = model_id_of(self.weights)
-
-        index = None
-        if self.use_index:
-            from ramcli.index import Index
-
-            index = Index.open(self.index_path)
-        try:
-            todo = photos
-            if index is not None and not self.force:
-                todo = [f for f in photos if index.needs_tagging(str(f.path), f.size, f.mtime_ns, model_id, vocab.version)]
-            summary.unchanged = len(photos) - len(todo)
-            if self.dry_run:
-                for f in todo:
-                    console.print(str(f.path), markup=False, highlight=False, soft_wrap=True)
-                if not self.quiet:
-                    err_console.print(f"would tag {len(todo)} photo(s); {summary.unchanged} unchanged; "
-                                      f"{describe_skipped(summary.skipped) or 'nothing skipped'}")
-                return 0
-            if not todo:
-                self._print_summary(err_console, summary, start)
-                return 0
-
-            model = load_model(self.weights, arch=self.arch, labels_dir=self.labels, device=device,
-                               on_pull=lambda p: err_console.print(
-                                   f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
-            applied = vocab.apply_to_model(model)
-            thresholds = read_threshold_file(self.threshold_file, len(model.labels)) if self.threshold_file else None
-            cache = EmbeddingCache(model.model_id) if self.cache_embeddings else None
-            captioner = self._load_captioner(model) if self.caption else None
-            tagger = Tagger(model, device, autocast, threshold=self.threshold, thresholds=thresholds,
-                            exclude=self.exclude_tags, top_k=self.top_k, cache=cache,
-                            compile=self._should_compile(device, len(todo)),
-                            captioner=captioner)
-            cached, todo = self._split_cached(todo, index, model.model_id, cache)
-            summary.rescored = len(cached)
-            writer = self._metadata_sink(index, summary, model.model_id) if self.write else None
-            sinks = [ResultWriter(self.fmt, self.output, self.lang)]
-            if writer is not None:
-                sinks.append(writer)
-            if index is not None:
-                names, names_zh, n = model.labels.names, model.labels.names_zh, model.arch.num_classes
-                index.upsert_tags(names[:n], names_zh[:n], "builtin")
-                index.upsert_tags(names[n:], names_zh[n:], "custom")  # the vocabulary's, appended
-                sinks.append(index.record_batch)
-            sinks.append(lambda results: self._count(results, summary))
-
-            skip = self._moved_skipper(index, summary) if index is not None else None
-            batch_size = self.batch_size or default_batch_size(device)
-            workers = default_workers() if self.workers is None else self.workers
-            show = not self.quiet and err_console.is_terminal
-            with Progress(TextColumn("[bold]tagging"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("{task.fields[failed]} failed"),
-                          TimeRemainingColumn(), console=err_console, disable=not show) as progress:
-                task = progress.add_task("tag", total=len(todo) + len(cached), rate=0.0, failed=0)
-
-                def advance(n: int, failed: int) -> None:
-                    elapsed = max(time.monotonic() - start, 1e-6)
-                    progress.update(task, advance=n, failed=len(summary.failed),
-                                    rate=(summary.tagged + len(summary.failed)) / elapsed)
-
-                try:
-                    self._rescore_cached(cached, tagger, sinks, applied.version, advance)
-                    tag_files([f.path for f in todo], tagger, sinks, batch_size, workers,
-                              vocab_version=applied.version, on_batch=advance, skip=skip, decode=decode)
-                finally:
-                    sinks[0].close()
-                    if writer is not None:
-                        writer.close()
-        finally:
-            if index is not None:
-                index.close()
+        summary = Summary(skipped=Counter({k: v for k, v in counts.items() if k not in ("image", "raw")}))
+        todo = session.due(photos)
+        summary.unchanged = len(photos) - len(todo)
+        if self.dry_run:
+            for f in todo:
+                console.print(str(f.path), markup=False, highlight=False, soft_wrap=True)
+            if not self.quiet:
+                err_console.print(f"would tag {len(todo)} photo(s); {summary.unchanged} unchanged; "
+                                  f"{describe_skipped(summary.skipped) or 'nothing skipped'}")
+            return 0
+        session.tag(todo, summary, start)
+        session.end_output()
         if not self.quiet:
             self._print_summary(err_console, summary, start)
         return len(summary.failed)
@@ -306,6 +242,8 @@ class TagRun:
                  f"unchanged {s.unchanged}"]
         if s.moved:
             parts.append(f"moved {s.moved}")
+        if s.removed:
+            parts.append(f"removed {s.removed}")
         if self.write:
             parts.append(f"metadata written {s.written}")
         skipped = describe_skipped(s.skipped)
@@ -318,3 +256,153 @@ class TagRun:
             err.print(f"  failed: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
         for path, reason in s.write_failed:
             err.print(f"  not written: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+
+
+class _Stopped(Exception):
+    """Raised between batches when `TagRun.stop` says so."""
+
+
+@dataclass
+class _Loaded:
+    """The model side of a session: loaded on first need, kept until the vocabulary changes."""
+
+    tagger: object  # ramcli.pipeline.Tagger
+    vocab_version: str  # of the vocabulary applied to the model
+
+
+class TagSession:
+    """What outlives one run over a list of photos: the index, the model, the ExifTool writer and
+    the output stream. `ramcli tag` runs once in a session; `ramcli watch` keeps one open and runs
+    once per group of new or changed photos, so the model is loaded once (on first need: a run
+    with nothing to tag never loads it).
+    """
+
+    def __init__(self, run: TagRun, err_console: Console):
+        from ramcli.models import model_id_of
+        from ramcli.pipeline import resolve_decode, resolve_device, resolve_precision
+        from ramcli.vocab import Vocabulary
+
+        if run.write and not run.use_index:
+            raise UsageError("--no-index needs --no-write: the index keeps the ledger that makes `untag` exact")
+        self.run, self.err = run, err_console
+        self.device = resolve_device(run.device)
+        self.autocast = resolve_precision(self.device, run.precision)
+        self.decode = resolve_decode(self.device, run.decode)
+        self.vocab = Vocabulary.open()
+        self.model_id = model_id_of(run.weights)
+        self.index = None
+        if run.use_index:
+            from ramcli.index import Index
+
+            self.index = Index.open(run.index_path)
+        self._loaded: _Loaded | None = None
+        self._output = None
+        self._metadata: MetadataSink | None = None
+
+    def __enter__(self) -> TagSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def end_output(self) -> None:
+        """Finish the results printed so far (a table or JSON array is written at its end)."""
+        if self._output is not None:
+            output, self._output = self._output, None
+            output.close()
+
+    def close(self) -> None:
+        try:
+            self.end_output()
+            if self._metadata is not None:
+                self._metadata.close()
+        finally:
+            if self.index is not None:
+                self.index.close()
+
+    def due(self, photos: list[Found]) -> list[Found]:
+        """The incremental rule: photos that are new, changed, or tagged by another model or
+        vocabulary (all of them with --force or without an index). The vocabulary is re-read, so a
+        long session follows `ramcli vocab` changes."""
+        from ramcli.vocab import Vocabulary
+
+        vocab = Vocabulary.open()
+        if vocab.version != self.vocab.version:
+            self.vocab, self._loaded = vocab, None
+        if self.index is None or self.run.force:
+            return list(photos)
+        return [f for f in photos
+                if self.index.needs_tagging(str(f.path), f.size, f.mtime_ns, self.model_id, self.vocab.version)]
+
+    def tag(self, todo: list[Found], summary: Summary, start: float) -> None:
+        """Tag `todo` batch by batch through every sink (output, metadata, index), with a progress
+        bar on a terminal; photos the index knows under a path that is gone are re-pointed."""
+        from ramcli.pipeline import default_batch_size, default_workers, tag_files
+
+        if not todo:
+            return
+        run, index = self.run, self.index
+        loaded = self._load(len(todo))
+        tagger = loaded.tagger
+        cached, todo = run._split_cached(todo, index, tagger.model.model_id, tagger.cache)
+        summary.rescored += len(cached)
+        if self._output is None:
+            from ramcli.output import ResultWriter
+
+            self._output = ResultWriter(run.fmt, run.output, run.lang)
+        sinks = [self._output]
+        if self._metadata is not None:
+            self._metadata.summary = summary
+            sinks.append(self._metadata)
+        if index is not None:
+            sinks.append(index.record_batch)
+        sinks.append(lambda results: run._count(results, summary))
+        skip = run._moved_skipper(index, summary) if index is not None else None
+        batch_size = run.batch_size or default_batch_size(self.device)
+        workers = default_workers() if run.workers is None else run.workers
+        show = not run.quiet and self.err.is_terminal
+        with Progress(TextColumn("[bold]tagging"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("{task.fields[failed]} failed"),
+                      TimeRemainingColumn(), console=self.err, disable=not show) as progress:
+            task = progress.add_task("tag", total=len(todo) + len(cached), rate=0.0, failed=0)
+
+            def advance(n: int, failed: int) -> None:
+                elapsed = max(time.monotonic() - start, 1e-6)
+                progress.update(task, advance=n, failed=len(summary.failed),
+                                rate=(summary.tagged + len(summary.failed)) / elapsed)
+                if run.stop is not None and run.stop():
+                    raise _Stopped
+
+            try:
+                run._rescore_cached(cached, tagger, sinks, loaded.vocab_version, advance)
+                tag_files([f.path for f in todo], tagger, sinks, batch_size, workers,
+                          vocab_version=loaded.vocab_version, on_batch=advance, skip=skip, decode=self.decode)
+            except _Stopped:
+                pass
+
+    def _load(self, photos: int) -> _Loaded:
+        """The model, its Tagger and the sinks that need it, once per session (and vocabulary)."""
+        if self._loaded is not None:
+            return self._loaded
+        from ramcli.models import load_model
+        from ramcli.pipeline import Tagger, read_threshold_file
+
+        run, err = self.run, self.err
+        model = load_model(run.weights, arch=run.arch, labels_dir=run.labels, device=self.device,
+                           on_pull=lambda p: err.print(
+                               f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
+        applied = self.vocab.apply_to_model(model)
+        thresholds = read_threshold_file(run.threshold_file, len(model.labels)) if run.threshold_file else None
+        cache = EmbeddingCache(model.model_id) if run.cache_embeddings else None
+        captioner = run._load_captioner(model) if run.caption else None
+        tagger = Tagger(model, self.device, self.autocast, threshold=run.threshold, thresholds=thresholds,
+                        exclude=run.exclude_tags, top_k=run.top_k, cache=cache,
+                        compile=run._should_compile(self.device, photos), captioner=captioner)
+        if run.write and self._metadata is None:
+            self._metadata = run._metadata_sink(self.index, Summary(), model.model_id)
+        if self.index is not None:
+            names, names_zh, n = model.labels.names, model.labels.names_zh, model.arch.num_classes
+            self.index.upsert_tags(names[:n], names_zh[:n], "builtin")
+            self.index.upsert_tags(names[n:], names_zh[n:], "custom")  # the vocabulary's, appended
+        self._loaded = _Loaded(tagger, applied.version)
+        return self._loaded
