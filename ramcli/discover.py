@@ -252,3 +252,20 @@ def os_reason(exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return "no such file or directory"
     return (exc.strerror or str(exc)).lower()
+
+
+def walk_reaches(root: Path, path: Path, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
+    """Whether a walk of `root` with these globs would yield the file `path` (which need not
+    exist any more): no hidden or junk name and no excluded folder on the way, not a sidecar,
+    and included. `ramcli watch` asks this of every path the OS reports."""
+    try:
+        rel = Path(path).relative_to(root)
+    except ValueError:
+        return False
+    parts = rel.parts
+    for depth, name in enumerate(parts, start=1):
+        if _is_junk(name) or _matches(name, "/".join(parts[:depth]), exclude):
+            return False
+    if not parts or parts[-1].lower().endswith(tuple(SIDECAR_SUFFIXES)):
+        return False
+    return not include or _matches(parts[-1], rel.as_posix(), include)

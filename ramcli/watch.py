@@ -1,0 +1,397 @@
+"""`ramcli watch`: photos are tagged as they arrive, by a process that keeps the model loaded.
+
+The flow, one way as everywhere else:
+
+    OS events (watchfiles, on a thread; it blocks in Rust between events)
+      -> `Settler`: each file waits until its size and mtime have stayed the same for `settle`
+         seconds (a copy in progress, a camera import); sync clients' temporary names are ignored
+      -> a pass over the settled files through the `TagSession` that `ramcli tag` uses: its
+         incremental rule, its moved-photo rule (image-data hash), its sinks and progress bar
+      -> deleted paths: their photos leave the index once the additions of the same moment were
+         matched, since a move is reported as a deletion plus an addition.
+
+The OS's labels (added, modified, deleted) are only hints: what exists when a path is looked at
+decides. A rename of a file or folder is recognised without decoding when the index holds a
+vanished photo with the new file's size and mtime (a rename keeps both); otherwise the moved-
+photo rule matches it by its image data. Metadata that ramcli itself writes comes back as
+events too; the incremental rule sees the size and mtime the index recorded after the write
+and tags nothing.
+
+On start a catch-up pass (exactly `ramcli tag` over the folders) tags what changed while the
+watcher was not running, then photos whose files vanished meanwhile leave the index; so a
+restart loses nothing and re-tags nothing. Ctrl-C or SIGTERM ends the pass after the batch in
+flight, which is written and recorded first.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from ramcli.discover import Found, discover, walk_reaches
+from ramcli.errors import RamcliError, UsageError
+from ramcli.tagrun import Summary, TagRun, TagSession
+
+#: Names that sync clients, browsers and editors give files they are still writing (the final
+#: name appears by a rename once the file is complete). Names starting with "." are ignored too:
+#: Syncthing's `.syncthing.NAME.tmp`, rsync's `.NAME.XXXXXX`, macOS's `._NAME`.
+TEMP_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".opdownload", ".tmp", ".temp", ".!sync",
+                 ".!qb", ".!ut", "~", "_exiftool_tmp")
+TEMP_PREFIXES = (".", "~$")
+
+#: watchfiles' step (ms): how often its Rust loop looks for collected events. 100 ms adds
+#: at most that to the latency and keeps an idle watcher's wake-ups at 10 a second.
+STEP_MS = 100
+#: Longest a stream of events is collected before it is handed over (ms), so a burst of copies
+#: starts to settle while the copying goes on.
+DEBOUNCE_MS = 1000
+
+
+def undecodable_folder(message: str) -> str | None:
+    """The folder of the file whose name watchfiles could not decode, from its error message
+    ('' when the folder's own name is not plain either); None for any other error."""
+    match = re.fullmatch(r'Unable to decode path "(.*)" to string', message, flags=re.DOTALL)
+    if match is None:
+        return None
+    folder = match.group(1).rpartition("/")[0]
+    return folder if folder and "\\" not in folder else ""
+
+
+def is_temporary(name: str) -> bool:
+    """A file that another program is still writing under a name it will rename when done."""
+    lower = name.lower()
+    return lower.startswith(TEMP_PREFIXES) or lower.endswith(TEMP_SUFFIXES)
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    since: float  # when this size and mtime were first seen (the settler's clock)
+
+
+class Settler:
+    """Files wait here until their size and mtime have not changed for `settle` seconds;
+    deleted paths wait as long, so that the addition half of a move is handled first."""
+
+    def __init__(self, settle: float, clock: Callable[[], float] = time.monotonic):
+        self.settle, self.clock = settle, clock
+        self.files: dict[str, _Pending] = {}
+        self.deleted: dict[str, float] = {}
+
+    def touch(self, path: str) -> None:
+        """Something happened to the file `path`: it settles again from now."""
+        self.deleted.pop(path, None)
+        try:
+            st = os.stat(path)
+        except OSError:
+            self.files.pop(path, None)
+            return
+        self.files[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock())
+
+    def delete(self, path: str) -> None:
+        self.files.pop(path, None)
+        self.deleted.setdefault(path, self.clock())
+
+    def next_due(self) -> float | None:
+        """When the next file or deletion may be ready (the settler's clock), None if none waits."""
+        times = [p.since for p in self.files.values()] + list(self.deleted.values())
+        return min(times) + self.settle if times else None
+
+    def ready(self) -> tuple[list[str], list[str]]:
+        """(files stable for `settle` seconds, deletions as old), both removed from the waiting."""
+        now = self.clock()
+        files = []
+        for path, pending in list(self.files.items()):
+            if now - pending.since < self.settle:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                del self.files[path]  # gone meanwhile: its deletion event follows
+                continue
+            if (st.st_size, st.st_mtime_ns) != (pending.size, pending.mtime_ns):
+                self.files[path] = _Pending(st.st_size, st.st_mtime_ns, now)
+                continue
+            del self.files[path]
+            files.append(path)
+        deleted = [p for p, since in self.deleted.items() if now - since >= self.settle]
+        for path in deleted:
+            del self.deleted[path]
+        return sorted(files), sorted(deleted)
+
+
+class Watcher:
+    """`ramcli watch` over `run.paths` (folders) with `run`'s model, sinks and filters."""
+
+    def __init__(self, run: TagRun, settle: float = 1.0, poll: float | None = None):
+        if run.output is not None and run.fmt != "jsonl":
+            raise UsageError("watch appends each group of results to --output: use --format jsonl with it")
+        roots = []
+        for p in run.paths:
+            if not p.is_dir():
+                raise UsageError(f"watch needs folders; not a folder: {p}")
+            roots.append(Path(os.path.realpath(p)))
+        self.run, self.roots, self.poll = run, roots, poll
+        self.settler = Settler(settle)
+        self.stopping = threading.Event()
+        self.watching = threading.Event()  # catch-up done, events are being handled (tests wait for it)
+        run.stop = self.stopping.is_set
+        self._events: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+
+    def stop(self) -> None:
+        """End after the batch in flight (what Ctrl-C and SIGTERM do)."""
+        self.stopping.set()
+
+    # ------------------------------------------------------------------ main loop
+    def serve(self, console: Console, err_console: Console, once: bool = False) -> int:
+        """Catch up, then (unless `once`) tag what arrives until stopped. Returns the number of
+        photos that failed in the catch-up pass (the exit code of `--once` follows it)."""
+        self.console, self.err = console, err_console
+        restore = self._handle_signals()
+        thread = None
+        try:
+            with self.run.open_session(err_console) as session:
+                self.session = session
+                if not once:  # events of the catch-up time are queued, not lost
+                    notify = self._open_watch()
+                    thread = threading.Thread(target=self._watch, args=(notify,), name="ramcli-watch", daemon=True)
+                    thread.start()
+                failed = self.run.execute(console, err_console, session)
+                if not self.stopping.is_set():
+                    self._catch_up_deletions()
+                if once:
+                    return failed
+                if not self.run.quiet:
+                    err_console.print(f"watching {', '.join(str(r) for r in self.roots)} (settle "
+                                      f"{self.settler.settle:g} s); Ctrl-C or SIGTERM stops after the "
+                                      "batch in flight", markup=False, highlight=False, soft_wrap=True)
+                self.watching.set()
+                self._loop()
+                return 0
+        finally:
+            self.stopping.set()
+            if thread is not None:
+                thread.join(timeout=5)
+            restore()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            due = self.settler.next_due()
+            try:
+                changes = self._events.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                changes = set()
+            if changes is None:
+                break
+            self._note(changes)
+            while True:  # whatever else is queued
+                try:
+                    more = self._events.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.stopping.set()
+                    break
+                self._note(more)
+            if self.stopping.is_set():
+                break
+            files, deleted = self.settler.ready()
+            if files or deleted:
+                self._pass(files, deleted)
+        if self._error is not None:
+            raise RamcliError(f"watching {', '.join(map(str, self.roots))} failed: {self._error}")
+
+    def _open_watch(self):
+        """The OS watches, in place on return (so nothing between them and the catch-up is
+        missed): watchfiles' Rust backend, which its docs describe for direct use."""
+        from watchfiles._rust_notify import RustNotify
+
+        try:
+            return RustNotify([str(r) for r in self.roots], False, self.poll is not None,
+                              int((self.poll or 0) * 1000), True, True)
+        except Exception as exc:  # noqa: BLE001 - inotify limits, vanished folders: one line
+            raise RamcliError(f"cannot watch {', '.join(map(str, self.roots))}: {exc}"
+                              + ("" if self.poll else " (on Linux, raise fs.inotify.max_user_watches; "
+                                 "on a network share, use --poll)")) from None
+
+    def _watch(self, notify) -> None:
+        """The event thread: watchfiles blocks in Rust until something happens or `stopping` is set."""
+        from watchfiles._rust_notify import WatchfilesRustInternalError
+
+        try:
+            while not self.stopping.is_set():
+                try:
+                    raw = notify.watch(DEBOUNCE_MS, STEP_MS, 0, self.stopping)
+                except WatchfilesRustInternalError as exc:
+                    folder = undecodable_folder(str(exc))
+                    if folder is None:
+                        raise
+                    # watchfiles stops for good at a name that is not UTF-8: watch anew, and
+                    # look at that folder with the walk, which reads any name
+                    notify.close()
+                    notify = self._open_watch()
+                    self._events.put({folder} if folder else {str(r) for r in self.roots})
+                    continue
+                if isinstance(raw, set):
+                    changes = {path for _, path in raw if self._wanted(path)}
+                    if changes:
+                        self._events.put(changes)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            self._error = exc
+        finally:
+            self._events.put(None)
+
+    def _wanted(self, path: str) -> bool:
+        """Paths under a watched folder without a temporary or hidden name on the way."""
+        root = self._root_of(path)
+        return root is not None and not any(is_temporary(part) for part in Path(path).relative_to(root).parts)
+
+    def _root_of(self, path: str) -> Path | None:
+        best = None
+        for root in self.roots:
+            if path == str(root) or path.startswith(str(root).rstrip(os.sep) + os.sep):
+                if best is None or len(str(root)) > len(str(best)):
+                    best = root
+        return best
+
+    def _note(self, changes: Iterable[str]) -> None:
+        """Events are hints: what is there now decides between an addition and a deletion."""
+        for path in sorted(changes):
+            root = self._root_of(path)
+            if root is None:
+                continue
+            if os.path.isdir(path):  # created, moved in, or to be looked at again: every file in it
+                for found in discover([Path(path)]):
+                    if walk_reaches(root, found.path, self.run.include, self.run.exclude):
+                        self.settler.touch(str(found.path))
+                if self.session.index is not None:
+                    for record in self.session.index.iter_photos(under=Path(path)):
+                        if not os.path.lexists(record.path):
+                            self.settler.delete(record.path)
+            elif os.path.lexists(path):
+                if walk_reaches(root, Path(path), self.run.include, self.run.exclude):
+                    self.settler.touch(path)
+            else:
+                self.settler.delete(path)
+
+    # ------------------------------------------------------------------ one pass
+    def _pass(self, files: list[str], deleted: list[str]) -> None:
+        """Tag the settled files, re-point renamed ones, then forget the deleted ones."""
+        start = time.monotonic()
+        summary = Summary()
+        found = [f for p in files for f in discover([Path(p)])]
+        photos = [f for f in found if f.kind in ("image", "raw")]
+        summary.skipped = Counter(f.kind for f in found if f.kind not in ("image", "raw"))
+        if self.session.index is not None:
+            photos = self._renamed(photos, deleted, summary)
+        todo = self.session.due(photos)
+        summary.unchanged = len(photos) - len(todo)
+        self.session.tag(todo, summary, start)
+        self.session.end_output()
+        if deleted and self.session.index is not None:
+            self._forget(deleted, summary)
+        if not self.run.quiet and (summary.tagged or summary.moved or summary.removed or summary.failed
+                                   or summary.write_failed or summary.skipped):
+            self.run._print_summary(self.err, summary, start)
+
+    def _vanished(self, paths: Iterable[str]) -> list:
+        """Index records at or under these paths whose files are gone."""
+        index, out, seen = self.session.index, [], set()
+        for path in paths:
+            if os.path.lexists(path):
+                continue
+            record = index.lookup(path)
+            for r in ([record] if record else []) + list(index.iter_photos(under=Path(path))):
+                if r.path not in seen and not os.path.lexists(r.path):
+                    seen.add(r.path)
+                    out.append(r)
+        return out
+
+    def _renamed(self, photos: list[Found], deleted: list[str], summary: Summary) -> list[Found]:
+        """Re-point photos that were renamed or moved with their folder: a vanished record with
+        the new file's size and mtime (a rename keeps both), unambiguous by name if need be.
+        Returns the photos left for the incremental rule."""
+        index = self.session.index
+        by_stat = defaultdict(list)
+        for r in self._vanished(deleted):
+            if r.status == "tagged":
+                by_stat[(r.size, r.mtime_ns)].append(r)
+        if not by_stat:
+            return photos
+        rest = []
+        for f in photos:
+            candidates = by_stat.get((f.size, f.mtime_ns), [])
+            if len(candidates) > 1:
+                candidates = [r for r in candidates if os.path.basename(r.path) == f.path.name]
+            if len(candidates) == 1 and index.lookup(str(f.path)) is None:
+                old = candidates[0]
+                index.move(old.path, str(f.path), f.size, f.mtime_ns)
+                by_stat[(f.size, f.mtime_ns)].remove(old)
+                summary.moved += 1
+            else:
+                rest.append(f)
+        return rest
+
+    def _forget(self, deleted: list[str], summary: Summary) -> None:
+        """Drop the photos of deleted paths from the index. Their write-ledger rows stay while
+        the file they describe exists (a RAW's sidecar outlives its photo) and go with it."""
+        from ramcli.ledger import Ledger
+
+        gone = {r.path for r in self._vanished(deleted)}
+        if gone:
+            forgotten = self.session.index.prune(exists=lambda p: p not in gone or os.path.lexists(p))
+            summary.removed += len(forgotten)
+        photos = gone | {p for p in deleted if not os.path.lexists(p)}
+        photos |= {p[:-4] for p in photos if p.lower().endswith(".xmp")}  # a deleted IMG.CR2.xmp
+        ledger = Ledger(self.session.index.db)
+        stale = [e for entries in ledger.entries_of(sorted(photos)).values() for e in entries
+                 if not os.path.lexists(e.target) and self.session.index.lookup(e.path) is None]
+        ledger.forget(stale)
+
+    def _catch_up_deletions(self) -> None:
+        """After the catch-up pass: photos under the folders whose files vanished while the
+        watcher was not running. A folder that is empty now (an unmounted share, a disk not
+        plugged in) is left alone: its photos are more likely away than deleted."""
+        if self.session.index is None:
+            return
+        present = []
+        for root in self.roots:
+            with os.scandir(root) as entries:
+                if any(entries):
+                    present.append(str(root))
+        summary = Summary()
+        self._forget(present, summary)
+        if summary.removed and not self.run.quiet:
+            self.err.print(f"removed {summary.removed} photo(s) whose files were deleted", highlight=False)
+
+    # ------------------------------------------------------------------ signals
+    def _handle_signals(self) -> Callable[[], None]:
+        """Ctrl-C and SIGTERM: stop after the batch in flight; a second Ctrl-C stops at once.
+        Only the main thread can take signals (tests run the watcher elsewhere and call stop)."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        pid = os.getpid()
+
+        def handler(signum, frame):
+            if os.getpid() != pid:  # a forked decode worker: the main process decides
+                return
+            if self.stopping.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stopping.set()
+            if not self.run.quiet:
+                self.err.print("stopping after the batch in flight (Ctrl-C again to stop now)", highlight=False)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]

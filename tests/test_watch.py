@@ -1,0 +1,378 @@
+"""`ramcli watch`: settling, temporary names, and the watcher end to end (real ExifTool, tiny
+random-weight checkpoints), started as a process and stopped by signals as a service would be."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import run_cli
+from ckpt_factory import make_labels_dir, make_official_checkpoint
+from images import photo_like
+from media import read_tags
+from ramcli.cli.app import app
+from ramcli.discover import walk_reaches
+from ramcli.tagrun import TagRun
+from ramcli.watch import Settler, Watcher, is_temporary, undecodable_folder
+
+N = 30
+
+
+# ------------------------------------------------------------------ the parts
+
+
+@pytest.mark.parametrize("name", ["IMG_1.jpg.part", "IMG_1.JPG.crdownload", "x.jpg.tmp", "~$draft.jpg",
+                                  ".syncthing.IMG_1.jpg.tmp", "IMG_1.jpg.!sync", ".IMG_1.jpg.Xa81c",
+                                  "IMG_1.jpg_exiftool_tmp", "IMG_1.jpg.partial", "IMG_1.jpg.download"])
+def test_temporary_names_are_recognised(name):
+    assert is_temporary(name)
+
+
+@pytest.mark.parametrize("name", ["IMG_1.jpg", "party.jpg", "tmp.jpg", "2023~summer.png", "temple.heic"])
+def test_photo_names_are_not_temporary(name):
+    assert not is_temporary(name)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_settler_waits_until_size_and_mtime_stay_the_same(tmp_path):
+    clock = Clock()
+    settler = Settler(1.0, clock)
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"half")
+    settler.touch(str(photo))
+    assert settler.next_due() == pytest.approx(101.0)
+    clock.now = 100.9
+    assert settler.ready() == ([], [])
+    with open(photo, "ab") as fh:  # the copy goes on: no event seen yet, but the size changed
+        fh.write(b" and the rest")
+    clock.now = 101.0
+    assert settler.ready() == ([], [])  # restarted, not ready
+    clock.now = 101.9
+    assert settler.ready() == ([], [])
+    clock.now = 102.0
+    assert settler.ready() == ([str(photo)], [])
+    assert settler.next_due() is None
+    # an mtime change alone (same size) also restarts the wait
+    settler.touch(str(photo))
+    st = photo.stat()
+    os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    clock.now = 103.5
+    assert settler.ready() == ([], [])
+    clock.now = 104.5
+    assert settler.ready() == ([str(photo)], [])
+
+
+def test_settler_deletions_wait_and_a_file_that_vanishes_is_dropped(tmp_path):
+    clock = Clock()
+    settler = Settler(0.5, clock)
+    photo = tmp_path / "b.jpg"
+    photo.write_bytes(b"x")
+    settler.touch(str(photo))
+    photo.unlink()
+    settler.delete(str(photo))
+    assert settler.files == {}
+    clock.now = 100.4
+    assert settler.ready() == ([], [])
+    clock.now = 100.5
+    assert settler.ready() == ([], [str(photo)])
+    # deleted, then there again (restored, or written anew): an addition, not a deletion
+    settler.delete(str(photo))
+    photo.write_bytes(b"y")
+    settler.touch(str(photo))
+    clock.now = 101.0
+    assert settler.ready() == ([str(photo)], [])
+
+
+def test_walk_reaches_follows_the_walks_rules(tmp_path):
+    root = tmp_path / "lib"
+    assert walk_reaches(root, root / "2023" / "a.jpg")
+    assert not walk_reaches(root, tmp_path / "other" / "a.jpg")
+    assert not walk_reaches(root, root / ".hidden" / "a.jpg")
+    assert not walk_reaches(root, root / "@eaDir" / "a.jpg")
+    assert not walk_reaches(root, root / "a.jpg.xmp")
+    assert not walk_reaches(root, root / "drafts" / "a.jpg", exclude=["drafts"])
+    assert not walk_reaches(root, root / "2023" / "drafts" / "a.jpg", exclude=["2023/drafts"])
+    assert walk_reaches(root, root / "2023" / "a.jpg", include=["*.jpg"])
+    assert not walk_reaches(root, root / "2023" / "a.png", include=["*.jpg"])
+
+
+def test_undecodable_folder_from_watchfiles_error():
+    assert undecodable_folder('Unable to decode path "/lib/2023/bad\\xFF.jpg" to string') == "/lib/2023"
+    assert undecodable_folder('Unable to decode path "/lib/b\\xFFd/x.jpg" to string') == ""
+    assert undecodable_folder("error in underlying watcher: No space left on device") is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux file system's")
+def test_a_name_that_is_not_utf8_does_not_stop_the_watch(tmp_path):
+    """watchfiles gives up for good on such a name; the watcher watches anew and looks at the folder."""
+    lib = tmp_path / "lib"
+    (lib / "sub").mkdir(parents=True)
+    watcher = Watcher(TagRun(paths=[lib], write=False), settle=0.1)
+    notify = watcher._open_watch()
+    thread = threading.Thread(target=watcher._watch, args=(notify,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        with open(os.fsencode(lib / "sub") + b"/bad\xff.jpg", "wb") as fh:
+            fh.write(b"x")
+        assert watcher._events.get(timeout=20) == {str(lib / "sub")}
+        time.sleep(0.3)
+        (lib / "good.jpg").write_bytes(b"y")
+        seen = set()
+        deadline = time.monotonic() + 20
+        while str(lib / "good.jpg") not in seen and time.monotonic() < deadline:
+            seen |= watcher._events.get(timeout=20)
+        assert str(lib / "good.jpg") in seen
+    finally:
+        watcher.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive() and watcher._error is None
+
+
+def test_usage_errors(tmp_path, capsys):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    assert run_cli(["watch", str(tmp_path / "a.jpg"), "--no-write"]) == 2
+    assert "watch needs folders" in capsys.readouterr().err
+    assert run_cli(["watch", str(tmp_path), "-f", "csv", "-o", str(tmp_path / "out.csv")]) == 2
+    assert "--format jsonl" in capsys.readouterr().err
+    assert run_cli(["watch", str(tmp_path), "--force"]) == 2  # re-tagging its own writes would never end
+    assert "No such option" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    return (make_official_checkpoint(root / "ram_tiny.pth", "ram_tiny", num_classes=N),
+            make_labels_dir(root, N))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Photos to copy in (made once: the tests copy them, as a user would)."""
+    folder = tmp_path_factory.mktemp("sources")
+    for i in range(40):
+        photo_like(320, 240, seed=i).save(folder / f"p{i:03d}.jpg", quality=85)
+    return folder
+
+
+class WatchProcess:
+    """`ramcli watch` as a service runs it: a process, its stdout (JSONL) and stderr (the log)."""
+
+    def __init__(self, lib: Path, home: Path, model_files, *extra: str, settle: float = 1.0):
+        weights, labels = model_files
+        args = [sys.executable, "-m", "ramcli", "watch", str(lib), "--weights", str(weights), "--labels",
+                str(labels), "--workers", "0", "-f", "jsonl", "--settle", str(settle), *extra]
+        self.proc = subprocess.Popen(args, env={**os.environ, "RAMCLI_HOME": str(home)}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.out: list[dict] = []
+        self.err: list[str] = []
+        self._lines: queue.Queue = queue.Queue()
+        self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),
+                         threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream, is_out: bool) -> None:
+        for line in stream:
+            if is_out and line.startswith("{"):
+                self.out.append(json.loads(line))
+            elif not is_out:
+                self.err.append(line.rstrip("\n"))
+
+    def wait_watching(self, timeout: float = 300) -> None:
+        wait_for(lambda: any(line.startswith("watching ") for line in self.err) or self.proc.poll() is not None,
+                 timeout, "the watcher to start")
+        assert self.proc.poll() is None, "\n".join(self.err)
+
+    def tagged(self, path: Path) -> list[dict]:
+        return [r for r in self.out if r["path"] == str(path)]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 120) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        for t in self._readers:
+            t.join(timeout=10)
+        return rc
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def rows(home: Path) -> dict[str, tuple]:
+    """path -> (status, size, mtime_ns) of every photo in the index."""
+    db = home / "index.db"
+    if not db.exists():
+        return {}
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        return {p: (s, size, m) for p, s, size, m in con.execute("select path, status, size, mtime_ns from photos")}
+
+
+def ledger_paths(home: Path) -> set[str]:
+    with sqlite3.connect(f"file:{home / 'index.db'}?mode=ro", uri=True, timeout=30) as con:
+        return {p for (p,) in con.execute("select distinct path from metadata_ledger")}
+
+
+def index_tags(home: Path, path: Path) -> set[str]:
+    with sqlite3.connect(f"file:{home / 'index.db'}?mode=ro", uri=True, timeout=30) as con:
+        return {n for (n,) in con.execute(
+            "select t.name from photo_tags pt join tags t on t.id = pt.tag_id join photos p on p.id = pt.photo_id"
+            " where p.path = ?", [str(path)])}
+
+
+def search(home: Path, term: str) -> set[str]:
+    res = CliRunner().invoke(app, ["search", term, "--format", "paths"], env={"RAMCLI_HOME": str(home)})
+    assert res.exit_code == 0, res.output
+    return {line for line in res.stdout.splitlines() if line.strip()}
+
+
+def assert_tagged_everywhere(home: Path, path: Path) -> None:
+    """In the index with its tags, in the file's XMP with the same ones, and found by search."""
+    tags = index_tags(home, path)
+    assert tags, f"{path} has no tags in the index"
+    assert set(read_tags(path, "XMP-dc:Subject").get("XMP-dc:Subject", [])) == tags
+    assert str(path) in search(home, sorted(tags)[0])
+
+
+def copy_slowly(src: Path, dst: Path, chunks: int, pause: float) -> None:
+    data = src.read_bytes()
+    step = len(data) // chunks + 1
+    with open(dst, "wb") as fh:
+        for i in range(0, len(data), step):
+            fh.write(data[i:i + step])
+            fh.flush()
+            time.sleep(pause)
+
+
+@pytest.mark.slow
+def test_watch_tags_arrivals_follows_moves_and_deletions_and_restarts(model_files, sources, tmp_path):
+    lib, home = tmp_path / "lib", tmp_path / "home"
+    lib.mkdir()
+    shutil.copy2(sources / "p000.jpg", lib / "before.jpg")  # there before the watcher starts
+    w = WatchProcess(lib, home, model_files)
+    w.wait_watching()
+    assert rows(home)[str(lib / "before.jpg")][0] == "tagged"  # the catch-up pass
+    assert_tagged_everywhere(home, lib / "before.jpg")
+
+    # photos arriving one at a time
+    for name, src in (("one.jpg", "p001.jpg"), ("two.jpg", "p002.jpg")):
+        shutil.copy(sources / src, lib / name)
+        wait_for(lambda: str(lib / name) in rows(home), 120, name)
+        assert_tagged_everywhere(home, lib / name)
+
+    # a burst: tagged in batches (more than one photo per pass), each photo once
+    shutil.copytree(sources, lib / "burst", ignore=shutil.ignore_patterns("p00[0-2].jpg", "p03*"))
+    burst = sorted((lib / "burst").iterdir())
+    wait_for(lambda: all(str(p) in rows(home) for p in burst), 300, "the burst")
+    assert all(len(w.tagged(p)) == 1 for p in burst)
+    passes = [int(m.group(1)) for line in w.err if (m := re.match(r"tagged (\d+)", line))]
+    assert max(passes) > 1, w.err
+    assert_tagged_everywhere(home, burst[0])
+
+    # a slow copy (pauses shorter than the settle time) and a sync client's temporary name
+    copy_slowly(sources / "p030.jpg", lib / "slow.jpg", chunks=8, pause=0.15)
+    copy_slowly(sources / "p031.jpg", lib / "synced.jpg.part", chunks=3, pause=1.5)
+    assert str(lib / "synced.jpg.part") not in rows(home)
+    os.rename(lib / "synced.jpg.part", lib / "synced.jpg")
+    wait_for(lambda: str(lib / "slow.jpg") in rows(home) and str(lib / "synced.jpg") in rows(home), 120,
+             "the slow and the synced photo")
+    for name in ("slow.jpg", "synced.jpg"):
+        assert [r.get("status", "tagged") for r in w.tagged(lib / name)] == ["tagged"], "tagged half written"
+        assert_tagged_everywhere(home, lib / name)
+    assert not any(".part" in p for p in rows(home))
+
+    # a move into a new folder: the index follows, nothing is re-tagged, the ledger moves along
+    lines = len(w.out)
+    tags_before = index_tags(home, lib / "one.jpg")
+    (lib / "2024").mkdir()
+    os.rename(lib / "one.jpg", lib / "2024" / "moved.jpg")
+    wait_for(lambda: str(lib / "2024" / "moved.jpg") in rows(home) and str(lib / "one.jpg") not in rows(home),
+             120, "the move")
+    assert index_tags(home, lib / "2024" / "moved.jpg") == tags_before
+    assert str(lib / "2024" / "moved.jpg") in ledger_paths(home) and str(lib / "one.jpg") not in ledger_paths(home)
+    assert_tagged_everywhere(home, lib / "2024" / "moved.jpg")
+
+    # a folder renamed: every photo in it is re-pointed, none re-tagged
+    os.rename(lib / "burst", lib / "summer")
+    renamed = [lib / "summer" / p.name for p in burst]
+    wait_for(lambda: all(str(p) in rows(home) for p in renamed) and not any(str(p) in rows(home) for p in burst),
+             120, "the folder rename")
+    assert len(w.out) == lines, "a move re-tagged photos"
+    assert_tagged_everywhere(home, renamed[0])
+
+    # a deletion: gone from the index, from search and (the file being gone) from the ledger
+    os.remove(lib / "two.jpg")
+    wait_for(lambda: str(lib / "two.jpg") not in rows(home), 120, "the deletion")
+    assert str(lib / "two.jpg") not in ledger_paths(home)
+    assert str(lib / "two.jpg") not in search(home, sorted(index_tags(home, lib / "before.jpg"))[0])
+    assert any(line.startswith("tagged 0") and "removed 1" in line for line in w.err), w.err
+
+    assert w.stop(signal.SIGTERM) == 0
+    assert not any("Traceback" in line or "error" in line for line in w.err), w.err
+
+    # while it is stopped: a new photo, a renamed one, a deleted one
+    shutil.copy(sources / "p032.jpg", lib / "while-away.jpg")
+    os.rename(renamed[0], lib / "summer" / "renamed-away.jpg")
+    os.remove(renamed[1])
+    again = WatchProcess(lib, home, model_files)
+    again.wait_watching()
+    assert [r["path"] for r in again.out] == [str(lib / "while-away.jpg")]  # the rest is not re-tagged
+    index = rows(home)
+    assert str(lib / "summer" / "renamed-away.jpg") in index and str(renamed[0]) not in index
+    assert str(renamed[1]) not in index
+    assert_tagged_everywhere(home, lib / "while-away.jpg")
+    assert again.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_batch_in_flight_and_once_catches_up(model_files, sources, tmp_path):
+    lib, home = tmp_path / "lib", tmp_path / "home"
+    lib.mkdir()
+    w = WatchProcess(lib, home, model_files, "--batch-size", "1", settle=0.5)
+    w.wait_watching()
+    photos = sorted(sources.iterdir())
+    for p in photos:
+        shutil.copy(p, lib / p.name)
+    wait_for(lambda: sum(s == "tagged" for s, *_ in rows(home).values()) >= 3, 300, "the first photos")
+    assert w.stop(signal.SIGINT) == 0
+    done = rows(home)
+    assert 0 < len(done) < len(photos), "the watcher was not stopped in the middle of the burst"
+    assert sorted(r["path"] for r in w.out) == sorted(done)  # every batch printed was recorded, and back
+    assert any(line.startswith("stopping after the batch in flight") for line in w.err)
+
+    weights, labels = model_files
+    res = subprocess.run([sys.executable, "-m", "ramcli", "watch", str(lib), "--once", "--weights", str(weights),
+                          "--labels", str(labels), "--workers", "0", "-f", "jsonl"],
+                         env={**os.environ, "RAMCLI_HOME": str(home)}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rest = [json.loads(line)["path"] for line in res.stdout.splitlines() if line.startswith("{")]
+    assert sorted(rest) == sorted(str(lib / p.name) for p in photos if str(lib / p.name) not in done)
+    assert len(rows(home)) == len(photos)
+    assert "watching" not in res.stderr
