@@ -82,7 +82,8 @@ class _Pending:
 
 class Settler:
     """Files wait here until their size and mtime have not changed for `settle` seconds;
-    deleted paths wait as long, so that the addition half of a move is handled first."""
+    deleted paths wait as long and for the files noted with them, so that the addition half of
+    a move is handled first."""
 
     def __init__(self, settle: float, clock: Callable[[], float] = time.monotonic):
         self.settle, self.clock = settle, clock
@@ -125,7 +126,10 @@ class Settler:
                 continue
             del self.files[path]
             files.append(path)
-        deleted = [p for p, since in self.deleted.items() if now - since >= self.settle]
+        # A deletion waits for the files that were waiting when it was due: the addition half
+        # of a move is noted a moment after it. A file that keeps changing stops holding it up.
+        held_until = min((p.since for p in self.files.values()), default=float("inf"))
+        deleted = [p for p, since in self.deleted.items() if now - since >= self.settle and held_until > since + self.settle]
         for path in deleted:
             del self.deleted[path]
         return sorted(files), sorted(deleted)
@@ -145,7 +149,6 @@ class Watcher:
         self.run, self.roots, self.poll = run, roots, poll
         self.settler = Settler(settle)
         self.stopping = threading.Event()
-        self.watching = threading.Event()  # catch-up done, events are being handled (tests wait for it)
         run.stop = self.stopping.is_set
         self._events: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
@@ -158,7 +161,7 @@ class Watcher:
     def serve(self, console: Console, err_console: Console, once: bool = False) -> int:
         """Catch up, then (unless `once`) tag what arrives until stopped. Returns the number of
         photos that failed in the catch-up pass (the exit code of `--once` follows it)."""
-        self.console, self.err = console, err_console
+        self.err = err_console
         restore = self._handle_signals()
         thread = None
         try:
@@ -171,13 +174,12 @@ class Watcher:
                 failed = self.run.execute(console, err_console, session)
                 if not self.stopping.is_set():
                     self._catch_up_deletions()
-                if once:
+                if once or self.stopping.is_set():
                     return failed
                 if not self.run.quiet:
                     err_console.print(f"watching {', '.join(str(r) for r in self.roots)} (settle "
                                       f"{self.settler.settle:g} s); Ctrl-C or SIGTERM stops after the "
                                       "batch in flight", markup=False, highlight=False, soft_wrap=True)
-                self.watching.set()
                 self._loop()
                 return 0
         finally:
@@ -251,6 +253,7 @@ class Watcher:
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self._error = exc
         finally:
+            notify.close()
             self._events.put(None)
 
     def _wanted(self, path: str) -> bool:
@@ -310,10 +313,10 @@ class Watcher:
         """Index records at or under these paths whose files are gone."""
         index, out, seen = self.session.index, [], set()
         for path in paths:
-            if os.path.lexists(path):
-                continue
-            record = index.lookup(path)
-            for r in ([record] if record else []) + list(index.iter_photos(under=Path(path))):
+            records = list(index.iter_photos(under=Path(path)))
+            if not os.path.lexists(path):
+                records += [r for r in [index.lookup(path)] if r is not None]
+            for r in records:
                 if r.path not in seen and not os.path.lexists(r.path):
                     seen.add(r.path)
                     out.append(r)

@@ -103,6 +103,34 @@ def test_settler_deletions_wait_and_a_file_that_vanishes_is_dropped(tmp_path):
     assert settler.ready() == ([str(photo)], [])
 
 
+def test_settler_a_deletion_waits_for_the_files_noted_with_it(tmp_path):
+    """A folder renamed: the old name is noted as deleted a moment before the files under the new
+    one; both must come out together, or the move would look like a deletion and an addition."""
+    clock = Clock()
+    settler = Settler(1.0, clock)
+    settler.delete(str(tmp_path / "old"))
+    clock.now = 100.01
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "a.jpg").write_bytes(b"x")
+    settler.touch(str(tmp_path / "new" / "a.jpg"))
+    clock.now = 101.0
+    assert settler.ready() == ([], [])
+    clock.now = 101.01
+    assert settler.ready() == ([str(tmp_path / "new" / "a.jpg")], [str(tmp_path / "old")])
+    # a file that keeps changing does not hold a deletion up for ever
+    settler.delete(str(tmp_path / "gone.jpg"))
+    busy = tmp_path / "busy.log"
+    out = []
+    for step in range(1, 5):
+        busy.write_bytes(b"x" * step)
+        clock.now = 101.01 + 0.6 * step
+        settler.touch(str(busy))
+        files, deleted = settler.ready()
+        assert files == []
+        out += [(clock.now, d) for d in deleted]
+    assert out == [(pytest.approx(102.21), str(tmp_path / "gone.jpg"))]
+
+
 def test_walk_reaches_follows_the_walks_rules(tmp_path):
     root = tmp_path / "lib"
     assert walk_reaches(root, root / "2023" / "a.jpg")
@@ -324,7 +352,7 @@ def test_watch_tags_arrivals_follows_moves_and_deletions_and_restarts(model_file
     renamed = [lib / "summer" / p.name for p in burst]
     wait_for(lambda: all(str(p) in rows(home) for p in renamed) and not any(str(p) in rows(home) for p in burst),
              120, "the folder rename")
-    assert len(w.out) == lines, "a move re-tagged photos"
+    assert len(w.out) == lines, "a move re-tagged photos:\n" + "\n".join(w.err + [r["path"] for r in w.out[lines:]])
     assert_tagged_everywhere(home, renamed[0])
 
     # a deletion: gone from the index, from search and (the file being gone) from the ledger
