@@ -258,6 +258,12 @@ class TagRun:
             err.print(f"  not written: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
 
 
+#: Jobs of up to this many photos are decoded in-process: starting the decode worker processes
+#: takes longer than decoding them (measured with `ramcli watch`, one 12 MP JPEG per job: 4-8 s
+#: per job with 2 workers on the busy 2-core machine, 0.25 s in-process).
+IN_PROCESS_UP_TO = 8
+
+
 class _Stopped(Exception):
     """Raised between batches when `TagRun.stop` says so."""
 
@@ -342,7 +348,7 @@ class TagSession:
         if not todo:
             return
         run, index = self.run, self.index
-        loaded = self._load(len(todo))
+        loaded = self.load(len(todo))
         tagger = loaded.tagger
         cached, todo = run._split_cached(todo, index, tagger.model.model_id, tagger.cache)
         summary.rescored += len(cached)
@@ -359,7 +365,9 @@ class TagSession:
         sinks.append(lambda results: run._count(results, summary))
         skip = run._moved_skipper(index, summary) if index is not None else None
         batch_size = run.batch_size or default_batch_size(self.device)
-        workers = default_workers() if run.workers is None else run.workers
+        workers = run.workers
+        if workers is None:
+            workers = 0 if len(todo) <= IN_PROCESS_UP_TO else default_workers()
         show = not run.quiet and self.err.is_terminal
         with Progress(TextColumn("[bold]tagging"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("{task.fields[failed]} failed"),
@@ -380,8 +388,10 @@ class TagSession:
             except _Stopped:
                 pass
 
-    def _load(self, photos: int) -> _Loaded:
-        """The model, its Tagger and the sinks that need it, once per session (and vocabulary)."""
+    def load(self, photos: int = 0) -> _Loaded:
+        """The model, its Tagger and the sinks that need it, once per session (and vocabulary);
+        `photos`, the size of the first job, decides on compiling. `ramcli watch` calls it before
+        the first photo arrives."""
         if self._loaded is not None:
             return self._loaded
         from ramcli.models import load_model

@@ -176,6 +176,7 @@ class Watcher:
                     self._catch_up_deletions()
                 if once or self.stopping.is_set():
                     return failed
+                session.load()  # now, not when the first photo arrives
                 if not self.run.quiet:
                     err_console.print(f"watching {', '.join(str(r) for r in self.roots)} (settle "
                                       f"{self.settler.settle:g} s); Ctrl-C or SIGTERM stops after the "
