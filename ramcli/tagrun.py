@@ -3,6 +3,9 @@
 Order matters for resumability: each batch is recorded in the index in one transaction after
 its results were printed and written into the files, so a run killed at any moment resumes with
 the photos of the batch in flight and nothing else.
+
+A `TagSession` holds what outlives one run (the index, the loaded model, ExifTool, the output):
+`ramcli tag` runs once in it, `ramcli watch` once per group of photos that arrive.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ class TagRun:
         return photos[rank::world] if world > 1 else photos
 
     def open_session(self, err_console: Console) -> TagSession:
+        """The index, model and sinks for one or more runs with these options (a context manager)."""
         return TagSession(self, err_console)
 
     def execute(self, console: Console, err_console: Console, session: TagSession | None = None) -> int:

@@ -139,6 +139,8 @@ class Watcher:
     """`ramcli watch` over `run.paths` (folders) with `run`'s model, sinks and filters."""
 
     def __init__(self, run: TagRun, settle: float = 1.0, poll: float | None = None):
+        if not run.use_index:
+            raise UsageError("watch keeps its state in the index: it cannot run without one")
         if run.output is not None and run.fmt != "jsonl":
             raise UsageError("watch appends each group of results to --output: use --format jsonl with it")
         roots = []
@@ -280,10 +282,9 @@ class Watcher:
                 for found in discover([Path(path)]):
                     if walk_reaches(root, found.path, self.run.include, self.run.exclude):
                         self.settler.touch(str(found.path))
-                if self.session.index is not None:
-                    for record in self.session.index.iter_photos(under=Path(path)):
-                        if not os.path.lexists(record.path):
-                            self.settler.delete(record.path)
+                for record in self.session.index.iter_photos(under=Path(path)):
+                    if not os.path.lexists(record.path):
+                        self.settler.delete(record.path)
             elif os.path.lexists(path):
                 if walk_reaches(root, Path(path), self.run.include, self.run.exclude):
                     self.settler.touch(path)
@@ -298,13 +299,12 @@ class Watcher:
         found = [f for p in files for f in discover([Path(p)])]
         photos = [f for f in found if f.kind in ("image", "raw")]
         summary.skipped = Counter(f.kind for f in found if f.kind not in ("image", "raw"))
-        if self.session.index is not None:
-            photos = self._renamed(photos, deleted, summary)
+        photos = self._renamed(photos, deleted, summary)
         todo = self.session.due(photos)
         summary.unchanged = len(photos) - len(todo)
         self.session.tag(todo, summary, start)
         self.session.end_output()
-        if deleted and self.session.index is not None:
+        if deleted:
             self._forget(deleted, summary)
         if not self.run.quiet and (summary.tagged or summary.moved or summary.removed or summary.failed
                                    or summary.write_failed or summary.skipped):
@@ -368,8 +368,6 @@ class Watcher:
         """After the catch-up pass: photos under the folders whose files vanished while the
         watcher was not running. A folder that is empty now (an unmounted share, a disk not
         plugged in) is left alone: its photos are more likely away than deleted."""
-        if self.session.index is None:
-            return
         present = []
         for root in self.roots:
             with os.scandir(root) as entries:

@@ -380,7 +380,7 @@ def test_watch_tags_arrivals_follows_moves_and_deletions_and_restarts(model_file
 
 
 @pytest.mark.slow
-def test_ctrl_c_finishes_the_batch_in_flight_and_once_catches_up(model_files, sources, tmp_path):
+def test_ctrl_c_finishes_the_batch_kill_9_loses_at_most_it_and_once_catches_up(model_files, sources, tmp_path):
     lib, home = tmp_path / "lib", tmp_path / "home"
     lib.mkdir()
     w = WatchProcess(lib, home, model_files, "--batch-size", "1", settle=0.5)
@@ -395,12 +395,22 @@ def test_ctrl_c_finishes_the_batch_in_flight_and_once_catches_up(model_files, so
     assert sorted(r["path"] for r in w.out) == sorted(done)  # every batch printed was recorded, and back
     assert any(line.startswith("stopping after the batch in flight") for line in w.err)
 
+    # kill -9 during the catch-up of the rest: at most the batch in flight is lost (done again)
+    killed = WatchProcess(lib, home, model_files, "--batch-size", "1")
+    wait_for(lambda: len(rows(home)) >= len(done) + 2 or killed.proc.poll() is not None, 300, "the catch-up")
+    killed.stop(signal.SIGKILL)
+    after_kill = rows(home)
+    assert len(done) < len(after_kill) < len(photos), "the kill did not land in the middle of the catch-up"
+    printed = {r["path"] for r in killed.out}
+    assert set(after_kill) - set(done) <= printed  # nothing recorded that was not written first
+
     weights, labels = model_files
     res = subprocess.run([sys.executable, "-m", "ramcli", "watch", str(lib), "--once", "--weights", str(weights),
                           "--labels", str(labels), "--workers", "0", "-f", "jsonl"],
                          env={**os.environ, "RAMCLI_HOME": str(home)}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     rest = [json.loads(line)["path"] for line in res.stdout.splitlines() if line.startswith("{")]
-    assert sorted(rest) == sorted(str(lib / p.name) for p in photos if str(lib / p.name) not in done)
-    assert len(rows(home)) == len(photos)
+    assert sorted(rest) == sorted(str(lib / p.name) for p in photos if str(lib / p.name) not in after_kill)
+    assert len(printed & set(rest)) <= 1  # the batch in flight when killed, tagged again
+    assert len(rows(home)) == len(photos) and all(s == "tagged" for s, *_ in rows(home).values())
     assert "watching" not in res.stderr
