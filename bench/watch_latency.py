@@ -142,8 +142,10 @@ def latency(args, weights: Path, labels: Path, work: Path) -> None:
     watch.stop()
     tagged_in = [line for line in watch.err if line.startswith("tagged ")]
     model = model_time(weights, labels, photos[0])
+    one = work / "one-shot.jpg"  # a copy: the cached photos must stay untagged
+    shutil.copy(photos[0], one)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ramcli", "tag", str(photos[0]), "--weights", str(weights), "--labels",
+    subprocess.run([sys.executable, "-m", "ramcli", "tag", str(one), "--weights", str(weights), "--labels",
                     str(labels), "--no-compile", "-f", "jsonl", "-q"], env={**os.environ, "RAMCLI_HOME": str(work / "h2")},
                    stdout=subprocess.DEVNULL, check=True)
     one_shot = time.perf_counter() - start
