@@ -307,7 +307,7 @@ class Watcher:
         if deleted:
             self._forget(deleted, summary)
         if not self.run.quiet and (summary.tagged or summary.moved or summary.removed or summary.failed
-                                   or summary.write_failed or summary.skipped):
+                                   or summary.write_failed):  # not for its own writes coming back
             self.run._print_summary(self.err, summary, start)
 
     def _vanished(self, paths: Iterable[str]) -> list:
