@@ -16,15 +16,13 @@ typical threshold (about half their tags fire), which makes the factory depend o
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from official_reference import official_logits
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from ramcli.labels import official_dir
 
 CLIP_DIM = 512  # RAM/RAM++ label embeddings live in CLIP's text space
 
@@ -368,8 +366,8 @@ _LABEL_FILES = {
 
 def make_labels_dir(tmp_path: str | Path, num_classes: int, family: str = "ram") -> Path:
     """A folder with the official label file names holding the first `num_classes` lines of the
-    official files (from ../shared/ram), each file ending the way its original ends."""
-    shared = Path(os.environ.get("RAMCLI_SHARED", SHARED)) / "ram"
+    official files (shipped in ramcli/data/official), each file ending the way its original ends."""
+    shared = official_dir()
     names = _LABEL_FILES["tag2text" if family == "tag2text" else "ram"]
     out = Path(tmp_path) / f"labels_{family}_{num_classes}"
     out.mkdir(parents=True, exist_ok=True)
