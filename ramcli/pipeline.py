@@ -5,8 +5,8 @@ same scores whichever command looks at it.
 
 - `Tagger` owns the model on its device with its precision, the active classes (disabled,
   excluded and Tag2Text's deleted tags are removed from the label queries, so they cost nothing)
-  and the decision rule: a tag is emitted when sigmoid(logit) > its threshold (strict, as the
-  official code), per-class thresholds unless `threshold` overrides them all.
+  and the thresholds: per class unless `threshold` overrides them all; the rule itself
+  (sigmoid(logit) > threshold, strict, as the official code) is `ramcli.decision.emitted`.
 - `tag_files` streams batches from `ramcli.loader` through the Tagger and hands every
   `PhotoResult` to the sinks batch by batch, so a killed run loses at most the batch in flight.
 - `score_files` returns the raw score matrix (evaluation, data engine).
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ramcli.decision import check_threshold, emitted
 from ramcli.embed_cache import EmbeddingCache, rescore
 from ramcli.errors import UsageError
 from ramcli.imaging import normalize
@@ -69,20 +70,6 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dt
     return None
 
 
-def read_threshold_file(path: Path, count: int) -> list[float]:
-    """A threshold file in the official format: one float per line, in label order."""
-    try:
-        lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]
-        values = [float(s) for s in lines]
-    except FileNotFoundError:
-        raise UsageError(f"threshold file not found: {path}") from None
-    except (UnicodeDecodeError, ValueError):
-        raise UsageError(f"threshold file {path} must hold one number per line") from None
-    if len(values) != count:
-        raise UsageError(f"threshold file {path} has {len(values)} values; the model has {count} classes")
-    return values
-
-
 @dataclass
 class Tagger:
     """A model ready to tag: device, precision, active classes and the decision rule."""
@@ -115,6 +102,8 @@ class Tagger:
         if not active:
             raise UsageError("every tag is disabled or excluded: nothing to tag")
         self.classes = None if len(active) == len(names) else torch.tensor(active)
+        if self.threshold is not None:
+            check_threshold(self.threshold, "--threshold")
         base = list(self.thresholds) if self.thresholds is not None else list(labels.thresholds)
         chosen = [self.threshold if self.threshold is not None else base[i] for i in active]
         self._class_thresholds = torch.tensor(chosen, dtype=torch.float32)
@@ -200,7 +189,7 @@ class Tagger:
     def decide(self, scores: torch.Tensor) -> list[list[TagScore]]:
         """Scores -> emitted tags per image: score > threshold (strict), sorted by score, top-k."""
         labels = self.model.labels
-        keep = scores > self._class_thresholds
+        keep = emitted(scores, self._class_thresholds)
         out = []
         for row, mask in zip(scores, keep):
             idx = mask.nonzero().flatten().tolist()

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ramcli.decision import emitted
 from ramcli.errors import RamcliError, UsageError
 from ramcli.models import RecognitionModel
 from ramcli_train.data import IMAGE_EXTENSIONS, decode_image, resolve_shards
@@ -153,7 +154,7 @@ def _score(model: RecognitionModel, images: list[tuple[int, bytes]], device: str
 def _decide(model: RecognitionModel, scores: np.ndarray, threshold: float | None) -> list[str]:
     labels = model.labels
     thr = np.full(len(labels), threshold) if threshold is not None else np.asarray(labels.thresholds)
-    keep = scores > thr
+    keep = emitted(scores, thr)
     keep[list(labels.deleted)] = False
     return [labels.names[i] for i in np.flatnonzero(keep)]
 

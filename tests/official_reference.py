@@ -203,7 +203,10 @@ def _ram_plus_label_queries(sd: Mapping[str, Tensor], num_classes: int, image_em
     des_per_class = int(label_embed.shape[0] / num_classes)
     cls = image_embeds[:, 0, :]
     cls = cls / cls.norm(dim=-1, keepdim=True)
-    logits_per_image = (sd["reweight_scale"].exp() * cls @ label_embed.t()).view(bs, -1, des_per_class)
+    # `RAM_plus.__init__` sets reweight_scale to ln(1/0.07) and the loader uses strict=False, so a
+    # file without the tensor runs with that initial value
+    reweight_scale = sd.get("reweight_scale", torch.ones([]) * math.log(1 / 0.07))
+    logits_per_image = (reweight_scale.exp() * cls @ label_embed.t()).view(bs, -1, des_per_class)
     weights = F.softmax(logits_per_image, dim=2)
     reweighted = torch.empty(bs, num_classes, label_embed.shape[1], dtype=image_embeds.dtype)
     for i in range(bs):
