@@ -85,15 +85,25 @@ def read_official(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = _unpickler_detail(exc)
+        if "Unsupported operand" in detail:  # not a pickle at all, or a damaged one
+            raise CheckpointError(f"cannot read {path.name}: truncated or not a PyTorch checkpoint ({detail})") from None
         raise CheckpointError(
-            f"refusing to load {path.name}: it needs full unpickling, which could run code "
-            f"({first[:160]})"
+            f"refusing to load {path.name}: it needs full unpickling, which could run code ({detail})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - a damaged pickle or zip fails wherever its bytes lead
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read {path.name}: truncated or not a PyTorch checkpoint ({reason})") from None
     return state_dict_of(obj, path.name)
+
+
+def _unpickler_detail(exc: Exception) -> str:
+    """torch's weights-only unpickler explains itself after 'WeightsUnpickler error:', inside a
+    long paragraph of advice; the explanation alone, on one line."""
+    text = str(exc)
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest if marker else text).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 def state_dict_of(obj: object, name: str) -> dict[str, torch.Tensor]:
