@@ -141,7 +141,7 @@ class Tagger:
     def forward_batch(self, pixels: torch.Tensor, keys: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scores, image embeddings or None). Embeddings are computed separately only when they
         are needed afterwards: stored in the embedding cache under `keys`, or for captions."""
-        x = normalize(pixels.to(self.device, non_blocking=True))
+        x = normalize(pixels.to(self.device, non_blocking=True), self.model.pretrained_cfg)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         embeds = None
@@ -206,12 +206,15 @@ class Tagger:
         return out
 
 
-DECODES = ("auto", "workers", "device")
+DECODES = ("auto", "workers", "draft", "device")
 
 
 def resolve_decode(device: torch.device, decode: str = "auto") -> str:
-    """Where JPEGs are decoded. auto: on the GPU (nvJPEG) when the model runs on CUDA, where
-    CPU decoding of 12 MP photos is the bottleneck; in the workers (draft mode) on the CPU."""
+    """Where and how JPEGs are decoded. auto: on the GPU (nvJPEG) when the model runs on CUDA,
+    where CPU decoding of 12 MP photos is the bottleneck; on the CPU in the decode workers, with
+    the official full decode (the model dominates there: draft mode would save ~3% and move
+    scores). "workers" decodes in the workers, in draft mode when they feed a GPU; "draft" always
+    in draft mode (the fastest CPU decode, scores move slightly: docs/performance.md)."""
     if decode not in DECODES:
         raise UsageError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
     if decode == "auto":
@@ -221,8 +224,8 @@ def resolve_decode(device: torch.device, decode: str = "auto") -> str:
 
 def default_workers() -> int:
     """Decode workers: all cores (max 8) with a GPU, where decoding is the bottleneck; on the
-    CPU at most 2 (never every core): a draft decode of a 12 MP JPEG takes 50-70 ms against
-    ~2 s of Swin-L forward on 2 cores, so more workers would only take cores from the model."""
+    CPU at most 2 (never every core): decoding a photo costs a small fraction of the Swin-L
+    forward there (docs/performance.md), so more workers would only take cores from the model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(8, cores) if torch.cuda.is_available() else max(0, min(2, cores - 1))
 
@@ -237,19 +240,23 @@ def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: in
     """(batch, scores of its decoded photos, their image embeddings or None) in input order.
 
     `skip(item)` may drop decoded photos before the model runs (e.g. a moved photo the index
-    already knows); their pixels are removed from the batch. `decode`: "workers" decodes
-    everything in the worker processes (Pillow, JPEG draft mode); "device" leaves plain JPEGs
-    to the model's device (nvJPEG on CUDA: see `resolve_decode`).
+    already knows); their pixels are removed from the batch. `decode` (see `resolve_decode`):
+    "workers" decodes everything in the worker processes (Pillow; JPEG draft mode only when they
+    feed a GPU), "draft" likewise always in draft mode, "device" leaves plain JPEGs to the
+    model's device (nvJPEG on CUDA). Sizes and interpolation are the model's data config.
     """
-    loader = make_loader(paths, tagger.image_size, batch_size, workers=workers,
-                         pin_memory=tagger.device.type == "cuda", defer_jpeg=decode == "device")
+    feeds_gpu = tagger.device.type == "cuda"
+    interpolation = tagger.model.pretrained_cfg["interpolation"]
+    loader = make_loader(paths, tagger.image_size, batch_size, workers=workers, pin_memory=feeds_gpu,
+                         draft=decode == "draft" or feeds_gpu, defer_jpeg=decode == "device",
+                         interpolation=interpolation)
     for batch in loader:
         if skip is not None and batch.items:
             keep = [i for i, item in enumerate(batch.items) if not skip(item)]
             if len(keep) != len(batch.items):
                 batch = batch.select(keep)
         if batch.deferred:
-            batch = decode_deferred(batch, tagger.image_size, tagger.device)
+            batch = decode_deferred(batch, tagger.image_size, tagger.device, interpolation)
         if not batch.items:
             yield batch, torch.zeros(0, len(tagger.active)), None
             continue

@@ -226,7 +226,7 @@ def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int =
     Tag2Text), guided by the tags the engine found, as RAM's captioner is."""
     import torch
 
-    from ramcli.imaging import normalize
+    from ramcli.imaging import model_input, normalize
     from ramcli_train.caption import CaptionTokenizer
     from ramcli_train.config import TrainConfig
     from ramcli_train.loop import build_model, load_checkpoint
@@ -242,13 +242,12 @@ def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int =
     model = build_model(cfg, labels, CaptionTokenizer.from_vocab(tok))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    size = model.arch.image_size
+    data_config = model.tagger.pretrained_cfg
 
     @torch.inference_mode()
     def caption(images: Sequence[Image.Image], tags: Sequence[Sequence[str]]) -> list[str]:
-        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
-                                            for im in images])).permute(0, 3, 1, 2).to(device)
-        embeds = model.tagger.encode_image(normalize(pixels))
+        pixels = torch.stack([model_input(im, data_config) for im in images]).to(device)
+        embeds = model.tagger.encode_image(normalize(pixels, data_config))
         return model.caption.generate(embeds, [" | ".join(t) for t in tags], num_beams=num_beams)
 
     return caption
