@@ -148,7 +148,6 @@ def _map(sd: dict[str, torch.Tensor], model: RecognitionModel) -> tuple[dict[str
             out[f"backbone.{k}"] = v
         else:
             unknown_visual.append(f"visual_encoder.{k}")
-    used.update(f"visual_encoder.{k}" for k in visual)
 
     prefix = head_prefix(sd)
     for i in range(arch.layers):
@@ -269,7 +268,7 @@ def save_converted(model: RecognitionModel, dst: Path, dtype: str = "fp32", sour
         "source": source,
         "dtype": dtype,
         "labels_checksum": model.labels.checksum(),
-        "source_ignored_keys": json.dumps(list(getattr(model, "ignored_keys", ()))),
+        "source_ignored_keys": json.dumps(list(model.ignored_keys)),
         **model.labels.to_metadata(),
     }
     dst = Path(dst)
@@ -320,10 +319,7 @@ def load_converted(path: Path, labels: LabelSet | None = None, dtype: torch.dtyp
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt tensor data
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise CheckpointError(f"cannot read {path.name}: damaged tensor data ({reason})") from None
-    model = _materialise(arch, tensors, labels, meta.get("model_id", path.stem), path.name, dtype)
-    model.ignored_keys = ()
-    model.defaulted_keys = ()
-    return model
+    return _materialise(arch, tensors, labels, meta.get("model_id", path.stem), path.name, dtype)
 
 
 def is_converted(path: Path) -> bool:
