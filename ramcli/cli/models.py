@@ -75,7 +75,7 @@ def pull(
     name: str = typer.Argument("ram_plus_swin_large_14m", help="A name from `ramcli models list`."),
     dtype: str = typer.Option("fp32", help="Precision of the converted file: fp32, bf16 or fp16."),
     no_convert: bool = typer.Option(False, "--no-convert", help="Keep only the original download."),
-    labels: Path = typer.Option(None, help="Folder with the official label files (else downloaded)."),
+    labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS, else the shipped official files)."),
 ) -> None:
     """Download a published model from the Hugging Face hub (verified) and convert it to a tag-only file."""
     from ramcli.models import get_published, pull as do_pull
@@ -109,7 +109,7 @@ def convert_cmd(
     src: Path = typer.Argument(..., help="An official .pth checkpoint."),
     dst: Path = typer.Argument(..., help="The tag-only .safetensors file to write."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
-    labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS or a download)."),
+    labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS, else the shipped official files)."),
     arch: str = typer.Option(None, help="Architecture when it cannot be inferred."),
 ) -> None:
     """Write a self-contained tag-only file (weights + arch + labels), loaded memory-mapped."""
