@@ -212,7 +212,7 @@ DECODES = ("auto", "workers", "draft", "device")
 def resolve_decode(device: torch.device, decode: str = "auto") -> str:
     """Where and how JPEGs are decoded. auto: on the GPU (nvJPEG) when the model runs on CUDA,
     where CPU decoding of 12 MP photos is the bottleneck; on the CPU in the decode workers, with
-    the official full decode (the model dominates there: draft mode would save ~3% and move
+    the official full decode (the model dominates there: draft mode would save little and move
     scores). "workers" decodes in the workers, in draft mode when they feed a GPU; "draft" always
     in draft mode (the fastest CPU decode, scores move slightly: docs/performance.md)."""
     if decode not in DECODES:
