@@ -20,7 +20,7 @@ from images import photo_like
 from official_reference import official_logits
 from ramcli.cli.app import app
 from ramcli.errors import CheckpointError, RamcliError
-from ramcli.labels import read_label_dir
+from ramcli.labels import official_dir, read_label_dir
 from ramcli.models import convert, load_any, load_model
 from ramcli.models import registry
 from ramcli.models.configs import infer_arch, infer_family
@@ -127,23 +127,21 @@ def test_a_file_with_no_state_dict_names_where_it_looked(tmp_path):
 # ----------------------------------------------------------------------------- labels a file carries
 
 
-def test_a_file_with_its_own_labels_ignores_ramcli_labels(plain, tmp_path, monkeypatch):
-    sd, _, _ = plain["ram_tiny"]
+def test_a_file_with_its_own_labels_ignores_ramcli_labels(tmp_path, monkeypatch):
     own = make_labels_dir(tmp_path, 22)
     small = official_state_dict("ram_tiny", num_classes=22)
     exported = convert(save_variant(tmp_path / "s.pth", small), tmp_path / "model.safetensors", labels_dir=own)
-    monkeypatch.setenv("RAMCLI_LABELS", str(read_official_dir()))  # set for the official models
+    monkeypatch.setenv("RAMCLI_LABELS", str(official_dir()))  # set for the official models
     assert len(load_any(exported).labels) == 22
     assert load_any(exported).labels == read_label_dir(own, "ram")
     assert len(load_any(save_variant(tmp_path / "o.pth", official_state_dict("ram_tiny", num_classes=OFFICIAL))).labels) == OFFICIAL
     with pytest.raises(CheckpointError, match="22 classes but the labels list 4585"):
-        load_any(exported, labels_dir=read_official_dir())  # only an explicit --labels overrides
-
-
-def read_official_dir() -> Path:
-    from ramcli.labels import official_dir
-
-    return official_dir()
+        load_any(exported, labels_dir=official_dir())  # only an explicit --labels overrides
+    photo = tmp_path / "p.jpg"
+    photo_like(96, 64).save(photo)
+    res = _tag([str(photo), "--weights", str(exported), "--threshold", "0"], tmp_path / "home")
+    assert res.exit_code == 0, res.output
+    assert {t["name"] for t in json.loads(res.stdout)["tags"]} == set(read_label_dir(own, "ram").names)
 
 
 # ----------------------------------------------------------------------------- bad files, one line
