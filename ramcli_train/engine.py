@@ -226,7 +226,7 @@ def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int =
     import torch
 
     from ramcli.imaging import normalize
-    from ramcli_train.caption import CaptionTokenizer
+    from ramcli.caption import CaptionTokenizer
     from ramcli_train.config import TrainConfig
     from ramcli_train.loop import build_model, load_checkpoint
     from ramcli.labels import LabelSet

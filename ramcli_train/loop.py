@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ramcli.caption import CaptionTokenizer, train_tokenizer
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import LabelSet, read_label_dir, resolve_labels
 from ramcli_train import losses
-from ramcli_train.caption import CaptionTokenizer, train_tokenizer
 from ramcli_train.config import TrainConfig, dump
 from ramcli_train.model import ClipTeacher, TrainableRAM, label_embeddings, load_imagenet_backbone
 

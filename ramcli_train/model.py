@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ramcli.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
 from ramcli.errors import RamcliError
 from ramcli.labels import LabelSet
 from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.ram import RecognitionModel
 from ramcli_train import losses
-from ramcli_train.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -7,7 +7,7 @@ The flow of `ramcli eval`:
 3. Images are scored by the same pipeline as `ramcli tag` and the scores of the benchmark classes
    are cached in `OUT/scores.npz`, keyed by the benchmark and a fingerprint of the model, so a
    re-run with other thresholds (or `--calibrate`) never touches the model again.
-4. `evaluate_scores` computes mAP, CP/CR/F1 (see `ramcli_train.metrics`), optionally calibrates
+4. `evaluate_scores` computes mAP, CP/CR/F1 (see `ramcli.metrics`), optionally calibrates
    per-class thresholds, and `write_outputs` writes the summary, tables, predictions and plots.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ramcli import metrics
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import LabelSet
-from ramcli_train import metrics
 
 CACHE_NAME = "scores.npz"
 CACHE_VERSION = 1
