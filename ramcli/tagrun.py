@@ -246,10 +246,8 @@ class TagRun:
             if name is None:
                 raise UsageError("--caption needs the original Tag2Text .pth: converted files are tag-only")
             path = download(get_published(name))  # the hub cache keeps the original after `pull`
-        try:
-            from ramcli.caption import load_official_generator
-        except ImportError as exc:
-            raise UsageError(f"--caption needs the training extras: pip install 'ramcli[train]' ({exc.name})") from None
+        from ramcli.caption import load_official_generator
+
         return load_official_generator(read_official(path))
 
     @staticmethod

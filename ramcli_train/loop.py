@@ -31,12 +31,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ramcli.caption import CaptionTokenizer, train_tokenizer
+from ramcli.caption import CaptionTokenizer
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import LabelSet, read_label_dir, resolve_labels
 from ramcli_train import losses
 from ramcli_train.config import TrainConfig, dump
 from ramcli_train.model import ClipTeacher, TrainableRAM, label_embeddings, load_imagenet_backbone
+from ramcli_train.tokenizer import train_tokenizer
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
 

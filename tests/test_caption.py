@@ -19,8 +19,8 @@ from ramcli.caption import (
     load_official_generator,
     official_to_ours,
     ours_to_official,
-    train_tokenizer,
 )
+from ramcli_train.tokenizer import train_tokenizer
 
 CAPTIONS = ["a picture of a red dog on the grass", "a picture of two blue cats in the snow",
             "a picture of a green star over the sea", "a picture of a dog and a cat"]
