@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ramcli.caption import CaptionTokenizer
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import LabelSet, read_label_dir, resolve_labels
+from ramcli.safeload import load_weights
 from ramcli_train import losses
 from ramcli_train.config import TrainConfig, dump
 from ramcli_train.model import ClipTeacher, TrainableRAM, label_embeddings, load_imagenet_backbone
@@ -228,7 +229,7 @@ def build_model(cfg: TrainConfig, labels: LabelSet, tokenizer: CaptionTokenizer 
     if cfg.pretrained_backbone and cfg.init_from is None:
         load_imagenet_backbone(model.tagger)
     if cfg.init_from:
-        state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+        state = load_weights(cfg.init_from)
         model.load_state_dict(state.get("model", state), strict=True)
     if cfg.grad_ckpt:
         model.set_grad_checkpointing(True)
@@ -280,10 +281,7 @@ def save_checkpoint(path: Path, payload: dict) -> Path:
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise RamcliError(f"no checkpoint to resume from: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise RamcliError(f"cannot read checkpoint {path.name}: {str(exc).splitlines()[0][:160]}") from None
+    return load_weights(path)
 
 
 # ----------------------------------------------------------------------------- logging

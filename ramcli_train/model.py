@@ -247,13 +247,10 @@ def label_embeddings(labels: LabelSet, arch: ArchConfig, source: str, clip_weigh
     path = Path(source)
     if not path.is_file():
         raise RamcliError(f"label embedding file not found: {path} (or use label_embed=clip|random)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ramcli.safeload import load_weights
 
-        tensors = list(load_file(str(path)).values())
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    obj = load_weights(path)
+    tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]
     if len(tensors) != 1:
         raise RamcliError(f"{path.name} must hold exactly one tensor of label embeddings")
     return tensors[0].float()
