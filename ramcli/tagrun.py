@@ -113,7 +113,7 @@ class TagRun:
     def execute(self, console: Console, err_console: Console) -> int:
         """Run; returns the number of photos that failed."""
         from ramcli.models import load_model, model_id_of
-        from ramcli.output import ResultWriter
+        from ramcli.output import result_writer
         from ramcli.pipeline import (
             Tagger, default_batch_size, default_workers, read_threshold_file, resolve_device,
             resolve_decode, resolve_precision, tag_files,
@@ -168,7 +168,7 @@ class TagRun:
             cached, todo = self._split_cached(todo, index, model.model_id, cache)
             summary.rescored = len(cached)
             writer = self._metadata_sink(index, summary, model.model_id) if self.write else None
-            sinks = [ResultWriter(self.fmt, self.output, self.lang)]
+            sinks = [result_writer(self.fmt, self.output, self.lang)]
             if writer is not None:
                 sinks.append(writer)
             if index is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sqlite3
 import subprocess
@@ -59,7 +61,12 @@ def test_search_formats_and_exit_codes(capsysbinary, library):
     assert [d["path"] for d in data] == [str(library / "a.jpg")]
     assert data[0]["tags"][0] == {"name": "dog", "name_zh": "狗", "score": 0.9}
     code, out, _ = run(capsysbinary, "search", "christmas tree", "--format", "csv")
-    assert out.splitlines()[0] == "path,score,taken_at,tags" and "christmas tree:0.750" in out
+    header, row = csv.reader(io.StringIO(out))
+    assert header == ["path", "score", "taken_at", "tags", "scores", "caption"]
+    assert row[0] == str(library / "2021" / "c d.jpg") and row[3].split("|") == ["night", "christmas tree", "dog"]
+    assert row[4].split("|") == ["0.9000", "0.7500", "0.6000"] and row[5] == ""
+    code, out, _ = run(capsysbinary, "search", "christmas tree", "--format", "tsv")
+    assert list(csv.reader(io.StringIO(out), delimiter="\t")) == [header, row]
     code, out, _ = run(capsysbinary, "search", "dog", "OR", "cat", "--format", "paths", "--limit", "2")
     assert len(out.splitlines()) == 2
     code, out, err = run(capsysbinary, "search", "zebra")

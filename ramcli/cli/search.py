@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import os
 import sqlite3
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from ramcli import config
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
 from ramcli.index import Index, check_merge_source, database_error, normalize_path
 from ramcli.ledger import Ledger
+from ramcli.output import FORMATS, Layout, write_records
 from ramcli.search import Filters, Hit, search as run_search
 
 index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity, merge indexes.", no_args_is_help=True)
@@ -28,12 +28,7 @@ index_app = typer.Typer(help="Maintain the index: forget missing files, check in
 IndexOption = typer.Option(None, "--index", help="Index file (default: the one in RAMCLI_HOME).", show_default=False)
 
 
-class Format(str, Enum):
-    table = "table"
-    paths = "paths"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
+Format = Enum("Format", {f: f for f in FORMATS}, type=str)
 
 
 @contextlib.contextmanager
@@ -64,52 +59,41 @@ def _query_text(words: list[str]) -> str:
     return " ".join(f'"{w}"' if len(w.split()) > 1 and '"' not in w else w for w in words)
 
 
-def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> None:
-    if fmt is Format.paths:
-        out = sys.stdout.buffer
-        for hit in hits:
-            out.write(os.fsencode(hit.path) + (b"\0" if null else b"\n"))
-        out.flush()
-    elif fmt is Format.json:
-        json.dump([_hit_json(h) for h in hits], sys.stdout, ensure_ascii=False, indent=1)
-        sys.stdout.write("\n")
-    elif fmt is Format.jsonl:
-        for h in hits:
-            sys.stdout.write(json.dumps(_hit_json(h), ensure_ascii=False) + "\n")
-    elif fmt is Format.csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "score", "taken_at", "tags"])
-        for h in hits:
-            writer.writerow([h.path, _fmt_score(h.score), h.taken_at or "", "; ".join(f"{t.name}:{t.score:.3f}" for t in h.tags)])
-    else:
-        table = Table(show_edge=False, header_style="bold")
-        table.add_column("score", justify="right")
-        table.add_column("photo", overflow="fold")
-        table.add_column("taken")
-        table.add_column("tags")
-        with_captions = any(h.caption for h in hits)
-        if with_captions:
-            table.add_column("caption", overflow="fold")
-        for h in hits:
-            row = [_fmt_score(h.score), h.path, (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8])]
-            table.add_row(*row, *([h.caption or ""] if with_captions else []))
-        console.print(table)
-        more = " (more with --limit 0)" if truncated else ""
-        err_console.print(f"{len(hits)} photo{'s' if len(hits) != 1 else ''}{more}", highlight=False)
-
-
-def _fmt_score(score: float | None) -> str:
+def _score(score: float | None) -> str:
     return "" if score is None else f"{score:.3f}"
 
 
-def _hit_json(h: Hit) -> dict:
-    return {
+HITS = Layout(
+    columns=("path", "score", "taken_at", "tags", "scores", "caption"),
+    row=lambda h: [h.path, _score(h.score), h.taken_at, [t.name for t in h.tags],
+                   [f"{t.score:.4f}" for t in h.tags], h.caption],
+    json=lambda h: {
         "path": h.path,
         "score": None if h.score is None else round(h.score, 6),
         "taken_at": h.taken_at,
         "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(t.score, 6)} for t in h.tags],
         "caption": h.caption,
-    }
+    },
+    path=lambda h: h.path,
+)
+
+
+def _table_layout(hits: list[Hit]) -> Layout:
+    """The table: the first 8 tags, and a caption column only when some hit has a caption."""
+    captions = any(h.caption for h in hits)
+    columns = (Column("score", justify="right"), Column("photo", overflow="fold"), "taken", "tags",
+               *([Column("caption", overflow="fold")] if captions else []))
+    return replace(HITS, table_columns=columns, table_row=lambda h: [
+        _score(h.score), h.path, (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8]),
+        *([h.caption] if captions else [])])
+
+
+def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> None:
+    layout = _table_layout(hits) if fmt is Format.table else HITS
+    write_records(hits, fmt.value, layout, null=null)
+    if fmt is Format.table:
+        more = " (more with --limit 0)" if truncated else ""
+        err_console.print(f"{len(hits)} photo{'s' if len(hits) != 1 else ''}{more}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -134,8 +118,6 @@ def register(app: typer.Typer) -> None:
         if not query and caption is None:
             raise UsageError('give tags, --caption TEXT or both, e.g. `ramcli search dog` or `ramcli search --caption "on a beach"`')
         query_text = _query_text(query) if query else ""
-        if null and fmt is not Format.paths:
-            raise UsageError("-0 only goes with --format paths")
         if limit is not None and limit < 0:
             raise UsageError("--limit must be 0 (all) or more")
         wanted = (50 if fmt is Format.table else None) if limit is None else (limit or None)

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         exclude_tags: str = typer.Option("", help="Comma-separated tags never to emit (they are not even computed)."),
         include: list[str] = typer.Option([], "--include", help="Only files whose relative path matches this glob (repeatable)."),
         exclude: list[str] = typer.Option([], "--exclude", help="Skip files whose relative path matches this glob (repeatable)."),
-        fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl or csv (default: table on a terminal, jsonl otherwise)."),
+        fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv, tsv or paths (default: table on a terminal, jsonl otherwise)."),
         output: Path = typer.Option(None, "--output", "-o", help="Write results to this file instead of stdout."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List what would be tagged and exit."),
         force: bool = typer.Option(False, "--force", help="Re-tag every photo, even unchanged ones."),
