@@ -144,9 +144,18 @@ def test_show_stats_prune_check(capsysbinary, library):
     code, out, _ = run(capsysbinary, "stats")
     assert "photos: 4" in out and "1 failed" in out and "cannot decode image" in out
     assert out.index("dog") < out.index("beach")  # top tags by count
+    code, out, _ = run(capsysbinary, "stats", "--format", "json", "--top", "2")
+    stats = json.loads(out)
+    assert stats["photos"] == 4 and stats["by_status"] == {"failed": 1, "tagged": 3}
+    assert [t["name"] for t in stats["top_tags"]] == ["dog", "night"] and stats["top_tags"][0]["photos"] == 2
+    assert stats["failures"] == [{"path": str(library / "broken.jpg"), "error": "cannot decode image"}]
+    assert stats["tags"]["photo_tags"] == 7
     (library / "a.jpg").unlink()
     code, out, err = run(capsysbinary, "index", "prune", "--dry-run")
-    assert str(library / "a.jpg") in out and "would forget 2" in err  # a.jpg and the never-existing broken.jpg
+    # a.jpg and the never-existing broken.jpg, by path, one per line
+    assert out.splitlines() == [str(library / "a.jpg"), str(library / "broken.jpg")] and "would forget 2" in err
+    with Index.open(readonly=True) as ix:
+        assert ix.lookup(str(library / "a.jpg")) is not None
     code, out, err = run(capsysbinary, "index", "prune")
     assert "forgot 2" in err
     code, out, _ = run(capsysbinary, "index", "check")
