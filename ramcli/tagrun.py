@@ -158,6 +158,10 @@ class TagRun:
                                on_pull=lambda p: err_console.print(
                                    f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
             applied = vocab.apply_to_model(model)
+            if applied.skipped_custom:
+                err_console.print(f"warning: {model.arch.family} has a closed vocabulary and cannot score custom tags; "
+                                  f"not emitted: {', '.join(applied.skipped_custom)}",
+                                  markup=False, highlight=False, soft_wrap=True)
             thresholds = read_threshold_file(self.threshold_file, len(model.labels)) if self.threshold_file else None
             cache = EmbeddingCache(model.model_id) if self.cache_embeddings else None
             captioner = self._load_captioner(model) if self.caption else None

@@ -74,16 +74,10 @@ class CustomTag:
 
 @dataclass(frozen=True)
 class AppliedVocab:
-    """What `apply_to_model` did, for the tagging pipeline.
-
-    `classes` are the label indices to decode (None: all); disabled tags are left out so they
-    cost nothing. `custom_indices` are the custom tags' indices in `model.labels`.
-    """
+    """What `apply_to_model` did: the vocabulary version the results carry, and the custom tags a
+    closed-set model (Tag2Text) cannot score, which the run reports."""
 
     version: str
-    custom_indices: tuple[int, ...]
-    disabled: frozenset[int]
-    classes: torch.Tensor | None
     skipped_custom: tuple[str, ...] = ()
 
 
@@ -380,7 +374,8 @@ class Vocabulary:
 
         RAM gets one query per tag: the official prompt ensemble. RAM++ gets the user's
         descriptions, or without them the 63 prompts as descriptions, reweighted per image.
-        Tag2Text is closed-set: its custom tags are skipped (listed in `skipped_custom`).
+        Tag2Text is closed-set: its custom tags are skipped (listed in `skipped_custom`). Disabled
+        tags join `labels.deleted`, so the tagger leaves them out of the label queries.
         Idempotent: tags the model already has are not added twice.
         """
         family = model.arch.family
@@ -409,11 +404,7 @@ class Vocabulary:
                 thresholds[index[name_key(name)]] = value
         disabled = frozenset(index[name_key(n)] for n in self.disabled if name_key(n) in index)
         model.labels = replace(labels, thresholds=tuple(thresholds), deleted=labels.deleted | disabled)
-        classes = None
-        if disabled:
-            classes = torch.tensor([i for i in range(len(model.labels)) if i not in disabled], dtype=torch.long)
-        custom_indices = tuple(index[name_key(t.name)] for t in self.custom if name_key(t.name) in index)
-        return AppliedVocab(self.version, custom_indices, disabled, classes, skipped)
+        return AppliedVocab(self.version, skipped)
 
 
 # ---------------------------------------------------------------------- import file formats

@@ -347,7 +347,7 @@ def _no_downloads(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, pretrained_backbone=False, init_from=None)
 
 
-def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run training; returns a summary (steps, last losses, data stats, checkpoint path)."""
     rt = setup_runtime(cfg)
     out = Path(cfg.out)
