@@ -211,9 +211,9 @@ class TagRun:
             self._print_summary(err_console, summary, start)
         return len(summary.failed)
 
-    #: Photos from which torch.compile pays off. Measured on the 2-core CPU: compiling RAM Swin-L
-    #: takes ~2 min and halves each batch's time (~2.7 s saved per photo); on a GPU it saves about
-    #: 2 ms per photo (timm's Swin-L figures), so only very large jobs repay the compile time there.
+    #: Photos from which torch.compile pays off: compiling costs a fixed time and saves a part of
+    #: every batch. On the CPU, where a photo takes seconds, a hundred photos repay it; on a GPU,
+    #: where it saves milliseconds per photo, only very large jobs do (docs/performance.md).
     COMPILE_FROM = {"cpu": 100, "cuda": 50_000}
 
     def _should_compile(self, device, photos: int) -> bool:
