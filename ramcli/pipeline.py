@@ -137,10 +137,6 @@ class Tagger:
     def image_size(self) -> int:
         return self.model.arch.image_size
 
-    @property
-    def active_names(self) -> list[str]:
-        return [self.model.labels.names[i] for i in self.active]
-
     def _amp(self):
         return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
 
