@@ -35,7 +35,6 @@ from rich.text import Text
 from ramcli.errors import UsageError
 
 FORMATS = ("table", "json", "jsonl", "csv", "tsv", "paths")
-STREAMING = ("jsonl", "csv", "tsv", "paths")
 LIST_SEPARATOR = "|"
 
 
