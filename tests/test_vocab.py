@@ -272,6 +272,22 @@ def test_tag_reports_the_custom_tags_tag2text_drops(tmp_path, builtin, load_enco
     assert "tag2text has a closed vocabulary" in err and "not emitted: tram, funicular" in err
 
 
+def test_commit_gives_the_index_the_vocabularys_tags_and_synonyms(tmp_path, vocab, load_encoder):
+    from ramcli.index import Index
+
+    vocab.add("tram", load_encoder, name_zh="电车")
+    vocab.add_synonym("tram", "streetcar")
+    vocab.add_synonym("dog", "doggo")
+    for _ in range(2):  # idempotent
+        vocab.commit(tmp_path / "index.db")
+    assert Vocabulary.open(vocab.path).synonyms == {"streetcar": "tram", "doggo": "dog"}  # saved
+    with Index.open(tmp_path / "index.db", readonly=True) as index:
+        tags = {name: (zh, source) for name, zh, source in index.db.execute("SELECT name, name_zh, source FROM tags")}
+        synonyms = dict(index.db.execute("SELECT s.alias, t.name FROM synonyms s JOIN tags t ON t.id = s.tag_id"))
+    assert tags == {"tram": ("电车", "custom"), "dog": (None, "builtin")}
+    assert synonyms == {"streetcar": "tram", "doggo": "dog"}
+
+
 # ---------------------------------------------------------------------- the CLI
 @pytest.fixture
 def cli(monkeypatch, labels_dir, tmp_path, capsys):
