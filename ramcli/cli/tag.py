@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 
-from ramcli.cli.common import console, err_console, stdout_is_terminal
+from ramcli.cli.common import console, err_console
 from ramcli.cli.write import writer_options as with_writer_options
 from ramcli.metadata import WriterOptions
+from ramcli.output import default_format
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +32,7 @@ def register(app: typer.Typer) -> None:
         exclude_tags: str = typer.Option("", help="Comma-separated tags never to emit (they are not even computed)."),
         include: list[str] = typer.Option([], "--include", help="Only files whose relative path matches this glob (repeatable)."),
         exclude: list[str] = typer.Option([], "--exclude", help="Skip files whose relative path matches this glob (repeatable)."),
-        fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl or csv (default: table on a terminal, jsonl otherwise)."),
+        fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv, tsv or paths (default: table on a terminal, jsonl otherwise)."),
         output: Path = typer.Option(None, "--output", "-o", help="Write results to this file instead of stdout."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List what would be tagged and exit."),
         force: bool = typer.Option(False, "--force", help="Re-tag every photo, even unchanged ones."),
@@ -55,7 +56,7 @@ def register(app: typer.Typer) -> None:
             decode=decode, batch_size=batch_size, workers=workers, compile_model=compile_model, threshold=threshold,
             threshold_file=threshold_file, top_k=top_k, lang=writer_options.lang,
             exclude_tags=[t for t in exclude_tags.split(",") if t.strip()], include=include, exclude=exclude,
-            fmt=fmt or ("table" if stdout_is_terminal() and output is None else "jsonl"), output=output,
+            fmt=fmt or default_format(output, piped="jsonl"), output=output,
             dry_run=dry_run, force=force, use_index=not no_index, index_path=index_path, write=write,
             writer_options=writer_options, cache_embeddings=cache_embeddings, caption=caption, quiet=quiet,
         )
