@@ -147,9 +147,9 @@ class TagRun:
             self._print_summary(err_console, summary, start)
         return len(summary.failed)
 
-    #: Photos from which torch.compile pays off. Measured on the 2-core CPU: compiling RAM Swin-L
-    #: takes ~2 min and halves each batch's time (~2.7 s saved per photo); on a GPU it saves about
-    #: 2 ms per photo (timm's Swin-L figures), so only very large jobs repay the compile time there.
+    #: Photos from which torch.compile pays off: compiling costs a fixed time and saves a part of
+    #: every batch. On the CPU, where a photo takes seconds, a hundred photos repay it; on a GPU,
+    #: where it saves milliseconds per photo, only very large jobs do (docs/performance.md).
     COMPILE_FROM = {"cpu": 100, "cuda": 50_000}
 
     def _should_compile(self, device, photos: int) -> bool:
@@ -186,10 +186,8 @@ class TagRun:
             if name is None:
                 raise UsageError("--caption needs the original Tag2Text .pth: converted files are tag-only")
             path = download(get_published(name))  # the hub cache keeps the original after `pull`
-        try:
-            from ramcli_train.caption import load_official_generator
-        except ImportError as exc:
-            raise UsageError(f"--caption needs the training extras: pip install 'ramcli[train]' ({exc.name})") from None
+        from ramcli.caption import load_official_generator
+
         return load_official_generator(read_official(path))
 
     @staticmethod
@@ -357,9 +355,9 @@ class TagSession:
         cached, todo = run._split_cached(todo, index, tagger.model.model_id, tagger.cache)
         summary.rescored += len(cached)
         if self._output is None:
-            from ramcli.output import ResultWriter
+            from ramcli.output import result_writer
 
-            self._output = ResultWriter(run.fmt, run.output, run.lang)
+            self._output = result_writer(run.fmt, run.output, run.lang)
         sinks = [self._output]
         if self._metadata is not None:
             self._metadata.summary = summary
@@ -399,13 +397,17 @@ class TagSession:
         if self._loaded is not None:
             return self._loaded
         from ramcli.models import load_model
-        from ramcli.pipeline import Tagger, read_threshold_file
+        from ramcli.decision import read_threshold_file
+        from ramcli.pipeline import Tagger
 
         run, err = self.run, self.err
         model = load_model(run.weights, arch=run.arch, labels_dir=run.labels, device=self.device,
                            on_pull=lambda p: err.print(
                                f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
         applied = self.vocab.apply_to_model(model)
+        if applied.skipped_custom:
+            err.print(f"warning: {model.arch.family} has a closed vocabulary and cannot score custom tags; "
+                      f"not emitted: {', '.join(applied.skipped_custom)}", markup=False, highlight=False, soft_wrap=True)
         thresholds = read_threshold_file(run.threshold_file, len(model.labels)) if run.threshold_file else None
         cache = EmbeddingCache(model.model_id) if run.cache_embeddings else None
         captioner = run._load_captioner(model) if run.caption else None
