@@ -209,12 +209,15 @@ def sources(tmp_path_factory):
 class WatchProcess:
     """`ramcli watch` as a service runs it: a process, its stdout (JSONL) and stderr (the log)."""
 
+    started: list[WatchProcess] = []  # killed at the end of the test if still running (a failure)
+
     def __init__(self, lib: Path, home: Path, model_files, *extra: str, settle: float = 1.0):
         weights, labels = model_files
         args = [sys.executable, "-m", "ramcli", "watch", str(lib), "--weights", str(weights), "--labels",
                 str(labels), "--workers", "0", "-f", "jsonl", "--settle", str(settle), *extra]
         self.proc = subprocess.Popen(args, env={**os.environ, "RAMCLI_HOME": str(home)}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
+        WatchProcess.started.append(self)
         self.out: list[dict] = []
         self.err: list[str] = []
         self._lines: queue.Queue = queue.Queue()
@@ -244,6 +247,16 @@ class WatchProcess:
         for t in self._readers:
             t.join(timeout=10)
         return rc
+
+
+@pytest.fixture(autouse=True)
+def _no_watcher_left():
+    yield
+    while WatchProcess.started:
+        proc = WatchProcess.started.pop().proc
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
