@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ramcli import metrics
+from ramcli.decision import check_threshold, format_thresholds
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import LabelSet
 
@@ -357,6 +358,8 @@ def read_threshold_file(path: Path, num_model_classes: int, cache: ScoreCache) -
         values = np.array([float(line) for line in lines], dtype=np.float64)
     except ValueError:
         raise RamcliError(f"threshold file has a line that is not a number: {path}") from None
+    for line, value in enumerate(values, 1):
+        check_threshold(value, f"threshold file {path}, line {line}")
     if len(values) == num_model_classes:
         return values[cache.model_indices]
     benchmark_classes = len(cache.columns) + len(cache.missing_classes)
@@ -370,7 +373,7 @@ def read_threshold_file(path: Path, num_model_classes: int, cache: ScoreCache) -
 
 def write_threshold_file(path: Path, thresholds: np.ndarray) -> None:
     """The official `ram_tag_list_threshold.txt` layout: one float per line, model label order."""
-    path.write_text("".join(f"{float(t):.4f}\n" for t in thresholds), encoding="utf-8")
+    path.write_text(format_thresholds(thresholds), encoding="utf-8")
 
 
 @dataclass(frozen=True)

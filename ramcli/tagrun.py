@@ -112,10 +112,11 @@ class TagRun:
 
     def execute(self, console: Console, err_console: Console) -> int:
         """Run; returns the number of photos that failed."""
+        from ramcli.decision import read_threshold_file
         from ramcli.models import load_model, model_id_of
         from ramcli.output import result_writer
         from ramcli.pipeline import (
-            Tagger, default_batch_size, default_workers, read_threshold_file, resolve_device,
+            Tagger, default_batch_size, default_workers, resolve_device,
             resolve_decode, resolve_precision, tag_files,
         )
         from ramcli.vocab import Vocabulary

@@ -143,9 +143,7 @@ def resolve_training_labels(cfg: TrainConfig) -> LabelSet:
             return LabelSet(tuple(names), tuple(names), (0.68,) * len(names))
     if cfg.labels:
         raise RamcliError(f"labels not found: {cfg.labels}")
-    from ramcli.config import home
-
-    return resolve_labels(cfg.family, cache_dir=home().cache)
+    return resolve_labels(cfg.family)
 
 
 def _is_annotation(paths: list[str]) -> bool:

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         labels: Path = typer.Option(None, "--labels", help="Folder with the official label files (overrides RAMCLI_LABELS and the model's own)."),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
-        decode: str = typer.Option("auto", help="Where JPEGs are decoded: auto (the GPU's nvJPEG on CUDA, the decode workers on CPU), workers or device."),
+        decode: str = typer.Option("auto", help="Where JPEGs are decoded: auto (the GPU's nvJPEG on CUDA, the decode workers with the official full decode on CPU), workers, draft (workers, JPEG draft mode: faster, scores move slightly) or device."),
         batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per model call (default: 64 on CUDA, 4 on CPU)."),
         workers: int = typer.Option(None, min=0, help="Decode worker processes (default: up to 2 on CPU, up to 8 with a GPU)."),
         compile_model: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: a slow first batch, then up to 2x faster. Default: on for jobs of 100+ photos on the CPU (50,000+ on a GPU).", show_default=False),

@@ -18,7 +18,7 @@ vocab_app = typer.Typer(
     no_args_is_help=True,
 )
 
-LABELS_OPTION = typer.Option(None, "--labels", help="Folder with the official label files (default: RAMCLI_LABELS or the pinned download).")
+LABELS_OPTION = typer.Option(None, "--labels", help="Folder with the official label files (default: RAMCLI_LABELS, else the official files shipped with ramcli).")
 CLIP_OPTION = typer.Option(None, "--clip-weights", help="CLIP ViT-B/16 weights file (default: RAMCLI_CLIP_WEIGHTS, then the Hugging Face cache).")
 
 
