@@ -28,9 +28,11 @@ The package, by concern:
 """
 
 from ramcli.metadata.exiftool import ExifToolProcess
-from ramcli.metadata.layout import sidecar_targets
+from ramcli.metadata.layout import sidecar_names, sidecar_targets
 from ramcli.metadata.options import Lang, Policy, SidecarName, WriterOptions
 from ramcli.metadata.plan import (
+    CREATED_SIDECAR,
+    MANAGED_FIELDS,
     FilePlan,
     WriteOutcome,
     leaves,
@@ -41,6 +43,8 @@ from ramcli.metadata.plan import (
 from ramcli.metadata.writer import MetadataWriter
 
 __all__ = [
+    "CREATED_SIDECAR",
+    "MANAGED_FIELDS",
     "ExifToolProcess",
     "FilePlan",
     "Lang",
@@ -52,6 +56,7 @@ __all__ = [
     "leaves",
     "plan_description",
     "plan_field",
+    "sidecar_names",
     "sidecar_targets",
     "trim_iptc",
 ]
