@@ -14,6 +14,11 @@ Two ways to put new bytes into a file, for two kinds of file:
   done again; idempotent) when the next journal opens, before anything else writes. After a kill
   at any moment a target is therefore either its old self, untouched (no record yet), or, once
   replayed, its new self, whole.
+
+The new content is fsynced before its record is written (else a crash could replay garbage).
+The targets are fsynced, and the record retired, in a background thread while the caller goes
+on: the record only has to outlive the targets' own flush, and the disk then flushes one batch
+while ExifTool works on the next.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +89,9 @@ def atomic_write(path: str | os.PathLike, data: bytes, exclusive: bool = False, 
     fsync_dir(folder)
 
 
-def write_into(fd: int, source: str | os.PathLike) -> int:
-    """Overwrite the open file `fd` with the content of `source`, in place (same inode), fsynced.
-    Returns the new size."""
+def write_into(fd: int, source: str | os.PathLike, sync: bool = True) -> int:
+    """Overwrite the open file `fd` with the content of `source`, in place (same inode), fsynced
+    unless `sync` is False. Returns the new size."""
     size = 0
     os.lseek(fd, 0, os.SEEK_SET)
     with open(source, "rb") as src:
@@ -96,7 +101,8 @@ def write_into(fd: int, source: str | os.PathLike) -> int:
                 view = view[os.write(fd, view):]
             size += len(chunk)
     os.ftruncate(fd, size)
-    os.fsync(fd)
+    if sync:
+        os.fsync(fd)
     return size
 
 
@@ -124,6 +130,8 @@ class Journal:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._batches = itertools.count(1)
+        self._retirer = ThreadPoolExecutor(1, thread_name_prefix="ramcli-journal")
+        self._retiring: list[Future] = []
         with open(self.root / "lock", "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             self.replayed = self._replay_abandoned()
@@ -132,10 +140,13 @@ class Journal:
             fcntl.flock(self._lock, fcntl.LOCK_EX)
 
     def close(self) -> None:
-        """Remove this session and release it; a session with an interrupted batch is only
-        released, so that the next journal completes that batch."""
+        """Wait for every batch to be flushed, remove this session and release it; a session with
+        an interrupted batch is only released, so that the next journal completes that batch."""
         if self._lock.closed:
             return
+        self._retirer.shutdown(wait=True)
+        for job in self._retiring:
+            job.result()
         if not any(self.folder.glob("b*.json")):
             shutil.rmtree(self.folder, ignore_errors=True)
         self._lock.close()
@@ -174,14 +185,19 @@ class Journal:
             atomic_write(record, json.dumps([_to_record(c, fd) for c, fd in opened]).encode())
             with ThreadPoolExecutor(_SYNC_THREADS) as pool:
                 done = list(pool.map(lambda item: _apply(*item), opened))
-        finally:
+        except BaseException:
             for _, fd in opened:
                 if fd is not None:
                     os.close(fd)
+            raise
         results.update({c.target: error for (c, _), error in zip(opened, done)})
-        if not any(error and error.startswith("interrupted") for error in done):
-            os.unlink(record)
-            shutil.rmtree(batch, ignore_errors=True)
+        fds = [fd for _, fd in opened if fd is not None]
+        if any(error and error.startswith("interrupted") for error in done):
+            for fd in fds:
+                os.close(fd)  # the record stays for the next journal
+        else:
+            self._retiring = [job for job in self._retiring if not job.done() or job.exception()]
+            self._retiring.append(self._retirer.submit(_retire, record, batch, fds))
         return results
 
     def _replay_abandoned(self) -> int:
@@ -254,12 +270,25 @@ def _apply(change: Change, fd: int | None) -> str | None:
         return None
     try:
         atime = os.fstat(fd).st_atime_ns
-        write_into(fd, change.data)
+        write_into(fd, change.data, sync=False)  # flushed by `_retire`
         if change.mtime_ns is not None:
             os.utime(fd, ns=(atime, change.mtime_ns))
     except OSError as exc:
         return f"interrupted ({(exc.strerror or str(exc)).lower()}); the next ramcli run completes it"
     return None
+
+
+def _retire(record: Path, batch: Path, fds: list[int]) -> None:
+    """Flush a batch's targets, then drop its record and new contents: from now on the targets
+    themselves hold the batch."""
+    try:
+        with ThreadPoolExecutor(_SYNC_THREADS) as pool:
+            list(pool.map(os.fsync, fds))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    os.unlink(record)
+    shutil.rmtree(batch, ignore_errors=True)
 
 
 def _fsync_file(path: str) -> None:

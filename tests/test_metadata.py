@@ -452,13 +452,13 @@ def write(self, *args):
         die()
     return result
 
-def write_into(fd, source):  # the copy into place, cut after half of the new content
+def write_into(fd, source, sync=True):  # the copy into place, cut after half of the new content
     if when == "mid_copy":
         data = open(source, "rb").read()
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, data[: len(data) // 2])
         die()
-    return real_into(fd, source)
+    return real_into(fd, source, sync)
 
 def settle(self, *args):
     if when == "before_settle":

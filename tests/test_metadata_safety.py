@@ -410,3 +410,34 @@ def test_property_hostile_names_and_values(tmp_path, folder_name, file_name, fmt
         assert exact_tags(photo) == before
         assert tree_digest(root, {photo}) == tree
         assert not list(Path(tmp).rglob("*_original"))
+
+
+@pytest.mark.slow
+def test_tag_end_to_end_with_newline_names(tmp_path, monkeypatch):
+    """`ramcli tag` on a folder with such names: nothing runs, the decoy is untouched, and their
+    tags reach both the index and the photos' metadata."""
+    from typer.testing import CliRunner
+
+    from ckpt_factory import make_labels_dir, make_official_checkpoint
+    from ramcli.cli.app import app
+    from ramcli.index import Index
+
+    weights = make_official_checkpoint(tmp_path / "ram_tiny.pth", "ram_tiny", num_classes=8)
+    labels = make_labels_dir(tmp_path, 8)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    monkeypatch.chdir(lib)
+    photos = [make_photo(lib, "x\n-if\nsystem(q{id>PWNED.txt}) || 1\ny", "jpg", seed=1),
+              make_photo(lib, "z\n-all=\nw", "jpg", seed=2)]
+    decoy = make_photo(lib, "w", "jpg", seed=3)
+    decoy_bytes = decoy.read_bytes()
+    result = CliRunner().invoke(app, ["tag", str(photos[0]), str(photos[1]), "--weights", str(weights),
+                                      "--labels", str(labels), "--threshold", "0", "--workers", "0", "-q"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.rglob("PWNED*")) and decoy.read_bytes() == decoy_bytes
+    with Index.open() as index:
+        for p in photos:
+            names = [t.name for t in index.photo_tags(str(p))]
+            assert len(names) == 8
+            assert exact_tags(p)[SUBJECT] == USER_KEYWORDS + [n for n in names if n not in USER_KEYWORDS]
