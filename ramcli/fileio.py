@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import itertools
 import json
 import os
@@ -35,6 +34,19 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+
+    def _lock(fh, wait: bool = True) -> None:
+        """An exclusive lock on an open file, held until it is closed; OSError if `wait` is False
+        and another process holds it."""
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+except ImportError:  # Windows
+    import msvcrt
+
+    def _lock(fh, wait: bool = True) -> None:
+        msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
 
 _COPY_CHUNK = 1 << 20
 # fsync waits on the disk, not on Python: a few at once let the file system merge their flushes.
@@ -133,11 +145,11 @@ class Journal:
         self._retirer = ThreadPoolExecutor(1, thread_name_prefix="ramcli-journal")
         self._retiring: list[Future] = []
         with open(self.root / "lock", "a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
+            _lock(guard)
             self.replayed = self._replay_abandoned()
             self.folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.root))
             self._lock = open(self.folder / "lock", "w")
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            _lock(self._lock)
 
     def close(self) -> None:
         """Wait for every batch to be flushed, remove this session and release it; a session with
@@ -210,7 +222,7 @@ class Journal:
                 continue
             with lock:
                 try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    _lock(lock, wait=False)
                 except OSError:
                     continue  # alive
                 for record in sorted(session.glob("b*.json")):
