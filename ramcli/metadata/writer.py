@@ -228,12 +228,13 @@ class MetadataWriter:
         if not untag:
             if found is None:
                 return [], "file not found" if not photo.exists() else "cannot read it"
-            if self.options.sidecar or is_raw(found):
+            photo_kind = found.kind in ("image", "raw")
+            if photo_kind and (self.options.sidecar or is_raw(found)):
                 targets = [(t, True, SIDECAR_EXTENSION, None) for t in sidecar_targets(photo, self.options, dirs, is_raw(found))]
-            elif embeds(found):
+            elif photo_kind and embeds(found):
                 targets = [(photo, True, EMBED_FORMATS[found.format], found.format)]
             elif not known:
-                if found.kind in ("unsupported", "error", "video"):
+                if not photo_kind:
                     return [], found.reason or "not a photo"
                 return [], f"{found.format or 'this format'} cannot hold embedded metadata (use --sidecar)"
         chosen = {str(t) for t, *_ in targets}
