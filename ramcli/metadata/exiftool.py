@@ -118,7 +118,7 @@ class Workspace:
     XMP packet); `real` maps a name back. One workspace per batch; `close` removes it."""
 
     def __init__(self, parent: str | os.PathLike | None = None):
-        self.folder = Path(tempfile.mkdtemp(prefix="ramcli-exiftool-", dir=parent))
+        self.folder = Path(tempfile.mkdtemp(prefix="batch-", dir=parent))
         safe_argument(str(self.folder))
         self._names: dict[str, str] = {}  # real -> name
         self.real: dict[str, str] = {}  # name -> real

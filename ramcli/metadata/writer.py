@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class MetadataWriter:
         self.journal = Journal(journal or home().root / "journal")  # completes a killed run's writes
         self._exiftools: list[ExifToolProcess | None] = [None, None]  # [reader, background writer]
         self._background: ThreadPoolExecutor | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="ramcli-exiftool-")  # the batches' workspaces
         try:
             self._process(0)
             self.recovered = self._recover()
@@ -139,6 +141,7 @@ class MetadataWriter:
             if process is not None:
                 process.close()
         self.journal.close()
+        self._tmp.cleanup()
 
     @property
     def exiftool(self) -> ExifToolProcess:
@@ -201,7 +204,7 @@ class MetadataWriter:
         latest = {os.path.realpath(p): (list(tags), caption) for p, tags, caption in items}  # repeated: last wins
         rows = self.ledger.entries_of(list(latest))
         plans: dict[str, FilePlan] = {}
-        batch = _Batch([], {}, rows, {}, Workspace(), untag)
+        batch = _Batch([], {}, rows, {}, Workspace(self._tmp.name), untag)
         for path, (tags, caption) in latest.items():
             plan = plans[path] = FilePlan(path)
             targets, plan.error = self._targets(Path(path), dirs, untag, {e.target for e in rows[path]})
@@ -534,7 +537,7 @@ class MetadataWriter:
             return 0
         existing = sorted({i.entry.target for i in intents if os.path.exists(i.entry.target)})
         extensions = {t: e for t in existing if (e := _extension(t))}
-        batch = _Batch([], {}, {}, extensions, Workspace())
+        batch = _Batch([], {}, {}, extensions, Workspace(self._tmp.name))
         try:
             found, _ = self._read(batch, list(extensions))
         finally:
