@@ -33,7 +33,8 @@ Kind = Literal["image", "raw", "video", "unsupported", "error"]
 
 #: Camera RAW files whose header is a plain TIFF one: told apart from TIFF by extension.
 RAW_SUFFIXES = frozenset(
-    ".cr2 .nef .nrw .arw .srf .sr2 .dng .pef .orf .rw2 .raf .cr3 .srw .3fr .erf .kdc .mos .iiq .x3f".split()
+    ".cr2 .nef .nrw .arw .srf .sr2 .dng .pef .orf .rw2 .rwl .raf .cr3 .srw .3fr .erf .kdc .dcr .mos .iiq .x3f"
+    " .crw .mrw".split()
 )
 #: Extensions that mark a file as meant to be a photo: an empty one is then an error, not noise.
 PHOTO_SUFFIXES = RAW_SUFFIXES | frozenset(
@@ -132,6 +133,10 @@ def sniff_bytes(head: bytes, suffix: str = "") -> Sniffed | None:
         return Sniffed("raw", "ORF")
     if head[:4] == b"IIU\x00":
         return Sniffed("raw", "RW2")
+    if head[:2] == b"II" and head[6:14] == b"HEAPCCDR":
+        return Sniffed("raw", "CRW")
+    if head[:4] == b"\x00MRM":
+        return Sniffed("raw", "MRW")
     if head[:4] in (b"II*\x00", b"MM\x00*") and suffix in RAW_SUFFIXES:
         return Sniffed("raw", suffix[1:].upper())
     if head[4:8] == b"ftyp":
