@@ -340,6 +340,11 @@ class _Dirs:
         return self._cache[folder]
 
 
+def sidecar_names(photo: Path) -> list[Path]:
+    """Every name a sidecar of `photo` may have: `IMG.EXT.xmp` and `IMG.xmp`, either case."""
+    return [photo.parent / n for n in (photo.name + ".xmp", photo.name + ".XMP", photo.stem + ".xmp", photo.stem + ".XMP")]
+
+
 def sidecar_targets(photo: Path, options: WriterOptions, dirs: _Dirs | None = None) -> list[Path]:
     """The sidecar(s) of `photo`: every existing one, else the one to create.
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ramcli.errors import UsageError
 from ramcli.index import Index, folder_range, lemma
+from ramcli.pathnames import from_text
 from ramcli.records import TagScore
 
 MAX_QUERY_CHARS = 1000
@@ -566,7 +567,7 @@ def search(index: Index, query: str | None, *, limit: int | None = 50, filters: 
         )
     }
     hits = [
-        Hit(pid, info[pid][0], None if s is None or math.isinf(s) else s, info[pid][1], caption=info[pid][2])
+        Hit(pid, from_text(info[pid][0]), None if s is None or math.isinf(s) else s, info[pid][1], caption=info[pid][2])
         for s, pid in ranked
     ]
     if with_tags:

@@ -21,6 +21,7 @@ from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
 from ramcli.index import Index, check_merge_source, database_error, normalize_path
 from ramcli.ledger import Ledger
+from ramcli.pathnames import display, from_text
 from ramcli.search import Filters, Hit, search as run_search
 
 index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity, merge indexes.", no_args_is_help=True)
@@ -80,7 +81,7 @@ def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> No
         writer = csv.writer(sys.stdout)
         writer.writerow(["path", "score", "taken_at", "tags"])
         for h in hits:
-            writer.writerow([h.path, _fmt_score(h.score), h.taken_at or "", "; ".join(f"{t.name}:{t.score:.3f}" for t in h.tags)])
+            writer.writerow([display(h.path), _fmt_score(h.score), h.taken_at or "", "; ".join(f"{t.name}:{t.score:.3f}" for t in h.tags)])
     else:
         table = Table(show_edge=False, header_style="bold")
         table.add_column("score", justify="right")
@@ -91,7 +92,7 @@ def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> No
         if with_captions:
             table.add_column("caption", overflow="fold")
         for h in hits:
-            row = [_fmt_score(h.score), h.path, (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8])]
+            row = [_fmt_score(h.score), display(h.path), (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8])]
             table.add_row(*row, *([h.caption or ""] if with_captions else []))
         console.print(table)
         more = " (more with --limit 0)" if truncated else ""
@@ -104,7 +105,7 @@ def _fmt_score(score: float | None) -> str:
 
 def _hit_json(h: Hit) -> dict:
     return {
-        "path": h.path,
+        "path": display(h.path),
         "score": None if h.score is None else round(h.score, 6),
         "taken_at": h.taken_at,
         "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(t.score, 6)} for t in h.tags],
@@ -165,7 +166,7 @@ def register(app: typer.Typer) -> None:
                 raise RamcliError(f"{photo} is not in the index: tag it with `ramcli tag {photo}`")
             tags = index.photo_tags(record.path)
             ledger = Ledger(index.db).entries(record.path)
-        console.print(f"[bold]{record.path}[/]", highlight=False)
+        console.print(display(record.path), style="bold", highlight=False, markup=False)
         for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption"):
             value = getattr(record, field)
             if value is not None:
@@ -181,7 +182,7 @@ def register(app: typer.Typer) -> None:
             for col in ("file", "field", "value", "ours"):
                 written.add_column(col, overflow="fold")
             for e in ledger:
-                written.add_row(e.target, e.field, e.value, "no (was there)" if e.preexisting else "yes")
+                written.add_row(display(e.target), e.field, e.value, "no (was there)" if e.preexisting else "yes")
             console.print(written)
         else:
             console.print("  nothing written to the file's metadata yet", style="dim")
@@ -214,7 +215,7 @@ def register(app: typer.Typer) -> None:
             table.add_column("photo", overflow="fold")
             table.add_column("error", overflow="fold")
             for p, err in failures:
-                table.add_row(p, err or "")
+                table.add_row(display(from_text(p)), err or "")
             console.print(table)
 
     @index_app.command()
@@ -227,7 +228,7 @@ def register(app: typer.Typer) -> None:
             else:
                 gone = index.prune()
         for p in gone:
-            console.print(p, highlight=False, markup=False)
+            console.print(display(p), highlight=False, markup=False)
         verb = "would forget" if dry_run else "forgot"
         err_console.print(f"{verb} {len(gone)} missing photo{'s' if len(gone) != 1 else ''}", highlight=False)
 
@@ -255,8 +256,9 @@ def register(app: typer.Typer) -> None:
         with _opened(destination, readonly=False) as index:
             for source in sources:
                 counts = index.merge(source)
-                console.print(f"{source}: {counts.added} added, {counts.updated} updated, {counts.unchanged} unchanged",
-                              highlight=False, markup=False, soft_wrap=True)
+                dropped = f"; {counts.ledger_dropped} write-ledger rows dropped (not ramcli's)" if counts.ledger_dropped else ""
+                console.print(f"{display(source)}: {counts.added} added, {counts.updated} updated, "
+                              f"{counts.unchanged} unchanged{dropped}", highlight=False, markup=False, soft_wrap=True)
         err_console.print(f"merged {len(sources)} index{'es' if len(sources) != 1 else ''} into {destination}", highlight=False)
 
     app.add_typer(index_app, name="index")
