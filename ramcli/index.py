@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
@@ -331,18 +331,19 @@ class Index:
         with self._write():
             self.db.execute("UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", [size, mtime_ns, path_key(path)])
 
-    def record_batch(self, results: list[PhotoResult], links: Collection[str] = ()) -> None:
+    def record_batch(self, results: list[PhotoResult], links: Mapping[str, str] | None = None) -> None:
         """Store a batch of tagging results in ONE transaction (idempotent).
 
         Tagged results replace the photo's tags; failed ones record status and error and keep
-        whatever tags an earlier successful run stored. `links`: the result paths (as given) that
-        are symlinks leading out of the tagged folders; their location is kept as the photo's
-        `link` (any other result clears it: the photo was reached inside the folders).
+        whatever tags an earlier successful run stored. `links` maps the result paths (as given)
+        that were reached through a symlink leading out of the tagged folders to their place
+        inside those folders (`Found.link`), kept as the photo's `link`; any other result clears
+        it (the photo was reached inside the folders).
         """
         if not results:
             return
         latest: dict[str, PhotoResult] = {path_key(r.path): r for r in results}
-        link_of = {path_key(r.path): to_text(link_location(r.path)) for r in results if r.path in links}
+        link_of = {path_key(r.path): to_text(links[r.path]) for r in results if links and r.path in links}
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         new_tag_ids: dict[str, int] = {}
         with self._write():
@@ -795,9 +796,3 @@ def folder_range(folder: str | os.PathLike) -> tuple[str, str]:
     path index (`to_text` maps character by character, so prefixes stay prefixes)."""
     base = path_key(folder).rstrip(os.sep) + os.sep
     return base, base[:-1] + chr(ord(os.sep) + 1)
-
-
-def link_location(path: str | os.PathLike) -> str:
-    """Where a symlink itself is: its folder resolved, its own name kept (not followed)."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(os.path.realpath(folder), name)

@@ -1,5 +1,9 @@
-"""`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again
-(issues 4 and 7).
+"""`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again.
+
+Scope: a folder means the photos under it, including those reached through a symlink in it that
+leads outside it (the index keeps such a photo's `link`); those are written or untagged only with
+`--follow-links`, as `ramcli tag` does, and otherwise listed with the reason. A photo named as a
+file is always in scope.
 
 The writer flags are defined once, here, by the `writer_options` decorator; `ramcli tag` reuses
 it so both commands accept the same flags:
@@ -21,6 +25,7 @@ import typer
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
 from ramcli.ledger import Ledger
+from ramcli.pathnames import display
 from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
 
 _PANEL = "Metadata writing"
@@ -70,6 +75,12 @@ IndexOption = Annotated[
     Optional[Path], typer.Option("--index", help="Index database (default: the one in RAMCLI_HOME).")
 ]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would change per file; write nothing.")]
+FollowLinksOption = Annotated[bool, typer.Option(
+    "--follow-links",
+    help="Also walk symlinked folders and write through symlinked files that lead outside the given folders "
+         "(default: they are left alone and listed).")]
+#: Why a photo reached through a symlink out of the given folders was left alone.
+OUTSIDE_LINK = "symlink to a file outside the given folders: left alone (--follow-links writes through it)"
 
 
 def print_plans(plans: list[FilePlan]) -> None:
@@ -77,12 +88,12 @@ def print_plans(plans: list[FilePlan]) -> None:
     changed = 0
     for plan in plans:
         if plan.error:
-            err_console.print(f"{plan.path}: cannot write: {plan.error}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"{display(plan.path)}: cannot write: {plan.error}", markup=False, highlight=False, soft_wrap=True)
         elif plan.changes:
             changed += 1
-            console.print(plan.path, markup=False, highlight=False, soft_wrap=True)
+            console.print(display(plan.path), markup=False, highlight=False, soft_wrap=True)
             for line in plan.changes:
-                console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+                console.print(f"  {display(line)}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"dry run: {changed} of {len(plans)} photos would change", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -92,9 +103,9 @@ def report(outcomes: list[WriteOutcome]) -> int:
     for o in outcomes:
         counts[o.status] += 1
         if o.status == "failed":
-            err_console.print(f"{o.path}: {o.error}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"{display(o.path)}: {o.error}", markup=False, highlight=False, soft_wrap=True)
         for w in o.warnings:
-            err_console.print(f"{o.path}: warning: {w}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"{display(o.path)}: warning: {w}", markup=False, highlight=False, soft_wrap=True)
     console.print(
         f"{counts['written']} written, {counts['unchanged']} unchanged, {counts['failed']} failed",
         markup=False, highlight=False, soft_wrap=True,
@@ -102,35 +113,64 @@ def report(outcomes: list[WriteOutcome]) -> int:
     return counts["failed"]
 
 
-def _indexed_photos(index, paths: list[Path]) -> list[str]:
-    """The indexed photos named by `paths` (files or folders; none = all)."""
+def _indexed_photos(index, paths: list[Path]) -> tuple[list[str], dict[str, str]]:
+    """The indexed photos named by `paths` (files or folders; none = all): (in scope, reached
+    only through a symlink that leads out of the folders, each with that symlink; see the module
+    docstring)."""
     from ramcli.index import normalize_path
 
     if not paths:
-        return [r.path for r in index.iter_photos()]
+        records = list(index.iter_photos())
+        return [r.path for r in records if r.link is None], {r.path: r.link for r in records if r.link is not None}
     found: list[str] = []
+    linked: dict[str, str] = {}
     for p in paths:
         if p.is_dir():
-            found += [r.path for r in index.iter_photos(under=p)]
+            for r in index.iter_photos(under=p, links=True):
+                if r.link is None or _within(r.path, p):
+                    found.append(r.path)
+                else:
+                    linked[r.path] = r.link
         elif index.lookup(str(p)) is not None:
             found.append(normalize_path(p))
         else:
             raise UsageError(f"{p} is not in the index: tag it first (`ramcli tag {p}`)")
-    return list(dict.fromkeys(found))
+    found = list(dict.fromkeys(found))
+    return found, {p: link for p, link in linked.items() if p not in found}
 
 
-def _ledger_photos(ledger: Ledger, paths: list[Path]) -> list[str]:
-    """The photos named by `paths` (files or folders) that ramcli wrote keywords into."""
+def _ledger_photos(index, ledger: Ledger, paths: list[Path]) -> tuple[list[str], dict[str, str]]:
+    """The photos named by `paths` (files or folders) that ramcli wrote keywords into: (in scope,
+    reached only through a symlink that leads out of the folders, each with that symlink)."""
     found: list[str] = []
+    linked: dict[str, str] = {}
     for p in paths:
         real = os.path.realpath(p)
         if os.path.isdir(real):
             found += [e.path for e in ledger.entries_under(real)]
+            linked.update((r.path, r.link) for r in index.iter_photos(under=Path(real), links=True)
+                          if r.link is not None and not _within(r.path, real) and ledger.entries(r.path))
         elif os.path.exists(real) or ledger.entries(real):
             found.append(real)
         else:
             raise UsageError(f"{p}: no such file or folder")
-    return list(dict.fromkeys(found))
+    found = list(dict.fromkeys(found))
+    return found, {p: link for p, link in linked.items() if p not in found}
+
+
+def _within(path: str, folder: str | os.PathLike) -> bool:
+    base = os.path.realpath(folder).rstrip(os.sep) + os.sep
+    return path.startswith(base)
+
+
+def _scope(found: list[str], linked: dict[str, str], follow_links: bool) -> list[str]:
+    """The photos to act on: with `follow_links` also the linked ones, else those are listed."""
+    if follow_links:
+        return found + list(linked)
+    for path, link in linked.items():
+        err_console.print(f"{display(link)} -> {display(path)}: {OUTSIDE_LINK}",
+                          markup=False, highlight=False, soft_wrap=True)
+    return found
 
 
 def register(app: typer.Typer) -> None:
@@ -140,14 +180,18 @@ def register(app: typer.Typer) -> None:
         paths: Annotated[Optional[list[Path]], typer.Argument(help="Photos or folders (default: the whole index).")] = None,
         index_path: IndexOption = None,
         dry_run: DryRunOption = False,
+        follow_links: FollowLinksOption = False,
         *,
         writer_options: WriterOptions,
     ) -> None:
-        """Write the indexed tags (and captions) into the photos' XMP/IPTC metadata (no model run)."""
+        """Write the indexed tags (and captions) into the photos' XMP/IPTC metadata (no model run).
+
+        Exit code 0 when every photo's metadata matches the index, 1 when a write failed (listed).
+        """
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
-            photos = _indexed_photos(index, list(paths or []))
+            photos = _scope(*_indexed_photos(index, list(paths or [])), follow_links)
             items = [(p, index.photo_tags(p)) for p in photos]
             captions = [index.lookup(p).caption for p in photos]  # Tag2Text captions, where indexed
             with MetadataWriter(writer_options, Ledger(index.db)) as writer:
@@ -168,16 +212,21 @@ def register(app: typer.Typer) -> None:
         paths: Annotated[list[Path], typer.Argument(help="Photos or folders.")],
         index_path: IndexOption = None,
         dry_run: DryRunOption = False,
+        follow_links: FollowLinksOption = False,
         *,
         writer_options: WriterOptions,
     ) -> None:
-        """Remove exactly the keywords and captions ramcli added to these photos, and nothing else."""
+        """Remove exactly the keywords and captions ramcli added to these photos, and nothing else.
+
+        Give the flags `ramcli tag` had (--follow-links) to undo all it did. Exit code 0 when
+        everything was removed, 1 when a file could not be written (listed).
+        """
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
             ledger = Ledger(index.db)
             with MetadataWriter(writer_options, ledger) as writer:  # first settles a killed run's writes
-                photos = _ledger_photos(ledger, paths)
+                photos = _scope(*_ledger_photos(index, ledger, paths), follow_links)
                 if dry_run:
                     print_plans(writer.plan_untag(photos))
                     return
