@@ -178,8 +178,12 @@ class TagRun:
                 for f in todo:
                     console.print(display(f.path), markup=False, highlight=False, soft_wrap=True)
                 if not self.quiet:
+                    broken = f"; {len(summary.failed)} broken" if summary.failed else ""
                     err_console.print(f"would tag {len(todo)} photo(s); {summary.unchanged} unchanged; "
-                                      f"{describe_skipped(summary.skipped) or 'nothing skipped'}")
+                                      f"{describe_skipped(summary.skipped) or 'nothing skipped'}{broken}")
+                    for path, reason in summary.failed:
+                        err_console.print(f"  broken: {display(path)}: {reason}", markup=False, highlight=False,
+                                          soft_wrap=True)
                 return 0
             if not todo:
                 if not self.quiet:
