@@ -132,7 +132,8 @@ class TagRun:
         return photos, counts
 
     def _shard(self, photos: list[Found]) -> list[Found]:
-        """Under torchrun, each rank takes every WORLD_SIZE-th photo."""
+        """Under torchrun, each rank takes every WORLD_SIZE-th photo (and reports every
+        WORLD_SIZE-th problem, so each is listed once)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         return photos[rank::world] if world > 1 else photos
@@ -155,7 +156,7 @@ class TagRun:
         photos, counts = self._discover()
         photos = self._shard(photos)
         summary.skipped = Counter({k: v for k, v in counts.items() if k not in ("image", "raw", "error")})
-        for f in self.reported:  # a broken photo (or an unreadable folder) fails like an undecodable one
+        for f in self._shard(self.reported):  # a broken photo (or unreadable folder) fails like an undecodable one
             (summary.failed if f.kind == "error" else summary.not_followed).append((str(f.path), f.reason or f.kind))
         links = {str(f.path): str(f.link) for f in photos if f.link is not None}
         device = resolve_device(self.device)
