@@ -204,7 +204,7 @@ def test_untag_never_deletes_what_a_merged_ledger_names(tmp_path):
         Ledger(index.db).record([
             LedgerEntry(str(photo), str(victim), "ramcli:CreatedSidecar", "1", False),
             LedgerEntry(str(photo), str(victim), "XMP-dc:Subject", "x", False),
-            LedgerEntry(str(photo), str(photo), "XMP-dc:Subject", "mine", False),  # not ramcli's: deniable only
+            LedgerEntry(str(photo), str(photo), "XMP-dc:Subject", "ramcli's", False),  # a plausible row: kept
         ])
     res = _cli("index", "merge", node, home=home)
     assert res.exit_code == 0, res.output
@@ -212,6 +212,7 @@ def test_untag_never_deletes_what_a_merged_ledger_names(tmp_path):
     res = _cli("untag", lib, home=home)
     assert res.exit_code == 0, res.output
     assert victim.read_text() == "precious\n"
+    assert _subjects(photo) == ["mine"]
 
 
 def test_doctor_calls_a_damaged_index_broken(tmp_path):
