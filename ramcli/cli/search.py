@@ -167,10 +167,10 @@ def register(app: typer.Typer) -> None:
             tags = index.photo_tags(record.path)
             ledger = Ledger(index.db).entries(record.path)
         console.print(display(record.path), style="bold", highlight=False, markup=False)
-        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption"):
+        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption", "link"):
             value = getattr(record, field)
             if value is not None:
-                console.print(f"  {field:<13} {value}", highlight=False, markup=False)
+                console.print(f"  {field:<13} {display(value) if field == 'link' else value}", highlight=False, markup=False)
         table = Table(title="tags", show_edge=False, header_style="bold")
         for col in ("tag", "中文", "score"):
             table.add_column(col, justify="right" if col == "score" else "left")
