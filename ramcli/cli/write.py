@@ -25,8 +25,8 @@ import typer
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
 from ramcli.ledger import Ledger
-from ramcli.pathnames import display
 from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
+from ramcli.pathnames import display
 
 _PANEL = "Metadata writing"
 # Writer batches per `write_batch` call: within a call, ExifTool reads the next batch while it
