@@ -427,11 +427,11 @@ class Index:
         for row in cur:
             yield PhotoRecord.from_row(row)
 
-    def prune(self, exists: Callable[[str], bool] = os.path.exists) -> list[str]:
-        """Forget photos whose files are gone; returns their paths."""
-        rows = ((pid, from_text(path)) for pid, path in self.db.execute("SELECT id, path FROM photos"))
-        missing = [(pid, path) for pid, path in rows if not exists(path)]
-        if missing:
+    def prune(self, exists: Callable[[str], bool] = os.path.exists, dry_run: bool = False) -> list[str]:
+        """Forget photos whose files are gone (only list them with `dry_run`); returns their paths."""
+        rows = self.db.execute("SELECT id, path FROM photos ORDER BY path")
+        missing = [(pid, path) for pid, path in ((pid, from_text(text)) for pid, text in rows) if not exists(path)]
+        if missing and not dry_run:
             with self._write():
                 self._delete_photos([(pid,) for pid, _ in missing])
         return [path for _, path in missing]

@@ -1,9 +1,7 @@
 """`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again.
-
-Scope: a folder means the photos under it, including those reached through a symlink in it that
-leads outside it (the index keeps such a photo's `link`); those are written or untagged only with
-`--follow-links`, as `ramcli tag` does, and otherwise listed with the reason. A photo named as a
-file is always in scope.
+Thin wrappers over `ramcli.writeback`. Photos that a folder reaches only through a symlink
+leading out of it are written or untagged only with `--follow-links` (as `ramcli tag` does), and
+otherwise listed with the reason.
 
 The writer flags are defined once, here, by the `writer_options` decorator; `ramcli tag` reuses
 it so both commands accept the same flags:
@@ -15,7 +13,6 @@ it so both commands accept the same flags:
 
 import functools
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,15 +20,13 @@ from typing import Annotated, Optional
 import typer
 
 from ramcli.cli.common import console, err_console
-from ramcli.errors import RamcliError, UsageError
+from ramcli.errors import RamcliError
 from ramcli.ledger import Ledger
 from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
 from ramcli.pathnames import display
+from ramcli.writeback import indexed_photos, ledger_photos, update_stats, write_indexed
 
 _PANEL = "Metadata writing"
-# Writer batches per `write_batch` call: within a call, ExifTool reads the next batch while it
-# writes one (docs/metadata.md); between calls the index learns the new file sizes and mtimes.
-_BATCHES_PER_CALL = 8
 
 
 def _option(name: str, default, annotation, flag: str, help: str) -> inspect.Parameter:
@@ -113,56 +108,6 @@ def report(outcomes: list[WriteOutcome]) -> int:
     return counts["failed"]
 
 
-def _indexed_photos(index, paths: list[Path]) -> tuple[list[str], dict[str, str]]:
-    """The indexed photos named by `paths` (files or folders; none = all): (in scope, reached
-    only through a symlink that leads out of the folders, each with that symlink; see the module
-    docstring)."""
-    from ramcli.index import normalize_path
-
-    if not paths:
-        records = list(index.iter_photos())
-        return [r.path for r in records if r.link is None], {r.path: r.link for r in records if r.link is not None}
-    found: list[str] = []
-    linked: dict[str, str] = {}
-    for p in paths:
-        if p.is_dir():
-            for r in index.iter_photos(under=p, links=True):
-                if r.link is None or _within(r.path, p):
-                    found.append(r.path)
-                else:
-                    linked[r.path] = r.link
-        elif index.lookup(str(p)) is not None:
-            found.append(normalize_path(p))
-        else:
-            raise UsageError(f"{p} is not in the index: tag it first (`ramcli tag {p}`)")
-    found = list(dict.fromkeys(found))
-    return found, {p: link for p, link in linked.items() if p not in found}
-
-
-def _ledger_photos(index, ledger: Ledger, paths: list[Path]) -> tuple[list[str], dict[str, str]]:
-    """The photos named by `paths` (files or folders) that ramcli wrote keywords into: (in scope,
-    reached only through a symlink that leads out of the folders, each with that symlink)."""
-    found: list[str] = []
-    linked: dict[str, str] = {}
-    for p in paths:
-        real = os.path.realpath(p)
-        if os.path.isdir(real):
-            found += [e.path for e in ledger.entries_under(real)]
-            linked.update((r.path, r.link) for r in index.iter_photos(under=Path(real), links=True)
-                          if r.link is not None and not _within(r.path, real) and ledger.entries(r.path))
-        elif os.path.exists(real) or ledger.entries(real):
-            found.append(real)
-        else:
-            raise UsageError(f"{p}: no such file or folder")
-    found = list(dict.fromkeys(found))
-    return found, {p: link for p, link in linked.items() if p not in found}
-
-
-def _within(path: str, folder: str | os.PathLike) -> bool:
-    base = os.path.realpath(folder).rstrip(os.sep) + os.sep
-    return path.startswith(base)
-
-
 def _scope(found: list[str], linked: dict[str, str], follow_links: bool) -> list[str]:
     """The photos to act on: with `follow_links` also the linked ones, else those are listed."""
     if follow_links:
@@ -191,19 +136,14 @@ def register(app: typer.Typer) -> None:
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
-            photos = _scope(*_indexed_photos(index, list(paths or [])), follow_links)
+            photos = _scope(*indexed_photos(index, list(paths or [])), follow_links)
             items = [(p, index.photo_tags(p)) for p in photos]
             captions = [index.lookup(p).caption for p in photos]  # Tag2Text captions, where indexed
             with MetadataWriter(writer_options, Ledger(index.db)) as writer:
                 if dry_run:
                     print_plans(writer.plan_batch(items, captions=captions))
                     return
-                outcomes = []
-                span = writer_options.batch_size * _BATCHES_PER_CALL
-                for start in range(0, len(items), span):
-                    batch = writer.write_batch(items[start : start + span], captions=captions[start : start + span])
-                    _update_stats(index, batch)
-                    outcomes += batch
+                outcomes = write_indexed(index, writer, items, captions)
         _fail_if_any(report(outcomes))
 
     @app.command()
@@ -226,22 +166,15 @@ def register(app: typer.Typer) -> None:
         with Index.open(index_path) as index:
             ledger = Ledger(index.db)
             with MetadataWriter(writer_options, ledger) as writer:  # first settles a killed run's writes
-                photos = _scope(*_ledger_photos(index, ledger, paths), follow_links)
+                photos = _scope(*ledger_photos(index, ledger, paths), follow_links)
                 if dry_run:
                     print_plans(writer.plan_untag(photos))
                     return
                 outcomes = writer.untag_batch(photos)
-                _update_stats(index, outcomes)
+                update_stats(index, outcomes)
         _fail_if_any(report(outcomes))
 
 
 def _fail_if_any(failed: int) -> None:
     if failed:
         raise RamcliError(f"{failed} photo(s) could not be written (see above); the others were")
-
-
-def _update_stats(index, outcomes: list[WriteOutcome]) -> None:
-    """Tell the index the new size/mtime of rewritten photos, so they are not re-tagged."""
-    for o in outcomes:
-        if o.size is not None and index.lookup(o.path) is not None:
-            index.update_stat(o.path, o.size, o.mtime_ns)

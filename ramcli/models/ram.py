@@ -47,8 +47,15 @@ def build_backbone(arch: ArchConfig, drop_path_rate: float = 0.0) -> SwinTransfo
 class RecognitionModel(nn.Module):
     """Image -> per-class logits for one RAM-family architecture.
 
-    Attributes other modules rely on: `arch`, `labels` (LabelSet, output order), `model_id`.
+    Attributes other modules rely on: `arch`, `labels` (LabelSet, output order), `model_id`,
+    `pretrained_cfg` (the data config, as on timm models: `timm.data.resolve_data_config(model=m)`
+    reads it). A model loaded from a file also says what the file held that tagging does not use
+    (`ignored_keys`) and which tensors it lacked and got their official initial value
+    (`defaulted_keys`).
     """
+
+    ignored_keys: tuple[str, ...] = ()
+    defaulted_keys: tuple[str, ...] = ()
 
     def __init__(self, arch: ArchConfig, labels: LabelSet | None = None, model_id: str = "untrained",
                  drop_path_rate: float = 0.0):
@@ -79,6 +86,10 @@ class RecognitionModel(nn.Module):
         # Custom (open-vocabulary) RAM++ tags: description rows and the custom class each belongs to.
         self.register_buffer("extra_embed", torch.zeros(0, CLIP_DIM), persistent=False)
         self.register_buffer("extra_class", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self.arch.data_config
 
     # ------------------------------------------------------------------ image side
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
