@@ -6,6 +6,11 @@ the photos of the batch in flight and nothing else.
 
 A `TagSession` holds what outlives one run (the index, the loaded model, ExifTool, the output):
 `ramcli tag` runs once in it, `ramcli watch` once per group of photos that arrive.
+
+The run's promise is "every photo tagged, indexed and written": a broken photo, a file with a
+photo's name that is none, or a metadata write that failed breaks it, is listed by path with
+its reason and makes `execute` return non-zero. What is left alone by policy (a symlink leading
+out of the tagged folders, see docs/formats.md) is listed too, but is no failure.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from ramcli.discover import Found, describe_skipped, discover
 from ramcli.embed_cache import EmbeddingCache
 from ramcli.errors import UsageError
 from ramcli.metadata import WriterOptions
+from ramcli.pathnames import display
 from ramcli.records import PhotoResult
+
+#: Why a photo reached through a symlink that leaves the tagged folders keeps its metadata.
+OUTSIDE_LINK = "symlink to a file outside the tagged folders: indexed, metadata not written (--follow-links writes it)"
 
 
 @dataclass
@@ -37,7 +46,14 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     written: int = 0
     write_failed: list[tuple[str, str]] = field(default_factory=list)
+    not_written: list[tuple[str, str]] = field(default_factory=list)  # left alone by policy
+    not_followed: list[tuple[str, str]] = field(default_factory=list)  # folder links not walked
     skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def problems(self) -> int:
+        """Photos whose promise was not kept: not tagged, or tagged but not written."""
+        return len(self.failed) + len(self.write_failed)
 
 
 class MetadataSink:
@@ -45,13 +61,20 @@ class MetadataSink:
 
     The results are updated with the files' size and mtime after the write, so the index keeps
     the post-write state and the next run does not take ramcli's own write for a change.
+    `left_alone`: result paths not to write, with the reason (symlinks out of the tagged folders).
     """
 
-    def __init__(self, writer, model_id: str, summary: Summary):
+    def __init__(self, writer, model_id: str, summary: Summary, left_alone: dict[str, str] | None = None):
         self.writer, self.model_id, self.summary = writer, model_id, summary
+        self.left_alone = left_alone or {}
 
     def __call__(self, results: list[PhotoResult]) -> None:
-        tagged = [r for r in results if r.status == "tagged"]
+        tagged = []
+        for r in results:
+            if r.status == "tagged" and r.path in self.left_alone:
+                self.summary.not_written.append((r.path, self.left_alone[r.path]))
+            elif r.status == "tagged":
+                tagged.append(r)
         if not tagged:
             return
         outcomes = self.writer.write_batch([(r.path, r.tags) for r in tagged], model_id=self.model_id,
@@ -101,19 +124,24 @@ class TagRun:
     #: Asked after each batch; True ends the run there, the batch in flight written and recorded
     #: (`ramcli watch` stops this way on Ctrl-C or SIGTERM).
     stop: Callable[[], bool] | None = None
+    follow_links: bool = False  # walk and write through symlinks that leave the tagged folders
+    #: What discovery reported besides photos (errors, folder links not walked), set by `_discover`.
+    reported: list[Found] = field(default_factory=list, init=False, repr=False)
 
     # ------------------------------------------------------------------ steps
     def _discover(self) -> tuple[list[Found], Counter]:
         for p in self.paths:
             if not p.exists() and not p.is_symlink():
                 raise UsageError(f"no such file or folder: {p}")
-        found = list(discover(self.paths, self.include, self.exclude))
+        found = list(discover(self.paths, self.include, self.exclude, follow_links=self.follow_links))
         counts = Counter(f.kind for f in found)
         photos = [f for f in found if f.kind in ("image", "raw")]
+        self.reported = [f for f in found if f.kind in ("error", "link")]
         return photos, counts
 
     def _shard(self, photos: list[Found]) -> list[Found]:
-        """Under torchrun, each rank takes every WORLD_SIZE-th photo."""
+        """Under torchrun, each rank takes every WORLD_SIZE-th photo (and reports every
+        WORLD_SIZE-th problem, so each is listed once)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         return photos[rank::world] if world > 1 else photos
@@ -123,29 +151,36 @@ class TagRun:
         return TagSession(self, err_console)
 
     def execute(self, console: Console, err_console: Console, session: TagSession | None = None) -> int:
-        """Run; returns the number of photos that failed. `session`: an open one to use and leave
-        open (`ramcli watch` keeps the model loaded between runs); by default the run has its own."""
+        """Run; returns the number of photos that failed: not tagged (broken, not a photo) or whose
+        metadata write failed. `session`: an open one to use and leave open (`ramcli watch` keeps
+        the model loaded between runs); by default the run has its own."""
         if session is None:
             with self.open_session(err_console) as own:
                 return self.execute(console, err_console, own)
         start = time.monotonic()
         photos, counts = self._discover()
         photos = self._shard(photos)
-        summary = Summary(skipped=Counter({k: v for k, v in counts.items() if k not in ("image", "raw")}))
+        summary = Summary(skipped=Counter({k: v for k, v in counts.items() if k not in ("image", "raw", "error")}))
+        for f in self._shard(self.reported):  # a broken photo (or unreadable folder) fails like an undecodable one
+            (summary.failed if f.kind == "error" else summary.not_followed).append((str(f.path), f.reason or f.kind))
         todo = session.due(photos)
         summary.unchanged = len(photos) - len(todo)
         if self.dry_run:
             for f in todo:
-                console.print(str(f.path), markup=False, highlight=False, soft_wrap=True)
+                console.print(display(f.path), markup=False, highlight=False, soft_wrap=True)
             if not self.quiet:
+                broken = f"; {len(summary.failed)} broken" if summary.failed else ""
                 err_console.print(f"would tag {len(todo)} photo(s); {summary.unchanged} unchanged; "
-                                  f"{describe_skipped(summary.skipped) or 'nothing skipped'}")
+                                  f"{describe_skipped(summary.skipped) or 'nothing skipped'}{broken}")
+                for path, reason in summary.failed:
+                    err_console.print(f"  broken: {display(path)}: {reason}", markup=False, highlight=False,
+                                      soft_wrap=True)
             return 0
         session.tag(todo, summary, start)
         session.end_output()
         if not self.quiet:
             self._print_summary(err_console, summary, start)
-        return len(summary.failed)
+        return summary.problems
 
     #: Photos from which torch.compile pays off: compiling costs a fixed time and saves a part of
     #: every batch. On the CPU, where a photo takes seconds, a hundred photos repay it; on a GPU,
@@ -216,7 +251,13 @@ class TagRun:
                 summary.failed.append((r.path, r.error or r.status))
 
     def _moved_skipper(self, index, summary: Summary):
-        """A photo whose image data the index knows under a path that is gone was moved: re-point it."""
+        """A photo whose image data the index knows under a path that is gone was moved: re-point it.
+
+        Only the very file moves with its size and mtime (a rename keeps both), so only then does
+        the write ledger follow it and the photo skip the model. Any other file with that image
+        data (a copy restored from before ramcli wrote, an edited copy) takes the record over but
+        not the ledger, and is tagged and written like a new photo: the ledger's rows describe
+        the old file, and against the copy they would say the user deleted ramcli's tags."""
 
         def skip(item) -> bool:
             if index.lookup(str(item.path)) is not None:
@@ -224,18 +265,21 @@ class TagRun:
             old = index.find_moved(item.content_hash)
             if old is None:
                 return False
-            index.move(old.path, str(item.path), item.size, item.mtime_ns)
-            summary.moved += 1
-            return True
+            same_file = (old.size, old.mtime_ns) == (item.size, item.mtime_ns)
+            index.move(old.path, str(item.path), item.size, item.mtime_ns, with_ledger=same_file)
+            if same_file:
+                summary.moved += 1
+            return same_file
 
         return skip
 
-    def _metadata_sink(self, index, summary: Summary, model_id: str) -> MetadataSink:
+    def _metadata_sink(self, index, summary: Summary, model_id: str, links: dict[str, str]) -> MetadataSink:
         from ramcli.ledger import Ledger
         from ramcli.metadata import MetadataWriter
 
         options = self.writer_options or WriterOptions(lang=self.lang)
-        return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, summary)
+        left_alone = {} if self.follow_links else dict.fromkeys(links, OUTSIDE_LINK)
+        return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, summary, left_alone)
 
     # ------------------------------------------------------------------ report
     def _print_summary(self, err: Console, s: Summary, start: float) -> None:
@@ -252,12 +296,14 @@ class TagRun:
         if skipped:
             parts.append(skipped)
         parts.append(f"failed {len(s.failed)}")
+        if s.write_failed:
+            parts.append(f"metadata write failed {len(s.write_failed)}")
         rate = s.tagged / elapsed if elapsed > 0 else 0.0
         err.print(", ".join(parts) + f" in {elapsed:.1f} s ({rate:.2f} img/s)", highlight=False)
-        for path, reason in s.failed:
-            err.print(f"  failed: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
-        for path, reason in s.write_failed:
-            err.print(f"  not written: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+        for label, rows in (("failed", s.failed), ("not written", s.write_failed + s.not_written),
+                            ("not followed", s.not_followed)):
+            for path, reason in rows:
+                err.print(f"  {label}: {display(path)}: {reason}", markup=False, highlight=False, soft_wrap=True)
 
 
 #: Jobs of up to this many photos are decoded in-process: starting the decode worker processes
@@ -344,12 +390,15 @@ class TagSession:
 
     def tag(self, todo: list[Found], summary: Summary, start: float) -> None:
         """Tag `todo` batch by batch through every sink (output, metadata, index), with a progress
-        bar on a terminal; photos the index knows under a path that is gone are re-pointed."""
+        bar on a terminal; photos the index knows under a path that is gone are re-pointed. Photos
+        reached through a symlink out of the tagged folders are indexed with their link and, unless
+        --follow-links, not written."""
         from ramcli.pipeline import default_batch_size, default_workers, tag_files
 
         if not todo:
             return
         run, index = self.run, self.index
+        links = {str(f.path): str(f.link) for f in todo if f.link is not None}
         loaded = self.load(len(todo))
         tagger = loaded.tagger
         cached, todo = run._split_cached(todo, index, tagger.model.model_id, tagger.cache)
@@ -361,9 +410,10 @@ class TagSession:
         sinks = [self._output]
         if self._metadata is not None:
             self._metadata.summary = summary
+            self._metadata.left_alone = {} if run.follow_links else dict.fromkeys(links, OUTSIDE_LINK)
             sinks.append(self._metadata)
         if index is not None:
-            sinks.append(index.record_batch)
+            sinks.append(lambda results: index.record_batch(results, links=links))
         sinks.append(lambda results: run._count(results, summary))
         skip = run._moved_skipper(index, summary) if index is not None else None
         batch_size = run.batch_size or default_batch_size(self.device)
@@ -415,7 +465,7 @@ class TagSession:
                         exclude=run.exclude_tags, top_k=run.top_k, cache=cache,
                         compile=run._should_compile(self.device, photos), captioner=captioner)
         if run.write and self._metadata is None:
-            self._metadata = run._metadata_sink(self.index, Summary(), model.model_id)
+            self._metadata = run._metadata_sink(self.index, Summary(), model.model_id, {})
         if self.index is not None:
             names, names_zh, n = model.labels.names, model.labels.names_zh, model.arch.num_classes
             self.index.upsert_tags(names[:n], names_zh[:n], "builtin")

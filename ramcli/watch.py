@@ -33,7 +33,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -279,7 +279,9 @@ class Watcher:
             if root is None:
                 continue
             if os.path.isdir(path):  # created, moved in, or to be looked at again: every file in it
-                for found in discover([Path(path)]):
+                if os.path.islink(path) and not self._follows(path):
+                    continue
+                for found in discover([Path(path)], follow_links=self.run.follow_links):
                     if walk_reaches(root, found.path, self.run.include, self.run.exclude):
                         self.settler.touch(str(found.path))
                 for record in self.session.index.iter_photos(under=Path(path)):
@@ -291,12 +293,31 @@ class Watcher:
             else:
                 self.settler.delete(path)
 
+    def _follows(self, link: str) -> bool:
+        """Whether a symlinked folder that appeared is walked, as the walk decides: never one
+        inside the folders (watched already) or holding one; one outside with --follow-links."""
+        real = os.path.realpath(link)
+        base = real.rstrip(os.sep) + os.sep
+        holds_a_root = any(str(r) == real or str(r).startswith(base) for r in self.roots)
+        return self.run.follow_links and self._root_of(real) is None and not holds_a_root
+
+    def _classified(self, path: str) -> list[Found]:
+        """The file at `path` as the walk of its folder finds it: one whose real place is outside
+        the watched folders carries `link` (indexed; written only with --follow-links), and one
+        inside a linked folder that the walk does not enter is left out."""
+        found = list(discover([Path(path)]))
+        if self._root_of(os.path.realpath(path)) is None:
+            if not (os.path.islink(path) or self.run.follow_links):
+                return []
+            found = [replace(f, link=f.path) for f in found]
+        return found
+
     # ------------------------------------------------------------------ one pass
     def _pass(self, files: list[str], deleted: list[str]) -> None:
         """Tag the settled files, re-point renamed ones, then forget the deleted ones."""
         start = time.monotonic()
         summary = Summary()
-        found = [f for p in files for f in discover([Path(p)])]
+        found = [f for p in files for f in self._classified(p)]
         photos = [f for f in found if f.kind in ("image", "raw")]
         summary.skipped = Counter(f.kind for f in found if f.kind not in ("image", "raw"))
         photos = self._renamed(photos, deleted, summary)

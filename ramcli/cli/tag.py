@@ -14,6 +14,8 @@ from pathlib import Path
 import typer
 
 from ramcli.cli.common import console, err_console
+from ramcli.cli.write import FollowLinksOption
+from ramcli.cli.write import FollowLinksOption
 from ramcli.cli.write import writer_options as with_writer_options
 from ramcli.metadata import WriterOptions
 from ramcli.output import default_format
@@ -45,6 +47,7 @@ def _options(
     cache_embeddings: bool = typer.Option(False, "--cache-embeddings", help="Keep image embeddings (fp16, ~145 KB/photo) so tags added later re-run only the decoder."),
     caption: bool = typer.Option(False, "--caption", help="Tag2Text only: also write a caption per photo (beam search 3, 10-30 tokens, as the official)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+    follow_links: FollowLinksOption = False,
 ) -> None:
     """Not a command: its signature defines the options of `ramcli tag` (see `tag_options`)."""
 
@@ -55,7 +58,8 @@ def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     receives the rest as one `run: TagRun`."""
     shared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
               for p in inspect.signature(_options).parameters.values() if p.name not in omit]
-    defaults = {name: p.default.default for name, p in inspect.signature(_options).parameters.items() if name in omit}
+    defaults = {name: getattr(p.default, "default", p.default)
+                for name, p in inspect.signature(_options).parameters.items() if name in omit}
 
     def decorate(func: Callable) -> Callable:
         signature = inspect.signature(func, eval_str=True)
@@ -91,7 +95,9 @@ def register(app: typer.Typer) -> None:
     def tag(paths: list[Path] = typer.Argument(..., help="Photos and folders (walked recursively)."), *, run) -> None:
         """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.
 
-        Exit code 0 when every photo was handled, 1 when some failed (listed), 2 on usage errors.
+        Exit code 0 when every photo was tagged, indexed and (unless --no-write) written; 1 when
+        some photo failed, is broken (a photo's name, no photo inside) or could not be written
+        (each listed); 2 on usage errors.
         """
         failed = run.execute(console=console, err_console=err_console)
         if failed:
