@@ -15,7 +15,6 @@ import typer
 
 from ramcli.cli.common import console, err_console
 from ramcli.cli.write import FollowLinksOption
-from ramcli.cli.write import FollowLinksOption
 from ramcli.cli.write import writer_options as with_writer_options
 from ramcli.metadata import WriterOptions
 from ramcli.output import default_format
@@ -56,10 +55,9 @@ def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Give a command the options of `ramcli tag` and the writer flags, except those in `omit`
     (their defaults apply). The command keeps its own parameters (its `paths` among them) and
     receives the rest as one `run: TagRun`."""
-    shared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-              for p in inspect.signature(_options).parameters.values() if p.name not in omit]
-    defaults = {name: getattr(p.default, "default", p.default)
-                for name, p in inspect.signature(_options).parameters.items() if name in omit}
+    options = inspect.signature(_options, eval_str=True).parameters
+    shared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in options.values() if p.name not in omit]
+    defaults = {name: getattr(p.default, "default", p.default) for name, p in options.items() if name in omit}
 
     def decorate(func: Callable) -> Callable:
         signature = inspect.signature(func, eval_str=True)
