@@ -53,9 +53,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32.
 
-    auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp32 on the CPU. CPU bf16 (2.6x faster
-    here) stays opt-in: its tag agreement with fp32, measured by bench/tag_cpu.py, is 96.9%,
-    below the 99% the project requires (docs/performance.md).
+    auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp32 on the CPU. CPU bf16 is faster but
+    stays opt-in: its tag agreement with fp32 (bench/tag_cpu.py) is below the 99% the project
+    requires. The figures are in docs/performance.md.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -125,10 +125,6 @@ class Tagger:
     @property
     def image_size(self) -> int:
         return self.model.arch.image_size
-
-    @property
-    def active_names(self) -> list[str]:
-        return [self.model.labels.names[i] for i in self.active]
 
     def _amp(self):
         return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()

@@ -226,8 +226,8 @@ def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int =
     Tag2Text), guided by the tags the engine found, as RAM's captioner is."""
     import torch
 
+    from ramcli.caption import CaptionTokenizer
     from ramcli.imaging import model_input, normalize
-    from ramcli_train.caption import CaptionTokenizer
     from ramcli_train.config import TrainConfig
     from ramcli_train.loop import build_model, load_checkpoint
     from ramcli.labels import LabelSet

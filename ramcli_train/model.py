@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 
+from ramcli.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
 from ramcli.errors import RamcliError
 from ramcli.labels import LabelSet
 from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.ram import RecognitionModel
 from ramcli_train import losses
-from ramcli_train.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
 
 # the two normalisations, as timm defines them (its OpenAI CLIP values are open_clip's
 # OPENAI_DATASET_MEAN/STD; importing open_clip for two tuples would cost seconds)
@@ -248,13 +248,10 @@ def label_embeddings(labels: LabelSet, arch: ArchConfig, source: str, clip_weigh
     path = Path(source)
     if not path.is_file():
         raise RamcliError(f"label embedding file not found: {path} (or use label_embed=clip|random)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ramcli.safeload import load_weights
 
-        tensors = list(load_file(str(path)).values())
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    obj = load_weights(path)
+    tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]
     if len(tensors) != 1:
         raise RamcliError(f"{path.name} must hold exactly one tensor of label embeddings")
     return tensors[0].float()

@@ -55,6 +55,10 @@ TINY: dict[str, dict[str, Any]] = {
     "ram_tiny": _arch("ram", _SWIN_TINY, _HEAD_TINY, _TEXT_TINY, 4585, "lecun"),
     "ram_plus_tiny": _arch("ram_plus", _SWIN_TINY, _HEAD_TINY, {}, 4585, "lecun"),
     "tag2text_tiny": _arch("tag2text", _SWIN_TINY, _HEAD_TINY, _TEXT_TINY, 3429, "lecun"),
+    # captions with the real tokenizer and the official 12 text heads: bert's vocabulary, 40-token tags
+    "tag2text_tiny_bert_vocab": _arch("tag2text", _SWIN_TINY, dict(_HEAD_TINY, hidden_size=48, intermediate_size=96),
+                                      dict(_TEXT_TINY, text_heads=12, vocab_size=30524, max_position_embeddings=64),
+                                      3429, "lecun"),
 }
 #: The published sizes (for benchmarks and file-size realism).
 FULL: dict[str, dict[str, Any]] = {

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from ramcli_train.metrics import (
+from ramcli.metrics import (
     average_precisions,
     best_f1_threshold,
     calibrate_thresholds,

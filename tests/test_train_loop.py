@@ -148,7 +148,7 @@ def test_cpu_preset_learns_the_synthetic_tags(tmp_path):
     import numpy as np
 
     from ramcli_train.loop import Runtime, build_loader
-    from ramcli_train.metrics import mean_average_precision
+    from ramcli.metrics import mean_average_precision
 
     data = tmp_path / "data"
     write_shards(data, samples=640, shards=2, seed=5, val_samples=200, size=64)

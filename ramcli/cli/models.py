@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from ramcli.cli.common import console, err_console
+from ramcli.output import Layout, check_format, default_format, write_records
 
 models_app = typer.Typer(help="The published models: list, info, pull, import, convert.", no_args_is_help=True)
 
@@ -17,26 +17,28 @@ def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
 
 
+MODELS = Layout(
+    columns=("name", "arch", "download", "installed", "description"),
+    row=lambda m: [m["name"] + (" (default)" if m["default"] else ""), m["arch"] or "-",
+                   f"{m['bytes'] / 1e9:.2f} GB", "yes" if m["installed"] else "-", m["description"]],
+    json=lambda m: m,
+)
+
+
 @models_app.command("list")
-def list_models() -> None:
+def list_models(
+    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, tsv otherwise)."),
+) -> None:
     """The published models, their size, and whether they are installed."""
     from ramcli.config import home
     from ramcli.models import DEFAULT_MODEL, PUBLISHED
     from ramcli.models.registry import converted_path
 
-    rows = []
-    for p in PUBLISHED.values():
-        installed = "yes" if converted_path(home().models, p.name).is_file() else "-"
-        name = p.name + (" (default)" if p.name == DEFAULT_MODEL else "")
-        rows.append((name, p.arch or "-", f"{p.size / 1e9:.2f} GB", installed, p.description))
-    if not console.is_terminal:  # scripts get one tab-separated line per model
-        for row in rows:
-            typer.echo("\t".join(row))
-        return
-    table = Table("name", "arch", "download", "installed", "description")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    fmt = check_format(fmt or default_format(), MODELS)
+    models = [{"name": p.name, "default": p.name == DEFAULT_MODEL, "arch": p.arch, "bytes": p.size,
+               "installed": converted_path(home().models, p.name).is_file(), "description": p.description}
+              for p in PUBLISHED.values()]
+    write_records(models, fmt, MODELS)
 
 
 @models_app.command()

@@ -1,5 +1,5 @@
 """`ramcli train` (pretrain RAM / RAM++ / Tag2Text on captioned shards), `ramcli train export`,
-and the `finetune` stub (issue 8). Thin wrappers over ramcli_train.loop / export."""
+and `ramcli finetune`. Thin wrappers over ramcli_train.loop / export / finetune."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -53,7 +53,6 @@ class ArchConfig:
     layers: int = 2
     descriptions_per_class: int = 1  # RAM++: 51 CLIP description embeddings per tag
     layer_norm_eps: float = 1e-12
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
     # Preprocessing (the official `get_transform`): squash-resize to image_size, ImageNet mean/std.
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
@@ -72,6 +71,7 @@ class ArchConfig:
     @classmethod
     def from_json(cls, text: str) -> ArchConfig:
         data = json.loads(text)
+        data.pop("extra", None)  # an always-empty field that files converted by ramcli 0.1 carry
         swin = data.pop("swin")
         swin["depths"] = tuple(swin["depths"])
         swin["num_heads"] = tuple(swin["num_heads"])

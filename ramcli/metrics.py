@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ramcli.decision import emitted, threshold_below, threshold_between
+from ramcli.errors import RamcliError
 
 AP_EPSILON = 1e-8
 PR_EPSILON = 1e-9
@@ -145,6 +146,15 @@ def split_indices(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, n
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
+def _precision_recall_curve(targets: np.ndarray, scores: np.ndarray, **kwargs):
+    """scikit-learn's curve; imported here so that mAP and CP/CR need no scikit-learn."""
+    try:
+        from sklearn.metrics import precision_recall_curve
+    except ImportError:
+        raise RamcliError("threshold calibration and PR curves need scikit-learn: pip install 'ramcli[eval]'") from None
+    return precision_recall_curve(targets, scores, **kwargs)
+
+
 def best_f1_threshold(scores: np.ndarray, targets: np.ndarray) -> float | None:
     """A threshold that maximises F1 of `score > t` on one class; None without positives.
 
@@ -153,12 +163,10 @@ def best_f1_threshold(scores: np.ndarray, targets: np.ndarray) -> float | None:
     sides) so that held-out images just below the chosen score are not decided by a hair.
     Among equal F1 the highest cut wins.
     """
-    from sklearn.metrics import precision_recall_curve
-
     targets = np.asarray(targets).astype(bool)
     if not targets.any():
         return None
-    precision, recall, candidates = precision_recall_curve(targets, scores, drop_intermediate=False)
+    precision, recall, candidates = _precision_recall_curve(targets, scores, drop_intermediate=False)
     precision, recall = precision[:-1], recall[:-1]  # the last point is (1, 0) with no threshold
     f1 = np.asarray(_f1(precision, recall))
     best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # candidates ascend: last maximum = highest t
@@ -188,10 +196,8 @@ class PRCurve:
 
 def pr_curve(scores: np.ndarray, targets: np.ndarray) -> PRCurve | None:
     """Precision-recall points of one class (None when it has no positives)."""
-    from sklearn.metrics import precision_recall_curve
-
     targets = np.asarray(targets).astype(bool)
     if not targets.any():
         return None
-    precision, recall, _ = precision_recall_curve(targets, scores)
+    precision, recall, _ = _precision_recall_curve(targets, scores)
     return PRCurve(precision, recall)
