@@ -1,6 +1,8 @@
 """Architecture configurations of the RAM family.
 
-An `ArchConfig` fixes the structure of a model (backbone, decoder sizes, family). The number of
+An `ArchConfig` fixes the structure of a model (backbone, decoder sizes, family). The backbone
+is the official Swin of `swin`, or any timm model that gives a feature map, named by `backbone`
+(then `swin` is None and the file carries timm's data config of it). The number of
 classes comes from the weights (a checkpoint's `label_embed`), so one config serves the official
 4,585 tags, a benchmark subset or a vocabulary with custom tags. Everything here can also be
 inferred from an official checkpoint's tensor shapes (`infer_arch`), which is how `--arch` is
@@ -38,7 +40,7 @@ class ArchConfig:
     name: str
     family: str
     image_size: int
-    swin: SwinConfig
+    swin: SwinConfig | None  # the official Swin; None when `backbone` names a timm model
     num_classes: int
     hidden: int = 768
     heads: int = 4
@@ -47,6 +49,10 @@ class ArchConfig:
     descriptions_per_class: int = 1  # RAM++: 51 CLIP description embeddings per tag
     layer_norm_eps: float = 1e-12
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    backbone: str = ""  # a timm model name (resnet18, convnext_tiny, ...); empty: the Swin of `swin`
+    #: timm's data config of `backbone` (timm.data.resolve_data_config: input size, mean/std,
+    #: interpolation), recorded when the model is built so a file says how its backbone was fed
+    data_config: dict = field(default_factory=dict, compare=False, hash=False)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -55,9 +61,9 @@ class ArchConfig:
     def from_json(cls, text: str) -> ArchConfig:
         data = json.loads(text)
         swin = data.pop("swin")
-        swin["depths"] = tuple(swin["depths"])
-        swin["num_heads"] = tuple(swin["num_heads"])
-        return cls(swin=SwinConfig(**swin), **data)
+        if swin is not None:
+            swin = SwinConfig(**{**swin, "depths": tuple(swin["depths"]), "num_heads": tuple(swin["num_heads"])})
+        return cls(swin=swin, **data)
 
 
 SWIN_L_384 = SwinConfig(192, (2, 2, 18, 2), (6, 12, 24, 48), 12)
