@@ -29,7 +29,7 @@ FAMILIES = ("ram", "ram_plus", "tag2text")
 CPU_SWIN = SwinConfig(32, (2, 2, 2), (2, 4, 8), 8)
 #: The `cpu` preset's image encoder (a timm model): a small CNN learns shapes and textures from
 #: scratch in CPU minutes, where a randomly initialised Swin does not (docs/training.md)
-CPU_BACKBONE = "resnet18"
+CPU_BACKBONE = "resnet10t"
 #: the `cpu` presets' recognition decoder (and caption stack) width, heads, feed-forward width
 CPU_DECODER = dict(hidden=128, heads=4, intermediate=256)
 

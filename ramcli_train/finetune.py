@@ -328,6 +328,7 @@ def prepare(start: StartPoint, cfg: TrainConfig, plan: TagPlan,
         tagger = {k: v for k, v in tagger.items() if not k.startswith("backbone.") and k in own
                   and tuple(v.shape) == tuple(own[k].shape)}
         tagger.update({k: v for k, v in own.items() if k not in tagger})
+    state = _assemble(model, tagger, start)
     torch.save(state, out / INIT_FILE)
     (out / "finetune.json").write_text(json.dumps({
         "from": start.source, "classes": len(plan.labels), "new_tags": plan.new_names,
