@@ -339,8 +339,12 @@ def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: li
     step, epoch, skip = 0, 0, 0
     if resume:
         state = load_checkpoint(work / CHECKPOINT)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            student.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError):
+            raise RamcliError(f"{work / CHECKPOINT} is not a checkpoint of this student (another --backbone, "
+                              "--hidden or teacher?); start without --resume") from None
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
     by_path = dict(zip(train_paths, keys))
     dataset = PhotoDataset(train_paths, student.arch.image_size)
