@@ -4,7 +4,7 @@ Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-li
 
   baseline : one image at a time: full PIL decode, the official torchvision transform
              (Resize((384,384)), ToTensor, Normalize), fp32 forward at batch 1.
-  ramcli   : the `ramcli tag` pipeline (draft decode in worker processes, batches, strict
+  ramcli   : the `ramcli tag` pipeline (full decode in worker processes, batches, strict
              thresholds) in fp32 (eager, and torch.compile'd: the default for jobs of 100+
              photos) and in bf16 autocast (eager and compiled).
 
@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision import transforms
 
 from _common import CACHE, checkpoint, jpegs, load_average
-from ramcli.imaging import IMAGENET_MEAN, IMAGENET_STD, load_for_model
+
+from ramcli.imaging import load_for_model
 from ramcli.models import load_any
 from ramcli.pipeline import Tagger, tag_files
 
@@ -124,7 +126,7 @@ def main() -> None:
         print(f"{name:28} {rate:7.3f} img/s   {rate / base_rate:4.2f}x   tag agreement {100 * agree:.2f}% "
               f"({differ} differ)")
     agree, differ = agreement(runs["ramcli fp32"], runs["ramcli bf16 autocast"])
-    print(f"bf16 vs fp32 on the same (draft-decoded) input: tag agreement {100 * agree:.2f}% ({differ} differ)")
+    print(f"bf16 vs fp32 on the same input: tag agreement {100 * agree:.2f}% ({differ} differ)")
     print(f"load average at the end: {load_average()}")
 
 

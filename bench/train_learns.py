@@ -7,7 +7,7 @@ held-out mAP of at least 0.9 on the tags it saw within 10 minutes.
 Writes shards with `ramcli_train.synth` (a held-out split drawn from the same generator with
 other seeds), trains with the real loop (`ramcli_train.loop.train`, the same as
 `ramcli train --preset cpu`: tagging + caption losses for RAM), evaluates the tagger on the
-held-out split with the official mAP (ramcli_train.metrics), and prints the numbers next to the
+held-out split with the official mAP (ramcli.metrics), and prints the numbers next to the
 untrained model's mAP (the baseline, same run), the wall time, the process's CPU time (what the
 run costs on an idle machine: the machine this was written on is shared) and the load average.
 The exported tagger file is then run through `ramcli tag` on the held-out images, so the number
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from _common import load_average
+from ramcli.metrics import mean_average_precision
 from ramcli_train.config import resolve
 from ramcli_train.export import export_tagger, tagger_from_checkpoint
 from ramcli_train.loop import Runtime, build_loader, build_model, build_tokenizer, resolve_training_labels, train
-from ramcli_train.metrics import mean_average_precision
 from ramcli_train.synth import write_shards
 
 

@@ -15,14 +15,15 @@ same network as `clip.load("ViT-B/16")` (same weights, same tokenizer, same acti
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ramcli.errors import RamcliError
+from ramcli.errors import CheckpointError, RamcliError
+from ramcli.hashing import file_sha256
+from ramcli.safeload import load_weights
 
 #: open_clip model config that matches OpenAI's ViT-B/16 exactly (QuickGELU activations).
 CLIP_MODEL_NAME = "ViT-B-16-quickgelu"
@@ -196,30 +197,17 @@ def find_clip_weights(explicit: Path | None = None, hf_cache_dir: Path | None = 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors or plain PyTorch state-dict file (never unpickles objects)."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt files raise many types; all mean "not loadable"
+        state = load_weights(path)
+    except CheckpointError as exc:
         raise RamcliError(
-            f"cannot read CLIP weights {path} ({type(exc).__name__}); expected open_clip's "
-            f"{CLIP_HF_FILES[0]} (OpenAI's TorchScript ViT-B-16.pt is not accepted)"
+            f"cannot read CLIP weights {path} ({exc}); expected open_clip's {CLIP_HF_FILES[0]} "
+            "(OpenAI's TorchScript ViT-B-16.pt is not accepted)"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise RamcliError(f"CLIP weights {path} do not hold a state dict")
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_text_encoder(weights: Path | None = None, model_config: dict | None = None) -> ClipTextEncoder:

@@ -377,10 +377,11 @@ class Index:
         for row in cur:
             yield PhotoRecord(*row)
 
-    def prune(self, exists: Callable[[str], bool] = os.path.exists) -> list[str]:
-        """Forget photos whose files are gone; returns their paths."""
-        missing = [(pid, path) for pid, path in self.db.execute("SELECT id, path FROM photos") if not exists(path)]
-        if missing:
+    def prune(self, exists: Callable[[str], bool] = os.path.exists, dry_run: bool = False) -> list[str]:
+        """Forget photos whose files are gone (only list them with `dry_run`); returns their paths."""
+        missing = [(pid, path) for pid, path in self.db.execute("SELECT id, path FROM photos ORDER BY path")
+                   if not exists(path)]
+        if missing and not dry_run:
             with self._write():
                 self._delete_photos([(pid,) for pid, _ in missing])
         return [path for _, path in missing]

@@ -112,10 +112,11 @@ class TagRun:
 
     def execute(self, console: Console, err_console: Console) -> int:
         """Run; returns the number of photos that failed."""
+        from ramcli.decision import read_threshold_file
         from ramcli.models import load_model, model_id_of
-        from ramcli.output import ResultWriter
+        from ramcli.output import result_writer
         from ramcli.pipeline import (
-            Tagger, default_batch_size, default_workers, read_threshold_file, resolve_device,
+            Tagger, default_batch_size, default_workers, resolve_device,
             resolve_decode, resolve_precision, tag_files,
         )
         from ramcli.vocab import Vocabulary
@@ -158,6 +159,10 @@ class TagRun:
                                on_pull=lambda p: err_console.print(
                                    f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
             applied = vocab.apply_to_model(model)
+            if applied.skipped_custom:
+                err_console.print(f"warning: {model.arch.family} has a closed vocabulary and cannot score custom tags; "
+                                  f"not emitted: {', '.join(applied.skipped_custom)}",
+                                  markup=False, highlight=False, soft_wrap=True)
             thresholds = read_threshold_file(self.threshold_file, len(model.labels)) if self.threshold_file else None
             cache = EmbeddingCache(model.model_id) if self.cache_embeddings else None
             captioner = self._load_captioner(model) if self.caption else None
@@ -168,7 +173,7 @@ class TagRun:
             cached, todo = self._split_cached(todo, index, model.model_id, cache)
             summary.rescored = len(cached)
             writer = self._metadata_sink(index, summary, model.model_id) if self.write else None
-            sinks = [ResultWriter(self.fmt, self.output, self.lang)]
+            sinks = [result_writer(self.fmt, self.output, self.lang)]
             if writer is not None:
                 sinks.append(writer)
             if index is not None:
@@ -207,9 +212,9 @@ class TagRun:
             self._print_summary(err_console, summary, start)
         return len(summary.failed)
 
-    #: Photos from which torch.compile pays off. Measured on the 2-core CPU: compiling RAM Swin-L
-    #: takes ~2 min and halves each batch's time (~2.7 s saved per photo); on a GPU it saves about
-    #: 2 ms per photo (timm's Swin-L figures), so only very large jobs repay the compile time there.
+    #: Photos from which torch.compile pays off: compiling costs a fixed time and saves a part of
+    #: every batch. On the CPU, where a photo takes seconds, a hundred photos repay it; on a GPU,
+    #: where it saves milliseconds per photo, only very large jobs do (docs/performance.md).
     COMPILE_FROM = {"cpu": 100, "cuda": 50_000}
 
     def _should_compile(self, device, photos: int) -> bool:
@@ -246,10 +251,8 @@ class TagRun:
             if name is None:
                 raise UsageError("--caption needs the original Tag2Text .pth: converted files are tag-only")
             path = download(get_published(name))  # the hub cache keeps the original after `pull`
-        try:
-            from ramcli_train.caption import load_official_generator
-        except ImportError as exc:
-            raise UsageError(f"--caption needs the training extras: pip install 'ramcli[train]' ({exc.name})") from None
+        from ramcli.caption import load_official_generator
+
         return load_official_generator(read_official(path))
 
     @staticmethod

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
+from ramcli.caption import CaptionConfig
 from ramcli.errors import UsageError
 from ramcli.models.configs import ARCHS, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, ArchConfig, SwinConfig
-from ramcli_train.caption import CaptionConfig
 
 FAMILIES = ("ram", "ram_plus", "tag2text")
 

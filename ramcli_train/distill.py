@@ -229,18 +229,22 @@ def teacher_pass(teacher: RecognitionModel, photos: list[Path], store: TeacherSt
         if on_progress:
             on_progress(len(chunk))
     in_cache = set(cached)
-    for batch in make_loader([p for p in todo if p not in in_cache], teacher.arch.image_size, batch_size,
-                             workers=workers):
+    for batch in _loader([p for p in todo if p not in in_cache], teacher, batch_size, workers):
         for failure in batch.failures:
             failures[str(failure.path)] = failure.reason
         if batch.items:
-            embeds = teacher.encode_image(normalize(batch.pixels.to(device)))
+            embeds = teacher.encode_image(normalize(batch.pixels.to(device), teacher.arch.data_config))
             chunk = [key_of[item.path] for item in batch.items]
             _record(store, targets, chunk, teacher.decode(embeds), pooled_embedding(embeds))
         if on_progress:
             on_progress(len(batch.items) + len(batch.failures))
     good = {k: p for k, p in keys.items() if str(p) not in failures and k in targets.logits}
     return targets, good, failures
+
+
+def _loader(paths: list[Path], model: RecognitionModel, batch_size: int, workers: int):
+    """Photos decoded as `model` takes them (its size and interpolation), as `ramcli tag` does."""
+    return make_loader(paths, model.arch.image_size, batch_size, workers=workers, interpolation=model.arch.interpolation)
 
 
 def _record(store: TeacherStore, targets: Targets, keys: list[str], logits: torch.Tensor, embeds: torch.Tensor) -> None:
@@ -284,7 +288,7 @@ def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hid
             raise UsageError(f"--hidden must be a positive multiple of the teacher's {t.heads} attention heads")
         decoder = dict(hidden=hidden, intermediate=4 * hidden)
     arch = replace(t, name=f"{t.family}_{backbone}_{image_size}", swin=None, backbone=backbone, image_size=image_size,
-                   data_config={}, **decoder)
+                   **decoder)
     student = RecognitionModel(arch, teacher.labels, model_id="student")
     _init_tagger(student, None if t.family == "tag2text" else teacher.label_embed.detach().float())
     own = student.state_dict()
@@ -347,7 +351,7 @@ def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: li
                               "--hidden or teacher?); start without --resume") from None
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
     by_path = dict(zip(train_paths, keys))
-    dataset = PhotoDataset(train_paths, student.arch.image_size)
+    dataset = PhotoDataset(train_paths, student.arch.image_size, interpolation=student.arch.interpolation)
 
     def checkpoint(batch_in_epoch: int, ep: int) -> None:
         save_checkpoint(work / CHECKPOINT, {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
@@ -367,7 +371,7 @@ def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: li
             lr = lr_at(cfg, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            parts = student_loss(student, normalize(batch.pixels.to(device)),
+            parts = student_loss(student, normalize(batch.pixels.to(device), student.arch.data_config),
                                  torch.stack([targets.logits[k] for k in batch_keys]).to(device),
                                  torch.stack([targets.embeds[k] for k in batch_keys]).to(device), cfg.embed_weight)
             loss = sum(parts.values())
@@ -418,16 +422,16 @@ def tag_sets(model: RecognitionModel, scores: torch.Tensor, device: torch.device
 def student_scores(student: RecognitionModel, paths: list[Path], device: torch.device, batch_size: int,
                    workers: int) -> torch.Tensor:
     rows = []
-    for batch in make_loader(paths, student.arch.image_size, batch_size, workers=workers):
-        rows.append(torch.sigmoid(student(normalize(batch.pixels.to(device))).float()).cpu())
+    for batch in _loader(paths, student, batch_size, workers):
+        rows.append(torch.sigmoid(student(normalize(batch.pixels.to(device), student.arch.data_config)).float()).cpu())
     return torch.cat(rows)
 
 
 @torch.inference_mode()
 def speed(model: RecognitionModel, paths: list[Path], device: torch.device, batch_size: int) -> dict:
     """img/s of the model's forward pass (decode excluded) in fp32 on `device`, after one warm-up batch."""
-    pixels = torch.cat([b.pixels for b in make_loader(paths, model.arch.image_size, batch_size, workers=0)])
-    x = normalize(pixels.to(device))
+    pixels = torch.cat([b.pixels for b in _loader(paths, model, batch_size, 0)])
+    x = normalize(pixels.to(device), model.arch.data_config)
     model = model.to(device).eval()
     model(x[:batch_size])
     start, cpu = time.perf_counter(), time.process_time()

@@ -6,7 +6,7 @@ There is no second loop: finetuning prepares three files in the run folder and h
 
 - `init.pt`: the start weights in the trainable layout (tagger + caption branch). From a
   published `.pth` the tagger is mapped by `ramcli.models.checkpoint.map_official` and the
-  caption branch by `ramcli_train.caption`; a `ramcli train` checkpoint is used as is. Swin's
+  caption branch by `ramcli.caption`; a `ramcli train` checkpoint is used as is. Swin's
   relative-position tables are resized when the window changes (224 px pretraining, window 7
   -> 384 px finetuning, window 12), as the official finetune does.
 - `labels/` (official layout) and `label_embed.safetensors`: the tag list of the run.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from ramcli.clip_text import ClipTextEncoder, ensemble
 from ramcli.errors import CheckpointError, UsageError
 from ramcli.labels import RAM_DEFAULT_THRESHOLD, LabelSet, resolve_labels
 from ramcli.models.configs import CLIP_DIM, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, SWIN_TINY_TEST, ArchConfig
+from ramcli.safeload import load_weights
 from ramcli.vocab import name_key
 from ramcli_train.config import CPU_SWIN, PRESETS, TrainConfig, read_config_file, resolve
 
@@ -91,7 +91,7 @@ def read_start_point(path: Path, labels_dir: Path | None = None) -> StartPoint:
         model = load_converted(path, labels=labels)
         return StartPoint(model.arch, model.labels, model.state_dict(), {}, {"family": model.arch.family},
                           source=path.name)
-    obj = _load_pickle_free(path)
+    obj = load_weights(path, mmap=True)
     if isinstance(obj, dict) and {"model", "arch", "labels", "config"} <= set(obj):
         return _from_training_checkpoint(path, obj)
     sd = read_official(path)
@@ -101,20 +101,10 @@ def read_start_point(path: Path, labels_dir: Path | None = None) -> StartPoint:
     caption = _official_caption_state(sd)
     config: dict = {"family": family}
     if caption:
-        from ramcli_train.caption import infer_caption_config
+        from ramcli.caption import infer_caption_config
 
         config["caption_layers"] = infer_caption_config(sd).layers
     return StartPoint(tagger.arch, tagger.labels, tagger.state_dict(), caption, config, source=path.name)
-
-
-def _load_pickle_free(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # a foreign or truncated file: the official reader gives the precise message
-        from ramcli.models.checkpoint import read_official
-
-        read_official(path)
-        raise CheckpointError(f"cannot read {path.name}: {str(exc).splitlines()[0][:160]}") from None
 
 
 def _from_training_checkpoint(path: Path, ckpt: dict) -> StartPoint:
@@ -130,7 +120,7 @@ def _from_training_checkpoint(path: Path, ckpt: dict) -> StartPoint:
 
 
 def _official_caption_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from ramcli_train.caption import official_to_ours
+    from ramcli.caption import official_to_ours
 
     return {ours: v for k, v in sd.items() if (ours := official_to_ours(k)) is not None}
 

@@ -32,13 +32,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ramcli.caption import CaptionTokenizer
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import LabelSet, read_label_dir, resolve_labels
+from ramcli.safeload import load_weights
 from ramcli_train import losses
-from ramcli_train.caption import CaptionTokenizer, train_tokenizer
 from ramcli_train.config import TrainConfig, dump
 from ramcli_train.model import ClipTeacher, TrainableRAM, label_embeddings
 from ramcli_train.pretrained import load_pretrained_backbone
+from ramcli_train.tokenizer import train_tokenizer
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
 
@@ -143,9 +145,7 @@ def resolve_training_labels(cfg: TrainConfig) -> LabelSet:
             return LabelSet(tuple(names), tuple(names), (0.68,) * len(names))
     if cfg.labels:
         raise RamcliError(f"labels not found: {cfg.labels}")
-    from ramcli.config import home
-
-    return resolve_labels(cfg.family, cache_dir=home().cache)
+    return resolve_labels(cfg.family)
 
 
 def _is_annotation(paths: list[str]) -> bool:
@@ -231,7 +231,7 @@ def build_model(cfg: TrainConfig, labels: LabelSet, tokenizer: CaptionTokenizer 
     if cfg.pretrained_backbone and cfg.init_from is None:
         model.backbone_init = load_pretrained_backbone(model.tagger).message
     if cfg.init_from:
-        state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+        state = load_weights(cfg.init_from)
         model.load_state_dict(state.get("model", state), strict=True)
         model.backbone_init = f"backbone {arch.backbone or 'Swin'}: from {Path(cfg.init_from).name}"
     if cfg.grad_ckpt:
@@ -309,10 +309,7 @@ def save_checkpoint(path: Path, payload: dict) -> Path:
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise RamcliError(f"no checkpoint to resume from: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise RamcliError(f"cannot read checkpoint {path.name}: {str(exc).splitlines()[0][:160]}") from None
+    return load_weights(path)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -378,7 +375,7 @@ def _no_downloads(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, pretrained_backbone=False, init_from=None)
 
 
-def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run training; returns a summary (steps, last losses, data stats, checkpoint path)."""
     rt = setup_runtime(cfg)
     out = Path(cfg.out)

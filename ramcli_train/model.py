@@ -15,19 +15,20 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 
+from ramcli.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
 from ramcli.errors import RamcliError
 from ramcli.labels import LabelSet
 from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.ram import RecognitionModel
 from ramcli_train import losses
-from ramcli_train.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the two normalisations, as timm defines them (its OpenAI CLIP values are open_clip's
+# OPENAI_DATASET_MEAN/STD; importing open_clip for two tuples would cost seconds)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 def tag_texts(labels: LabelSet, multi_hot: torch.Tensor) -> list[str]:
     """The caption generator's tag input: tag names in label order, joined by ' | ' (official)."""
@@ -216,13 +217,10 @@ def label_embeddings(labels: LabelSet, arch: ArchConfig, source: str, clip_weigh
     path = Path(source)
     if not path.is_file():
         raise RamcliError(f"label embedding file not found: {path} (or use label_embed=clip|random)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ramcli.safeload import load_weights
 
-        tensors = list(load_file(str(path)).values())
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    obj = load_weights(path)
+    tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]
     if len(tensors) != 1:
         raise RamcliError(f"{path.name} must hold exactly one tensor of label embeddings")
     return tensors[0].float()

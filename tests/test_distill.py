@@ -39,7 +39,7 @@ def test_any_timm_backbone_tags_and_round_trips_through_the_tagger_file(name, tm
     labels = LabelSet(tuple("abcde"), tuple("abcde"), (0.5,) * 5)
     model = RecognitionModel(arch, labels).eval()
     assert model.image_proj.in_features == backbone_width(arch) == model.backbone.num_features
-    assert model.arch.data_config["input_size"] == [3, 64, 64] and len(model.arch.data_config["mean"]) == 3
+    assert model.arch.data_config["input_size"] == (3, 64, 64) and len(model.arch.data_config["mean"]) == 3
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = model(images)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ramcli import metrics
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import read_label_dir
-from ramcli_train import metrics
-from ramcli_train.evaluate import (
+from ramcli.evaluate import (
     INDICES,
     NAMES,
     TAG_IDS,
@@ -275,7 +275,7 @@ def test_eval_end_to_end_with_a_tiny_model(tmp_path):
 
     from ramcli.cli.app import app
 
-    from ramcli_train.evaluate import targets_for
+    from ramcli.evaluate import targets_for
 
     weights = make_official_checkpoint(tmp_path / "ram_tiny.pth", arch="ram_tiny", num_classes=40)
     labels = make_labels_dir(tmp_path, 40)

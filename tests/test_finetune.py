@@ -94,7 +94,7 @@ def _val(root):
 def test_finetune_learns_new_tags(world, tmp_path):
     from ramcli.pipeline import score_files
     from ramcli_train.export import tagger_from_checkpoint
-    from ramcli_train.metrics import average_precisions
+    from ramcli.metrics import average_precisions
 
     root, ckpt, labels, encoder = world
     summary = finetune(ckpt, [str(root / "s")], tmp_path / "run", add_tags=BACKGROUNDS, labels_dir=labels,

@@ -148,7 +148,7 @@ def test_cpu_preset_learns_the_synthetic_tags(tmp_path):
     import numpy as np
 
     from ramcli_train.loop import Runtime, build_loader
-    from ramcli_train.metrics import mean_average_precision
+    from ramcli.metrics import mean_average_precision
 
     data = tmp_path / "data"
     write_shards(data, samples=640, shards=2, seed=5, val_samples=200, size=64)
@@ -205,7 +205,7 @@ def test_presets_and_any_timm_backbone(shards, tmp_path, capsys):
     ckpt = out / "checkpoint_last.pt"
     trained = tagger_from_checkpoint(ckpt)
     tagger = load_model(export_tagger(ckpt, tmp_path / "t.safetensors"))
-    assert tagger.arch.backbone == "test_resnet" and tagger.arch.data_config["input_size"] == [3, 64, 64]
+    assert tagger.arch.backbone == "test_resnet" and tagger.arch.data_config["input_size"] == (3, 64, 64)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(tagger(images), trained(images))

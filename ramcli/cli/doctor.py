@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         rows.append(("models", bool(models), ", ".join(models) if models else
                      f"none yet: `ramcli models pull` (or the first `ramcli tag`) fetches {DEFAULT_MODEL} to {default}"))
         labels = os.environ.get("RAMCLI_LABELS")
-        rows.append(("labels", True, f"RAMCLI_LABELS={labels}" if labels else "from the model file, else downloaded (pinned, SHA-256)"))
+        rows.append(("labels", True, f"the model file's own, else RAMCLI_LABELS={labels}" if labels else "the model file's own, else the official files shipped with ramcli"))
         rows.append(("vocabulary", True, str(h.vocab) + ("" if h.vocab.exists() else " (empty)")))
         rows.append(("index", True, str(h.index) + ("" if h.index.exists() else " (not created yet)")))
         table = Table("check", "", "details", show_header=False)

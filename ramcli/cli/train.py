@@ -1,6 +1,5 @@
 """`ramcli train` (pretrain RAM / RAM++ / Tag2Text on captioned shards), `ramcli train export`,
-`ramcli train clip-features` and `ramcli finetune`. Thin wrappers over ramcli_train.loop /
-export / finetune."""
+and `ramcli finetune`. Thin wrappers over ramcli_train.loop / export / finetune."""
 
 from __future__ import annotations
 

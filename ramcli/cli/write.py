@@ -1,5 +1,5 @@
-"""`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again
-(issues 4 and 7).
+"""`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again.
+Thin wrappers over `ramcli.writeback`.
 
 The writer flags are defined once, here, by the `writer_options` decorator; `ramcli tag` reuses
 it so both commands accept the same flags:
@@ -11,7 +11,6 @@ it so both commands accept the same flags:
 
 import functools
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,14 +18,12 @@ from typing import Annotated, Optional
 import typer
 
 from ramcli.cli.common import console, err_console
-from ramcli.errors import RamcliError, UsageError
+from ramcli.errors import RamcliError
 from ramcli.ledger import Ledger
 from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
+from ramcli.writeback import indexed_photos, ledger_photos, update_stats, write_indexed
 
 _PANEL = "Metadata writing"
-# Writer batches per `write_batch` call: within a call, ExifTool reads the next batch while it
-# writes one (docs/metadata.md); between calls the index learns the new file sizes and mtimes.
-_BATCHES_PER_CALL = 8
 
 
 def _option(name: str, default, annotation, flag: str, help: str) -> inspect.Parameter:
@@ -102,37 +99,6 @@ def report(outcomes: list[WriteOutcome]) -> int:
     return counts["failed"]
 
 
-def _indexed_photos(index, paths: list[Path]) -> list[str]:
-    """The indexed photos named by `paths` (files or folders; none = all)."""
-    from ramcli.index import normalize_path
-
-    if not paths:
-        return [r.path for r in index.iter_photos()]
-    found: list[str] = []
-    for p in paths:
-        if p.is_dir():
-            found += [r.path for r in index.iter_photos(under=p)]
-        elif index.lookup(str(p)) is not None:
-            found.append(normalize_path(p))
-        else:
-            raise UsageError(f"{p} is not in the index: tag it first (`ramcli tag {p}`)")
-    return list(dict.fromkeys(found))
-
-
-def _ledger_photos(ledger: Ledger, paths: list[Path]) -> list[str]:
-    """The photos named by `paths` (files or folders) that ramcli wrote keywords into."""
-    found: list[str] = []
-    for p in paths:
-        real = os.path.realpath(p)
-        if os.path.isdir(real):
-            found += [e.path for e in ledger.entries_under(real)]
-        elif os.path.exists(real) or ledger.entries(real):
-            found.append(real)
-        else:
-            raise UsageError(f"{p}: no such file or folder")
-    return list(dict.fromkeys(found))
-
-
 def register(app: typer.Typer) -> None:
     @app.command()
     @writer_options
@@ -147,19 +113,14 @@ def register(app: typer.Typer) -> None:
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
-            photos = _indexed_photos(index, list(paths or []))
+            photos = indexed_photos(index, list(paths or []))
             items = [(p, index.photo_tags(p)) for p in photos]
             captions = [index.lookup(p).caption for p in photos]  # Tag2Text captions, where indexed
             with MetadataWriter(writer_options, Ledger(index.db)) as writer:
                 if dry_run:
                     print_plans(writer.plan_batch(items, captions=captions))
                     return
-                outcomes = []
-                span = writer_options.batch_size * _BATCHES_PER_CALL
-                for start in range(0, len(items), span):
-                    batch = writer.write_batch(items[start : start + span], captions=captions[start : start + span])
-                    _update_stats(index, batch)
-                    outcomes += batch
+                outcomes = write_indexed(index, writer, items, captions)
         _fail_if_any(report(outcomes))
 
     @app.command()
@@ -177,22 +138,15 @@ def register(app: typer.Typer) -> None:
         with Index.open(index_path) as index:
             ledger = Ledger(index.db)
             with MetadataWriter(writer_options, ledger) as writer:  # first settles a killed run's writes
-                photos = _ledger_photos(ledger, paths)
+                photos = ledger_photos(ledger, paths)
                 if dry_run:
                     print_plans(writer.plan_untag(photos))
                     return
                 outcomes = writer.untag_batch(photos)
-                _update_stats(index, outcomes)
+                update_stats(index, outcomes)
         _fail_if_any(report(outcomes))
 
 
 def _fail_if_any(failed: int) -> None:
     if failed:
         raise RamcliError(f"{failed} photo(s) could not be written (see above); the others were")
-
-
-def _update_stats(index, outcomes: list[WriteOutcome]) -> None:
-    """Tell the index the new size/mtime of rewritten photos, so they are not re-tagged."""
-    for o in outcomes:
-        if o.size is not None and index.lookup(o.path) is not None:
-            index.update_stat(o.path, o.size, o.mtime_ns)

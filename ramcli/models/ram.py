@@ -22,8 +22,6 @@ reduction, while the built-in tags keep the uniform fast path.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
@@ -75,15 +73,6 @@ def timm_backbone(name: str, image_size: int | None, drop_path_rate: float = 0.0
     return timm.create_model(name, **kwargs)
 
 
-def backbone_data_config(backbone: nn.Module, image_size: int) -> dict:
-    """timm's data config of a backbone (mean/std, interpolation, crop), at the size it is fed."""
-    from timm.data import resolve_data_config
-
-    config = resolve_data_config({}, model=backbone)
-    config["input_size"] = (3, image_size, image_size)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
-
-
 def feature_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """A backbone's last features as tokens (B, L, C): NCHW and NHWC maps flattened, ViT tokens as they are."""
     x = backbone.forward_features(images)
@@ -103,8 +92,15 @@ def backbone_width(arch: ArchConfig) -> int:
 class RecognitionModel(nn.Module):
     """Image -> per-class logits for one RAM-family architecture.
 
-    Attributes other modules rely on: `arch`, `labels` (LabelSet, output order), `model_id`.
+    Attributes other modules rely on: `arch`, `labels` (LabelSet, output order), `model_id`,
+    `pretrained_cfg` (the data config, as on timm models: `timm.data.resolve_data_config(model=m)`
+    reads it). A model loaded from a file also says what the file held that tagging does not use
+    (`ignored_keys`) and which tensors it lacked and got their official initial value
+    (`defaulted_keys`).
     """
+
+    ignored_keys: tuple[str, ...] = ()
+    defaulted_keys: tuple[str, ...] = ()
 
     def __init__(self, arch: ArchConfig, labels: LabelSet | None = None, model_id: str = "untrained",
                  drop_path_rate: float = 0.0):
@@ -113,8 +109,6 @@ class RecognitionModel(nn.Module):
         self.model_id = model_id
         self.labels = labels
         self.backbone = build_backbone(arch, drop_path_rate)
-        if arch.backbone and not arch.data_config:
-            self.arch = arch = replace(arch, data_config=backbone_data_config(self.backbone, arch.image_size))
         width = self.backbone.num_features
         c = arch.num_classes
         if arch.family == "tag2text":
@@ -137,6 +131,10 @@ class RecognitionModel(nn.Module):
         # Custom (open-vocabulary) RAM++ tags: description rows and the custom class each belongs to.
         self.register_buffer("extra_embed", torch.zeros(0, CLIP_DIM), persistent=False)
         self.register_buffer("extra_class", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self.arch.data_config
 
     # ------------------------------------------------------------------ image side
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
