@@ -10,6 +10,8 @@ conventions are the same for `tag`, `search`, `vocab list`, `models list` and `s
 - json is one array; jsonl one object per line, the same objects.
 - paths: each record's path as raw bytes (a file name that is not UTF-8 survives), one a line,
   or NUL-terminated for `xargs -0`.
+- a path in any other format is shown by `ramcli.pathnames.display`: bytes that are not UTF-8 and
+  control characters escaped, so the text stays valid UTF-8 and one record stays one line.
 - table: a rich table for people; cells are plain text, never markup, so a file named
   `[red]x.jpg` prints as it is.
 
@@ -33,6 +35,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from ramcli.errors import UsageError
+from ramcli.pathnames import display
 
 FORMATS = ("table", "json", "jsonl", "csv", "tsv", "paths")
 LIST_SEPARATOR = "|"
@@ -182,13 +185,13 @@ def photo_result_layout(lang: str = "en") -> Layout:
         raise UsageError(f"unknown language {lang!r}; use one of {', '.join(LANGS)}")
 
     def row(r) -> list:
-        return [r.path, r.status, [tag_label(t.name, t.name_zh, lang) for t in r.tags],
+        return [display(r.path), r.status, [tag_label(t.name, t.name_zh, lang) for t in r.tags],
                 [f"{t.score:.4f}" for t in r.tags], r.caption, r.error]
 
     def table_row(r) -> list:
         if r.status != "tagged":
-            return [r.path, Text(r.error or r.status, style="red")]
-        return [r.path, ", ".join(f"{tag_label(t.name, t.name_zh, lang)} {t.score:.2f}" for t in r.tags)]
+            return [display(r.path), Text(r.error or r.status, style="red")]
+        return [display(r.path), ", ".join(f"{tag_label(t.name, t.name_zh, lang)} {t.score:.2f}" for t in r.tags)]
 
     return Layout(columns=("path", "status", "tags", "scores", "caption", "error"), row=row,
                   json=lambda r: r.to_json(), path=lambda r: r.path,

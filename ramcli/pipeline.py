@@ -220,8 +220,8 @@ def resolve_decode(device: torch.device, decode: str = "auto") -> str:
 
 def default_workers() -> int:
     """Decode workers: all cores (max 8) with a GPU, where decoding is the bottleneck; on the
-    CPU at most 2 (never every core): there decoding a photo costs a small fraction of its Swin-L
-    forward (docs/performance.md), so more workers would only take cores from the model."""
+    CPU at most 2 (never every core): decoding a photo costs a small fraction of the Swin-L
+    forward there (docs/performance.md), so more workers would only take cores from the model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(8, cores) if torch.cuda.is_available() else max(0, min(2, cores - 1))
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ramcli.errors import UsageError
 from ramcli.index import Index, folder_range, lemma
+from ramcli.pathnames import display, from_text
 from ramcli.records import TagScore
 
 MAX_QUERY_CHARS = 1000
@@ -566,7 +567,7 @@ def search(index: Index, query: str | None, *, limit: int | None = 50, filters: 
         )
     }
     hits = [
-        Hit(pid, info[pid][0], None if s is None or math.isinf(s) else s, info[pid][1], caption=info[pid][2])
+        Hit(pid, from_text(info[pid][0]), None if s is None or math.isinf(s) else s, info[pid][1], caption=info[pid][2])
         for s, pid in ranked
     ]
     if with_tags:
@@ -626,7 +627,7 @@ class IndexStats:
             "by_status": dict(sorted(self.photos.items())),
             "tags": {"known": self.tags_known, "in_use": self.tags_in_use, "photo_tags": self.photo_tags},
             "top_tags": [{"name": n, "name_zh": zh, "photos": c} for n, zh, c in self.top_tags],
-            "failures": [{"path": p, "error": e} for p, e in self.failures],
+            "failures": [{"path": display(p), "error": e} for p, e in self.failures],
         }
 
 
@@ -641,4 +642,4 @@ def index_stats(index: Index, top: int = 15, failures: int = 10) -> IndexStats:
     failed = db.execute("SELECT path, coalesce(error, '') FROM photos WHERE status != 'tagged' ORDER BY path LIMIT ?",
                         [failures]).fetchall()
     return IndexStats(index.path, index.path.stat().st_size, by_status, known, used, links,
-                      [tuple(r) for r in top_tags], [tuple(r) for r in failed])
+                      [tuple(r) for r in top_tags], [(from_text(p), e) for p, e in failed])

@@ -15,35 +15,57 @@ from ramcli.metadata import MetadataWriter, WriteOutcome
 BATCHES_PER_CALL = 8
 
 
-def indexed_photos(index, paths: list[Path]) -> list[str]:
-    """The indexed photos named by `paths` (files or folders; none = all)."""
+def indexed_photos(index, paths: list[Path]) -> tuple[list[str], dict[str, str]]:
+    """The indexed photos named by `paths` (files or folders; none = all): (those in scope, those
+    reached only through a symlink that leads out of the folders, each with that symlink).
+
+    Scope: a folder means the photos under it, and those that a tag run reached through a symlink
+    in it (the index keeps such a photo's `link`); the ones of those that lie outside the folder
+    are returned apart, for the caller's symlink policy (`--follow-links`). A photo named as a
+    file is always in scope."""
     from ramcli.index import normalize_path
 
     if not paths:
-        return [r.path for r in index.iter_photos()]
+        records = list(index.iter_photos())
+        return [r.path for r in records if r.link is None], {r.path: r.link for r in records if r.link is not None}
     found: list[str] = []
+    linked: dict[str, str] = {}
     for p in paths:
         if p.is_dir():
-            found += [r.path for r in index.iter_photos(under=p)]
+            for r in index.iter_photos(under=p, links=True):
+                if r.link is None or _within(r.path, p):
+                    found.append(r.path)
+                else:
+                    linked[r.path] = r.link
         elif index.lookup(str(p)) is not None:
             found.append(normalize_path(p))
         else:
             raise UsageError(f"{p} is not in the index: tag it first (`ramcli tag {p}`)")
-    return list(dict.fromkeys(found))
+    found = list(dict.fromkeys(found))
+    return found, {p: link for p, link in linked.items() if p not in found}
 
 
-def ledger_photos(ledger: Ledger, paths: list[Path]) -> list[str]:
-    """The photos named by `paths` (files or folders) that ramcli wrote keywords into."""
+def ledger_photos(index, ledger: Ledger, paths: list[Path]) -> tuple[list[str], dict[str, str]]:
+    """The photos named by `paths` (files or folders) that ramcli wrote keywords into, split like
+    `indexed_photos`."""
     found: list[str] = []
+    linked: dict[str, str] = {}
     for p in paths:
         real = os.path.realpath(p)
         if os.path.isdir(real):
             found += [e.path for e in ledger.entries_under(real)]
+            linked.update((r.path, r.link) for r in index.iter_photos(under=Path(real), links=True)
+                          if r.link is not None and not _within(r.path, real) and ledger.entries(r.path))
         elif os.path.exists(real) or ledger.entries(real):
             found.append(real)
         else:
             raise UsageError(f"{p}: no such file or folder")
-    return list(dict.fromkeys(found))
+    found = list(dict.fromkeys(found))
+    return found, {p: link for p, link in linked.items() if p not in found}
+
+
+def _within(path: str, folder: str | os.PathLike) -> bool:
+    return path.startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep)
 
 
 def write_indexed(index, writer: MetadataWriter, items: list, captions: list) -> list[WriteOutcome]:

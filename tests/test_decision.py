@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from ramcli import metrics
 from ramcli.decision import emitted, format_thresholds, read_threshold_file, threshold_below, threshold_between
 from ramcli.errors import UsageError
-from ramcli import metrics
 
 
 def test_the_rule_is_strict_and_float32_for_tensors_and_arrays():

@@ -21,6 +21,7 @@ from ramcli.errors import RamcliError, UsageError
 from ramcli.index import Index, check_merge_source, database_error, normalize_path
 from ramcli.ledger import Ledger
 from ramcli.output import FORMATS, Layout, make_table, write_json, write_records
+from ramcli.pathnames import display
 from ramcli.search import Filters, Hit, index_stats, search as run_search
 
 index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity, merge indexes.", no_args_is_help=True)
@@ -67,16 +68,16 @@ PATHS = Layout(columns=("path",), row=lambda p: [p], json=lambda p: {"path": p},
 
 HITS = Layout(
     columns=("path", "score", "taken_at", "tags", "scores", "caption"),
-    row=lambda h: [h.path, _score(h.score), h.taken_at, [t.name for t in h.tags],
+    row=lambda h: [display(h.path), _score(h.score), h.taken_at, [t.name for t in h.tags],
                    [f"{t.score:.4f}" for t in h.tags], h.caption],
     json=lambda h: {
-        "path": h.path,
+        "path": display(h.path),  # a name that is not UTF-8 or holds a newline, escaped
         "score": None if h.score is None else round(h.score, 6),
         "taken_at": h.taken_at,
         "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(t.score, 6)} for t in h.tags],
         "caption": h.caption,
     },
-    path=lambda h: h.path,
+    path=lambda h: h.path,  # the real bytes
 )
 
 
@@ -86,7 +87,7 @@ def _table_layout(hits: list[Hit]) -> Layout:
     columns = (Column("score", justify="right"), Column("photo", overflow="fold"), "taken", "tags",
                *([Column("caption", overflow="fold")] if captions else []))
     return replace(HITS, table_columns=columns, table_row=lambda h: [
-        _score(h.score), h.path, (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8]),
+        _score(h.score), display(h.path), (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8]),
         *([h.caption] if captions else [])])
 
 
@@ -149,17 +150,17 @@ def register(app: typer.Typer) -> None:
                 raise RamcliError(f"{photo} is not in the index: tag it with `ramcli tag {photo}`")
             tags = index.photo_tags(record.path)
             ledger = Ledger(index.db).entries(record.path)
-        console.print(f"[bold]{record.path}[/]", highlight=False)
-        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption"):
+        console.print(display(record.path), style="bold", highlight=False, markup=False)
+        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption", "link"):
             value = getattr(record, field)
             if value is not None:
-                console.print(f"  {field:<13} {value}", highlight=False, markup=False)
+                console.print(f"  {field:<13} {display(value) if field == 'link' else value}", highlight=False, markup=False)
         console.print(make_table(("tag", "中文", Column("score", justify="right")),
                                  ((t.name, t.name_zh, f"{t.score:.3f}") for t in tags), title="tags"))
         if ledger:
             console.print(make_table(
                 [Column(c, overflow="fold") for c in ("file", "field", "value", "ours")],
-                ((e.target, e.field, e.value, "no (was there)" if e.preexisting else "yes") for e in ledger),
+                ((display(e.target), e.field, e.value, "no (was there)" if e.preexisting else "yes") for e in ledger),
                 title="written to metadata"))
         else:
             console.print("  nothing written to the file's metadata yet", style="dim")
@@ -186,7 +187,7 @@ def register(app: typer.Typer) -> None:
                                      ((n, zh, f"{c:,}") for n, zh, c in s.top_tags), title="top tags"))
         if s.failures:
             console.print(make_table((Column("photo", overflow="fold"), Column("error", overflow="fold")),
-                                     s.failures, title=f"failures (first {len(s.failures)})"))
+                                     ((display(p), e) for p, e in s.failures), title=f"failures (first {len(s.failures)})"))
 
     @index_app.command()
     def prune(dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be forgotten."),
@@ -222,8 +223,9 @@ def register(app: typer.Typer) -> None:
         with _opened(destination, readonly=False) as index:
             for source in sources:
                 counts = index.merge(source)
-                console.print(f"{source}: {counts.added} added, {counts.updated} updated, {counts.unchanged} unchanged",
-                              highlight=False, markup=False, soft_wrap=True)
+                dropped = f"; {counts.ledger_dropped} write-ledger rows dropped (not ramcli's)" if counts.ledger_dropped else ""
+                console.print(f"{display(source)}: {counts.added} added, {counts.updated} updated, "
+                              f"{counts.unchanged} unchanged{dropped}", highlight=False, markup=False, soft_wrap=True)
         err_console.print(f"merged {len(sources)} index{'es' if len(sources) != 1 else ''} into {destination}", highlight=False)
 
     app.add_typer(index_app, name="index")

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ramcli.cli.common import console, err_console
+from ramcli.cli.write import FollowLinksOption
 from ramcli.cli.write import writer_options as with_writer_options
 from ramcli.metadata import WriterOptions
 from ramcli.output import default_format
@@ -42,12 +43,15 @@ def register(app: typer.Typer) -> None:
         cache_embeddings: bool = typer.Option(False, "--cache-embeddings", help="Keep image embeddings (fp16, ~145 KB/photo) so tags added later re-run only the decoder."),
         caption: bool = typer.Option(False, "--caption", help="Tag2Text only: also write a caption per photo (beam search 3, 10-30 tokens, as the official)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+        follow_links: FollowLinksOption = False,
         *,
         writer_options: WriterOptions,
     ) -> None:
         """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.
 
-        Exit code 0 when every photo was handled, 1 when some failed (listed), 2 on usage errors.
+        Exit code 0 when every photo was tagged, indexed and (unless --no-write) written; 1 when
+        some photo failed, is broken (a photo's name, no photo inside) or could not be written
+        (each listed); 2 on usage errors.
         """
         from ramcli.tagrun import TagRun
 
@@ -59,6 +63,7 @@ def register(app: typer.Typer) -> None:
             fmt=fmt or default_format(output, piped="jsonl"), output=output,
             dry_run=dry_run, force=force, use_index=not no_index, index_path=index_path, write=write,
             writer_options=writer_options, cache_embeddings=cache_embeddings, caption=caption, quiet=quiet,
+            follow_links=follow_links,
         )
         failed = run.execute(console=console, err_console=err_console)
         if failed:

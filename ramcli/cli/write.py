@@ -1,5 +1,7 @@
 """`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again.
-Thin wrappers over `ramcli.writeback`.
+Thin wrappers over `ramcli.writeback`. Photos that a folder reaches only through a symlink
+leading out of it are written or untagged only with `--follow-links` (as `ramcli tag` does), and
+otherwise listed with the reason.
 
 The writer flags are defined once, here, by the `writer_options` decorator; `ramcli tag` reuses
 it so both commands accept the same flags:
@@ -21,6 +23,7 @@ from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError
 from ramcli.ledger import Ledger
 from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
+from ramcli.pathnames import display
 from ramcli.writeback import indexed_photos, ledger_photos, update_stats, write_indexed
 
 _PANEL = "Metadata writing"
@@ -67,6 +70,12 @@ IndexOption = Annotated[
     Optional[Path], typer.Option("--index", help="Index database (default: the one in RAMCLI_HOME).")
 ]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would change per file; write nothing.")]
+FollowLinksOption = Annotated[bool, typer.Option(
+    "--follow-links",
+    help="Also walk symlinked folders and write through symlinked files that lead outside the given folders "
+         "(default: they are left alone and listed).")]
+#: Why a photo reached through a symlink out of the given folders was left alone.
+OUTSIDE_LINK = "symlink to a file outside the given folders: left alone (--follow-links writes through it)"
 
 
 def print_plans(plans: list[FilePlan]) -> None:
@@ -74,12 +83,12 @@ def print_plans(plans: list[FilePlan]) -> None:
     changed = 0
     for plan in plans:
         if plan.error:
-            err_console.print(f"{plan.path}: cannot write: {plan.error}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"{display(plan.path)}: cannot write: {plan.error}", markup=False, highlight=False, soft_wrap=True)
         elif plan.changes:
             changed += 1
-            console.print(plan.path, markup=False, highlight=False, soft_wrap=True)
+            console.print(display(plan.path), markup=False, highlight=False, soft_wrap=True)
             for line in plan.changes:
-                console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+                console.print(f"  {display(line)}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"dry run: {changed} of {len(plans)} photos would change", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -89,14 +98,24 @@ def report(outcomes: list[WriteOutcome]) -> int:
     for o in outcomes:
         counts[o.status] += 1
         if o.status == "failed":
-            err_console.print(f"{o.path}: {o.error}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"{display(o.path)}: {o.error}", markup=False, highlight=False, soft_wrap=True)
         for w in o.warnings:
-            err_console.print(f"{o.path}: warning: {w}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"{display(o.path)}: warning: {w}", markup=False, highlight=False, soft_wrap=True)
     console.print(
         f"{counts['written']} written, {counts['unchanged']} unchanged, {counts['failed']} failed",
         markup=False, highlight=False, soft_wrap=True,
     )
     return counts["failed"]
+
+
+def _scope(found: list[str], linked: dict[str, str], follow_links: bool) -> list[str]:
+    """The photos to act on: with `follow_links` also the linked ones, else those are listed."""
+    if follow_links:
+        return found + list(linked)
+    for path, link in linked.items():
+        err_console.print(f"{display(link)} -> {display(path)}: {OUTSIDE_LINK}",
+                          markup=False, highlight=False, soft_wrap=True)
+    return found
 
 
 def register(app: typer.Typer) -> None:
@@ -106,14 +125,18 @@ def register(app: typer.Typer) -> None:
         paths: Annotated[Optional[list[Path]], typer.Argument(help="Photos or folders (default: the whole index).")] = None,
         index_path: IndexOption = None,
         dry_run: DryRunOption = False,
+        follow_links: FollowLinksOption = False,
         *,
         writer_options: WriterOptions,
     ) -> None:
-        """Write the indexed tags (and captions) into the photos' XMP/IPTC metadata (no model run)."""
+        """Write the indexed tags (and captions) into the photos' XMP/IPTC metadata (no model run).
+
+        Exit code 0 when every photo's metadata matches the index, 1 when a write failed (listed).
+        """
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
-            photos = indexed_photos(index, list(paths or []))
+            photos = _scope(*indexed_photos(index, list(paths or [])), follow_links)
             items = [(p, index.photo_tags(p)) for p in photos]
             captions = [index.lookup(p).caption for p in photos]  # Tag2Text captions, where indexed
             with MetadataWriter(writer_options, Ledger(index.db)) as writer:
@@ -129,16 +152,21 @@ def register(app: typer.Typer) -> None:
         paths: Annotated[list[Path], typer.Argument(help="Photos or folders.")],
         index_path: IndexOption = None,
         dry_run: DryRunOption = False,
+        follow_links: FollowLinksOption = False,
         *,
         writer_options: WriterOptions,
     ) -> None:
-        """Remove exactly the keywords and captions ramcli added to these photos, and nothing else."""
+        """Remove exactly the keywords and captions ramcli added to these photos, and nothing else.
+
+        Give the flags `ramcli tag` had (--follow-links) to undo all it did. Exit code 0 when
+        everything was removed, 1 when a file could not be written (listed).
+        """
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
             ledger = Ledger(index.db)
             with MetadataWriter(writer_options, ledger) as writer:  # first settles a killed run's writes
-                photos = ledger_photos(ledger, paths)
+                photos = _scope(*ledger_photos(index, ledger, paths), follow_links)
                 if dry_run:
                     print_plans(writer.plan_untag(photos))
                     return
