@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -106,7 +107,7 @@ def speed(args) -> None:
         folder = root / "photos"
         folder.mkdir()
         for p in jpegs(CACHE / "jpeg_1024", args.photos * 2, size=(1024, 768)):
-            os.symlink(p, folder / p.name)
+            shutil.copy(p, folder / p.name)
         cfg = DistillConfig(teacher=str(teacher), data=[str(folder)], out=root / "student.safetensors",
                             backbone=args.student, hidden=args.hidden, max_steps=2, batch_size=4, val_fraction=0.5,
                             pretrained=False, device="cpu", speed_images=args.photos, save_every=0)

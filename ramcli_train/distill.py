@@ -144,7 +144,7 @@ def collect_photos(data: Sequence[str], work: Path) -> tuple[list[Path], dict[st
     for found in discover(roots):
         if found.kind in ("image", "raw"):
             photos.append(found.path)
-        elif found.kind == "error":
+        elif found.kind in ("error", "link"):  # links are not followed, as in `tag` without --follow-links
             skipped[str(found.path)] = found.reason or "unreadable"
     if not photos:
         raise RamcliError("no photos found in --data")
