@@ -16,7 +16,7 @@ a tag it does not know gets its CLIP text embedding (RAM: the ensemble of the 63
 prompts; RAM++: the first D prompt embeddings, as `ramcli train` does) or, from a label system
 that `ramcli vocab build` wrote, the embedding stored there. The official finetune starts new
 tags at zero: frozen zero queries are all the same vector, so those tags cannot be told apart
-and never learn (recognize-anything issue #211). Tag2Text's queries are learned: new ones start
+and never learn. Tag2Text's queries are learned: new ones start
 random, as its training does.
 
 Defaults (official `finetune.yaml`): 384 px, lr 5e-6 with per-epoch cosine to 0, 2 epochs,
