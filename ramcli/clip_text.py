@@ -32,8 +32,6 @@ CLIP_HF_REPO = "timm/vit_base_patch16_clip_224.openai"
 CLIP_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 #: Environment variable naming a local weights file (the config-level equivalent of --clip-weights).
 CLIP_WEIGHTS_ENV = "RAMCLI_CLIP_WEIGHTS"
-#: CLIP's context length; prompts longer than this cannot be encoded.
-CONTEXT_LENGTH = 77
 
 #: The official prompt ensemble (`multiple_templates` in ram/utils/openset_utils.py), verbatim.
 MULTIPLE_TEMPLATES: tuple[str, ...] = (
@@ -151,10 +149,11 @@ class ClipTextEncoder:
         """
         prompts = prompts_for(name)
         longest = max(prompts, key=self.token_count)
-        if self.token_count(longest) > CONTEXT_LENGTH:
+        limit = self.tokenizer.context_length  # the model's own (77 for CLIP)
+        if self.token_count(longest) > limit:
             raise RamcliError(
                 f"tag name is too long for CLIP ({self.token_count(longest)} tokens in its longest "
-                f"prompt, at most {CONTEXT_LENGTH}): {name[:40]!r}"
+                f"prompt, at most {limit}): {name[:40]!r}"
             )
         return self.encode(prompts)
 
@@ -234,5 +233,5 @@ def load_text_encoder(weights: Path | None = None, model_config: dict | None = N
     except RuntimeError:
         raise RamcliError(f"{path} does not fit CLIP ViT-B/16 (tensor shapes differ)") from None
     model.eval()
-    tokenizer = open_clip.SimpleTokenizer(context_length=CONTEXT_LENGTH)
+    tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length)
     return ClipTextEncoder(model=model, tokenizer=tokenizer, weights_id=file_sha256(path)[:16])

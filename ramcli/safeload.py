@@ -30,6 +30,8 @@ def load_weights(path: Path | str, mmap: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read {path.name}: empty file (0 bytes)")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -48,7 +50,7 @@ def load_weights(path: Path | str, mmap: bool = False) -> Any:
                 "which could run code"
             ) from None
         raise CheckpointError(f"cannot read {path.name}: not a PyTorch checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle or zip fails wherever its bytes lead (IndexError, KeyError, ...)
         raise CheckpointError(
             f"cannot read {path.name}: truncated or not a PyTorch checkpoint ({_first_line(exc)})"
         ) from None

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import tarfile
 import time
 import warnings
@@ -37,7 +38,8 @@ from ramcli.labels import LabelSet, read_label_dir, resolve_labels
 from ramcli.safeload import load_weights
 from ramcli_train import losses
 from ramcli_train.config import TrainConfig, dump
-from ramcli_train.model import ClipTeacher, TrainableRAM, label_embeddings, load_imagenet_backbone
+from ramcli_train.model import ClipTeacher, TrainableRAM, label_embeddings
+from ramcli_train.pretrained import load_pretrained_backbone
 from ramcli_train.tokenizer import train_tokenizer
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
@@ -219,16 +221,19 @@ def build_tokenizer(cfg: TrainConfig, paths: list[str], out: Path) -> CaptionTok
 
 
 def build_model(cfg: TrainConfig, labels: LabelSet, tokenizer: CaptionTokenizer | None) -> TrainableRAM:
+    """The model of `cfg`; `model.backbone_init` says where the backbone's weights came from."""
     arch = cfg.arch(len(labels))
     embed = label_embeddings(labels, arch, cfg.label_embed, cfg.clip_weights, cfg.seed)
     vocab = max(len(tokenizer), 30524 if cfg.tokenizer == "bert-base-uncased" else 0) if tokenizer else 0
     model = TrainableRAM(arch, labels, embed, cfg.caption_config(arch, vocab) if tokenizer else None, tokenizer,
                          cfg.prompt, drop_path_rate=cfg.drop_path)
+    model.backbone_init = f"backbone {arch.backbone or 'Swin'}: random initialisation"
     if cfg.pretrained_backbone and cfg.init_from is None:
-        load_imagenet_backbone(model.tagger)
+        model.backbone_init = load_pretrained_backbone(model.tagger).message
     if cfg.init_from:
         state = load_weights(cfg.init_from)
         model.load_state_dict(state.get("model", state), strict=True)
+        model.backbone_init = f"backbone {arch.backbone or 'Swin'}: from {Path(cfg.init_from).name}"
     if cfg.grad_ckpt:
         model.set_grad_checkpointing(True)
     return model
@@ -254,12 +259,37 @@ def memory_estimate(model: TrainableRAM, cfg: TrainConfig) -> dict[str, float]:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     static = (params + 3 * trainable) * 4 / 2**30
-    tokens = (cfg.image_size // 4) ** 2
-    width = model.arch.swin.embed_dim
-    act = cfg.batch_size * tokens * width * 34 * sum(model.arch.swin.depths) / 4 * (2 if cfg.amp != "off" else 4) / 2**30
+    element = 2 if cfg.amp != "off" else 4
+    swin = model.arch.swin
+    if swin is not None:
+        tokens = (cfg.image_size // 4) ** 2
+        act = cfg.batch_size * tokens * swin.embed_dim * 34 * sum(swin.depths) / 4 * element / 2**30
+    else:
+        act = cfg.batch_size * _backbone_activations(model.arch) * element / 2**30
     if cfg.grad_ckpt:
         act /= 4
     return {"parameters_millions": params / 1e6, "static_gib": round(static, 2), "activations_gib": round(act, 2)}
+
+
+def _backbone_activations(arch) -> int:
+    """Elements a timm backbone keeps for backward per image: its modules' outputs, counted on a
+    weightless (meta-device) forward pass."""
+    from ramcli.models.ram import build_backbone
+
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    with torch.device("meta"):
+        backbone = build_backbone(arch)
+        hooks = [m.register_forward_hook(count) for m in backbone.modules() if not list(m.children())]
+        backbone.forward_features(torch.empty(1, 3, arch.image_size, arch.image_size))
+    for h in hooks:
+        h.remove()
+    return total
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -392,6 +422,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     log = MetricsLog(out, cfg.tensorboard) if rt.main else None
     if rt.main:
         (out / "config.json").write_text(dump(cfg) + "\n", encoding="utf-8")
+        if state is None:  # where the encoder's weights came from, in the log and on stderr
+            log.write({"step": step, "event": "backbone", "message": model.backbone_init})
+            print(model.backbone_init, file=sys.stderr)
     samples = count_samples(train_paths)
     per_epoch = max(1, math.ceil(samples / (cfg.batch_size * rt.world * cfg.accum_steps)))
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)  # for the progress bar

@@ -30,15 +30,6 @@ from ramcli_train import losses
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-#: timm names of the ImageNet-22k Swin weights the official code starts from
-TIMM_PRETRAINED = {
-    (128, 7): "swin_base_patch4_window7_224.ms_in22k",
-    (128, 12): "swin_base_patch4_window12_384.ms_in22k",
-    (192, 7): "swin_large_patch4_window7_224.ms_in22k",
-    (192, 12): "swin_large_patch4_window12_384.ms_in22k",
-}
-
-
 def tag_texts(labels: LabelSet, multi_hot: torch.Tensor) -> list[str]:
     """The caption generator's tag input: tag names in label order, joined by ' | ' (official)."""
     rows = multi_hot.detach().cpu() > 0.5
@@ -55,6 +46,7 @@ class TrainableRAM(nn.Module):
         self.arch = arch
         self.labels = labels
         self.tagger = RecognitionModel(arch, labels, model_id="training", drop_path_rate=drop_path_rate)
+        self.arch = self.tagger.arch  # with the backbone's data config
         _init_tagger(self.tagger, label_embed)
         self.caption: CaptionGenerator | None = None
         if arch.family in ("ram", "tag2text") and caption_cfg is not None:
@@ -128,29 +120,6 @@ def _init_tagger(tagger: RecognitionModel, label_embed: torch.Tensor | None) -> 
     if arch.family == "ram_plus":
         with torch.no_grad():
             tagger.reweight_scale.fill_(math.log(1 / 0.07))
-
-
-def load_imagenet_backbone(tagger: RecognitionModel) -> bool:
-    """ImageNet-22k Swin weights through timm (the official start point); warn and keep random
-    weights when they are not available (no network, unknown size)."""
-    swin = tagger.arch.swin
-    name = TIMM_PRETRAINED.get((swin.embed_dim, swin.window_size))
-    if name is None:
-        warnings.warn(f"no ImageNet-22k weights for a Swin of width {swin.embed_dim}; the backbone starts random",
-                      stacklevel=2)
-        return False
-    try:
-        import timm
-
-        source = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
-    except Exception as exc:  # offline or hub errors: training can still start from random weights
-        warnings.warn(f"ImageNet-22k weights {name} not available ({type(exc).__name__}); the backbone starts random",
-                      stacklevel=2)
-        return False
-    missing = tagger.backbone.load_state_dict(source.state_dict(), strict=False)
-    if missing.missing_keys:
-        warnings.warn(f"backbone weights partly loaded: {len(missing.missing_keys)} tensors kept random", stacklevel=2)
-    return True
 
 
 # ----------------------------------------------------------------------------- CLIP teacher

@@ -1,25 +1,13 @@
 """Shared fixtures. Everything the tests need ships with the repository or is generated: the
 official label files are package data (`ramcli/data/official`), sample photos are written by
-`images.photo_like`. `../shared` (or `RAMCLI_SHARED`) is an optional extra source, used only by
-the tests that read the official benchmark lists, which are skipped without it."""
+`images.photo_like`, benchmark lists in the official formats by the tests that read them."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RAMCLI_SHARED", REPO.parent / "shared"))
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The optional `../shared` folder (official benchmark lists); tests that need it are skipped without it."""
-    if not SHARED.is_dir():
-        pytest.skip(f"optional data folder not present: {SHARED} (set RAMCLI_SHARED)")
-    return SHARED
 
 
 @pytest.fixture(scope="session")

@@ -117,8 +117,9 @@ def test_a_name_that_is_not_utf8_is_stored_losslessly_and_the_run_completes(mode
     odd = _photo(lib / os.fsdecode(b"caf\xe9 \xff.jpg"), 2)  # Latin-1 bytes from an old camera or archive
     weights, labels = model_files
     res = _ramcli("tag", lib, "--weights", weights, "--labels", labels, "--workers", "0", "--threshold", "0",
-                  "-f", "jsonl", "--no-write", home=home)
+                  "-f", "jsonl", home=home)
     assert res.returncode == 0, res.stderr.decode(errors="replace")
+    assert len(_subjects(odd)) == N and len(_subjects(good)) == N  # both written, neither stopped the run
     res.stdout.decode("utf-8")  # the JSONL is valid UTF-8 ...
     assert b'"path": "' + os.fsencode(lib) + b'/caf\\\\xe9 \\\\xff.jpg"' in res.stdout  # ... with the name escaped
     with Index.open(home / "index.db") as index:
@@ -129,6 +130,8 @@ def test_a_name_that_is_not_utf8_is_stored_losslessly_and_the_run_completes(mode
     assert sorted(found.stdout.split(b"\0")[:-1]) == sorted([os.fsencode(good), os.fsencode(odd)])  # real bytes
     table = _ramcli("search", tag, "--format", "table", home=home)
     assert table.returncode == 0 and b"caf\\xe9 \\xff.jpg" in table.stdout
+    assert _ramcli("untag", lib, home=home).returncode == 0
+    assert _subjects(odd) == [] and _subjects(good) == []
 
 
 def _tag_names(home: Path, photo: Path) -> list[str]:

@@ -162,7 +162,7 @@ def _tag_as_user(args: list[str], home: Path) -> subprocess.CompletedProcess:
     ("empty.pth", b"", "empty file"),
     ("garbage.pth", bytes(range(256)) * 4, "not a PyTorch checkpoint"),
     ("garbage.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\x00" * 64, "not a valid safetensors file"),
-    ("noise.safetensors", bytes(reversed(range(256))) * 4, "not a PyTorch checkpoint"),
+    ("noise.safetensors", bytes(reversed(range(256))) * 4, "not a valid safetensors file"),
 ])
 def test_bad_weights_are_one_line_errors(tmp_path, name, content, reason):
     bad = tmp_path / name

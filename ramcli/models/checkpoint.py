@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pickle
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from ramcli.labels import LabelSet
 from ramcli.models.configs import ArchConfig, head_prefix, infer_arch, infer_family
 from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
 from ramcli.models.ram import RecognitionModel
+from ramcli.safeload import load_weights
 
 FORMAT_VERSION = "1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,34 +75,10 @@ def official_model_id(path: Path) -> str:
 
 def read_official(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a published .pth (or one re-saved by other tools), loaded without
-    unpickling code. Raises `CheckpointError` with a one-line reason for anything else."""
+    unpickling code (`ramcli.safeload`, memory-mapped). Raises `CheckpointError` with a one-line
+    reason for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"cannot read {path.name}: empty file (0 bytes)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(exc)
-        if "Unsupported operand" in detail:  # not a pickle at all, or a damaged one
-            raise CheckpointError(f"cannot read {path.name}: truncated or not a PyTorch checkpoint ({detail})") from None
-        raise CheckpointError(
-            f"refusing to load {path.name}: it needs full unpickling, which could run code ({detail})"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - a damaged pickle or zip fails wherever its bytes lead
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {path.name}: truncated or not a PyTorch checkpoint ({reason})") from None
-    return state_dict_of(obj, path.name)
-
-
-def _unpickler_detail(exc: Exception) -> str:
-    """torch's weights-only unpickler explains itself after 'WeightsUnpickler error:', inside a
-    long paragraph of advice; the explanation alone, on one line."""
-    text = str(exc)
-    _, marker, rest = text.partition("WeightsUnpickler error:")
-    lines = [line.strip() for line in (rest if marker else text).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:160]
+    return state_dict_of(load_weights(path, mmap=True), path.name)
 
 
 def state_dict_of(obj: object, name: str) -> dict[str, torch.Tensor]:

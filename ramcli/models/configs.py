@@ -1,7 +1,9 @@
 """Architecture configurations of the RAM family.
 
 An `ArchConfig` fixes the structure of a model (backbone, decoder sizes, family) and how images
-are prepared for it (`data_config`, in the shape of timm's pretrained configs). The number of
+are prepared for it (`data_config`, in the shape of timm's pretrained configs). The backbone is
+the official Swin of `swin`, or any timm model that gives a feature map, named by `backbone`
+(then `swin` is None). The number of
 classes comes from the weights (a checkpoint's `label_embed`), so one config serves the official
 4,585 tags, a benchmark subset or a vocabulary with custom tags. Everything here can also be
 inferred from an official checkpoint (`infer_arch`): the family from everything the file says
@@ -45,7 +47,7 @@ class ArchConfig:
     name: str
     family: str
     image_size: int
-    swin: SwinConfig
+    swin: SwinConfig | None  # the official Swin; None when `backbone` names a timm model
     num_classes: int
     hidden: int = 768
     heads: int = 4
@@ -57,6 +59,7 @@ class ArchConfig:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    backbone: str = ""  # a timm model name (resnet18, convnext_tiny, ...); empty: the Swin of `swin`
 
     @property
     def data_config(self) -> dict:
@@ -73,12 +76,12 @@ class ArchConfig:
         data = json.loads(text)
         data.pop("extra", None)  # an always-empty field that files converted by ramcli 0.1 carry
         swin = data.pop("swin")
-        swin["depths"] = tuple(swin["depths"])
-        swin["num_heads"] = tuple(swin["num_heads"])
+        if swin is not None:
+            swin = SwinConfig(**{**swin, "depths": tuple(swin["depths"]), "num_heads": tuple(swin["num_heads"])})
         for key in ("mean", "std"):  # files written before these fields keep the defaults
             if key in data:
                 data[key] = tuple(data[key])
-        return cls(swin=SwinConfig(**swin), **data)
+        return cls(swin=swin, **data)
 
 
 SWIN_L_384 = SwinConfig(192, (2, 2, 18, 2), (6, 12, 24, 48), 12)
