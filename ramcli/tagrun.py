@@ -20,6 +20,7 @@ from ramcli.discover import Found, describe_skipped, discover
 from ramcli.embed_cache import EmbeddingCache
 from ramcli.errors import UsageError
 from ramcli.metadata import WriterOptions
+from ramcli.precision import DEFAULT_CHECK_PHOTOS
 from ramcli.records import PhotoResult
 
 
@@ -33,6 +34,7 @@ class Summary:
     written: int = 0
     write_failed: list[tuple[str, str]] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    precision: str = ""  # the arithmetic used, and why (auto's decision)
 
 
 class MetadataSink:
@@ -71,6 +73,7 @@ class TagRun:
     labels: Path | None = None
     device: str = "auto"
     precision: str = "auto"
+    precision_check: int = DEFAULT_CHECK_PHOTOS  # photos auto scores both ways before picking a CPU fast path
     decode: str = "auto"  # where JPEGs are decoded: workers (Pillow) or the model's device
     batch_size: int | None = None
     workers: int | None = None
@@ -128,7 +131,7 @@ class TagRun:
         photos = self._shard(photos)
         summary.skipped = Counter({k: v for k, v in counts.items() if k not in ("image", "raw")})
         device = resolve_device(self.device)
-        autocast = resolve_precision(device, self.precision)
+        precision = resolve_precision(device, self.precision)
         decode = resolve_decode(device, self.decode)
         vocab = Vocabulary.open()
         model_id = model_id_of(self.weights)
@@ -161,10 +164,12 @@ class TagRun:
             thresholds = read_threshold_file(self.threshold_file, len(model.labels)) if self.threshold_file else None
             cache = EmbeddingCache(model.model_id) if self.cache_embeddings else None
             captioner = self._load_captioner(model) if self.caption else None
-            tagger = Tagger(model, device, autocast, threshold=self.threshold, thresholds=thresholds,
+            tagger = Tagger(model, device, precision, threshold=self.threshold, thresholds=thresholds,
                             exclude=self.exclude_tags, top_k=self.top_k, cache=cache,
                             compile=self._should_compile(device, len(todo)),
-                            captioner=captioner)
+                            captioner=captioner, **self._precision_check(precision, len(todo), summary, err_console))
+            if precision != "auto":
+                summary.precision = precision
             cached, todo = self._split_cached(todo, index, model.model_id, cache)
             summary.rescored = len(cached)
             writer = self._metadata_sink(index, summary, model.model_id) if self.write else None
@@ -196,6 +201,8 @@ class TagRun:
                     self._rescore_cached(cached, tagger, sinks, applied.version, advance)
                     tag_files([f.path for f in todo], tagger, sinks, batch_size, workers,
                               vocab_version=applied.version, on_batch=advance, skip=skip, decode=decode)
+                    if tagger.checking:
+                        summary.precision = "fp32 (auto: too few photos decoded to finish the fast-path check)"
                 finally:
                     sinks[0].close()
                     if writer is not None:
@@ -216,6 +223,23 @@ class TagRun:
         if self.compile_model is not None:
             return self.compile_model
         return photos >= self.COMPILE_FROM.get(device.type, 10**9)
+
+    def _precision_check(self, precision: str, photos: int, summary: Summary, err_console: Console) -> dict:
+        """Tagger arguments of the CPU's auto check: how many photos, the cache key of this model
+        file on this CPU, and where the decision is reported (now, and in the summary)."""
+        if precision != "auto":
+            return {}
+        from ramcli.models import resolve_weights
+        from ramcli.precision import DecisionCache
+
+        def report(decision) -> None:
+            summary.precision = f"{decision.precision} (auto: {decision.reason})"
+            if not self.quiet:
+                err_console.print(decision.describe(), markup=False, highlight=False)
+
+        enough = photos >= self.precision_check
+        return {"check_photos": self.precision_check if enough else 0, "on_decision": report,
+                "cache_key": DecisionCache.key(resolve_weights(self.weights)[0])}
 
     @staticmethod
     def _rescore_cached(cached: list, tagger, sinks, vocab_version: str, advance, chunk: int = 256) -> None:
@@ -314,6 +338,8 @@ class TagRun:
         parts.append(f"failed {len(s.failed)}")
         rate = s.tagged / elapsed if elapsed > 0 else 0.0
         err.print(", ".join(parts) + f" in {elapsed:.1f} s ({rate:.2f} img/s)", highlight=False)
+        if s.precision:
+            err.print(f"precision: {s.precision}", markup=False, highlight=False)
         for path, reason in s.failed:
             err.print(f"  failed: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
         for path, reason in s.write_failed:

@@ -19,8 +19,9 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option(None, "--weights", "-w", help="Model file (.pth or converted .safetensors) or a published name. Default: ram_plus_swin_large_14m."),
         arch: str = typer.Option(None, help="Architecture (ram, ram_plus, tag2text or a full arch name); inferred from the weights when omitted."),
         labels: Path = typer.Option(None, "--labels", help="Folder with the official label files (overrides RAMCLI_LABELS and the model's own)."),
-        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-        precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+        device: str = typer.Option("auto", help="auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda, cuda:N or mps."),
+        precision: str = typer.Option("auto", help="auto, fp32 (exact), bf16, fp16 or int8 (CPU). auto: bf16 on CUDA, fp16 on MPS; on the CPU the fastest path that agrees with fp32 on >= 99% of the tags of the first photos (checked once per model and CPU)."),
+        precision_check: int = typer.Option(8, "--precision-check", min=0, help="Photos --precision auto scores in fp32 and in each CPU fast path before it picks one (0: fp32 unless already decided)."),
         decode: str = typer.Option("auto", help="Where JPEGs are decoded: auto (the GPU's nvJPEG on CUDA, the decode workers on CPU), workers or device."),
         batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per model call (default: 64 on CUDA, 4 on CPU)."),
         workers: int = typer.Option(None, min=0, help="Decode worker processes (default: up to 2 on CPU, up to 8 with a GPU)."),
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
         from ramcli.tagrun import TagRun
 
         run = TagRun(
-            paths=paths, weights=weights, arch=arch, labels=labels, device=device, precision=precision,
+            paths=paths, weights=weights, arch=arch, labels=labels, device=device, precision=precision, precision_check=precision_check,
             decode=decode, batch_size=batch_size, workers=workers, compile_model=compile_model, threshold=threshold,
             threshold_file=threshold_file, top_k=top_k, lang=writer_options.lang,
             exclude_tags=[t for t in exclude_tags.split(",") if t.strip()], include=include, exclude=exclude,
