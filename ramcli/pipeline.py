@@ -173,7 +173,7 @@ class Tagger:
         if not candidates:
             return self._decided(Decision("fp32", "no fast path on this CPU (no native bf16, no int8 kernels)"))
         if self.check_photos <= 0:
-            return self._decided(Decision("fp32", "the fast-path check is off (0 check photos)"))
+            return self._decided(Decision("fp32", "no fast-path check: too few photos to tag (or 0 check photos)"))
         self._check = PrecisionCheck([Arithmetic.build(n, self.model, self.device) for n in candidates],
                                      self._class_thresholds, self.check_photos)
         self._use(Arithmetic("fp32", self.model, self.device.type))

@@ -121,8 +121,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         raise RuntimeError("this PyTorch build has no quantized CPU kernels")
     torch.backends.quantized.engine = engine
     with torch.no_grad(), warnings.catch_warnings():
-        # quantized tensors are deprecated in favour of torchao, whose int8 CPU path measured slower here
+        # torch.ao's eager quantisation is marked deprecated in favour of torchao; it is still the
+        # one with fast x86/ARM int8 kernels for eager CPU inference (docs/performance.md)
         warnings.filterwarnings("ignore", message=".*quantize_per_", category=UserWarning)
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
@@ -188,10 +190,12 @@ class Decision:
         return cls(str(data["precision"]), str(data["reason"]), int(data.get("photos", 0)), measured, cached=True)
 
 
-def decide(measured: list[Measured], photos: int, min_agreement: float = MIN_AGREEMENT,
-           min_speedup: float = MIN_SPEEDUP) -> Decision:
-    """The policy, in one place: the fastest path that agrees >= `min_agreement` with fp32 and is
-    >= `min_speedup` x faster than fp32 on these photos; otherwise fp32, saying why."""
+def decide(measured: list[Measured], photos: int, min_agreement: float | None = None,
+           min_speedup: float | None = None) -> Decision:
+    """The policy, in one place: the fastest path that agrees >= MIN_AGREEMENT with fp32 and is
+    >= MIN_SPEEDUP x faster than fp32 on these photos; otherwise fp32, saying why."""
+    min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
+    min_speedup = MIN_SPEEDUP if min_speedup is None else min_speedup
     fp32 = next(m for m in measured if m.name == "fp32")
     eligible, rejected = [], []
     for m in measured:
