@@ -153,7 +153,10 @@ class Tagger:
             self.classes = self.classes.to(self.device)
         self._compiled_batch: int | None = None
         self._check: PrecisionCheck | None = None
-        if self.precision == "auto":
+        fixed = getattr(self.model, "fixed_precision", None)
+        if fixed is not None:
+            self._run_exported(fixed)
+        elif self.precision == "auto":
             self._start_check()
         else:
             self._use(Arithmetic.build(self.precision, self.model, self.device))
@@ -164,6 +167,23 @@ class Tagger:
         self._forward: Callable = path.module
         if self.compile and self._check is None:
             self._forward = torch.compile(path.module, dynamic=False)
+
+    def _run_exported(self, fixed: str) -> None:
+        """An exported graph (ONNX) runs on the CPU in the arithmetic it was exported with."""
+        if self.device.type != "cpu":
+            raise UsageError("ONNX models run on the CPU (ONNX Runtime); use --device cpu or the .pth/.safetensors weights")
+        if self.precision not in ("auto", fixed):
+            raise UsageError(f"this ONNX file computes in {fixed}; --precision {self.precision} needs the "
+                             ".pth/.safetensors weights (or export with --dtype {self.precision})")
+        if self.captioner is not None or self.cache is not None:
+            raise UsageError("an ONNX model gives logits only: --caption and --cache-embeddings need the "
+                             ".pth/.safetensors weights")
+        self.compile = False  # ONNX Runtime optimises the graph itself
+        self._use(Arithmetic(fixed, self.model, "cpu"))
+        if self.precision == "auto":
+            self.decision = Decision(fixed, "an ONNX file runs in the arithmetic it was exported with")
+            if self.on_decision is not None:
+                self.on_decision(self.decision)
 
     def _start_check(self) -> None:
         cached = DecisionCache().get(self.cache_key) if self.cache_key else None
