@@ -123,16 +123,11 @@ def test_onnx_runs_on_the_cpu_in_its_own_arithmetic(exported):
     assert decisions[0].precision == "fp32" and "ONNX" in decisions[0].reason
 
 
-def test_int8_onnx_is_smaller_and_close(exported, tmp_path):
-    pth, labels, fp32 = exported["ram_tiny"]
-    res = CliRunner().invoke(app, ["models", "convert", str(pth), str(tmp_path / "q.onnx"), "--dtype", "int8",
-                                   "--labels", str(labels)], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    q = load_any(tmp_path / "q.onnx")
-    assert q.fixed_precision == "int8" and (tmp_path / "q.onnx").stat().st_size < 0.6 * fp32.stat().st_size
-    x = _pixels(2, seed=4)
-    change = (torch.sigmoid(q(x)) - torch.sigmoid(load_any(fp32)(x))).abs().max()
-    assert 0 < change < 0.1
+def test_onnx_is_exported_in_fp32_only(exported, tmp_path):
+    pth, labels, _ = exported["ram_tiny"]
+    res = CliRunner().invoke(app, ["models", "convert", str(pth), str(tmp_path / "q.onnx"), "--dtype", "bf16",
+                                   "--labels", str(labels)])
+    assert res.exit_code != 0 and "unknown ONNX dtype" in res.output and not (tmp_path / "q.onnx").exists()
 
 
 def test_not_an_onnx_tagger_is_a_clear_error(tmp_path):

@@ -9,8 +9,7 @@ ONNX Runtime user.
 
 Open vocabulary: the label queries are constants of the graph, so custom tags of the
 vocabulary are baked in at export time; a tag added later is refused with a message that says
-to export again. `--dtype int8` quantises the exported graph's weights with ONNX Runtime's
-dynamic quantisation (int8 MatMul weights, activations quantised per batch).
+to export again.
 """
 
 from __future__ import annotations
@@ -29,7 +28,9 @@ from ramcli.models.configs import ArchConfig
 from ramcli.models.ram import RecognitionModel
 
 FORMAT = "ramcli-onnx-tagger"
-ONNX_DTYPES = ("fp32", "int8")
+#: fp32 only: ONNX Runtime's dynamic int8 quantisation moved the tiny test models' scores by
+#: up to 0.26 (PyTorch's int8: 0.07), so it is not offered until it is measured at full size.
+ONNX_DTYPES = ("fp32",)
 
 
 def data_config(arch: ArchConfig) -> dict:
@@ -76,14 +77,6 @@ def export_onnx(model: RecognitionModel, dst: Path, dtype: str = "fp32", source:
         proto.metadata_props.add(key=key, value=value)
     big = proto.ByteSize() > 1_900_000_000  # protobuf's 2 GB limit: weights go to a side file
     onnx.save_model(proto, str(tmp), save_as_external_data=big, location=dst.name + ".data")
-    if dtype == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantized = dst.with_name(dst.name + ".int8.partial")
-        quantize_dynamic(str(tmp), str(quantized), weight_type=QuantType.QInt8, per_channel=True,
-                         use_external_data_format=big)
-        tmp.unlink()
-        tmp = quantized
     tmp.replace(dst)
     return dst
 
