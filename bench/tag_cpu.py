@@ -145,7 +145,13 @@ def main() -> None:
         if "compiled" in name and not r["compiled"]:
             note = " (torch.compile failed: ran eager)"
         print(f"  {name:14} {r['rate']:.3f} img/s, peak {r['peak']:.0f} MB{note}; load {load_average()}", flush=True)
+        if name != chosen[-1]:
+            table(results, thresholds, len(photos))  # so far: a long run cut short still leaves its numbers
+    table(results, thresholds, len(photos))
+    print(f"load average at the end: {load_average()}")
 
+
+def table(results: dict[str, dict], thresholds: torch.Tensor, photos: int) -> None:
     base = results.get("baseline")
     ref = results.get("fp32")
     print()
@@ -163,8 +169,7 @@ def main() -> None:
         print(f"| {name} | {r['rate']:.3f} | {ratio} | {agree} | {change} | {r['peak']:.0f} |")
     if base is not None:
         near = ((base["scores"] - thresholds).abs() < 1e-3).sum().item()
-        print(f"\nbaseline scores within 0.001 of their threshold: {near / len(photos):.1f} per photo")
-    print(f"load average at the end: {load_average()}")
+        print(f"\nbaseline scores within 0.001 of their threshold: {near / photos:.1f} per photo\n", flush=True)
 
 
 if __name__ == "__main__":
