@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from images import jpeg_bytes, photo_like  # noqa: E402
 
-from ramcli.imaging import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402
+from ramcli.imaging import normalize  # noqa: E402
 from ramcli.loader import make_loader  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def main() -> None:
                 OfficialDataset(paths, args.size), batch_size=args.batch, num_workers=workers,
                 persistent_workers=workers > 0,
             )
-            draft_loader = make_loader(paths, args.size, args.batch, workers=workers, pin_memory=False)
+            draft_loader = make_loader(paths, args.size, args.batch, workers=workers, pin_memory=False, draft=True)
             full_loader = make_loader(paths, args.size, args.batch, workers=workers, pin_memory=False, draft=False)
             official = timed_rate(lambda: iter(official_loader), args.count, args.passes)
             ours = timed_rate(lambda: (normalize(b.pixels) for b in draft_loader), args.count, args.passes)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import statistics
 import subprocess
@@ -137,6 +138,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        os.environ["RAMCLI_HOME"] = str(root / "home")  # the writer's journal: never the user's home
         source = make_jpegs(root / "src", args.files, args.size)
         mb = sum(p.stat().st_size for p in source) / len(source) / 1e6
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from _common import CACHE, REPO, checkpoint
+from _common import CACHE, checkpoint, jpegs
 from ramcli.models import convert, load_any
 from ramcli.pipeline import Tagger, tag_files
 
@@ -38,10 +38,10 @@ def agreement(a: list[set[str]], b: list[set[str]]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ram_swin_large_384")
-    ap.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "ram" / "images")
+    ap.add_argument("--photos", type=Path, default=None, help="A folder of JPEGs (default: 8 generated 12 MP ones).")
     args = ap.parse_args()
     pth, labels = checkpoint(args.arch)
-    photos = sorted(args.photos.glob("*.jpg"))
+    photos = sorted(args.photos.glob("*.jpg")) if args.photos else jpegs(CACHE / "jpeg12mp", 8)
     reference = tags_of(load_any(pth, labels_dir=labels), photos)
     print(f"{args.arch} (random weights), {len(photos)} photos, fp32: "
           f"{sum(map(len, reference)) / len(photos):.0f} tags/photo")

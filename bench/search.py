@@ -31,17 +31,16 @@ sys.path.insert(0, str(REPO))
 
 from _common import load_average  # noqa: E402
 from ramcli.index import Index  # noqa: E402
+from ramcli.labels import official_dir  # noqa: E402
 from ramcli.records import PhotoResult, TagScore  # noqa: E402
 from ramcli.search import photo_tags_by_id, search  # noqa: E402
 
-OFFICIAL_TAGS = REPO.parent / "shared" / "ram" / "ram_tag_list.txt"
+OFFICIAL_TAGS = official_dir() / "ram_tag_list.txt"
 
 
 def vocabulary(n: int) -> list[str]:
-    if OFFICIAL_TAGS.exists():
-        names = [line.strip() for line in OFFICIAL_TAGS.read_text().splitlines() if line.strip()]
-        return names[:n]
-    return [f"tag{i:04d}" for i in range(n)]
+    names = [line.strip() for line in OFFICIAL_TAGS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return names[:n] + [f"tag{i:04d}" for i in range(n - len(names[:n]))]
 
 
 def build(index: Index, n_photos: int, names: list[str], per_photo: int, batch: int, rng) -> float:

@@ -4,7 +4,7 @@ Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-li
 
   baseline  : one image at a time: full PIL decode, the official torchvision transform
               (Resize((384,384)), ToTensor, Normalize), fp32 forward at batch 1.
-  fp32 ...  : the `ramcli tag` pipeline (draft decode in worker processes, batches, strict
+  fp32 ...  : the `ramcli tag` pipeline (CPU default decode in worker processes, batches, strict
               thresholds) in each arithmetic: fp32, bf16 autocast, int8 (dynamic int8 Linear
               layers), each eager and torch.compile'd, and the exported ONNX graph run by ONNX
               Runtime. Compilation (and the ONNX export) is done once beforehand and not timed.
@@ -49,13 +49,14 @@ def baseline(pth: Path, labels: Path, photos: list[Path], **_) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    from ramcli.imaging import IMAGENET_MEAN, IMAGENET_STD
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     from ramcli.models import load_any
 
     model = load_any(pth, labels_dir=labels).eval()
     size = model.arch.image_size
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                             transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     with torch.inference_mode():
         model(tf(Image.open(photos[0]).convert("RGB")).unsqueeze(0))  # warm-up, like the other paths
         scores = []
@@ -104,7 +105,9 @@ def export(pth: Path, labels: Path) -> tuple[Path, float]:
 
 
 def tags(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    return scores > thresholds
+    from ramcli.decision import emitted
+
+    return emitted(scores, thresholds)
 
 
 def main() -> None:

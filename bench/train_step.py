@@ -17,9 +17,9 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ramcli.caption import CaptionTokenizer
 from ramcli.labels import LabelSet
 from ramcli_train import losses
-from ramcli_train.caption import CaptionTokenizer
 from ramcli_train.config import resolve
 from ramcli_train.model import TrainableRAM, label_embeddings
 

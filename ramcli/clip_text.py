@@ -15,14 +15,15 @@ same network as `clip.load("ViT-B/16")` (same weights, same tokenizer, same acti
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ramcli.errors import RamcliError
+from ramcli.errors import CheckpointError, RamcliError
+from ramcli.hashing import file_sha256
+from ramcli.safeload import load_weights
 
 #: open_clip model config that matches OpenAI's ViT-B/16 exactly (QuickGELU activations).
 CLIP_MODEL_NAME = "ViT-B-16-quickgelu"
@@ -31,8 +32,6 @@ CLIP_HF_REPO = "timm/vit_base_patch16_clip_224.openai"
 CLIP_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 #: Environment variable naming a local weights file (the config-level equivalent of --clip-weights).
 CLIP_WEIGHTS_ENV = "RAMCLI_CLIP_WEIGHTS"
-#: CLIP's context length; prompts longer than this cannot be encoded.
-CONTEXT_LENGTH = 77
 
 #: The official prompt ensemble (`multiple_templates` in ram/utils/openset_utils.py), verbatim.
 MULTIPLE_TEMPLATES: tuple[str, ...] = (
@@ -150,10 +149,11 @@ class ClipTextEncoder:
         """
         prompts = prompts_for(name)
         longest = max(prompts, key=self.token_count)
-        if self.token_count(longest) > CONTEXT_LENGTH:
+        limit = self.tokenizer.context_length  # the model's own (77 for CLIP)
+        if self.token_count(longest) > limit:
             raise RamcliError(
                 f"tag name is too long for CLIP ({self.token_count(longest)} tokens in its longest "
-                f"prompt, at most {CONTEXT_LENGTH}): {name[:40]!r}"
+                f"prompt, at most {limit}): {name[:40]!r}"
             )
         return self.encode(prompts)
 
@@ -196,30 +196,17 @@ def find_clip_weights(explicit: Path | None = None, hf_cache_dir: Path | None = 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors or plain PyTorch state-dict file (never unpickles objects)."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt files raise many types; all mean "not loadable"
+        state = load_weights(path)
+    except CheckpointError as exc:
         raise RamcliError(
-            f"cannot read CLIP weights {path} ({type(exc).__name__}); expected open_clip's "
-            f"{CLIP_HF_FILES[0]} (OpenAI's TorchScript ViT-B-16.pt is not accepted)"
+            f"cannot read CLIP weights {path} ({exc}); expected open_clip's {CLIP_HF_FILES[0]} "
+            "(OpenAI's TorchScript ViT-B-16.pt is not accepted)"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise RamcliError(f"CLIP weights {path} do not hold a state dict")
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_text_encoder(weights: Path | None = None, model_config: dict | None = None) -> ClipTextEncoder:
@@ -246,5 +233,5 @@ def load_text_encoder(weights: Path | None = None, model_config: dict | None = N
     except RuntimeError:
         raise RamcliError(f"{path} does not fit CLIP ViT-B/16 (tensor shapes differ)") from None
     model.eval()
-    tokenizer = open_clip.SimpleTokenizer(context_length=CONTEXT_LENGTH)
+    tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length)
     return ClipTextEncoder(model=model, tokenizer=tokenizer, weights_id=file_sha256(path)[:16])

@@ -6,10 +6,18 @@ sniffed; what no signature names is offered to Pillow (with pillow-heif register
 reads only the header. Nothing here decodes pixels: a truncated or bomb-sized image is still
 an 'image' and its decode reports the one-line reason.
 
-The walk follows symlinks but visits each directory once (by `(st_dev, st_ino)`), so a link
-loop ends; hidden entries and OS junk are skipped silently; an unreadable directory is
-reported as an 'error' and the walk goes on. Order is deterministic: entries sorted by name,
-depth first.
+Symlinks, because a link can lead a write out of the library (docs/formats.md has the policy):
+a link whose target stays inside the roots is followed. A link to a *file* outside every root
+is found like any photo but carries `link` (its place inside the roots), so the sinks know it
+leads out: the index records it, the metadata writer leaves it alone unless asked. A link to a
+*folder* outside every root is not walked (kind 'link', with the reason) unless `follow_links`;
+one to a folder that contains a root (`/`, `..`) never is. Each directory is visited once (by
+`(st_dev, st_ino)`), so any remaining loop ends.
+
+Hidden entries and OS junk are skipped silently; an unreadable directory is reported as an
+'error' and the walk goes on. A file with a photo's extension that is not a photo (empty, a note
+saved as `.jpg`) is an 'error' too: a broken photo, not noise. Order is deterministic: entries
+sorted by name, depth first.
 """
 
 from __future__ import annotations
@@ -29,11 +37,12 @@ from PIL import Image, UnidentifiedImageError
 
 pillow_heif.register_heif_opener()  # HEIC/HEIF through Pillow's open(); idempotent
 
-Kind = Literal["image", "raw", "video", "unsupported", "error"]
+Kind = Literal["image", "raw", "video", "unsupported", "error", "link"]
 
 #: Camera RAW files whose header is a plain TIFF one: told apart from TIFF by extension.
 RAW_SUFFIXES = frozenset(
-    ".cr2 .nef .nrw .arw .srf .sr2 .dng .pef .orf .rw2 .raf .cr3 .srw .3fr .erf .kdc .mos .iiq .x3f".split()
+    ".cr2 .nef .nrw .arw .srf .sr2 .dng .pef .orf .rw2 .rwl .raf .cr3 .srw .3fr .erf .kdc .dcr .mos .iiq .x3f"
+    " .crw .mrw".split()
 )
 #: Extensions that mark a file as meant to be a photo: an empty one is then an error, not noise.
 PHOTO_SUFFIXES = RAW_SUFFIXES | frozenset(
@@ -57,7 +66,9 @@ class Found:
     """One file the walk met. `kind` says what to do with it; `reason` why it is skipped.
 
     `format` is the detected format ('JPEG', 'HEIF', 'DNG', 'video/mp4', ...) when known;
-    `size` and `mtime_ns` come from the same stat, for incremental runs.
+    `size` and `mtime_ns` come from the same stat, for incremental runs. `link` is set when the
+    file lies outside every root and was reached through a symlink: the absolute path inside
+    the roots by which it was reached (its root resolved, the rest as walked).
     """
 
     path: Path
@@ -66,6 +77,7 @@ class Found:
     format: str | None = None
     size: int = 0
     mtime_ns: int = 0
+    link: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -75,8 +87,12 @@ class Sniffed:
     reason: str | None = None
 
 
-def discover(roots: Sequence[Path], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Iterator[Found]:
+def discover(
+    roots: Sequence[Path], include: Sequence[str] = (), exclude: Sequence[str] = (), follow_links: bool = False
+) -> Iterator[Found]:
     """Every file under `roots`, classified. Roots may be files (always yielded) or folders.
+
+    `follow_links` also walks symlinked folders outside the roots (never one containing a root).
 
     Glob semantics (case-insensitive, `fnmatch`, where `*` also crosses `/`): a pattern without
     `/` is matched against the file or folder *name* (`*.jpg`, `IMG_*`); a pattern with `/` is
@@ -84,8 +100,7 @@ def discover(roots: Sequence[Path], include: Sequence[str] = (), exclude: Sequen
     `exclude` prunes whole folders and drops files; `include`, when given, keeps only files
     that match one of its patterns. Excluded and not-included files are not reported.
     """
-    seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
+    walk = _Walk([Path(os.path.realpath(r)) for r in roots], include, exclude, follow_links)
     for root in roots:
         root = Path(root)
         try:
@@ -94,9 +109,9 @@ def discover(roots: Sequence[Path], include: Sequence[str] = (), exclude: Sequen
             yield Found(root, "error", os_reason(exc))
             continue
         if stat.S_ISDIR(st.st_mode):
-            yield from _walk(root, root, st, include, exclude, seen_dirs, seen_files)
+            yield from walk.folder(root, root, st, None)
         else:
-            yield from _classify(root, st, seen_files)
+            yield from walk.classify(root, st, None)
 
 
 def sniff(path: Path) -> Sniffed:
@@ -104,9 +119,9 @@ def sniff(path: Path) -> Sniffed:
     with open(path, "rb") as fh:
         head = fh.read(_HEAD_BYTES)
     suffix = path.suffix.lower()
+    broken: Kind = "error" if suffix in PHOTO_SUFFIXES else "unsupported"  # a photo's name, no photo inside
     if not head:
-        kind: Kind = "error" if suffix in PHOTO_SUFFIXES else "unsupported"
-        return Sniffed(kind, None, "empty file (0 bytes)")
+        return Sniffed(broken, None, "empty file (0 bytes)")
     by_magic = sniff_bytes(head, suffix)
     if by_magic is not None:
         return by_magic
@@ -121,7 +136,7 @@ def sniff(path: Path) -> Sniffed:
         pass
     if suffix in VIDEO_SUFFIXES:
         return Sniffed("video", f"video/{suffix[1:]}", "video (not supported)")
-    return Sniffed("unsupported", None, not_an_image_reason(head))
+    return Sniffed(broken, None, not_an_image_reason(head))
 
 
 def sniff_bytes(head: bytes, suffix: str = "") -> Sniffed | None:
@@ -132,6 +147,10 @@ def sniff_bytes(head: bytes, suffix: str = "") -> Sniffed | None:
         return Sniffed("raw", "ORF")
     if head[:4] == b"IIU\x00":
         return Sniffed("raw", "RW2")
+    if head[:2] == b"II" and head[6:14] == b"HEAPCCDR":
+        return Sniffed("raw", "CRW")
+    if head[:4] == b"\x00MRM":
+        return Sniffed("raw", "MRW")
     if head[:4] in (b"II*\x00", b"MM\x00*") and suffix in RAW_SUFFIXES:
         return Sniffed("raw", suffix[1:].upper())
     if head[4:8] == b"ftyp":
@@ -171,66 +190,94 @@ def summarize(found: Iterable[Found]) -> Counter[str]:
 def describe_skipped(counts: Counter[str]) -> str:
     """'skipped: 3 videos, 2 unsupported, 1 error', or '' when nothing was skipped."""
     parts = []
-    for kind, one, many in (("video", "video", "videos"), ("unsupported", "unsupported", "unsupported"), ("error", "error", "errors")):
+    kinds = (("video", "video", "videos"), ("unsupported", "unsupported", "unsupported"),
+             ("link", "folder link not followed", "folder links not followed"), ("error", "error", "errors"))
+    for kind, one, many in kinds:
         n = counts.get(kind, 0)
         if n:
             parts.append(f"{n} {one if n == 1 else many}")
     return "skipped: " + ", ".join(parts) if parts else ""
 
 
-def _walk(
-    root: Path,
-    folder: Path,
-    folder_stat: os.stat_result,
-    include: Sequence[str],
-    exclude: Sequence[str],
-    seen_dirs: set[tuple[int, int]],
-    seen_files: set[tuple[int, int]],
-) -> Iterator[Found]:
-    key = (folder_stat.st_dev, folder_stat.st_ino)
-    if key in seen_dirs:
-        return  # a symlink loop, or a folder reached twice
-    seen_dirs.add(key)
-    try:
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError as exc:
-        yield Found(folder, "error", os_reason(exc))
-        return
-    for entry in entries:
-        if _is_junk(entry.name):
-            continue
-        path = Path(entry.path)
-        rel = path.relative_to(root).as_posix()
-        if _matches(entry.name, rel, exclude):
-            continue
+class _Walk:
+    """The state of one `discover` call: the resolved roots and what was visited already."""
+
+    def __init__(self, roots: list[Path], include: Sequence[str], exclude: Sequence[str], follow_links: bool):
+        self.roots, self.include, self.exclude, self.follow_links = roots, include, exclude, follow_links
+        self.seen_dirs: set[tuple[int, int]] = set()
+        self.seen_files: set[tuple[int, int]] = set()
+
+    def inside(self, real: str) -> bool:
+        return any(real == str(r) or real.startswith(str(r).rstrip(os.sep) + os.sep) for r in self.roots)
+
+    def contains_a_root(self, real: str) -> bool:
+        base = real.rstrip(os.sep) + os.sep
+        return any(str(r) == real or str(r).startswith(base) for r in self.roots)
+
+    def folder(self, root: Path, folder: Path, folder_stat: os.stat_result, via: Path | None) -> Iterator[Found]:
+        """Walk `folder`; `via` is its path inside the roots when the walk has left them."""
+        key = (folder_stat.st_dev, folder_stat.st_ino)
+        if key in self.seen_dirs:
+            return  # a symlink loop, or a folder reached twice
+        self.seen_dirs.add(key)
         try:
-            st = os.stat(path)  # follows symlinks
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            reason = "broken symlink" if entry.is_symlink() else os_reason(exc)
-            yield Found(path, "error", reason)
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            yield from _walk(root, path, st, include, exclude, seen_dirs, seen_files)
-        elif stat.S_ISREG(st.st_mode):
-            if entry.name.lower().endswith(tuple(SIDECAR_SUFFIXES)):
+            yield Found(folder, "error", os_reason(exc))
+            return
+        for entry in entries:
+            if _is_junk(entry.name):
                 continue
-            if include and not _matches(entry.name, rel, include):
+            path = Path(entry.path)
+            rel = path.relative_to(root).as_posix()
+            if _matches(entry.name, rel, self.exclude):
                 continue
-            yield from _classify(path, st, seen_files)
+            try:
+                st = os.stat(path)  # follows symlinks
+            except OSError as exc:
+                reason = "broken symlink" if entry.is_symlink() else os_reason(exc)
+                yield Found(path, "error", reason)
+                continue
+            child_via = via / entry.name if via is not None else None
+            if entry.is_symlink():
+                if self.inside(os.path.realpath(path)):
+                    child_via = None
+                elif child_via is None:
+                    child_via = Path(os.path.realpath(root)) / rel
+            if stat.S_ISDIR(st.st_mode):
+                if entry.is_symlink():
+                    refused = self._refuse_folder_link(os.path.realpath(path), child_via is not None)
+                    if refused:
+                        yield Found(path, "link", refused)
+                        continue
+                yield from self.folder(root, path, st, child_via)
+            elif stat.S_ISREG(st.st_mode):
+                if entry.name.lower().endswith(tuple(SIDECAR_SUFFIXES)):
+                    continue
+                if self.include and not _matches(entry.name, rel, self.include):
+                    continue
+                yield from self.classify(path, st, child_via)
 
+    def _refuse_folder_link(self, real: str, leaves: bool) -> str | None:
+        """Why a symlinked folder is not walked, or None to walk it."""
+        if self.contains_a_root(real):
+            return f"symlink to {real}, which contains the tagged folder: never followed"
+        if leaves and not self.follow_links:
+            return f"symlink to the folder {real} outside the tagged folders: not followed (--follow-links walks it)"
+        return None
 
-def _classify(path: Path, st: os.stat_result, seen_files: set[tuple[int, int]]) -> Iterator[Found]:
-    key = (st.st_dev, st.st_ino)
-    if key in seen_files:
-        return  # the same file through a second link
-    seen_files.add(key)
-    try:
-        s = sniff(path)
-    except OSError as exc:
-        yield Found(path, "error", os_reason(exc), None, st.st_size, st.st_mtime_ns)
-        return
-    yield Found(path, s.kind, s.reason, s.format, st.st_size, st.st_mtime_ns)
+    def classify(self, path: Path, st: os.stat_result, via: Path | None) -> Iterator[Found]:
+        key = (st.st_dev, st.st_ino)
+        if key in self.seen_files:
+            return  # the same file through a second link
+        self.seen_files.add(key)
+        try:
+            s = sniff(path)
+        except OSError as exc:
+            yield Found(path, "error", os_reason(exc), None, st.st_size, st.st_mtime_ns, via)
+            return
+        yield Found(path, s.kind, s.reason, s.format, st.st_size, st.st_mtime_ns, via)
 
 
 def _is_junk(name: str) -> bool:

@@ -80,6 +80,12 @@ _FIGURE = Template("""<figure class="hit" data-path="$path">
 </figure>""")
 
 
+def _shown(text: str) -> str:
+    """HTML text of a name: escaped, and a file name that is not valid UTF-8 shown with U+FFFD
+    where its bad bytes are (the page itself must be UTF-8)."""
+    return html.escape(os.fsencode(text).decode("utf-8", "replace"))
+
+
 def thumbnail(photo: Path, cache: Path | None = None) -> Path | None:
     """The cached JPEG thumbnail of a photo (made on first use); None if it cannot be read."""
     cache = cache or config.home().cache / "thumbs"
@@ -127,23 +133,23 @@ def write_gallery(hits: list[Hit], out: Path, *, title: str = "ramcli search", c
             local = files / thumb.name
             if not local.exists():
                 shutil.copyfile(thumb, local)
-            image = f'<img src="{html.escape(f"{files.name}/{local.name}")}" alt="{html.escape(photo.name)}">'
+            image = f'<img src="{_shown(f"{files.name}/{local.name}")}" alt="{_shown(photo.name)}">'
         else:
             image = '<div class="missing">no preview</div>'
         figures.append(
             _FIGURE.substitute(
-                path=html.escape(hit.path),
+                path=_shown(hit.path),
                 href=html.escape(photo.as_uri()),
                 image=image,
                 score="" if hit.score is None else f"{hit.score:.2f}",
-                name=html.escape(photo.name),
+                name=_shown(photo.name),
                 tags=" ".join(
-                    f'<span class="tag" title="{t.score:.2f}">{html.escape(t.name)}</span>' for t in hit.tags[:12]
+                    f'<span class="tag" title="{t.score:.2f}">{_shown(t.name)}</span>' for t in hit.tags[:12]
                 ),
             )
         )
     count = f"{len(hits)} photo{'s' if len(hits) != 1 else ''}"
     out.write_text(
-        _PAGE.substitute(title=html.escape(title), count=count, figures="\n".join(figures)), encoding="utf-8"
+        _PAGE.substitute(title=_shown(title), count=count, figures="\n".join(figures)), encoding="utf-8"
     )
     return out

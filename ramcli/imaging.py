@@ -2,14 +2,19 @@
 
 The official RAM preprocessing is `convert('RGB')`, torchvision `Resize((S, S))` on the PIL
 image (bilinear with PIL's antialiasing, aspect ratio not kept), `ToTensor`, `Normalize`
-(ImageNet mean/std). ramcli keeps that, with two deliberate differences:
+(ImageNet mean/std). Those settings are the model's data config (`ArchConfig.data_config`,
+timm's keys: input size, interpolation, mean, std); everything here takes them from it, so
+`tag`, `eval`, the data engine, the captioner and the crop embedder prepare images alike.
+ramcli keeps the official steps, with deliberate differences:
 
 - EXIF orientation is applied first (`ImageOps.exif_transpose`): a portrait photo is tagged
   upright, as the user sees it.
-- JPEG draft mode (`img.draft('RGB', (2S, 2S))`): libjpeg scales by 1/2, 1/4 or 1/8 in the
-  DCT domain while keeping at least 2x the input size, so a 12 MP photo is decoded at a
-  fraction of the cost before the same antialiased resize. `draft=False` matches the
-  official pipeline exactly (for photos without an orientation tag).
+- Optional JPEG draft mode (`img.draft('RGB', (2S, 2S))`): libjpeg scales by 1/2, 1/4 or 1/8
+  in the DCT domain while keeping at least 2x the input size, so a 12 MP photo is decoded at a
+  fraction of the cost before the same antialiased resize. It moves scores slightly, so it is
+  used only where decoding bounds the speed (workers feeding a GPU) or when asked for; the
+  default `draft=False` matches the official pipeline exactly (for photos without an
+  orientation tag).
 
 Two conversions go beyond `convert('RGB')`, which mishandles them: 16-bit greyscale is scaled
 to 8 bits (convert clips it to white), and camera RAW is read through its embedded JPEG
@@ -36,12 +41,14 @@ import numpy as np
 import rawpy
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ramcli.discover import not_an_image_reason, os_reason, sniff_bytes
 from ramcli.errors import RamcliError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: data-config interpolation names -> Pillow filters; torch's antialiased `interpolate` (device
+#: decoding) takes the same names
+_PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 #: Where a RAW's preview records its byte hash (the RAW file itself has no byte rule).
 _PREVIEW_HASH = "ramcli_preview_hash"
@@ -75,16 +82,35 @@ class Decoded:
     orientation: int = 1
 
 
-def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize(batch: torch.Tensor, data_config: dict | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, 3, S, S) or (3, S, S) -> normalised float, on the tensor's own device.
 
-    The same arithmetic as ToTensor (`/255` in float32) then Normalize (`(x - mean) / std`),
-    so `draft=False` inputs equal the official pipeline's; cast to `dtype` at the end.
+    The same arithmetic as ToTensor (`/255` in float32) then Normalize (`(x - mean) / std`) with
+    the data config's mean and std (the model's `pretrained_cfg`; ImageNet's when None), so
+    `draft=False` inputs equal the official pipeline's; cast to `dtype` at the end.
     """
+    cfg = data_config or {}
     x = batch.to(torch.float32).div(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), dtype=torch.float32, device=x.device).view(-1, 1, 1)
     return x.sub(mean).div(std).to(dtype)
+
+
+def resize_for_model(img: Image.Image, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """An image (any mode) -> uint8 (3, size, size): RGB, squash-resized with the data config's
+    interpolation (Pillow's antialiased filter, as torchvision's Resize on a PIL image)."""
+    try:
+        resample = _PIL_FILTERS[interpolation]
+    except KeyError:
+        raise RamcliError(f"unknown interpolation {interpolation!r}; use one of {', '.join(_PIL_FILTERS)}") from None
+    resized = to_rgb(img).resize((size, size), resample)
+    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def model_input(img: Image.Image, data_config: dict) -> torch.Tensor:
+    """uint8 (3, S, S) for a model with this data config (`model.pretrained_cfg`), from a PIL image
+    already oriented: for crops and images that do not come from files (engine, captioner)."""
+    return resize_for_model(img, data_config["input_size"][-1], data_config.get("interpolation", "bilinear"))
 
 
 def open_image(path: Path, data: bytes | None = None) -> Image.Image:
@@ -113,8 +139,12 @@ def open_image(path: Path, data: bytes | None = None) -> Image.Image:
         raise ImageError(_decode_reason(exc)) from None
 
 
-def load_for_model(path: Path, size: int, draft: bool = True, defer_jpeg: bool = False) -> Decoded:
+def load_for_model(path: Path, size: int, draft: bool = False, defer_jpeg: bool = False,
+                   interpolation: str = "bilinear") -> Decoded:
     """Decode, orient, convert and resize one photo to uint8 (3, size, size). Raises `ImageError`.
+
+    `size` and `interpolation` come from the model's data config; `draft` decodes JPEGs in DCT
+    draft mode (faster, slightly different scores).
 
     `defer_jpeg`: a plain JPEG (RGB or greyscale, complete up to its EOI marker) is only
     parsed, not decoded: its bytes come back for `decode_jpegs` on the model's device. Anything
@@ -140,14 +170,13 @@ def load_for_model(path: Path, size: int, draft: bool = True, defer_jpeg: bool =
                 img.draft("RGB", (2 * size, 2 * size))
             rgb = to_rgb(ImageOps.exif_transpose(img))
             digest = known_hash or pixel_hash(rgb)
-            resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            pixels = resize_for_model(rgb, size, interpolation)
     except Image.DecompressionBombError as exc:
         raise ImageError(_bomb_reason(exc)) from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
         raise ImageError(_decode_reason(exc)) from None
     finally:
         img.close()
-    pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     return Decoded(pixels, width, height, taken_at, digest)
 
 
@@ -176,11 +205,11 @@ _DECODE_CHUNK = 32
 
 
 def decode_jpegs(encoded: list[torch.Tensor], orientations: list[int], size: int,
-                 device: torch.device) -> list[torch.Tensor | str]:
+                 device: torch.device, interpolation: str = "bilinear") -> list[torch.Tensor | str]:
     """Deferred JPEGs -> uint8 (3, size, size) on `device`, or a one-line reason per failure.
 
     torchvision's decoder: nvJPEG on CUDA (one batched call), libjpeg on the CPU. Then EXIF
-    orientation and the antialiased bilinear resize, as `load_for_model` does with Pillow
+    orientation and the antialiased resize (the data config's interpolation), as `load_for_model` does with Pillow
     (equal to within a few levels: a full decode, not draft mode). A batch that fails is
     decoded one by one (`_decode_one`) so only the bad photos fail.
     """
@@ -200,7 +229,7 @@ def decode_jpegs(encoded: list[torch.Tensor], orientations: list[int], size: int
                 out.append(img)
                 continue
             img = _ORIENT_OPS.get(orientation, lambda t: t)(img)
-            resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode="bilinear",
+            resized = torch.nn.functional.interpolate(img[None].float(), size=(size, size), mode=interpolation,
                                                       antialias=True, align_corners=False)
             out.append(resized[0].round_().clamp_(0, 255).to(torch.uint8))
     return out

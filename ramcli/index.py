@@ -16,6 +16,9 @@ Other modules keep their own tables in the same file (the metadata write ledger,
 `merge` combines indexes that separate machines wrote (one per node of a multi-node run): one
 transaction per source, the source ATTACHed read-only, every row copied by SQL on the attached
 schema, so no value from a source ever becomes SQL text.
+
+Paths are stored as text by `ramcli.pathnames.to_text` (lossless for names that are not valid
+UTF-8) and handed out as file-system paths (`from_text`): callers never see the stored form.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +41,7 @@ import sqlite_utils
 
 from ramcli import config
 from ramcli.errors import RamcliError
+from ramcli.pathnames import from_text, to_text
 from ramcli.records import PhotoResult, TagScore
 
 #: How long a writer waits for another process's transaction before giving up (seconds).
@@ -64,6 +68,16 @@ class PhotoRecord:
     status: str
     error: str | None
     caption: str | None = None
+    #: The symlink inside the tagged folders through which the photo was reached, when the photo
+    #: itself lies outside them (metadata is then written only with --follow-links).
+    link: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Sequence) -> PhotoRecord:
+        """A record from a `SELECT {_PHOTO_COLUMNS}` row, its paths as file-system paths."""
+        record = cls(*row)
+        link = from_text(record.link) if record.link is not None else None
+        return replace(record, path=from_text(record.path), link=link)
 
 
 _PHOTO_COLUMNS = ", ".join(f.name for f in fields(PhotoRecord))
@@ -76,11 +90,18 @@ class MergeCounts:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
+    #: Rows of the source's write ledger that were not taken (see `Ledger.merge_from`).
+    ledger_dropped: int = 0
 
 
 def normalize_path(path: str | os.PathLike) -> str:
     """Paths are stored absolute and resolved, so one file has one row whatever the caller's cwd."""
     return os.path.realpath(os.fspath(path))
+
+
+def path_key(path: str | os.PathLike) -> str:
+    """The stored text of a photo's path: resolved, then `to_text` (SQL parameters only)."""
+    return to_text(normalize_path(path))
 
 
 def lemma(name: str) -> str:
@@ -150,8 +171,26 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db.table("photos").enable_fts(["caption"], create_triggers=True, tokenize="unicode61 remove_diacritics 2")
 
 
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Paths stored with `to_text` (names that are not UTF-8 became storable; the few existing
+    paths holding its reserved characters are re-encoded), and the `link` of photos reached
+    through a symlink that leaves the tagged folders."""
+    db.table("photos").add_column("link", str)
+    tables = {"photos": ("path",), "metadata_ledger": ("path", "target"), "metadata_ledger_staged": ("path", "target")}
+    for table, columns in tables.items():
+        if not db[table].exists():
+            continue
+        for column in columns:
+            rows = [
+                (to_text(value), rowid)
+                for rowid, value in db.execute(f"SELECT rowid, [{column}] FROM [{table}]")
+                if isinstance(value, str) and to_text(value) != value
+            ]
+            db.conn.executemany(f"UPDATE [{table}] SET [{column}] = ? WHERE rowid = ?", rows)
+
+
 #: Forward migrations: entry i takes the schema from version i to i + 1. Never edit a released one.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -239,10 +278,8 @@ class Index:
     # --- photos ---------------------------------------------------------------------------------
 
     def lookup(self, path: str) -> PhotoRecord | None:
-        row = self.db.execute(
-            f"SELECT {_PHOTO_COLUMNS} FROM photos WHERE path = ?", [normalize_path(path)]
-        ).fetchone()
-        return PhotoRecord(*row) if row else None
+        row = self.db.execute(f"SELECT {_PHOTO_COLUMNS} FROM photos WHERE path = ?", [path_key(path)]).fetchone()
+        return PhotoRecord.from_row(row) if row else None
 
     def needs_tagging(self, path: str, size: int, mtime_ns: int, model_id: str, vocab_version: str) -> bool:
         """False only when the file is unchanged and was tagged by this model and vocabulary."""
@@ -263,40 +300,50 @@ class Index:
             [content_hash],
         ).fetchall()
         for row in rows:
-            if not os.path.exists(row[1]):
-                return PhotoRecord(*row)
+            record = PhotoRecord.from_row(row)
+            if not os.path.exists(record.path):
+                return record
         return None
 
-    def move(self, old_path: str, new_path: str, size: int, mtime_ns: int) -> None:
-        """Re-point a moved photo, keeping its tags and the metadata ledger's rows (one transaction)."""
+    def move(self, old_path: str, new_path: str, size: int, mtime_ns: int, *, with_ledger: bool = True) -> None:
+        """Re-point a moved photo, keeping its tags (one transaction).
+
+        `with_ledger`: the metadata ledger's rows move along. Pass False when the file at the new
+        path is not the one ramcli wrote (a copy restored from before the write): the rows say
+        what ramcli put into the old file, and read against the copy they would claim that the
+        user deleted those values. They stay with the old path instead."""
         old, new = normalize_path(old_path), normalize_path(new_path)
         with self._write():
-            self._delete_photos(self.db.execute("SELECT id FROM photos WHERE path = ?", [new]).fetchall())
+            self._delete_photos(self.db.execute("SELECT id FROM photos WHERE path = ?", [to_text(new)]).fetchall())
             cur = self.db.execute(
-                "UPDATE photos SET path = ?, size = ?, mtime_ns = ? WHERE path = ?", [new, size, mtime_ns, old]
+                "UPDATE photos SET path = ?, size = ?, mtime_ns = ?, link = NULL WHERE path = ?",
+                [to_text(new), size, mtime_ns, to_text(old)],
             )
             if cur.rowcount == 0:
                 raise RamcliError(f"cannot move {old}: it is not in the index")
-            from ramcli.ledger import Ledger  # the metadata writer's table; re-pointed in this transaction
+            if with_ledger:
+                from ramcli.ledger import Ledger  # the metadata writer's table; re-pointed in this transaction
 
-            Ledger(self.db).move(old, new)
+                Ledger(self.db).move(old, new)
 
     def update_stat(self, path: str, size: int, mtime_ns: int) -> None:
         """Record a file's new size and mtime after a metadata write, so it is not re-tagged."""
         with self._write():
-            self.db.execute(
-                "UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", [size, mtime_ns, normalize_path(path)]
-            )
+            self.db.execute("UPDATE photos SET size = ?, mtime_ns = ? WHERE path = ?", [size, mtime_ns, path_key(path)])
 
-    def record_batch(self, results: list[PhotoResult]) -> None:
+    def record_batch(self, results: list[PhotoResult], links: Mapping[str, str] | None = None) -> None:
         """Store a batch of tagging results in ONE transaction (idempotent).
 
         Tagged results replace the photo's tags; failed ones record status and error and keep
-        whatever tags an earlier successful run stored.
+        whatever tags an earlier successful run stored. `links` maps the result paths (as given)
+        that were reached through a symlink leading out of the tagged folders to their place
+        inside those folders (`Found.link`), kept as the photo's `link`; any other result clears
+        it (the photo was reached inside the folders).
         """
         if not results:
             return
-        latest: dict[str, PhotoResult] = {normalize_path(r.path): r for r in results}
+        latest: dict[str, PhotoResult] = {path_key(r.path): r for r in results}
+        link_of = {path_key(r.path): to_text(links[r.path]) for r in results if links and r.path in links}
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         new_tag_ids: dict[str, int] = {}
         with self._write():
@@ -305,20 +352,20 @@ class Index:
             )
             self.db.conn.executemany(
                 "INSERT INTO photos (path, size, mtime_ns, content_hash, width, height, taken_at,"
-                " tagged_at, model_id, vocab_version, status, error, caption)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " tagged_at, model_id, vocab_version, status, error, caption, link)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns,"
                 " content_hash = coalesce(excluded.content_hash, content_hash),"
                 " width = coalesce(excluded.width, width), height = coalesce(excluded.height, height),"
                 " taken_at = coalesce(excluded.taken_at, taken_at), tagged_at = excluded.tagged_at,"
                 " model_id = excluded.model_id, vocab_version = excluded.vocab_version,"
                 " status = excluded.status, error = excluded.error,"
-                " caption = coalesce(excluded.caption, caption)",
+                " caption = coalesce(excluded.caption, caption), link = excluded.link",
                 [
                     (
                         path, r.size, r.mtime_ns, r.content_hash, r.width, r.height,
                         r.taken_at.isoformat() if r.taken_at else None, now, r.model_id,
-                        r.vocab_version, r.status, r.error, r.caption,
+                        r.vocab_version, r.status, r.error, r.caption, link_of.get(path),
                     )
                     for path, r in latest.items()
                 ],
@@ -361,26 +408,30 @@ class Index:
             "SELECT t.name, coalesce(t.name_zh, ''), pt.score FROM photo_tags pt"
             " JOIN tags t ON t.id = pt.tag_id JOIN photos p ON p.id = pt.photo_id"
             " WHERE p.path = ? ORDER BY pt.score DESC, t.name",
-            [normalize_path(path)],
+            [path_key(path)],
         ).fetchall()
         return [TagScore(name, zh, score) for name, zh, score in rows]
 
-    def iter_photos(self, under: Path | None = None) -> Iterator[PhotoRecord]:
-        """All photos, by path; `under` limits them to one folder (recursively)."""
+    def iter_photos(self, under: Path | None = None, *, links: bool = False) -> Iterator[PhotoRecord]:
+        """All photos, by path; `under` limits them to one folder (recursively), and with `links`
+        also to the photos reached through a symlink in that folder."""
         if under is None:
             cur = self.db.execute(f"SELECT {_PHOTO_COLUMNS} FROM photos ORDER BY path")
         else:
             low, high = folder_range(under)
             cur = self.db.execute(
-                f"SELECT {_PHOTO_COLUMNS} FROM photos WHERE path >= ? AND path < ? ORDER BY path", [low, high]
+                f"SELECT {_PHOTO_COLUMNS} FROM photos WHERE path >= ? AND path < ?"
+                + (" OR (link >= ? AND link < ?)" if links else "") + " ORDER BY path",
+                [low, high] * (2 if links else 1),
             )
         for row in cur:
-            yield PhotoRecord(*row)
+            yield PhotoRecord.from_row(row)
 
-    def prune(self, exists: Callable[[str], bool] = os.path.exists) -> list[str]:
-        """Forget photos whose files are gone; returns their paths."""
-        missing = [(pid, path) for pid, path in self.db.execute("SELECT id, path FROM photos") if not exists(path)]
-        if missing:
+    def prune(self, exists: Callable[[str], bool] = os.path.exists, dry_run: bool = False) -> list[str]:
+        """Forget photos whose files are gone (only list them with `dry_run`); returns their paths."""
+        rows = self.db.execute("SELECT id, path FROM photos ORDER BY path")
+        missing = [(pid, path) for pid, path in ((pid, from_text(text)) for pid, text in rows) if not exists(path)]
+        if missing and not dry_run:
             with self._write():
                 self._delete_photos([(pid,) for pid, _ in missing])
         return [path for _, path in missing]
@@ -557,7 +608,7 @@ class Index:
             " width = coalesce(s.width, photos.width), height = coalesce(s.height, photos.height),"
             " taken_at = coalesce(s.taken_at, photos.taken_at), tagged_at = s.tagged_at,"
             " model_id = s.model_id, vocab_version = s.vocab_version, status = s.status, error = s.error,"
-            " caption = coalesce(s.caption, photos.caption)"
+            " caption = coalesce(s.caption, photos.caption), link = s.link"
             " FROM merge_src.photos s JOIN temp.merge_photos m ON m.src_id = s.id"
             " WHERE m.outcome = 'updated' AND photos.id = m.dst_id"
         )
@@ -567,9 +618,9 @@ class Index:
         )
         run(
             "INSERT INTO main.photos (path, size, mtime_ns, content_hash, width, height, taken_at, tagged_at,"
-            " model_id, vocab_version, status, error, caption)"
+            " model_id, vocab_version, status, error, caption, link)"
             " SELECT s.path, s.size, s.mtime_ns, s.content_hash, s.width, s.height, s.taken_at, s.tagged_at,"
-            " s.model_id, s.vocab_version, s.status, s.error, s.caption"
+            " s.model_id, s.vocab_version, s.status, s.error, s.caption, s.link"
             " FROM merge_src.photos s JOIN temp.merge_photos m ON m.src_id = s.id WHERE m.outcome = 'added'"
         )
         run(
@@ -588,9 +639,9 @@ class Index:
             " (SELECT t.id, (SELECT count(*) FROM main.photo_tags pt WHERE pt.tag_id = t.id) AS n FROM main.tags t) c"
             " WHERE c.id = tags.id AND tags.photo_count != c.n"
         )
-        self._merge_ledger()
+        dropped = self._merge_ledger()
         counts = dict(run("SELECT outcome, count(*) FROM temp.merge_photos GROUP BY outcome").fetchall())
-        return MergeCounts(**counts)
+        return MergeCounts(**counts, ledger_dropped=dropped)
 
     def _merge_vocabulary(self) -> None:
         """The source's synonyms (this index's win a conflict) and tag groups (joined)."""
@@ -615,12 +666,13 @@ class Index:
             if group != other:
                 self._join_groups(group, other)
 
-    def _merge_ledger(self) -> None:
+    def _merge_ledger(self) -> int:
         """What the source's machine wrote into photos' metadata (`ramcli.ledger`), so that
-        `ramcli untag` here can take it out again. A row this index has already keeps its own."""
+        `ramcli untag` here can take it out again. A row this index has already keeps its own;
+        rows that cannot be ramcli's are dropped and counted."""
         from ramcli.ledger import Ledger
 
-        Ledger(self.db).merge_from("merge_src")
+        return Ledger(self.db).merge_from("merge_src")
 
     # --- health ---------------------------------------------------------------------------------
 
@@ -740,6 +792,7 @@ def database_error(path: Path, exc: sqlite3.DatabaseError) -> RamcliError:
 
 
 def folder_range(folder: str | os.PathLike) -> tuple[str, str]:
-    """The [low, high) path range of everything under `folder`, usable with the path index."""
-    base = normalize_path(folder).rstrip(os.sep) + os.sep
+    """The [low, high) range of the stored paths of everything under `folder`, usable with the
+    path index (`to_text` maps character by character, so prefixes stay prefixes)."""
+    base = path_key(folder).rstrip(os.sep) + os.sep
     return base, base[:-1] + chr(ord(os.sep) + 1)

@@ -1,12 +1,13 @@
 """The label system: tag names, Chinese names and per-class thresholds.
 
-The files come from the official release (pinned commit, SHA-256 checked). They are resolved in
-this order, first hit wins:
+The official files of the Recognize Anything release ship inside the package (`ramcli/data/
+official/`, Apache-2.0, with their LICENSE and NOTICE; SHA-256 pinned below), so the label
+system works offline. A model's labels are resolved in this order, first hit wins:
 
 1. an explicit `--labels DIR` (a folder holding the official file names),
-2. the `RAMCLI_LABELS` environment variable (same layout),
-3. the label metadata embedded in a converted `.safetensors` model,
-4. a download of the official files at a pinned commit, cached and checksum-verified (pooch).
+2. the labels a model file carries itself (every converted or exported file),
+3. the `RAMCLI_LABELS` environment variable (same layout): for files that carry none,
+4. the official files shipped with ramcli.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
+from importlib.resources import files
 from pathlib import Path
 
 from ramcli.errors import RamcliError
 
+#: The official release the shipped files come from (xinyu1205/recognize-anything, ram/data/).
 OFFICIAL_COMMIT = "7cb804a8609e9f4b1a50b7f31436d2df40bb9481"
-OFFICIAL_BASE_URL = f"https://raw.githubusercontent.com/xinyu1205/recognize-anything/{OFFICIAL_COMMIT}/ram/data/"
 
-#: file name -> SHA-256 of the official file at OFFICIAL_COMMIT
+#: file name -> SHA-256 of the official file at OFFICIAL_COMMIT (the shipped copies are tested against it)
 OFFICIAL_FILES = {
     "ram_tag_list.txt": "5d96d2f7225527480ad773aaac76b6e5c08a18adf6eae9ca7d2ab923d5e7bd8b",
     "ram_tag_list_chinese.txt": "c912657a0f30be7b2f5df6ccffa17e1d84561d0bea508528e38b6d0d711bcfbe",
@@ -131,47 +133,16 @@ def read_label_dir(folder: Path, family: str) -> LabelSet:
     return LabelSet(tuple(names), tuple(names_zh), tuple(thresholds))
 
 
-def download_official(cache_dir: Path, family: str) -> Path:
-    """Fetch the official label files at the pinned commit into `cache_dir`, verifying SHA-256."""
-    import pooch
-
-    wanted = ["tag_list.txt"] if family == "tag2text" else [
-        "ram_tag_list.txt", "ram_tag_list_chinese.txt", "ram_tag_list_threshold.txt"
-    ]
-    target = Path(cache_dir) / f"labels-{OFFICIAL_COMMIT[:7]}"
-    for name in wanted:
-        try:
-            pooch.retrieve(
-                OFFICIAL_BASE_URL + name,
-                known_hash=f"sha256:{OFFICIAL_FILES[name]}",
-                fname=name,
-                path=target,
-                progressbar=False,
-            )
-        except Exception as exc:  # network errors come in many types; all mean the same to a user
-            raise RamcliError(
-                f"cannot download the label file {name} ({type(exc).__name__}); "
-                f"pass --labels DIR with the official ram/data files or set RAMCLI_LABELS"
-            ) from None
-    return target
+def official_dir() -> Path:
+    """The folder of the official label files shipped with ramcli."""
+    return Path(str(files("ramcli") / "data" / "official"))
 
 
-def resolve_labels(
-    family: str,
-    labels_dir: Path | None = None,
-    embedded: LabelSet | None = None,
-    cache_dir: Path | None = None,
-) -> LabelSet:
+def resolve_labels(family: str, labels_dir: Path | None = None, embedded: LabelSet | None = None) -> LabelSet:
     """The label set for a model, by the documented resolution order."""
     if labels_dir is not None:
         return read_label_dir(Path(labels_dir), family)
-    env = os.environ.get("RAMCLI_LABELS")
-    if env:
-        return read_label_dir(Path(env), family)
     if embedded is not None:
         return embedded
-    if cache_dir is None:
-        from ramcli.config import home
-
-        cache_dir = home().cache
-    return read_label_dir(download_official(cache_dir, family), family)
+    env = os.environ.get("RAMCLI_LABELS")
+    return read_label_dir(Path(env) if env else official_dir(), family)

@@ -24,6 +24,13 @@ committed before ExifTool starts) and **settled** after it (applied to the ledge
 one transaction). Staged rows that a killed process left behind are resolved against what the
 files really hold (`MetadataWriter` does this when it starts): a value that the write was to add
 is recorded if the file has it, one it was to remove is forgotten if the file lacks it.
+
+Paths and targets are stored with `ramcli.pathnames.to_text`, like the index's, and handed out
+as file-system paths.
+
+A ledger from another machine (`ramcli index merge`) is evidence, not trust: `untag` acts on what
+the ledger names. Only rows that ramcli itself could have written are merged: the target is the
+photo or one of its sidecar names, the field is one the writer manages, the values are sane.
 """
 
 from __future__ import annotations
@@ -35,10 +42,14 @@ from pathlib import Path
 
 import sqlite_utils
 
+from ramcli.pathnames import from_text, to_text
+
 TABLE = "metadata_ledger"
 STAGED_TABLE = "metadata_ledger_staged"
 _COLUMNS = ("path", "target", "field", "value", "preexisting", "model_id", "written_at")
 _PARAMS_PER_QUERY = 500  # well under SQLite's host-parameter limit
+#: The longest value a merged row may carry (a caption is the longest value ramcli writes).
+_MAX_VALUE_CHARS = 10_000
 
 # Sidecar of the photo `path` that a target name may be derived from (see metadata.sidecar_names).
 _SIDECAR_SUFFIXES = (".xmp", ".XMP")
@@ -94,27 +105,35 @@ class Ledger:
             table.create_index(["path"])
         return table
 
-    def merge_from(self, schema: str) -> None:
+    def merge_from(self, schema: str) -> int:
         """Copy the ledger of the database ATTACHed as `schema` (another node's index, `ramcli
         index merge`), so `untag` here can undo what that node wrote; rows this ledger already
-        has keep their own values. `schema` is an attachment name chosen by the caller."""
+        has keep their own values. `schema` is an attachment name chosen by the caller.
+
+        Rows that ramcli cannot have written (`mergeable`) are dropped; returns their number."""
         has_ledger = self.db.execute(
             f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = ?", [TABLE]
         ).fetchone()
         if not has_ledger:
-            return
+            return 0
         self._table  # noqa: B018 - creates the table on first use
-        columns = "path, target, field, value, preexisting, model_id, written_at"
-        self.db.execute(f"INSERT OR IGNORE INTO main.{TABLE} ({columns}) SELECT {columns} FROM {schema}.{TABLE}")
+        columns = ", ".join(_COLUMNS)
+        rows = self.db.execute(f"SELECT {columns} FROM {schema}.{TABLE}")
+        dropped = 0
+        while chunk := rows.fetchmany(_PARAMS_PER_QUERY):
+            good = [row for row in chunk if mergeable(row)]
+            dropped += len(chunk) - len(good)
+            self.db.conn.executemany(f"INSERT OR IGNORE INTO main.{TABLE} ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?)", good)
+        return dropped
 
     def entries(self, path: str | os.PathLike) -> list[LedgerEntry]:
         """Every row for the photo `path` (all its targets), in insertion order."""
-        return self._query("path = ?", [str(path)])
+        return self._query("path = ?", [to_text(path)])
 
     def entries_of(self, paths: list[str]) -> dict[str, list[LedgerEntry]]:
         """`entries` for many photos in a few queries (one batch of the writer)."""
         found: dict[str, list[LedgerEntry]] = {p: [] for p in paths}
-        unique = list(found)
+        unique = [to_text(p) for p in found]
         for start in range(0, len(unique), _PARAMS_PER_QUERY):
             chunk = unique[start : start + _PARAMS_PER_QUERY]
             for e in self._query(f"path in ({','.join('?' * len(chunk))})", chunk):
@@ -123,13 +142,13 @@ class Ledger:
 
     def entries_under(self, folder: str | os.PathLike) -> list[LedgerEntry]:
         """Every row for photos inside `folder` (recursively)."""
-        prefix = str(folder).rstrip(os.sep) + os.sep
+        prefix = to_text(folder).rstrip(os.sep) + os.sep
         return self._query("substr(path, 1, ?) = ?", [len(prefix), prefix])
 
     def paths(self) -> list[str]:
         """Every photo the ledger knows."""
         rows = self.db.execute(f"select distinct path from [{TABLE}] order by path") if self.db[TABLE].exists() else []
-        return [r[0] for r in rows]
+        return [from_text(r[0]) for r in rows]
 
     def record(self, entries: list[LedgerEntry]) -> None:
         """Remember values ramcli wrote (or confirmed) in a file. Existing rows keep `preexisting`."""
@@ -149,7 +168,7 @@ class Ledger:
         with self.db.atomic():
             self.db.conn.executemany(
                 f"delete from [{TABLE}] where target = ? and field = ? and value = ?",
-                [(e.target, e.field, e.value) for e in entries],
+                [(to_text(e.target), e.field, e.value) for e in entries],
             )
 
     # --- staging around a write (see the module docstring) --------------------------------------
@@ -184,7 +203,8 @@ class Ledger:
             if pid not in alive:
                 alive[pid] = _running(pid)
             if not alive[pid]:
-                out.append(Intent(LedgerEntry(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]), bool(r[7]), pid))
+                entry = LedgerEntry(from_text(r[0]), from_text(r[1]), r[2], r[3], bool(r[4]), r[5], r[6])
+                out.append(Intent(entry, bool(r[7]), pid))
         return out
 
     def settle(self, applied: list[Intent], cleared: list[Intent]) -> None:
@@ -196,7 +216,7 @@ class Ledger:
                 self.db.conn.executemany(
                     f"delete from [{STAGED_TABLE}] where pid = ? and target = ? and field = ? and value = ? "
                     "and remove = ?",
-                    [(i.pid or os.getpid(), i.entry.target, i.entry.field, i.entry.value, int(i.remove))
+                    [(i.pid or os.getpid(), to_text(i.entry.target), i.entry.field, i.entry.value, int(i.remove))
                      for i in cleared],
                 )
 
@@ -211,23 +231,23 @@ class Ledger:
         with self.db.atomic():
             for target in {e.target for e in self.entries(old)} | self._staged_targets(old):
                 new_target = _moved_target(target, old, new)
+                params = [to_text(new), to_text(new_target), to_text(old), to_text(target)]
                 if ledger:
                     cur = self.db.execute(
-                        f"update [{TABLE}] set path = ?, target = ? where path = ? and target = ?",
-                        [new, new_target, old, target],
+                        f"update [{TABLE}] set path = ?, target = ? where path = ? and target = ?", params
                     )
                     changed += cur.rowcount
                 if staged:
                     self.db.execute(
-                        f"update [{STAGED_TABLE}] set path = ?, target = ? where path = ? and target = ?",
-                        [new, new_target, old, target],
+                        f"update [{STAGED_TABLE}] set path = ?, target = ? where path = ? and target = ?", params
                     )
         return changed
 
     def _staged_targets(self, path: str) -> set[str]:
         if not self.db[STAGED_TABLE].exists():
             return set()
-        return {r[0] for r in self.db.execute(f"select target from [{STAGED_TABLE}] where path = ?", [path])}
+        rows = self.db.execute(f"select target from [{STAGED_TABLE}] where path = ?", [to_text(path)])
+        return {from_text(r[0]) for r in rows}
 
     @property
     def _staged_table(self) -> sqlite_utils.db.Table:
@@ -248,11 +268,39 @@ class Ledger:
             f"where {where} order by rowid",
             params,
         ).fetchall()
-        return [LedgerEntry(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+        return [LedgerEntry(from_text(r[0]), from_text(r[1]), r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
 
 
 def _rows(entries: list[LedgerEntry], now: float) -> list[tuple]:
-    return [(e.path, e.target, e.field, e.value, int(e.preexisting), e.model_id, e.written_at or now) for e in entries]
+    return [
+        (to_text(e.path), to_text(e.target), e.field, e.value, int(e.preexisting), e.model_id, e.written_at or now)
+        for e in entries
+    ]
+
+
+def mergeable(row: tuple) -> bool:
+    """Whether a ledger row from another index (its stored columns, `_COLUMNS` order) is one
+    ramcli could have written: an absolute, normalised photo path; a target that is the photo
+    itself or one of the photo's sidecar names; a field the writer manages; a text value of sane
+    length; a 0/1 `preexisting`; provenance of the right types."""
+    from ramcli.metadata import CREATED_SIDECAR, MANAGED_FIELDS, sidecar_names  # the writer's own layout
+
+    path, target, field, value, preexisting, model_id, written_at = row
+    if not (isinstance(path, str) and isinstance(target, str) and isinstance(field, str) and isinstance(value, str)):
+        return False
+    photo = from_text(path)
+    if not os.path.isabs(photo) or os.path.normpath(photo) != photo or "\0" in photo:
+        return False
+    target = from_text(target)
+    if target != photo and target not in {str(p) for p in sidecar_names(Path(photo))}:
+        return False
+    if field == CREATED_SIDECAR:
+        if target == photo or value != "1":
+            return False
+    elif field not in MANAGED_FIELDS or not value or len(value) > _MAX_VALUE_CHARS or "\0" in value:
+        return False
+    return (preexisting in (0, 1) and (model_id is None or isinstance(model_id, str))
+            and (written_at is None or isinstance(written_at, (int, float))))
 
 
 def _running(pid: int) -> bool:

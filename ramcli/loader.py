@@ -89,12 +89,13 @@ class Batch:
                      self.failures, deferred)
 
 
-def decode_deferred(batch: Batch, size: int, device: torch.device) -> Batch:
+def decode_deferred(batch: Batch, size: int, device: torch.device, interpolation: str = "bilinear") -> Batch:
     """The batch with its deferred JPEGs decoded on `device` and every photo's pixels there, in
     item order; a JPEG that fails to decode moves from the items to the failures."""
     pixels = torch.empty((len(batch.items), 3, size, size), dtype=torch.uint8, device=device)
     pixels[batch._decoded_rows()] = batch.pixels.to(device, non_blocking=True)
-    decoded = decode_jpegs([d.encoded for d in batch.deferred], [d.orientation for d in batch.deferred], size, device)
+    decoded = decode_jpegs([d.encoded for d in batch.deferred], [d.orientation for d in batch.deferred], size, device,
+                           interpolation)
     failures, bad = list(batch.failures), set()
     for d, result in zip(batch.deferred, decoded):
         if isinstance(result, str):
@@ -109,11 +110,13 @@ def decode_deferred(batch: Batch, size: int, device: torch.device) -> Batch:
 class PhotoDataset(Dataset):
     """Photos by index; each item is `(pixels, Item)` or a `Failure`, never an exception."""
 
-    def __init__(self, paths: list[Path], size: int, draft: bool = True, defer_jpeg: bool = False):
+    def __init__(self, paths: list[Path], size: int, draft: bool = False, defer_jpeg: bool = False,
+                 interpolation: str = "bilinear"):
         self.paths = [Path(p) for p in paths]
         self.size = size
         self.draft = draft
         self.defer_jpeg = defer_jpeg
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -122,7 +125,8 @@ class PhotoDataset(Dataset):
         path = self.paths[index]
         try:
             st = os.stat(path)
-            decoded = load_for_model(path, self.size, draft=self.draft, defer_jpeg=self.defer_jpeg)
+            decoded = load_for_model(path, self.size, draft=self.draft, defer_jpeg=self.defer_jpeg,
+                                     interpolation=self.interpolation)
         except ImageError as exc:
             return Failure(path, str(exc))
         except PermissionError:
@@ -170,11 +174,15 @@ def make_loader(
     batch_size: int,
     workers: int = 0,
     pin_memory: bool | None = None,
-    draft: bool = True,
+    draft: bool = False,
     prefetch_factor: int = 4,
     defer_jpeg: bool = False,
+    interpolation: str = "bilinear",
 ) -> DataLoader:
     """An iterable of `Batch`es over `paths`, decoded by `workers` processes (0: in-process).
+
+    `size` and `interpolation` are the model's data config; `draft`: JPEG draft mode (see
+    `ramcli.imaging`).
 
     `pin_memory=None` pins when CUDA is available (page-locked memory lets
     `pixels.to('cuda', non_blocking=True)` overlap the next batch's decode).
@@ -183,7 +191,7 @@ def make_loader(
         pin_memory = torch.cuda.is_available()
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
     return DataLoader(
-        PhotoDataset(paths, size, draft, defer_jpeg),
+        PhotoDataset(paths, size, draft, defer_jpeg, interpolation),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

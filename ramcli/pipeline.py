@@ -5,8 +5,8 @@ same scores whichever command looks at it.
 
 - `Tagger` owns the model on its device with its precision, the active classes (disabled,
   excluded and Tag2Text's deleted tags are removed from the label queries, so they cost nothing)
-  and the decision rule: a tag is emitted when sigmoid(logit) > its threshold (strict, as the
-  official code), per-class thresholds unless `threshold` overrides them all.
+  and the thresholds: per class unless `threshold` overrides them all; the rule itself
+  (sigmoid(logit) > threshold, strict, as the official code) is `ramcli.decision.emitted`.
 - `tag_files` streams batches from `ramcli.loader` through the Tagger and hands every
   `PhotoResult` to the sinks batch by batch, so a killed run loses at most the batch in flight.
 - `score_files` returns the raw score matrix (evaluation, data engine).
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ramcli.decision import check_threshold, emitted
 from ramcli.embed_cache import EmbeddingCache, rescore
 from ramcli.errors import UsageError
 from ramcli.imaging import normalize
@@ -82,20 +83,6 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     return "auto"
 
 
-def read_threshold_file(path: Path, count: int) -> list[float]:
-    """A threshold file in the official format: one float per line, in label order."""
-    try:
-        lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]
-        values = [float(s) for s in lines]
-    except FileNotFoundError:
-        raise UsageError(f"threshold file not found: {path}") from None
-    except (UnicodeDecodeError, ValueError):
-        raise UsageError(f"threshold file {path} must hold one number per line") from None
-    if len(values) != count:
-        raise UsageError(f"threshold file {path} has {len(values)} values; the model has {count} classes")
-    return values
-
-
 @dataclass
 class Tagger:
     """A model ready to tag: device, precision, active classes and the decision rule.
@@ -138,6 +125,8 @@ class Tagger:
         if not active:
             raise UsageError("every tag is disabled or excluded: nothing to tag")
         self.classes = None if len(active) == len(names) else torch.tensor(active)
+        if self.threshold is not None:
+            check_threshold(self.threshold, "--threshold")
         base = list(self.thresholds) if self.thresholds is not None else list(labels.thresholds)
         chosen = [self.threshold if self.threshold is not None else base[i] for i in active]
         self._class_thresholds = torch.tensor(chosen, dtype=torch.float32)
@@ -217,10 +206,6 @@ class Tagger:
     def image_size(self) -> int:
         return self.model.arch.image_size
 
-    @property
-    def active_names(self) -> list[str]:
-        return [self.model.labels.names[i] for i in self.active]
-
     def _amp(self):
         return self._path.context()
 
@@ -232,7 +217,7 @@ class Tagger:
     def forward_batch(self, pixels: torch.Tensor, keys: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scores, image embeddings or None). Embeddings are computed separately only when they
         are needed afterwards: stored in the embedding cache under `keys`, or for captions."""
-        x = normalize(pixels.to(self.device, non_blocking=True))
+        x = normalize(pixels.to(self.device, non_blocking=True), self.model.pretrained_cfg)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         embeds = None
@@ -287,7 +272,7 @@ class Tagger:
     def decide(self, scores: torch.Tensor) -> list[list[TagScore]]:
         """Scores -> emitted tags per image: score > threshold (strict), sorted by score, top-k."""
         labels = self.model.labels
-        keep = scores > self._class_thresholds
+        keep = emitted(scores, self._class_thresholds)
         out = []
         for row, mask in zip(scores, keep):
             idx = mask.nonzero().flatten().tolist()
@@ -304,12 +289,15 @@ class Tagger:
         return out
 
 
-DECODES = ("auto", "workers", "device")
+DECODES = ("auto", "workers", "draft", "device")
 
 
 def resolve_decode(device: torch.device, decode: str = "auto") -> str:
-    """Where JPEGs are decoded. auto: on the GPU (nvJPEG) when the model runs on CUDA, where
-    CPU decoding of 12 MP photos is the bottleneck; in the workers (draft mode) on the CPU."""
+    """Where and how JPEGs are decoded. auto: on the GPU (nvJPEG) when the model runs on CUDA,
+    where CPU decoding of 12 MP photos is the bottleneck; on the CPU in the decode workers, with
+    the official full decode (the model dominates there: draft mode would save little and move
+    scores). "workers" decodes in the workers, in draft mode when they feed a GPU; "draft" always
+    in draft mode (the fastest CPU decode, scores move slightly: docs/performance.md)."""
     if decode not in DECODES:
         raise UsageError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
     if decode == "auto":
@@ -321,8 +309,8 @@ def resolve_decode(device: torch.device, decode: str = "auto") -> str:
 
 def default_workers() -> int:
     """Decode workers: all cores (max 8) with a GPU, where decoding is the bottleneck; on the
-    CPU at most 2 (never every core): a draft decode of a 12 MP JPEG takes 50-70 ms against
-    ~2 s of Swin-L forward on 2 cores, so more workers would only take cores from the model."""
+    CPU at most 2 (never every core): decoding a photo costs a small fraction of the Swin-L
+    forward there (docs/performance.md), so more workers would only take cores from the model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     accelerated = torch.cuda.is_available() or mps_available()
     return min(8, cores) if accelerated else max(0, min(2, cores - 1))
@@ -339,19 +327,23 @@ def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: in
     """(batch, scores of its decoded photos, their image embeddings or None) in input order.
 
     `skip(item)` may drop decoded photos before the model runs (e.g. a moved photo the index
-    already knows); their pixels are removed from the batch. `decode`: "workers" decodes
-    everything in the worker processes (Pillow, JPEG draft mode); "device" leaves plain JPEGs
-    to the model's device (nvJPEG on CUDA: see `resolve_decode`).
+    already knows); their pixels are removed from the batch. `decode` (see `resolve_decode`):
+    "workers" decodes everything in the worker processes (Pillow; JPEG draft mode only when they
+    feed a GPU), "draft" likewise always in draft mode, "device" leaves plain JPEGs to the
+    model's device (nvJPEG on CUDA). Sizes and interpolation are the model's data config.
     """
-    loader = make_loader(paths, tagger.image_size, batch_size, workers=workers,
-                         pin_memory=tagger.device.type == "cuda", defer_jpeg=decode == "device")
+    feeds_gpu = tagger.device.type == "cuda"
+    interpolation = tagger.model.pretrained_cfg["interpolation"]
+    loader = make_loader(paths, tagger.image_size, batch_size, workers=workers, pin_memory=feeds_gpu,
+                         draft=decode == "draft" or feeds_gpu, defer_jpeg=decode == "device",
+                         interpolation=interpolation)
     for batch in loader:
         if skip is not None and batch.items:
             keep = [i for i, item in enumerate(batch.items) if not skip(item)]
             if len(keep) != len(batch.items):
                 batch = batch.select(keep)
         if batch.deferred:
-            batch = decode_deferred(batch, tagger.image_size, tagger.device)
+            batch = decode_deferred(batch, tagger.image_size, tagger.device, interpolation)
         if not batch.items:
             yield batch, torch.zeros(0, len(tagger.active)), None
             continue

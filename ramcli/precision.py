@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ramcli.config import home
+from ramcli.decision import emitted
 
 #: Share of fp32's emitted tags a fast path must reproduce (tags emitted by both / by either).
 MIN_AGREEMENT = 0.99
@@ -283,14 +284,14 @@ class PrecisionCheck:
                 fp32_seconds: float) -> None:
         n = x.shape[0]
         ref = torch.sigmoid(fp32_logits.float()).cpu()
-        ref_tags = ref > self.thresholds
+        ref_tags = emitted(ref, self.thresholds)
         self._times["fp32"].append((fp32_seconds, n))
         for c in self.candidates:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 scores = torch.sigmoid(c(x, classes)).cpu()
             self._times[c.name].append((time.perf_counter() - t0, n))
-            tags = scores > self.thresholds
+            tags = emitted(scores, self.thresholds)
             counts = self._counts[c.name]
             counts[0] += int((tags & ref_tags).sum())
             counts[1] += int((tags | ref_tags).sum())

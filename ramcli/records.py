@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from ramcli.pathnames import display
+
 
 @dataclass(frozen=True)
 class TagScore:
@@ -44,7 +46,7 @@ class PhotoResult:
     def to_json(self) -> dict:
         """The JSONL contract of `ramcli tag --format jsonl`."""
         out: dict = {
-            "path": self.path,
+            "path": display(self.path),  # a name that is not UTF-8 or holds a newline, escaped
             "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(float(t.score), 6)} for t in self.tags],
             "model": self.model_id,
         }

@@ -3,6 +3,11 @@
 Order matters for resumability: each batch is recorded in the index in one transaction after
 its results were printed and written into the files, so a run killed at any moment resumes with
 the photos of the batch in flight and nothing else.
+
+The run's promise is "every photo tagged, indexed and written": a broken photo, a file with a
+photo's name that is none, or a metadata write that failed breaks it, is listed by path with
+its reason and makes `execute` return non-zero. What is left alone by policy (a symlink leading
+out of the tagged folders, see docs/formats.md) is listed too, but is no failure.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ from ramcli.discover import Found, describe_skipped, discover
 from ramcli.embed_cache import EmbeddingCache
 from ramcli.errors import UsageError
 from ramcli.metadata import WriterOptions
+from ramcli.pathnames import display
 from ramcli.precision import DEFAULT_CHECK_PHOTOS
 from ramcli.records import PhotoResult
+
+#: Why a photo reached through a symlink that leaves the tagged folders keeps its metadata.
+OUTSIDE_LINK = "symlink to a file outside the tagged folders: indexed, metadata not written (--follow-links writes it)"
 
 
 @dataclass
@@ -33,8 +42,15 @@ class Summary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     written: int = 0
     write_failed: list[tuple[str, str]] = field(default_factory=list)
+    not_written: list[tuple[str, str]] = field(default_factory=list)  # left alone by policy
+    not_followed: list[tuple[str, str]] = field(default_factory=list)  # folder links not walked
     skipped: Counter = field(default_factory=Counter)
     precision: str = ""  # the arithmetic used, and why (auto's decision)
+
+    @property
+    def problems(self) -> int:
+        """Photos whose promise was not kept: not tagged, or tagged but not written."""
+        return len(self.failed) + len(self.write_failed)
 
 
 class MetadataSink:
@@ -42,13 +58,20 @@ class MetadataSink:
 
     The results are updated with the files' size and mtime after the write, so the index keeps
     the post-write state and the next run does not take ramcli's own write for a change.
+    `left_alone`: result paths not to write, with the reason (symlinks out of the tagged folders).
     """
 
-    def __init__(self, writer, model_id: str, summary: Summary):
+    def __init__(self, writer, model_id: str, summary: Summary, left_alone: dict[str, str] | None = None):
         self.writer, self.model_id, self.summary = writer, model_id, summary
+        self.left_alone = left_alone or {}
 
     def __call__(self, results: list[PhotoResult]) -> None:
-        tagged = [r for r in results if r.status == "tagged"]
+        tagged = []
+        for r in results:
+            if r.status == "tagged" and r.path in self.left_alone:
+                self.summary.not_written.append((r.path, self.left_alone[r.path]))
+            elif r.status == "tagged":
+                tagged.append(r)
         if not tagged:
             return
         outcomes = self.writer.write_batch([(r.path, r.tags) for r in tagged], model_id=self.model_id,
@@ -96,29 +119,36 @@ class TagRun:
     cache_embeddings: bool = False
     caption: bool = False
     quiet: bool = False
+    follow_links: bool = False  # walk and write through symlinks that leave the tagged folders
+    #: What discovery reported besides photos (errors, folder links not walked), set by `_discover`.
+    reported: list[Found] = field(default_factory=list, init=False, repr=False)
 
     # ------------------------------------------------------------------ steps
     def _discover(self) -> tuple[list[Found], Counter]:
         for p in self.paths:
             if not p.exists() and not p.is_symlink():
                 raise UsageError(f"no such file or folder: {p}")
-        found = list(discover(self.paths, self.include, self.exclude))
+        found = list(discover(self.paths, self.include, self.exclude, follow_links=self.follow_links))
         counts = Counter(f.kind for f in found)
         photos = [f for f in found if f.kind in ("image", "raw")]
+        self.reported = [f for f in found if f.kind in ("error", "link")]
         return photos, counts
 
     def _shard(self, photos: list[Found]) -> list[Found]:
-        """Under torchrun, each rank takes every WORLD_SIZE-th photo."""
+        """Under torchrun, each rank takes every WORLD_SIZE-th photo (and reports every
+        WORLD_SIZE-th problem, so each is listed once)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         return photos[rank::world] if world > 1 else photos
 
     def execute(self, console: Console, err_console: Console) -> int:
-        """Run; returns the number of photos that failed."""
+        """Run; returns the number of photos that failed: not tagged (broken, not a photo) or
+        whose metadata write failed."""
+        from ramcli.decision import read_threshold_file
         from ramcli.models import load_model, model_id_of
-        from ramcli.output import ResultWriter
+        from ramcli.output import result_writer
         from ramcli.pipeline import (
-            Tagger, default_batch_size, default_workers, read_threshold_file, resolve_device,
+            Tagger, default_batch_size, default_workers, resolve_device,
             resolve_decode, resolve_precision, tag_files,
         )
         from ramcli.vocab import Vocabulary
@@ -129,7 +159,10 @@ class TagRun:
         summary = Summary()
         photos, counts = self._discover()
         photos = self._shard(photos)
-        summary.skipped = Counter({k: v for k, v in counts.items() if k not in ("image", "raw")})
+        summary.skipped = Counter({k: v for k, v in counts.items() if k not in ("image", "raw", "error")})
+        for f in self._shard(self.reported):  # a broken photo (or unreadable folder) fails like an undecodable one
+            (summary.failed if f.kind == "error" else summary.not_followed).append((str(f.path), f.reason or f.kind))
+        links = {str(f.path): str(f.link) for f in photos if f.link is not None}
         device = resolve_device(self.device)
         precision = resolve_precision(device, self.precision)
         decode = resolve_decode(device, self.decode)
@@ -148,19 +181,28 @@ class TagRun:
             summary.unchanged = len(photos) - len(todo)
             if self.dry_run:
                 for f in todo:
-                    console.print(str(f.path), markup=False, highlight=False, soft_wrap=True)
+                    console.print(display(f.path), markup=False, highlight=False, soft_wrap=True)
                 if not self.quiet:
+                    broken = f"; {len(summary.failed)} broken" if summary.failed else ""
                     err_console.print(f"would tag {len(todo)} photo(s); {summary.unchanged} unchanged; "
-                                      f"{describe_skipped(summary.skipped) or 'nothing skipped'}")
+                                      f"{describe_skipped(summary.skipped) or 'nothing skipped'}{broken}")
+                    for path, reason in summary.failed:
+                        err_console.print(f"  broken: {display(path)}: {reason}", markup=False, highlight=False,
+                                          soft_wrap=True)
                 return 0
             if not todo:
-                self._print_summary(err_console, summary, start)
-                return 0
+                if not self.quiet:
+                    self._print_summary(err_console, summary, start)
+                return summary.problems
 
             model = load_model(self.weights, arch=self.arch, labels_dir=self.labels, device=device,
                                on_pull=lambda p: err_console.print(
                                    f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
             applied = vocab.apply_to_model(model)
+            if applied.skipped_custom:
+                err_console.print(f"warning: {model.arch.family} has a closed vocabulary and cannot score custom tags; "
+                                  f"not emitted: {', '.join(applied.skipped_custom)}",
+                                  markup=False, highlight=False, soft_wrap=True)
             thresholds = read_threshold_file(self.threshold_file, len(model.labels)) if self.threshold_file else None
             cache = EmbeddingCache(model.model_id) if self.cache_embeddings else None
             captioner = self._load_captioner(model) if self.caption else None
@@ -172,15 +214,15 @@ class TagRun:
                 summary.precision = precision
             cached, todo = self._split_cached(todo, index, model.model_id, cache)
             summary.rescored = len(cached)
-            writer = self._metadata_sink(index, summary, model.model_id) if self.write else None
-            sinks = [ResultWriter(self.fmt, self.output, self.lang)]
+            writer = self._metadata_sink(index, summary, model.model_id, links) if self.write else None
+            sinks = [result_writer(self.fmt, self.output, self.lang)]
             if writer is not None:
                 sinks.append(writer)
             if index is not None:
                 names, names_zh, n = model.labels.names, model.labels.names_zh, model.arch.num_classes
                 index.upsert_tags(names[:n], names_zh[:n], "builtin")
                 index.upsert_tags(names[n:], names_zh[n:], "custom")  # the vocabulary's, appended
-                sinks.append(index.record_batch)
+                sinks.append(lambda results: index.record_batch(results, links=links))
             sinks.append(lambda results: self._count(results, summary))
 
             skip = self._moved_skipper(index, summary) if index is not None else None
@@ -212,11 +254,11 @@ class TagRun:
                 index.close()
         if not self.quiet:
             self._print_summary(err_console, summary, start)
-        return len(summary.failed)
+        return summary.problems
 
-    #: Photos from which torch.compile pays off. Measured on the 2-core CPU: compiling RAM Swin-L
-    #: takes ~2 min and halves each batch's time (~2.7 s saved per photo); on a GPU it saves about
-    #: 2 ms per photo (timm's Swin-L figures), so only very large jobs repay the compile time there.
+    #: Photos from which torch.compile pays off: compiling costs a fixed time and saves a part of
+    #: every batch. On the CPU, where a photo takes seconds, a hundred photos repay it; on a GPU,
+    #: where it saves milliseconds per photo, only very large jobs do (docs/performance.md).
     COMPILE_FROM = {"cpu": 100, "cuda": 50_000}
 
     def _should_compile(self, device, photos: int) -> bool:
@@ -270,10 +312,8 @@ class TagRun:
             if name is None:
                 raise UsageError("--caption needs the original Tag2Text .pth: converted files are tag-only")
             path = download(get_published(name))  # the hub cache keeps the original after `pull`
-        try:
-            from ramcli_train.caption import load_official_generator
-        except ImportError as exc:
-            raise UsageError(f"--caption needs the training extras: pip install 'ramcli[train]' ({exc.name})") from None
+        from ramcli.caption import load_official_generator
+
         return load_official_generator(read_official(path))
 
     @staticmethod
@@ -302,7 +342,13 @@ class TagRun:
                 summary.failed.append((r.path, r.error or r.status))
 
     def _moved_skipper(self, index, summary: Summary):
-        """A photo whose image data the index knows under a path that is gone was moved: re-point it."""
+        """A photo whose image data the index knows under a path that is gone was moved: re-point it.
+
+        Only the very file moves with its size and mtime (a rename keeps both), so only then does
+        the write ledger follow it and the photo skip the model. Any other file with that image
+        data (a copy restored from before ramcli wrote, an edited copy) takes the record over but
+        not the ledger, and is tagged and written like a new photo: the ledger's rows describe
+        the old file, and against the copy they would say the user deleted ramcli's tags."""
 
         def skip(item) -> bool:
             if index.lookup(str(item.path)) is not None:
@@ -310,18 +356,21 @@ class TagRun:
             old = index.find_moved(item.content_hash)
             if old is None:
                 return False
-            index.move(old.path, str(item.path), item.size, item.mtime_ns)
-            summary.moved += 1
-            return True
+            same_file = (old.size, old.mtime_ns) == (item.size, item.mtime_ns)
+            index.move(old.path, str(item.path), item.size, item.mtime_ns, with_ledger=same_file)
+            if same_file:
+                summary.moved += 1
+            return same_file
 
         return skip
 
-    def _metadata_sink(self, index, summary: Summary, model_id: str) -> MetadataSink:
+    def _metadata_sink(self, index, summary: Summary, model_id: str, links: dict[str, str]) -> MetadataSink:
         from ramcli.ledger import Ledger
         from ramcli.metadata import MetadataWriter
 
         options = self.writer_options or WriterOptions(lang=self.lang)
-        return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, summary)
+        left_alone = {} if self.follow_links else dict.fromkeys(links, OUTSIDE_LINK)
+        return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, summary, left_alone)
 
     # ------------------------------------------------------------------ report
     def _print_summary(self, err: Console, s: Summary, start: float) -> None:
@@ -336,11 +385,13 @@ class TagRun:
         if skipped:
             parts.append(skipped)
         parts.append(f"failed {len(s.failed)}")
+        if s.write_failed:
+            parts.append(f"metadata write failed {len(s.write_failed)}")
         rate = s.tagged / elapsed if elapsed > 0 else 0.0
         err.print(", ".join(parts) + f" in {elapsed:.1f} s ({rate:.2f} img/s)", highlight=False)
         if s.precision:
             err.print(f"precision: {s.precision}", markup=False, highlight=False)
-        for path, reason in s.failed:
-            err.print(f"  failed: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
-        for path, reason in s.write_failed:
-            err.print(f"  not written: {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+        for label, rows in (("failed", s.failed), ("not written", s.write_failed + s.not_written),
+                            ("not followed", s.not_followed)):
+            for path, reason in rows:
+                err.print(f"  {label}: {display(path)}: {reason}", markup=False, highlight=False, soft_wrap=True)

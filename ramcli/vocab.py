@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ramcli.clip_text import ClipTextEncoder, ensemble, processed_name
 from ramcli.errors import RamcliError
-from ramcli.labels import OPEN_SET_THRESHOLD
+from ramcli.labels import OPEN_SET_THRESHOLD, LabelSet
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -74,17 +74,22 @@ class CustomTag:
 
 @dataclass(frozen=True)
 class AppliedVocab:
-    """What `apply_to_model` did, for the tagging pipeline.
-
-    `classes` are the label indices to decode (None: all); disabled tags are left out so they
-    cost nothing. `custom_indices` are the custom tags' indices in `model.labels`.
-    """
+    """What `apply_to_model` did: the vocabulary version the results carry, and the custom tags a
+    closed-set model (Tag2Text) cannot score, which the run reports."""
 
     version: str
-    custom_indices: tuple[int, ...]
-    disabled: frozenset[int]
-    classes: torch.Tensor | None
     skipped_custom: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VocabEntry:
+    """One line of `vocab list`: a tag, its effective threshold, whether it is emitted, its synonyms."""
+
+    name: str
+    kind: str  # "built-in" or "custom"
+    threshold: float
+    enabled: bool
+    synonyms: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,24 @@ class Vocabulary:
             if stale.name != embeddings_name:
                 stale.unlink(missing_ok=True)
 
+    def commit(self, index_path: Path | None = None) -> None:
+        """Save, then bring the index's copy up to date (`publish`): the one way a change lands."""
+        from ramcli.index import Index
+
+        self.save()
+        with Index.open(index_path) as index:
+            self.publish(index)
+
+    def publish(self, index) -> None:
+        """Give the index what search needs from the vocabulary, which owns it: custom tags (known
+        to search before any photo has them) and every synonym. Idempotent; a removed synonym
+        stays searchable until the index is rebuilt."""
+        if self.custom:
+            index.upsert_tags([t.name for t in self.custom], [t.name_zh or None for t in self.custom], "custom")
+        for alias, target in sorted(self.synonyms.items()):
+            index.upsert_tags([target], [None], "custom" if self.find_custom(target) else "builtin")
+            index.add_synonym(alias, target)
+
     @property
     def version(self) -> str:
         """Content hash of everything that changes tagging output."""
@@ -192,6 +215,26 @@ class Vocabulary:
         if builtin is not None:
             return builtin, "builtin"
         raise RamcliError(f"unknown tag '{name}': see `ramcli vocab list --search {name.split()[0]}`")
+
+    def entries(self, builtin: LabelSet | None = None, custom: bool = True, search: str | None = None) -> list[VocabEntry]:
+        """The built-in tags of `builtin` (if given) and the custom tags, as the user set them;
+        `search` keeps tags whose name or a synonym contains it (case-insensitive)."""
+        aliases: dict[str, list[str]] = {}
+        for alias, target in self.synonyms.items():
+            aliases.setdefault(target, []).append(alias)
+        rows: list[tuple[str, str, float]] = []
+        if builtin is not None:
+            rows += [(n, "built-in", self.thresholds.get(n, t)) for n, t in zip(builtin.names, builtin.thresholds)]
+        if custom:
+            rows += [(t.name, "custom", t.threshold) for t in self.custom]
+        needle = search.lower() if search else None
+        out = []
+        for name, kind, threshold in rows:
+            synonyms = tuple(sorted(aliases.get(name, [])))
+            if needle and not any(needle in s.lower() for s in (name, *synonyms)):
+                continue
+            out.append(VocabEntry(name, kind, threshold, name not in self.disabled, synonyms))
+        return out
 
     # ------------------------------------------------------------------ custom tags
     def check_new(self, name: str, descriptions: Sequence[str] = (), pending: Iterable[str] = ()) -> str:
@@ -331,7 +374,8 @@ class Vocabulary:
 
         RAM gets one query per tag: the official prompt ensemble. RAM++ gets the user's
         descriptions, or without them the 63 prompts as descriptions, reweighted per image.
-        Tag2Text is closed-set: its custom tags are skipped (listed in `skipped_custom`).
+        Tag2Text is closed-set: its custom tags are skipped (listed in `skipped_custom`). Disabled
+        tags join `labels.deleted`, so the tagger leaves them out of the label queries.
         Idempotent: tags the model already has are not added twice.
         """
         family = model.arch.family
@@ -360,14 +404,32 @@ class Vocabulary:
                 thresholds[index[name_key(name)]] = value
         disabled = frozenset(index[name_key(n)] for n in self.disabled if name_key(n) in index)
         model.labels = replace(labels, thresholds=tuple(thresholds), deleted=labels.deleted | disabled)
-        classes = None
-        if disabled:
-            classes = torch.tensor([i for i in range(len(model.labels)) if i not in disabled], dtype=torch.long)
-        custom_indices = tuple(index[name_key(t.name)] for t in self.custom if name_key(t.name) in index)
-        return AppliedVocab(self.version, custom_indices, disabled, classes, skipped)
+        return AppliedVocab(self.version, skipped)
 
 
 # ---------------------------------------------------------------------- import file formats
+def read_descriptions(path: Path, name: str) -> list[str]:
+    """Descriptions of `name` from a JSON file: the official [{tag: [...]}] list or a list of strings."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise RamcliError(f"descriptions file not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RamcliError(f"descriptions file is not UTF-8 JSON: {path}") from None
+    except OSError as exc:
+        raise RamcliError(f"cannot read descriptions file {path}: {exc.strerror}") from None
+    if isinstance(data, list) and all(isinstance(d, str) for d in data):
+        return data
+    if isinstance(data, list) and all(isinstance(d, dict) for d in data):
+        for entry in data:
+            for tag, descriptions in entry.items():
+                if name_key(tag) == name_key(name) and isinstance(descriptions, list):
+                    return [str(d) for d in descriptions]
+        raise RamcliError(f"{path} has no descriptions for '{name}'")
+    raise RamcliError(f"{path}: expected a list of strings or the official [{{tag: [descriptions]}}] list")
+
+
+
 def parse_import_file(path: Path) -> ImportPlan:
     """txt (one name a line, '#' comments), csv (name[,threshold[,description...]]) or json
     (the official RAM++ [{tag: [descriptions]}] list, a list of names, or `vocab export` output)."""

@@ -1,7 +1,8 @@
 """Training configuration: one dataclass, presets, YAML/TOML files and `key=value` overrides.
 
 Resolution order (later wins): dataclass defaults (the official pretraining recipe) -> preset
-(`tiny`, `swin_b`, `swin_l`) -> config file -> CLI overrides. The same config drives pretraining
+(`tiny`, `cpu`, `cpu_swin`, `swin_b`, `swin_l`) -> config file -> CLI overrides. A preset fixes the
+decoder's size and an image encoder; `backbone` swaps the encoder for any timm model. The same config drives pretraining
 and finetuning (`schedule: cosine`, `init_from: checkpoint`), so `ramcli finetune` reuses it.
 """
 
@@ -16,17 +17,20 @@ from typing import Any
 
 import yaml
 
+from ramcli.caption import CaptionConfig
 from ramcli.errors import UsageError
 from ramcli.models.configs import ARCHS, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, ArchConfig, SwinConfig
-from ramcli_train.caption import CaptionConfig
 
 FAMILIES = ("ram", "ram_plus", "tag2text")
 
-#: The `cpu` preset's image encoder: wide enough in its first stage to tell shapes and textures
-#: apart (the test Swin of `tiny` starts at 16 channels and never gets there on a CPU budget),
-#: three stages of 8x8 windows over 4x4 patches.
+#: The `cpu_swin` preset's image encoder: wide enough in its first stage to tell shapes and
+#: textures apart (the test Swin of `tiny` starts at 16 channels and never gets there on a CPU
+#: budget), three stages of 8x8 windows over 4x4 patches.
 CPU_SWIN = SwinConfig(32, (2, 2, 2), (2, 4, 8), 8)
-#: the `cpu` preset's recognition decoder (and caption stack) width, heads, feed-forward width
+#: The `cpu` preset's image encoder (a timm model): a small CNN learns shapes and textures from
+#: scratch in CPU minutes, where a randomly initialised Swin does not (docs/training.md)
+CPU_BACKBONE = "resnet10t"
+#: the `cpu` presets' recognition decoder (and caption stack) width, heads, feed-forward width
 CPU_DECODER = dict(hidden=128, heads=4, intermediate=256)
 
 
@@ -53,7 +57,8 @@ class TrainConfig:
     clip_model: str = "ViT-B-16-quickgelu"
     distill: str = "online"  # online | precomputed (KEY.clip.npy in the shards) | off
     alignment: bool | None = None  # RAM++ image-text alignment loss; default on for ram_plus
-    pretrained_backbone: bool = True  # ImageNet-22k Swin through timm when available
+    backbone: str = ""  # a timm model as image encoder (resnet18, convnext_tiny, vit_small_patch16_224, ...)
+    pretrained_backbone: bool = True  # timm's pretrained weights (Swin: ImageNet-22k) when available
     drop_path: float = 0.1  # Swin stochastic depth (the official rate); the CPU presets use 0
     init_from: str | None = None  # a training checkpoint or official .pth to start from (finetune)
     # optimisation
@@ -89,25 +94,37 @@ class TrainConfig:
         return self.family == "ram_plus" if self.alignment is None else self.alignment and self.family == "ram_plus"
 
     def arch(self, num_classes: int) -> ArchConfig:
-        """The ArchConfig of this preset, family and class count."""
+        """The ArchConfig of this preset, family, class count and backbone."""
+        per_class = 3 if self.preset in ("tiny", "cpu", "cpu_swin") else 51
+        per_class = per_class if self.family == "ram_plus" else 1
         if self.preset == "tiny":
-            return replace(ARCHS[f"{self.family}_tiny"], num_classes=num_classes)
-        if self.preset == "cpu":
-            return ArchConfig(f"{self.family}_cpu_{self.image_size}", self.family, self.image_size, CPU_SWIN,
-                              num_classes, descriptions_per_class=3 if self.family == "ram_plus" else 1,
-                              **CPU_DECODER)
+            tiny = replace(ARCHS[f"{self.family}_tiny"], num_classes=num_classes)
+            if not self.backbone:
+                return tiny
+            decoder = dict(hidden=tiny.hidden, heads=tiny.heads, intermediate=tiny.intermediate)
+        else:
+            decoder = CPU_DECODER if self.preset in ("cpu", "cpu_swin") else {}
+        backbone = self.backbone or (CPU_BACKBONE if self.preset == "cpu" else "")
+        if backbone:
+            return ArchConfig(f"{self.family}_{backbone}_{self.image_size}", self.family, self.image_size, None,
+                              num_classes, descriptions_per_class=per_class, backbone=backbone, **decoder)
+        if self.preset == "cpu_swin":
+            return ArchConfig(f"{self.family}_cpu_swin_{self.image_size}", self.family, self.image_size, CPU_SWIN,
+                              num_classes, descriptions_per_class=per_class, **decoder)
         swins = {("swin_b", 224): SWIN_B_224, ("swin_b", 384): SWIN_B_384,
                  ("swin_l", 224): SWIN_L_224, ("swin_l", 384): SWIN_L_384}
         swin = swins.get((self.preset, self.image_size))
         if swin is None:
             raise UsageError(f"preset {self.preset} supports image_size 224 or 384, not {self.image_size}")
         return ArchConfig(f"{self.family}_{self.preset}_{self.image_size}", self.family, self.image_size, swin,
-                          num_classes, descriptions_per_class=51 if self.family == "ram_plus" else 1)
+                          num_classes, descriptions_per_class=per_class)
 
     def caption_config(self, arch: ArchConfig, vocab_size: int) -> CaptionConfig | None:
         if arch.family == "ram_plus":
             return None
-        width = 512 if arch.family == "ram" else arch.swin.width
+        from ramcli.models.ram import backbone_width
+
+        width = 512 if arch.family == "ram" else backbone_width(arch)
         return CaptionConfig(arch.hidden, self.caption_heads, arch.intermediate, self.caption_layers,
                              vocab_size, 512, width)
 
@@ -121,12 +138,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                  label_embed="random", distill="off", pretrained_backbone=False, drop_path=0.0, batch_size=32,
                  epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=20, lr_decay_rate=0.9, amp="off", num_workers=0,
                  save_every=200, log_every=5),
-    # CPU training that learns in minutes (bench/train_learns.py): a wider small Swin, the tag
-    # loss unscaled, no augmentation (synthetic scenes are sparse: crops cut the shapes out)
+    # CPU training that learns in minutes (bench/train_learns.py): a small CNN from scratch under
+    # RAM's decoder, the tag loss unscaled, no augmentation (synthetic scenes are sparse: crops
+    # cut the shapes out)
     "cpu": dict(preset="cpu", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
                 tokenizer_vocab=300, label_embed="random", distill="off", pretrained_backbone=False,
                 drop_path=0.0, batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=50, lr_decay_rate=0.8,
-                grad_clip=1.0, tag_rescale=False, augment=False, amp="off", num_workers=0, threads=1, save_every=0, log_every=10),
+                grad_clip=1.0, tag_rescale=False, augment=False, amp="off", num_workers=0, threads=1, save_every=0,
+                log_every=10),
+    # the same recipe on a small Swin from scratch (the paper's encoder family): it does not learn
+    # shapes in CPU minutes (docs/training.md)
+    "cpu_swin": dict(preset="cpu_swin", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
+                     tokenizer_vocab=300, label_embed="random", distill="off", pretrained_backbone=False,
+                     drop_path=0.0, batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=50,
+                     lr_decay_rate=0.8, grad_clip=1.0, tag_rescale=False, augment=False, amp="off", num_workers=0,
+                     threads=1, save_every=0, log_every=10),
     # Tag2Text's pretraining setting (Swin-B 224, 80 per GPU)
     "swin_b": dict(preset="swin_b", image_size=224, batch_size=80),
     # RAM's pretraining setting (Swin-L 224, 52 per GPU)

@@ -40,15 +40,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ramcli.errors import RamcliError, UsageError
 from ramcli_train.parse import TagParser, clean_caption
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the two normalisations, as timm defines them (its OpenAI CLIP values are open_clip's
+# OPENAI_DATASET_MEAN/STD; importing open_clip for two tuples would cost seconds)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 CLIP_SIZE = 224
 #: the shard member with a sample's precomputed CLIP image feature (float16 .npy, shape (512,))
 CLIP_FEATURES_MEMBER = "clip.npy"

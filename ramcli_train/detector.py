@@ -88,7 +88,7 @@ class GroundingDino:
 
 
 class ModelCropEmbedder:
-    """The baseline model's pooled image embedding of each crop (resized to its input size)."""
+    """The baseline model's pooled image embedding of each crop, prepared by the model's data config."""
 
     def __init__(self, model, device: str = "cpu", batch_size: int = 16):
         self.model = model.to(device).eval()
@@ -97,14 +97,13 @@ class ModelCropEmbedder:
 
     @torch.inference_mode()
     def embed(self, crops: Sequence[Image.Image]) -> np.ndarray:
-        from ramcli.imaging import normalize
+        from ramcli.imaging import model_input, normalize
 
-        size = self.model.arch.image_size
+        data_config = self.model.pretrained_cfg
         out = []
         for start in range(0, len(crops), self.batch_size):
-            batch = [np.asarray(c.convert("RGB").resize((size, size), Image.BICUBIC)) for c in crops[start:start + self.batch_size]]
-            pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous().to(self.device)
-            pooled = self.model.encode_image(normalize(pixels))[:, 0, :]
+            pixels = torch.stack([model_input(c, data_config) for c in crops[start:start + self.batch_size]]).to(self.device)
+            pooled = self.model.encode_image(normalize(pixels, data_config))[:, 0, :]
             out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 512), dtype=np.float32)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ramcli.decision import emitted
 from ramcli.errors import RamcliError, UsageError
 from ramcli.models import RecognitionModel
 from ramcli_train.data import IMAGE_EXTENSIONS, decode_image, resolve_shards
@@ -153,7 +154,7 @@ def _score(model: RecognitionModel, images: list[tuple[int, bytes]], device: str
 def _decide(model: RecognitionModel, scores: np.ndarray, threshold: float | None) -> list[str]:
     labels = model.labels
     thr = np.full(len(labels), threshold) if threshold is not None else np.asarray(labels.thresholds)
-    keep = scores > thr
+    keep = emitted(scores, thr)
     keep[list(labels.deleted)] = False
     return [labels.names[i] for i in np.flatnonzero(keep)]
 
@@ -225,8 +226,8 @@ def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int =
     Tag2Text), guided by the tags the engine found, as RAM's captioner is."""
     import torch
 
-    from ramcli.imaging import normalize
-    from ramcli_train.caption import CaptionTokenizer
+    from ramcli.caption import CaptionTokenizer
+    from ramcli.imaging import model_input, normalize
     from ramcli_train.config import TrainConfig
     from ramcli_train.loop import build_model, load_checkpoint
     from ramcli.labels import LabelSet
@@ -241,13 +242,12 @@ def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int =
     model = build_model(cfg, labels, CaptionTokenizer.from_vocab(tok))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    size = model.arch.image_size
+    data_config = model.tagger.pretrained_cfg
 
     @torch.inference_mode()
     def caption(images: Sequence[Image.Image], tags: Sequence[Sequence[str]]) -> list[str]:
-        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
-                                            for im in images])).permute(0, 3, 1, 2).to(device)
-        embeds = model.tagger.encode_image(normalize(pixels))
+        pixels = torch.stack([model_input(im, data_config) for im in images]).to(device)
+        embeds = model.tagger.encode_image(normalize(pixels, data_config))
         return model.caption.generate(embeds, [" | ".join(t) for t in tags], num_beams=num_beams)
 
     return caption

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
+from ramcli.caption import ours_to_official
 from ramcli.errors import RamcliError
 from ramcli.labels import LabelSet
 from ramcli.models.checkpoint import save_converted
 from ramcli.models.configs import ArchConfig
 from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
 from ramcli.models.ram import RecognitionModel
-from ramcli_train.caption import ours_to_official
 from ramcli_train.loop import load_checkpoint
 
 

@@ -6,7 +6,7 @@ There is no second loop: finetuning prepares three files in the run folder and h
 
 - `init.pt`: the start weights in the trainable layout (tagger + caption branch). From a
   published `.pth` the tagger is mapped by `ramcli.models.checkpoint.map_official` and the
-  caption branch by `ramcli_train.caption`; a `ramcli train` checkpoint is used as is. Swin's
+  caption branch by `ramcli.caption`; a `ramcli train` checkpoint is used as is. Swin's
   relative-position tables are resized when the window changes (224 px pretraining, window 7
   -> 384 px finetuning, window 12), as the official finetune does.
 - `labels/` (official layout) and `label_embed.safetensors`: the tag list of the run.
@@ -16,7 +16,7 @@ a tag it does not know gets its CLIP text embedding (RAM: the ensemble of the 63
 prompts; RAM++: the first D prompt embeddings, as `ramcli train` does) or, from a label system
 that `ramcli vocab build` wrote, the embedding stored there. The official finetune starts new
 tags at zero: frozen zero queries are all the same vector, so those tags cannot be told apart
-and never learn (recognize-anything issue #211). Tag2Text's queries are learned: new ones start
+and never learn. Tag2Text's queries are learned: new ones start
 random, as its training does.
 
 Defaults (official `finetune.yaml`): 384 px, lr 5e-6 with per-epoch cosine to 0, 2 epochs,
@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,8 +39,9 @@ from ramcli.clip_text import ClipTextEncoder, ensemble
 from ramcli.errors import CheckpointError, UsageError
 from ramcli.labels import RAM_DEFAULT_THRESHOLD, LabelSet, resolve_labels
 from ramcli.models.configs import CLIP_DIM, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, SWIN_TINY_TEST, ArchConfig
+from ramcli.safeload import load_weights
 from ramcli.vocab import name_key
-from ramcli_train.config import CPU_SWIN, TrainConfig, read_config_file, resolve
+from ramcli_train.config import CPU_SWIN, PRESETS, TrainConfig, read_config_file, resolve
 
 INIT_FILE = "init.pt"
 LABEL_DIR = "labels"
@@ -56,7 +56,7 @@ INHERITED_KEYS = ("family", "preset", "caption_layers", "caption_heads", "tokeni
                   "prepend_prompt", "clip_model", "clip_weights", "distill", "alignment", "amp", "num_workers",
                   "log_every", "save_every", "seed")
 _PRESET_OF_SWIN = {SWIN_L_224: "swin_l", SWIN_L_384: "swin_l", SWIN_B_224: "swin_b", SWIN_B_384: "swin_b",
-                   SWIN_TINY_TEST: "tiny", CPU_SWIN: "cpu"}
+                   SWIN_TINY_TEST: "tiny", CPU_SWIN: "cpu_swin"}
 
 
 # ----------------------------------------------------------------------------- the start point
@@ -91,7 +91,7 @@ def read_start_point(path: Path, labels_dir: Path | None = None) -> StartPoint:
         model = load_converted(path, labels=labels)
         return StartPoint(model.arch, model.labels, model.state_dict(), {}, {"family": model.arch.family},
                           source=path.name)
-    obj = _load_pickle_free(path)
+    obj = load_weights(path, mmap=True)
     if isinstance(obj, dict) and {"model", "arch", "labels", "config"} <= set(obj):
         return _from_training_checkpoint(path, obj)
     sd = read_official(path)
@@ -101,20 +101,10 @@ def read_start_point(path: Path, labels_dir: Path | None = None) -> StartPoint:
     caption = _official_caption_state(sd)
     config: dict = {"family": family}
     if caption:
-        from ramcli_train.caption import infer_caption_config
+        from ramcli.caption import infer_caption_config
 
         config["caption_layers"] = infer_caption_config(sd).layers
     return StartPoint(tagger.arch, tagger.labels, tagger.state_dict(), caption, config, source=path.name)
-
-
-def _load_pickle_free(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # a foreign or truncated file: the official reader gives the precise message
-        from ramcli.models.checkpoint import read_official
-
-        read_official(path)
-        raise CheckpointError(f"cannot read {path.name}: {str(exc).splitlines()[0][:160]}") from None
 
 
 def _from_training_checkpoint(path: Path, ckpt: dict) -> StartPoint:
@@ -130,12 +120,19 @@ def _from_training_checkpoint(path: Path, ckpt: dict) -> StartPoint:
 
 
 def _official_caption_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from ramcli_train.caption import official_to_ours
+    from ramcli.caption import official_to_ours
 
     return {ours: v for k, v in sd.items() if (ours := official_to_ours(k)) is not None}
 
 
 def preset_of(arch: ArchConfig) -> str:
+    """The `ramcli train` preset that rebuilds `arch` (with `backbone` set for a timm encoder)."""
+    if arch.backbone:
+        for preset in PRESETS:
+            cfg = TrainConfig(family=arch.family, preset=preset, image_size=arch.image_size, backbone=arch.backbone)
+            if replace(cfg.arch(arch.num_classes), name=arch.name) == arch:
+                return preset
+        raise CheckpointError(f"the start model's decoder (width {arch.hidden}) is not one `ramcli train` can build")
     preset = _PRESET_OF_SWIN.get(arch.swin)
     if preset is None:
         raise CheckpointError(f"the start model's backbone (Swin width {arch.swin.embed_dim}, window "
@@ -263,9 +260,10 @@ def finetune_config(start: StartPoint, data: Sequence[str], out: Path, config_fi
     defaults = dict(FINETUNE_DEFAULTS)
     if start.arch.family == "tag2text":
         defaults["batch_size"] = TAG2TEXT_BATCH
-    if preset == "tiny":  # the tiny test architecture has one fixed size
+    if preset == "tiny" or start.arch.backbone:  # the tiny Swin has one size; a timm encoder keeps its own
         defaults["image_size"] = start.arch.image_size
-    layers = {**start.config, "family": start.arch.family, "preset": preset, **defaults,
+    layers = {**start.config, "family": start.arch.family, "preset": preset, "backbone": start.arch.backbone,
+              **defaults,
               **(read_config_file(config_file) if config_file else {}),
               **{k: v for k, v in (overrides or {}).items() if v is not None},
               "data": list(data), "out": str(out)}
@@ -302,7 +300,9 @@ def prepare(start: StartPoint, cfg: TrainConfig, plan: TagPlan,
         labels_path.write_text("\n".join(plan.labels.names) + "\n", encoding="utf-8")
     else:
         write_label_files(labels_path, plan.labels)
-    cfg = replace(cfg, labels=str(labels_path), init_from=None, pretrained_backbone=False)
+    # a new backbone (`--backbone`) starts from its pretrained weights; the start model's decoder stays
+    new_backbone = cfg.backbone != start.arch.backbone
+    cfg = replace(cfg, labels=str(labels_path), init_from=None, pretrained_backbone=new_backbone)
     if start.arch.family != "tag2text":
         save_file({"label_embed": tagger["label_embed"].float().contiguous()}, str(out / LABEL_EMBED_FILE))
         cfg = replace(cfg, label_embed=str(out / LABEL_EMBED_FILE))
@@ -313,12 +313,18 @@ def prepare(start: StartPoint, cfg: TrainConfig, plan: TagPlan,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(cfg, plan.labels, tokenizer)
+    if new_backbone:  # what does not fit the new encoder's width (its projection) starts fresh
+        own = model.tagger.state_dict()
+        tagger = {k: v for k, v in tagger.items() if not k.startswith("backbone.") and k in own
+                  and tuple(v.shape) == tuple(own[k].shape)}
+        tagger.update({k: v for k, v in own.items() if k not in tagger})
     state = _assemble(model, tagger, start)
     torch.save(state, out / INIT_FILE)
     (out / "finetune.json").write_text(json.dumps({
         "from": start.source, "classes": len(plan.labels), "new_tags": plan.new_names,
         "new_tag_init": "learned (random)" if start.arch.family == "tag2text" else "CLIP text embeddings",
         "caption_branch": "from the start model" if start.caption else ("fresh" if model.caption else "none"),
+        "backbone": model.backbone_init,
     }, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return Prepared(replace(cfg, init_from=str(out / INIT_FILE)), plan, start)
 
@@ -328,9 +334,10 @@ def _assemble(model, tagger: dict[str, torch.Tensor], start: StartPoint) -> dict
     from timm.models.swin_transformer import checkpoint_filter_fn
 
     backbone = {k[len("backbone."):]: v for k, v in tagger.items() if k.startswith("backbone.")}
-    resized = checkpoint_filter_fn(backbone, model.tagger.backbone)  # window change: tables resized
+    if not model.arch.backbone:  # the official Swin: window change, relative-position tables resized
+        backbone = checkpoint_filter_fn(backbone, model.tagger.backbone)
     weights = {**{f"tagger.{k}": v for k, v in tagger.items() if not k.startswith("backbone.")},
-               **{f"tagger.backbone.{k}": v for k, v in resized.items()}}
+               **{f"tagger.backbone.{k}": v for k, v in backbone.items()}}
     expected = model.state_dict()
     caption_keys = [k for k in expected if k.startswith("caption.")]
     if start.caption:

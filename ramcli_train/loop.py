@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import tarfile
 import time
 import warnings
@@ -31,12 +32,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ramcli.caption import CaptionTokenizer
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import LabelSet, read_label_dir, resolve_labels
+from ramcli.safeload import load_weights
 from ramcli_train import losses
-from ramcli_train.caption import CaptionTokenizer, train_tokenizer
 from ramcli_train.config import TrainConfig, dump
-from ramcli_train.model import ClipTeacher, TrainableRAM, label_embeddings, load_imagenet_backbone
+from ramcli_train.model import ClipTeacher, TrainableRAM, label_embeddings
+from ramcli_train.pretrained import load_pretrained_backbone
+from ramcli_train.tokenizer import train_tokenizer
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
 
@@ -141,9 +145,7 @@ def resolve_training_labels(cfg: TrainConfig) -> LabelSet:
             return LabelSet(tuple(names), tuple(names), (0.68,) * len(names))
     if cfg.labels:
         raise RamcliError(f"labels not found: {cfg.labels}")
-    from ramcli.config import home
-
-    return resolve_labels(cfg.family, cache_dir=home().cache)
+    return resolve_labels(cfg.family)
 
 
 def _is_annotation(paths: list[str]) -> bool:
@@ -219,16 +221,19 @@ def build_tokenizer(cfg: TrainConfig, paths: list[str], out: Path) -> CaptionTok
 
 
 def build_model(cfg: TrainConfig, labels: LabelSet, tokenizer: CaptionTokenizer | None) -> TrainableRAM:
+    """The model of `cfg`; `model.backbone_init` says where the backbone's weights came from."""
     arch = cfg.arch(len(labels))
     embed = label_embeddings(labels, arch, cfg.label_embed, cfg.clip_weights, cfg.seed)
     vocab = max(len(tokenizer), 30524 if cfg.tokenizer == "bert-base-uncased" else 0) if tokenizer else 0
     model = TrainableRAM(arch, labels, embed, cfg.caption_config(arch, vocab) if tokenizer else None, tokenizer,
                          cfg.prompt, drop_path_rate=cfg.drop_path)
+    model.backbone_init = f"backbone {arch.backbone or 'Swin'}: random initialisation"
     if cfg.pretrained_backbone and cfg.init_from is None:
-        load_imagenet_backbone(model.tagger)
+        model.backbone_init = load_pretrained_backbone(model.tagger).message
     if cfg.init_from:
-        state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+        state = load_weights(cfg.init_from)
         model.load_state_dict(state.get("model", state), strict=True)
+        model.backbone_init = f"backbone {arch.backbone or 'Swin'}: from {Path(cfg.init_from).name}"
     if cfg.grad_ckpt:
         model.set_grad_checkpointing(True)
     return model
@@ -254,12 +259,37 @@ def memory_estimate(model: TrainableRAM, cfg: TrainConfig) -> dict[str, float]:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     static = (params + 3 * trainable) * 4 / 2**30
-    tokens = (cfg.image_size // 4) ** 2
-    width = model.arch.swin.embed_dim
-    act = cfg.batch_size * tokens * width * 34 * sum(model.arch.swin.depths) / 4 * (2 if cfg.amp != "off" else 4) / 2**30
+    element = 2 if cfg.amp != "off" else 4
+    swin = model.arch.swin
+    if swin is not None:
+        tokens = (cfg.image_size // 4) ** 2
+        act = cfg.batch_size * tokens * swin.embed_dim * 34 * sum(swin.depths) / 4 * element / 2**30
+    else:
+        act = cfg.batch_size * _backbone_activations(model.arch) * element / 2**30
     if cfg.grad_ckpt:
         act /= 4
     return {"parameters_millions": params / 1e6, "static_gib": round(static, 2), "activations_gib": round(act, 2)}
+
+
+def _backbone_activations(arch) -> int:
+    """Elements a timm backbone keeps for backward per image: its modules' outputs, counted on a
+    weightless (meta-device) forward pass."""
+    from ramcli.models.ram import build_backbone
+
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    with torch.device("meta"):
+        backbone = build_backbone(arch)
+        hooks = [m.register_forward_hook(count) for m in backbone.modules() if not list(m.children())]
+        backbone.forward_features(torch.empty(1, 3, arch.image_size, arch.image_size))
+    for h in hooks:
+        h.remove()
+    return total
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -279,10 +309,7 @@ def save_checkpoint(path: Path, payload: dict) -> Path:
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise RamcliError(f"no checkpoint to resume from: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which
-        raise RamcliError(f"cannot read checkpoint {path.name}: {str(exc).splitlines()[0][:160]}") from None
+    return load_weights(path)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -348,7 +375,7 @@ def _no_downloads(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, pretrained_backbone=False, init_from=None)
 
 
-def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run training; returns a summary (steps, last losses, data stats, checkpoint path)."""
     rt = setup_runtime(cfg)
     out = Path(cfg.out)
@@ -395,6 +422,9 @@ def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
     log = MetricsLog(out, cfg.tensorboard) if rt.main else None
     if rt.main:
         (out / "config.json").write_text(dump(cfg) + "\n", encoding="utf-8")
+        if state is None:  # where the encoder's weights came from, in the log and on stderr
+            log.write({"step": step, "event": "backbone", "message": model.backbone_init})
+            print(model.backbone_init, file=sys.stderr)
     samples = count_samples(train_paths)
     per_epoch = max(1, math.ceil(samples / (cfg.batch_size * rt.world * cfg.accum_steps)))
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)  # for the progress bar

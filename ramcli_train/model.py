@@ -15,28 +15,20 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 
+from ramcli.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
 from ramcli.errors import RamcliError
 from ramcli.labels import LabelSet
 from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.ram import RecognitionModel
 from ramcli_train import losses
-from ramcli_train.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-#: timm names of the ImageNet-22k Swin weights the official code starts from
-TIMM_PRETRAINED = {
-    (128, 7): "swin_base_patch4_window7_224.ms_in22k",
-    (128, 12): "swin_base_patch4_window12_384.ms_in22k",
-    (192, 7): "swin_large_patch4_window7_224.ms_in22k",
-    (192, 12): "swin_large_patch4_window12_384.ms_in22k",
-}
-
+# the two normalisations, as timm defines them (its OpenAI CLIP values are open_clip's
+# OPENAI_DATASET_MEAN/STD; importing open_clip for two tuples would cost seconds)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 def tag_texts(labels: LabelSet, multi_hot: torch.Tensor) -> list[str]:
     """The caption generator's tag input: tag names in label order, joined by ' | ' (official)."""
@@ -54,6 +46,7 @@ class TrainableRAM(nn.Module):
         self.arch = arch
         self.labels = labels
         self.tagger = RecognitionModel(arch, labels, model_id="training", drop_path_rate=drop_path_rate)
+        self.arch = self.tagger.arch  # with the backbone's data config
         _init_tagger(self.tagger, label_embed)
         self.caption: CaptionGenerator | None = None
         if arch.family in ("ram", "tag2text") and caption_cfg is not None:
@@ -127,29 +120,6 @@ def _init_tagger(tagger: RecognitionModel, label_embed: torch.Tensor | None) -> 
     if arch.family == "ram_plus":
         with torch.no_grad():
             tagger.reweight_scale.fill_(math.log(1 / 0.07))
-
-
-def load_imagenet_backbone(tagger: RecognitionModel) -> bool:
-    """ImageNet-22k Swin weights through timm (the official start point); warn and keep random
-    weights when they are not available (no network, unknown size)."""
-    swin = tagger.arch.swin
-    name = TIMM_PRETRAINED.get((swin.embed_dim, swin.window_size))
-    if name is None:
-        warnings.warn(f"no ImageNet-22k weights for a Swin of width {swin.embed_dim}; the backbone starts random",
-                      stacklevel=2)
-        return False
-    try:
-        import timm
-
-        source = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
-    except Exception as exc:  # offline or hub errors: training can still start from random weights
-        warnings.warn(f"ImageNet-22k weights {name} not available ({type(exc).__name__}); the backbone starts random",
-                      stacklevel=2)
-        return False
-    missing = tagger.backbone.load_state_dict(source.state_dict(), strict=False)
-    if missing.missing_keys:
-        warnings.warn(f"backbone weights partly loaded: {len(missing.missing_keys)} tensors kept random", stacklevel=2)
-    return True
 
 
 # ----------------------------------------------------------------------------- CLIP teacher
@@ -247,13 +217,10 @@ def label_embeddings(labels: LabelSet, arch: ArchConfig, source: str, clip_weigh
     path = Path(source)
     if not path.is_file():
         raise RamcliError(f"label embedding file not found: {path} (or use label_embed=clip|random)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from ramcli.safeload import load_weights
 
-        tensors = list(load_file(str(path)).values())
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]
+    obj = load_weights(path)
+    tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]
     if len(tensors) != 1:
         raise RamcliError(f"{path.name} must hold exactly one tensor of label embeddings")
     return tensors[0].float()

@@ -16,15 +16,13 @@ typical threshold (about half their tags fire), which makes the factory depend o
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from official_reference import official_logits
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from ramcli.labels import official_dir
 
 CLIP_DIM = 512  # RAM/RAM++ label embeddings live in CLIP's text space
 
@@ -57,6 +55,10 @@ TINY: dict[str, dict[str, Any]] = {
     "ram_tiny": _arch("ram", _SWIN_TINY, _HEAD_TINY, _TEXT_TINY, 4585, "lecun"),
     "ram_plus_tiny": _arch("ram_plus", _SWIN_TINY, _HEAD_TINY, {}, 4585, "lecun"),
     "tag2text_tiny": _arch("tag2text", _SWIN_TINY, _HEAD_TINY, _TEXT_TINY, 3429, "lecun"),
+    # captions with the real tokenizer and the official 12 text heads: bert's vocabulary, 40-token tags
+    "tag2text_tiny_bert_vocab": _arch("tag2text", _SWIN_TINY, dict(_HEAD_TINY, hidden_size=48, intermediate_size=96),
+                                      dict(_TEXT_TINY, text_heads=12, vocab_size=30524, max_position_embeddings=64),
+                                      3429, "lecun"),
 }
 #: The published sizes (for benchmarks and file-size realism).
 FULL: dict[str, dict[str, Any]] = {
@@ -358,6 +360,33 @@ def make_official_checkpoint(
     return path
 
 
+#: How other tools save a state dict: the layouts `save_variant` writes
+LAYOUTS = ("model", "state_dict", "nested", "bare")
+
+
+def save_variant(path: str | Path, sd: dict[str, torch.Tensor], layout: str = "model", key_prefix: str = "",
+                 drop: tuple[str, ...] = (), extra: dict[str, torch.Tensor] | None = None,
+                 optimizer_state: bool = False) -> Path:
+    """A state dict saved the way files found in the wild are: without some tensors (`drop`),
+    with unused extra ones (`extra`, e.g. a CLIP `logit_scale`), every key prefixed (`module.`
+    from DDP), with AdamW state, and in one of `LAYOUTS`: `{'model': sd}` (official),
+    `{'state_dict': sd}` (Lightning and others), `{'model': {'state_dict': sd}}` (an extra
+    nesting) or the bare state dict."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    sd = {k: v for k, v in sd.items() if k not in drop}
+    sd.update(extra or {})
+    sd = {key_prefix + k: v for k, v in sd.items()}
+    body: Any = {"model": {"model": sd}, "state_dict": {"state_dict": sd},
+                 "nested": {"model": {"state_dict": sd}}, "bare": sd}[layout]
+    if optimizer_state and layout != "bare":
+        body = {**body, "optimizer": _adamw_state(sd, _Init(2, "lecun")), "epoch": 1}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(body, path)
+    return path
+
+
 # ----------------------------------------------------------------------------- label files
 
 _LABEL_FILES = {
@@ -368,8 +397,8 @@ _LABEL_FILES = {
 
 def make_labels_dir(tmp_path: str | Path, num_classes: int, family: str = "ram") -> Path:
     """A folder with the official label file names holding the first `num_classes` lines of the
-    official files (from ../shared/ram), each file ending the way its original ends."""
-    shared = Path(os.environ.get("RAMCLI_SHARED", SHARED)) / "ram"
+    official files (shipped in ramcli/data/official), each file ending the way its original ends."""
+    shared = official_dir()
     names = _LABEL_FILES["tag2text" if family == "tag2text" else "ram"]
     out = Path(tmp_path) / f"labels_{family}_{num_classes}"
     out.mkdir(parents=True, exist_ok=True)

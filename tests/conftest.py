@@ -1,31 +1,37 @@
-"""Shared fixtures. `../shared` (read-only in CI) holds the official label files and sample photos."""
+"""Shared fixtures. Everything the tests need ships with the repository or is generated: the
+official label files are package data (`ramcli/data/official`), sample photos are written by
+`images.photo_like`, benchmark lists in the official formats by the tests that read them."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("RAMCLI_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    assert SHARED.is_dir(), f"../shared not found at {SHARED} (set RAMCLI_SHARED)"
-    return SHARED
+def labels_dir() -> Path:
+    """The official label files (ram_tag_list*.txt, tag_list.txt), as shipped in the package."""
+    from ramcli.labels import official_dir
+
+    return official_dir()
 
 
 @pytest.fixture(scope="session")
-def labels_dir(shared_dir: Path) -> Path:
-    """The official label files (ram_tag_list*.txt, tag_list.txt)."""
-    return shared_dir / "ram"
+def sample_photos(tmp_path_factory) -> list[Path]:
+    """Three photo-like JPEGs shaped like the official demo photos: a 3000x2000 landscape, a
+    3216x4288 portrait with EXIF orientation 1, and a small 428x640 one."""
+    from images import exif_with, photo_like
 
-
-@pytest.fixture(scope="session")
-def sample_photos(shared_dir: Path) -> list[Path]:
-    return sorted((shared_dir / "ram" / "images").glob("*.jpg"))
+    folder = tmp_path_factory.mktemp("sample_photos")
+    out = []
+    for i, (width, height, orientation) in enumerate([(3000, 2000, None), (3216, 4288, 1), (428, 640, None)]):
+        path = folder / f"demo{i + 2}.jpg"
+        extra = {"exif": exif_with(orientation=orientation)} if orientation else {}
+        photo_like(width, height, seed=i).save(path, quality=90, **extra)
+        out.append(path)
+    return out
 
 
 @pytest.fixture(scope="session")

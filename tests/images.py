@@ -176,7 +176,7 @@ def _write(path: Path, kind: str) -> Expected:
         return Expected("image", False, "image file is truncated")
     elif kind == "text_as_jpg":
         path.write_text("Holiday notes: remember to back up the photos.\n")
-        return Expected("unsupported", False, "not an image (text)")
+        return Expected("error", False, "not an image (text)")  # a photo's name: a broken photo
     elif kind == "bomb":
         path.write_bytes(bomb_png())
         return Expected("image", False, "decompression bomb guard")

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # `ram/transform.py`'s values
 SWIN_LN_EPS = 1e-5  # nn.LayerNorm's default, used throughout the official Swin
 
 
@@ -203,7 +203,10 @@ def _ram_plus_label_queries(sd: Mapping[str, Tensor], num_classes: int, image_em
     des_per_class = int(label_embed.shape[0] / num_classes)
     cls = image_embeds[:, 0, :]
     cls = cls / cls.norm(dim=-1, keepdim=True)
-    logits_per_image = (sd["reweight_scale"].exp() * cls @ label_embed.t()).view(bs, -1, des_per_class)
+    # `RAM_plus.__init__` sets reweight_scale to ln(1/0.07) and the loader uses strict=False, so a
+    # file without the tensor runs with that initial value
+    reweight_scale = sd.get("reweight_scale", torch.ones([]) * math.log(1 / 0.07))
+    logits_per_image = (reweight_scale.exp() * cls @ label_embed.t()).view(bs, -1, des_per_class)
     weights = F.softmax(logits_per_image, dim=2)
     reweighted = torch.empty(bs, num_classes, label_embed.shape[1], dtype=image_embeds.dtype)
     for i in range(bs):

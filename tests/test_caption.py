@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from ckpt_factory import arch_config, official_state_dict
 
-from ramcli_train.caption import (
+from ramcli.caption import (
     CaptionTokenizer,
     beam_search,
     caption_state_from_official,
     load_official_generator,
     official_to_ours,
     ours_to_official,
-    train_tokenizer,
 )
+from ramcli_train.tokenizer import train_tokenizer
 
 CAPTIONS = ["a picture of a red dog on the grass", "a picture of two blue cats in the snow",
             "a picture of a green star over the sea", "a picture of a dog and a cat"]

@@ -63,21 +63,46 @@ def test_raw_and_video_signatures(tmp_path):
     assert found[tmp_path / "f.tif"].kind != "raw"
 
 
-def test_symlink_loops_end_and_links_are_followed(tmp_path):
+def test_symlink_loops_end_and_outside_folders_are_not_walked(tmp_path):
     lib, outside = tmp_path / "lib", tmp_path / "outside"
     make_image(lib / "a" / "one.jpg", "jpeg")
     make_image(outside / "two.png", "png")
     (lib / "a" / "loop").symlink_to(lib)  # lib/a/loop -> lib
     (lib / "self").symlink_to(lib / "self")  # a link to itself
     (lib / "linked").symlink_to(outside)  # a folder outside the root
+    (lib / "root").symlink_to("/")  # the whole file system
+    (lib / "b").symlink_to(lib / "a")  # a folder inside the root: followed (and visited once)
     (lib / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     found = list(discover([lib]))
     paths = [f.path for f in found]
-    assert paths.count(lib / "a" / "one.jpg") == 1
-    assert lib / "linked" / "two.png" in paths
-    assert len(found) == len(set(paths))
+    assert paths.count(lib / "a" / "one.jpg") + paths.count(lib / "b" / "one.jpg") == 1
+    assert len(found) == len(set(paths)) and not any(f.kind == "image" and f.link for f in found)
+    assert lib / "linked" / "two.png" not in paths
+    links = {f.path.name: f.reason for f in found if f.kind == "link"}
+    assert set(links) == {"loop", "linked", "root"}
+    assert "--follow-links" in links["linked"] and "never followed" in links["root"]
     errors = {f.path.name: f.reason for f in found if f.kind == "error"}
     assert errors["dangling.jpg"] == "broken symlink"
+    assert describe_skipped(summarize(found)) == "skipped: 3 folder links not followed, 2 errors"
+
+
+def test_follow_links_walks_outside_folders_and_marks_what_leaves_the_roots(tmp_path):
+    lib, outside = tmp_path / "lib", tmp_path / "outside"
+    make_image(lib / "in.jpg", "jpeg")
+    make_image(outside / "two.png", "png")
+    make_image(outside / "real.jpg", "jpeg")
+    (lib / "linked").symlink_to(outside)
+    (lib / "link.jpg").symlink_to(outside / "real.jpg")
+    (lib / "root").symlink_to("/")
+    plain = {f.path.name: f for f in discover([lib])}
+    assert plain["link.jpg"].kind == "image" and plain["link.jpg"].link == lib.resolve() / "link.jpg"
+    assert plain["in.jpg"].link is None and "two.png" not in plain
+    followed = {f.path.name: f for f in discover([lib], follow_links=True)}
+    assert followed["two.png"].link == lib.resolve() / "linked" / "two.png"
+    assert followed["root"].kind == "link"  # a folder containing the root: never, even when asked
+    # a link given as a root, or a file inside another root, does not leave the roots
+    assert [f.link for f in discover([lib / "link.jpg"])] == [None]
+    assert {f.path.name: f.link for f in discover([lib, outside])}["link.jpg"] is None
 
 
 def test_hidden_and_junk_are_skipped(tmp_path):

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ramcli import metrics
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import read_label_dir
-from ramcli_train import metrics
-from ramcli_train.evaluate import (
+from ramcli.evaluate import (
     INDICES,
     NAMES,
     TAG_IDS,
@@ -30,75 +30,95 @@ from ramcli_train.evaluate import (
 )
 
 
-@pytest.fixture(scope="module")
-def bench_dir(shared_dir: Path) -> Path:
-    return shared_dir / "ram" / "benchmarks"
-
-
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
 
 
-# ----------------------------------------------------------------------------- official files
+# ----------------------------------------------------------------------------- official formats
+# Small files written in each layout the official benchmark lists use (generated here, so the
+# tests need no data folder): OpenImages by tag name and by Tag2Text tag id, ImageNet-multi and
+# HICO by class index on one space-separated field.
 
 
-def test_openimages_common_both_variants(bench_dir):
-    d = bench_dir / "openimages_common_214"
-    ram = load_benchmark(d / "openimages_common_214_ram_annots.txt", d / "openimages_common_214_ram_taglist.txt")
-    ids = load_benchmark(d / "openimages_common_214_tag2text_idannots.txt",
-                         d / "openimages_common_214_tag2text_tagidlist.txt")
+@pytest.fixture()
+def openimages(tmp_path, labels_dir) -> dict[str, Path]:
+    """Five images over four RAM tags, once by name and once by Tag2Text tag id (classes in another order)."""
+    ram = read_label_dir(labels_dir, "ram")
+    t2t = read_label_dir(labels_dir, "tag2text")
+    names = [n for n in ram.names if n in t2t.names][3:43:10]  # four tags both vocabularies know
+    ids = [t2t.names.index(n) for n in names]
+    images = [("test/0000c64e1253d68f", [0]), ("test/0002ab0af02e4a77", [1, 2]), ("test/00229645efaf204f", []),
+              ("test/00045d609ca3f4eb", [2, 3, 0]), ("test/0007ef7b46ad6bb8", [3])]
+    by_id_order = [3, 1, 0, 2]  # the id list names the same classes in another order
+    return {
+        "names": _write(tmp_path / "oi_ram_annots.txt",
+                        "".join(",".join([i, *(names[c] for c in cs)]) + "\n" for i, cs in images)),
+        "taglist": _write(tmp_path / "oi_ram_taglist.txt", "".join(n + "\n" for n in names)),
+        "ids": _write(tmp_path / "oi_t2t_idannots.txt",
+                      "".join(",".join([i, *(str(ids[c]) for c in cs)]) + "\n" for i, cs in images)),
+        "idlist": _write(tmp_path / "oi_t2t_tagidlist.txt", "".join(f"{ids[c]}\n" for c in by_id_order)),
+    }
+
+
+def test_openimages_both_variants(openimages):
+    ram = load_benchmark(openimages["names"], openimages["taglist"])
+    ids = load_benchmark(openimages["ids"], openimages["idlist"])
     assert ram.label_format == NAMES and ids.label_format == TAG_IDS
-    assert ram.targets.shape == ids.targets.shape == (57224, 214)
+    assert ram.targets.shape == ids.targets.shape == (5, 4)
     assert ram.image_ids[0] == "test/0000c64e1253d68f" and ram.image_ids == ids.image_ids
     # Same labels, classes in another order: per-image label counts and class sizes agree.
     assert np.array_equal(ram.targets.sum(axis=1), ids.targets.sum(axis=1))
     assert sorted(ram.targets.sum(axis=0)) == sorted(ids.targets.sum(axis=0))
-    assert (ram.targets.sum(axis=1) == 0).sum() == 157  # lines with an id only
+    assert (ram.targets.sum(axis=1) == 0).sum() == 1  # a line with an id only
+    assert ram.targets[3].nonzero()[0].tolist() == [0, 2, 3]
 
 
-def test_imagenet_multi_index_labels_and_duplicate_names(bench_dir):
-    d = bench_dir / "imagenet_multi"
-    b = load_benchmark(d / "imagenet_multi_1000_annots.txt", d / "imagenet_multi_1000_taglist.txt")
+def test_index_labels_and_duplicate_names(tmp_path):
+    taglist = _write(tmp_path / "imagenet_taglist.txt", "tench\nmissile\ngoldfish\nmissile\nshark\n")
+    annots = _write(tmp_path / "imagenet_annots.txt",
+                    "ILSVRC2012_val_00000001.JPEG\nILSVRC2012_val_00000002.JPEG,4 1\nILSVRC2012_val_00000003.JPEG,3\n")
+    b = load_benchmark(annots, taglist)
     assert b.label_format == INDICES
-    assert b.targets.shape == (50000, 1000)
+    assert b.targets.shape == (3, 5)
     assert b.image_ids[1] == "ILSVRC2012_val_00000002.JPEG"
-    assert b.targets[1].nonzero()[0].tolist() == [795, 970]
-    assert (b.targets.sum(axis=1) == 0).sum() == 3163
+    assert b.targets[1].nonzero()[0].tolist() == [1, 4]
+    assert b.targets[2].nonzero()[0].tolist() == [3]  # by index: only that copy of "missile"
+    assert (b.targets.sum(axis=1) == 0).sum() == 1
     assert b.taglist.count("missile") == 2  # kept as two classes, labelled by index
 
 
-def test_hico_and_rare(bench_dir):
-    hico = load_benchmark(bench_dir / "hico" / "hico_600_annots.txt", bench_dir / "hico" / "hico_600_taglist.txt")
-    assert hico.label_format == INDICES and hico.targets.shape == (9658, 600)
-    assert hico.targets[1].nonzero()[0].tolist() == [131, 139, 143]
-    d = bench_dir / "openimages_rare_200"
-    rare = load_benchmark(d / "openimages_rare_200_ram_annots.txt", d / "openimages_rare_200_ram_taglist.txt")
-    assert rare.label_format == NAMES and rare.targets.shape == (21991, 200)
+def test_hico_phrases_by_index_and_rare_names(tmp_path):
+    hico = load_benchmark(
+        _write(tmp_path / "hico_annots.txt", "HICO_test2015_00000001.jpg,2\nHICO_test2015_00000002.jpg,0 1 2\n"),
+        _write(tmp_path / "hico_taglist.txt", "person board airplane\nperson direct airplane\nperson exit airplane\n"))
+    assert hico.label_format == INDICES and hico.targets.shape == (2, 3)
+    assert hico.targets[1].nonzero()[0].tolist() == [0, 1, 2]
+    rare = load_benchmark(
+        _write(tmp_path / "rare_annots.txt", "test/0000c64e1253d68f,Auto racing\ntest/0002cc8afaf1b611,Lawn game,Ale\n"),
+        _write(tmp_path / "rare_taglist.txt", "Aerial photography\nAle\nAuto racing\nLawn game\n"))
+    assert rare.label_format == NAMES and rare.targets.shape == (2, 4)
     assert rare.targets[0, rare.taglist.index("Auto racing")]
+    assert rare.targets[1].nonzero()[0].tolist() == [1, 3]
 
 
-def test_class_selection_against_the_official_vocabulary(bench_dir, labels_dir):
+def test_class_selection_against_the_official_vocabulary(openimages, tmp_path, labels_dir):
     ram_labels = read_label_dir(labels_dir, "ram")
-    d = bench_dir / "openimages_common_214"
-    common = load_benchmark(d / "openimages_common_214_ram_annots.txt", d / "openimages_common_214_ram_taglist.txt")
+    common = load_benchmark(openimages["names"], openimages["taglist"])
     selection = select_classes(common, ram_labels)
-    assert len(selection.columns) == 214 and not selection.missing
+    assert len(selection.columns) == 4 and not selection.missing
     assert [ram_labels.names[i] for i in selection.model_indices] == list(common.taglist)
 
-    imagenet = load_benchmark(bench_dir / "imagenet_multi" / "imagenet_multi_1000_annots.txt",
-                              bench_dir / "imagenet_multi" / "imagenet_multi_1000_taglist.txt")
-    partial = select_classes(imagenet, ram_labels)
-    assert len(partial.columns) == 369 and len(partial.missing) == 631 and "tench" in partial.missing
+    partial_list = _write(tmp_path / "partial_taglist.txt", f"tench\n{ram_labels.names[7]}\nnot a ram tag\n")
+    partial = select_classes(load_benchmark(_write(tmp_path / "partial.txt", "a.jpg,0 1\n"), partial_list), ram_labels)
+    assert len(partial.columns) == 1 and partial.missing == ("tench", "not a ram tag")
 
-    ids = load_benchmark(d / "openimages_common_214_tag2text_idannots.txt",
-                         d / "openimages_common_214_tag2text_tagidlist.txt")
+    ids = load_benchmark(openimages["ids"], openimages["idlist"])
     t2t = select_classes(ids, read_label_dir(labels_dir, "tag2text"))
     assert t2t.model_indices[0] == int(ids.taglist[0]) and t2t.names[0].endswith(f"({ids.taglist[0]})")
 
-    rare_dir = bench_dir / "openimages_rare_200"
-    rare = load_benchmark(rare_dir / "openimages_rare_200_ram_annots.txt",
-                          rare_dir / "openimages_rare_200_ram_taglist.txt")
+    rare = load_benchmark(_write(tmp_path / "rare.txt", "x,Auto racing\n"),
+                          _write(tmp_path / "rare_list.txt", "Auto racing\nLawn game\n"))
     with pytest.raises(RamcliError, match="open-set.*ramcli vocab add"):
         select_classes(rare, ram_labels)
 
@@ -275,7 +295,7 @@ def test_eval_end_to_end_with_a_tiny_model(tmp_path):
 
     from ramcli.cli.app import app
 
-    from ramcli_train.evaluate import targets_for
+    from ramcli.evaluate import targets_for
 
     weights = make_official_checkpoint(tmp_path / "ram_tiny.pth", arch="ram_tiny", num_classes=40)
     labels = make_labels_dir(tmp_path, 40)

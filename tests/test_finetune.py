@@ -94,7 +94,7 @@ def _val(root):
 def test_finetune_learns_new_tags(world, tmp_path):
     from ramcli.pipeline import score_files
     from ramcli_train.export import tagger_from_checkpoint
-    from ramcli_train.metrics import average_precisions
+    from ramcli.metrics import average_precisions
 
     root, ckpt, labels, encoder = world
     summary = finetune(ckpt, [str(root / "s")], tmp_path / "run", add_tags=BACKGROUNDS, labels_dir=labels,
@@ -114,3 +114,24 @@ def test_finetune_learns_new_tags(world, tmp_path):
     ap = average_precisions(result.scores[:, cols], targets).mean()
     chance = targets.mean(axis=0).mean()  # the expected AP of a random ranking
     assert ap > chance + 0.08, (ap, chance)
+
+
+def test_finetune_keeps_a_timm_backbone_or_moves_the_decoder_to_a_new_one(world, tmp_path):
+    from ramcli_train.config import resolve
+    from ramcli_train.loop import train
+
+    root, _, _, _ = world
+    cfg = resolve("tiny", overrides=dict(data=[str(root / "s")], out=str(tmp_path / "src"), backbone="test_resnet",
+                                         family="ram_plus", alignment=False, batch_size=8, max_steps=1,
+                                         tokenizer_vocab=300, progress=False))
+    train(cfg)
+    start = tmp_path / "src" / "checkpoint_last.pt"
+    plan = finetune(start, [str(root / "s")], tmp_path / "same", dry_run=True)
+    assert plan["config"]["backbone"] == "test_resnet" and plan["config"]["image_size"] == 64
+    src = torch.load(start, weights_only=True)["model"]
+    moved = finetune(start, [str(root / "s")], tmp_path / "moved", overrides={"backbone": "test_convnext"}, dry_run=True)
+    assert moved["config"]["backbone"] == "test_convnext"
+    init = torch.load(tmp_path / "moved" / "init.pt", weights_only=True)
+    assert torch.equal(init["tagger.decoder.layers.0.ffn_in.weight"], src["tagger.decoder.layers.0.ffn_in.weight"])
+    assert init["tagger.image_proj.weight"].shape[1] != src["tagger.image_proj.weight"].shape[1]  # the new width
+    assert "random initialisation" in json.loads((tmp_path / "moved" / "finetune.json").read_text())["backbone"]

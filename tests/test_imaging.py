@@ -6,14 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from images import KINDS, W, H, available_kinds, jpeg_bytes, make_image, photo_like, run_unprivileged, write_dng
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision import transforms
 
 from ramcli.errors import RamcliError
-from ramcli.imaging import IMAGENET_MEAN, IMAGENET_STD, ImageError, content_hash, load_for_model, normalize
+
+from ramcli.imaging import ImageError, content_hash, load_for_model, normalize
 
 S = 32
 
@@ -205,3 +208,50 @@ def test_raw_preview_follows_the_raw_orientation(tmp_path):
     assert (decoded.width, decoded.height) == (H, W)
     upright = load_for_model(tmp_path / "upright.png", S, draft=False).pixels.float()
     assert (decoded.pixels.float() - upright).abs().mean() < 4  # the preview is a JPEG of the same pixels
+
+
+def test_the_model_data_config_drives_resize_and_normalisation(tmp_path):
+    """Interpolation, mean and std come from the data config (timm's keys), not from constants."""
+    from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resolve_data_config
+
+    from ramcli.imaging import model_input
+    from ramcli.models.configs import get_arch
+    from ramcli.models.ram import RecognitionModel
+
+    img = photo_like(96, 64, seed=5)
+    path = tmp_path / "p.png"
+    img.save(path)
+    for interpolation, pil in (("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)):
+        want = torch.from_numpy(np.array(img.resize((S, S), pil))).permute(2, 0, 1)
+        assert torch.equal(load_for_model(path, S, interpolation=interpolation).pixels, want)
+        assert torch.equal(model_input(img, {"input_size": (3, S, S), "interpolation": interpolation}), want)
+    with torch.device("meta"):
+        model = RecognitionModel(get_arch("ram_tiny"))
+    assert resolve_data_config(model=model) == {**model.pretrained_cfg, "input_size": (3, 64, 64)}
+    assert model.pretrained_cfg["crop_mode"] == "squash" and model.pretrained_cfg["crop_pct"] == 1.0
+    batch = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8)
+    clip = normalize(batch, {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD})
+    assert clip[0, 0, 0, 0].item() == pytest.approx((128 / 255 - OPENAI_CLIP_MEAN[0]) / OPENAI_CLIP_STD[0], abs=1e-6)
+    assert not torch.allclose(clip, normalize(batch))
+
+
+def test_cpu_tagging_decodes_jpegs_in_full_by_default(tmp_path, monkeypatch):
+    """On the CPU the pipeline gives the official full decode; draft mode only when asked."""
+    import ramcli.pipeline as pipeline
+    from ramcli.labels import LabelSet
+    from ramcli.models.configs import get_arch
+    from ramcli.models.ram import RecognitionModel
+
+    path = tmp_path / "big.jpg"
+    photo_like(1600, 1200, seed=2).save(path, quality=90)
+    arch = get_arch("ram_tiny")
+    names = tuple(f"t{i}" for i in range(arch.num_classes))
+    tagger = pipeline.Tagger(RecognitionModel(arch, LabelSet(names, names, (0.5,) * arch.num_classes)), torch.device("cpu"))
+    pixels = {}
+    for decode in ("auto", "workers", "draft"):
+        batch, _, _ = next(pipeline.iter_batches([path], tagger, 1, 0, decode=pipeline.resolve_decode(tagger.device, decode)))
+        pixels[decode] = batch.pixels[0]
+    full, draft = load_for_model(path, 64).pixels, load_for_model(path, 64, draft=True).pixels
+    assert not torch.equal(full, draft)
+    assert torch.equal(pixels["auto"], full) and torch.equal(pixels["workers"], full)
+    assert torch.equal(pixels["draft"], draft)

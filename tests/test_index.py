@@ -259,8 +259,57 @@ def test_a_version_1_index_migrates_forward_keeping_its_photos(tmp_path):
     db.conn.commit()
     db.close()
     with Index.open(path) as ix:
-        assert ix.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert ix.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert ix.lookup("/x.jpg").caption is None and "caption" in ix.db["photos"].columns_dict
+
+
+def test_a_version_2_index_migrates_to_lossless_paths_and_links(tmp_path):
+    """Schema 3 stores paths with `pathnames.to_text`: the rare stored path holding one of its
+    reserved characters is re-encoded (photos and ledger alike), every other one is kept as is."""
+    import sqlite_utils
+
+    from ramcli.index import MIGRATIONS
+
+    odd = "/p/" + chr(0x10FFAA) + ".jpg"  # a valid name that schema 2 stored verbatim
+    path = tmp_path / "v2.db"
+    db = sqlite_utils.Database(path)
+    MIGRATIONS[0](db)
+    MIGRATIONS[1](db)
+    db.execute("PRAGMA user_version = 2")
+    db.execute("INSERT INTO photos (path, status) VALUES ('/p/plain.jpg', 'tagged'), (?, 'tagged')", [odd])
+    Ledger(db).record([LedgerEntry("/p/plain.jpg", "/p/plain.xmp", "XMP-dc:Subject", "cat", False)])
+    db.execute("INSERT INTO metadata_ledger (path, target, field, value, preexisting)"
+               " VALUES (?, ?, 'XMP-dc:Subject', 'dog', 0)", [odd, odd])  # as schema 2 stored it
+    db.conn.commit()
+    db.close()
+    with Index.open(path) as ix:
+        assert ix.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert "link" in ix.db["photos"].columns_dict
+        assert [r.path for r in ix.iter_photos()] == ["/p/plain.jpg", odd]
+        assert ix.lookup(odd) is not None and ix.lookup(odd).link is None
+        assert [(e.target, e.value) for e in Ledger(ix.db).entries(odd)] == [(odd, "dog")]
+        assert [e.target for e in Ledger(ix.db).entries("/p/plain.jpg")] == ["/p/plain.xmp"]
+        stored = {p for (p,) in ix.db.execute("SELECT path FROM photos")}
+        assert "/p/plain.jpg" in stored and odd not in stored  # re-encoded, not left ambiguous
+
+
+def test_names_that_are_not_utf8_are_stored_losslessly(index, tmp_path):
+    import os
+
+    folder = tmp_path / os.fsdecode(b"caf\xe9")  # Latin-1 folder name
+    folder.mkdir()
+    photo = folder / os.fsdecode(b"\xff\xfe photo.jpg")
+    photo.write_bytes(b"x")
+    index.record_batch([result(photo, [("dog", "狗", 0.9)])])
+    Ledger(index.db).record([LedgerEntry(str(photo), str(photo), "XMP-dc:Subject", "dog", False)])
+    record = index.lookup(str(photo))
+    assert os.fsencode(record.path) == os.fsencode(str(photo))  # the very bytes
+    assert [r.path for r in index.iter_photos(under=folder)] == [str(photo)]
+    assert index.photo_tags(str(photo)) == [TagScore("dog", "狗", 0.9)]
+    assert [e.target for e in Ledger(index.db).entries_under(str(folder))] == [str(photo)]
+    assert index.find_moved("nope") is None and index.prune() == []
+    photo.unlink()
+    assert index.prune() == [str(photo)]
 
 
 # --- merging indexes from several nodes -----------------------------------------------------------
@@ -360,6 +409,34 @@ def test_merge_brings_synonyms_groups_and_the_write_ledger(index, tmp_path):
     assert [(e.target, e.value) for e in Ledger(index.db).entries("/n/a.jpg")] == [("/n/a.xmp", "dog")]
     index.merge(path)
     assert len(Ledger(index.db).entries("/n/a.jpg")) == 1
+
+
+def test_merge_drops_ledger_rows_ramcli_cannot_have_written(index, tmp_path):
+    """A crafted node index must not make `untag` here delete or rewrite other files."""
+    path = tmp_path / "node.db"
+    good = [
+        LedgerEntry("/n/a.jpg", "/n/a.jpg", "XMP-dc:Subject", "dog", False),
+        LedgerEntry("/n/a.jpg", "/n/a.jpg.xmp", "XMP-lr:HierarchicalSubject", "auto|dog", False),
+        LedgerEntry("/n/b.NEF", "/n/b.xmp", "ramcli:CreatedSidecar", "1", False),
+    ]
+    bad = [
+        LedgerEntry("/n/a.jpg", "/home/u/victim.txt", "ramcli:CreatedSidecar", "1", False),  # not a sidecar
+        LedgerEntry("/n/a.jpg", "/n/other.xmp", "XMP-dc:Subject", "x", False),  # another photo's sidecar
+        LedgerEntry("/n/a.jpg", "/n/a.jpg", "ramcli:CreatedSidecar", "1", False),  # the photo is no sidecar
+        LedgerEntry("/n/a.jpg", "/n/a.jpg", "EXIF:Artist", "x", False),  # a field ramcli never writes
+        LedgerEntry("/n/a.jpg", "/n/a.jpg", "XMP-dc:Subject", "", False),
+        LedgerEntry("/n/a.jpg", "/n/a.jpg", "XMP-dc:Subject", "y" * 20_000, False),
+        LedgerEntry("n/rel.jpg", "n/rel.jpg", "XMP-dc:Subject", "x", False),  # relative
+        LedgerEntry("/n/../etc/a.jpg", "/n/../etc/a.jpg", "XMP-dc:Subject", "x", False),
+    ]
+    with Index.open(path) as node:
+        Ledger(node.db).record(good + bad)
+        node.db.execute("UPDATE metadata_ledger SET preexisting = 7 WHERE value = 'dog'")  # not 0/1 either
+    counts = index.merge(path)
+    assert counts.ledger_dropped == len(bad) + 1
+    kept = index.db.execute("SELECT path, target, field FROM metadata_ledger ORDER BY target").fetchall()
+    assert kept == [("/n/a.jpg", "/n/a.jpg.xmp", "XMP-lr:HierarchicalSubject"),
+                    ("/n/b.NEF", "/n/b.xmp", "ramcli:CreatedSidecar")]
 
 
 def test_merge_failing_midway_leaves_the_destination_as_it_was(index, tmp_path):

@@ -1,11 +1,10 @@
-"""The label system: official files, Tag2Text rules, resolution order, verified download."""
+"""The label system: the shipped official files, Tag2Text rules, resolution order."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import shutil
-import threading
+import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,47 +47,47 @@ def _partial_copy(src: Path, dst: Path, n: int) -> Path:
 
 
 def test_resolution_order(labels_dir, tmp_path, monkeypatch):
+    """--labels, then the file's own labels, then RAMCLI_LABELS, then the shipped official files."""
     explicit = _partial_copy(labels_dir, tmp_path / "explicit", 3)
     from_env = _partial_copy(labels_dir, tmp_path / "env", 4)
     embedded = L.read_label_dir(_partial_copy(labels_dir, tmp_path / "emb", 5), "ram")
     monkeypatch.setenv("RAMCLI_LABELS", str(from_env))
     assert len(L.resolve_labels("ram", labels_dir=explicit, embedded=embedded)) == 3
-    assert len(L.resolve_labels("ram", embedded=embedded)) == 4
+    assert len(L.resolve_labels("ram", embedded=embedded)) == 5  # a file's own labels beat the variable
+    assert len(L.resolve_labels("ram")) == 4
     monkeypatch.delenv("RAMCLI_LABELS")
     assert len(L.resolve_labels("ram", embedded=embedded)) == 5
+    assert len(L.resolve_labels("ram")) == 4585
+    assert len(L.resolve_labels("tag2text")) == 3429
 
 
-@pytest.fixture
-def label_server(labels_dir, tmp_path):
-    """The official files served on loopback, as the pinned download URL would serve them."""
-    root = tmp_path / "served"
-    root.mkdir()
-    for name in L.OFFICIAL_FILES:
-        shutil.copy(labels_dir / name, root / name)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
+def test_shipped_files_are_the_pinned_official_ones_with_licence():
+    folder = L.official_dir()
+    for name, digest in L.OFFICIAL_FILES.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert "Apache License" in (folder / "LICENSE").read_text(encoding="utf-8")
+    notice = (folder / "NOTICE").read_text(encoding="utf-8")
+    assert L.OFFICIAL_COMMIT in notice and all(name in notice for name in L.OFFICIAL_FILES)
 
 
-def test_download_is_verified_against_the_pinned_sha256(label_server, tmp_path, monkeypatch):
-    root, url = label_server
-    monkeypatch.setattr(L, "OFFICIAL_BASE_URL", url)
-    got = L.resolve_labels("ram", cache_dir=tmp_path / "cache")
-    assert len(got) == 4585
-    # a tampered file on the server is refused
-    tampered = root / "ram_tag_list_threshold.txt"
-    tampered.write_text(tampered.read_text().replace("0.65", "0.05", 1))
-    with pytest.raises(RamcliError, match="cannot download the label file ram_tag_list_threshold.txt"):
-        L.resolve_labels("ram", cache_dir=tmp_path / "other-cache")
+def test_packaged_labels_are_declared_package_data():
+    """A wheel built from the repository carries the label files (not just a source checkout)."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((repo / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = data["tool"]["setuptools"]["package-data"]["ramcli"]
+    shipped = {p.name for pattern in patterns for p in (repo / "ramcli").glob(pattern)}
+    assert {*L.OFFICIAL_FILES, "LICENSE", "NOTICE"} <= shipped
 
 
-def test_offline_without_labels_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(L, "OFFICIAL_BASE_URL", "http://127.0.0.1:9/")  # nothing listens on port 9
-    with pytest.raises(RamcliError, match="pass --labels DIR"):
-        L.resolve_labels("ram", cache_dir=tmp_path)
+def test_labels_work_offline_in_a_fresh_process(tmp_path):
+    """No network, no cache, no environment variable: the shipped files serve."""
+    code = "from ramcli.labels import resolve_labels; print(len(resolve_labels('ram')), len(resolve_labels('tag2text')))"
+    env = {"PATH": "/usr/bin:/bin", "RAMCLI_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["4585", "3429"]
 
 
 def test_bad_label_files_are_clear_errors(labels_dir, tmp_path):

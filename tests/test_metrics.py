@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from ramcli_train.metrics import (
+from ramcli.metrics import (
     average_precisions,
     best_f1_threshold,
     calibrate_thresholds,
@@ -65,16 +65,16 @@ def test_ap_agrees_with_sklearn_when_scores_are_distinct():
 def test_precision_recall_on_hand_computed_matrix():
     result = precision_recall(predict(SCORES, [0.5, 0.5, 0.5]), TARGETS)
     # c0 predicted on img0, img1 -> TP 1, FP 1, FN 1 ; c1 on img1, img2 -> TP 1, FP 1, FN 1
-    # c2 on img0, img1 (0.5 >= 0.5) -> TP 0, FP 2: precision 0, recall 0
+    # c2 nowhere (0.5 > 0.5 is false: the strict rule of `tag`) -> TP 0, FP 0: precision 0, recall 0
     assert result.precision == pytest.approx([0.5, 0.5, 0.0], abs=1e-8)
     assert result.recall == pytest.approx([0.5, 0.5, 0.0], abs=1e-8)
     assert result.cp == pytest.approx(1 / 3, abs=1e-8)
     assert result.cr == pytest.approx(1 / 3, abs=1e-8)
     assert result.cf1 == pytest.approx(1 / 3, abs=1e-8)
-    # micro: TP 2, FP 4, FN 2 -> OP 1/3, OR 1/2, OF1 0.4
-    assert result.op == pytest.approx(1 / 3, abs=1e-8)
+    # micro: TP 2, FP 2, FN 2 -> OP 1/2, OR 1/2, OF1 0.5
+    assert result.op == pytest.approx(0.5, abs=1e-8)
     assert result.or_ == pytest.approx(0.5, abs=1e-8)
-    assert result.of1 == pytest.approx(0.4, abs=1e-8)
+    assert result.of1 == pytest.approx(0.5, abs=1e-8)
 
 
 def test_predict_uses_per_class_thresholds():

@@ -69,8 +69,9 @@ def test_onnx_file_carries_labels_thresholds_and_data_config(exported, arch):
     reference = load_any(pth, labels_dir=labels)
     meta = read_onnx_metadata(dst)
     config = json.loads(meta["data_config"])
-    assert config["image_size"] == reference.arch.image_size == 64
-    assert config["mean"] == [0.485, 0.456, 0.406] and config["resize"] == "squash"
+    assert config["input_size"] == [3, 64, 64] and reference.arch.image_size == 64
+    assert config["mean"] == list(reference.pretrained_cfg["mean"]) and config["crop_mode"] == "squash"
+    assert config["interpolation"] == reference.pretrained_cfg["interpolation"]
     model = load_any(dst)  # no --labels: the file's own
     assert model.labels == reference.labels
     assert model.arch == reference.arch and model.model_id.endswith("+onnx-fp32")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sqlite3
 import subprocess
@@ -59,7 +61,12 @@ def test_search_formats_and_exit_codes(capsysbinary, library):
     assert [d["path"] for d in data] == [str(library / "a.jpg")]
     assert data[0]["tags"][0] == {"name": "dog", "name_zh": "狗", "score": 0.9}
     code, out, _ = run(capsysbinary, "search", "christmas tree", "--format", "csv")
-    assert out.splitlines()[0] == "path,score,taken_at,tags" and "christmas tree:0.750" in out
+    header, row = csv.reader(io.StringIO(out))
+    assert header == ["path", "score", "taken_at", "tags", "scores", "caption"]
+    assert row[0] == str(library / "2021" / "c d.jpg") and row[3].split("|") == ["night", "christmas tree", "dog"]
+    assert row[4].split("|") == ["0.9000", "0.7500", "0.6000"] and row[5] == ""
+    code, out, _ = run(capsysbinary, "search", "christmas tree", "--format", "tsv")
+    assert list(csv.reader(io.StringIO(out), delimiter="\t")) == [header, row]
     code, out, _ = run(capsysbinary, "search", "dog", "OR", "cat", "--format", "paths", "--limit", "2")
     assert len(out.splitlines()) == 2
     code, out, err = run(capsysbinary, "search", "zebra")
@@ -137,9 +144,18 @@ def test_show_stats_prune_check(capsysbinary, library):
     code, out, _ = run(capsysbinary, "stats")
     assert "photos: 4" in out and "1 failed" in out and "cannot decode image" in out
     assert out.index("dog") < out.index("beach")  # top tags by count
+    code, out, _ = run(capsysbinary, "stats", "--format", "json", "--top", "2")
+    stats = json.loads(out)
+    assert stats["photos"] == 4 and stats["by_status"] == {"failed": 1, "tagged": 3}
+    assert [t["name"] for t in stats["top_tags"]] == ["dog", "night"] and stats["top_tags"][0]["photos"] == 2
+    assert stats["failures"] == [{"path": str(library / "broken.jpg"), "error": "cannot decode image"}]
+    assert stats["tags"]["photo_tags"] == 7
     (library / "a.jpg").unlink()
     code, out, err = run(capsysbinary, "index", "prune", "--dry-run")
-    assert str(library / "a.jpg") in out and "would forget 2" in err  # a.jpg and the never-existing broken.jpg
+    # a.jpg and the never-existing broken.jpg, by path, one per line
+    assert out.splitlines() == [str(library / "a.jpg"), str(library / "broken.jpg")] and "would forget 2" in err
+    with Index.open(readonly=True) as ix:
+        assert ix.lookup(str(library / "a.jpg")) is not None
     code, out, err = run(capsysbinary, "index", "prune")
     assert "forgot 2" in err
     code, out, _ = run(capsysbinary, "index", "check")

@@ -191,9 +191,8 @@ def test_ram_custom_tag_scores_match_official_openset(tiny_models, vocab, load_e
     vocab.add("tram", load_encoder)
     vocab.add("Rack_railway", load_encoder, threshold=0.42)
     model = load_model(paths["ram_tiny"], labels_dir=labels)
-    applied = vocab.apply_to_model(model)
-    assert applied.custom_indices == (NUM_CLASSES, NUM_CLASSES + 1)
-    assert model.labels.names[-2:] == ("tram", "Rack_railway") and model.labels.thresholds[-2:] == (0.5, 0.42)
+    vocab.apply_to_model(model)
+    assert len(model.labels) == NUM_CLASSES + 2 and model.labels.names[-2:] == ("tram", "Rack_railway") and model.labels.thresholds[-2:] == (0.5, 0.42)
     x = images(model.arch.image_size)
     with torch.no_grad():
         ours = model(x)[:, NUM_CLASSES:]
@@ -230,15 +229,15 @@ def test_disabled_and_thresholds_fold_into_the_model(tiny_models, vocab, load_en
     vocab.disable("tram")
     vocab.set_threshold(names[4], 0.93)
     applied = vocab.apply_to_model(model)
-    assert applied.disabled == {2, NUM_CLASSES}
-    assert model.labels.deleted >= {2, NUM_CLASSES} and model.labels.thresholds[4] == 0.93
-    assert applied.classes.tolist() == [i for i in range(NUM_CLASSES + 1) if i not in (2, NUM_CLASSES)]
+    assert applied.version == vocab.version and applied.skipped_custom == ()
+    assert model.labels.deleted == {2, NUM_CLASSES} and model.labels.thresholds[4] == 0.93
+    kept = torch.tensor([i for i in range(NUM_CLASSES + 1) if i not in model.labels.deleted])
     x = images(model.arch.image_size)
     with torch.no_grad():
-        full, subset = model(x), model(x, classes=applied.classes)
-    torch.testing.assert_close(subset, full[:, applied.classes], atol=1e-5, rtol=0)
-    again = vocab.apply_to_model(model)  # idempotent: tram is not added twice
-    assert len(model.labels) == NUM_CLASSES + 1 and again.custom_indices == (NUM_CLASSES,)
+        full, subset = model(x), model(x, classes=kept)
+    torch.testing.assert_close(subset, full[:, kept], atol=1e-5, rtol=0)
+    vocab.apply_to_model(model)  # idempotent: tram is not added twice
+    assert len(model.labels) == NUM_CLASSES + 1 and model.labels.names.count("tram") == 1
 
 
 def test_tag2text_skips_custom_tags(tmp_path, vocab, load_encoder):
@@ -249,6 +248,44 @@ def test_tag2text_skips_custom_tags(tmp_path, vocab, load_encoder):
     applied = vocab.apply_to_model(model)
     assert applied.skipped_custom == ("tram",) and len(model.labels) == NUM_CLASSES
     assert 1 in model.labels.deleted
+
+
+def test_tag_reports_the_custom_tags_tag2text_drops(tmp_path, builtin, load_encoder, capsys):
+    """A user who added custom tags and tags with Tag2Text is told they are not emitted."""
+    from images import photo_like
+
+    from ramcli.cli.app import main
+    from ramcli.config import home
+
+    labels = make_labels_dir(tmp_path, NUM_CLASSES, family="tag2text")
+    weights = make_official_checkpoint(tmp_path / "t2t.pth", "tag2text_tiny", NUM_CLASSES)
+    stored = Vocabulary.open(home().vocab, builtin)
+    stored.add("tram", load_encoder)
+    stored.add("funicular", load_encoder)
+    stored.save()
+    photo_like(96, 64).save(tmp_path / "p.jpg")
+    with pytest.raises(SystemExit) as exit_:
+        main(["tag", str(tmp_path / "p.jpg"), "--weights", str(weights), "--labels", str(labels), "--no-write",
+              "--workers", "0", "-q", "-f", "jsonl"])
+    err = capsys.readouterr().err
+    assert (exit_.value.code or 0) == 0, err
+    assert "tag2text has a closed vocabulary" in err and "not emitted: tram, funicular" in err
+
+
+def test_commit_gives_the_index_the_vocabularys_tags_and_synonyms(tmp_path, vocab, load_encoder):
+    from ramcli.index import Index
+
+    vocab.add("tram", load_encoder, name_zh="电车")
+    vocab.add_synonym("tram", "streetcar")
+    vocab.add_synonym("dog", "doggo")
+    for _ in range(2):  # idempotent
+        vocab.commit(tmp_path / "index.db")
+    assert Vocabulary.open(vocab.path).synonyms == {"streetcar": "tram", "doggo": "dog"}  # saved
+    with Index.open(tmp_path / "index.db", readonly=True) as index:
+        tags = {name: (zh, source) for name, zh, source in index.db.execute("SELECT name, name_zh, source FROM tags")}
+        synonyms = dict(index.db.execute("SELECT s.alias, t.name FROM synonyms s JOIN tags t ON t.id = s.tag_id"))
+    assert tags == {"tram": ("电车", "custom"), "dog": (None, "builtin")}
+    assert synonyms == {"streetcar": "tram", "doggo": "dog"}
 
 
 # ---------------------------------------------------------------------- the CLI
@@ -285,7 +322,10 @@ def test_cli_settings_without_clip(cli, builtin, labels_dir):
     assert code == 0 and "threshold of 'dog' is now 0.8" in out
     assert cli("synonym", "dog", "doggo")[0] == 0
     code, out, _ = cli("list", "--builtin", "--search", "doggo")
-    assert out.splitlines() == ["dog\tbuilt-in\t0.8\tenabled\tdoggo"]
+    assert out.splitlines() == ["tag\tkind\tthreshold\tstate\tsynonyms", "dog\tbuilt-in\t0.8\tenabled\tdoggo"]
+    code, out, _ = cli("list", "--builtin", "--search", "doggo", "--format", "json")
+    assert json.loads(out) == [{"name": "dog", "kind": "built-in", "threshold": 0.8, "enabled": True,
+                                "synonyms": ["doggo"]}]
     code, out, _ = cli("list", "--search", "person")
     person = read_label_dir(labels_dir, "ram").thresholds[builtin.index("person")]
     assert f"person\tbuilt-in\t{person:g}\tdisabled\t" in out.splitlines()
@@ -331,7 +371,7 @@ def test_cli_add_with_real_clip_architecture(cli, tmp_path):
                          "--zh", "缆车", "--clip-weights", str(weights))
     assert code == 0 and "2 descriptions" in out
     code, out, _ = cli("list", "--custom")
-    assert out.splitlines() == ["tram\tcustom\t0.5\tenabled\t", "funicular\tcustom\t0.6\tenabled\t"]
+    assert out.splitlines() == ["tag\tkind\tthreshold\tstate\tsynonyms", "tram\tcustom\t0.5\tenabled\t", "funicular\tcustom\t0.6\tenabled\t"]
     code, _, err = cli("add", "Tram", "--clip-weights", str(weights))
     assert code == 1 and "already exists" in err
     vocab = Vocabulary.open()

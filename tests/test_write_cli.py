@@ -69,7 +69,7 @@ def test_write_reports_failures_with_exit_1(tmp_path):
     jpg.write_bytes(b"broken")
     result = ramcli("write", "--index", db)
     assert result.returncode == 1
-    assert "a.jpg: a.jpg: Not a valid JPG" in result.stderr
+    assert "a.jpg: not an image (text)" in result.stderr
     assert "1 written, 0 unchanged, 1 failed" in result.stdout
     assert "Traceback" not in result.stderr
 

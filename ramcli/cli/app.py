@@ -8,7 +8,7 @@ import sys
 import typer
 
 from ramcli import __version__
-from ramcli.cli import doctor, engine, evaluate, labelsys, models, parse, search, tag, train, vocab, write
+from ramcli.cli import distill, doctor, engine, evaluate, labelsys, models, parse, search, tag, train, vocab, write
 from ramcli.cli.common import fail
 from ramcli.errors import RamcliError
 
@@ -37,7 +37,7 @@ def _root(
     """ramcli: tags for your photos, written where your other tools see them, and searchable."""
 
 
-for module in (tag, search, write, vocab, labelsys, models, train, parse, evaluate, engine, doctor):
+for module in (tag, search, write, vocab, labelsys, models, train, distill, parse, evaluate, engine, doctor):
     module.register(app)
 
 

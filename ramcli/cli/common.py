@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from rich.console import Console
 from rich.markup import escape
 
@@ -15,7 +13,3 @@ def fail(message: str) -> None:
     """Print a one-line error to stderr. The message is escaped: paths like `IMG[1].jpg` or a
     `[tag]` in a file name must not be read as rich markup."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

@@ -24,6 +24,30 @@ def _exiftool() -> tuple[bool, str]:
     return ok, f"{version} at {exe}" + ("" if ok else " (12.15 or newer needed)")
 
 
+def _index(path) -> tuple[bool, str]:
+    """Whether the index opens and SQLite's quick check passes (read-only: doctor changes nothing)."""
+    import sqlite3
+
+    from ramcli.errors import RamcliError
+    from ramcli.index import Index
+
+    if not path.exists():
+        return True, f"{path} (not created yet)"
+    try:
+        with Index.open(path, readonly=True) as index:
+            problems = [row[0] for row in index.db.execute("PRAGMA quick_check") if row[0] != "ok"]
+    except RamcliError as exc:
+        if "needs an upgrade" in str(exc):
+            return True, f"{path} (its schema is upgraded by the next `ramcli tag`)"
+        return False, f"{exc}"
+    except sqlite3.DatabaseError as exc:
+        return False, f"the index {path} is damaged ({exc}); move it aside and run `ramcli tag` again to rebuild it"
+    if problems:
+        return False, (f"the index {path} is damaged ({problems[0]}); `ramcli index check` lists the problems, "
+                       "or move it aside and run `ramcli tag` again to rebuild it")
+    return True, str(path)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def doctor() -> None:
@@ -51,13 +75,14 @@ def register(app: typer.Typer) -> None:
         rows.append(("models", bool(models), ", ".join(models) if models else
                      f"none yet: `ramcli models pull` (or the first `ramcli tag`) fetches {DEFAULT_MODEL} to {default}"))
         labels = os.environ.get("RAMCLI_LABELS")
-        rows.append(("labels", True, f"RAMCLI_LABELS={labels}" if labels else "from the model file, else downloaded (pinned, SHA-256)"))
+        rows.append(("labels", True, f"the model file's own, else RAMCLI_LABELS={labels}" if labels else "the model file's own, else the official files shipped with ramcli"))
         rows.append(("vocabulary", True, str(h.vocab) + ("" if h.vocab.exists() else " (empty)")))
-        rows.append(("index", True, str(h.index) + ("" if h.index.exists() else " (not created yet)")))
+        index_ok, index_detail = _index(h.index)
+        rows.append(("index", index_ok, index_detail))
         table = Table("check", "", "details", show_header=False)
         table.columns[2].overflow = "fold"  # paths are copied into commands: never elide them
         for name, ok, detail in rows:
-            table.add_row(name, "[green]ok[/]" if ok else "[red]missing[/]", detail)
+            table.add_row(name, "[green]ok[/]" if ok else f"[red]{'broken' if name == 'index' else 'missing'}[/]", detail)
         console.print(table)
-        if not exif_ok:  # the one thing tagging cannot do without (models download on first use)
+        if not (exif_ok and index_ok):  # what tagging cannot do without (models download on first use)
             raise typer.Exit(1)

@@ -1,4 +1,4 @@
-"""`ramcli engine`: the data engine, generate and clean (issue 8). Thin wrappers over
+"""`ramcli engine`: the data engine, generate and clean. Thin wrappers over
 `ramcli_train.engine`."""
 
 from __future__ import annotations

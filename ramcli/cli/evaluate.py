@@ -1,6 +1,6 @@
-"""`ramcli eval`: mAP / CP / CR / F1 on the official benchmark formats (issue 8).
+"""`ramcli eval`: mAP / CP / CR / F1 on the official benchmark formats.
 
-A thin wrapper over `ramcli_train.evaluate`; see docs/eval.md.
+A thin wrapper over `ramcli.evaluate`; see docs/eval.md.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from ramcli.cli.common import console, err_console
-from ramcli.errors import RamcliError, UsageError
+from ramcli.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -37,10 +37,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError("give --threshold or --threshold-file, not both")
         if calibrate and not 0.0 < calibration_split < 1.0:
             raise UsageError(f"--calibration-split must be between 0 and 1, got {calibration_split}")
-        try:
-            from ramcli_train import evaluate as ev
-        except ImportError as exc:
-            raise RamcliError(f"`ramcli eval` needs the training extras ({exc.name} is missing): pip install 'ramcli[train]'") from None
+        from ramcli import evaluate as ev
 
         request = ev.EvalRequest(
             annotations=annotations, taglist=taglist, out_dir=out, images=images, weights=weights, arch=arch,

@@ -1,4 +1,4 @@
-"""`ramcli vocab build`: build a label system from captions and dataset label lists (issue 8).
+"""`ramcli vocab build`: build a label system from captions and dataset label lists.
 Mounted on the `vocab` group of ramcli/cli/vocab.py; a thin wrapper over ramcli_train.label_system."""
 
 from __future__ import annotations

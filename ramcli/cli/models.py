@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from ramcli.cli.common import console, err_console
+from ramcli.output import Layout, check_format, default_format, write_records
 
 models_app = typer.Typer(help="The published models: list, info, pull, import, convert.", no_args_is_help=True)
 
@@ -17,34 +17,36 @@ def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
 
 
+MODELS = Layout(
+    columns=("name", "arch", "download", "installed", "description"),
+    row=lambda m: [m["name"] + (" (default)" if m["default"] else ""), m["arch"] or "-",
+                   f"{m['bytes'] / 1e9:.2f} GB", "yes" if m["installed"] else "-", m["description"]],
+    json=lambda m: m,
+)
+
+
 @models_app.command("list")
-def list_models() -> None:
+def list_models(
+    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, tsv otherwise)."),
+) -> None:
     """The published models, their size, and whether they are installed."""
     from ramcli.config import home
     from ramcli.models import DEFAULT_MODEL, PUBLISHED
     from ramcli.models.registry import converted_path
 
-    rows = []
-    for p in PUBLISHED.values():
-        installed = "yes" if converted_path(home().models, p.name).is_file() else "-"
-        name = p.name + (" (default)" if p.name == DEFAULT_MODEL else "")
-        rows.append((name, p.arch or "-", f"{p.size / 1e9:.2f} GB", installed, p.description))
-    if not console.is_terminal:  # scripts get one tab-separated line per model
-        for row in rows:
-            typer.echo("\t".join(row))
-        return
-    table = Table("name", "arch", "download", "installed", "description")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    fmt = check_format(fmt or default_format(), MODELS)
+    models = [{"name": p.name, "default": p.name == DEFAULT_MODEL, "arch": p.arch, "bytes": p.size,
+               "installed": converted_path(home().models, p.name).is_file(), "description": p.description}
+              for p in PUBLISHED.values()]
+    write_records(models, fmt, MODELS)
 
 
 @models_app.command()
 def info(name: str = typer.Argument(..., help="A published name or a weights file.")) -> None:
-    """Architecture, classes, label checksum and provenance of a model (reads headers only for converted files)."""
+    """Architecture, classes, data config, label checksum, provenance, and what a file holds that
+    tagging does not use (reads headers only for converted files)."""
     from ramcli.models import PUBLISHED, load_any
-    from ramcli.models.checkpoint import is_converted, read_converted_metadata
-    from ramcli.models.configs import ArchConfig
+    from ramcli.models.checkpoint import converted_arch, is_converted, read_converted_metadata
 
     if name in PUBLISHED:
         p = PUBLISHED[name]
@@ -54,17 +56,20 @@ def info(name: str = typer.Argument(..., help="A published name or a weights fil
     path = Path(name)
     if path.is_file() and is_converted(path):
         meta = read_converted_metadata(path)
-        arch = ArchConfig.from_json(meta["arch"])
+        arch = converted_arch(meta, path.name)
         console.print_json(json.dumps({
             "file": str(path), "model_id": meta.get("model_id"), "arch": arch.name, "family": arch.family,
             "image_size": arch.image_size, "classes": arch.num_classes, "dtype": meta.get("dtype"),
-            "labels_checksum": meta.get("labels_checksum"), "source": meta.get("source"),
+            "data_config": arch.data_config, "labels_checksum": meta.get("labels_checksum"),
+            "source": meta.get("source"), "source_ignored_keys": json.loads(meta.get("source_ignored_keys", "[]")),
         }))
         return
     model = load_any(path)
     console.print_json(json.dumps({"file": str(path), "model_id": model.model_id, "arch": model.arch.name,
                                    "family": model.arch.family, "image_size": model.arch.image_size,
-                                   "classes": model.arch.num_classes}))
+                                   "classes": model.arch.num_classes, "data_config": model.arch.data_config,
+                                   "ignored_keys": list(model.ignored_keys),
+                                   "defaulted_keys": list(model.defaulted_keys)}))
 
 
 @models_app.command()
@@ -72,7 +77,7 @@ def pull(
     name: str = typer.Argument("ram_plus_swin_large_14m", help="A name from `ramcli models list`."),
     dtype: str = typer.Option("fp32", help="Precision of the converted file: fp32, bf16 or fp16."),
     no_convert: bool = typer.Option(False, "--no-convert", help="Keep only the original download."),
-    labels: Path = typer.Option(None, help="Folder with the official label files (else downloaded)."),
+    labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS, else the shipped official files)."),
 ) -> None:
     """Download a published model from the Hugging Face hub (verified) and convert it to a tag-only file."""
     from ramcli.models import get_published, pull as do_pull
@@ -106,7 +111,7 @@ def convert_cmd(
     src: Path = typer.Argument(..., help="An official .pth checkpoint (or a converted file)."),
     dst: Path = typer.Argument(..., help="The file to write: .safetensors (tag-only weights) or .onnx (the tagging graph, for ONNX Runtime)."),
     dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (.safetensors); fp32 (.onnx)."),
-    labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS or a download)."),
+    labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS, else the shipped official files)."),
     arch: str = typer.Option(None, help="Architecture when it cannot be inferred."),
 ) -> None:
     """Write a self-contained tag-only file (weights + arch + labels), the format chosen by DST's extension.

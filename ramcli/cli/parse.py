@@ -1,5 +1,5 @@
 """`ramcli parse` (caption -> tags, the paper's text semantic parsing) and `ramcli synth`
-(synthetic captioned shards for training checks). Thin wrappers over ramcli_train (issue 7)."""
+(synthetic captioned shards for training checks). Thin wrappers over ramcli_train."""
 
 from __future__ import annotations
 

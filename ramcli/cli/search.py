@@ -3,37 +3,33 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
-import os
 import sqlite3
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Column
 
 from ramcli import config
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
 from ramcli.index import Index, check_merge_source, database_error, normalize_path
 from ramcli.ledger import Ledger
-from ramcli.search import Filters, Hit, search as run_search
+from ramcli.output import FORMATS, Layout, make_table, write_json, write_records
+from ramcli.pathnames import display
+from ramcli.search import Filters, Hit, index_stats, search as run_search
 
 index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity, merge indexes.", no_args_is_help=True)
 
 IndexOption = typer.Option(None, "--index", help="Index file (default: the one in RAMCLI_HOME).", show_default=False)
 
 
-class Format(str, Enum):
-    table = "table"
-    paths = "paths"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
+Format = Enum("Format", {f: f for f in FORMATS}, type=str)
 
 
 @contextlib.contextmanager
@@ -64,52 +60,43 @@ def _query_text(words: list[str]) -> str:
     return " ".join(f'"{w}"' if len(w.split()) > 1 and '"' not in w else w for w in words)
 
 
-def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> None:
-    if fmt is Format.paths:
-        out = sys.stdout.buffer
-        for hit in hits:
-            out.write(os.fsencode(hit.path) + (b"\0" if null else b"\n"))
-        out.flush()
-    elif fmt is Format.json:
-        json.dump([_hit_json(h) for h in hits], sys.stdout, ensure_ascii=False, indent=1)
-        sys.stdout.write("\n")
-    elif fmt is Format.jsonl:
-        for h in hits:
-            sys.stdout.write(json.dumps(_hit_json(h), ensure_ascii=False) + "\n")
-    elif fmt is Format.csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "score", "taken_at", "tags"])
-        for h in hits:
-            writer.writerow([h.path, _fmt_score(h.score), h.taken_at or "", "; ".join(f"{t.name}:{t.score:.3f}" for t in h.tags)])
-    else:
-        table = Table(show_edge=False, header_style="bold")
-        table.add_column("score", justify="right")
-        table.add_column("photo", overflow="fold")
-        table.add_column("taken")
-        table.add_column("tags")
-        with_captions = any(h.caption for h in hits)
-        if with_captions:
-            table.add_column("caption", overflow="fold")
-        for h in hits:
-            row = [_fmt_score(h.score), h.path, (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8])]
-            table.add_row(*row, *([h.caption or ""] if with_captions else []))
-        console.print(table)
-        more = " (more with --limit 0)" if truncated else ""
-        err_console.print(f"{len(hits)} photo{'s' if len(hits) != 1 else ''}{more}", highlight=False)
-
-
-def _fmt_score(score: float | None) -> str:
+def _score(score: float | None) -> str:
     return "" if score is None else f"{score:.3f}"
 
 
-def _hit_json(h: Hit) -> dict:
-    return {
-        "path": h.path,
+PATHS = Layout(columns=("path",), row=lambda p: [p], json=lambda p: {"path": p}, path=lambda p: p)
+
+HITS = Layout(
+    columns=("path", "score", "taken_at", "tags", "scores", "caption"),
+    row=lambda h: [display(h.path), _score(h.score), h.taken_at, [t.name for t in h.tags],
+                   [f"{t.score:.4f}" for t in h.tags], h.caption],
+    json=lambda h: {
+        "path": display(h.path),  # a name that is not UTF-8 or holds a newline, escaped
         "score": None if h.score is None else round(h.score, 6),
         "taken_at": h.taken_at,
         "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(t.score, 6)} for t in h.tags],
         "caption": h.caption,
-    }
+    },
+    path=lambda h: h.path,  # the real bytes
+)
+
+
+def _table_layout(hits: list[Hit]) -> Layout:
+    """The table: the first 8 tags, and a caption column only when some hit has a caption."""
+    captions = any(h.caption for h in hits)
+    columns = (Column("score", justify="right"), Column("photo", overflow="fold"), "taken", "tags",
+               *([Column("caption", overflow="fold")] if captions else []))
+    return replace(HITS, table_columns=columns, table_row=lambda h: [
+        _score(h.score), display(h.path), (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8]),
+        *([h.caption] if captions else [])])
+
+
+def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> None:
+    layout = _table_layout(hits) if fmt is Format.table else HITS
+    write_records(hits, fmt.value, layout, null=null)
+    if fmt is Format.table:
+        more = " (more with --limit 0)" if truncated else ""
+        err_console.print(f"{len(hits)} photo{'s' if len(hits) != 1 else ''}{more}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -134,8 +121,6 @@ def register(app: typer.Typer) -> None:
         if not query and caption is None:
             raise UsageError('give tags, --caption TEXT or both, e.g. `ramcli search dog` or `ramcli search --caption "on a beach"`')
         query_text = _query_text(query) if query else ""
-        if null and fmt is not Format.paths:
-            raise UsageError("-0 only goes with --format paths")
         if limit is not None and limit < 0:
             raise UsageError("--limit must be 0 (all) or more")
         wanted = (50 if fmt is Format.table else None) if limit is None else (limit or None)
@@ -165,69 +150,52 @@ def register(app: typer.Typer) -> None:
                 raise RamcliError(f"{photo} is not in the index: tag it with `ramcli tag {photo}`")
             tags = index.photo_tags(record.path)
             ledger = Ledger(index.db).entries(record.path)
-        console.print(f"[bold]{record.path}[/]", highlight=False)
-        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption"):
+        console.print(display(record.path), style="bold", highlight=False, markup=False)
+        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption", "link"):
             value = getattr(record, field)
             if value is not None:
-                console.print(f"  {field:<13} {value}", highlight=False, markup=False)
-        table = Table(title="tags", show_edge=False, header_style="bold")
-        for col in ("tag", "中文", "score"):
-            table.add_column(col, justify="right" if col == "score" else "left")
-        for t in tags:
-            table.add_row(t.name, t.name_zh, f"{t.score:.3f}")
-        console.print(table)
+                console.print(f"  {field:<13} {display(value) if field == 'link' else value}", highlight=False, markup=False)
+        console.print(make_table(("tag", "中文", Column("score", justify="right")),
+                                 ((t.name, t.name_zh, f"{t.score:.3f}") for t in tags), title="tags"))
         if ledger:
-            written = Table(title="written to metadata", show_edge=False, header_style="bold")
-            for col in ("file", "field", "value", "ours"):
-                written.add_column(col, overflow="fold")
-            for e in ledger:
-                written.add_row(e.target, e.field, e.value, "no (was there)" if e.preexisting else "yes")
-            console.print(written)
+            console.print(make_table(
+                [Column(c, overflow="fold") for c in ("file", "field", "value", "ours")],
+                ((display(e.target), e.field, e.value, "no (was there)" if e.preexisting else "yes") for e in ledger),
+                title="written to metadata"))
         else:
             console.print("  nothing written to the file's metadata yet", style="dim")
 
     @app.command()
-    def stats(top: int = typer.Option(15, "--top", help="How many top tags to list."), index_path: Path = IndexOption) -> None:
+    def stats(top: int = typer.Option(15, "--top", help="How many top tags to list."),
+              fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
+              index_path: Path = IndexOption) -> None:
         """Photos, tags, top tags and failures in the index."""
+        if fmt not in ("table", "json"):
+            raise UsageError(f"unknown format {fmt!r}; use table or json")
         with _opened(index_path, readonly=True) as index:
-            db = index.db
-            by_status = dict(db.execute("SELECT status, count(*) FROM photos GROUP BY status").fetchall())
-            n_tags, used = db.execute("SELECT count(*), count(*) FILTER (WHERE photo_count > 0) FROM tags").fetchone()
-            n_links = db.execute("SELECT coalesce(sum(photo_count), 0) FROM tags").fetchone()[0]
-            top_tags = db.execute("SELECT name, coalesce(name_zh, ''), photo_count FROM tags WHERE photo_count > 0"
-                                  " ORDER BY photo_count DESC, name LIMIT ?", [top]).fetchall()
-            failures = db.execute("SELECT path, error FROM photos WHERE status != 'tagged' ORDER BY path LIMIT 10").fetchall()
-            path = index.path
-        console.print(f"[bold]index[/] {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
-        total = sum(by_status.values())
-        console.print(f"photos: {total:,} ({', '.join(f'{v:,} {k}' for k, v in sorted(by_status.items())) or 'none'})", highlight=False)
-        console.print(f"tags: {n_tags:,} known, {used:,} in use, {n_links:,} photo tags", highlight=False)
-        if top_tags:
-            table = Table(title="top tags", show_edge=False, header_style="bold")
-            for col in ("tag", "中文", "photos"):
-                table.add_column(col, justify="right" if col == "photos" else "left")
-            for name, zh, count in top_tags:
-                table.add_row(name, zh, f"{count:,}")
-            console.print(table)
-        if failures:
-            table = Table(title="failures (first 10)", show_edge=False, header_style="bold")
-            table.add_column("photo", overflow="fold")
-            table.add_column("error", overflow="fold")
-            for p, err in failures:
-                table.add_row(p, err or "")
-            console.print(table)
+            s = index_stats(index, top)
+        if fmt == "json":
+            write_json(s.to_json(), sys.stdout)
+            return
+        console.print(f"[bold]index[/] {escape(str(s.path))} ({s.size / 2**20:.1f} MiB)", highlight=False)
+        total = sum(s.photos.values())
+        by_status = ", ".join(f"{v:,} {k}" for k, v in sorted(s.photos.items())) or "none"
+        console.print(f"photos: {total:,} ({by_status})", highlight=False, markup=False)
+        console.print(f"tags: {s.tags_known:,} known, {s.tags_in_use:,} in use, {s.photo_tags:,} photo tags", highlight=False)
+        if s.top_tags:
+            console.print(make_table((Column("tag"), Column("中文"), Column("photos", justify="right")),
+                                     ((n, zh, f"{c:,}") for n, zh, c in s.top_tags), title="top tags"))
+        if s.failures:
+            console.print(make_table((Column("photo", overflow="fold"), Column("error", overflow="fold")),
+                                     ((display(p), e) for p, e in s.failures), title=f"failures (first {len(s.failures)})"))
 
     @index_app.command()
     def prune(dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be forgotten."),
               index_path: Path = IndexOption) -> None:
         """Forget photos whose files no longer exist."""
         with _opened(index_path, readonly=dry_run) as index:
-            if dry_run:
-                gone = [r.path for r in index.iter_photos() if not os.path.exists(r.path)]
-            else:
-                gone = index.prune()
-        for p in gone:
-            console.print(p, highlight=False, markup=False)
+            gone = index.prune(dry_run=dry_run)
+        write_records(gone, "paths", PATHS)
         verb = "would forget" if dry_run else "forgot"
         err_console.print(f"{verb} {len(gone)} missing photo{'s' if len(gone) != 1 else ''}", highlight=False)
 
@@ -255,8 +223,9 @@ def register(app: typer.Typer) -> None:
         with _opened(destination, readonly=False) as index:
             for source in sources:
                 counts = index.merge(source)
-                console.print(f"{source}: {counts.added} added, {counts.updated} updated, {counts.unchanged} unchanged",
-                              highlight=False, markup=False, soft_wrap=True)
+                dropped = f"; {counts.ledger_dropped} write-ledger rows dropped (not ramcli's)" if counts.ledger_dropped else ""
+                console.print(f"{display(source)}: {counts.added} added, {counts.updated} updated, "
+                              f"{counts.unchanged} unchanged{dropped}", highlight=False, markup=False, soft_wrap=True)
         err_console.print(f"merged {len(sources)} index{'es' if len(sources) != 1 else ''} into {destination}", highlight=False)
 
     app.add_typer(index_app, name="index")

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import typer
 
-from ramcli.cli.common import console, err_console, stdout_is_terminal
+from ramcli.cli.common import console, err_console
+from ramcli.cli.write import FollowLinksOption
 from ramcli.cli.write import writer_options as with_writer_options
 from ramcli.metadata import WriterOptions
+from ramcli.output import default_format
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +24,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda, cuda:N or mps."),
         precision: str = typer.Option("auto", help="auto, fp32 (exact), bf16, fp16 or int8 (CPU). auto: bf16 on CUDA, fp16 on MPS; on the CPU the fastest path that agrees with fp32 on >= 99% of the tags of the first photos (checked once per model and CPU)."),
         precision_check: int = typer.Option(8, "--precision-check", min=0, help="Photos --precision auto scores in fp32 and in each CPU fast path before it picks one (0: fp32 unless already decided)."),
-        decode: str = typer.Option("auto", help="Where JPEGs are decoded: auto (the GPU's nvJPEG on CUDA, the decode workers on CPU), workers or device."),
+        decode: str = typer.Option("auto", help="Where JPEGs are decoded: auto (the GPU's nvJPEG on CUDA, the decode workers with the official full decode on CPU), workers, draft (workers, JPEG draft mode: faster, scores move slightly) or device."),
         batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per model call (default: 64 on CUDA, 4 on CPU)."),
         workers: int = typer.Option(None, min=0, help="Decode worker processes (default: up to 2 on CPU, up to 8 with a GPU)."),
         compile_model: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: a slow first batch, then up to 2x faster. Default: on for jobs of 100+ photos on the CPU (50,000+ on a GPU).", show_default=False),
@@ -32,7 +34,7 @@ def register(app: typer.Typer) -> None:
         exclude_tags: str = typer.Option("", help="Comma-separated tags never to emit (they are not even computed)."),
         include: list[str] = typer.Option([], "--include", help="Only files whose relative path matches this glob (repeatable)."),
         exclude: list[str] = typer.Option([], "--exclude", help="Skip files whose relative path matches this glob (repeatable)."),
-        fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl or csv (default: table on a terminal, jsonl otherwise)."),
+        fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv, tsv or paths (default: table on a terminal, jsonl otherwise)."),
         output: Path = typer.Option(None, "--output", "-o", help="Write results to this file instead of stdout."),
         dry_run: bool = typer.Option(False, "--dry-run", help="List what would be tagged and exit."),
         force: bool = typer.Option(False, "--force", help="Re-tag every photo, even unchanged ones."),
@@ -42,12 +44,15 @@ def register(app: typer.Typer) -> None:
         cache_embeddings: bool = typer.Option(False, "--cache-embeddings", help="Keep image embeddings (fp16, ~145 KB/photo) so tags added later re-run only the decoder."),
         caption: bool = typer.Option(False, "--caption", help="Tag2Text only: also write a caption per photo (beam search 3, 10-30 tokens, as the official)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
+        follow_links: FollowLinksOption = False,
         *,
         writer_options: WriterOptions,
     ) -> None:
         """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.
 
-        Exit code 0 when every photo was handled, 1 when some failed (listed), 2 on usage errors.
+        Exit code 0 when every photo was tagged, indexed and (unless --no-write) written; 1 when
+        some photo failed, is broken (a photo's name, no photo inside) or could not be written
+        (each listed); 2 on usage errors.
         """
         from ramcli.tagrun import TagRun
 
@@ -56,9 +61,10 @@ def register(app: typer.Typer) -> None:
             decode=decode, batch_size=batch_size, workers=workers, compile_model=compile_model, threshold=threshold,
             threshold_file=threshold_file, top_k=top_k, lang=writer_options.lang,
             exclude_tags=[t for t in exclude_tags.split(",") if t.strip()], include=include, exclude=exclude,
-            fmt=fmt or ("table" if stdout_is_terminal() and output is None else "jsonl"), output=output,
+            fmt=fmt or default_format(output, piped="jsonl"), output=output,
             dry_run=dry_run, force=force, use_index=not no_index, index_path=index_path, write=write,
             writer_options=writer_options, cache_embeddings=cache_embeddings, caption=caption, quiet=quiet,
+            follow_links=follow_links,
         )
         failed = run.execute(console=console, err_console=err_console)
         if failed:

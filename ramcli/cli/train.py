@@ -1,5 +1,5 @@
 """`ramcli train` (pretrain RAM / RAM++ / Tag2Text on captioned shards), `ramcli train export`,
-and the `finetune` stub (issue 8). Thin wrappers over ramcli_train.loop / export."""
+and `ramcli finetune`. Thin wrappers over ramcli_train.loop / export / finetune."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def train(
     ctx: typer.Context,
     data: list[str] = typer.Option(None, "--data", help="Shard folder/.tar/brace pattern, or official JSON files; repeatable."),
     config: Path | None = typer.Option(None, "--config", help="YAML or TOML file of config keys."),
-    preset: str | None = typer.Option(None, "--preset", help="cpu (learns on a CPU), tiny (tests), swin_b or swin_l (default swin_l)."),
+    preset: str | None = typer.Option(None, "--preset", help="cpu (learns on a CPU), cpu_swin, tiny (tests), swin_b or swin_l (default swin_l)."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Any timm model as image encoder (resnet50, convnext_tiny, vit_small_patch16_224, ...)."),
     model: str | None = typer.Option(None, "--model", help="Family: ram, ram_plus or tag2text."),
     out: str | None = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, config.json."),
     labels: str | None = typer.Option(None, "--labels", help="Label folder (official files) or a tags.txt."),
@@ -39,7 +40,7 @@ def train(
     from ramcli_train.config import resolve
     from ramcli_train.loop import plan, train as run
 
-    overrides = dict(data=data or None, preset=preset, family=model, out=out, labels=labels, epochs=epochs,
+    overrides = dict(data=data or None, preset=preset, family=model, backbone=backbone, out=out, labels=labels, epochs=epochs,
                      batch_size=batch_size, lr=lr, max_steps=max_steps, tensorboard=tensorboard or None)
     cfg = resolve(None, config, overrides, sets)
     if not cfg.data:
@@ -111,7 +112,8 @@ def register(app: typer.Typer) -> None:
         epochs: int | None = typer.Option(None, "--epochs", help="Default 2."),
         batch_size: int | None = typer.Option(None, "--batch-size", help="Per process; default 26 (Tag2Text 36)."),
         lr: float | None = typer.Option(None, "--lr", help="Default 5e-6, cosine to 0."),
-        image_size: int | None = typer.Option(None, "--image-size", help="Default 384."),
+        image_size: int | None = typer.Option(None, "--image-size", help="Default 384 (a timm backbone: its start size)."),
+        backbone: str | None = typer.Option(None, "--backbone", help="Move the start model's decoder onto this timm image encoder (pretrained when downloadable)."),
         max_steps: int | None = typer.Option(None, "--max-steps"),
         sets: list[str] = typer.Option(None, "--set", help="Any config key: --set distill=off (repeatable)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint_last.pt."),
@@ -125,7 +127,8 @@ def register(app: typer.Typer) -> None:
 
             return load_text_encoder(clip_weights)
 
-        overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, max_steps=max_steps)
+        overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, max_steps=max_steps,
+                         backbone=backbone)
         summary = run(start, data, Path(out), tags, add_tag or [], labels, config, overrides, sets or [], encoder,
                       resume=resume, dry_run=dry_run)
         if dry_run:

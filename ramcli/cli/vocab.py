@@ -1,4 +1,4 @@
-"""`ramcli vocab`: the open vocabulary (issue 6). Thin wrappers over `ramcli.vocab`."""
+"""`ramcli vocab`: the open vocabulary. Thin wrappers over `ramcli.vocab`."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ from pathlib import Path
 
 import typer
 
-from ramcli.cli.common import console, stdout_is_terminal
-from ramcli.errors import RamcliError, UsageError
+from ramcli.cli.common import console
+from ramcli.errors import UsageError
 from ramcli.labels import OPEN_SET_THRESHOLD, resolve_labels
-from ramcli.vocab import Vocabulary, name_key
+from ramcli.output import Layout, check_format, default_format, write_records
+from ramcli.vocab import Vocabulary, read_descriptions
 
 vocab_app = typer.Typer(
     help="Manage the tag vocabulary: add open-vocabulary tags, disable, thresholds, synonyms.",
     no_args_is_help=True,
 )
 
-LABELS_OPTION = typer.Option(None, "--labels", help="Folder with the official label files (default: RAMCLI_LABELS or the pinned download).")
+LABELS_OPTION = typer.Option(None, "--labels", help="Folder with the official label files (default: RAMCLI_LABELS, else the official files shipped with ramcli).")
 CLIP_OPTION = typer.Option(None, "--clip-weights", help="CLIP ViT-B/16 weights file (default: RAMCLI_CLIP_WEIGHTS, then the Hugging Face cache).")
 
 
@@ -36,34 +37,9 @@ def _encoder_loader(clip_weights: Path | None):
     return load
 
 
-def _index():
-    from ramcli.index import Index
-
-    return Index.open()
-
-
 def _done(vocab: Vocabulary, message: str) -> None:
-    vocab.save()
+    vocab.commit()
     console.print(f"{message} (vocabulary version {vocab.version})", highlight=False, markup=False, soft_wrap=True)
-
-
-def _descriptions_from_file(path: Path, name: str) -> list[str]:
-    """Descriptions of `name` from a JSON file: the official [{tag: [...]}] list or a list of strings."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise RamcliError(f"descriptions file not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise RamcliError(f"descriptions file is not UTF-8 JSON: {path}") from None
-    if isinstance(data, list) and all(isinstance(d, str) for d in data):
-        return data
-    if isinstance(data, list) and all(isinstance(d, dict) for d in data):
-        for entry in data:
-            for tag, descriptions in entry.items():
-                if name_key(tag) == name_key(name) and isinstance(descriptions, list):
-                    return [str(d) for d in descriptions]
-        raise RamcliError(f"{path} has no descriptions for '{name}'")
-    raise RamcliError(f"{path}: expected a list of strings or the official [{{tag: [descriptions]}}] list")
 
 
 @vocab_app.command()
@@ -82,12 +58,20 @@ def add(
     if descriptions is not None:
         if texts:
             raise UsageError("use either --description or --descriptions, not both")
-        texts = _descriptions_from_file(descriptions, name)
+        texts = read_descriptions(descriptions, name)
     tag = vocab.add(name, _encoder_loader(clip_weights), texts, threshold, name_zh)
-    with _index() as index:
-        index.upsert_tags([tag.name], [tag.name_zh or None], "custom")
     kind = f"{len(tag.descriptions)} descriptions" if tag.descriptions else "63 prompts"
     _done(vocab, f"added custom tag '{tag.name}' (threshold {tag.threshold}, {kind})")
+
+
+ENTRIES = Layout(
+    columns=("tag", "kind", "threshold", "state", "synonyms"),
+    row=lambda e: [e.name, e.kind, f"{e.threshold:g}", "enabled" if e.enabled else "disabled", list(e.synonyms)],
+    json=lambda e: {"name": e.name, "kind": e.kind, "threshold": e.threshold, "enabled": e.enabled,
+                    "synonyms": list(e.synonyms)},
+    table_row=lambda e: [e.name, e.kind, f"{e.threshold:g}", "enabled" if e.enabled else "disabled",
+                         ", ".join(e.synonyms)],
+)
 
 
 @vocab_app.command("list")
@@ -95,39 +79,16 @@ def list_(
     builtin: bool = typer.Option(False, "--builtin", help="Only the model's built-in tags."),
     custom: bool = typer.Option(False, "--custom", help="Only custom tags."),
     search: str = typer.Option(None, "--search", help="Only tags whose name or synonym contains WORD."),
+    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, tsv otherwise)."),
     labels: Path = LABELS_OPTION,
 ) -> None:
     """List tags with their threshold, state and synonyms."""
     if builtin and custom:
         raise UsageError("use --builtin or --custom, not both")
-    vocab = _open(labels, need_builtin=not custom)
-    aliases: dict[str, list[str]] = {}
-    for alias, target in vocab.synonyms.items():
-        aliases.setdefault(target, []).append(alias)
-    rows = []
-    if not custom:
-        label_set = resolve_labels("ram", labels_dir=labels)
-        for n, t in zip(label_set.names, label_set.thresholds):
-            rows.append((n, "built-in", vocab.thresholds.get(n, t)))
-    if not builtin:
-        rows += [(t.name, "custom", t.threshold) for t in vocab.custom]
-    needle = search.lower() if search else None
-    lines = []
-    for n, kind, t in rows:
-        syn = sorted(aliases.get(n, []))
-        if needle and not any(needle in s.lower() for s in [n, *syn]):
-            continue
-        lines.append((n, kind, f"{t:g}", "disabled" if n in vocab.disabled else "enabled", ", ".join(syn)))
-    if stdout_is_terminal():
-        from rich.table import Table
-
-        table = Table("tag", "kind", "threshold", "state", "synonyms")
-        for line in lines:
-            table.add_row(*line)
-        console.print(table)
-    else:
-        for line in lines:
-            typer.echo("\t".join(line))
+    fmt = check_format(fmt or default_format(), ENTRIES)
+    label_set = None if custom else resolve_labels("ram", labels_dir=labels)
+    vocab = Vocabulary.open(builtin=label_set.names if label_set else ())
+    write_records(vocab.entries(label_set, custom=not builtin, search=search), fmt, ENTRIES)
 
 
 @vocab_app.command()
@@ -163,10 +124,6 @@ def synonym(name: str, alias: str, labels: Path = LABELS_OPTION) -> None:
     """Make ALIAS find NAME's photos in `ramcli search`."""
     vocab = _open(labels)
     canonical = vocab.add_synonym(name, alias)
-    kind = "custom" if vocab.find_custom(canonical) else "builtin"
-    with _index() as index:
-        index.upsert_tags([canonical], [None], kind)
-        index.add_synonym(alias.strip(), canonical)
     _done(vocab, f"'{alias.strip()}' now finds '{canonical}'")
 
 
@@ -180,13 +137,6 @@ def import_(
     vocab = _open(labels)
     plan = vocab.plan_import(file)
     vocab.apply_import(plan, _encoder_loader(clip_weights))
-    with _index() as index:
-        if plan.custom:
-            index.upsert_tags([t.name for t in plan.custom], [None] * len(plan.custom), "custom")
-        for alias, target in plan.synonyms.items():
-            canonical = vocab.synonyms[" ".join(alias.split())]
-            index.upsert_tags([canonical], [None], "custom" if vocab.find_custom(canonical) else "builtin")
-            index.add_synonym(alias.strip(), canonical)
     _done(vocab, f"imported {len(plan.custom)} custom tags and {len(plan.disabled) + len(plan.thresholds) + len(plan.synonyms)} settings")
 
 

@@ -1,5 +1,7 @@
-"""`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again
-(issues 4 and 7).
+"""`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again.
+Thin wrappers over `ramcli.writeback`. Photos that a folder reaches only through a symlink
+leading out of it are written or untagged only with `--follow-links` (as `ramcli tag` does), and
+otherwise listed with the reason.
 
 The writer flags are defined once, here, by the `writer_options` decorator; `ramcli tag` reuses
 it so both commands accept the same flags:
@@ -11,7 +13,6 @@ it so both commands accept the same flags:
 
 import functools
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,14 +20,13 @@ from typing import Annotated, Optional
 import typer
 
 from ramcli.cli.common import console, err_console
-from ramcli.errors import RamcliError, UsageError
+from ramcli.errors import RamcliError
 from ramcli.ledger import Ledger
 from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
+from ramcli.pathnames import display
+from ramcli.writeback import indexed_photos, ledger_photos, update_stats, write_indexed
 
 _PANEL = "Metadata writing"
-# Writer batches per `write_batch` call: within a call, ExifTool reads the next batch while it
-# writes one (docs/metadata.md); between calls the index learns the new file sizes and mtimes.
-_BATCHES_PER_CALL = 8
 
 
 def _option(name: str, default, annotation, flag: str, help: str) -> inspect.Parameter:
@@ -70,6 +70,12 @@ IndexOption = Annotated[
     Optional[Path], typer.Option("--index", help="Index database (default: the one in RAMCLI_HOME).")
 ]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Show what would change per file; write nothing.")]
+FollowLinksOption = Annotated[bool, typer.Option(
+    "--follow-links",
+    help="Also walk symlinked folders and write through symlinked files that lead outside the given folders "
+         "(default: they are left alone and listed).")]
+#: Why a photo reached through a symlink out of the given folders was left alone.
+OUTSIDE_LINK = "symlink to a file outside the given folders: left alone (--follow-links writes through it)"
 
 
 def print_plans(plans: list[FilePlan]) -> None:
@@ -77,12 +83,12 @@ def print_plans(plans: list[FilePlan]) -> None:
     changed = 0
     for plan in plans:
         if plan.error:
-            err_console.print(f"{plan.path}: cannot write: {plan.error}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"{display(plan.path)}: cannot write: {plan.error}", markup=False, highlight=False, soft_wrap=True)
         elif plan.changes:
             changed += 1
-            console.print(plan.path, markup=False, highlight=False, soft_wrap=True)
+            console.print(display(plan.path), markup=False, highlight=False, soft_wrap=True)
             for line in plan.changes:
-                console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+                console.print(f"  {display(line)}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"dry run: {changed} of {len(plans)} photos would change", markup=False, highlight=False, soft_wrap=True)
 
 
@@ -92,9 +98,9 @@ def report(outcomes: list[WriteOutcome]) -> int:
     for o in outcomes:
         counts[o.status] += 1
         if o.status == "failed":
-            err_console.print(f"{o.path}: {o.error}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"{display(o.path)}: {o.error}", markup=False, highlight=False, soft_wrap=True)
         for w in o.warnings:
-            err_console.print(f"{o.path}: warning: {w}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"{display(o.path)}: warning: {w}", markup=False, highlight=False, soft_wrap=True)
     console.print(
         f"{counts['written']} written, {counts['unchanged']} unchanged, {counts['failed']} failed",
         markup=False, highlight=False, soft_wrap=True,
@@ -102,35 +108,14 @@ def report(outcomes: list[WriteOutcome]) -> int:
     return counts["failed"]
 
 
-def _indexed_photos(index, paths: list[Path]) -> list[str]:
-    """The indexed photos named by `paths` (files or folders; none = all)."""
-    from ramcli.index import normalize_path
-
-    if not paths:
-        return [r.path for r in index.iter_photos()]
-    found: list[str] = []
-    for p in paths:
-        if p.is_dir():
-            found += [r.path for r in index.iter_photos(under=p)]
-        elif index.lookup(str(p)) is not None:
-            found.append(normalize_path(p))
-        else:
-            raise UsageError(f"{p} is not in the index: tag it first (`ramcli tag {p}`)")
-    return list(dict.fromkeys(found))
-
-
-def _ledger_photos(ledger: Ledger, paths: list[Path]) -> list[str]:
-    """The photos named by `paths` (files or folders) that ramcli wrote keywords into."""
-    found: list[str] = []
-    for p in paths:
-        real = os.path.realpath(p)
-        if os.path.isdir(real):
-            found += [e.path for e in ledger.entries_under(real)]
-        elif os.path.exists(real) or ledger.entries(real):
-            found.append(real)
-        else:
-            raise UsageError(f"{p}: no such file or folder")
-    return list(dict.fromkeys(found))
+def _scope(found: list[str], linked: dict[str, str], follow_links: bool) -> list[str]:
+    """The photos to act on: with `follow_links` also the linked ones, else those are listed."""
+    if follow_links:
+        return found + list(linked)
+    for path, link in linked.items():
+        err_console.print(f"{display(link)} -> {display(path)}: {OUTSIDE_LINK}",
+                          markup=False, highlight=False, soft_wrap=True)
+    return found
 
 
 def register(app: typer.Typer) -> None:
@@ -140,26 +125,25 @@ def register(app: typer.Typer) -> None:
         paths: Annotated[Optional[list[Path]], typer.Argument(help="Photos or folders (default: the whole index).")] = None,
         index_path: IndexOption = None,
         dry_run: DryRunOption = False,
+        follow_links: FollowLinksOption = False,
         *,
         writer_options: WriterOptions,
     ) -> None:
-        """Write the indexed tags (and captions) into the photos' XMP/IPTC metadata (no model run)."""
+        """Write the indexed tags (and captions) into the photos' XMP/IPTC metadata (no model run).
+
+        Exit code 0 when every photo's metadata matches the index, 1 when a write failed (listed).
+        """
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
-            photos = _indexed_photos(index, list(paths or []))
+            photos = _scope(*indexed_photos(index, list(paths or [])), follow_links)
             items = [(p, index.photo_tags(p)) for p in photos]
             captions = [index.lookup(p).caption for p in photos]  # Tag2Text captions, where indexed
             with MetadataWriter(writer_options, Ledger(index.db)) as writer:
                 if dry_run:
                     print_plans(writer.plan_batch(items, captions=captions))
                     return
-                outcomes = []
-                span = writer_options.batch_size * _BATCHES_PER_CALL
-                for start in range(0, len(items), span):
-                    batch = writer.write_batch(items[start : start + span], captions=captions[start : start + span])
-                    _update_stats(index, batch)
-                    outcomes += batch
+                outcomes = write_indexed(index, writer, items, captions)
         _fail_if_any(report(outcomes))
 
     @app.command()
@@ -168,31 +152,29 @@ def register(app: typer.Typer) -> None:
         paths: Annotated[list[Path], typer.Argument(help="Photos or folders.")],
         index_path: IndexOption = None,
         dry_run: DryRunOption = False,
+        follow_links: FollowLinksOption = False,
         *,
         writer_options: WriterOptions,
     ) -> None:
-        """Remove exactly the keywords and captions ramcli added to these photos, and nothing else."""
+        """Remove exactly the keywords and captions ramcli added to these photos, and nothing else.
+
+        Give the flags `ramcli tag` had (--follow-links) to undo all it did. Exit code 0 when
+        everything was removed, 1 when a file could not be written (listed).
+        """
         from ramcli.index import Index
 
         with Index.open(index_path) as index:
             ledger = Ledger(index.db)
             with MetadataWriter(writer_options, ledger) as writer:  # first settles a killed run's writes
-                photos = _ledger_photos(ledger, paths)
+                photos = _scope(*ledger_photos(index, ledger, paths), follow_links)
                 if dry_run:
                     print_plans(writer.plan_untag(photos))
                     return
                 outcomes = writer.untag_batch(photos)
-                _update_stats(index, outcomes)
+                update_stats(index, outcomes)
         _fail_if_any(report(outcomes))
 
 
 def _fail_if_any(failed: int) -> None:
     if failed:
         raise RamcliError(f"{failed} photo(s) could not be written (see above); the others were")
-
-
-def _update_stats(index, outcomes: list[WriteOutcome]) -> None:
-    """Tell the index the new size/mtime of rewritten photos, so they are not re-tagged."""
-    for o in outcomes:
-        if o.size is not None and index.lookup(o.path) is not None:
-            index.update_stat(o.path, o.size, o.mtime_ns)

@@ -17,6 +17,7 @@ from ramcli.config import home
 from ramcli.errors import CheckpointError
 from ramcli.labels import LabelSet, resolve_labels
 from ramcli.models.checkpoint import (
+    converted_arch,
     is_converted,
     load_converted,
     load_official,
@@ -25,10 +26,10 @@ from ramcli.models.checkpoint import (
     read_official,
     save_converted,
 )
-from ramcli.models.configs import ARCHS, ArchConfig, family_of, get_arch, infer_family
+from ramcli.models.configs import ARCHS, FAMILIES, ArchConfig, get_arch
 from ramcli.models.onnx import export_onnx, is_onnx, load_onnx, read_onnx_metadata
 from ramcli.models.ram import RecognitionModel
-from ramcli.models.registry import DEFAULT_MODEL, PUBLISHED, converted_path, download, get_published
+from ramcli.models.registry import DEFAULT_MODEL, PUBLISHED, converted_path, download, get_published, verified_as
 
 __all__ = [
     "ARCHS", "ArchConfig", "DEFAULT_MODEL", "PUBLISHED", "RecognitionModel", "convert", "get_arch",
@@ -36,13 +37,14 @@ __all__ = [
 ]
 
 
-def _labels_for(family: str, labels_dir: Path | None, embedded: LabelSet | None) -> LabelSet:
-    return resolve_labels(family, labels_dir=labels_dir, embedded=embedded, cache_dir=home().cache)
-
-
 def load_any(path: Path, arch: str | None = None, labels_dir: Path | None = None,
              dtype: torch.dtype | None = None) -> RecognitionModel:
-    """Load an official .pth or a converted .safetensors file from disk."""
+    """Load an official .pth or a converted .safetensors file from disk.
+
+    Labels: `labels_dir`, else the file's own (converted files), else `RAMCLI_LABELS`, else the
+    shipped official files (`ramcli.labels.resolve_labels`). RAM and RAM++ share their label
+    files, so only Tag2Text (told by its classifier) needs its own before the family is known.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
@@ -50,15 +52,18 @@ def load_any(path: Path, arch: str | None = None, labels_dir: Path | None = None
         return load_onnx(path, labels_dir)
     if is_converted(path):
         meta = read_converted_metadata(path)
+        family = converted_arch(meta, path.name).family
         embedded = LabelSet.from_metadata(meta)
-        family = ArchConfig.from_json(meta["arch"]).family
-        labels = _labels_for(family, labels_dir, embedded)
+        labels = resolve_labels(family, labels_dir=labels_dir, embedded=embedded)
         return load_converted(path, labels=labels, dtype=dtype)
     sd = read_official(path)
-    family = infer_family(sd) if arch is None else family_of(arch)
-    labels = _labels_for(family, labels_dir, None)
-    return load_official(path, arch=get_arch(arch) if arch and arch in ARCHS else None,
-                         labels=labels, dtype=dtype, sd=sd)
+    requested = get_arch(arch) if arch and arch not in FAMILIES else None
+    published = verified_as(path)
+    known = arch if arch in FAMILIES else get_arch(PUBLISHED[published].arch).family if published else None
+    family = requested.family if requested is not None else known
+    tag2text = family == "tag2text" if family else "fc.W" in sd
+    labels = resolve_labels("tag2text" if tag2text else "ram", labels_dir=labels_dir)
+    return load_official(path, arch=requested, labels=labels, dtype=dtype, sd=sd, known_family=known)
 
 
 def pull(name: str, dtype: str = "fp32", convert_to_tagger: bool = True,

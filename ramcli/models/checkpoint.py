@@ -4,6 +4,10 @@ Published files are `{'model': state_dict, 'optimizer': ..., ...}` pickles with 
 key names and training-only parts. We read them with `torch.load(weights_only=True, mmap=True)`:
 no code can run, and memory-mapping means the optimizer state and the caption branch are never
 read from disk. A file whose pickle needs more than tensors and plain containers is refused.
+Files re-saved by other tools load too: the state dict may sit under `model`, `state_dict`,
+`model_state_dict` or `module` (nested), and its keys may carry `module.` (DDP), `_orig_mod.`
+(torch.compile) or `model.` prefixes. Tensors tagging does not use are listed in
+`RecognitionModel.ignored_keys` (`ramcli models info` shows them), never an error.
 
 Key mapping (official -> ours):
 - `visual_encoder.*` -> `backbone.*` through timm's own Swin `checkpoint_filter_fn` (downsample
@@ -20,8 +24,8 @@ provenance in its metadata: self-contained, memory-mapped on load, no pickle at 
 from __future__ import annotations
 
 import hashlib
-import pickle
-import zipfile
+import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,12 +36,22 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 
 from ramcli.errors import CheckpointError
 from ramcli.labels import LabelSet
-from ramcli.models.configs import ArchConfig, head_prefix, infer_arch
+from ramcli.models.configs import ArchConfig, head_prefix, infer_arch, infer_family
 from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
 from ramcli.models.ram import RecognitionModel
+from ramcli.safeload import load_weights
 
 FORMAT_VERSION = "1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: RAM++'s initial `reweight_scale` (`torch.ones([]) * np.log(1 / 0.07)`); the official loader
+#: (`strict=False`) keeps it for a file that does not carry the tensor
+OFFICIAL_REWEIGHT_SCALE = math.log(1 / 0.07)
+#: Where training scripts put the state dict, and prefixes their wrappers add to its keys
+_STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module")
+_KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
+#: The caption branch: read by `tag --caption` and finetuning, not by tagging
+TRAINING_PARTS = ("tag_encoder.", "text_decoder.")
 
 
 def file_fingerprint(path: Path) -> str:
@@ -60,37 +74,55 @@ def official_model_id(path: Path) -> str:
 
 
 def read_official(path: Path) -> dict[str, torch.Tensor]:
-    """The `model` state dict of a published .pth, loaded without unpickling code."""
+    """The state dict of a published .pth (or one re-saved by other tools), loaded without
+    unpickling code (`ramcli.safeload`, memory-mapped). Raises `CheckpointError` with a one-line
+    reason for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"refusing to load {path.name}: it needs full unpickling, which could run code "
-            f"({first[:160]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path.name}: truncated or not a PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path.name} holds no state dict of tensors under 'model'")
-    return obj
+    return state_dict_of(load_weights(path, mmap=True), path.name)
+
+
+def state_dict_of(obj: object, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of the state dict inside a loaded checkpoint, wrapper keys and prefixes removed."""
+    for _ in range(len(_STATE_DICT_KEYS)):
+        if not isinstance(obj, dict) or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _STATE_DICT_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
+        raise CheckpointError(f"{name} holds no state dict of tensors (looked under {', '.join(map(repr, _STATE_DICT_KEYS))})")
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _KEY_PREFIXES:
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+                stripped = True
+    return tensors
 
 
 def map_official(sd: dict[str, torch.Tensor], model: RecognitionModel) -> dict[str, torch.Tensor]:
     """Official key layout -> ours, for exactly the tensors tagging needs."""
+    return _map(sd, model)[0]
+
+
+def _map(sd: dict[str, torch.Tensor], model: RecognitionModel) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(our tensors, the file's keys that tagging does not use). The caption branch and Swin's
+    derived buffers (`relative_position_index`, `attn_mask`) are expected there and not listed."""
     arch = model.arch
+    expected = model.state_dict()
     out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
 
     visual = {k[len("visual_encoder."):]: v for k, v in sd.items() if k.startswith("visual_encoder.")}
+    unknown_visual = []
     for k, v in checkpoint_filter_fn(visual, model.backbone).items():
-        out[f"backbone.{k}"] = v
+        if f"backbone.{k}" in expected:
+            out[f"backbone.{k}"] = v
+        else:
+            unknown_visual.append(f"visual_encoder.{k}")
 
     prefix = head_prefix(sd)
     for i in range(arch.layers):
@@ -99,18 +131,24 @@ def map_official(sd: dict[str, torch.Tensor], model: RecognitionModel) -> dict[s
                 key = f"{prefix}{i}.{official}.{param}"
                 if key in sd:
                     out[f"decoder.layers.{i}.{ours}.{param}"] = sd[key]
+                    used.add(key)
 
     if arch.family == "tag2text":
         # GroupWiseLinear stores (1, C, hidden) weights and (1, C) biases.
         for src, dst in (("label_embed.weight", "label_embed"), ("fc.W", "fc_weight"), ("fc.b", "fc_bias")):
             if src in sd:
                 out[dst] = sd[src].squeeze(0) if src != "label_embed.weight" else sd[src]
+                used.add(src)
     else:
         for name in ("label_embed", "image_proj.weight", "image_proj.bias", "wordvec_proj.weight",
                      "wordvec_proj.bias", "fc.weight", "fc.bias", "reweight_scale"):
             if name in sd:
                 out[name] = sd[name]
-    return out
+                used.add(name)
+        if arch.family == "ram_plus" and "reweight_scale" not in sd:
+            out["reweight_scale"] = torch.tensor(OFFICIAL_REWEIGHT_SCALE, dtype=torch.float32)
+    ignored = unknown_visual + [k for k in sd if k not in used and not k.startswith(("visual_encoder.", *TRAINING_PARTS))]
+    return out, ignored
 
 
 def _check_complete(mapped: dict[str, torch.Tensor], model: RecognitionModel, source: str) -> None:
@@ -132,8 +170,10 @@ def _materialise(arch: ArchConfig, tensors: dict[str, torch.Tensor], labels: Lab
     with torch.device("meta"):
         model = RecognitionModel(arch, labels, model_id)
     _check_complete(tensors, model, source)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    # fp32 unless asked otherwise: a bf16/fp16 file then runs at any precision, on any device
+    # (autocast keeps fp32 weights and casts per operation)
+    target = dtype or torch.float32
+    tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     # Buffers that are not in the file (timm's relative-position indices and shift masks, our
     # empty custom-tag tables) get real storage, then timm fills its own.
@@ -150,15 +190,19 @@ def _materialise(arch: ArchConfig, tensors: dict[str, torch.Tensor], labels: Lab
 
 
 def load_official(path: Path, arch: ArchConfig | None = None, labels: LabelSet | None = None,
-                  dtype: torch.dtype | None = None, sd: dict[str, torch.Tensor] | None = None) -> RecognitionModel:
+                  dtype: torch.dtype | None = None, sd: dict[str, torch.Tensor] | None = None,
+                  known_family: str | None = None) -> RecognitionModel:
     """A tag-only model from a published .pth (text encoder/decoder never materialised).
 
-    `sd` is the file's state dict when the caller has already read it (memory-mapped, cheap).
+    `sd` is the file's state dict when the caller has already read it (memory-mapped, cheap);
+    `known_family` the family of a verified published file (see `infer_family`).
     """
     sd = read_official(path) if sd is None else sd
-    inferred = infer_arch(sd, num_classes=len(labels) if labels is not None else None)
-    if arch is not None and arch.family != inferred.family:
-        raise CheckpointError(f"{Path(path).name} is a {inferred.family} checkpoint, not {arch.family}")
+    classes = len(labels) if labels is not None else None
+    family = infer_family(sd, num_classes=classes, known=arch.family if arch is not None else known_family)
+    if arch is not None and family != arch.family:
+        raise CheckpointError(f"{Path(path).name} is a {family} checkpoint, not {arch.family}")
+    inferred = infer_arch(sd, num_classes=classes, family=family)
     arch = inferred if arch is None else _with_classes(arch, inferred)
     if labels is not None and len(labels) != arch.num_classes:
         raise CheckpointError(
@@ -166,9 +210,12 @@ def load_official(path: Path, arch: ArchConfig | None = None, labels: LabelSet |
         )
     with torch.device("meta"):
         skeleton = RecognitionModel(arch, labels)
-    mapped = map_official(sd, skeleton)
+    mapped, ignored = _map(sd, skeleton)
     model_id = official_model_id(path)
-    return _materialise(arch, mapped, labels, model_id, Path(path).name, dtype)
+    model = _materialise(arch, mapped, labels, model_id, Path(path).name, dtype)
+    model.ignored_keys = tuple(ignored)
+    model.defaulted_keys = ("reweight_scale",) if arch.family == "ram_plus" and "reweight_scale" not in sd else ()
+    return model
 
 
 def _with_classes(arch: ArchConfig, inferred: ArchConfig) -> ArchConfig:
@@ -196,6 +243,7 @@ def save_converted(model: RecognitionModel, dst: Path, dtype: str = "fp32", sour
         "source": source,
         "dtype": dtype,
         "labels_checksum": model.labels.checksum(),
+        "source_ignored_keys": json.dumps(list(model.ignored_keys)),
         **model.labels.to_metadata(),
     }
     dst = Path(dst)
@@ -210,26 +258,43 @@ def read_converted_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"cannot read {Path(path).name}: not a valid safetensors file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"cannot read {Path(path).name}: not a valid safetensors file ({reason})") from None
     if meta.get("format") != "ramcli-tagger":
         raise CheckpointError(f"{Path(path).name} is a safetensors file but not a ramcli tagger (convert it first)")
     return meta
 
 
+def converted_arch(meta: dict[str, str], name: str) -> ArchConfig:
+    """The architecture a converted file's header records."""
+    try:
+        return ArchConfig.from_json(meta["arch"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{name}: damaged ramcli header (arch: {type(exc).__name__})") from None
+
+
 def load_converted(path: Path, labels: LabelSet | None = None, dtype: torch.dtype | None = None) -> RecognitionModel:
     """Load a converted file memory-mapped; labels default to the ones embedded in it."""
+    path = Path(path)
     meta = read_converted_metadata(path)
-    arch = ArchConfig.from_json(meta["arch"])
-    embedded = LabelSet.from_metadata(meta)
+    arch = converted_arch(meta, path.name)
+    try:
+        embedded = LabelSet.from_metadata(meta)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path.name}: damaged ramcli header (labels: {exc})") from None
     labels = labels or embedded
     if labels is not None and len(labels) != arch.num_classes:
-        raise CheckpointError(f"{Path(path).name} has {arch.num_classes} classes but the labels list {len(labels)}")
+        raise CheckpointError(f"{path.name} has {arch.num_classes} classes but the labels list {len(labels)}")
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
-    return _materialise(arch, tensors, labels, meta.get("model_id", Path(path).stem), Path(path).name, dtype)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt tensor data
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"cannot read {path.name}: damaged tensor data ({reason})") from None
+    return _materialise(arch, tensors, labels, meta.get("model_id", path.stem), path.name, dtype)
 
 
 def is_converted(path: Path) -> bool:

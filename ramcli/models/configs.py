@@ -1,22 +1,31 @@
 """Architecture configurations of the RAM family.
 
-An `ArchConfig` fixes the structure of a model (backbone, decoder sizes, family). The number of
+An `ArchConfig` fixes the structure of a model (backbone, decoder sizes, family) and how images
+are prepared for it (`data_config`, in the shape of timm's pretrained configs). The backbone is
+the official Swin of `swin`, or any timm model that gives a feature map, named by `backbone`
+(then `swin` is None). The number of
 classes comes from the weights (a checkpoint's `label_embed`), so one config serves the official
 4,585 tags, a benchmark subset or a vocabulary with custom tags. Everything here can also be
-inferred from an official checkpoint's tensor shapes (`infer_arch`), which is how `--arch` is
-optional.
+inferred from an official checkpoint (`infer_arch`): the family from everything the file says
+(`infer_family`), the sizes from tensor shapes, which is how `--arch` is optional.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ramcli.errors import CheckpointError
 
 FAMILIES = ("ram", "ram_plus", "tag2text")
 CLIP_DIM = 512  # label queries of RAM/RAM++ live in CLIP ViT-B/16's text space
+#: RAM++'s CLIP descriptions per tag in the published model (label rows = classes x this)
+RAM_PLUS_DESCRIPTIONS = 51
+#: The class count of the published RAM and RAM++ models (their tag list)
+OFFICIAL_RAM_CLASSES = 4585
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class ArchConfig:
     name: str
     family: str
     image_size: int
-    swin: SwinConfig
+    swin: SwinConfig | None  # the official Swin; None when `backbone` names a timm model
     num_classes: int
     hidden: int = 768
     heads: int = 4
@@ -46,7 +55,18 @@ class ArchConfig:
     layers: int = 2
     descriptions_per_class: int = 1  # RAM++: 51 CLIP description embeddings per tag
     layer_norm_eps: float = 1e-12
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    # Preprocessing (the official `get_transform`): squash-resize to image_size, ImageNet mean/std.
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    backbone: str = ""  # a timm model name (resnet18, convnext_tiny, ...); empty: the Swin of `swin`
+
+    @property
+    def data_config(self) -> dict:
+        """How an image becomes this model's input, with the keys of timm's `resolve_data_config`
+        (`crop_mode="squash"`: resized to the input size whatever its aspect ratio, no crop)."""
+        return {"input_size": (3, self.image_size, self.image_size), "interpolation": self.interpolation,
+                "mean": tuple(self.mean), "std": tuple(self.std), "crop_pct": 1.0, "crop_mode": "squash"}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -54,10 +74,14 @@ class ArchConfig:
     @classmethod
     def from_json(cls, text: str) -> ArchConfig:
         data = json.loads(text)
+        data.pop("extra", None)  # an always-empty field that files converted by ramcli 0.1 carry
         swin = data.pop("swin")
-        swin["depths"] = tuple(swin["depths"])
-        swin["num_heads"] = tuple(swin["num_heads"])
-        return cls(swin=SwinConfig(**swin), **data)
+        if swin is not None:
+            swin = SwinConfig(**{**swin, "depths": tuple(swin["depths"]), "num_heads": tuple(swin["num_heads"])})
+        for key in ("mean", "std"):  # files written before these fields keep the defaults
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(swin=swin, **data)
 
 
 SWIN_L_384 = SwinConfig(192, (2, 2, 18, 2), (6, 12, 24, 48), 12)
@@ -115,27 +139,50 @@ def head_prefix(sd: dict, prefix: str = "") -> str:
     raise CheckpointError("missing the recognition decoder (tagging_head.encoder.layer.*)")
 
 
-def infer_family(sd: dict, prefix: str = "") -> str:
-    """`reweight_scale` marks RAM++, a group-wise classifier `fc.W` marks Tag2Text."""
-    if f"{prefix}reweight_scale" in sd:
-        return "ram_plus"
+def infer_family(sd: dict, prefix: str = "", num_classes: int | None = None, known: str | None = None) -> str:
+    """The family of an official-layout state dict, from everything the file says.
+
+    In order: a group-wise classifier `fc.W` is Tag2Text; a `reweight_scale` is RAM++; `known`
+    (the family of a published file whose checksum was verified) decides; a caption branch
+    (`text_decoder.*`) is RAM (RAM++ has none); then the label table: RAM has one row per class,
+    RAM++ one per class and description, so rows = k x classes (k > 1) is RAM++, the classes
+    being the label list's `num_classes`, else the published 4,585 (RAM++: 4,585 x 51 rows), else
+    any multiple of RAM++'s 51 descriptions. A RAM++ file may lack `reweight_scale`: the
+    official model loads with `strict=False` and keeps its initial value, so a missing one says
+    nothing.
+    """
     if f"{prefix}fc.W" in sd:
         return "tag2text"
-    if f"{prefix}label_embed" in sd:
+    if f"{prefix}reweight_scale" in sd:
+        return "ram_plus"
+    if known in FAMILIES:
+        return known
+    table = sd.get(f"{prefix}label_embed")
+    if table is None:
+        raise CheckpointError("not a RAM-family checkpoint: no label_embed / fc.W / reweight_scale tensor")
+    rows = table.shape[0]
+    has_caption_branch = any(k.startswith(f"{prefix}text_decoder.") for k in sd)
+    if has_caption_branch:
         return "ram"
-    raise CheckpointError("not a RAM-family checkpoint: no label_embed / fc.W / reweight_scale tensor")
+    per_class = num_classes or OFFICIAL_RAM_CLASSES
+    if rows != per_class and rows % per_class == 0:
+        return "ram_plus"
+    if not num_classes and rows != OFFICIAL_RAM_CLASSES and rows % RAM_PLUS_DESCRIPTIONS == 0:
+        return "ram_plus"
+    return "ram"  # a table that fits no class count is named by infer_arch
 
 
-def infer_arch(sd: dict, prefix: str = "", num_classes: int | None = None) -> ArchConfig:
+def infer_arch(sd: dict, prefix: str = "", num_classes: int | None = None, family: str | None = None) -> ArchConfig:
     """Read an architecture off an official-layout state dict's tensor shapes.
 
     Swin: embed dim from the patch embedding, depths from block keys, heads per stage from the
     relative-position tables, window from their size, image size from the shifted-window mask.
     RAM++ stores C x D description rows; D is 51 unless `num_classes` (the label list's length)
-    says otherwise, as the official code divides by the tag list's length.
+    says otherwise, as the official code divides by the tag list's length. `family`, when the
+    caller knows it, skips `infer_family`.
     """
     p = prefix
-    family = infer_family(sd, prefix)
+    family = family or infer_family(sd, prefix, num_classes)
 
     try:
         embed_dim = sd[f"{p}visual_encoder.patch_embed.proj.weight"].shape[0]
@@ -183,9 +230,9 @@ def infer_arch(sd: dict, prefix: str = "", num_classes: int | None = None) -> Ar
         if family == "ram":
             per_class = 1
         elif num_classes:
-            per_class = rows // num_classes
+            per_class = max(1, rows // num_classes)
         else:
-            per_class = 51
+            per_class = RAM_PLUS_DESCRIPTIONS
         if rows % per_class or (num_classes and rows != num_classes * per_class):
             raise CheckpointError(
                 f"the weights have {rows} label rows, which does not fit the "

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ramcli.errors import CheckpointError, UsageError
-from ramcli.imaging import IMAGENET_MEAN, IMAGENET_STD
 from ramcli.labels import LabelSet, resolve_labels
 from ramcli.models.configs import ArchConfig
 from ramcli.models.ram import RecognitionModel
@@ -34,10 +33,10 @@ ONNX_DTYPES = ("fp32",)
 
 
 def data_config(arch: ArchConfig) -> dict:
-    """How pixels must be prepared for the graph: the official transform."""
-    return {"input": "float32 NCHW RGB", "image_size": arch.image_size, "resize": "squash", "interpolation": "bilinear",
-            "scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "exif_orientation": "applied before resizing"}
+    """How pixels must be prepared for the graph: the model's data config (timm's keys), and
+    what the graph's input is."""
+    return {**arch.data_config, "graph_input": "float32 NCHW RGB, scaled to 0-1, then (x - mean) / std",
+            "resize": "squash to input_size", "exif_orientation": "applied before resizing"}
 
 
 def export_onnx(model: RecognitionModel, dst: Path, dtype: str = "fp32", source: str = "",
@@ -134,6 +133,10 @@ class OnnxModel(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self.arch.data_config
 
     def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         pixels = images.detach().to("cpu", torch.float32).contiguous().numpy()

@@ -1,4 +1,5 @@
-"""RAM, RAM++ and Tag2Text tagging, on timm's SwinTransformer and our recognition decoder.
+"""RAM, RAM++ and Tag2Text tagging, on timm's SwinTransformer (or any timm backbone) and our
+recognition decoder.
 
 One module serves the three families; they differ only in where the label queries come from:
 
@@ -9,6 +10,10 @@ One module serves the three families; they differ only in where the label querie
   the official code loops over images in Python.
 - Tag2Text: learned queries `label_embed` (C, hidden), no image projection (the decoder attends to
   the raw Swin tokens), and one classifier row per class (closed set).
+
+The image encoder is the official Swin, or any timm model named by `arch.backbone` whose
+`forward_features` gives a feature map (NCHW or NHWC) or tokens (ViT): its output becomes the
+decoder's image tokens, projected from the backbone's own width (`num_features`).
 
 Open vocabulary: `add_label_queries` appends CLIP-space queries for custom tags. For RAM++ each
 custom tag may have any number of descriptions; their softmax is computed per tag with a segment
@@ -22,14 +27,18 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
+from ramcli.errors import CheckpointError
 from ramcli.labels import LabelSet
 from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.decoder import RecognitionDecoder
 
 
-def build_backbone(arch: ArchConfig, drop_path_rate: float = 0.0) -> SwinTransformer:
-    """timm's Swin for `arch`. Stochastic depth (`drop_path_rate`, official training: 0.1) only
-    acts in training mode, so inference is the same whatever the rate."""
+def build_backbone(arch: ArchConfig, drop_path_rate: float = 0.0) -> nn.Module:
+    """The image encoder of `arch` with random weights: timm's Swin of `arch.swin`, or the timm
+    model `arch.backbone` without its classifier. Stochastic depth (`drop_path_rate`, official
+    training: 0.1) only acts in training mode, so inference is the same whatever the rate."""
+    if arch.backbone:
+        return timm_backbone(arch.backbone, arch.image_size, drop_path_rate)
     s = arch.swin
     return SwinTransformer(
         img_size=arch.image_size,
@@ -44,11 +53,54 @@ def build_backbone(arch: ArchConfig, drop_path_rate: float = 0.0) -> SwinTransfo
     )
 
 
+def timm_backbone(name: str, image_size: int | None, drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+    """timm's `name` as a feature extractor (no classifier, no pooling), for `image_size` inputs
+    (None: the model's own); `kwargs` go to `timm.create_model` (training passes its
+    pretrained-weights file this way)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise CheckpointError(f"unknown timm backbone {name!r} (`timm.list_models()` lists them)")
+    kwargs.update(num_classes=0, global_pool="")
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if image_size is not None:
+        try:  # transformers fix their input size at construction; convolutional networks take none
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, **kwargs)
+
+
+def feature_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A backbone's last features as tokens (B, L, C): NCHW and NHWC maps flattened, ViT tokens as they are."""
+    x = backbone.forward_features(images)
+    if x.ndim == 4:
+        x = x.flatten(1, 2) if getattr(backbone, "output_fmt", "NCHW") == "NHWC" else x.flatten(2).transpose(1, 2)
+    return x
+
+
+def backbone_width(arch: ArchConfig) -> int:
+    """Channels of the backbone's tokens, read off a weightless (meta-device) copy."""
+    if not arch.backbone:
+        return arch.swin.width
+    with torch.device("meta"):
+        return build_backbone(arch).num_features
+
+
 class RecognitionModel(nn.Module):
     """Image -> per-class logits for one RAM-family architecture.
 
-    Attributes other modules rely on: `arch`, `labels` (LabelSet, output order), `model_id`.
+    Attributes other modules rely on: `arch`, `labels` (LabelSet, output order), `model_id`,
+    `pretrained_cfg` (the data config, as on timm models: `timm.data.resolve_data_config(model=m)`
+    reads it). A model loaded from a file also says what the file held that tagging does not use
+    (`ignored_keys`) and which tensors it lacked and got their official initial value
+    (`defaulted_keys`).
     """
+
+    ignored_keys: tuple[str, ...] = ()
+    defaulted_keys: tuple[str, ...] = ()
 
     def __init__(self, arch: ArchConfig, labels: LabelSet | None = None, model_id: str = "untrained",
                  drop_path_rate: float = 0.0):
@@ -57,7 +109,7 @@ class RecognitionModel(nn.Module):
         self.model_id = model_id
         self.labels = labels
         self.backbone = build_backbone(arch, drop_path_rate)
-        width = arch.swin.width
+        width = self.backbone.num_features
         c = arch.num_classes
         if arch.family == "tag2text":
             self.image_proj = nn.Identity()
@@ -80,10 +132,14 @@ class RecognitionModel(nn.Module):
         self.register_buffer("extra_embed", torch.zeros(0, CLIP_DIM), persistent=False)
         self.register_buffer("extra_class", torch.zeros(0, dtype=torch.long), persistent=False)
 
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self.arch.data_config
+
     # ------------------------------------------------------------------ image side
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,S,S) normalised -> image embeddings (B, 1+L, D): the mean-pooled token first."""
-        x = self.backbone.forward_features(images).flatten(1, 2)
+        x = feature_tokens(self.backbone, images)
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
         return self.image_proj(x)
 

@@ -1,15 +1,21 @@
 """The published models, where they live on the Hugging Face hub, and how they are fetched.
 
 Downloads go through huggingface_hub (its cache, resumable downloads, progress bars). After a
-download the file's SHA-256 is compared with the hub's own record of it (the LFS object id),
-and with the pinned digest where we know one, so a corrupted or substituted file is refused.
-`pull` converts a checkpoint to the tag-only safetensors file by default, which is what `tag`
-loads afterwards.
+download the file's SHA-256 is compared with the pinned digest where we know one, else with the
+hub's own record of it (the LFS object id, which names the blob in the hub cache), so a
+corrupted or substituted file is refused. A file is verified once: the verdict is remembered
+in `RAMCLI_HOME/verified.json` under the file's path, size and mtime, and a file found there
+unchanged is used without hashing it again or asking the hub (`tag --caption` reads the
+original Tag2Text file on every run). `pull` converts a checkpoint to the tag-only safetensors
+file by default, which is what `tag` loads afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +82,64 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
+def _records_path() -> Path:
+    from ramcli.config import home
+
+    return home().root / "verified.json"
+
+
+def _identity(path: Path) -> tuple[str, dict]:
+    st = Path(path).stat()
+    return str(Path(path).resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_records() -> dict:
+    try:
+        records = json.loads(_records_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def verified_as(path: Path) -> str | None:
+    """The published name this very file (same path, size and mtime) was verified as, or None."""
+    try:
+        key, ident = _identity(path)
+    except OSError:
+        return None
+    record = _read_records().get(key)
+    if isinstance(record, dict) and all(record.get(k) == v for k, v in ident.items()):
+        name = record.get("name")
+        return name if name in PUBLISHED else None
+    return None
+
+
+def remember_verified(path: Path, name: str, sha256: str) -> None:
+    """Record that `path`, as it is now, is the published file `name` (atomic replace)."""
+    key, ident = _identity(path)
+    records = _read_records()
+    records[key] = {**ident, "name": name, "sha256": sha256}
+    target = _records_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(records, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(target)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def download(p: Published, cache_dir: Path | None = None) -> Path:
-    """Fetch a published file into the hub cache and verify it; clear error when offline."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    """Fetch a published file into the hub cache and verify it, once; clear error when offline.
+
+    A copy in the hub cache that was verified before is returned at once: no hashing, no network.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    cached = try_to_load_from_cache(p.repo_id, p.filename, cache_dir=cache_dir, repo_type=p.repo_type)
+    if isinstance(cached, str) and verified_as(Path(cached)) == p.name:
+        return Path(cached)
     try:
         local = Path(hf_hub_download(p.repo_id, p.filename, repo_type=p.repo_type, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
@@ -90,14 +149,12 @@ def download(p: Published, cache_dir: Path | None = None) -> Path:
             f"`ramcli models import {p.filename}`"
         ) from None
     digest = sha256_file(local)
-    expected = p.sha256
-    if expected is None:
-        try:
-            meta = get_hf_file_metadata(hf_hub_url(p.repo_id, p.filename, repo_type=p.repo_type))
-            expected = (meta.etag or "").strip('"') if len(meta.etag or "") >= 64 else None
-        except (HfHubHTTPError, OSError):
-            expected = None
+    blob = local.resolve().name  # the hub cache names an LFS file's blob by its SHA-256
+    expected = p.sha256 or (blob if _SHA256.fullmatch(blob) else None)
     if expected and digest != expected:
+        resolved = local.resolve()
         local.unlink(missing_ok=True)
+        resolved.unlink(missing_ok=True)
         raise RamcliError(f"checksum mismatch for {p.filename}: got {digest[:12]}…, the hub says {expected[:12]}…; removed it, run pull again")
+    remember_verified(local, p.name, digest)
     return local

@@ -16,7 +16,7 @@ Matching the official `ram/utils/metrics.py` (checked against its source):
   default sort is unstable and the official order among ties is arbitrary). We use a stable sort,
   reversed: the same rule, made deterministic.
 * **CP / CR**: per-class precision `TP / (TP + FP + 1e-9)` and recall `TP / (TP + FN + 1e-9)` of
-  the predictions `score >= threshold`, macro-averaged over all classes (a class with no
+  the predictions `score > threshold` (`ramcli.decision.emitted`, the rule `tag` applies), macro-averaged over all classes (a class with no
   predictions has precision 0, one with no positives recall 0, as in the official code).
   The official code has no F1; we report the usual CF1 = 2·CP·CR / (CP + CR), and also the
   micro-averaged OP / OR / OF1.
@@ -27,6 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from ramcli.decision import emitted, threshold_below, threshold_between
+from ramcli.errors import RamcliError
 
 AP_EPSILON = 1e-8
 PR_EPSILON = 1e-9
@@ -107,8 +110,8 @@ def _f1(p: np.ndarray | float, r: np.ndarray | float) -> np.ndarray | float:
 
 
 def predict(scores: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
-    """The official decision rule: a class is predicted when its score is >= its threshold."""
-    return np.asarray(scores) >= np.asarray(thresholds, dtype=np.float64)
+    """The decision rule of `ramcli tag`: a class is predicted when its score is > its threshold."""
+    return emitted(scores, thresholds)
 
 
 def precision_recall(predictions: np.ndarray, targets: np.ndarray) -> PRSummary:
@@ -143,25 +146,33 @@ def split_indices(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, n
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
+def _precision_recall_curve(targets: np.ndarray, scores: np.ndarray, **kwargs):
+    """scikit-learn's curve; imported here so that mAP and CP/CR need no scikit-learn."""
+    try:
+        from sklearn.metrics import precision_recall_curve
+    except ImportError:
+        raise RamcliError("threshold calibration and PR curves need scikit-learn: pip install 'ramcli[eval]'") from None
+    return precision_recall_curve(targets, scores, **kwargs)
+
+
 def best_f1_threshold(scores: np.ndarray, targets: np.ndarray) -> float | None:
-    """The threshold that maximises F1 of `score >= t` on one class; None without positives.
+    """A threshold that maximises F1 of `score > t` on one class; None without positives.
 
-    Any t between the chosen score and the next lower one gives the same predictions here; we
-    take the midpoint (the widest margin on both sides) so that held-out images just below the
-    chosen score are not decided by a hair. Among equal F1 the highest threshold wins.
+    The best cut emits the scores from some candidate up; any t between that score and the next
+    lower one does, and `threshold_between` takes the float32 midpoint (the widest margin on both
+    sides) so that held-out images just below the chosen score are not decided by a hair.
+    Among equal F1 the highest cut wins.
     """
-    from sklearn.metrics import precision_recall_curve
-
     targets = np.asarray(targets).astype(bool)
     if not targets.any():
         return None
-    precision, recall, candidates = precision_recall_curve(targets, scores, drop_intermediate=False)
+    precision, recall, candidates = _precision_recall_curve(targets, scores, drop_intermediate=False)
     precision, recall = precision[:-1], recall[:-1]  # the last point is (1, 0) with no threshold
     f1 = np.asarray(_f1(precision, recall))
     best = len(f1) - 1 - int(np.argmax(f1[::-1]))  # candidates ascend: last maximum = highest t
     if best == 0:
-        return float(candidates[0])
-    return float((candidates[best] + candidates[best - 1]) / 2.0)
+        return threshold_below(candidates[0])
+    return threshold_between(candidates[best - 1], candidates[best])
 
 
 def calibrate_thresholds(scores: np.ndarray, targets: np.ndarray, defaults: np.ndarray) -> np.ndarray:
@@ -185,10 +196,8 @@ class PRCurve:
 
 def pr_curve(scores: np.ndarray, targets: np.ndarray) -> PRCurve | None:
     """Precision-recall points of one class (None when it has no positives)."""
-    from sklearn.metrics import precision_recall_curve
-
     targets = np.asarray(targets).astype(bool)
     if not targets.any():
         return None
-    precision, recall, _ = precision_recall_curve(targets, scores)
+    precision, recall, _ = _precision_recall_curve(targets, scores)
     return PRCurve(precision, recall)

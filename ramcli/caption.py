@@ -17,14 +17,14 @@ the official code calls it: num_beams 3, min_length 10, max_length 30 counting t
 length_penalty 1, no early stopping, prompt "a picture of "), with a key/value cache.
 
 Tokenizer: WordPiece through the `tokenizers` library with bert-base-uncased's vocab.txt and the
-official extra tokens [DEC] (bos) and [ENC] (30,524 ids). `train_tokenizer` builds a small
-vocabulary from captions, for tests and tiny CPU runs.
+official extra tokens [DEC] (bos) and [ENC] (30,524 ids). Training can build a small vocabulary
+from its captions instead (`ramcli_train.tokenizer`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,8 +86,11 @@ class CaptionTokenizer:
     @classmethod
     def from_vocab(cls, vocab: str | Path | None = None) -> CaptionTokenizer:
         """A vocab.txt (WordPiece, lower-cased like bert-base-uncased) or a saved tokenizer.json."""
-        from tokenizers import Tokenizer
-        from tokenizers.implementations import BertWordPieceTokenizer
+        try:
+            from tokenizers import Tokenizer
+            from tokenizers.implementations import BertWordPieceTokenizer
+        except ImportError:
+            raise RamcliError("captions need the tokenizers library: pip install 'ramcli[caption]'") from None
 
         path = Path(vocab) if vocab else bundled_vocab()
         if not path.is_file():
@@ -132,32 +135,6 @@ class CaptionTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> CaptionTokenizer:
-    """A small WordPiece vocabulary from `texts` (tests, tiny CPU models), bert-style normalised.
-
-    Deterministic on purpose (the `tokenizers` trainer breaks frequency ties differently from
-    run to run, which would make runs irreproducible): the special tokens, every character seen
-    (alone and as a ##continuation), then whole words by descending count, ties alphabetical.
-    """
-    from collections import Counter
-
-    from tokenizers.implementations import BertWordPieceTokenizer
-    from tokenizers.normalizers import BertNormalizer
-    from tokenizers.pre_tokenizers import BertPreTokenizer
-
-    normalizer, pre = BertNormalizer(lowercase=True), BertPreTokenizer()
-    words: Counter[str] = Counter()
-    for text in texts:
-        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
-    chars = sorted({c for w in words for c in w})
-    vocab = list(SPECIAL) + chars + ["##" + c for c in chars]
-    known = set(vocab)
-    ranked = [w for w, _ in sorted(words.items(), key=lambda x: (-x[1], x[0])) if w not in known]
-    vocab += ranked[: max(0, vocab_size - len(vocab) - 2)]  # 2 slots for [DEC] and [ENC]
-    wp = BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)
-    return CaptionTokenizer(wp._tokenizer)
 
 
 # ----------------------------------------------------------------------------- network

@@ -7,7 +7,7 @@ The flow of `ramcli eval`:
 3. Images are scored by the same pipeline as `ramcli tag` and the scores of the benchmark classes
    are cached in `OUT/scores.npz`, keyed by the benchmark and a fingerprint of the model, so a
    re-run with other thresholds (or `--calibrate`) never touches the model again.
-4. `evaluate_scores` computes mAP, CP/CR/F1 (see `ramcli_train.metrics`), optionally calibrates
+4. `evaluate_scores` computes mAP, CP/CR/F1 (see `ramcli.metrics`), optionally calibrates
    per-class thresholds, and `write_outputs` writes the summary, tables, predictions and plots.
 """
 
@@ -21,9 +21,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ramcli import metrics
+from ramcli.decision import check_threshold, format_thresholds
 from ramcli.errors import RamcliError, UsageError
 from ramcli.labels import LabelSet
-from ramcli_train import metrics
 
 CACHE_NAME = "scores.npz"
 CACHE_VERSION = 1
@@ -357,6 +358,8 @@ def read_threshold_file(path: Path, num_model_classes: int, cache: ScoreCache) -
         values = np.array([float(line) for line in lines], dtype=np.float64)
     except ValueError:
         raise RamcliError(f"threshold file has a line that is not a number: {path}") from None
+    for line, value in enumerate(values, 1):
+        check_threshold(value, f"threshold file {path}, line {line}")
     if len(values) == num_model_classes:
         return values[cache.model_indices]
     benchmark_classes = len(cache.columns) + len(cache.missing_classes)
@@ -370,7 +373,7 @@ def read_threshold_file(path: Path, num_model_classes: int, cache: ScoreCache) -
 
 def write_threshold_file(path: Path, thresholds: np.ndarray) -> None:
     """The official `ram_tag_list_threshold.txt` layout: one float per line, model label order."""
-    path.write_text("".join(f"{float(t):.4f}\n" for t in thresholds), encoding="utf-8")
+    path.write_text(format_thresholds(thresholds), encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -566,65 +569,12 @@ def write_outputs(result: EvalResult, benchmark: Benchmark, out_dir: Path, plots
         written["thresholds"] = out_dir / "thresholds.txt"
         write_threshold_file(written["thresholds"], result.calibration.model_thresholds)
     if plots:
+        from ramcli.plots import plot_ap_bars, plot_pr_curves
+
         written["pr_curves"] = plot_pr_curves(cache.scores, result.targets, cache.class_names,
                                               result.mean_ap, out_dir / "pr_curves.png")
         written["ap_per_class"] = plot_ap_bars(cache.class_names, result.mean_ap, out_dir / "ap_per_class.png")
     return written
-
-
-def _pyplot():
-    """matplotlib with the file-only Agg backend (no display on servers and in CI)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_pr_curves(scores: np.ndarray, targets: np.ndarray, names: np.ndarray, mean_ap: metrics.MeanAP,
-                   path: Path, per_side: int = 5) -> Path:
-    """PR curves of the `per_side` best and worst classes by AP (classes with positives only)."""
-    plt = _pyplot()
-    ranked = [int(k) for k in np.argsort(-mean_ap.per_class, kind="stable") if mean_ap.positives[k] > 0]
-    chosen = ranked if len(ranked) <= 2 * per_side else ranked[:per_side] + ranked[-per_side:]
-    fig, ax = plt.subplots(figsize=(7, 6))
-    for k in chosen:
-        curve = metrics.pr_curve(scores[:, k], targets[:, k])
-        style = "-" if k in ranked[:per_side] else "--"
-        ax.step(curve.recall, curve.precision, style, where="post",
-                label=f"{names[k]} (AP {100 * mean_ap.per_class[k]:.1f})")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
-           title=(f"PR curves of all {len(chosen)} classes" if chosen == ranked else
-                  f"PR curves: {per_side} best (solid) and worst (dashed) classes") + f", mAP {100 * mean_ap.mean:.2f}")
-    if chosen:
-        ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_ap_bars(names: np.ndarray, mean_ap: metrics.MeanAP, path: Path, per_side: int = 30) -> Path:
-    """Per-class AP, sorted; with many classes only the `per_side` best and worst are drawn."""
-    plt = _pyplot()
-    order = [int(k) for k in np.argsort(-mean_ap.per_class, kind="stable")]
-    if len(order) > 2 * per_side:
-        order = order[:per_side] + order[-per_side:]
-        title = f"AP of the {per_side} best and {per_side} worst of {len(names)} classes"
-    else:
-        title = f"AP per class ({len(names)} classes)"
-    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.22 * len(order) + 1)))
-    ax.barh(range(len(order)), [100 * mean_ap.per_class[k] for k in order], color="tab:blue")
-    ax.set_yticks(range(len(order)), [str(names[k]) for k in order], fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(100 * mean_ap.mean, color="tab:red", linestyle="--", label=f"mAP {100 * mean_ap.mean:.2f}")
-    ax.set(xlabel="AP (%)", xlim=(0, 100), title=title)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 @dataclass(frozen=True)

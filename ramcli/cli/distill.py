@@ -1,0 +1,82 @@
+"""`ramcli distill`: a thin layer over ramcli_train.distill (teacher pass, student training,
+held-out agreement and speed, export)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ramcli.cli.common import console, err_console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def distill(
+        teacher: str = typer.Option(..., "--teacher", help="The teacher: a weights file or a published name, as `tag --weights`."),
+        data: list[str] = typer.Option(..., "--data", help="Photo folders/files, or .tar shards (a folder of them, a brace pattern); repeatable."),
+        backbone: str = typer.Option("resnet50", "--backbone", help="The student's timm image encoder (resnet50, convnext_tiny, efficientnet_b0, mobilenetv4_conv_small, ...)."),
+        out: Path = typer.Option(..., "--out", help="The student: a tagger .safetensors for `ramcli tag --weights`."),
+        image_size: int | None = typer.Option(None, "--image-size", min=32, help="The student's input size (default: the teacher's)."),
+        hidden: int | None = typer.Option(None, "--hidden", min=4, help="The student's decoder width (default: the teacher's, whose decoder is copied). Smaller is faster with many tags."),
+        epochs: int = typer.Option(10, "--epochs", min=1),
+        max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
+        batch_size: int = typer.Option(32, "--batch-size", min=1),
+        lr: float = typer.Option(1e-3, "--lr", min=0.0),
+        val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of photos held out for the agreement figure."),
+        pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start the backbone from timm's pretrained weights when they can be had."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the student's training from the work folder's checkpoint."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        workers: int = typer.Option(0, "--workers", min=0, help="Decode worker processes."),
+        labels: Path | None = typer.Option(None, "--labels", help="Label folder of the teacher (as `tag --labels`)."),
+        work: Path | None = typer.Option(None, "--work", help="Work folder: teacher outputs, checkpoint, metrics (default: OUT.distill)."),
+        report: Path | None = typer.Option(None, "--report", help="Also write the report as JSON here."),
+    ) -> None:
+        """Distil a tagger into a smaller one on your photos: soft targets + CLIP-space image embedding."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from ramcli_train.distill import DistillConfig
+        from ramcli_train.distill import distill as run
+
+        cfg = DistillConfig(teacher=teacher, data=list(data), out=out, backbone=backbone, image_size=image_size,
+                            hidden=hidden, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                            val_fraction=val_fraction, pretrained=pretrained, device=device, workers=workers,
+                            labels_dir=labels, work=work)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=err_console, transient=True) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            result = run(cfg, resume=resume, progress=progress)
+        err_console.print(escape(result.backbone_init), highlight=False)
+        if result.skipped:
+            err_console.print(f"skipped {len(result.skipped)} photo(s) the teacher could not read:", highlight=False)
+            for path, reason in list(result.skipped.items())[:20]:
+                err_console.print(f"  {escape(path)}: {escape(reason)}", highlight=False, soft_wrap=True)
+            if len(result.skipped) > 20:
+                err_console.print(f"  and {len(result.skipped) - 20} more", highlight=False)
+        table = Table(title=f"held-out agreement (F1 of tag sets at the teacher's thresholds, "
+                            f"{result.agreement['photos']} photos): {result.agreement['f1']:.3f}")
+        for column in ("model", "backbone", "input px", "params (M)", "img/s", "ms / img"):
+            table.add_column(column, justify="left" if column in ("model", "backbone") else "right")
+        for name in ("teacher", "student"):
+            s = result.speed[name]
+            table.add_row(name, escape(s["backbone"]), str(s["input"]), f"{s['params_millions']:.1f}",
+                          f"{s['img_per_s']:.2f}", f"{1000 / s['img_per_s']:.1f}")
+        console.print(table)
+        console.print(f"student {result.speed['speedup']:.2f}x the teacher's speed ({result.speed['student']['images']} "
+                      f"photos, fp32, forward pass only); {result.photos} photos ({result.train} train, "
+                      f"{result.held_out} held out), {result.teacher_new} new teacher outputs, {result.steps} steps",
+                      highlight=False)
+        console.print(f"wrote {escape(str(result.out))}", highlight=False)
+        if report is not None:
+            report.write_text(json.dumps(result.as_dict(), indent=1) + "\n", encoding="utf-8")
+        if result.skipped:  # as `tag`: 1 when some photos could not be read
+            raise typer.Exit(1)

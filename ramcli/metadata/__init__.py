@@ -1,0 +1,62 @@
+"""Tags into the photos' own metadata, through ExifTool, without losing a user keyword or a pixel.
+
+API (what the tagging pipeline and `ramcli write`/`untag` call)::
+
+    from ramcli.metadata import MetadataWriter, WriterOptions
+    from ramcli.ledger import Ledger
+
+    with MetadataWriter(WriterOptions(), Ledger(db)) as writer:     # starts ExifTool, replays the journal
+        plans = writer.plan_batch([(path, [TagScore, ...]), ...])     # dry run: nothing written
+        outcomes = writer.write_batch([(path, tags), ...], model_id="ram_plus_swin_large_14m")
+        outcomes = writer.write_batch(items, model_id=..., captions=["a dog on a beach", None, ...])
+        outcomes = writer.untag_batch([path, ...])                    # remove ramcli's keywords only
+
+Each `WriteOutcome` says per photo: `status` 'written' | 'unchanged' | 'failed', a one-line
+`error`, `changes` (human-readable lines such as `IMG.CR2.xmp XMP-dc:Subject +dog -cat`) and,
+when the photo file itself was rewritten, its new `size`/`mtime_ns` (give them to
+`Index.update_stat` so the incremental tagger does not think the photo changed). One bad file
+never fails the batch.
+
+The package, by concern:
+
+- `options`: `WriterOptions`, what to write where;
+- `plan`: the merge rules and the plan records (pure: nothing is read or written);
+- `layout`: which file carries a photo's metadata (the photo or its sidecars), from what
+  discovery says the photo is;
+- `exiftool`: the ExifTool process, which never sees a user's file name or value as an argument;
+- `writer`: `MetadataWriter`, the transactional read-plan-stage-write-settle loop.
+"""
+
+from ramcli.metadata.exiftool import ExifToolProcess
+from ramcli.metadata.layout import sidecar_names, sidecar_targets
+from ramcli.metadata.options import Lang, Policy, SidecarName, WriterOptions
+from ramcli.metadata.plan import (
+    CREATED_SIDECAR,
+    MANAGED_FIELDS,
+    FilePlan,
+    WriteOutcome,
+    leaves,
+    plan_description,
+    plan_field,
+    trim_iptc,
+)
+from ramcli.metadata.writer import MetadataWriter
+
+__all__ = [
+    "CREATED_SIDECAR",
+    "MANAGED_FIELDS",
+    "ExifToolProcess",
+    "FilePlan",
+    "Lang",
+    "MetadataWriter",
+    "Policy",
+    "SidecarName",
+    "WriteOutcome",
+    "WriterOptions",
+    "leaves",
+    "plan_description",
+    "plan_field",
+    "sidecar_names",
+    "sidecar_targets",
+    "trim_iptc",
+]

@@ -1,0 +1,526 @@
+"""`ramcli distill`: a small student learns what a big tagger says about your own photos.
+
+    photos (or shards, unpacked once) -> the teacher's pass, once: logits of every class and the
+    pooled image embedding in CLIP space, stored per photo and resumable -> a held-out split by
+    content hash -> the student: any timm backbone under the teacher's label side (and its
+    decoder when the widths match) -> soft targets + embedding distillation -> held-out tag
+    agreement and both models' speed -> a tagger file for `ramcli tag --weights`.
+
+The student keeps the teacher's frozen CLIP label queries, and learns the teacher's pooled
+image embedding (RAM, RAM++), so the embedding lands in the same CLIP space and `ramcli vocab
+add` tags keep working on it. The teacher's scores are the targets for every class, not only
+those above a threshold (soft targets), so the student learns the teacher's confidence too.
+
+Everything lives in a work folder beside the output (`OUT.distill/`): the teacher's outputs
+(`teacher/`, one safetensors file per batch, written atomically), the unpacked shards, the
+training checkpoint (`checkpoint_last.pt`) and `metrics.jsonl`. A killed run keeps what the
+teacher has done; `--resume` continues the student's training exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ramcli.errors import RamcliError, UsageError
+from ramcli.imaging import ImageError, content_hash, normalize
+from ramcli.loader import PhotoDataset, collate, make_loader
+from ramcli.models.ram import RecognitionModel
+
+TEACHER_DIR = "teacher"
+SHARD_DIR = "shards"
+CHECKPOINT = "checkpoint_last.pt"
+SHARD_IMAGES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str  # a weights file or a published name, as `ramcli tag --weights`
+    data: list[str]  # photo folders/files, or .tar shards / folders of them
+    out: Path
+    backbone: str = "resnet50"
+    image_size: int | None = None  # default: the teacher's
+    hidden: int | None = None  # decoder width; default: the teacher's (its decoder is copied)
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    embed_weight: float = 1.0
+    val_fraction: float = 0.1
+    pretrained: bool = True
+    device: str = "auto"
+    workers: int = 0
+    threads: int = 0
+    seed: int = 0
+    save_every: int = 200
+    speed_images: int = 16
+    labels_dir: Path | None = None
+    work: Path | None = None  # default: OUT.distill beside the output
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work) if self.work else Path(self.out).with_suffix(".distill")
+
+
+@dataclass
+class Targets:
+    """The teacher's outputs per photo (content hash): logits of every class, pooled embedding."""
+
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- photos
+
+
+def is_shard_source(item: str) -> bool:
+    path = Path(item)
+    return item.endswith(".tar") or "{" in item or (path.is_dir() and any(path.glob("*.tar"))) or (
+        path.is_dir() and any(path.glob("*/*.tar")) and not _has_photos(path))
+
+
+def _has_photos(folder: Path) -> bool:
+    return any(p.suffix.lower() in SHARD_IMAGES for p in folder.iterdir() if p.is_file())
+
+
+def unpack_shards(sources: Sequence[str], dest: Path) -> list[Path]:
+    """The image members of shards as files under `dest`, named by shard and member index (never
+    by the names inside the archive); each shard is unpacked once (a marker says it is complete)."""
+    from ramcli_train.data import resolve_shards
+
+    shards: list[str] = []
+    for source in sources:
+        path = Path(source)
+        nested = sorted(str(p) for p in path.glob("*/*.tar")) if path.is_dir() and not any(path.glob("*.tar")) else []
+        shards += nested or resolve_shards(source)
+    out: list[Path] = []
+    for i, shard in enumerate(shards):
+        folder = dest / f"{i:05d}"
+        done = folder / ".complete"
+        if not done.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                with tarfile.open(shard) as tar:
+                    n = 0
+                    for member in tar:
+                        suffix = Path(member.name).suffix.lower()
+                        if not member.isfile() or suffix not in SHARD_IMAGES:
+                            continue
+                        data = tar.extractfile(member).read()
+                        target = folder / f"{n:07d}{suffix}"
+                        target.write_bytes(data)
+                        n += 1
+            except (tarfile.TarError, OSError) as exc:
+                raise RamcliError(f"cannot read shard {Path(shard).name}: {str(exc).splitlines()[0][:160]}") from None
+            done.write_text(shard + "\n", encoding="utf-8")
+        out += sorted(p for p in folder.iterdir() if p.suffix in SHARD_IMAGES)
+    return out
+
+
+def collect_photos(data: Sequence[str], work: Path) -> tuple[list[Path], dict[str, str]]:
+    """(photos, skipped path -> reason) from photo folders/files and shards."""
+    from ramcli.discover import discover
+
+    if not data:
+        raise UsageError("no data: pass --data PHOTOS_OR_SHARDS")
+    shards = [d for d in data if is_shard_source(d)]
+    photos = unpack_shards(shards, work / SHARD_DIR) if shards else []
+    skipped: dict[str, str] = {}
+    roots = [Path(d) for d in data if d not in shards]
+    for found in discover(roots):
+        if found.kind in ("image", "raw"):
+            photos.append(found.path)
+        elif found.kind in ("error", "link"):  # links are not followed, as in `tag` without --follow-links
+            skipped[str(found.path)] = found.reason or "unreadable"
+    if not photos:
+        raise RamcliError("no photos found in --data")
+    return photos, skipped
+
+
+# ----------------------------------------------------------------------------- the teacher's pass
+
+
+class TeacherStore:
+    """The teacher's outputs, one safetensors file per batch: `logits` (N, C), `embeds` (N, 512)
+    and the photos' content hashes in the metadata. Files are written under a temporary name and
+    renamed, so a killed pass keeps every finished batch and never leaves half a file."""
+
+    def __init__(self, folder: Path, teacher_id: str):
+        self.folder = Path(folder)
+        self.teacher_id = teacher_id
+
+    def load(self) -> Targets:
+        targets = Targets()
+        for path in sorted(self.folder.glob("batch-*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    if meta.get("teacher") != self.teacher_id:
+                        continue
+                    keys = json.loads(meta["keys"])
+                    logits, embeds = f.get_tensor("logits"), f.get_tensor("embeds")
+            except Exception:  # noqa: BLE001 - a damaged file is redone, never trusted
+                continue
+            for i, key in enumerate(keys):
+                targets.logits[key] = logits[i]
+                targets.embeds[key] = embeds[i]
+        return targets
+
+    def add(self, keys: list[str], logits: torch.Tensor, embeds: torch.Tensor) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        n = len(list(self.folder.glob("batch-*.safetensors")))
+        path = self.folder / f"batch-{n:06d}.safetensors"
+        tmp = path.with_suffix(".partial")
+        save_file({"logits": logits.float().contiguous().cpu(), "embeds": embeds.float().contiguous().cpu()}, str(tmp),
+                  metadata={"teacher": self.teacher_id, "keys": json.dumps(keys)})
+        os.replace(tmp, path)
+
+
+def pooled_embedding(embeds: torch.Tensor) -> torch.Tensor:
+    """The image's pooled token: CLIP space for RAM and RAM++ (what their distillation loss trains)."""
+    return embeds[:, 0, :]
+
+
+@torch.inference_mode()
+def teacher_pass(teacher: RecognitionModel, photos: list[Path], store: TeacherStore, device: torch.device,
+                 batch_size: int, workers: int, cache=None,
+                 on_progress: Callable[[int], None] | None = None) -> tuple[Targets, dict[str, Path], dict[str, str]]:
+    """Run the teacher over the photos it has not seen yet: (targets, key -> photo, failures).
+
+    Photos whose image embeddings are in the embedding cache (`ramcli tag --cache-embeddings`
+    with this teacher) only run the recognition decoder."""
+    targets = store.load()
+    keys: dict[str, Path] = {}
+    key_of: dict[Path, str] = {}
+    failures: dict[str, str] = {}
+    for path in photos:
+        try:
+            key = content_hash(path)
+        except ImageError as exc:
+            failures[str(path)] = str(exc)
+            continue
+        except OSError as exc:
+            failures[str(path)] = exc.strerror or type(exc).__name__
+            continue
+        if key not in keys:  # the same image twice: one target, one place in the split
+            keys[key] = path
+            key_of[path] = key
+    todo = [p for k, p in keys.items() if k not in targets.logits]
+    teacher = teacher.to(device).eval()
+    cached = [p for p in todo if cache is not None and key_of[p] in cache]
+    for start in range(0, len(cached), batch_size):
+        chunk = [key_of[p] for p in cached[start:start + batch_size]]
+        embeds = cache.get(chunk).to(device, torch.float32)
+        _record(store, targets, chunk, teacher.decode(embeds), pooled_embedding(embeds))
+        if on_progress:
+            on_progress(len(chunk))
+    in_cache = set(cached)
+    for batch in _loader([p for p in todo if p not in in_cache], teacher, batch_size, workers):
+        for failure in batch.failures:
+            failures[str(failure.path)] = failure.reason
+        if batch.items:
+            embeds = teacher.encode_image(normalize(batch.pixels.to(device), teacher.arch.data_config))
+            chunk = [key_of[item.path] for item in batch.items]
+            _record(store, targets, chunk, teacher.decode(embeds), pooled_embedding(embeds))
+        if on_progress:
+            on_progress(len(batch.items) + len(batch.failures))
+    good = {k: p for k, p in keys.items() if str(p) not in failures and k in targets.logits}
+    return targets, good, failures
+
+
+def _loader(paths: list[Path], model: RecognitionModel, batch_size: int, workers: int):
+    """Photos decoded as `model` takes them (its size and interpolation), as `ramcli tag` does."""
+    return make_loader(paths, model.arch.image_size, batch_size, workers=workers, interpolation=model.arch.interpolation)
+
+
+def _record(store: TeacherStore, targets: Targets, keys: list[str], logits: torch.Tensor, embeds: torch.Tensor) -> None:
+    store.add(keys, logits, embeds)
+    for i, key in enumerate(keys):
+        targets.logits[key] = logits[i].float().cpu()
+        targets.embeds[key] = embeds[i].float().cpu()
+
+
+def split(keys: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) by content hash: the same photo always lands on the same side."""
+    if not 0 < val_fraction < 1:
+        raise UsageError("--val-fraction must be between 0 and 1")
+    ordered = sorted(keys)
+    held = [k for k in ordered if int(k[:8], 16) / 16**8 < val_fraction]
+    if not held and len(ordered) > 1:
+        held = [ordered[0]]
+    if len(held) == len(ordered):
+        held = held[:-1]
+    train = [k for k in ordered if k not in set(held)]
+    if not train:
+        raise RamcliError("too few photos to distil on: at least two are needed (one is held out)")
+    return train, held
+
+
+# ----------------------------------------------------------------------------- the student
+
+
+def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hidden: int | None = None,
+                  pretrained: bool = True) -> tuple[RecognitionModel, str]:
+    """(student, where its backbone's weights came from): a timm backbone under the teacher's label
+    side; every teacher tensor outside the image encoder whose shape fits is copied (the whole
+    decoder when `hidden` is the teacher's)."""
+    from ramcli_train.model import _init_tagger
+    from ramcli_train.pretrained import load_pretrained_backbone
+
+    t = teacher.arch
+    decoder = {}
+    if hidden is not None and hidden != t.hidden:
+        if hidden <= 0 or hidden % t.heads:
+            raise UsageError(f"--hidden must be a positive multiple of the teacher's {t.heads} attention heads")
+        decoder = dict(hidden=hidden, intermediate=4 * hidden)
+    arch = replace(t, name=f"{t.family}_{backbone}_{image_size}", swin=None, backbone=backbone, image_size=image_size,
+                   **decoder)
+    student = RecognitionModel(arch, teacher.labels, model_id="student")
+    _init_tagger(student, None if t.family == "tag2text" else teacher.label_embed.detach().float())
+    own = student.state_dict()
+    fits = {k: v for k, v in teacher.state_dict().items()
+            if not k.startswith(("backbone.", "image_proj.")) and k in own and tuple(v.shape) == tuple(own[k].shape)}
+    student.load_state_dict(fits, strict=False)
+    note = f"backbone {backbone}: random initialisation"
+    if pretrained:
+        note = load_pretrained_backbone(student).message
+    return student, note
+
+
+def student_loss(student: RecognitionModel, images: torch.Tensor, teacher_logits: torch.Tensor,
+                 teacher_embeds: torch.Tensor, embed_weight: float) -> dict[str, torch.Tensor]:
+    """soft: BCE to the teacher's probabilities, summed over every class (averaged over images);
+    embed (RAM, RAM++): L1 to the teacher's pooled image embedding, as RAM's own distillation."""
+    embeds = student.encode_image(images)
+    logits = student.decode(embeds)
+    parts = {"soft": F.binary_cross_entropy_with_logits(logits.float(), torch.sigmoid(teacher_logits.float()),
+                                                         reduction="sum") / images.shape[0]}
+    if student.arch.family != "tag2text" and embed_weight > 0:
+        parts["embed"] = embed_weight * F.l1_loss(pooled_embedding(embeds).float(), teacher_embeds.float())
+    return parts
+
+
+def lr_at(cfg: DistillConfig, step: int, total: int) -> float:
+    """Linear warmup, then cosine to zero over the run."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: list[Path], keys: list[str],
+                  targets: Targets, device: torch.device, log, resume: bool,
+                  on_step: Callable[[int, int, dict], None] | None = None) -> int:
+    """The training loop; returns the number of optimizer steps done. Checkpoints hold the
+    student, optimizer, step and position in the epoch, so `resume` continues exactly."""
+    from ramcli_train.loop import load_checkpoint, save_checkpoint
+
+    work = cfg.work_dir
+    per_epoch = math.ceil(len(train_paths) / cfg.batch_size)
+    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    student.to(device).train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, epoch, skip = 0, 0, 0
+    if resume:
+        state = load_checkpoint(work / CHECKPOINT)
+        try:
+            student.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError):
+            raise RamcliError(f"{work / CHECKPOINT} is not a checkpoint of this student (another --backbone, "
+                              "--hidden or teacher?); start without --resume") from None
+        step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+    by_path = dict(zip(train_paths, keys))
+    dataset = PhotoDataset(train_paths, student.arch.image_size, interpolation=student.arch.interpolation)
+
+    def checkpoint(batch_in_epoch: int, ep: int) -> None:
+        save_checkpoint(work / CHECKPOINT, {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch})
+
+    while step < total:
+        order = _epoch_order(len(train_paths), cfg.seed, epoch)
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[skip:], num_workers=cfg.workers,
+                                             collate_fn=functools.partial(collate, size=student.arch.image_size))
+        done_in_epoch = skip
+        for batch in loader:
+            done_in_epoch += 1
+            if not batch.items:
+                continue
+            batch_keys = [by_path[item.path] for item in batch.items]
+            lr = lr_at(cfg, step, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            parts = student_loss(student, normalize(batch.pixels.to(device), student.arch.data_config),
+                                 torch.stack([targets.logits[k] for k in batch_keys]).to(device),
+                                 torch.stack([targets.embeds[k] for k in batch_keys]).to(device), cfg.embed_weight)
+            loss = sum(parts.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            record = {"step": step, "epoch": epoch, "lr": lr, **{k: round(v.item(), 5) for k, v in parts.items()}}
+            log(record)
+            if on_step:
+                on_step(step, total, record)
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint(done_in_epoch, epoch)
+            if step >= total:
+                break
+        else:
+            epoch, skip = epoch + 1, 0
+            checkpoint(0, epoch)
+            continue
+        checkpoint(done_in_epoch, epoch)
+    student.eval()
+    return step
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def agreement(teacher_tags: list[set[str]], student_tags: list[set[str]]) -> dict[str, float]:
+    """Micro F1 of the student's tag sets against the teacher's (1.0 when both are empty), and
+    the share of photos with exactly the teacher's set."""
+    common = sum(len(t & s) for t, s in zip(teacher_tags, student_tags))
+    total = sum(len(t) + len(s) for t, s in zip(teacher_tags, student_tags))
+    same = sum(t == s for t, s in zip(teacher_tags, student_tags))
+    return {"f1": 2 * common / total if total else 1.0, "same_set": same / max(1, len(teacher_tags)),
+            "photos": len(teacher_tags)}
+
+
+def tag_sets(model: RecognitionModel, scores: torch.Tensor, device: torch.device) -> list[set[str]]:
+    """Tags emitted for full-class `scores` under `ramcli tag`'s decision rule (the model's thresholds)."""
+    from ramcli.pipeline import Tagger
+
+    tagger = Tagger(model, device)
+    return [{t.name for t in row} for row in tagger.decide(scores[:, tagger.active])]
+
+
+@torch.inference_mode()
+def student_scores(student: RecognitionModel, paths: list[Path], device: torch.device, batch_size: int,
+                   workers: int) -> torch.Tensor:
+    rows = []
+    for batch in _loader(paths, student, batch_size, workers):
+        rows.append(torch.sigmoid(student(normalize(batch.pixels.to(device), student.arch.data_config)).float()).cpu())
+    return torch.cat(rows)
+
+
+@torch.inference_mode()
+def speed(model: RecognitionModel, paths: list[Path], device: torch.device, batch_size: int) -> dict:
+    """img/s of the model's forward pass (decode excluded) in fp32 on `device`, after one warm-up batch."""
+    pixels = torch.cat([b.pixels for b in _loader(paths, model, batch_size, 0)])
+    x = normalize(pixels.to(device), model.arch.data_config)
+    model = model.to(device).eval()
+    model(x[:batch_size])
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(x), batch_size):
+        model(x[i:i + batch_size])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return {"images": len(x), "seconds": wall, "img_per_s": len(x) / wall, "cpu_seconds": time.process_time() - cpu,
+            "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
+            "input": model.arch.image_size, "backbone": model.arch.backbone or "Swin"}
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+@dataclass
+class Report:
+    photos: int
+    skipped: dict[str, str]
+    train: int
+    held_out: int
+    steps: int
+    teacher_new: int
+    backbone_init: str
+    agreement: dict
+    speed: dict
+    out: Path
+
+    def as_dict(self) -> dict:
+        return {**{k: v for k, v in self.__dict__.items() if k != "out"}, "out": str(self.out)}
+
+
+def distill(cfg: DistillConfig, resume: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Report:
+    """The whole run; `progress(stage, done, total)` is called as the teacher pass and training advance."""
+    from ramcli.embed_cache import EmbeddingCache
+    from ramcli.models import load_model
+    from ramcli.pipeline import resolve_device
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.epochs <= 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
+        raise UsageError("--epochs, --batch-size and --lr must be positive")
+    device = resolve_device(cfg.device)
+    work = cfg.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    if resume and not (work / CHECKPOINT).is_file():
+        raise UsageError(f"nothing to resume: {work / CHECKPOINT} does not exist")
+    teacher = load_model(cfg.teacher, labels_dir=cfg.labels_dir)
+    photos, skipped = collect_photos(cfg.data, work)
+    store = TeacherStore(work / TEACHER_DIR, teacher.model_id)
+    before = len(store.load().logits)
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress("teacher", done[0], len(photos))
+
+    cache = EmbeddingCache(teacher.model_id)
+    targets, keyed, failures = teacher_pass(teacher, photos, store, device, cfg.batch_size, cfg.workers,
+                                            cache if cache.dir.is_dir() else None, advance)
+    skipped.update(failures)
+    train_keys, held_keys = split(list(keyed), cfg.val_fraction)
+    size = cfg.image_size or teacher.arch.image_size
+    torch.manual_seed(cfg.seed)
+    student, note = build_student(teacher, cfg.backbone, size, cfg.hidden, cfg.pretrained and not resume)
+    student.model_id = f"{Path(cfg.out).stem}"
+    with open(work / "metrics.jsonl", "a", encoding="utf-8") as log_file:
+        def log(record: dict) -> None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+        log({"event": "start", "teacher": teacher.model_id, "backbone": note, "photos": len(keyed),
+             "skipped": len(skipped), "train": len(train_keys), "held_out": len(held_keys)})
+        steps = train_student(cfg, student, [keyed[k] for k in train_keys], train_keys, targets, device, log, resume,
+                              (lambda s, t, _r: progress("student", s, t)) if progress else None)
+        student.model_id = f"{Path(cfg.out).stem}@step{steps}"
+        held_paths = [keyed[k] for k in held_keys]
+        teacher_probs = torch.sigmoid(torch.stack([targets.logits[k] for k in held_keys]))
+        student_probs = student_scores(student, held_paths, device, cfg.batch_size, cfg.workers)
+        agree = agreement(tag_sets(teacher, teacher_probs, device), tag_sets(student, student_probs, device))
+        timed = held_paths[: cfg.speed_images]
+        batch = min(8, len(timed))
+        speeds = {"teacher": speed(teacher, timed, device, batch), "student": speed(student, timed, device, batch)}
+        speeds["speedup"] = speeds["student"]["img_per_s"] / speeds["teacher"]["img_per_s"]
+        log({"event": "end", "steps": steps, "agreement": agree, "speed": speeds})
+    from ramcli.models.checkpoint import save_converted
+
+    out = save_converted(student.float(), Path(cfg.out), source=f"ramcli distill from {teacher.model_id}")
+    return Report(len(keyed), skipped, len(train_keys), len(held_keys), steps, len(targets.logits) - before, note,
+                  agree, speeds, out)

@@ -1,0 +1,219 @@
+"""RAM on any timm backbone, its pretrained-weight lookup, and `ramcli distill` end to end on
+tiny models: teacher pass (stored, resumable, embedding cache reused), student training,
+agreement, export, then `tag`, `vocab add`, `tag`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_factory import make_labels_dir, make_official_checkpoint
+from clip_fixtures import TINY_CLIP, save_random_clip
+from click.testing import Result
+from images import photo_like
+from typer.testing import CliRunner
+
+from ramcli.cli.app import app
+from ramcli.embed_cache import EmbeddingCache
+from ramcli.models import load_any, load_model
+from ramcli.models.checkpoint import save_converted
+from ramcli.models.configs import ARCHS
+from ramcli.models.ram import RecognitionModel, backbone_width
+from ramcli_train import pretrained
+from ramcli_train.distill import TeacherStore, agreement, build_student, split, teacher_pass
+
+BACKBONES = ["resnet18", "convnext_atto", "efficientnet_b0", "mobilenetv4_conv_small", "vit_tiny_patch16_224",
+             "swin_tiny_patch4_window7_224"]
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_any_timm_backbone_tags_and_round_trips_through_the_tagger_file(name, tmp_path):
+    base = ARCHS["ram_plus_tiny"]
+    arch = replace(base, name=f"ram_plus_{name}_64", swin=None, backbone=name, num_classes=5)
+    torch.manual_seed(0)
+    from ramcli.labels import LabelSet
+
+    labels = LabelSet(tuple("abcde"), tuple("abcde"), (0.5,) * 5)
+    model = RecognitionModel(arch, labels).eval()
+    assert model.image_proj.in_features == backbone_width(arch) == model.backbone.num_features
+    assert model.arch.data_config["input_size"] == (3, 64, 64) and len(model.arch.data_config["mean"]) == 3
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(images)
+    assert want.shape == (2, 5)
+    path = save_converted(model, tmp_path / "m.safetensors")
+    loaded = load_model(path)
+    assert loaded.arch.backbone == name and loaded.arch.data_config == model.arch.data_config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), want)
+
+
+def test_unknown_backbone_is_a_one_line_error(tmp_path):
+    from ramcli.cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tmp_path), "--preset", "tiny", "--backbone", "no_such_net", "--dry-run"])
+    assert exc.value.code != 0
+
+
+def _fake_hub_cache(root: Path, repo: str, tensors: dict[str, torch.Tensor]) -> Path:
+    """The huggingface_hub cache layout holding one model.safetensors of `repo`."""
+    from safetensors.torch import save_file
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    snap = folder / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(snap / "model.safetensors"))
+    return root
+
+
+def test_pretrained_weights_come_from_the_hub_cache_or_fail_fast(tmp_path, monkeypatch):
+    import time
+
+    import timm
+
+    arch = replace(ARCHS["ram_tiny"], swin=None, backbone="test_resnet", num_classes=3)
+    source = timm.create_model("test_resnet", num_classes=0)
+    torch.manual_seed(1)
+    for p in source.parameters():
+        torch.nn.init.normal_(p)
+    cache = _fake_hub_cache(tmp_path / "hub", timm.models.get_pretrained_cfg("test_resnet").hf_hub_id,
+                            source.state_dict())
+    model = RecognitionModel(arch)
+    loaded = pretrained.load_pretrained_backbone(model, cache_dir=cache)
+    assert loaded.pretrained and "hub cache" in loaded.message
+    torch.testing.assert_close(model.backbone.conv1[0].weight if hasattr(model.backbone.conv1, "__getitem__")
+                               else model.backbone.conv1.weight,
+                               source.conv1[0].weight if hasattr(source.conv1, "__getitem__") else source.conv1.weight)
+
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    missing = pretrained.load_pretrained_backbone(RecognitionModel(arch), cache_dir=tmp_path / "empty")
+    assert not missing.pretrained and "random initialisation" in missing.message
+    assert time.perf_counter() - start < 5  # no retries against an unreachable hub
+
+
+def test_agreement_and_split():
+    assert agreement([{"a", "b"}, set()], [{"a"}, set()]) == {"f1": pytest.approx(2 / 3), "same_set": 0.5, "photos": 2}
+    assert agreement([set()], [set()])["f1"] == 1.0
+    keys = [f"{i:064x}" for i in range(0, 2**20, 997)]
+    train, held = split(keys, 0.25)
+    assert set(train).isdisjoint(held) and set(train) | set(held) == set(keys) and held
+    assert split(list(reversed(keys)), 0.25) == (train, held)  # by content, not by order
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    labels = make_labels_dir(root, 50)
+    ckpt = make_official_checkpoint(root / "ram.pth", "ram_tiny", num_classes=50)
+    teacher = save_converted(load_any(ckpt, labels_dir=labels), root / "teacher.safetensors")
+    photos = root / "photos"
+    photos.mkdir()
+    for i in range(14):
+        photo_like(96, 80, seed=i).save(photos / f"p{i:02d}.jpg", quality=90)
+    whole = (photos / "p00.jpg").read_bytes()
+    (photos / "broken.jpg").write_bytes(whole[: len(whole) // 2])  # a truncated JPEG
+    return root, teacher, labels, photos
+
+
+def _run(args: list[str], home: Path) -> Result:
+    return CliRunner().invoke(app, args, env={"RAMCLI_HOME": str(home)}, catch_exceptions=False)
+
+
+def test_distill_tag_vocab_add_tag(world, tmp_path):
+    root, teacher, labels, photos = world
+    home = tmp_path / "home"
+    out = tmp_path / "student.safetensors"
+    args = ["distill", "--teacher", str(teacher), "--data", str(photos), "--backbone", "test_resnet", "--out", str(out),
+            "--batch-size", "4", "--max-steps", "4", "--val-fraction", "0.3", "--no-pretrained", "--device", "cpu",
+            "--report", str(tmp_path / "report.json")]
+    res = _run(args, home)
+    assert res.exit_code == 1, res.output  # one photo could not be read: counted, the run completes
+    assert "skipped 1 photo(s)" in res.stderr and "broken.jpg" in res.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["photos"] == 14 and report["train"] + report["held_out"] == 14 and report["steps"] == 4
+    assert report["teacher_new"] == 14 and 0 <= report["agreement"]["f1"] <= 1
+    assert {"teacher", "student", "speedup"} <= set(report["speed"])
+    assert "held-out agreement" in res.stdout and "teacher" in res.stdout
+
+    student = load_model(out)
+    assert student.arch.backbone == "test_resnet" and student.arch.family == "ram"
+    assert student.labels.names == load_model(teacher).labels.names
+    metrics = [json.loads(line) for line in (tmp_path / "student.distill" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "soft" in m]
+    assert len(steps) == 4 and all("embed" in m for m in steps)
+
+    # resume: the teacher's outputs are reused, training continues from the checkpoint
+    resumed = _run([*args, "--max-steps", "6", "--resume"], home)
+    report2 = json.loads((tmp_path / "report.json").read_text())
+    assert resumed.exit_code == 1 and report2["teacher_new"] == 0 and report2["steps"] == 6
+
+    tag = ["tag", str(photos), "--weights", str(out), "--format", "jsonl", "--no-write", "--no-index", "--workers", "0"]
+    first = _run(tag, home)
+    rows = [r for line in first.stdout.splitlines() if line.startswith("{") and (r := json.loads(line)).get("tags")]
+    assert len(rows) == 14 and all(r["model"] == "student@step6" for r in rows)
+
+    from ramcli import clip_text
+    from ramcli.vocab import Vocabulary
+
+    clip = save_random_clip(tmp_path / "clip.safetensors", TINY_CLIP)
+    vocab = Vocabulary.open(home / "vocab", builtin=student.labels.names)
+    vocab.add("tram", lambda: clip_text.load_text_encoder(clip, model_config=TINY_CLIP), threshold=0.0)
+    vocab.save()
+    again = _run(tag, home)
+    rows = [r for line in again.stdout.splitlines() if line.startswith("{") and (r := json.loads(line)).get("tags")]
+    assert len(rows) == 14 and all("tram" in {t["name"] for t in r["tags"]} for r in rows)
+
+
+def test_teacher_pass_resumes_and_reuses_cached_embeddings(world, tmp_path):
+    root, teacher_file, labels, photos = world
+    teacher = load_model(teacher_file)
+    files = sorted(photos.glob("p*.jpg"))
+    store = TeacherStore(tmp_path / "teacher", teacher.model_id)
+    seen = []
+    encode = teacher.encode_image
+
+    def counting(images):
+        seen.append(images.shape[0])
+        return encode(images)
+
+    teacher.encode_image = counting
+    targets, keyed, failures = teacher_pass(teacher, files[:5], store, torch.device("cpu"), 2, 0)
+    assert len(keyed) == 5 and sum(seen) == 5 and not failures
+    # a later (or restarted) pass only runs the teacher on what it has not seen
+    seen.clear()
+    cache = EmbeddingCache(teacher.model_id, tmp_path / "cache")
+    from ramcli.imaging import content_hash, load_for_model, normalize
+
+    with torch.no_grad():
+        for f in files[5:8]:
+            cache.put([content_hash(f)], encode(normalize(load_for_model(f, 64).pixels[None])))
+    targets, keyed, _ = teacher_pass(teacher, files, store, torch.device("cpu"), 4, 0, cache=cache)
+    assert len(keyed) == 14 and sum(seen) == 14 - 5 - 3
+    reloaded = store.load()
+    assert set(reloaded.logits) == set(keyed) and reloaded.embeds[next(iter(keyed))].shape == (512,)
+    with torch.no_grad():  # targets are the teacher's own outputs
+        key = content_hash(files[0])
+        x = normalize(load_for_model(files[0], 64).pixels[None])
+        torch.testing.assert_close(reloaded.logits[key], teacher.decode(encode(x))[0], atol=1e-5, rtol=1e-4)
+
+
+def test_student_copies_the_teacher_label_side_and_decoder(world):
+    _, teacher_file, _, _ = world
+    teacher = load_model(teacher_file)
+    student, note = build_student(teacher, "test_resnet", 48, pretrained=False)
+    assert "random" in note and student.arch.image_size == 48 and student.arch.swin is None
+    t, s = teacher.state_dict(), student.state_dict()
+    for k in ("label_embed", "wordvec_proj.weight", "fc.weight", "decoder.layers.0.ffn_in.weight"):
+        torch.testing.assert_close(s[k], t[k])
+    smaller, _ = build_student(teacher, "test_resnet", 48, hidden=32, pretrained=False)
+    assert smaller.arch.hidden == 32 and torch.equal(smaller.label_embed, teacher.label_embed)
