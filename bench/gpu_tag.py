@@ -84,14 +84,14 @@ def main() -> None:
 
     batches = (1, 32, 128) if not args.quick else (1, 4)
     for compiled in (False, True):
-        tagger = Tagger(model, device, torch.bfloat16 if device.type == "cuda" else None, compile=compiled)
+        tagger = Tagger(model, device, "bf16" if device.type == "cuda" else "fp32", compile=compiled)
         for b in batches:
             x = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=device)
             sec = timed(lambda: tagger.scores(x), device)
             print(f"model   bf16 {'compiled' if compiled else 'eager   '} batch {b:4d}: {b / sec:8.1f} img/s")
 
     for compiled, decode in ((False, "workers"), (True, "workers"), (False, "device"), (True, "device")):
-        tagger = Tagger(model, device, torch.bfloat16 if device.type == "cuda" else None, compile=compiled)
+        tagger = Tagger(model, device, "bf16" if device.type == "cuda" else "fp32", compile=compiled)
         run = lambda paths: tag_files(paths, tagger, [lambda r: None], batch_size=batches[-1],  # noqa: E731
                                       workers=args.workers, decode=decode)
         run(photos[:batches[-1]])
@@ -101,7 +101,7 @@ def main() -> None:
         print(f"end-to-end ramcli {'compiled' if compiled else 'eager   '}, {where}: "
               f"{len(photos) / (time.perf_counter() - t0):8.1f} img/s")
 
-    base = Tagger(model, device, None)
+    base = Tagger(model, device, "fp32")
     n = min(len(photos), 32)
     from PIL import Image
     from torchvision import transforms

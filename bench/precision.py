@@ -20,13 +20,13 @@ from ramcli.models import convert, load_any
 from ramcli.pipeline import Tagger, tag_files
 
 
-def tags_of(model, photos: list[Path], autocast=None) -> list[set[str]]:
+def tags_of(model, photos: list[Path], precision: str = "fp32") -> list[set[str]]:
     got: dict[str, set[str]] = {}
 
     def sink(results):
         got.update({r.path: {t.name for t in r.tags} for r in results})
 
-    tag_files(photos, Tagger(model, torch.device("cpu"), autocast), [sink], batch_size=len(photos), workers=0)
+    tag_files(photos, Tagger(model, torch.device("cpu"), precision), [sink], batch_size=len(photos), workers=0)
     return [got[str(p)] for p in photos]
 
 
@@ -50,7 +50,7 @@ def main() -> None:
         got = tags_of(load_any(dst, dtype=torch.float32), photos)
         print(f"converted {dtype} weights, fp32 compute: {dst.stat().st_size / 1e9:.2f} GB, "
               f"tag agreement {100 * agreement(reference, got):.2f}%")
-    got = tags_of(load_any(pth, labels_dir=labels), photos, torch.bfloat16)
+    got = tags_of(load_any(pth, labels_dir=labels), photos, "bf16")
     print(f"fp32 weights, CPU bf16 autocast: tag agreement {100 * agreement(reference, got):.2f}%")
 
 

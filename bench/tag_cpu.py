@@ -1,133 +1,178 @@
-"""End-to-end CPU tagging throughput: ramcli's pipeline vs an official-style baseline, same run.
+"""CPU tagging, every path in one table: speed vs an official-style baseline, tags and scores vs fp32.
 
 Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-like JPEGs.
 
-  baseline : one image at a time: full PIL decode, the official torchvision transform
-             (Resize((384,384)), ToTensor, Normalize), fp32 forward at batch 1.
-  ramcli   : the `ramcli tag` pipeline (full decode in worker processes, batches, strict
-             thresholds) in fp32 (eager, and torch.compile'd: the default for jobs of 100+
-             photos) and in bf16 autocast (eager and compiled).
+  baseline  : one image at a time: full PIL decode, the official torchvision transform
+              (Resize((384,384)), ToTensor, Normalize), fp32 forward at batch 1.
+  fp32 ...  : the `ramcli tag` pipeline (CPU default decode in worker processes, batches, strict
+              thresholds) in each arithmetic: fp32, bf16 autocast, int8 (dynamic int8 Linear
+              layers), each eager and torch.compile'd, and the exported ONNX graph run by ONNX
+              Runtime. Compilation (and the ONNX export) is done once beforehand and not timed.
 
-Agreement of the emitted tags with the baseline's = tags emitted by both / tags emitted by
-either, with the count of tags that differ. Two reference rows say how much of a disagreement
-is arithmetic noise rather than a worse pipeline: the fp32 model on the baseline's own pixels
-(full decode) at batch 4, and the count of baseline scores within 0.001 of their threshold
-(random weights put many there; any change of pixels or arithmetic flips some of them).
+Each path runs in a fresh process, so "peak MB" is that path's own resident high-water mark
+(model, activations, compiled code; decode workers not included). Tag agreement = tags emitted
+by both / tags emitted by either, vs ramcli fp32 on the same (draft-decoded) pixels; "max change"
+is the largest |score - fp32 score| over all photos and classes. Random weights put many scores
+within a hair of their threshold (the header says how many), so agreement here is a worst case.
 
-    .venv/bin/python bench/tag_cpu.py [--images 24] [--batch-size 4] [--workers 1] [--arch ram_swin_large_384]
+    .venv/bin/python bench/tag_cpu.py [--images 8] [--batch-size 4] [--workers 1] [--paths fp32,int8]
+    ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/tag_cpu.py --paths fp32,int8   # an AVX2-only CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
-from torchvision import transforms
 
 from _common import CACHE, checkpoint, jpegs, load_average
 
-from ramcli.imaging import load_for_model
-from ramcli.models import load_any
-from ramcli.pipeline import Tagger, tag_files
-
-Tags = list[set[str]]
+PATHS = ("baseline", "fp32", "fp32 compiled", "bf16", "bf16 compiled", "int8", "int8 compiled", "onnx")
 
 
-def baseline(model, paths: list[Path]) -> tuple[float, Tags, torch.Tensor]:
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark since its exec (VmHWM; ru_maxrss would include the
+    parent's memory that a spawned child inherits across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def baseline(pth: Path, labels: Path, photos: list[Path], **_) -> dict:
     """The official inference script's way, one photo after the other."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from ramcli.models import load_any
+
+    model = load_any(pth, labels_dir=labels).eval()
     size = model.arch.image_size
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    th = torch.tensor(model.labels.thresholds)
-    names = model.labels.names
-    tags, scores = [], []
-    t0 = time.perf_counter()
+                             transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     with torch.inference_mode():
-        for p in paths:
-            x = tf(Image.open(p).convert("RGB")).unsqueeze(0)
-            s = torch.sigmoid(model(x))[0]
-            tags.append({names[i] for i in (s > th).nonzero().flatten().tolist()})
-            scores.append(s)
-    return len(paths) / (time.perf_counter() - t0), tags, torch.stack(scores)
-
-
-def ramcli_run(model, paths: list[Path], precision: torch.dtype | None, batch: int, workers: int,
-               compile: bool = False) -> tuple[float, Tags]:
-    tagger = Tagger(model, torch.device("cpu"), precision, compile=compile)
-    if compile:  # steady state of a large job: the one-off compilation is timed and reported apart
+        model(tf(Image.open(photos[0]).convert("RGB")).unsqueeze(0))  # warm-up, like the other paths
+        scores = []
         t0 = time.perf_counter()
-        tag_files(paths[:batch], tagger, [lambda r: None], batch_size=batch, workers=0)
-        print(f"  (torch.compile took {time.perf_counter() - t0:.0f} s once)")
-    got: dict[str, set[str]] = {}
+        for p in photos:
+            scores.append(torch.sigmoid(model(tf(Image.open(p).convert("RGB")).unsqueeze(0)))[0])
+        seconds = time.perf_counter() - t0
+    return {"rate": len(photos) / seconds, "scores": torch.stack(scores), "peak": peak_rss_mb()}
+
+
+def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: int, workers: int,
+                onnx: Path | None = None) -> dict:
+    from ramcli.models import load_any
+    from ramcli.pipeline import Tagger, tag_files
+
+    precision, _, compiled = name.partition(" ")
+    model = load_any(onnx if precision == "onnx" else pth, labels_dir=labels)
+    tagger = Tagger(model, torch.device("cpu"), "fp32" if precision == "onnx" else precision,
+                    threshold=0.0, compile=bool(compiled))  # threshold 0: every score comes back
+    t0 = time.perf_counter()
+    tag_files(photos[:batch], tagger, [lambda r: None], batch_size=batch, workers=0)  # warm-up / compile
+    setup = time.perf_counter() - t0
+    got: dict[str, list[float]] = {}
 
     def sink(results):
         for r in results:
-            got[r.path] = {t.name for t in r.tags}
+            got[r.path] = {t.name: t.score for t in r.tags}
 
     t0 = time.perf_counter()
-    tag_files(paths, tagger, [sink], batch_size=batch, workers=workers)
-    rate = len(paths) / (time.perf_counter() - t0)
-    return rate, [got[str(p)] for p in paths]
+    tag_files(photos, tagger, [sink], batch_size=batch, workers=workers)
+    rate = len(photos) / (time.perf_counter() - t0)
+    names = model.labels.names
+    scores = torch.tensor([[got[str(p)][n] for n in names] for p in photos])
+    return {"rate": rate, "scores": scores, "peak": peak_rss_mb(), "setup": setup,
+            "compiled": tagger.compile}
 
 
-def full_decode_fp32(model, paths: list[Path], batch: int) -> Tags:
-    """The fp32 model on the baseline's exact pixels, in batches: the arithmetic noise floor."""
-    tagger = Tagger(model, torch.device("cpu"), None)
-    out = []
-    for i in range(0, len(paths), batch):
-        pixels = torch.stack([load_for_model(p, tagger.image_size, draft=False).pixels for p in paths[i:i + batch]])
-        for row in tagger.decide(tagger.scores(pixels)):
-            out.append({t.name for t in row})
-    return out
+def export(pth: Path, labels: Path) -> tuple[Path, float]:
+    from ramcli.models import convert
+
+    dst = CACHE / (pth.stem + ".onnx")
+    t0 = time.perf_counter()
+    if not dst.exists():
+        convert(pth, dst, labels_dir=labels)
+    return dst, time.perf_counter() - t0
 
 
-def agreement(a: Tags, b: Tags) -> tuple[float, int]:
-    """(tags emitted by both / tags emitted by either, number of tags emitted by only one).
+def tags(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    from ramcli.decision import emitted
 
-    Stricter than counting all 4,585 yes/no decisions, which would be ~99.9% for any model.
-    """
-    union = sum(len(x | y) for x, y in zip(a, b))
-    both = sum(len(x & y) for x, y in zip(a, b))
-    return (both / union if union else 1.0), union - both
+    return emitted(scores, thresholds)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ram_swin_large_384")
-    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of: {', '.join(PATHS)}")
     args = ap.parse_args()
+    chosen = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = set(chosen) - set(PATHS)
+    if unknown:
+        raise SystemExit(f"unknown path(s): {', '.join(sorted(unknown))}")
     pth, labels = checkpoint(args.arch)
     photos = jpegs(CACHE / "jpeg12mp", args.images)
-    model = load_any(pth, labels_dir=labels)
-    print(f"{args.arch}, {len(photos)} x 12 MP JPEGs, {torch.get_num_threads()} threads, "
-          f"batch {args.batch_size}, {args.workers} decode worker(s); load average {load_average()}")
-    ramcli_run(model, photos[:1], None, 1, 0)  # warm-up (allocator, oneDNN kernels)
-    base_rate, base_tags, base_scores = baseline(model, photos)
-    fired = sum(len(t) for t in base_tags)
-    near = ((base_scores - torch.tensor(model.labels.thresholds)).abs() < 1e-3).sum().item()
-    print(f"{'baseline (official-style)':28} {base_rate:7.3f} img/s   {fired} tags emitted; "
-          f"{near / len(photos):.1f} scores per photo within 0.001 of their threshold")
-    floor, floor_n = agreement(base_tags, full_decode_fp32(model, photos, args.batch_size))
-    print(f"{'  fp32, same pixels, batch':28} {'':7}         {'':5}   tag agreement {100 * floor:.2f}% "
-          f"({floor_n} differ): the arithmetic noise floor")
-    runs = {}
-    variants = (("ramcli fp32", None, False), ("ramcli fp32 compiled", None, True),
-                ("ramcli bf16 autocast", torch.bfloat16, False), ("ramcli bf16 compiled", torch.bfloat16, True))
-    for name, dtype, compiled in variants:
-        rate, tags = ramcli_run(model, photos, dtype, args.batch_size, args.workers, compiled)
-        runs[name] = tags
-        agree, differ = agreement(base_tags, tags)
-        print(f"{name:28} {rate:7.3f} img/s   {rate / base_rate:4.2f}x   tag agreement {100 * agree:.2f}% "
-              f"({differ} differ)")
-    agree, differ = agreement(runs["ramcli fp32"], runs["ramcli bf16 autocast"])
-    print(f"bf16 vs fp32 on the same input: tag agreement {100 * agree:.2f}% ({differ} differ)")
+    from ramcli.labels import read_label_dir
+    from ramcli.precision import cpu_name, native_bf16
+
+    thresholds = torch.tensor(read_label_dir(labels, "ram").thresholds)
+    print(f"{args.arch}, {len(photos)} x 12 MP JPEGs, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{args.workers} decode worker(s); CPU {cpu_name()}, PyTorch kernels {torch.backends.cpu.get_cpu_capability()}"
+          f", native bf16: {'yes' if native_bf16() else 'no'}; load average {load_average()}", flush=True)
+    onnx = None
+    if "onnx" in chosen:
+        onnx, seconds = export(pth, labels)
+        print(f"  (ONNX export: {seconds:.0f} s, {onnx.stat().st_size / 1e6:.0f} MB)", flush=True)
+    results: dict[str, dict] = {}
+    spawn = get_context("spawn")
+    for name in chosen:
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            if name == "baseline":
+                job = pool.submit(baseline, pth, labels, photos)
+            else:
+                job = pool.submit(ramcli_path, pth, labels, photos, name, args.batch_size, args.workers, onnx)
+            results[name] = r = job.result()
+        note = f" (compiled once in {r['setup']:.0f} s)" if "compiled" in name else ""
+        if "compiled" in name and not r["compiled"]:
+            note = " (torch.compile failed: ran eager)"
+        print(f"  {name:14} {r['rate']:.3f} img/s, peak {r['peak']:.0f} MB{note}; load {load_average()}", flush=True)
+        if name != chosen[-1]:
+            table(results, thresholds, len(photos))  # so far: a long run cut short still leaves its numbers
+    table(results, thresholds, len(photos))
     print(f"load average at the end: {load_average()}")
+
+
+def table(results: dict[str, dict], thresholds: torch.Tensor, photos: int) -> None:
+    base = results.get("baseline")
+    ref = results.get("fp32")
+    print()
+    print("| path | img/s | vs baseline | tag agreement with fp32 | max score change | peak MB |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        ratio = f"{r['rate'] / base['rate']:.2f}x" if base else "-"
+        if ref is not None and r is not ref:
+            a, b = tags(ref["scores"], thresholds), tags(r["scores"], thresholds)
+            union, both = int((a | b).sum()), int((a & b).sum())
+            agree = f"{100 * both / union:.2f}% ({union - both} of {union} differ)" if union else "-"
+            change = f"{(r['scores'] - ref['scores']).abs().max():.4f}"
+        else:
+            agree, change = "-", "-"
+        print(f"| {name} | {r['rate']:.3f} | {ratio} | {agree} | {change} | {r['peak']:.0f} |")
+    if base is not None:
+        near = ((base["scores"] - thresholds).abs() < 1e-3).sum().item()
+        print(f"\nbaseline scores within 0.001 of their threshold: {near / photos:.1f} per photo\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ same scores whichever command looks at it.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,53 +30,72 @@ from ramcli.errors import UsageError
 from ramcli.imaging import normalize
 from ramcli.loader import Batch, Item, decode_deferred, make_loader
 from ramcli.models import RecognitionModel
+from ramcli.precision import DEFAULT_CHECK_PHOTOS, Arithmetic, Decision, DecisionCache, PrecisionCheck, fast_paths
 from ramcli.records import PhotoResult, TagScore
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present (this rank's GPU under torchrun), else the CPU."""
+    """'auto' picks CUDA when present (this rank's GPU under torchrun), then Apple's MPS, else the CPU."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if mps_available():
+            return torch.device("mps")
         return torch.device("cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here (try --device cpu)")
+    if dev.type == "mps" and not mps_available():
+        raise UsageError("--device mps: Apple's Metal backend is not available here (macOS 12.3+ on Apple "
+                         "silicon with an arm64 Python; try --device cpu)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     return dev
 
 
-def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32.
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The arithmetic the Tagger runs: fp32, bf16, fp16, int8, or 'auto' on the CPU.
 
-    auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp32 on the CPU. CPU bf16 is faster but
-    stays opt-in: its tag agreement with fp32 (bench/tag_cpu.py) is below the 99% the project
-    requires. The figures are in docs/performance.md.
+    auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp16 on MPS (its autocast supports
+    fp16 on every macOS that has MPS, bf16 only on newer ones); on the CPU the Tagger checks the
+    fast paths this CPU has against fp32 on the first photos of the run (`ramcli.precision`).
+    int8 (dynamic quantisation of the Linear layers) has CPU kernels only.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
+    if precision == "int8" and device.type != "cpu":
+        raise UsageError("--precision int8 runs on the CPU only (use bf16 or fp16 on a GPU)")
+    if precision != "auto":
+        return precision
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps":
+        return "fp16"
+    return "auto"
 
 
 @dataclass
 class Tagger:
-    """A model ready to tag: device, precision, active classes and the decision rule."""
+    """A model ready to tag: device, precision, active classes and the decision rule.
+
+    `precision` is a name from `resolve_precision`. With "auto" (the CPU) the first
+    `check_photos` photos are scored in fp32 and in each fast path this CPU has; the Tagger then
+    switches to the decision of `ramcli.precision.decide`, cached under `cache_key` when given
+    (a fingerprint of the model file and the CPU), and reports it through `on_decision`.
+    """
 
     model: RecognitionModel
     device: torch.device
-    autocast: torch.dtype | None = None
+    precision: str = "fp32"
     threshold: float | None = None
     thresholds: Sequence[float] | None = None
     exclude: Iterable[str] = ()
@@ -84,6 +103,10 @@ class Tagger:
     compile: bool = False
     cache: EmbeddingCache | None = None  # keep image embeddings for decoder-only re-scoring
     captioner: torch.nn.Module | None = None  # Tag2Text's tag-guided caption generator
+    check_photos: int = DEFAULT_CHECK_PHOTOS
+    cache_key: str | None = None
+    on_decision: Callable[[Decision], None] | None = None
+    decision: Decision | None = field(init=False, default=None)
     classes: torch.Tensor | None = field(init=False, default=None)
     _class_thresholds: torch.Tensor = field(init=False)
 
@@ -115,19 +138,76 @@ class Tagger:
             torch.backends.cudnn.allow_tf32 = True
         if self.captioner is not None:
             self.captioner = self.captioner.to(self.device).eval()
-        self._forward: Callable = self.model
-        self._compiled_batch: int | None = None
-        if self.compile:
-            self._forward = torch.compile(self.model, dynamic=False)
         if self.classes is not None:
             self.classes = self.classes.to(self.device)
+        self._compiled_batch: int | None = None
+        self._check: PrecisionCheck | None = None
+        fixed = getattr(self.model, "fixed_precision", None)
+        if fixed is not None:
+            self._run_exported(fixed)
+        elif self.precision == "auto":
+            self._start_check()
+        else:
+            self._use(Arithmetic.build(self.precision, self.model, self.device))
+
+    # ------------------------------------------------------------------ precision
+    def _use(self, path: Arithmetic) -> None:
+        self._path = path
+        self._forward: Callable = path.module
+        if self.compile and self._check is None:
+            self._forward = torch.compile(path.module, dynamic=False)
+
+    def _run_exported(self, fixed: str) -> None:
+        """An exported graph (ONNX) runs on the CPU in the arithmetic it was exported with."""
+        if self.device.type != "cpu":
+            raise UsageError("ONNX models run on the CPU (ONNX Runtime); use --device cpu or the .pth/.safetensors weights")
+        if self.precision not in ("auto", fixed):
+            raise UsageError(f"this ONNX file computes in {fixed}; --precision {self.precision} needs the "
+                             ".pth/.safetensors weights (or export with --dtype {self.precision})")
+        if self.captioner is not None or self.cache is not None:
+            raise UsageError("an ONNX model gives logits only: --caption and --cache-embeddings need the "
+                             ".pth/.safetensors weights")
+        self.compile = False  # ONNX Runtime optimises the graph itself
+        self._use(Arithmetic(fixed, self.model, "cpu"))
+        if self.precision == "auto":
+            self.decision = Decision(fixed, "an ONNX file runs in the arithmetic it was exported with")
+            if self.on_decision is not None:
+                self.on_decision(self.decision)
+
+    def _start_check(self) -> None:
+        cached = DecisionCache().get(self.cache_key) if self.cache_key else None
+        candidates = fast_paths()
+        if cached is not None:
+            return self._decided(cached)
+        if not candidates:
+            return self._decided(Decision("fp32", "no fast path on this CPU (no native bf16, no int8 kernels)"))
+        if self.check_photos <= 0:
+            return self._decided(Decision("fp32", "no fast-path check: too few photos to tag (or 0 check photos)"))
+        self._check = PrecisionCheck([Arithmetic.build(n, self.model, self.device) for n in candidates],
+                                     self._class_thresholds, self.check_photos)
+        self._use(Arithmetic("fp32", self.model, self.device.type))
+
+    def _decided(self, decision: Decision) -> None:
+        check, self._check = self._check, None
+        self.decision = decision
+        built = {c.name: c for c in check.candidates} if check is not None else {}
+        self._use(built.get(decision.precision) or Arithmetic.build(decision.precision, self.model, self.device))
+        if check is not None and self.cache_key:
+            DecisionCache().put(self.cache_key, decision)
+        if self.on_decision is not None:
+            self.on_decision(decision)
+
+    @property
+    def checking(self) -> bool:
+        """True while the first photos are being scored both ways (auto precision on the CPU)."""
+        return self._check is not None
 
     @property
     def image_size(self) -> int:
         return self.model.arch.image_size
 
     def _amp(self):
-        return torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        return self._path.context()
 
     def scores(self, pixels: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
         """uint8 (B,3,S,S) -> sigmoid scores (B, active classes), float32 on the CPU."""
@@ -141,15 +221,22 @@ class Tagger:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         embeds = None
+        net = self._path.module
+        started = time.perf_counter()
         with self._amp():
             if self.captioner is not None or (self.cache is not None and keys is not None):
-                embeds = self.model.encode_image(x)
+                embeds = net.encode_image(x)
                 if self.cache is not None and keys is not None:
                     self.cache.put(keys, embeds)
-                logits = self.model.decode(embeds, self.classes)
+                logits = net.decode(embeds, self.classes)
             else:
-                logits = self._compiled_forward(x) if self.compile else self._forward(x, self.classes)
-        return torch.sigmoid(logits.float()).cpu(), embeds
+                logits = self._compiled_forward(x) if self.compile and self._check is None else self._forward(x, self.classes)
+        scores = torch.sigmoid(logits.float()).cpu()
+        if self._check is not None:
+            self._check.observe(x, self.classes, logits, time.perf_counter() - started)
+            if self._check.complete:
+                self._decided(self._check.decide(self._path))
+        return scores, embeds
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The compiled graph has a fixed batch size (the first one seen): a smaller last batch is
@@ -164,8 +251,8 @@ class Tagger:
         except Exception as exc:  # no C++ compiler, unsupported op...: tag anyway, just slower
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                           "continuing without it", stacklevel=2)
-            self.compile, self._forward = False, self.model
-            return self.model(x[:n], self.classes)
+            self.compile, self._forward = False, self._path.module
+            return self._forward(x[:n], self.classes)
 
     @torch.inference_mode()
     def captions(self, embeds: torch.Tensor, tags: list[list[TagScore]]) -> list[str]:
@@ -177,7 +264,7 @@ class Tagger:
     def rescore_cached(self, keys: Sequence[str]) -> torch.Tensor:
         """Scores of cached photos from their stored embeddings: the recognition decoder only."""
         with self._amp():
-            return rescore(self.model, self.cache, keys, self._active_tensor())
+            return rescore(self._path.module, self.cache, keys, self._active_tensor())
 
     def _active_tensor(self) -> torch.Tensor:
         return self.classes if self.classes is not None else torch.arange(len(self.active), device=self.device)
@@ -215,6 +302,8 @@ def resolve_decode(device: torch.device, decode: str = "auto") -> str:
         raise UsageError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
     if decode == "auto":
         return "device" if device.type == "cuda" else "workers"
+    if decode == "device" and device.type == "mps":
+        raise UsageError("--decode device: torchvision cannot decode JPEGs on MPS; they are decoded in the workers")
     return decode
 
 
@@ -223,11 +312,13 @@ def default_workers() -> int:
     CPU at most 2 (never every core): decoding a photo costs a small fraction of the Swin-L
     forward there (docs/performance.md), so more workers would only take cores from the model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores) if torch.cuda.is_available() else max(0, min(2, cores - 1))
+    accelerated = torch.cuda.is_available() or mps_available()
+    return min(8, cores) if accelerated else max(0, min(2, cores - 1))
 
 
 def default_batch_size(device: torch.device) -> int:
-    return 64 if device.type == "cuda" else 4
+    """CUDA 64, MPS 16 (shares the Mac's memory with everything else; not measured), CPU 4."""
+    return {"cuda": 64, "mps": 16}.get(device.type, 4)
 
 
 def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: int,
@@ -307,9 +398,11 @@ class ScoreResult:
 def score_files(model: RecognitionModel, paths: list[Path], batch_size: int = 8, device: str = "auto",
                 workers: int | None = None, precision: str = "auto", decode: str = "auto") -> ScoreResult:
     """Raw scores of every class for every decodable photo (evaluation, the data engine), with
-    the same device, precision and decode defaults as `ramcli tag`, so the scores match."""
+    the same device and decode defaults as `ramcli tag`; auto precision on the CPU is exact fp32
+    here (a fast path picked mid-run would mix two arithmetics in one score matrix)."""
     dev = resolve_device(device)
-    tagger = Tagger(model, dev, resolve_precision(dev, precision))
+    chosen = resolve_precision(dev, precision)
+    tagger = Tagger(model, dev, "fp32" if chosen == "auto" else chosen)
     done: list[Path] = []
     rows: list[np.ndarray] = []
     failures: dict[Path, str] = {}

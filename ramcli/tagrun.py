@@ -30,6 +30,7 @@ from ramcli.embed_cache import EmbeddingCache
 from ramcli.errors import UsageError
 from ramcli.metadata import WriterOptions
 from ramcli.pathnames import display
+from ramcli.precision import DEFAULT_CHECK_PHOTOS
 from ramcli.records import PhotoResult
 
 #: Why a photo reached through a symlink that leaves the tagged folders keeps its metadata.
@@ -49,6 +50,7 @@ class Summary:
     not_written: list[tuple[str, str]] = field(default_factory=list)  # left alone by policy
     not_followed: list[tuple[str, str]] = field(default_factory=list)  # folder links not walked
     skipped: Counter = field(default_factory=Counter)
+    precision: str = ""  # the arithmetic used, and why (auto's decision)
 
     @property
     def problems(self) -> int:
@@ -99,6 +101,7 @@ class TagRun:
     labels: Path | None = None
     device: str = "auto"
     precision: str = "auto"
+    precision_check: int = DEFAULT_CHECK_PHOTOS  # photos auto scores both ways before picking a CPU fast path
     decode: str = "auto"  # where JPEGs are decoded: workers (Pillow) or the model's device
     batch_size: int | None = None
     workers: int | None = None
@@ -300,6 +303,8 @@ class TagRun:
             parts.append(f"metadata write failed {len(s.write_failed)}")
         rate = s.tagged / elapsed if elapsed > 0 else 0.0
         err.print(", ".join(parts) + f" in {elapsed:.1f} s ({rate:.2f} img/s)", highlight=False)
+        if s.precision:
+            err.print(f"precision: {s.precision}", markup=False, highlight=False)
         for label, rows in (("failed", s.failed), ("not written", s.write_failed + s.not_written),
                             ("not followed", s.not_followed)):
             for path, reason in rows:
@@ -340,7 +345,8 @@ class TagSession:
             raise UsageError("--no-index needs --no-write: the index keeps the ledger that makes `untag` exact")
         self.run, self.err = run, err_console
         self.device = resolve_device(run.device)
-        self.autocast = resolve_precision(self.device, run.precision)
+        self.precision = resolve_precision(self.device, run.precision)
+        self.precision_note = self.precision if self.precision != "auto" else ""  # for the summary
         self.decode = resolve_decode(self.device, run.decode)
         self.vocab = Vocabulary.open()
         self.model_id = model_id_of(run.weights)
@@ -439,6 +445,30 @@ class TagSession:
                           vocab_version=loaded.vocab_version, on_batch=advance, skip=skip, decode=self.decode)
             except _Stopped:
                 pass
+        if tagger.checking:
+            self.precision_note = "fp32 (auto: too few photos decoded to finish the fast-path check)"
+        summary.precision = self.precision_note
+
+    def _precision_check(self, photos: int) -> dict:
+        """Tagger arguments of the CPU's auto check: how many photos, the cache key of this model
+        file on this CPU, and where the decision is reported (now, and in the summary). A first
+        job smaller than the check stays fp32; `photos` 0 is a session of unknown length
+        (`ramcli watch`), which checks on the first photos that arrive."""
+        if self.precision != "auto":
+            return {}
+        from ramcli.models import resolve_weights
+        from ramcli.precision import DecisionCache
+
+        run = self.run
+
+        def report(decision) -> None:
+            self.precision_note = f"{decision.precision} (auto: {decision.reason})"
+            if not run.quiet:
+                self.err.print(decision.describe(), markup=False, highlight=False)
+
+        enough = photos == 0 or photos >= run.precision_check
+        return {"check_photos": run.precision_check if enough else 0, "on_decision": report,
+                "cache_key": DecisionCache.key(resolve_weights(run.weights)[0])}
 
     def load(self, photos: int = 0) -> _Loaded:
         """The model, its Tagger and the sinks that need it, once per session (and vocabulary);
@@ -461,9 +491,10 @@ class TagSession:
         thresholds = read_threshold_file(run.threshold_file, len(model.labels)) if run.threshold_file else None
         cache = EmbeddingCache(model.model_id) if run.cache_embeddings else None
         captioner = run._load_captioner(model) if run.caption else None
-        tagger = Tagger(model, self.device, self.autocast, threshold=run.threshold, thresholds=thresholds,
+        tagger = Tagger(model, self.device, self.precision, threshold=run.threshold, thresholds=thresholds,
                         exclude=run.exclude_tags, top_k=run.top_k, cache=cache,
-                        compile=run._should_compile(self.device, photos), captioner=captioner)
+                        compile=run._should_compile(self.device, photos), captioner=captioner,
+                        **self._precision_check(photos))
         if run.write and self._metadata is None:
             self._metadata = run._metadata_sink(self.index, Summary(), model.model_id, {})
         if self.index is not None:

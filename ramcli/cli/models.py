@@ -108,14 +108,26 @@ def import_(
 
 @models_app.command("convert")
 def convert_cmd(
-    src: Path = typer.Argument(..., help="An official .pth checkpoint."),
-    dst: Path = typer.Argument(..., help="The tag-only .safetensors file to write."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    src: Path = typer.Argument(..., help="An official .pth checkpoint (or a converted file)."),
+    dst: Path = typer.Argument(..., help="The file to write: .safetensors (tag-only weights) or .onnx (the tagging graph, for ONNX Runtime)."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (.safetensors); fp32 (.onnx)."),
     labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS, else the shipped official files)."),
     arch: str = typer.Option(None, help="Architecture when it cannot be inferred."),
 ) -> None:
-    """Write a self-contained tag-only file (weights + arch + labels), loaded memory-mapped."""
-    from ramcli.models import convert
+    """Write a self-contained tag-only file (weights + arch + labels), the format chosen by DST's extension.
 
-    out = convert(src, dst, dtype=dtype, arch=arch, labels_dir=labels)
+    .onnx: pixels -> per-class logits, with labels, thresholds and the data config in its
+    metadata; the vocabulary's custom tags are baked in (`ramcli tag --weights DST.onnx`).
+    """
+    from ramcli.models import convert
+    from ramcli.models.onnx import is_onnx
+
+    vocab = None
+    if is_onnx(dst):
+        from ramcli.vocab import Vocabulary
+
+        vocab = Vocabulary.open()
+        if vocab.custom:
+            err_console.print(f"baking {len(vocab.custom)} custom tag(s) of the vocabulary into {dst.name}")
+    out = convert(src, dst, dtype=dtype, arch=arch, labels_dir=labels, vocab=vocab)
     console.print(f"{out} ({out.stat().st_size / 1e6:.1f} MB)")

@@ -27,6 +27,7 @@ from ramcli.models.checkpoint import (
     save_converted,
 )
 from ramcli.models.configs import ARCHS, FAMILIES, ArchConfig, get_arch
+from ramcli.models.onnx import export_onnx, is_onnx, load_onnx, read_onnx_metadata
 from ramcli.models.ram import RecognitionModel
 from ramcli.models.registry import DEFAULT_MODEL, PUBLISHED, converted_path, download, get_published, verified_as
 
@@ -47,6 +48,8 @@ def load_any(path: Path, arch: str | None = None, labels_dir: Path | None = None
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
+    if is_onnx(path):
+        return load_onnx(path, labels_dir)
     if is_converted(path):
         meta = read_converted_metadata(path)
         family = converted_arch(meta, path.name).family
@@ -100,6 +103,8 @@ def model_id_of(weights: str | Path | None) -> str:
     path, name = resolve_weights(str(weights) if weights is not None else None)
     if name is not None:
         return name
+    if is_onnx(path):
+        return read_onnx_metadata(path).get("model_id", path.stem)
     if is_converted(path):
         return read_converted_metadata(path).get("model_id", path.stem)
     return official_model_id(path)
@@ -124,7 +129,12 @@ def load_model(weights: str | Path | None = None, arch: str | None = None, label
 
 
 def convert(src: Path, dst: Path, dtype: str = "fp32", arch: str | None = None,
-            labels_dir: Path | None = None) -> Path:
-    """`ramcli models convert`: an official .pth -> a self-contained tag-only safetensors file."""
+            labels_dir: Path | None = None, vocab=None) -> Path:
+    """`ramcli models convert`: an official .pth (or a converted file) -> a self-contained
+    tag-only file, the format chosen by `dst`'s extension: safetensors, or ONNX (`.onnx`), into
+    which the custom tags of `vocab` (a `ramcli.vocab.Vocabulary`) are baked."""
     model = load_any(src, arch=arch, labels_dir=labels_dir)
+    if is_onnx(dst):
+        version = vocab.apply_to_model(model).version if vocab is not None else "builtin"
+        return export_onnx(model, dst, dtype=dtype, source=Path(src).name, vocab_version=version)
     return save_converted(model, dst, dtype=dtype, source=Path(src).name)

@@ -1,0 +1,164 @@
+"""ONNX export of the tagging graph, and a model that runs such a file with ONNX Runtime.
+
+The exported graph is exactly `RecognitionModel.forward`: normalised pixels (B, 3, S, S)
+float32 -> per-class logits (B, C), batch size free. Everything else a tagger needs travels in
+the file's `metadata_props`: the architecture, the label system (names, Chinese names,
+thresholds, never-emitted tags), the model id and the data config (input size, resize,
+normalisation), so `ramcli tag --weights model.onnx` needs nothing else, and so does any other
+ONNX Runtime user.
+
+Open vocabulary: the label queries are constants of the graph, so custom tags of the
+vocabulary are baked in at export time; a tag added later is refused with a message that says
+to export again.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ramcli.errors import CheckpointError, UsageError
+from ramcli.labels import LabelSet, resolve_labels
+from ramcli.models.configs import ArchConfig
+from ramcli.models.ram import RecognitionModel
+
+FORMAT = "ramcli-onnx-tagger"
+#: fp32 only: ONNX Runtime's dynamic int8 quantisation moved the tiny test models' scores by
+#: up to 0.26 (PyTorch's int8: 0.07), so it is not offered until it is measured at full size.
+ONNX_DTYPES = ("fp32",)
+
+
+def data_config(arch: ArchConfig) -> dict:
+    """How pixels must be prepared for the graph: the model's data config (timm's keys), and
+    what the graph's input is."""
+    return {**arch.data_config, "graph_input": "float32 NCHW RGB, scaled to 0-1, then (x - mean) / std",
+            "resize": "squash to input_size", "exif_orientation": "applied before resizing"}
+
+
+def export_onnx(model: RecognitionModel, dst: Path, dtype: str = "fp32", source: str = "",
+                vocab_version: str = "builtin") -> Path:
+    """Write `model` (with any custom tags already added) as a self-contained ONNX file."""
+    import onnx
+
+    if dtype not in ONNX_DTYPES:
+        raise CheckpointError(f"unknown ONNX dtype {dtype!r}; use one of {', '.join(ONNX_DTYPES)}")
+    if model.labels is None:
+        raise CheckpointError("cannot export without the label system (pass --labels DIR)")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".partial")
+    model = model.float().eval()
+    size = model.arch.image_size
+    example = torch.zeros(2, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+        program = torch.onnx.export(model, (example,), input_names=["pixels"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    proto = program.model_proto
+    meta = {
+        "format": FORMAT,
+        "arch": model.arch.to_json(),
+        "model_id": f"{model.model_id}+onnx-{dtype}",
+        "source": source,
+        "dtype": dtype,
+        "vocab_version": vocab_version,
+        "data_config": json.dumps(data_config(model.arch)),
+        "labels_checksum": model.labels.checksum(),
+        **model.labels.to_metadata(),
+    }
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    big = proto.ByteSize() > 1_900_000_000  # protobuf's 2 GB limit: weights go to a side file
+    onnx.save_model(proto, str(tmp), save_as_external_data=big, location=dst.name + ".data")
+    tmp.replace(dst)
+    return dst
+
+
+def read_onnx_metadata(path: Path) -> dict[str, str]:
+    """The ramcli metadata of an ONNX file, reading the graph but not its weights."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise CheckpointError(f"cannot read {Path(path).name}: not a valid ONNX file ({type(exc).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{Path(path).name} is an ONNX file but not a ramcli tagger "
+                              "(export one with `ramcli models convert SRC DST.onnx`)")
+    return meta
+
+
+class OnnxModel(nn.Module):
+    """An exported tagger run by ONNX Runtime on the CPU, with the `RecognitionModel` surface
+    the pipeline uses: `arch`, `labels`, `model_id`, `num_classes` and `forward(x, classes)`."""
+
+    #: The Tagger runs an exported graph as it was exported, in this arithmetic.
+    fixed_precision: str
+
+    def __init__(self, path: Path, labels_dir: Path | None = None, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        meta = read_onnx_metadata(path)
+        try:
+            self.arch = ArchConfig.from_json(meta["arch"])
+            embedded = LabelSet.from_metadata(meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{Path(path).name}: damaged ramcli metadata ({type(exc).__name__})") from None
+        # the usual order (--labels, RAMCLI_LABELS, the file's own); custom tags baked in at
+        # export make an outside label folder too short, which the check below reports
+        self.labels = resolve_labels(self.arch.family, labels_dir=labels_dir, embedded=embedded)
+        self.model_id = meta.get("model_id", Path(path).stem)
+        self.fixed_precision = meta.get("dtype", "fp32")
+        self.vocab_version = meta.get("vocab_version", "builtin")
+        self.data_config = json.loads(meta.get("data_config", "{}"))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's Fail / InvalidGraph
+            raise CheckpointError(f"ONNX Runtime cannot load {Path(path).name}: {str(exc).splitlines()[0][:200]}") from None
+        outputs = self.session.get_outputs()
+        self._classes = outputs[0].shape[-1] if outputs else None
+        if self.labels is None or (isinstance(self._classes, int) and self._classes != len(self.labels)):
+            raise CheckpointError(f"{Path(path).name}: the label system does not match the graph's outputs")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return self.arch.data_config
+
+    def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        pixels = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        logits = torch.from_numpy(self.session.run(["logits"], {"pixels": pixels})[0])
+        return logits if classes is None else logits[:, classes.cpu()]
+
+    def add_label_queries(self, embeds, names, *args, **kwargs) -> None:
+        raise UsageError(f"custom tag(s) {', '.join(list(names)[:5])} are not in this ONNX file: its label "
+                         "queries are fixed at export. Export it again (`ramcli models convert SRC DST.onnx`) "
+                         "to bake the vocabulary's custom tags in")
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise UsageError("an ONNX model gives logits only: --cache-embeddings and --caption need the "
+                         ".pth or .safetensors weights")
+
+
+def is_onnx(path: Path) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def load_onnx(path: Path, labels_dir: Path | None = None) -> OnnxModel:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    return OnnxModel(path, labels_dir)
