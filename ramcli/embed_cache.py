@@ -8,15 +8,15 @@ photo content hash; adding a tag later re-runs only the decoder for that tag (`r
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ramcli.errors import RamcliError
+from ramcli.fileio import atomic_write
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 _TENSOR = "image_embeds"
@@ -49,9 +49,7 @@ class EmbeddingCache:
         for key, embeds in zip(keys, half):
             path = self._path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            save_file({_TENSOR: embeds.contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            atomic_write(path, save({_TENSOR: embeds.contiguous()}))
 
     def get(self, keys: Sequence[str]) -> torch.Tensor:
         """(B, 1+L, D) fp16 embeddings of `keys`; a one-line error names how many are missing."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from string import Template
 
@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ramcli import config
 from ramcli.errors import RamcliError
+from ramcli.fileio import atomic_write
 from ramcli.search import Hit
 
 THUMB_SIZE = 320
@@ -105,15 +106,10 @@ def thumbnail(photo: Path, cache: Path | None = None) -> Path | None:
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write aside, then rename: a killed run never leaves a half thumbnail in the cache.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, "JPEG", quality=85)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Whole or not at all: a killed run never leaves a half thumbnail in the cache.
+    encoded = io.BytesIO()
+    image.save(encoded, "JPEG", quality=85)
+    atomic_write(target, encoded.getvalue())
     return target
 
 

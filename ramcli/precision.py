@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import platform
 import time
 import warnings
@@ -27,6 +26,7 @@ from torch import nn
 
 from ramcli.config import home
 from ramcli.decision import emitted
+from ramcli.fileio import atomic_write
 
 #: Share of fp32's emitted tags a fast path must reproduce (tags emitted by both / by either).
 MIN_AGREEMENT = 0.99
@@ -251,9 +251,7 @@ class DecisionCache:
         data = self._read()
         data[key] = decision.to_json() | {"cached": False}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(data, indent=1).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------- the check

@@ -16,17 +16,16 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ramcli.clip_text import ClipTextEncoder, ensemble, processed_name
 from ramcli.errors import RamcliError
+from ramcli.fileio import atomic_write
 from ramcli.labels import OPEN_SET_THRESHOLD, LabelSet
 
 MANIFEST = "manifest.json"
@@ -152,9 +151,7 @@ class Vocabulary:
         if tensors:
             embeddings_name = f"embeddings-{_tensor_digest(tensors)[:16]}.safetensors"
             if not (self.path / embeddings_name).exists():
-                tmp = self.path / f".{embeddings_name}.tmp"
-                save_file(tensors, str(tmp))
-                os.replace(tmp, self.path / embeddings_name)
+                atomic_write(self.path / embeddings_name, save(tensors))
         manifest = {
             "format": FORMAT,
             "version": self.version,
@@ -164,7 +161,7 @@ class Vocabulary:
             "thresholds": dict(sorted(self.thresholds.items())),
             "synonyms": dict(sorted(self.synonyms.items())),
         }
-        _atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
+        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
         for stale in self.path.glob("embeddings-*.safetensors"):
             if stale.name != embeddings_name:
                 stale.unlink(missing_ok=True)
@@ -509,15 +506,3 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(tensors[key].contiguous().numpy().tobytes())
     return digest.hexdigest()
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

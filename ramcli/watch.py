@@ -40,7 +40,7 @@ from rich.console import Console
 
 from ramcli.discover import Found, discover, walk_reaches
 from ramcli.errors import RamcliError, UsageError
-from ramcli.tagrun import Summary, TagRun, TagSession
+from ramcli.tagrun import Summary, TagRun
 
 #: Names that sync clients, browsers and editors give files they are still writing (the final
 #: name appears by a rename once the file is complete). Names starting with "." are ignored too:
