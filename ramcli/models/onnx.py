@@ -160,8 +160,8 @@ def int8_copy(path: Path) -> Path:
     return dst
 
 
-def read_onnx_metadata(path: Path) -> dict[str, str]:
-    """The ramcli metadata of an ONNX file, reading the graph but not its weights."""
+def _read_header(path: Path) -> tuple[dict[str, str], int | None]:
+    """The ramcli metadata of an ONNX file and the class count of its output, if fixed."""
     import onnx
 
     try:
@@ -172,7 +172,14 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{Path(path).name} is an ONNX file but not a ramcli tagger "
                               "(export one with `ramcli models convert SRC DST.onnx`)")
-    return meta
+    outputs = proto.graph.output
+    dims = outputs[0].type.tensor_type.shape.dim if outputs else []
+    return meta, (dims[-1].dim_value or None) if dims else None
+
+
+def read_onnx_metadata(path: Path) -> dict[str, str]:
+    """The ramcli metadata of an ONNX file, reading the graph but not its weights."""
+    return _read_header(path)[0]
 
 
 class OnnxModel(nn.Module):
@@ -184,10 +191,9 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: Path, labels_dir: Path | None = None, threads: int | None = None):
         super().__init__()
-        import onnxruntime as ort
-
         self.path, self._labels_dir, self._threads = Path(path), labels_dir, threads
-        meta = read_onnx_metadata(path)
+        self._session, self.display_name = None, self.path.name
+        meta, classes = _read_header(path)
         try:
             self.arch = ArchConfig.from_json(meta["arch"])
             embedded = LabelSet.from_metadata(meta)
@@ -200,16 +206,26 @@ class OnnxModel(nn.Module):
         self.fixed_precision = meta.get("dtype", "fp32")
         self.vocab_version = meta.get("vocab_version", "builtin")
         self.data_config = json.loads(meta.get("data_config", "{}"))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime's Fail / InvalidGraph
-            raise CheckpointError(f"ONNX Runtime cannot load {Path(path).name}: {str(exc).splitlines()[0][:200]}") from None
-        outputs = self.session.get_outputs()
-        self._classes = outputs[0].shape[-1] if outputs else None
-        if self.labels is None or (isinstance(self._classes, int) and self._classes != len(self.labels)):
+        if self.labels is None or (classes is not None and classes != len(self.labels)):
             raise CheckpointError(f"{Path(path).name}: the label system does not match the graph's outputs")
+
+    @property
+    def session(self):
+        """The ONNX Runtime session, made on first use: a run that switches to the int8 copy
+        (a cached `--precision auto` decision) never holds the fp32 weights. Its threads sleep
+        when idle instead of spinning, as the decode workers share the same cores."""
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self._threads or torch.get_num_threads()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            try:
+                self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime's Fail / InvalidGraph
+                raise CheckpointError(f"ONNX Runtime cannot load {self.display_name}: "
+                                      f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+        return self._session
 
     @property
     def num_classes(self) -> int:
@@ -229,7 +245,9 @@ class OnnxModel(nn.Module):
         if self.fixed_precision != "fp32":
             return self
         try:
-            return OnnxModel(int8_copy(self.path), self._labels_dir, self._threads)
+            copy = OnnxModel(int8_copy(self.path), self._labels_dir, self._threads)
+            copy.display_name = f"the int8 copy of {self.display_name}"
+            return copy
         except CheckpointError:
             raise
         except Exception as exc:  # the quantiser's own errors on an unusual graph
