@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def quantize_onnx(src: Path, dst: Path, weight_type: str | None = None) -> Path:
         raise CheckpointError(f"{src.name} is already {meta['dtype']}; quantise the fp32 export")
     weight_type = weight_type or int8_weight_type()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.partial")  # two runs quantising at once each write their own
     try:
         with _quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
