@@ -270,7 +270,7 @@ def test_hostile_onnx_files_are_one_line_errors(exported, tmp_path, capsys):
                             "--no-write", "--no-index"])
             err = capsys.readouterr().err
             assert code == 1 and message in err and "Traceback" not in err, err
-            assert [line for line in err.splitlines() if "rror" in line] == [err.strip().splitlines()[-1]]
+            assert [line for line in err.splitlines() if "rror" in line] == [err.rstrip("\n").splitlines()[-1]]
 
 
 def test_not_an_onnx_tagger_is_a_clear_error(tmp_path):
