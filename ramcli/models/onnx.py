@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from torch import nn
 
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
+from ramcli.fileio import atomic_output
 from ramcli.labels import LabelSet, resolve_labels
 from ramcli.models.configs import ArchConfig
 from ramcli.models.ram import RecognitionModel
@@ -128,13 +128,11 @@ def quantize_onnx(src: Path, dst: Path, weight_type: str | None = None) -> Path:
         raise CheckpointError(f"{src.name} is already {meta['dtype']}; quantise the fp32 export")
     weight_type = weight_type or int8_weight_type()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.partial")  # two runs quantising at once each write their own
-    try:
-        with _quiet(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(tmp), weight_type=getattr(QuantType, weight_type), per_channel=False,
-                             reduce_range=False, op_types_to_quantize=list(QUANTIZED_OPS))
-        proto = onnx.load(str(tmp), load_external_data=False)
+    with atomic_output(dst) as tmp, _quiet(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(src), tmp, weight_type=getattr(QuantType, weight_type), per_channel=False,
+                         reduce_range=False, op_types_to_quantize=list(QUANTIZED_OPS))
+        proto = onnx.load(tmp, load_external_data=False)
         values = {"dtype": "int8", "int8_weights": weight_type,
                   "model_id": meta.get("model_id", src.stem).replace("+onnx-fp32", "") + "+onnx-int8"}
         for prop in proto.metadata_props:
@@ -142,10 +140,7 @@ def quantize_onnx(src: Path, dst: Path, weight_type: str | None = None) -> Path:
                 prop.value = values.pop(prop.key)
         for key, value in values.items():
             proto.metadata_props.add(key=key, value=value)
-        onnx.save_model(proto, str(tmp))
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+        onnx.save_model(proto, tmp)
     return dst
 
 
