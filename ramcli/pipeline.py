@@ -311,13 +311,21 @@ def resolve_decode(device: torch.device, decode: str = "auto") -> str:
     return decode
 
 
+#: Below this many cores a CPU run decodes in-process: a decode worker takes a core from the
+#: model's threads, which then wait for each other (measured on 2 cores: in-process was 1.25x
+#: faster in fp32 and 1.5x in ONNX int8 end to end, docs/performance.md).
+CPU_WORKERS_FROM_CORES = 4
+
+
 def default_workers() -> int:
     """Decode workers: all cores (max 8) with a GPU, where decoding is the bottleneck; on the
-    CPU at most 2 (never every core): decoding a photo costs a small fraction of the Swin-L
-    forward there (docs/performance.md), so more workers would only take cores from the model."""
+    CPU none below CPU_WORKERS_FROM_CORES cores, else at most 2 (never every core): decoding a
+    photo costs a small fraction of the Swin-L forward there, so more workers would only take
+    cores from the model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    accelerated = torch.cuda.is_available() or mps_available()
-    return min(8, cores) if accelerated else max(0, min(2, cores - 1))
+    if torch.cuda.is_available() or mps_available():
+        return min(8, cores)
+    return 0 if cores < CPU_WORKERS_FROM_CORES else min(2, cores - 1)
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -6,6 +6,7 @@ No Mac has run these: availability is monkeypatched, which checks ramcli's choic
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import pytest
@@ -62,6 +63,14 @@ def test_mps_precision_decoding_and_sizes(gpus):
     many = default_workers()
     gpus(cuda=False, mps=False)
     assert many >= default_workers()  # a GPU model leaves the cores to decoding
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 0), (3, 0), (4, 2), (16, 2)])
+def test_cpu_decodes_in_process_on_few_cores(gpus, monkeypatch, cores, workers):
+    gpus(cuda=False, mps=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_workers() == workers
 
 
 def test_cpu_auto_precision_is_the_self_check():
