@@ -106,8 +106,11 @@ class TrainConfig:
             decoder = CPU_DECODER if self.preset in ("cpu", "cpu_swin") else {}
         backbone = self.backbone or (CPU_BACKBONE if self.preset == "cpu" else "")
         if backbone:
+            from ramcli.models.ram import backbone_data_config
+
             return ArchConfig(f"{self.family}_{backbone}_{self.image_size}", self.family, self.image_size, None,
-                              num_classes, descriptions_per_class=per_class, backbone=backbone, **decoder)
+                              num_classes, descriptions_per_class=per_class, backbone=backbone, **decoder,
+                              **backbone_data_config(backbone))
         if self.preset == "cpu_swin":
             return ArchConfig(f"{self.family}_cpu_swin_{self.image_size}", self.family, self.image_size, CPU_SWIN,
                               num_classes, descriptions_per_class=per_class, **decoder)
