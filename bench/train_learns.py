@@ -121,6 +121,7 @@ def publish(src: Path, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     shutil.copyfile(src, tmp)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users
     os.replace(tmp, dest)
 
 
@@ -131,6 +132,7 @@ def keep_photos(photos: Path, dest: Path, count: int) -> None:
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    staging.chmod(0o755)
     for path in sorted(photos.glob("*.jpg"))[:count]:
         shutil.copyfile(path, staging / path.name)
     old = None
