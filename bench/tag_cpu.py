@@ -7,7 +7,13 @@ Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-li
   fp32 ...  : the `ramcli tag` pipeline (CPU default decode in worker processes, batches, strict
               thresholds) in each arithmetic: fp32, bf16 autocast, int8 (dynamic int8 Linear
               layers), each eager and torch.compile'd, and the exported ONNX graph run by ONNX
-              Runtime. Compilation (and the ONNX export) is done once beforehand and not timed.
+              Runtime in fp32 and int8 (`--precision int8` on the .onnx: its quantised copy).
+              Compilation, the ONNX export and quantisation are done once beforehand, not timed.
+  decode    : the pipeline's decode alone (same workers, same decode, no model): the ceiling
+              of every row above on this machine.
+
+baseline and fp32 run in every invocation, so a run split by path (`--paths onnx,onnx int8`)
+still prints its ratios against a baseline and agreement against an fp32 of the same run.
 
 Each path runs in a fresh process, so "peak MB" is that path's own resident high-water mark
 (model, activations, compiled code; decode workers not included). Tag agreement = tags emitted
@@ -15,7 +21,8 @@ by both / tags emitted by either, vs ramcli fp32 on the same (draft-decoded) pix
 is the largest |score - fp32 score| over all photos and classes. Random weights put many scores
 within a hair of their threshold (the header says how many), so agreement here is a worst case.
 
-    .venv/bin/python bench/tag_cpu.py [--images 8] [--batch-size 4] [--workers 1] [--paths fp32,int8]
+    .venv/bin/python bench/tag_cpu.py [--images 8] [--batch-size 4] [--workers 1] [--paths int8,onnx]
+        [--onnx /work/artifacts/ram_swin_large_384-random.onnx]   # reuse an export (minutes) across runs
     ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/tag_cpu.py --paths fp32,int8   # an AVX2-only CPU
 """
 
@@ -32,7 +39,9 @@ import torch
 
 from _common import CACHE, checkpoint, jpegs, load_average
 
-PATHS = ("baseline", "fp32", "fp32 compiled", "bf16", "bf16 compiled", "int8", "int8 compiled", "onnx")
+PATHS = ("baseline", "fp32", "fp32 compiled", "bf16", "bf16 compiled", "int8", "int8 compiled", "onnx", "onnx int8",
+         "decode")
+ALWAYS = ("baseline", "fp32")
 
 
 def peak_rss_mb() -> float:
@@ -72,10 +81,13 @@ def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: i
     from ramcli.models import load_any
     from ramcli.pipeline import Tagger, tag_files
 
-    precision, _, compiled = name.partition(" ")
-    model = load_any(onnx if precision == "onnx" else pth, labels_dir=labels)
-    tagger = Tagger(model, torch.device("cpu"), "fp32" if precision == "onnx" else precision,
-                    threshold=0.0, compile=bool(compiled))  # threshold 0: every score comes back
+    first, _, second = name.partition(" ")
+    if first == "onnx":  # "onnx" or "onnx int8": the exported graph on ONNX Runtime
+        model, precision, compiled = load_any(onnx, labels_dir=labels), second or "fp32", False
+    else:
+        model, precision, compiled = load_any(pth, labels_dir=labels), first, second == "compiled"
+    tagger = Tagger(model, torch.device("cpu"), precision, threshold=0.0,
+                    compile=compiled)  # threshold 0: every score comes back
     t0 = time.perf_counter()
     tag_files(photos[:batch], tagger, [lambda r: None], batch_size=batch, workers=0)  # warm-up / compile
     setup = time.perf_counter() - t0
@@ -94,10 +106,28 @@ def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: i
             "compiled": tagger.compile}
 
 
-def export(pth: Path, labels: Path) -> tuple[Path, float]:
+def decode_only(arch: str, photos: list[Path], batch: int, workers: int) -> dict:
+    """The pipeline's CPU decode (official full decode, resize to the model's input) without a
+    model: the most any path can reach end to end with these workers."""
+    from ramcli.loader import make_loader
+    from ramcli.models.configs import get_arch
+
+    config = get_arch(arch)
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in make_loader(photos, config.image_size, batch, workers=workers,
+                             interpolation=config.data_config["interpolation"]):
+            pass
+        return time.perf_counter() - t0
+
+    run()  # warm-up: page cache, worker start
+    return {"rate": len(photos) / run(), "scores": None, "peak": peak_rss_mb()}
+
+
+def export(pth: Path, labels: Path, dst: Path) -> tuple[Path, float]:
     from ramcli.models import convert
 
-    dst = CACHE / (pth.stem + ".onnx")
     t0 = time.perf_counter()
     if not dst.exists():
         convert(pth, dst, labels_dir=labels)
@@ -116,12 +146,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of: {', '.join(PATHS)}")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help=f"comma-separated subset of: {', '.join(PATHS)} (baseline and fp32 always run)")
+    ap.add_argument("--onnx", type=Path, help="the exported .onnx to use (exported there first if missing)")
     args = ap.parse_args()
     chosen = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = set(chosen) - set(PATHS)
     if unknown:
         raise SystemExit(f"unknown path(s): {', '.join(sorted(unknown))}")
+    chosen = [*ALWAYS, *(p for p in chosen if p not in ALWAYS)]
+    os.environ.setdefault("RAMCLI_HOME", str(CACHE / "home"))  # the int8 copy of the .onnx is cached there
     pth, labels = checkpoint(args.arch)
     photos = jpegs(CACHE / "jpeg12mp", args.images)
     from ramcli.labels import read_label_dir
@@ -132,8 +166,8 @@ def main() -> None:
           f"{args.workers} decode worker(s); CPU {cpu_name()}, PyTorch kernels {torch.backends.cpu.get_cpu_capability()}"
           f", native bf16: {'yes' if native_bf16() else 'no'}; load average {load_average()}", flush=True)
     onnx = None
-    if "onnx" in chosen:
-        onnx, seconds = export(pth, labels)
+    if any(name.startswith("onnx") for name in chosen):
+        onnx, seconds = export(pth, labels, args.onnx or CACHE / (pth.stem + ".onnx"))
         print(f"  (ONNX export: {seconds:.0f} s, {onnx.stat().st_size / 1e6:.0f} MB)", flush=True)
     results: dict[str, dict] = {}
     spawn = get_context("spawn")
@@ -141,9 +175,12 @@ def main() -> None:
         with ProcessPoolExecutor(1, mp_context=spawn) as pool:
             if name == "baseline":
                 job = pool.submit(baseline, pth, labels, photos)
+            elif name == "decode":
+                job = pool.submit(decode_only, args.arch, photos, args.batch_size, args.workers)
             else:
                 job = pool.submit(ramcli_path, pth, labels, photos, name, args.batch_size, args.workers, onnx)
             results[name] = r = job.result()
+        r["load"] = load_average()
         note = f" (compiled once in {r['setup']:.0f} s)" if "compiled" in name else ""
         if "compiled" in name and not r["compiled"]:
             note = " (torch.compile failed: ran eager)"
@@ -158,18 +195,18 @@ def table(results: dict[str, dict], thresholds: torch.Tensor, photos: int) -> No
     base = results.get("baseline")
     ref = results.get("fp32")
     print()
-    print("| path | img/s | vs baseline | tag agreement with fp32 | max score change | peak MB |")
-    print("|---|---|---|---|---|---|")
+    print("| path | img/s | vs baseline | tag agreement with fp32 | max score change | peak MB | load after |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ratio = f"{r['rate'] / base['rate']:.2f}x" if base else "-"
-        if ref is not None and r is not ref:
+        if ref is not None and r is not ref and r["scores"] is not None:
             a, b = tags(ref["scores"], thresholds), tags(r["scores"], thresholds)
             union, both = int((a | b).sum()), int((a & b).sum())
             agree = f"{100 * both / union:.2f}% ({union - both} of {union} differ)" if union else "-"
             change = f"{(r['scores'] - ref['scores']).abs().max():.4f}"
         else:
             agree, change = "-", "-"
-        print(f"| {name} | {r['rate']:.3f} | {ratio} | {agree} | {change} | {r['peak']:.0f} |")
+        print(f"| {name} | {r['rate']:.3f} | {ratio} | {agree} | {change} | {r['peak']:.0f} | {r['load']} |")
     if base is not None:
         near = ((base["scores"] - thresholds).abs() < 1e-3).sum().item()
         print(f"\nbaseline scores within 0.001 of their threshold: {near / photos:.1f} per photo\n", flush=True)

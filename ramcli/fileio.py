@@ -2,10 +2,11 @@
 
 Two ways to put new bytes into a file, for two kinds of file:
 
-- `atomic_write(path, data)` for a file ramcli makes (a new sidecar, a cache, a journal record):
-  the bytes go to a temporary file in the same folder, are fsynced, and the temporary file is
-  renamed to the final name (`exclusive=True`: linked, so that a file which appeared meanwhile
-  is never replaced). Readers see the old file or the new one, never a part of one.
+- `atomic_write(path, data)` for a file ramcli makes (a new sidecar, a cache, a journal record),
+  and `atomic_output(path)` for one a library writes by name (a model file, a checkpoint, a
+  shard): the bytes go to a temporary file in the same folder, are fsynced, and the temporary
+  file is renamed to the final name (`exclusive=True`: linked, so that a file which appeared
+  meanwhile is never replaced). Readers see the old file or the new one, never a part of one.
 - `Journal` for a file the user owns (a photo, their sidecar): a rename would give it a new inode
   and so drop its hard links, extended attributes (KDE/Baloo and Finder tags), ACLs, SELinux label
   and owner. So the new content is copied *into* the existing file, under a redo journal: the new
@@ -75,19 +76,25 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, exclusive: bool = False, mode: int = 0o666) -> None:
-    """Write `data` to `path` whole or not at all (temporary file, fsync, rename, fsync folder).
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, exclusive: bool = False, mode: int = 0o666):
+    """A temporary file name beside `path`, for writers that want a name (torch.save, safetensors,
+    tar writers). When the block ends normally the file is fsynced and renamed to `path`, so
+    readers see the old file or the new one, never a part of one; on an error it is removed.
 
     `exclusive`: fail with FileExistsError instead of replacing a file that exists (then nothing
     is left behind)."""
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".ramcli-", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, mode & ~_UMASK)
         if exclusive:
             os.link(tmp, path)  # no-clobber, unlike rename
@@ -99,6 +106,12 @@ def atomic_write(path: str | os.PathLike, data: bytes, exclusive: bool = False, 
             os.unlink(tmp)
         raise
     fsync_dir(folder)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, exclusive: bool = False, mode: int = 0o666) -> None:
+    """Write `data` to `path` whole or not at all (temporary file, fsync, rename, fsync folder)."""
+    with atomic_output(path, exclusive, mode) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def write_into(fd: int, source: str | os.PathLike, sync: bool = True) -> int:

@@ -158,25 +158,29 @@ class Tagger:
             self._forward = torch.compile(path.module, dynamic=False)
 
     def _run_exported(self, fixed: str) -> None:
-        """An exported graph (ONNX) runs on the CPU in the arithmetic it was exported with."""
+        """An exported graph (ONNX) runs on the CPU with ONNX Runtime: in the arithmetic it was
+        exported with, or, from an fp32 file, in int8 (its quantised copy), which auto checks."""
         if self.device.type != "cpu":
             raise UsageError("ONNX models run on the CPU (ONNX Runtime); use --device cpu or the .pth/.safetensors weights")
-        if self.precision not in ("auto", fixed):
-            raise UsageError(f"this ONNX file computes in {fixed}; --precision {self.precision} needs the "
-                             ".pth/.safetensors weights (or export with --dtype {self.precision})")
+        allowed = ("auto", fixed, *fast_paths(self.model))
+        if self.precision not in allowed:
+            raise UsageError(f"this ONNX file computes in {fixed}; it runs with --precision "
+                             f"{' or '.join(allowed)} (bf16/fp16 need the .pth/.safetensors weights)")
         if self.captioner is not None or self.cache is not None:
             raise UsageError("an ONNX model gives logits only: --caption and --cache-embeddings need the "
                              ".pth/.safetensors weights")
         self.compile = False  # ONNX Runtime optimises the graph itself
-        self._use(Arithmetic(fixed, self.model, "cpu"))
+        if self.precision == "auto" and fast_paths(self.model):
+            return self._start_check()
+        self._use(Arithmetic.build(fixed if self.precision == "auto" else self.precision, self.model, self.device))
         if self.precision == "auto":
             self.decision = Decision(fixed, "an ONNX file runs in the arithmetic it was exported with")
             if self.on_decision is not None:
                 self.on_decision(self.decision)
 
     def _start_check(self) -> None:
-        cached = DecisionCache().get(self.cache_key) if self.cache_key else None
-        candidates = fast_paths()
+        candidates = fast_paths(self.model)
+        cached = DecisionCache().get(self.cache_key, candidates) if self.cache_key else None
         if cached is not None:
             return self._decided(cached)
         if not candidates:

@@ -8,6 +8,9 @@ photos of a run in fp32 *and* in each fast path this CPU supports, and `decide` 
 fastest path whose tags agree with fp32's on >= 99% and that is really faster here. The run
 keeps the fp32 scores of those photos, so the check costs only the fast paths' time, and the
 decision is cached per (model file, CPU) in RAMCLI_HOME so later runs skip it.
+
+An exported fp32 ONNX file has one fast path, ONNX Runtime's int8 copy of it, checked the same
+way against ONNX Runtime fp32.
 """
 
 from __future__ import annotations
@@ -79,8 +82,15 @@ def int8_engine() -> str | None:
     return None
 
 
-def fast_paths() -> list[str]:
-    """The CPU fast paths worth checking on this machine, fastest-first by expectation."""
+def _exported(model: nn.Module | None) -> bool:
+    return getattr(model, "fixed_precision", None) is not None
+
+
+def fast_paths(model: nn.Module | None = None) -> list[str]:
+    """The CPU fast paths worth checking for `model` on this machine, fastest-first by
+    expectation. An fp32 ONNX file has ONNX Runtime's int8; an int8 one none."""
+    if _exported(model):
+        return ["int8"] if model.fixed_precision == "fp32" else []
     paths = []
     if native_bf16():
         paths.append("bf16")
@@ -89,12 +99,16 @@ def fast_paths() -> list[str]:
     return paths
 
 
-def cpu_identity() -> str:
-    """What a cached decision depends on besides the weights: the CPU, the kernels PyTorch picks
-    for it (capability, version) and the threads it runs on."""
+def cpu_identity(onnx: bool = False) -> str:
+    """What a cached decision depends on besides the weights: the CPU, the kernels PyTorch (or
+    ONNX Runtime, for an ONNX file) picks for it (capability, version) and the threads it runs on."""
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "bf16", "i8mm", "sve", "asimd")))
     parts = [cpu_name(), platform.machine(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
              str(torch.get_num_threads()), " ".join(flags)]
+    if onnx:
+        import onnxruntime
+
+        parts.append(f"onnxruntime {onnxruntime.__version__}")
     return "|".join(parts)
 
 
@@ -114,9 +128,11 @@ def model_fingerprint(path: Path) -> str:
 def quantize_int8(model: nn.Module) -> nn.Module:
     """A copy of `model` whose Linear layers (backbone and decoder) run dynamic int8: weights
     quantised per output channel once, activations per batch. Attention products, norms and the
-    RAM++ description reweighting stay fp32."""
+    RAM++ description reweighting stay fp32. An ONNX model gives its ONNX Runtime int8 copy."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    if _exported(model):
+        return model.quantized()
     engine = int8_engine()
     if engine is None:
         raise RuntimeError("this PyTorch build has no quantized CPU kernels")
@@ -228,7 +244,8 @@ class DecisionCache:
 
     @staticmethod
     def key(model_path: Path) -> str:
-        return hashlib.sha256(f"{model_fingerprint(model_path)}|{cpu_identity()}".encode()).hexdigest()[:32]
+        onnx = Path(model_path).suffix.lower() == ".onnx"
+        return hashlib.sha256(f"{model_fingerprint(model_path)}|{cpu_identity(onnx)}".encode()).hexdigest()[:32]
 
     def _read(self) -> dict:
         try:
@@ -237,7 +254,8 @@ class DecisionCache:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def get(self, key: str) -> Decision | None:
+    def get(self, key: str, paths: list[str] | None = None) -> Decision | None:
+        """The cached decision, if it names fp32 or one of `paths` (default: this CPU's)."""
         entry = self._read().get(key)
         if not isinstance(entry, dict):
             return None
@@ -245,7 +263,7 @@ class DecisionCache:
             decision = Decision.from_json(entry)
         except (KeyError, TypeError, ValueError):
             return None
-        return decision if decision.precision in ("fp32", *fast_paths()) else None
+        return decision if decision.precision in ("fp32", *(fast_paths() if paths is None else paths)) else None
 
     def put(self, key: str, decision: Decision) -> None:
         data = self._read()

@@ -168,6 +168,9 @@ class TagRun:
             (summary.failed if f.kind == "error" else summary.not_followed).append((str(f.path), f.reason or f.kind))
         todo = session.due(photos)
         summary.unchanged = len(photos) - len(todo)
+        if not self.dry_run:
+            due = {f.path for f in todo}
+            session.write_unwritten_links([f for f in photos if f.link is not None and f.path not in due], summary)
         if self.dry_run:
             for f in todo:
                 console.print(display(f.path), markup=False, highlight=False, soft_wrap=True)
@@ -393,6 +396,29 @@ class TagSession:
             return list(photos)
         return [f for f in photos
                 if self.index.needs_tagging(str(f.path), f.size, f.mtime_ns, self.model_id, self.vocab.version)]
+
+    def write_unwritten_links(self, unchanged: list[Found], summary: Summary) -> None:
+        """Unchanged photos reached through a symlink out of the tagged folders, which an earlier
+        run without --follow-links indexed but left unwritten: with --follow-links they are
+        written now, from the index and without the model (as `ramcli write --follow-links`)."""
+        run, index = self.run, self.index
+        if not (run.write and run.follow_links and index is not None and unchanged):
+            return
+        from ramcli.writeback import write_indexed
+
+        if self._metadata is None:
+            self._metadata = run._metadata_sink(index, Summary(), self.model_id, {})
+        ledger = self._metadata.writer.ledger
+        items = [(str(f.path), tags) for f in unchanged
+                 if not ledger.entries(str(f.path)) and (tags := index.photo_tags(str(f.path)))]
+        if not items:
+            return
+        captions = [index.lookup(path).caption for path, _ in items]
+        for (path, _), outcome in zip(items, write_indexed(index, self._metadata.writer, items, captions)):
+            if outcome.status == "written":
+                summary.written += 1
+            elif outcome.status == "failed":
+                summary.write_failed.append((path, outcome.error or "write failed"))
 
     def tag(self, todo: list[Found], summary: Summary, start: float) -> None:
         """Tag `todo` batch by batch through every sink (output, metadata, index), with a progress

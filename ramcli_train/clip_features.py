@@ -18,7 +18,6 @@ only read.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from ramcli.errors import RamcliError, UsageError
+from ramcli.fileio import atomic_output
 from ramcli_train.data import (CLIP_FEATURES_MEMBER as MEMBER, CLIP_MEAN, CLIP_SIZE, CLIP_STD, IMAGE_EXTENSIONS,
                                decode_image, resolve_shards)
 from ramcli_train.model import ClipTeacher
@@ -101,8 +101,7 @@ def precompute(
         if target.exists():
             report.skipped = True
         else:
-            tmp = target.with_name(target.name + ".tmp")
-            with wds.TarWriter(str(tmp)) as sink:
+            with atomic_output(target) as tmp, wds.TarWriter(tmp) as sink:
                 pending: list[tuple[dict, torch.Tensor | None]] = []
                 for raw in _samples(shard):
                     report.samples += 1
@@ -111,7 +110,6 @@ def precompute(
                         report.features += _flush(pending, teacher, sink)
                 if pending:
                     report.features += _flush(pending, teacher, sink)
-            os.replace(tmp, target)
         reports.append(report)
         if on_shard is not None:
             on_shard(report)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import tarfile
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ramcli.errors import RamcliError, UsageError
+from ramcli.fileio import atomic_output
 from ramcli.imaging import ImageError, content_hash, normalize
 from ramcli.loader import PhotoDataset, collate, make_loader
 from ramcli.models.ram import RecognitionModel
@@ -184,10 +184,9 @@ class TeacherStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         n = len(list(self.folder.glob("batch-*.safetensors")))
         path = self.folder / f"batch-{n:06d}.safetensors"
-        tmp = path.with_suffix(".partial")
-        save_file({"logits": logits.float().contiguous().cpu(), "embeds": embeds.float().contiguous().cpu()}, str(tmp),
-                  metadata={"teacher": self.teacher_id, "keys": json.dumps(keys)})
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            save_file({"logits": logits.float().contiguous().cpu(), "embeds": embeds.float().contiguous().cpu()},
+                      tmp, metadata={"teacher": self.teacher_id, "keys": json.dumps(keys)})
 
 
 def pooled_embedding(embeds: torch.Tensor) -> torch.Tensor:

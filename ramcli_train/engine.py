@@ -37,6 +37,7 @@ from PIL import Image
 
 from ramcli.decision import emitted
 from ramcli.errors import RamcliError, UsageError
+from ramcli.fileio import atomic_output
 from ramcli.models import RecognitionModel
 from ramcli_train.data import IMAGE_EXTENSIONS, decode_image, resolve_shards
 from ramcli_train.detector import CropEmbedder, Detector, crop
@@ -84,11 +85,9 @@ def _write(out: Path, samples: list[dict]) -> None:
     import webdataset as wds
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with wds.TarWriter(str(tmp), mtime=0) as sink:
+    with atomic_output(out) as tmp, wds.TarWriter(tmp, mtime=0) as sink:
         for s in samples:
             sink.write(s)
-    tmp.replace(out)
 
 
 def _output_path(shard: str, out_dir: Path, index: int, used: set[str]) -> Path:

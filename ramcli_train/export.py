@@ -16,6 +16,7 @@ import torch
 
 from ramcli.caption import ours_to_official
 from ramcli.errors import RamcliError
+from ramcli.fileio import atomic_output
 from ramcli.labels import LabelSet
 from ramcli.models.checkpoint import save_converted
 from ramcli.models.configs import ArchConfig
@@ -87,7 +88,6 @@ def export_official(path: Path, dst: Path) -> Path:
     sd, ckpt = official_state_dict(path)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    torch.save({"model": sd, "epoch": ckpt["epoch"], "config": ckpt["config"]}, tmp)
-    tmp.replace(dst)
+    with atomic_output(dst) as tmp:
+        torch.save({"model": sd, "epoch": ckpt["epoch"], "config": ckpt["config"]}, tmp)
     return dst

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from ramcli.caption import CaptionTokenizer
 from ramcli.errors import RamcliError, UsageError
+from ramcli.fileio import atomic_output
 from ramcli.labels import LabelSet, read_label_dir, resolve_labels
 from ramcli.safeload import load_weights
 from ramcli_train import losses
@@ -297,13 +298,9 @@ def _backbone_activations(arch) -> int:
 
 
 def save_checkpoint(path: Path, payload: dict) -> Path:
-    """Atomic: write a sibling temp file, fsync, then rename over the target."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Whole or not at all: a kill while saving leaves the previous checkpoint."""
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

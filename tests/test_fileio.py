@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from ramcli.fileio import Change, Journal, atomic_write
+from ramcli.fileio import Change, Journal, atomic_output, atomic_write
 
 
 def test_atomic_write_replaces_or_refuses_and_leaves_no_temporary(tmp_path):
@@ -26,6 +26,25 @@ def test_atomic_write_replaces_or_refuses_and_leaves_no_temporary(tmp_path):
         atomic_write(target, b"three", exclusive=True)
     assert target.read_bytes() == b"two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.xmp"]
+
+
+def test_atomic_output_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    """A library that writes by name (torch.save, safetensors) and fails half-way leaves the
+    previous file and no temporary; a writer that finishes replaces it."""
+    import torch
+
+    target = tmp_path / "model.pt"
+    torch.save({"step": 1}, target)
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise RuntimeError("killed while saving")
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    with atomic_output(target) as tmp:
+        torch.save({"step": 2}, tmp)
+    assert torch.load(target, weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
 def test_journal_writes_in_place_and_creates_new_files(tmp_path):

@@ -496,8 +496,12 @@ def test_kill_9_at_any_moment_leaves_old_or_new_file_whole(tmp_path, samples, wh
         assert jpg.read_bytes() != before_bytes  # torn: half old, half new
     else:
         assert (jpg.read_bytes() == before_bytes) == (not written)
+    links_in_home = lambda: [p for p in Path(os.environ["RAMCLI_HOME"]).rglob("*") if p.is_symlink()]
+    if when == "before_exiftool":
+        assert links_in_home()  # the dead run's workspace: links to the photos
 
     with writer(ledger) as w:  # replays the journal, then settles the staged rows
+        assert links_in_home() == []  # the dead run's workspace went with its journal session
         assert jpg.stat().st_ino == inode
         assert staged_rows(ledger) == 0
         assert not list((Path(os.environ["RAMCLI_HOME"]) / "journal").rglob("b*"))  # nothing left to redo

@@ -87,8 +87,8 @@ def test_int8_is_cpu_only():
 
 # ------------------------------------------------------------------ the auto check
 def _auto(model, monkeypatch, key=None, photos=4, decisions=None, **kw) -> Tagger:
-    monkeypatch.setattr(precision, "fast_paths", lambda: ["int8"])
-    monkeypatch.setattr("ramcli.pipeline.fast_paths", lambda: ["int8"])
+    monkeypatch.setattr(precision, "fast_paths", lambda *model: ["int8"])
+    monkeypatch.setattr("ramcli.pipeline.fast_paths", lambda *model: ["int8"])
     return Tagger(model, CPU, "auto", check_photos=photos, cache_key=key,
                   on_decision=(decisions.append if decisions is not None else None), **kw)
 
@@ -148,7 +148,7 @@ def test_decision_is_cached_per_model_file_and_cpu(model, model_files, monkeypat
     assert not tagger.checking and later[0].cached and later[0].precision == "int8"  # no check this time
     assert later[0].measured == first[0].measured
     # another CPU (or another PyTorch, thread count...) gets its own check
-    monkeypatch.setattr(precision, "cpu_identity", lambda: "another cpu")
+    monkeypatch.setattr(precision, "cpu_identity", lambda *onnx: "another cpu")
     assert DecisionCache().get(DecisionCache.key(model_files[0])) is None
     # a changed model file too
     copy = tmp_path / "copy.pth"

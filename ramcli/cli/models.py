@@ -110,7 +110,7 @@ def import_(
 def convert_cmd(
     src: Path = typer.Argument(..., help="An official .pth checkpoint (or a converted file)."),
     dst: Path = typer.Argument(..., help="The file to write: .safetensors (tag-only weights) or .onnx (the tagging graph, for ONNX Runtime)."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (.safetensors); fp32 (.onnx)."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (.safetensors); fp32 or int8 (.onnx: int8 is ONNX Runtime's dynamic quantisation)."),
     labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS, else the shipped official files)."),
     arch: str = typer.Option(None, help="Architecture when it cannot be inferred."),
 ) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -120,7 +119,10 @@ class MetadataWriter:
         self.journal = Journal(journal or home().root / "journal")  # completes a killed run's writes
         self._exiftools: list[ExifToolProcess | None] = [None, None]  # [reader, background writer]
         self._background: ThreadPoolExecutor | None = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="ramcli-exiftool-")  # the batches' workspaces
+        # The batches' workspaces live in this process's journal session, so that a killed run's
+        # symlinks to the user's photos go with its session when the next journal opens.
+        self._workspaces = self.journal.folder / "workspaces"
+        self._workspaces.mkdir()
         try:
             self._process(0)
             self.recovered = self._recover()
@@ -140,8 +142,8 @@ class MetadataWriter:
         for process in self._exiftools:
             if process is not None:
                 process.close()
+        shutil.rmtree(self._workspaces, ignore_errors=True)
         self.journal.close()
-        self._tmp.cleanup()
 
     @property
     def exiftool(self) -> ExifToolProcess:
@@ -204,7 +206,7 @@ class MetadataWriter:
         latest = {os.path.realpath(p): (list(tags), caption) for p, tags, caption in items}  # repeated: last wins
         rows = self.ledger.entries_of(list(latest))
         plans: dict[str, FilePlan] = {}
-        batch = _Batch([], {}, rows, {}, Workspace(self._tmp.name), untag)
+        batch = _Batch([], {}, rows, {}, Workspace(self._workspaces), untag)
         for path, (tags, caption) in latest.items():
             plan = plans[path] = FilePlan(path)
             targets, plan.error = self._targets(Path(path), dirs, untag, {e.target for e in rows[path]})
@@ -537,7 +539,7 @@ class MetadataWriter:
             return 0
         existing = sorted({i.entry.target for i in intents if os.path.exists(i.entry.target)})
         extensions = {t: e for t in existing if (e := _extension(t))}
-        batch = _Batch([], {}, {}, extensions, Workspace(self._tmp.name))
+        batch = _Batch([], {}, {}, extensions, Workspace(self._workspaces))
         try:
             found, _ = self._read(batch, list(extensions))
         finally:

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 from ramcli.errors import CheckpointError
+from ramcli.fileio import atomic_output
 from ramcli.labels import LabelSet
 from ramcli.models.configs import ArchConfig, head_prefix, infer_arch, infer_family
 from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
@@ -248,9 +249,8 @@ def save_converted(model: RecognitionModel, dst: Path, dtype: str = "fp32", sour
     }
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(dst)
+    with atomic_output(dst) as tmp:
+        save_file(tensors, tmp, metadata=meta)
     return dst
 
 

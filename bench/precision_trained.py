@@ -1,0 +1,118 @@
+"""Every CPU arithmetic on a *trained* tagger: tag agreement and max score change vs fp32, and what
+`--precision auto` decides there.
+
+Random weights are the worst case for reduced precision (their scores bunch at the thresholds);
+a trained model's scores are spread out. This scores held-out photos with the trained tagger in
+fp32, bf16 (autocast; emulated on a CPU without native bf16), PyTorch int8 (dynamic int8 Linear
+layers), its ONNX export on ONNX Runtime (fp32) and that export's int8 copy, compares each tag set
+with fp32's, and then runs the real `--precision auto` check (8 photos, no cached decision) on
+the checkpoint and on the .onnx.
+
+    .venv/bin/python bench/precision_trained.py [--weights /work/artifacts/cpu-teacher.safetensors]
+        [--photos /work/artifacts/cpu-val-photos] [--images 128]
+
+Without --photos folder, held-out scenes of `ramcli_train.synth` (the validation split, which
+training never sees) are written under .bench_cache/ first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from _common import CACHE, load_average
+
+PATHS = ("fp32", "bf16", "int8", "onnx", "onnx int8")
+
+
+def held_out_photos(folder: Path | None, count: int, size: int) -> list[Path]:
+    exts = {".jpg", ".jpeg", ".png"}
+    if folder is not None and folder.is_dir():
+        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)[:count]
+    from ramcli_train.synth import sample
+
+    out = CACHE / f"synth-val-{size}"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"val{i:05d}.jpg" for i in range(count)]
+    for i, p in enumerate(paths):
+        if not p.exists():
+            sample(0, "val", i, size)[1].save(p, quality=90)
+    return paths
+
+
+def batches(photos: list[Path], model, batch: int) -> list[torch.Tensor]:
+    from ramcli.loader import make_loader
+
+    cfg = model.pretrained_cfg
+    return [b.pixels for b in make_loader(photos, model.arch.image_size, batch, interpolation=cfg["interpolation"])
+            if b.items]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=Path, default=Path("/work/artifacts/cpu-teacher.safetensors"))
+    ap.add_argument("--photos", type=Path, default=Path("/work/artifacts/cpu-val-photos"))
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args()
+    os.environ.setdefault("RAMCLI_HOME", str(CACHE / "home"))
+    from ramcli.decision import emitted
+    from ramcli.models import convert, load_any
+    from ramcli.pipeline import Tagger
+    from ramcli.precision import native_bf16
+
+    cpu = torch.device("cpu")
+    model = load_any(args.weights).eval()
+    onnx_path = CACHE / f"{args.weights.stem}-{os.stat(args.weights).st_mtime_ns}.onnx"
+    if not onnx_path.exists():
+        convert(args.weights, onnx_path)
+    onnx_model = load_any(onnx_path)
+    photos = held_out_photos(args.photos, args.images, model.arch.image_size)
+    pixels = batches(photos, model, args.batch_size)
+    n = sum(p.shape[0] for p in pixels)
+    print(f"{args.weights.name} ({model.model_id}, {model.arch.name}, {len(model.labels)} classes), {n} held-out "
+          f"photos from {photos[0].parent}; native bf16: {'yes' if native_bf16() else 'no (bf16 emulated)'}; "
+          f"load average {load_average()}", flush=True)
+    results = {}
+    for name in PATHS:
+        first, _, second = name.partition(" ")
+        net, precision = (onnx_model, second or "fp32") if first == "onnx" else (model, first)
+        tagger = Tagger(net, cpu, precision)
+        t0 = time.perf_counter()
+        scores = torch.cat([tagger.scores(p) for p in pixels])
+        results[name] = (scores, n / (time.perf_counter() - t0), tagger._class_thresholds)
+    ref, _, thresholds = results["fp32"]
+    ref_tags = emitted(ref, thresholds)
+    near = int(((ref - thresholds).abs() < 1e-3).sum())
+    print(f"fp32 emits {int(ref_tags.sum()) / n:.1f} tags per photo; {near / n:.2f} scores per photo lie within 0.001 "
+          "of their threshold\n")
+    print("| path | img/s (model only) | tag agreement with fp32 | max score change | mean score change |")
+    print("|---|---|---|---|---|")
+    for name, (scores, rate, _) in results.items():
+        if name == "fp32":
+            print(f"| fp32 | {rate:.1f} | - | - | - |")
+            continue
+        tags = emitted(scores, thresholds)
+        both, either = int((tags & ref_tags).sum()), int((tags | ref_tags).sum())
+        change = (scores - ref).abs()
+        print(f"| {name} | {rate:.1f} | {100 * both / either:.2f}% ({either - both} of {either} differ) "
+              f"| {change.max():.4f} | {change.mean():.5f} |")
+    print()
+    for label, net in ((args.weights.name, model), (onnx_path.name, onnx_model)):
+        decisions = []
+        tagger = Tagger(net, cpu, "auto", check_photos=8, on_decision=decisions.append)  # no cache: a fresh check
+        for p in pixels:
+            tagger.scores(p)
+            if decisions:
+                break
+        print(f"--precision auto on {label}:")
+        print(decisions[0].describe() if decisions else "  (too few photos for the check)")
+    print(f"\nload average at the end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
