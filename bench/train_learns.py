@@ -113,16 +113,15 @@ def tag_agreement(weights: Path, data: Path, root: Path) -> dict:
 
 
 def publish(src: Path, dest: Path) -> None:
-    """Copy `src` to `dest` atomically (a temporary name in dest's folder, then a rename), so a
-    reader never sees a half-written file, also when a later run overwrites it."""
+    """Copy `src` to `dest` atomically (`fileio.atomic_output`), so a reader never sees a
+    half-written file, also when a later run overwrites it."""
     import shutil
 
+    from ramcli.fileio import atomic_output
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users
-    os.replace(tmp, dest)
+    with atomic_output(dest) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def keep_photos(photos: Path, dest: Path, count: int) -> None:
