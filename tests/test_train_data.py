@@ -275,7 +275,7 @@ def test_training_feeds_a_timm_backbone_its_own_data_config(synth_dir):
     from ramcli_train.config import resolve
     from ramcli_train.loop import Runtime, build_loader, resolve_training_labels
 
-    half = resolve("tiny", overrides=dict(data=[str(synth_dir)], backbone="test_resnet", image_size=40))
+    half = resolve("tiny", overrides=dict(data=[str(synth_dir)], backbone="test_resnet", image_size=64))
     arch = half.arch(5)
     assert (arch.mean, arch.std, arch.interpolation) == ((0.5,) * 3, (0.5,) * 3, "bilinear")
     assert resolve("cpu").arch(5).data_config["interpolation"] == "bicubic"
@@ -284,7 +284,7 @@ def test_training_feeds_a_timm_backbone_its_own_data_config(synth_dir):
     labels = resolve_training_labels(half)
     batch = next(iter(build_loader(half, [str(synth_dir / "val")], labels, Runtime(), train=False)))
     assert batch.images.min() >= -1.0 and batch.images.max() <= 1.0  # (x - 0.5) / 0.5
-    imagenet = resolve("tiny", overrides=dict(data=[str(synth_dir)], image_size=40))
+    imagenet = resolve("tiny", overrides=dict(data=[str(synth_dir)]))  # the tiny Swin: 64 px, ImageNet
     swin_batch = next(iter(build_loader(imagenet, [str(synth_dir / "val")], labels, Runtime(), train=False)))
     # the same pixels under the two normalisations
     assert torch.allclose(swin_batch.images[:, 0] * 0.229 + 0.485, batch.images[:, 0] * 0.5 + 0.5, atol=1e-5)
