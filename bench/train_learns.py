@@ -112,6 +112,37 @@ def tag_agreement(weights: Path, data: Path, root: Path) -> dict:
     return {"photos": len(rows), "f1": 2 * common / total if total else 1.0}
 
 
+def publish(src: Path, dest: Path) -> None:
+    """Copy `src` to `dest` atomically (`fileio.atomic_output`), so a reader never sees a
+    half-written file, also when a later run overwrites it."""
+    import shutil
+
+    from ramcli.fileio import atomic_output
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def keep_photos(photos: Path, dest: Path, count: int) -> None:
+    """The first `count` held-out JPEGs into folder `dest`, replacing it atomically (the folder
+    is built under a temporary name next to it, then renamed; the old one is removed after)."""
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    staging.chmod(0o755)
+    for path in sorted(photos.glob("*.jpg"))[:count]:
+        shutil.copyfile(path, staging / path.name)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=3000, help="training scenes (held-out: 500)")
@@ -119,6 +150,8 @@ def main() -> None:
     ap.add_argument("--family", default="ram", choices=("ram", "ram_plus", "tag2text"))
     ap.add_argument("--preset", default="cpu", choices=("cpu", "cpu_swin"), help="cpu_swin: the Swin from scratch")
     ap.add_argument("--save", type=Path, default=None, help="keep the exported tagger here (bench/distill.py's teacher)")
+    ap.add_argument("--keep-photos", type=Path, default=None, help="copy held-out JPEGs into this folder")
+    ap.add_argument("--keep-count", type=int, default=200, help="how many held-out JPEGs --keep-photos copies")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--goal", type=float, default=0.9)
@@ -144,7 +177,11 @@ def main() -> None:
         load_after = load_average()
         ckpt = root / "run" / "checkpoint_last.pt"
         trained, per_tag = held_out_map(tagger_from_checkpoint(ckpt), labels, cfg, data / "val")
-        tagged = tag_agreement(export_tagger(ckpt, args.save or root / "tagger.safetensors"), data, root)
+        tagged = tag_agreement(export_tagger(ckpt, root / "tagger.safetensors"), data, root)
+        if args.save:
+            publish(root / "tagger.safetensors", args.save)
+        if args.keep_photos:
+            keep_photos(root / "val_photos", args.keep_photos, args.keep_count)
         control = None if args.no_control else control_cnn(cfg, labels, data, summary["step"])
     encoder = cfg.backbone or ("resnet10t (timm)" if args.preset == "cpu" else "Swin from scratch")
     print(f"config: preset {args.preset} ({encoder}), family {cfg.family}, {cfg.image_size} px, batch {cfg.batch_size}, "

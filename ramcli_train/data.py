@@ -22,9 +22,11 @@ travel with the samples (each sample carries the skips since the previous one; a
 trailing skips come as a stats-only item), so they add up correctly across worker processes;
 `TrainLoader` sums them and raises one `RamcliError` only if a whole epoch had no usable sample.
 
-Normalisation: the main image uses ImageNet mean/std by default, the statistics ramcli's
-inference path uses (official training used CLIP mean/std, a train/test mismatch we do not
-copy; pass normalization="clip" to reproduce it). The optional 224-px distillation view is
+Normalisation: the main image uses the model's data config (`TransformConfig.from_data_config`:
+the mean/std and resize interpolation that `ArchConfig.data_config` gives `ramcli tag`; ImageNet's
+for the Swin, the timm backbone's own for others), so training and inference see the same
+input (official training used CLIP mean/std, a train/test mismatch we do not copy; pass
+normalization="clip" to reproduce it). The optional 224-px distillation view is
 always CLIP-normalised because it feeds the frozen CLIP image encoder.
 """
 
@@ -143,6 +145,8 @@ class TransformConfig:
     "separate" (an independently augmented 224 crop, as in finetuning).
     crop_scale: RandomResizedCrop's area range; the official 0.2 can crop a small object out of
     the picture, harmless on photos with many tags, but raise it for sparse synthetic scenes.
+    mean, std, interpolation: the model's data config (`from_data_config`); `normalization="clip"`
+    replaces mean and std with CLIP's.
     """
 
     size: int = 224
@@ -151,6 +155,16 @@ class TransformConfig:
     normalization: str = "imagenet"
     clip_view: str | None = None
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_data_config(cls, data_config: dict, **kwargs) -> TransformConfig:
+        """The transform that prepares images as a model with this data config
+        (`model.pretrained_cfg`, `ArchConfig.data_config`) expects them."""
+        return cls(size=data_config["input_size"][-1], mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                   interpolation=data_config["interpolation"], **kwargs)
 
     def __post_init__(self) -> None:
         if self.normalization not in ("imagenet", "clip"):
@@ -161,6 +175,8 @@ class TransformConfig:
             raise UsageError(f"crop scale must be 0 < low <= high <= 1, not {self.crop_scale}")
         if self.size < 8:
             raise UsageError(f"image size {self.size} is too small")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise UsageError(f"interpolation must be 'bilinear' or 'bicubic', not {self.interpolation!r}")
 
 
 class SampleTransform:
@@ -170,7 +186,7 @@ class SampleTransform:
         from torchvision import transforms as T
 
         self.config = config
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if config.normalization == "imagenet" else (CLIP_MEAN, CLIP_STD)
+        mean, std = (config.mean, config.std) if config.normalization == "imagenet" else (CLIP_MEAN, CLIP_STD)
         self._augment = self._geometry(config.size)
         self._to_tensor = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
         self._clip_tensor = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
@@ -181,7 +197,7 @@ class SampleTransform:
         from torchvision import transforms as T
 
         if not self.config.train:
-            return T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR)
+            return T.Resize((size, size), interpolation=T.InterpolationMode(self.config.interpolation))
         steps = [
             T.RandomResizedCrop(size, scale=self.config.crop_scale, interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),

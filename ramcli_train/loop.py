@@ -158,8 +158,9 @@ def build_loader(cfg: TrainConfig, paths: list[str], labels: LabelSet, rt: Runti
     from ramcli_train.parse import TagParser
 
     clip_view = "same" if train and cfg.distill == "online" and cfg.family != "tag2text" else None
-    transform = TransformConfig(size=cfg.image_size, train=train and cfg.augment, randaugment=train and cfg.augment,
-                                clip_view=clip_view if cfg.clip_model != "tiny" else None)
+    transform = TransformConfig.from_data_config(cfg.arch(len(labels)).data_config, train=train and cfg.augment,
+                                                 randaugment=train and cfg.augment,
+                                                 clip_view=clip_view if cfg.clip_model != "tiny" else None)
     parser = TagParser(labels)
     common = dict(transform=transform, rank=rt.rank, world_size=rt.world, shuffle=train and cfg.shuffle, seed=cfg.seed)
     precomputed = train and cfg.distill == "precomputed" and cfg.family != "tag2text"

@@ -267,3 +267,25 @@ def test_train_transform_and_normalisation(tmp_path):
     assert clip_norm[0].mean().item() == pytest.approx(white_clip, abs=1e-4)
     with pytest.raises(RamcliError):
         TransformConfig(normalization="other")
+
+
+def test_training_feeds_a_timm_backbone_its_own_data_config(synth_dir):
+    """timm's test_resnet is published with mean/std 0.5 and bilinear resizing, resnet10t with
+    ImageNet's and bicubic: the training batches and the exported architecture follow each."""
+    from ramcli_train.config import resolve
+    from ramcli_train.loop import Runtime, build_loader, resolve_training_labels
+
+    half = resolve("tiny", overrides=dict(data=[str(synth_dir)], backbone="test_resnet", image_size=64))
+    arch = half.arch(5)
+    assert (arch.mean, arch.std, arch.interpolation) == ((0.5,) * 3, (0.5,) * 3, "bilinear")
+    assert resolve("cpu").arch(5).data_config["interpolation"] == "bicubic"
+    assert resolve("cpu").arch(5).data_config["mean"] == pytest.approx((0.485, 0.456, 0.406))
+
+    labels = resolve_training_labels(half)
+    batch = next(iter(build_loader(half, [str(synth_dir / "val")], labels, Runtime(), train=False)))
+    assert batch.images.min() >= -1.0 and batch.images.max() <= 1.0  # (x - 0.5) / 0.5
+    imagenet = resolve("tiny", overrides=dict(data=[str(synth_dir)]))  # the tiny Swin: 64 px, ImageNet
+    swin_batch = next(iter(build_loader(imagenet, [str(synth_dir / "val")], labels, Runtime(), train=False)))
+    # the same pixels under the two normalisations
+    assert torch.allclose(swin_batch.images[:, 0] * 0.229 + 0.485, batch.images[:, 0] * 0.5 + 0.5, atol=1e-5)
+    assert not torch.allclose(swin_batch.images, batch.images, atol=1e-2)

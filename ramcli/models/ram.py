@@ -73,6 +73,20 @@ def timm_backbone(name: str, image_size: int | None, drop_path_rate: float = 0.0
     return timm.create_model(name, **kwargs)
 
 
+def backbone_data_config(name: str) -> dict:
+    """The preprocessing timm publishes for backbone `name` (its pretrained config's mean, std and
+    interpolation), as `ArchConfig` fields: training feeds the backbone what its weights expect,
+    and the exported file carries the same values to `ramcli tag`. ImageNet's, bilinear, when
+    timm has no config for it; an interpolation ramcli's resize lacks becomes bicubic."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return {}
+    interpolation = cfg.interpolation if cfg.interpolation in ("bilinear", "bicubic") else "bicubic"
+    return {"mean": tuple(cfg.mean), "std": tuple(cfg.std), "interpolation": interpolation}
+
+
 def feature_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """A backbone's last features as tokens (B, L, C): NCHW and NHWC maps flattened, ViT tokens as they are."""
     x = backbone.forward_features(images)
