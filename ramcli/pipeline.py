@@ -162,7 +162,8 @@ class Tagger:
         exported with, or, from an fp32 file, in int8 (its quantised copy), which auto checks."""
         if self.device.type != "cpu":
             raise UsageError("ONNX models run on the CPU (ONNX Runtime); use --device cpu or the .pth/.safetensors weights")
-        allowed = ("auto", fixed, *fast_paths(self.model))
+        faster = fast_paths(self.model)
+        allowed = ("auto", fixed, *faster)
         if self.precision not in allowed:
             raise UsageError(f"this ONNX file computes in {fixed}; it runs with --precision "
                              f"{' or '.join(allowed)} (bf16/fp16 need the .pth/.safetensors weights)")
@@ -170,7 +171,7 @@ class Tagger:
             raise UsageError("an ONNX model gives logits only: --caption and --cache-embeddings need the "
                              ".pth/.safetensors weights")
         self.compile = False  # ONNX Runtime optimises the graph itself
-        if self.precision == "auto" and fast_paths(self.model):
+        if self.precision == "auto" and faster:
             return self._start_check()
         self._use(Arithmetic.build(fixed if self.precision == "auto" else self.precision, self.model, self.device))
         if self.precision == "auto":

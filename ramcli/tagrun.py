@@ -408,9 +408,8 @@ class TagSession:
 
         if self._metadata is None:
             self._metadata = run._metadata_sink(index, Summary(), self.model_id, {})
-        ledger = self._metadata.writer.ledger
-        items = [(str(f.path), tags) for f in unchanged
-                 if not ledger.entries(str(f.path)) and (tags := index.photo_tags(str(f.path)))]
+        written = self._metadata.writer.ledger.entries_of([str(f.path) for f in unchanged])
+        items = [(path, tags) for path, entries in written.items() if not entries and (tags := index.photo_tags(path))]
         if not items:
             return
         captions = [index.lookup(path).caption for path, _ in items]

@@ -82,12 +82,17 @@ def test_onnx_file_carries_labels_thresholds_and_data_config(exported, arch):
     assert model.arch == reference.arch and model.model_id.endswith("+onnx-fp32")
 
 
+def _library(folder, photos: int):
+    """A folder of small photo-like JPEGs."""
+    folder.mkdir()
+    for i in range(photos):
+        photo_like(120, 90, seed=i).save(folder / f"p{i}.jpg", quality=85)
+    return folder
+
+
 def test_tag_with_onnx_weights_gives_the_pytorch_tags(exported, tmp_path):
     pth, labels, dst = exported["ram_tiny"]
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    for i in range(3):
-        photo_like(120, 90, seed=i).save(lib / f"p{i}.jpg", quality=85)
+    lib = _library(tmp_path / "lib", 3)
     runs = {}
     for weights in (pth, dst):
         res = CliRunner().invoke(app, ["tag", str(lib), "--weights", str(weights), "--workers", "0", "-f", "jsonl",
@@ -216,10 +221,7 @@ def test_convert_writes_int8_onnx_that_runs_only_as_int8(exported, tmp_path):
 
 def test_tag_cli_with_onnx_int8(exported, tmp_path):
     pth, labels, dst = exported["ram_tiny"]
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    for i in range(2):
-        photo_like(120, 90, seed=i).save(lib / f"p{i}.jpg", quality=85)
+    lib = _library(tmp_path / "lib", 2)
     res = CliRunner().invoke(app, ["tag", str(lib), "--weights", str(dst), "--precision", "int8", "--workers", "0",
                                    "-f", "jsonl", "--no-write", "--no-index"], catch_exceptions=False)
     assert res.exit_code == 0, res.output

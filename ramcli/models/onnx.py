@@ -67,7 +67,6 @@ def export_onnx(model: RecognitionModel, dst: Path, dtype: str = "fp32", source:
         raise CheckpointError("cannot export without the label system (pass --labels DIR)")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
     model = model.float().eval()
     size = model.arch.image_size
     example = torch.zeros(2, 3, size, size)
@@ -92,8 +91,8 @@ def export_onnx(model: RecognitionModel, dst: Path, dtype: str = "fp32", source:
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     big = proto.ByteSize() > 1_900_000_000  # protobuf's 2 GB limit: weights go to a side file
-    onnx.save_model(proto, str(tmp), save_as_external_data=big, location=dst.name + ".data")
-    tmp.replace(dst)
+    with atomic_output(dst) as tmp:
+        onnx.save_model(proto, tmp, save_as_external_data=big, location=dst.name + ".data")
     return dst
 
 
