@@ -64,6 +64,7 @@ class TrainConfig:
     backbone: str = ""  # a timm model as image encoder (resnet18, convnext_tiny, vit_small_patch16_224, ...)
     pretrained_backbone: bool = True  # timm's pretrained weights (Swin: ImageNet-22k) when available
     drop_path: float = 0.1  # Swin stochastic depth (the official rate); the CPU presets use 0
+    caption_dropout: float = 0.1  # the caption stack's dropout (BERT's rate); the CPU presets use 0
     init_from: str | None = None  # a training checkpoint or official .pth to start from (finetune)
     # optimisation
     batch_size: int = 52  # per process
@@ -133,7 +134,7 @@ class TrainConfig:
 
         width = 512 if arch.family == "ram" else backbone_width(arch)
         return CaptionConfig(arch.hidden, self.caption_heads, arch.intermediate, self.caption_layers,
-                             vocab_size, 512, width)
+                             vocab_size, 512, width, dropout=self.caption_dropout)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,24 +143,25 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: 64 px, tiny Swin and heads, a caption vocabulary trained on the data, no teacher
     "tiny": dict(preset="tiny", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
-                 label_embed="random", distill="off", pretrained_backbone=False, drop_path=0.0, batch_size=32,
-                 epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=20, lr_decay_rate=0.9, amp="off", num_workers=0,
-                 save_every=200, log_every=5),
+                 label_embed="random", distill="off", pretrained_backbone=False, drop_path=0.0, caption_dropout=0.0,
+                 batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=20, lr_decay_rate=0.9, amp="off",
+                 num_workers=0, save_every=200, log_every=5),
     # CPU training that learns in minutes (bench/train_learns.py): a small CNN from scratch under
     # RAM's decoder, the tag loss unscaled, no augmentation (synthetic scenes are sparse: crops
-    # cut the shapes out)
+    # cut the shapes out), no dropout (a tenth of a step's time, and nothing to regularise in
+    # a few hundred steps)
     "cpu": dict(preset="cpu", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
                 tokenizer_vocab=300, label_embed="random", distill="off", pretrained_backbone=False,
-                drop_path=0.0, batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=50, lr_decay_rate=0.8,
-                grad_clip=1.0, tag_rescale=False, augment=False, amp="off", num_workers=0, threads=1, save_every=0,
-                log_every=10),
+                drop_path=0.0, caption_dropout=0.0, batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5,
+                warmup_steps=50, lr_decay_rate=0.8, grad_clip=1.0, tag_rescale=False, augment=False, amp="off",
+                num_workers=0, threads=1, save_every=0, log_every=10),
     # the same recipe on a small Swin from scratch (the paper's encoder family): it does not learn
     # shapes in CPU minutes (docs/training.md)
     "cpu_swin": dict(preset="cpu_swin", image_size=64, caption_layers=2, caption_heads=4, tokenizer="train",
                      tokenizer_vocab=300, label_embed="random", distill="off", pretrained_backbone=False,
-                     drop_path=0.0, batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5, warmup_steps=50,
-                     lr_decay_rate=0.8, grad_clip=1.0, tag_rescale=False, augment=False, amp="off", num_workers=0,
-                     threads=1, save_every=0, log_every=10),
+                     drop_path=0.0, caption_dropout=0.0, batch_size=32, epochs=10, lr=1e-3, warmup_lr=1e-5,
+                     warmup_steps=50, lr_decay_rate=0.8, grad_clip=1.0, tag_rescale=False, augment=False, amp="off",
+                     num_workers=0, threads=1, save_every=0, log_every=10),
     # Tag2Text's pretraining setting (Swin-B 224, 80 per GPU)
     "swin_b": dict(preset="swin_b", image_size=224, batch_size=80),
     # RAM's pretraining setting (Swin-L 224, 52 per GPU)
@@ -254,6 +256,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.batch_size > 0 and cfg.accum_steps > 0 and cfg.epochs > 0, "batch_size, accum_steps, epochs must be > 0"),
         (cfg.lr > 0, "lr must be > 0"),
         (0 <= cfg.drop_path < 1, "drop_path must be in [0, 1)"),
+        (0 <= cfg.caption_dropout < 1, "caption_dropout must be in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -190,6 +190,24 @@ def test_drop_path_is_the_official_rate_and_acts_only_in_training(shards, tmp_pa
         resolve("tiny", overrides=dict(drop_path=1.5))
 
 
+def test_caption_dropout_is_berts_rate_and_off_in_the_cpu_presets(shards, tmp_path):
+    from ramcli_train.loop import build_model, build_tokenizer, resolve_training_labels, split_data_paths
+
+    assert resolve(None).caption_dropout == 0.1
+    assert all(resolve(p).caption_dropout == 0.0 for p in ("tiny", "cpu", "cpu_swin"))
+    for rate in (0.0, 0.5):
+        cfg = _cfg(shards, tmp_path, caption_dropout=rate)
+        model = build_model(cfg, resolve_training_labels(cfg), build_tokenizer(cfg, split_data_paths(cfg)[0], tmp_path))
+        images, tags = torch.randn(2, 3, 64, 64), torch.zeros(2, len(model.labels))
+        tags[:, 0] = 1
+        model.train()
+        with torch.no_grad():
+            a, b = (model(images, tags, None, ["a red circle", "two blue stars"])["lm"] for _ in range(2))
+        assert torch.equal(a, b) == (rate == 0.0)  # dropout draws differ between passes only when on
+    with pytest.raises(UsageError, match="caption_dropout"):
+        resolve("tiny", overrides=dict(caption_dropout=1.0))
+
+
 def test_presets_and_any_timm_backbone(shards, tmp_path, capsys):
     from ramcli_train.config import CPU_BACKBONE, CPU_SWIN
 
