@@ -168,9 +168,6 @@ class TagRun:
             (summary.failed if f.kind == "error" else summary.not_followed).append((str(f.path), f.reason or f.kind))
         todo = session.due(photos)
         summary.unchanged = len(photos) - len(todo)
-        if not self.dry_run:
-            due = {f.path for f in todo}
-            session.write_unwritten_links([f for f in photos if f.link is not None and f.path not in due], summary)
         if self.dry_run:
             for f in todo:
                 console.print(display(f.path), markup=False, highlight=False, soft_wrap=True)
@@ -182,6 +179,8 @@ class TagRun:
                     err_console.print(f"  broken: {display(path)}: {reason}", markup=False, highlight=False,
                                       soft_wrap=True)
             return 0
+        due = {f.path for f in todo}
+        session.write_unwritten_links([f for f in photos if f.link is not None and f.path not in due], summary)
         session.tag(todo, summary, start)
         session.end_output()
         if not self.quiet:
@@ -279,13 +278,14 @@ class TagRun:
 
         return skip
 
-    def _metadata_sink(self, index, summary: Summary, model_id: str, links: dict[str, str]) -> MetadataSink:
+    def _metadata_sink(self, index, model_id: str) -> MetadataSink:
+        """A sink with its own ExifTool writer; each `TagSession.tag` sets its summary and the
+        paths it leaves alone."""
         from ramcli.ledger import Ledger
         from ramcli.metadata import MetadataWriter
 
         options = self.writer_options or WriterOptions(lang=self.lang)
-        left_alone = {} if self.follow_links else dict.fromkeys(links, OUTSIDE_LINK)
-        return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, summary, left_alone)
+        return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, Summary())
 
     # ------------------------------------------------------------------ report
     def _print_summary(self, err: Console, s: Summary, start: float) -> None:
@@ -397,6 +397,12 @@ class TagSession:
         return [f for f in photos
                 if self.index.needs_tagging(str(f.path), f.size, f.mtime_ns, self.model_id, self.vocab.version)]
 
+    def metadata_sink(self, model_id: str) -> MetadataSink:
+        """The session's one metadata sink (an ExifTool process and a journal), made on first need."""
+        if self._metadata is None:
+            self._metadata = self.run._metadata_sink(self.index, model_id)
+        return self._metadata
+
     def write_unwritten_links(self, unchanged: list[Found], summary: Summary) -> None:
         """Unchanged photos reached through a symlink out of the tagged folders, which an earlier
         run without --follow-links indexed but left unwritten: with --follow-links they are
@@ -406,14 +412,13 @@ class TagSession:
             return
         from ramcli.writeback import write_indexed
 
-        if self._metadata is None:
-            self._metadata = run._metadata_sink(index, Summary(), self.model_id, {})
-        written = self._metadata.writer.ledger.entries_of([str(f.path) for f in unchanged])
+        writer = self.metadata_sink(self.model_id).writer
+        written = writer.ledger.entries_of([str(f.path) for f in unchanged])
         items = [(path, tags) for path, entries in written.items() if not entries and (tags := index.photo_tags(path))]
         if not items:
             return
         captions = [index.lookup(path).caption for path, _ in items]
-        for (path, _), outcome in zip(items, write_indexed(index, self._metadata.writer, items, captions)):
+        for (path, _), outcome in zip(items, write_indexed(index, writer, items, captions)):
             if outcome.status == "written":
                 summary.written += 1
             elif outcome.status == "failed":
@@ -520,8 +525,8 @@ class TagSession:
                         exclude=run.exclude_tags, top_k=run.top_k, cache=cache,
                         compile=run._should_compile(self.device, photos), captioner=captioner,
                         **self._precision_check(photos))
-        if run.write and self._metadata is None:
-            self._metadata = run._metadata_sink(self.index, Summary(), model.model_id, {})
+        if run.write:
+            self.metadata_sink(model.model_id)
         if self.index is not None:
             names, names_zh, n = model.labels.names, model.labels.names_zh, model.arch.num_classes
             self.index.upsert_tags(names[:n], names_zh[:n], "builtin")
