@@ -6,7 +6,6 @@ measured is exactly what is tested; they cache what they generate under .bench_c
 
 from __future__ import annotations
 
-import resource
 import sys
 from pathlib import Path
 
@@ -57,4 +56,9 @@ def load_average() -> str:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's resident high-water mark since its exec (VmHWM; ru_maxrss would include the
+    parent's memory that a spawned child inherits across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

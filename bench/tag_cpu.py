@@ -37,20 +37,11 @@ from pathlib import Path
 
 import torch
 
-from _common import CACHE, checkpoint, jpegs, load_average
+from _common import CACHE, checkpoint, jpegs, load_average, peak_rss_mb
 
 PATHS = ("baseline", "fp32", "fp32 compiled", "bf16", "bf16 compiled", "int8", "int8 compiled", "onnx", "onnx int8",
          "decode")
 ALWAYS = ("baseline", "fp32")
-
-
-def peak_rss_mb() -> float:
-    """This process's resident high-water mark since its exec (VmHWM; ru_maxrss would include the
-    parent's memory that a spawned child inherits across fork + exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def baseline(pth: Path, labels: Path, photos: list[Path], **_) -> dict:
