@@ -65,6 +65,8 @@ class TrainConfig:
     pretrained_backbone: bool = True  # timm's pretrained weights (Swin: ImageNet-22k) when available
     drop_path: float = 0.1  # Swin stochastic depth (the official rate); the CPU presets use 0
     caption_dropout: float = 0.1  # the caption stack's dropout (BERT's rate); the CPU presets use 0
+    caption_samples: int = 0  # samples of each batch the caption loss reads (the first N); 0: all (official)
+    pooled_tag_weight: float = 0.0  # weight of the pooled-embedding tag loss (losses.pooled_tag_loss); 0: off (official)
     init_from: str | None = None  # a training checkpoint or official .pth to start from (finetune)
     # optimisation
     batch_size: int = 52  # per process
@@ -257,6 +259,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.lr > 0, "lr must be > 0"),
         (0 <= cfg.drop_path < 1, "drop_path must be in [0, 1)"),
         (0 <= cfg.caption_dropout < 1, "caption_dropout must be in [0, 1)"),
+        (cfg.caption_samples >= 0, "caption_samples must be >= 0 (0: the whole batch)"),
+        (cfg.pooled_tag_weight >= 0, "pooled_tag_weight must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

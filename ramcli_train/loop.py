@@ -228,7 +228,8 @@ def build_model(cfg: TrainConfig, labels: LabelSet, tokenizer: CaptionTokenizer 
     embed = label_embeddings(labels, arch, cfg.label_embed, cfg.clip_weights, cfg.seed)
     vocab = max(len(tokenizer), 30524 if cfg.tokenizer == "bert-base-uncased" else 0) if tokenizer else 0
     model = TrainableRAM(arch, labels, embed, cfg.caption_config(arch, vocab) if tokenizer else None, tokenizer,
-                         cfg.prompt, drop_path_rate=cfg.drop_path)
+                         cfg.prompt, drop_path_rate=cfg.drop_path, caption_samples=cfg.caption_samples,
+                         pooled_tag_weight=cfg.pooled_tag_weight)
     model.backbone_init = f"backbone {arch.backbone or 'Swin'}: random initialisation"
     if cfg.pretrained_backbone and cfg.init_from is None:
         model.backbone_init = load_pretrained_backbone(model.tagger).message

@@ -6,6 +6,8 @@
   caption tokens that are neither padding nor prompt.
 - Distillation (RAM, RAM++): L1 between the pooled image embedding and frozen CLIP image features.
 - Alignment (RAM++): ASL (gamma_neg 4) over image x caption logits, the diagonal positive.
+- Pooled tags (not in the paper; off unless `pooled_tag_weight` is set, as in the `cpu` preset):
+  BCE of the pooled image embedding's dot product with each tag's label embedding.
 
 `combine` applies the official weighting: RAM rescales the tag loss to the LM loss's magnitude
 (`tag / (tag / lm).detach()`), which keeps a summed loss over thousands of classes from drowning
@@ -53,9 +55,22 @@ def alignment_loss(logits: torch.Tensor) -> torch.Tensor:
     return asymmetric_loss(logits, targets, gamma_neg=4.0, gamma_pos=0.0, clip=0.05)
 
 
+def pooled_tag_loss(pooled: torch.Tensor, class_embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE of `pooled @ class_embeds.T` (B, C) as tag logits, summed like the tag loss.
+
+    Why: the recognition decoder passes its tag gradient back to the image encoder through
+    cross-attention over a handful of tokens, which teaches an encoder trained from scratch
+    slowly; this loss hands the encoder a linear probe's gradient, through the label embeddings
+    the decoder already has (no new weights, nothing to export). The CLIP distillation loss plays
+    that part when a CLIP teacher exists; synthetic data and random label queries have none.
+    """
+    logits = pooled.float() @ class_embeds.float().t()
+    return F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="sum")
+
+
 def combine(parts: dict[str, torch.Tensor], rescale_tag: bool = True) -> torch.Tensor:
     """The official total from the parts a family has: RAM lm + rescaled tag + dis; RAM++
-    tag + dis + align; Tag2Text lm + rescaled tag.
+    tag + dis + align; Tag2Text lm + rescaled tag; plus pooled_tag where it was computed.
 
     `rescale_tag=False` adds the summed tag loss as it is. With few classes the rescaling hands
     the shared image encoder to the caption loss (Adam sees mostly its gradient), which is what
@@ -67,7 +82,7 @@ def combine(parts: dict[str, torch.Tensor], rescale_tag: bool = True) -> torch.T
         total = parts["lm"] + tag
     else:
         total = tag
-    for name in ("dis", "align"):
+    for name in ("dis", "align", "pooled_tag"):
         if name in parts:
             total = total + parts[name]
     return total

@@ -41,10 +41,13 @@ class TrainableRAM(nn.Module):
 
     def __init__(self, arch: ArchConfig, labels: LabelSet, label_embed: torch.Tensor | None = None,
                  caption_cfg: CaptionConfig | None = None, tokenizer: CaptionTokenizer | None = None,
-                 prompt: str = "a picture of ", drop_path_rate: float = 0.0):
+                 prompt: str = "a picture of ", drop_path_rate: float = 0.0, caption_samples: int = 0,
+                 pooled_tag_weight: float = 0.0):
         super().__init__()
         self.arch = arch
         self.labels = labels
+        self.caption_samples = caption_samples  # captions a batch's caption loss reads (0: all)
+        self.pooled_tag_weight = pooled_tag_weight
         self.tagger = RecognitionModel(arch, labels, model_id="training", drop_path_rate=drop_path_rate)
         self.arch = self.tagger.arch  # with the backbone's data config
         _init_tagger(self.tagger, label_embed)
@@ -64,7 +67,8 @@ class TrainableRAM(nn.Module):
                 captions: Sequence[str] | None = None, clip_features: torch.Tensor | None = None,
                 text_embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss parts: tag (always), lm (caption branch), dis (with clip_features), align (RAM++
-        with caption text_embeds). Tag2Text trains on the parsed tags, as the official code."""
+        with caption text_embeds), pooled_tag (RAM, RAM++ with `pooled_tag_weight`). Tag2Text
+        trains on the parsed tags, as the official code."""
         embeds = self.tagger.encode_image(images)
         logits = self.tagger.decode(embeds)
         family = self.arch.family
@@ -72,8 +76,12 @@ class TrainableRAM(nn.Module):
         parts = {"tag": losses.asymmetric_loss(logits, targets)}
         if self.caption is not None and captions is not None:
             guide = parse_tags if parse_tags is not None else tags
-            lm_logits, lm_targets = self.caption.logits(embeds, tag_texts(self.labels, guide), captions)
+            n = self.caption_samples or len(captions)
+            lm_logits, lm_targets = self.caption.logits(embeds[:n], tag_texts(self.labels, guide[:n]), captions[:n])
             parts["lm"] = losses.lm_loss(lm_logits, lm_targets)
+        if self.pooled_tag_weight and family != "tag2text":
+            class_embeds = self.tagger.label_embed.view(self.arch.num_classes, -1, CLIP_DIM).mean(dim=1)
+            parts["pooled_tag"] = self.pooled_tag_weight * losses.pooled_tag_loss(embeds[:, 0, :], class_embeds, targets)
         if clip_features is not None and family != "tag2text":
             parts["dis"] = losses.distillation_loss(embeds[:, 0, :], clip_features)
         if text_embeds is not None and family == "ram_plus":

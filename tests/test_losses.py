@@ -79,3 +79,15 @@ def test_alignment_loss_takes_the_diagonal_as_positives():
 def test_distillation_is_mean_absolute_error():
     a, b = torch.zeros(2, 512), torch.ones(2, 512) * 0.5
     assert losses.distillation_loss(a, b).item() == approx(0.5)
+
+
+def test_pooled_tag_loss_is_summed_bce_of_the_dot_products_and_added_by_combine():
+    pooled = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    class_embeds = torch.tensor([[3.0, 0.0], [0.0, -1.0], [1.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    logits = [[3.0, 0.0, 1.0], [0.0, -2.0, 2.0]]
+    by_hand = sum(-math.log(1 / (1 + math.exp(-x))) if y else -math.log(1 - 1 / (1 + math.exp(-x)))
+                  for row, ys in zip(logits, targets.tolist()) for x, y in zip(row, ys))
+    assert losses.pooled_tag_loss(pooled, class_embeds, targets).item() == approx(by_hand)
+    total = losses.combine({"tag": torch.tensor(10.0), "pooled_tag": torch.tensor(4.0)})
+    assert total.item() == 14.0

@@ -208,6 +208,35 @@ def test_caption_dropout_is_berts_rate_and_off_in_the_cpu_presets(shards, tmp_pa
         resolve("tiny", overrides=dict(caption_dropout=1.0))
 
 
+def test_caption_samples_and_pooled_tag_weight_reach_the_losses(shards, tmp_path):
+    from ramcli_train.loop import build_model, build_tokenizer, resolve_training_labels, split_data_paths
+
+    assert resolve(None).caption_samples == 0 and resolve(None).pooled_tag_weight == 0.0  # official: off
+    captions = ["a red circle", "two blue stars on the grass and no green heart in the sky at all", "a star"]
+    images, tags = torch.randn(3, 3, 64, 64), torch.zeros(3, 23)
+    tags[:, 0] = 1
+    parts = {}
+    for family in ("ram", "ram_plus", "tag2text"):
+        for samples, weight in ((0, 0.0), (1, 2.0), (3, 2.0)):
+            cfg = _cfg(shards, tmp_path, family=family, caption_samples=samples, pooled_tag_weight=weight)
+            torch.manual_seed(0)
+            model = build_model(cfg, resolve_training_labels(cfg), build_tokenizer(cfg, split_data_paths(cfg)[0], tmp_path))
+            assert len(model.labels) == 23
+            with torch.no_grad():
+                parts[family, samples, weight] = model(images, tags, tags, captions)
+    for family in ("ram", "ram_plus"):
+        off, one, all_ = parts[family, 0, 0.0], parts[family, 1, 2.0], parts[family, 3, 2.0]
+        assert "pooled_tag" not in off and one["pooled_tag"] > 0
+        assert torch.equal(one["pooled_tag"], all_["pooled_tag"]) and torch.equal(one["tag"], off["tag"])
+    for family in ("ram", "tag2text"):  # the caption loss over the first caption only, or all three
+        one, all_, off = parts[family, 1, 2.0]["lm"], parts[family, 3, 2.0]["lm"], parts[family, 0, 0.0]["lm"]
+        assert torch.equal(all_, off) and not torch.equal(one, all_)
+    assert "pooled_tag" not in parts["tag2text", 3, 2.0]  # no CLIP-space label embeddings to score against
+    for key in ("caption_samples=-1", "pooled_tag_weight=-0.5"):
+        with pytest.raises(UsageError, match=key.split("=")[0]):
+            resolve("tiny", sets=[key])
+
+
 def test_presets_and_any_timm_backbone(shards, tmp_path, capsys):
     from ramcli_train.config import CPU_BACKBONE, CPU_SWIN
 
