@@ -30,26 +30,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from _common import load_average
-from ramcli.metrics import mean_average_precision
 from ramcli_train.config import resolve
 from ramcli_train.export import export_tagger, tagger_from_checkpoint
-from ramcli_train.loop import Runtime, build_loader, build_model, build_tokenizer, resolve_training_labels, train
+from ramcli_train.loop import (Runtime, build_loader, build_model, build_tokenizer, held_out_map,
+                               resolve_training_labels, train)
 from ramcli_train.synth import write_shards
 
 
-def held_out_map(tagger, labels, cfg, val_dir: Path) -> tuple[float, dict[str, float]]:
+def held_out(tagger, labels, cfg, val_dir: Path) -> tuple[float, dict[str, float]]:
     """mAP over the classes with positives in the held-out split, and the AP of each."""
-    loader = build_loader(cfg, [str(val_dir)], labels, Runtime(), train=False)
-    scores, targets = [], []
-    with torch.no_grad():
-        for batch in loader:
-            scores.append(torch.sigmoid(tagger(batch.images)).numpy())
-            targets.append(batch.tags.numpy())
-    result = mean_average_precision(np.concatenate(scores), np.concatenate(targets))
+    result = held_out_map(tagger, labels, cfg, [str(val_dir)])
     per_tag = {n: float(ap) for n, ap, pos in zip(labels.names, result.per_class, result.positives) if pos}
     return result.mean_with_positives, per_tag
 
@@ -80,7 +73,7 @@ def control_cnn(cfg, labels, data: Path, steps: int) -> tuple[float, float]:
                 break
         epoch += 1
     minutes = (time.perf_counter() - start) / 60
-    return held_out_map(net.eval(), labels, cfg, data / "val")[0], minutes
+    return held_out(net.eval(), labels, cfg, data / "val")[0], minutes
 
 
 def tag_agreement(weights: Path, data: Path, root: Path) -> dict:
@@ -167,7 +160,7 @@ def main() -> None:
         labels = resolve_training_labels(cfg)
         torch.manual_seed(cfg.seed)
         untrained = build_model(cfg, labels, build_tokenizer(cfg, [str(data / "train")], root)).tagger.eval()
-        base, _ = held_out_map(untrained, labels, cfg, data / "val")
+        base, _ = held_out(untrained, labels, cfg, data / "val")
 
         load_before = load_average()
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -176,7 +169,7 @@ def main() -> None:
         cpu_minutes = (time.process_time() - cpu_start) / 60
         load_after = load_average()
         ckpt = root / "run" / "checkpoint_last.pt"
-        trained, per_tag = held_out_map(tagger_from_checkpoint(ckpt), labels, cfg, data / "val")
+        trained, per_tag = held_out(tagger_from_checkpoint(ckpt), labels, cfg, data / "val")
         tagged = tag_agreement(export_tagger(ckpt, root / "tagger.safetensors"), data, root)
         if args.save:
             publish(root / "tagger.safetensors", args.save)

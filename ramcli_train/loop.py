@@ -174,6 +174,23 @@ def build_loader(cfg: TrainConfig, paths: list[str], labels: LabelSet, rt: Runti
     return TrainLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers)
 
 
+@torch.no_grad()
+def held_out_map(tagger: torch.nn.Module, labels: LabelSet, cfg: TrainConfig, paths: list[str]):
+    """The official mAP (`ramcli.metrics.MeanAP`) of `tagger`'s logits, in `labels` order, on
+    labelled data in training's own formats, prepared as for validation: how the benchmarks and
+    tests judge a training run."""
+    from ramcli.metrics import mean_average_precision
+
+    was_training = tagger.training
+    tagger.eval()
+    scores, targets = [], []
+    for batch in build_loader(cfg, paths, labels, Runtime(), train=False):
+        scores.append(torch.sigmoid(tagger(batch.images)).numpy())
+        targets.append(batch.tags.numpy())
+    tagger.train(was_training)
+    return mean_average_precision(np.concatenate(scores), np.concatenate(targets))
+
+
 def iter_captions(paths: list[str]):
     """Every caption of the data (to train a small vocabulary): tar members' .txt, JSON items."""
     from ramcli_train.data import resolve_shards
