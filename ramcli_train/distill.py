@@ -37,7 +37,9 @@ from ramcli.errors import RamcliError, UsageError
 from ramcli.fileio import atomic_output
 from ramcli.imaging import ImageError, content_hash, normalize
 from ramcli.loader import PhotoDataset, collate, make_loader
+from ramcli.models.configs import CLIP_DIM
 from ramcli.models.ram import RecognitionModel
+from ramcli_train.losses import pooled_tag_loss
 
 TEACHER_DIR = "teacher"
 SHARD_DIR = "shards"
@@ -60,6 +62,7 @@ class DistillConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 50
     embed_weight: float = 1.0
+    pooled_weight: float = 0.0  # the pooled-embedding tag loss to the teacher's probabilities; 0: off
     val_fraction: float = 0.1
     pretrained: bool = True
     device: str = "auto"
@@ -301,15 +304,25 @@ def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hid
 
 
 def student_loss(student: RecognitionModel, images: torch.Tensor, teacher_logits: torch.Tensor,
-                 teacher_embeds: torch.Tensor, embed_weight: float) -> dict[str, torch.Tensor]:
+                 teacher_embeds: torch.Tensor, embed_weight: float, pooled_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """soft: BCE to the teacher's probabilities, summed over every class (averaged over images);
-    embed (RAM, RAM++): L1 to the teacher's pooled image embedding, as RAM's own distillation."""
+    embed (RAM, RAM++): L1 to the teacher's pooled image embedding, as RAM's own distillation;
+    pooled (RAM, RAM++, when weighted): the same probabilities from the pooled embedding through
+    the label embeddings, training's `pooled_tag_loss`. It hands an encoder that starts from
+    random weights a direct gradient instead of one through the decoder's cross-attention; it
+    is off by default because it also pulls on the pooled embedding that the embed loss keeps in
+    the teacher's CLIP space, which a teacher trained without it (the published ones) never had to
+    satisfy."""
     embeds = student.encode_image(images)
     logits = student.decode(embeds)
-    parts = {"soft": F.binary_cross_entropy_with_logits(logits.float(), torch.sigmoid(teacher_logits.float()),
-                                                         reduction="sum") / images.shape[0]}
+    probs = torch.sigmoid(teacher_logits.float())
+    batch = images.shape[0]
+    parts = {"soft": F.binary_cross_entropy_with_logits(logits.float(), probs, reduction="sum") / batch}
     if student.arch.family != "tag2text" and embed_weight > 0:
         parts["embed"] = embed_weight * F.l1_loss(pooled_embedding(embeds).float(), teacher_embeds.float())
+    if student.arch.family != "tag2text" and pooled_weight > 0:
+        classes = student.label_embed.view(student.arch.num_classes, -1, CLIP_DIM).mean(dim=1)
+        parts["pooled"] = pooled_weight * pooled_tag_loss(pooled_embedding(embeds), classes, probs) / batch
     return parts
 
 
@@ -372,7 +385,8 @@ def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: li
                 group["lr"] = lr
             parts = student_loss(student, normalize(batch.pixels.to(device), student.arch.data_config),
                                  torch.stack([targets.logits[k] for k in batch_keys]).to(device),
-                                 torch.stack([targets.embeds[k] for k in batch_keys]).to(device), cfg.embed_weight)
+                                 torch.stack([targets.embeds[k] for k in batch_keys]).to(device), cfg.embed_weight,
+                                 cfg.pooled_weight)
             loss = sum(parts.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -135,7 +135,7 @@ def test_distill_tag_vocab_add_tag(world, tmp_path):
     out = tmp_path / "student.safetensors"
     args = ["distill", "--teacher", str(teacher), "--data", str(photos), "--backbone", "test_resnet", "--out", str(out),
             "--batch-size", "4", "--max-steps", "4", "--val-fraction", "0.3", "--no-pretrained", "--device", "cpu",
-            "--report", str(tmp_path / "report.json")]
+            "--pooled-weight", "2", "--report", str(tmp_path / "report.json")]
     res = _run(args, home)
     assert res.exit_code == 1, res.output  # one photo could not be read: counted, the run completes
     assert "skipped 1 photo(s)" in res.stderr and "broken.jpg" in res.stderr
@@ -150,7 +150,7 @@ def test_distill_tag_vocab_add_tag(world, tmp_path):
     assert student.labels.names == load_model(teacher).labels.names
     metrics = [json.loads(line) for line in (tmp_path / "student.distill" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "soft" in m]
-    assert len(steps) == 4 and all("embed" in m for m in steps)
+    assert len(steps) == 4 and all("embed" in m and "pooled" in m for m in steps)
 
     # resume: the teacher's outputs are reused, training continues from the checkpoint
     resumed = _run([*args, "--max-steps", "6", "--resume"], home)
@@ -217,3 +217,34 @@ def test_student_copies_the_teacher_label_side_and_decoder(world):
         torch.testing.assert_close(s[k], t[k])
     smaller, _ = build_student(teacher, "test_resnet", 48, hidden=32, pretrained=False)
     assert smaller.arch.hidden == 32 and torch.equal(smaller.label_embed, teacher.label_embed)
+
+
+def test_student_loss_parts(world):
+    """soft and embed always (RAM); pooled only when weighted: the teacher's probabilities read
+    from the student's pooled embedding through the label embeddings, with a gradient that
+    reaches the backbone directly."""
+    import torch.nn.functional as F
+
+    from ramcli_train.distill import student_loss
+
+    _, teacher_file, _, _ = world
+    teacher = load_model(teacher_file)
+    torch.manual_seed(0)
+    student, _ = build_student(teacher, "test_resnet", 64, pretrained=False)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        t_embeds = teacher.encode_image(images)
+        t_logits = teacher.decode(t_embeds)
+    plain = student_loss(student.eval(), images, t_logits, t_embeds[:, 0], 1.0)
+    assert set(plain) == {"soft", "embed"}
+    parts = student_loss(student, images, t_logits, t_embeds[:, 0], 1.0, pooled_weight=2.0)
+    assert set(parts) == {"soft", "embed", "pooled"}
+    torch.testing.assert_close(parts["soft"], plain["soft"])
+    pooled = student.encode_image(images)[:, 0]
+    classes = student.label_embed.view(student.arch.num_classes, -1, 512).mean(1)
+    want = 2.0 * F.binary_cross_entropy_with_logits(pooled @ classes.t(), torch.sigmoid(t_logits), reduction="sum") / 3
+    torch.testing.assert_close(parts["pooled"], want)
+    student.zero_grad()
+    parts["pooled"].backward()
+    assert all(p.grad is not None for p in student.backbone.parameters())
+    assert all(p.grad is None for p in student.decoder.parameters())

@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         lr: float = typer.Option(1e-3, "--lr", min=0.0),
+        embed_weight: float = typer.Option(1.0, "--embed-weight", min=0.0, help="Weight of the L1 loss to the teacher's pooled image embedding (RAM, RAM++); 0: off."),
+        pooled_weight: float = typer.Option(0.0, "--pooled-weight", min=0.0, help="Weight of the pooled-embedding tag loss (RAM, RAM++), for teachers trained with it (`train --preset cpu`); 0: off."),
         val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of photos held out for the agreement figure."),
         pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start the backbone from timm's pretrained weights when they can be had."),
         resume: bool = typer.Option(False, "--resume", help="Continue the student's training from the work folder's checkpoint."),
@@ -43,6 +45,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = DistillConfig(teacher=teacher, data=list(data), out=out, backbone=backbone, image_size=image_size,
                             hidden=hidden, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                            embed_weight=embed_weight, pooled_weight=pooled_weight,
                             val_fraction=val_fraction, pretrained=pretrained, device=device, workers=workers,
                             labels_dir=labels, work=work)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
