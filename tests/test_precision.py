@@ -73,8 +73,11 @@ def test_int8_quantises_every_linear_layer_and_keeps_scores_close(model):
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the fp32 model is untouched
     exact = Tagger(model, CPU, "fp32").scores(_pixels(4))
     fast = Tagger(model, CPU, "int8").scores(_pixels(4))
-    change = (exact - fast).abs().max()
-    assert 0 < change < 0.1  # 16-64 wide layers; full-size Swin-L moves scores far less (bench/tag_cpu.py)
+    change = (exact - fast).abs()
+    # 16-64 wide random layers: how far int8 moves a score depends on the CPU's int8 kernels
+    # (0.100 at most with AVX-512 VNNI, below that with AVX2); a full-size Swin-L moves them far
+    # less (bench/tag_cpu.py). A wrong scale or zero point moves them by tenths on average.
+    assert 0 < change.max() < 0.15 and change.mean() < 0.03
 
 
 def test_int8_is_cpu_only():

@@ -370,10 +370,12 @@ def test_watch_tags_arrivals_follows_moves_and_deletions_and_restarts(model_file
 
     # a deletion: gone from the index, from search and (the file being gone) from the ledger
     os.remove(lib / "two.jpg")
-    wait_for(lambda: str(lib / "two.jpg") not in rows(home), 120, "the deletion")
-    assert str(lib / "two.jpg") not in ledger_paths(home)
+    # (the index and the ledger commit one after the other: wait for both, and for the summary)
+    wait_for(lambda: str(lib / "two.jpg") not in rows(home) and str(lib / "two.jpg") not in ledger_paths(home),
+             120, "the deletion")
     assert str(lib / "two.jpg") not in search(home, sorted(index_tags(home, lib / "before.jpg"))[0])
-    assert any(line.startswith("tagged 0") and "removed 1" in line for line in w.err), w.err
+    wait_for(lambda: any(line.startswith("tagged 0") and "removed 1" in line for line in w.err), 30,
+             "the summary line of the deletion")
 
     assert w.stop(signal.SIGTERM) == 0
     assert not any("Traceback" in line or "error" in line for line in w.err), w.err
