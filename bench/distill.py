@@ -1,6 +1,7 @@
 """`ramcli distill` benchmarks, both on the CPU.
 
     .venv/bin/python bench/distill.py agreement --teacher cpu.safetensors [--student test_resnet]
+    .venv/bin/python bench/distill.py agreement --teacher deep.safetensors --student teacher --depths 1,1,1,1
     .venv/bin/python bench/distill.py speed [--photos 16] [--student resnet18] [--hidden 256]
 
 agreement: a *trained* teacher (the `--preset cpu` model: `bench/train_learns.py --save
@@ -67,7 +68,8 @@ def agreement(args) -> None:
         root = Path(tmp)
         write_shards(root / "data", samples=args.samples, shards=4, seed=7, val_samples=8, size=64)
         cfg = DistillConfig(teacher=str(args.teacher), data=[str(root / "data" / "train")], out=root / "student.safetensors",
-                            backbone=args.student, epochs=args.epochs, batch_size=32, lr=args.lr, val_fraction=0.2,
+                            backbone=args.student, depths=args.depths, epochs=args.epochs, batch_size=32, lr=args.lr,
+                            val_fraction=0.2,
                             pretrained=False, device="cpu", threads=1, speed_images=128, save_every=0,
                             pooled_weight=args.pooled_weight)
         report, wall, cpu = run(cfg)
@@ -153,7 +155,9 @@ def main() -> None:
     sub = ap.add_subparsers(dest="bench", required=True)
     a = sub.add_parser("agreement")
     a.add_argument("--teacher", type=Path, required=True, help="a trained tagger (bench/train_learns.py --save FILE)")
-    a.add_argument("--student", default="test_resnet", help="timm backbone of the student")
+    a.add_argument("--student", default="test_resnet", help="timm backbone of the student, or `teacher` (its own)")
+    a.add_argument("--depths", type=lambda v: tuple(int(d) for d in v.split(",")), default=(),
+                   help="the student backbone's blocks per stage, e.g. 1,1,1,1")
     a.add_argument("--samples", type=int, default=2000)
     a.add_argument("--epochs", type=int, default=8)
     a.add_argument("--lr", type=float, default=2e-3)

@@ -52,7 +52,8 @@ class DistillConfig:
     teacher: str  # a weights file or a published name, as `ramcli tag --weights`
     data: list[str]  # photo folders/files, or .tar shards / folders of them
     out: Path
-    backbone: str = "resnet50"
+    backbone: str = "resnet50"  # a timm name, or "teacher": the teacher's own encoder
+    depths: tuple[int, ...] = ()  # the student backbone's blocks per stage; empty: its own
     image_size: int | None = None  # default: the teacher's
     hidden: int | None = None  # decoder width; default: the teacher's (its decoder is copied)
     epochs: int = 10
@@ -275,11 +276,18 @@ def split(keys: Sequence[str], val_fraction: float) -> tuple[list[str], list[str
 # ----------------------------------------------------------------------------- the student
 
 
+TEACHER_BACKBONE = "teacher"  # `--backbone teacher`: the teacher's own image encoder
+
+
 def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hidden: int | None = None,
-                  pretrained: bool = True) -> tuple[RecognitionModel, str]:
-    """(student, where its backbone's weights came from): a timm backbone under the teacher's label
-    side; every teacher tensor outside the image encoder whose shape fits is copied (the whole
-    decoder when `hidden` is the teacher's)."""
+                  pretrained: bool = True, depths: tuple[int, ...] = ()) -> tuple[RecognitionModel, str]:
+    """(student, where its backbone's weights came from): the image encoder `backbone` (a timm
+    name, or `teacher` for the teacher's own, the official Swin included) with `depths` blocks
+    per stage (empty: the encoder's own) under the teacher's label side. Every teacher tensor
+    outside the image encoder whose shape fits is copied (the whole decoder when `hidden` is the
+    teacher's). An encoder of the teacher's kind starts from the teacher's trained one, block
+    by block (`inherit`), which fits the task better than any pretrained weights; another
+    starts from timm's pretrained weights when `pretrained` and they can be had."""
     from ramcli_train.model import _init_tagger
     from ramcli_train.pretrained import load_pretrained_backbone
 
@@ -289,18 +297,67 @@ def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hid
         if hidden <= 0 or hidden % t.heads:
             raise UsageError(f"--hidden must be a positive multiple of the teacher's {t.heads} attention heads")
         decoder = dict(hidden=hidden, intermediate=4 * hidden)
-    arch = replace(t, name=f"{t.family}_{backbone}_{image_size}", swin=None, backbone=backbone, image_size=image_size,
-                   **decoder)
+    own = backbone in (TEACHER_BACKBONE, t.backbone)
+    if own and not t.backbone:  # the official Swin: its depths live in its config
+        if depths and len(depths) != len(t.swin.depths):
+            raise UsageError(f"--depths needs {len(t.swin.depths)} stages for the teacher's Swin")
+        encoder = dict(swin=replace(t.swin, depths=tuple(depths) or t.swin.depths), backbone="", depths=())
+    else:
+        encoder = dict(swin=None, backbone=t.backbone if own else backbone,
+                       depths=tuple(depths) or (t.depths if own else ()))
+    arch = replace(t, image_size=image_size, **encoder, **decoder)
+    arch = replace(arch, name=f"{t.family}_{arch.encoder.replace(' ', '_')}_{image_size}")
     student = RecognitionModel(arch, teacher.labels, model_id="student")
     _init_tagger(student, None if t.family == "tag2text" else teacher.label_embed.detach().float())
-    own = student.state_dict()
     fits = {k: v for k, v in teacher.state_dict().items()
-            if not k.startswith(("backbone.", "image_proj.")) and k in own and tuple(v.shape) == tuple(own[k].shape)}
+            if not k.startswith(("backbone.", "image_proj.")) and k in student.state_dict()
+            and tuple(v.shape) == tuple(student.state_dict()[k].shape)}
     student.load_state_dict(fits, strict=False)
-    note = f"backbone {backbone}: random initialisation"
-    if pretrained:
+    if own:
+        copied, total = inherit(student.backbone, teacher.backbone)
+        projection, _ = inherit(student.image_proj, teacher.image_proj)
+        note = (f"backbone {arch.encoder}: {copied} of {total} tensors from the teacher's {t.encoder}"
+                + (", and its projection" if projection else ""))
+    elif pretrained:
         note = load_pretrained_backbone(student).message
+    else:
+        note = f"backbone {arch.encoder}: random initialisation"
     return student, note
+
+
+def inherit(student: torch.nn.Module, teacher: torch.nn.Module) -> tuple[int, int]:
+    """Copy the teacher's tensors into the student where they sit at the same place with the same
+    shape: (tensors copied, tensors the student has). Where a stage of the student has fewer
+    blocks, its block i starts from the teacher's block i * n_teacher // n_student: spread over
+    the stage as DistilBERT takes every other layer of BERT, and the first from the first, which
+    is the block that changes the width in most encoders."""
+    theirs = teacher.state_dict()
+    mine = student.state_dict()
+    copied = {}
+    for name, value in mine.items():
+        source = _counterpart(name, student, teacher)
+        if source in theirs and tuple(theirs[source].shape) == tuple(value.shape):
+            copied[name] = theirs[source]
+    student.load_state_dict(copied, strict=False)
+    return len(copied), len(mine)
+
+
+def _counterpart(name: str, student: torch.nn.Module, teacher: torch.nn.Module) -> str | None:
+    """The teacher's name for the student's tensor `name`, block indices spread as `inherit` says."""
+    *path, leaf = name.split(".")
+    s, t, out = student, teacher, []
+    for part in path:
+        mine, theirs = s._modules, t._modules
+        if part not in mine:
+            return None
+        mapped = part
+        if part.isdigit() and len(theirs) > len(mine) and all(k.isdigit() for k in theirs):
+            mapped = str(int(part) * len(theirs) // len(mine))
+        if mapped not in theirs:
+            return None
+        s, t = mine[part], theirs[mapped]
+        out.append(mapped)
+    return ".".join([*out, leaf])
 
 
 def student_loss(student: RecognitionModel, images: torch.Tensor, teacher_logits: torch.Tensor,
@@ -455,7 +512,7 @@ def speed(model: RecognitionModel, paths: list[Path], device: torch.device, batc
     wall = time.perf_counter() - start
     return {"images": len(x), "seconds": wall, "img_per_s": len(x) / wall, "cpu_seconds": time.process_time() - cpu,
             "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
-            "input": model.arch.image_size, "backbone": model.arch.backbone or "Swin"}
+            "input": model.arch.image_size, "backbone": model.arch.encoder}
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -511,7 +568,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: Callable[[str, i
     train_keys, held_keys = split(list(keyed), cfg.val_fraction)
     size = cfg.image_size or teacher.arch.image_size
     torch.manual_seed(cfg.seed)
-    student, note = build_student(teacher, cfg.backbone, size, cfg.hidden, cfg.pretrained and not resume)
+    student, note = build_student(teacher, cfg.backbone, size, cfg.hidden, cfg.pretrained and not resume, cfg.depths)
     student.model_id = f"{Path(cfg.out).stem}"
     with open(work / "metrics.jsonl", "a", encoding="utf-8") as log_file:
         def log(record: dict) -> None:

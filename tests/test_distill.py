@@ -17,6 +17,7 @@ from images import photo_like
 from typer.testing import CliRunner
 
 from ramcli.cli.app import app
+from ramcli.errors import UsageError
 from ramcli.embed_cache import EmbeddingCache
 from ramcli.models import load_any, load_model
 from ramcli.models.checkpoint import save_converted
@@ -217,6 +218,88 @@ def test_student_copies_the_teacher_label_side_and_decoder(world):
         torch.testing.assert_close(s[k], t[k])
     smaller, _ = build_student(teacher, "test_resnet", 48, hidden=32, pretrained=False)
     assert smaller.arch.hidden == 32 and torch.equal(smaller.label_embed, teacher.label_embed)
+
+
+def test_a_shallower_student_starts_from_the_teacher_block_by_block():
+    """`--backbone teacher --depths`: stage by stage, student block i is teacher block
+    i * n_teacher // n_student (the first from the first), the rest of the encoder and its
+    projection are the teacher's; the round trip through the tagger file keeps the depths."""
+    from ramcli.labels import LabelSet
+
+    labels = LabelSet(tuple("abcde"), tuple("abcde"), (0.5,) * 5)
+    arch = replace(ARCHS["ram_tiny"], name="ram_test_convnext_64", swin=None, backbone="test_convnext", num_classes=5)
+    torch.manual_seed(0)
+    teacher = RecognitionModel(arch, labels).eval()
+    assert [len(s.blocks) for s in teacher.backbone.stages] == [1, 2, 4, 2]
+    student, note = build_student(teacher, "teacher", 64, depths=(1, 1, 2, 1))
+    assert [len(s.blocks) for s in student.backbone.stages] == [1, 1, 2, 1] and student.arch.depths == (1, 1, 2, 1)
+    mine, theirs = student.backbone.stages, teacher.backbone.stages
+    for stage, blocks in ((1, {0: 0}), (2, {0: 0, 1: 2}), (3, {0: 0})):
+        for i, j in blocks.items():
+            for a, b in zip(mine[stage].blocks[i].parameters(), theirs[stage].blocks[j].parameters(), strict=True):
+                assert torch.equal(a, b)
+    assert not torch.equal(mine[2].blocks[1].conv_dw.weight, theirs[2].blocks[1].conv_dw.weight)
+    for a, b in ((student.backbone.stem, teacher.backbone.stem), (student.image_proj, teacher.image_proj),
+                 (mine[2].downsample, theirs[2].downsample)):
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    n = len(student.backbone.state_dict())
+    assert f"{n} of {n} tensors from the teacher's test_convnext" in note and "test_convnext [1,1,2,1]" in note
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+
+
+def test_the_teachers_own_swin_shallower_tags_and_round_trips(world, tmp_path):
+    """The official Swin as the student's encoder: `--depths` shortens its stages; without it the
+    student is the teacher, tensor for tensor, so it scores as the teacher does."""
+    _, teacher_file, _, _ = world
+    teacher = load_model(teacher_file)
+    same, _ = build_student(teacher, "teacher", 64)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(images), teacher(images))
+    student, note = build_student(teacher, "teacher", 64, depths=(2, 2, 1, 2))
+    assert student.arch.swin.depths == (2, 2, 1, 2) and student.arch.backbone == "" and "Swin 16 [2,2,1,2]" in note
+    path = save_converted(student.eval(), tmp_path / "shallow.safetensors")
+    loaded = load_model(path)
+    assert loaded.arch == student.arch
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), student(images))
+    with pytest.raises(UsageError, match="4 stages"):
+        build_student(teacher, "teacher", 64, depths=(1, 1))
+
+
+@pytest.mark.parametrize("depths", [[100000], [1] * 9, [1, "2"], "1,1", [0, 1], [1.5], [True]])
+def test_a_tagger_file_cannot_ask_for_absurd_depths(tmp_path, depths):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ramcli.errors import CheckpointError
+    from ramcli.labels import LabelSet
+
+    labels = LabelSet(("a", "b"), ("a", "b"), (0.5, 0.5))
+    arch = replace(ARCHS["ram_tiny"], name="r", swin=None, backbone="test_resnet", num_classes=2, depths=(1, 1, 1, 1))
+    good = save_converted(RecognitionModel(arch, labels), tmp_path / "good.safetensors")
+    assert load_model(good).arch.depths == (1, 1, 1, 1)
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["arch"])
+    header["depths"] = depths
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "arch": json.dumps(header)})
+    with pytest.raises(CheckpointError, match="damaged ramcli header"):
+        load_model(tmp_path / "bad.safetensors")
+
+
+def test_distill_cli_takes_depths_and_refuses_bad_ones(world, tmp_path):
+    root, teacher, labels, photos = world
+    out = tmp_path / "shallow.safetensors"
+    base = ["distill", "--teacher", str(teacher), "--data", str(photos), "--backbone", "teacher", "--out", str(out),
+            "--batch-size", "4", "--max-steps", "2", "--val-fraction", "0.3", "--device", "cpu"]
+    res = _run([*base, "--depths", "2,2,1,2"], tmp_path / "home")
+    assert res.exit_code == 1, res.output  # the broken photo
+    assert "backbone Swin 16 [2,2,1,2]: 106 of 106 tensors from the teacher's Swin 16 [2,2,2,2]" in res.stderr
+    assert load_model(out).arch.swin.depths == (2, 2, 1, 2)
+    for bad in ("2,x", "0,1", "", "1,,1"):
+        res = CliRunner().invoke(app, [*base, "--depths", bad])
+        assert res.exit_code == 2 and "blocks per stage" in res.output and "Traceback" not in res.output
 
 
 def test_student_loss_parts(world):

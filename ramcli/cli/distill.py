@@ -11,6 +11,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from ramcli.cli.common import console, err_console
+from ramcli.models.configs import MAX_BLOCKS
+
+
+def _depths(value: str | None) -> tuple[int, ...] | None:
+    """`--depths 2,2,6,2` as a tuple of block counts."""
+    if value is None:
+        return None
+    try:
+        depths = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        depths = ()
+    if not depths or not all(1 <= d <= MAX_BLOCKS for d in depths):
+        raise typer.BadParameter(f"give blocks per stage as whole numbers from 1 to {MAX_BLOCKS}, e.g. 2,2,6,2")
+    return depths
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +32,8 @@ def register(app: typer.Typer) -> None:
     def distill(
         teacher: str = typer.Option(..., "--teacher", help="The teacher: a weights file or a published name, as `tag --weights`."),
         data: list[str] = typer.Option(..., "--data", help="Photo folders/files, or .tar shards (a folder of them, a brace pattern); repeatable."),
-        backbone: str = typer.Option("resnet50", "--backbone", help="The student's timm image encoder (resnet50, convnext_tiny, efficientnet_b0, mobilenetv4_conv_small, ...)."),
+        backbone: str = typer.Option("resnet50", "--backbone", help="The student's timm image encoder (resnet50, convnext_tiny, efficientnet_b0, mobilenetv4_conv_small, ...), or `teacher`: the teacher's own, started from its weights."),
+        depths: str | None = typer.Option(None, "--depths", callback=_depths, help="Blocks per stage of the student's encoder, e.g. 2,2,6,2 (default: the encoder's own). Fewer than the teacher's, with `--backbone teacher`: a shallower copy of the teacher."),
         out: Path = typer.Option(..., "--out", help="The student: a tagger .safetensors for `ramcli tag --weights`."),
         image_size: int | None = typer.Option(None, "--image-size", min=32, help="The student's input size (default: the teacher's)."),
         hidden: int | None = typer.Option(None, "--hidden", min=4, help="The student's decoder width (default: the teacher's, whose decoder is copied). Smaller is faster with many tags."),
@@ -43,7 +58,8 @@ def register(app: typer.Typer) -> None:
         from ramcli_train.distill import DistillConfig
         from ramcli_train.distill import distill as run
 
-        cfg = DistillConfig(teacher=teacher, data=list(data), out=out, backbone=backbone, image_size=image_size,
+        cfg = DistillConfig(teacher=teacher, data=list(data), out=out, backbone=backbone, depths=depths or (),
+                            image_size=image_size,
                             hidden=hidden, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                             embed_weight=embed_weight, pooled_weight=pooled_weight,
                             val_fraction=val_fraction, pretrained=pretrained, device=device, workers=workers,
@@ -58,7 +74,7 @@ def register(app: typer.Typer) -> None:
                 bar.update(tasks[stage], completed=done, total=total)
 
             result = run(cfg, resume=resume, progress=progress)
-        err_console.print(escape(result.backbone_init), highlight=False)
+        err_console.print(escape(result.backbone_init), highlight=False, soft_wrap=True)
         if result.skipped:
             err_console.print(f"skipped {len(result.skipped)} photo(s) the teacher could not read:", highlight=False)
             for path, reason in list(result.skipped.items())[:20]:

@@ -60,6 +60,14 @@ class ArchConfig:
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     backbone: str = ""  # a timm model name (resnet18, convnext_tiny, ...); empty: the Swin of `swin`
+    depths: tuple[int, ...] = ()  # blocks per stage of the timm backbone; empty: the model's own
+
+    @property
+    def encoder(self) -> str:
+        """The image encoder in a few words, for logs and reports."""
+        if self.backbone:
+            return f"{self.backbone} {_blocks(self.depths)}" if self.depths else self.backbone
+        return f"Swin {self.swin.embed_dim} {_blocks(self.swin.depths)}"
 
     @property
     def data_config(self) -> dict:
@@ -77,11 +85,30 @@ class ArchConfig:
         data.pop("extra", None)  # an always-empty field that files converted by ramcli 0.1 carry
         swin = data.pop("swin")
         if swin is not None:
-            swin = SwinConfig(**{**swin, "depths": tuple(swin["depths"]), "num_heads": tuple(swin["num_heads"])})
+            swin = SwinConfig(**{**swin, "depths": _depths(swin["depths"]), "num_heads": tuple(swin["num_heads"])})
+        if "depths" in data:
+            data["depths"] = _depths(data["depths"]) if data["depths"] else ()
         for key in ("mean", "std"):  # files written before these fields keep the defaults
             if key in data:
                 data[key] = tuple(data[key])
         return cls(swin=swin, **data)
+
+
+#: The most blocks per stage a file may ask for (the largest published Swin has 18): a hostile
+#: header cannot make building the model skeleton take forever.
+MAX_BLOCKS = 64
+
+
+def _depths(value) -> tuple[int, ...]:
+    """Blocks per stage from a file's header, checked: 1 to 8 stages of 1 to MAX_BLOCKS blocks."""
+    if not isinstance(value, list) or not 1 <= len(value) <= 8 or not all(
+            type(d) is int and 1 <= d <= MAX_BLOCKS for d in value):
+        raise ValueError("depths must be 1 to 8 whole numbers of blocks")
+    return tuple(value)
+
+
+def _blocks(depths: tuple[int, ...]) -> str:
+    return "[" + ",".join(map(str, depths)) + "]"
 
 
 SWIN_L_384 = SwinConfig(192, (2, 2, 18, 2), (6, 12, 24, 48), 12)

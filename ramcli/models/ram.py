@@ -35,10 +35,11 @@ from ramcli.models.decoder import RecognitionDecoder
 
 def build_backbone(arch: ArchConfig, drop_path_rate: float = 0.0) -> nn.Module:
     """The image encoder of `arch` with random weights: timm's Swin of `arch.swin`, or the timm
-    model `arch.backbone` without its classifier. Stochastic depth (`drop_path_rate`, official
-    training: 0.1) only acts in training mode, so inference is the same whatever the rate."""
+    model `arch.backbone` (with `arch.depths` blocks per stage, when set) without its classifier.
+    Stochastic depth (`drop_path_rate`, official training: 0.1) only acts in training mode, so
+    inference is the same whatever the rate."""
     if arch.backbone:
-        return timm_backbone(arch.backbone, arch.image_size, drop_path_rate)
+        return timm_backbone(arch.backbone, arch.image_size, drop_path_rate, depths=arch.depths)
     s = arch.swin
     return SwinTransformer(
         img_size=arch.image_size,
@@ -53,10 +54,15 @@ def build_backbone(arch: ArchConfig, drop_path_rate: float = 0.0) -> nn.Module:
     )
 
 
-def timm_backbone(name: str, image_size: int | None, drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+def timm_backbone(name: str, image_size: int | None, drop_path_rate: float = 0.0, depths: tuple[int, ...] = (),
+                  **kwargs) -> nn.Module:
     """timm's `name` as a feature extractor (no classifier, no pooling), for `image_size` inputs
-    (None: the model's own); `kwargs` go to `timm.create_model` (training passes its
-    pretrained-weights file this way)."""
+    (None: the model's own), with `depths` blocks per stage (empty: the model's own); `kwargs` go
+    to `timm.create_model` (training passes its pretrained-weights file this way).
+
+    timm's constructors name their blocks per stage `depths` (ConvNeXt, Swin, ...) or `layers`
+    (ResNet) and fix their input size (`img_size`) only when they are transformers, so each
+    is passed where the model takes it."""
     import timm
 
     if not timm.is_model(name):
@@ -64,13 +70,21 @@ def timm_backbone(name: str, image_size: int | None, drop_path_rate: float = 0.0
     kwargs.update(num_classes=0, global_pool="")
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
-    if image_size is not None:
-        try:  # transformers fix their input size at construction; convolutional networks take none
-            return timm.create_model(name, img_size=image_size, **kwargs)
-        except TypeError as exc:
-            if "img_size" not in str(exc):
-                raise
-    return timm.create_model(name, **kwargs)
+    shapes = [{"depths": tuple(depths)}, {"layers": tuple(depths)}] if depths else [{}]
+    sizes = [{"img_size": image_size}, {}] if image_size is not None else [{}]
+    for shape in shapes:
+        for size in sizes:
+            try:
+                return timm.create_model(name, **kwargs, **shape, **size)
+            except TypeError as exc:
+                if not any(f"'{key}'" in str(exc) for key in (*shape, *size)):
+                    raise
+            except (ValueError, IndexError, AssertionError) as exc:
+                if not depths:
+                    raise
+                raise CheckpointError(f"timm backbone {name!r} cannot have {list(depths)} blocks per stage "
+                                      f"({str(exc)[:120]})") from None
+    raise CheckpointError(f"timm backbone {name!r} has no blocks per stage to choose (`depths`)")
 
 
 def backbone_data_config(name: str) -> dict:
