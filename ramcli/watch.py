@@ -369,9 +369,13 @@ class Watcher:
                 rest.append(f)
         return rest
 
-    def _forget(self, deleted: list[str], summary: Summary) -> None:
+    def _forget(self, deleted: list[str], summary: Summary, sweep: bool = False) -> None:
         """Drop the photos of deleted paths from the index. Their write-ledger rows stay while
-        the file they describe exists (a RAW's sidecar outlives its photo) and go with it."""
+        the file they describe exists (a RAW's sidecar outlives its photo) and go with it.
+
+        The index and the ledger commit one after the other, so a watcher killed between the
+        two leaves rows of photos the index has already forgotten; `sweep` (the catch-up pass)
+        looks at every ledger row under the deleted paths, which finds those too."""
         from ramcli.ledger import Ledger
 
         gone = {r.path for r in self._vanished(deleted)}
@@ -381,8 +385,10 @@ class Watcher:
         photos = gone | {p for p in deleted if not os.path.lexists(p)}
         photos |= {p[:-4] for p in photos if p.lower().endswith(".xmp")}  # a deleted IMG.CR2.xmp
         ledger = Ledger(self.session.index.db)
-        stale = [e for entries in ledger.entries_of(sorted(photos)).values() for e in entries
-                 if not os.path.lexists(e.target) and self.session.index.lookup(e.path) is None]
+        rows = [e for entries in ledger.entries_of(sorted(photos)).values() for e in entries]
+        if sweep:
+            rows += [e for folder in deleted for e in ledger.entries_under(folder)]
+        stale = [e for e in rows if not os.path.lexists(e.target) and self.session.index.lookup(e.path) is None]
         ledger.forget(stale)
 
     def _catch_up_deletions(self) -> None:
@@ -395,7 +401,7 @@ class Watcher:
                 if any(entries):
                     present.append(str(root))
         summary = Summary()
-        self._forget(present, summary)
+        self._forget(present, summary, sweep=True)
         if summary.removed and not self.run.quiet:
             self.err.print(f"removed {summary.removed} photo(s) whose files were deleted", highlight=False)
 

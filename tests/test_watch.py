@@ -380,12 +380,19 @@ def test_watch_tags_arrivals_follows_moves_and_deletions_and_restarts(model_file
     assert w.stop(signal.SIGTERM) == 0
     assert not any("Traceback" in line or "error" in line for line in w.err), w.err
 
-    # while it is stopped: a new photo, a renamed one, a deleted one
+    # while it is stopped: a new photo, a renamed one, a deleted one, and the ledger rows that a
+    # watcher killed between the index's commit and the ledger's leaves of a deleted photo
     shutil.copy(sources / "p032.jpg", lib / "while-away.jpg")
     os.rename(renamed[0], lib / "summer" / "renamed-away.jpg")
     os.remove(renamed[1])
+    orphan = str(lib / "summer" / "killed-mid-delete.jpg")
+    with sqlite3.connect(home / "index.db") as con:
+        con.execute("insert into metadata_ledger (path, target, field, value, preexisting, model_id, written_at)"
+                    " values (?, ?, 'XMP-dc:Subject', 'dog', 0, 'm', 0)", [orphan, orphan])
+    assert orphan in ledger_paths(home) and str(lib / "2024" / "moved.jpg") in ledger_paths(home)
     again = WatchProcess(lib, home, model_files)
     again.wait_watching()
+    assert orphan not in ledger_paths(home) and str(lib / "2024" / "moved.jpg") in ledger_paths(home)
     assert [r["path"] for r in again.out] == [str(lib / "while-away.jpg")]  # the rest is not re-tagged
     index = rows(home)
     assert str(lib / "summer" / "renamed-away.jpg") in index and str(renamed[0]) not in index
