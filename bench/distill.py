@@ -62,16 +62,19 @@ def print_report(report, wall: float, cpu: float, goal: str) -> None:
 
 
 def agreement(args) -> None:
+    from ramcli_train.distill import inherits
     from ramcli_train.synth import write_shards
 
+    own = inherits(args.student, load_model(args.teacher))  # a student that starts from the teacher
+    lr = args.lr if args.lr is not None else (None if own else 2e-3)
+    pooled = args.pooled_weight if args.pooled_weight is not None else (0.0 if own else 2.0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_shards(root / "data", samples=args.samples, shards=4, seed=7, val_samples=8, size=64)
         cfg = DistillConfig(teacher=str(args.teacher), data=[str(root / "data" / "train")], out=root / "student.safetensors",
-                            backbone=args.student, depths=args.depths, epochs=args.epochs, batch_size=32, lr=args.lr,
-                            val_fraction=0.2,
-                            pretrained=False, device="cpu", threads=1, speed_images=128, save_every=0,
-                            pooled_weight=args.pooled_weight)
+                            backbone=args.student, depths=args.depths, epochs=args.epochs, batch_size=32, lr=lr,
+                            val_fraction=0.2, pretrained=False, device="cpu", threads=1, speed_images=128,
+                            save_every=0, pooled_weight=pooled)
         report, wall, cpu = run(cfg)
         print_report(report, wall, cpu, "agreement F1 >= 0.95")
         models = {"teacher": args.teacher, "student": cfg.out}
@@ -160,9 +163,10 @@ def main() -> None:
                    help="the student backbone's blocks per stage, e.g. 1,1,1,1")
     a.add_argument("--samples", type=int, default=2000)
     a.add_argument("--epochs", type=int, default=8)
-    a.add_argument("--lr", type=float, default=2e-3)
-    a.add_argument("--pooled-weight", type=float, default=2.0,
-                   help="the pooled-embedding tag loss (the cpu preset's teacher is trained with one)")
+    a.add_argument("--lr", type=float, default=None, help="default: 2e-3, or `ramcli distill`'s for `--student teacher`")
+    a.add_argument("--pooled-weight", type=float, default=None,
+                   help="the pooled-embedding tag loss (the cpu preset's teacher is trained with one); default: 2, "
+                        "or 0 for `--student teacher`, whose encoder starts from the teacher's and needs no help")
     a.add_argument("--reference", type=Path, help="another model trained on the true tags (the same preset, "
                    "another run): how well two models that learned the task, not each other, agree")
     a.add_argument("--truth-scenes", type=int, default=800, help="fresh scenes for the against-the-truth line")

@@ -59,7 +59,7 @@ class DistillConfig:
     epochs: int = 10
     max_steps: int | None = None
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float | None = None  # default: LR, or INHERITED_LR for a student that starts from the teacher
     weight_decay: float = 0.05
     warmup_steps: int = 50
     embed_weight: float = 1.0
@@ -277,6 +277,14 @@ def split(keys: Sequence[str], val_fraction: float) -> tuple[list[str], list[str
 
 
 TEACHER_BACKBONE = "teacher"  # `--backbone teacher`: the teacher's own image encoder
+#: Peak learning rates: a fresh or pretrained encoder's, and a lower one for an encoder that
+#: starts from the teacher's weights, which a higher rate first undoes (docs/distill.md)
+LR, INHERITED_LR = 1e-3, 3e-4
+
+
+def inherits(backbone: str, teacher: RecognitionModel) -> bool:
+    """Whether a student on `backbone` is of the teacher's kind, so starts from its encoder."""
+    return backbone in (TEACHER_BACKBONE, teacher.arch.backbone)
 
 
 def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hidden: int | None = None,
@@ -297,7 +305,7 @@ def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hid
         if hidden <= 0 or hidden % t.heads:
             raise UsageError(f"--hidden must be a positive multiple of the teacher's {t.heads} attention heads")
         decoder = dict(hidden=hidden, intermediate=4 * hidden)
-    own = backbone in (TEACHER_BACKBONE, t.backbone)
+    own = inherits(backbone, teacher)
     if own and not t.backbone:  # the official Swin: its depths live in its config
         if depths and len(depths) != len(t.swin.depths):
             raise UsageError(f"--depths needs {len(t.swin.depths)} stages for the teacher's Swin")
@@ -543,7 +551,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: Callable[[str, i
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if cfg.epochs <= 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
+    if cfg.epochs <= 0 or cfg.batch_size <= 0 or (cfg.lr is not None and cfg.lr <= 0):
         raise UsageError("--epochs, --batch-size and --lr must be positive")
     device = resolve_device(cfg.device)
     work = cfg.work_dir
@@ -551,6 +559,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: Callable[[str, i
     if resume and not (work / CHECKPOINT).is_file():
         raise UsageError(f"nothing to resume: {work / CHECKPOINT} does not exist")
     teacher = load_model(cfg.teacher, labels_dir=cfg.labels_dir)
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=INHERITED_LR if inherits(cfg.backbone, teacher) else LR)
     photos, skipped = collect_photos(cfg.data, work)
     store = TeacherStore(work / TEACHER_DIR, teacher.model_id)
     before = len(store.load().logits)

@@ -24,7 +24,7 @@ from ramcli.models.checkpoint import save_converted
 from ramcli.models.configs import ARCHS
 from ramcli.models.ram import RecognitionModel, backbone_width
 from ramcli_train import pretrained
-from ramcli_train.distill import TeacherStore, agreement, build_student, split, teacher_pass
+from ramcli_train.distill import INHERITED_LR, LR, TeacherStore, agreement, build_student, split, teacher_pass
 
 BACKBONES = ["resnet18", "convnext_atto", "efficientnet_b0", "mobilenetv4_conv_small", "vit_tiny_patch16_224",
              "swin_tiny_patch4_window7_224"]
@@ -152,6 +152,7 @@ def test_distill_tag_vocab_add_tag(world, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "student.distill" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "soft" in m]
     assert len(steps) == 4 and all("embed" in m and "pooled" in m for m in steps)
+    assert steps[0]["lr"] == pytest.approx(LR / 50)
 
     # resume: the teacher's outputs are reused, training continues from the checkpoint
     resumed = _run([*args, "--max-steps", "6", "--resume"], home)
@@ -297,6 +298,9 @@ def test_distill_cli_takes_depths_and_refuses_bad_ones(world, tmp_path):
     assert res.exit_code == 1, res.output  # the broken photo
     assert "backbone Swin 16 [2,2,1,2]: 106 of 106 tensors from the teacher's Swin 16 [2,2,2,2]" in res.stderr
     assert load_model(out).arch.swin.depths == (2, 2, 1, 2)
+    metrics = [json.loads(line) for line in (tmp_path / "shallow.distill" / "metrics.jsonl").read_text().splitlines()]
+    first = next(m for m in metrics if m.get("step") == 1)  # warm-up to the lower rate of an inherited encoder
+    assert first["lr"] == pytest.approx(INHERITED_LR / 50) and INHERITED_LR < LR
     for bad in ("2,x", "0,1", "", "1,,1"):
         res = CliRunner().invoke(app, [*base, "--depths", bad])
         assert res.exit_code == 2 and "blocks per stage" in res.output and "Traceback" not in res.output

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(10, "--epochs", min=1),
         max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
-        lr: float = typer.Option(1e-3, "--lr", min=0.0),
+        lr: float | None = typer.Option(None, "--lr", min=0.0, help="Peak learning rate (default 1e-3; 3e-4 for a student that starts from the teacher)."),
         embed_weight: float = typer.Option(1.0, "--embed-weight", min=0.0, help="Weight of the L1 loss to the teacher's pooled image embedding (RAM, RAM++); 0: off."),
         pooled_weight: float = typer.Option(0.0, "--pooled-weight", min=0.0, help="Weight of the pooled-embedding tag loss (RAM, RAM++), for teachers trained with it (`train --preset cpu`); 0: off."),
         val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of photos held out for the agreement figure."),
