@@ -313,13 +313,13 @@ def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hid
     else:
         encoder = dict(swin=None, backbone=t.backbone if own else backbone,
                        depths=tuple(depths) or (t.depths if own else ()))
-    arch = replace(t, image_size=image_size, **encoder, **decoder)
-    arch = replace(arch, name=f"{t.family}_{arch.encoder.replace(' ', '_')}_{image_size}")
+    name = f"{t.family}_{encoder['backbone'] or 'swin'}_{image_size}"
+    arch = replace(t, name=name, image_size=image_size, **encoder, **decoder)
     student = RecognitionModel(arch, teacher.labels, model_id="student")
     _init_tagger(student, None if t.family == "tag2text" else teacher.label_embed.detach().float())
+    mine = student.state_dict()
     fits = {k: v for k, v in teacher.state_dict().items()
-            if not k.startswith(("backbone.", "image_proj.")) and k in student.state_dict()
-            and tuple(v.shape) == tuple(student.state_dict()[k].shape)}
+            if not k.startswith(("backbone.", "image_proj.")) and k in mine and tuple(v.shape) == tuple(mine[k].shape)}
     student.load_state_dict(fits, strict=False)
     if own:
         copied, total = inherit(student.backbone, teacher.backbone)
