@@ -2,9 +2,10 @@
 
     photos (or shards, unpacked once) -> the teacher's pass, once: logits of every class and the
     pooled image embedding in CLIP space, stored per photo and resumable -> a held-out split by
-    content hash -> the student: any timm backbone under the teacher's label side (and its
-    decoder when the widths match) -> soft targets + embedding distillation -> held-out tag
-    agreement and both models' speed -> a tagger file for `ramcli tag --weights`.
+    content hash -> the student: any timm backbone, or a shallower copy of the teacher's own
+    encoder started from its weights, under the teacher's label side (and its decoder when the
+    widths match) -> soft targets + embedding distillation -> held-out tag agreement and both
+    models' speed -> a tagger file for `ramcli tag --weights`.
 
 The student keeps the teacher's frozen CLIP label queries, and learns the teacher's pooled
 image embedding (RAM, RAM++), so the embedding lands in the same CLIP space and `ramcli vocab
