@@ -17,7 +17,7 @@ from images import photo_like
 from typer.testing import CliRunner
 
 from ramcli.cli.app import app
-from ramcli.errors import UsageError
+from ramcli.errors import CheckpointError, UsageError
 from ramcli.embed_cache import EmbeddingCache
 from ramcli.models import load_any, load_model
 from ramcli.models.checkpoint import save_converted
@@ -246,6 +246,9 @@ def test_a_shallower_student_starts_from_the_teacher_block_by_block():
     n = len(student.backbone.state_dict())
     assert f"{n} of {n} tensors from the teacher's test_convnext" in note and "test_convnext [1,1,2,1]" in note
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    for name, depths in (("teacher", (1, 1)), ("resnet18", (1, 1, 1))):  # a stage short: refused, not built wrong
+        with pytest.raises(CheckpointError, match="cannot have"):
+            build_student(teacher, name, 64, depths=depths, pretrained=False)
 
 
 def test_the_teachers_own_swin_shallower_tags_and_round_trips(world, tmp_path):

@@ -75,7 +75,7 @@ def timm_backbone(name: str, image_size: int | None, drop_path_rate: float = 0.0
     for shape in shapes:
         for size in sizes:
             try:
-                return timm.create_model(name, **kwargs, **shape, **size)
+                model = timm.create_model(name, **kwargs, **shape, **size)
             except TypeError as exc:
                 if not any(f"'{key}'" in str(exc) for key in (*shape, *size)):
                     raise
@@ -84,6 +84,14 @@ def timm_backbone(name: str, image_size: int | None, drop_path_rate: float = 0.0
                     raise
                 raise CheckpointError(f"timm backbone {name!r} cannot have {list(depths)} blocks per stage "
                                       f"({str(exc)[:120]})") from None
+            else:
+                # fewer stages than the model's own: some (ResNet, ConvNeXt) build them but still
+                # declare the width of their full last stage, which the projection is sized by
+                info = getattr(model, "feature_info", None) if depths else None
+                if info and info[-1]["num_chs"] != model.num_features:
+                    raise CheckpointError(f"timm backbone {name!r} cannot have {len(depths)} stages "
+                                          f"({list(depths)}): give one number per stage")
+                return model
     raise CheckpointError(f"timm backbone {name!r} has no blocks per stage to choose (`depths`)")
 
 
