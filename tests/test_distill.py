@@ -246,7 +246,7 @@ def test_a_shallower_student_starts_from_the_teacher_block_by_block():
     n = len(student.backbone.state_dict())
     assert f"{n} of {n} tensors from the teacher's test_convnext" in note and "test_convnext [1,1,2,1]" in note
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
-    for name, depths in (("teacher", (1, 1)), ("resnet18", (1, 1, 1))):  # a stage short: refused, not built wrong
+    for name, depths in (("teacher", (1, 1)), ("resnet18", (1, 1, 1))):  # fewer stages than the encoder's: refused, not built wrong
         with pytest.raises(CheckpointError, match="cannot have"):
             build_student(teacher, name, 64, depths=depths, pretrained=False)
 
@@ -276,7 +276,6 @@ def test_a_tagger_file_cannot_ask_for_absurd_depths(tmp_path, depths):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ramcli.errors import CheckpointError
     from ramcli.labels import LabelSet
 
     labels = LabelSet(("a", "b"), ("a", "b"), (0.5, 0.5))
