@@ -3,6 +3,7 @@
     .venv/bin/python bench/distill.py agreement --teacher cpu.safetensors [--student test_resnet]
     .venv/bin/python bench/distill.py agreement --teacher deep.safetensors --student teacher --depths 1,1,1,1
     .venv/bin/python bench/distill.py speed [--photos 16] [--student resnet18] [--hidden 256]
+    .venv/bin/python bench/distill.py speed --student teacher --depths 2,2,6,2 --hidden 768
 
 agreement: a *trained* teacher (the `--preset cpu` model: `bench/train_learns.py --save
 cpu.safetensors` writes it) is distilled into a smaller backbone on fresh synthetic scenes (other
@@ -147,7 +148,8 @@ def speed(args) -> None:
         for p in jpegs(CACHE / "jpeg_1024", args.photos * 2, size=(1024, 768)):
             shutil.copy(p, folder / p.name)
         cfg = DistillConfig(teacher=str(teacher), data=[str(folder)], out=root / "student.safetensors",
-                            backbone=args.student, hidden=args.hidden, max_steps=2, batch_size=4, val_fraction=0.5,
+                            backbone=args.student, depths=args.depths, hidden=args.hidden, max_steps=2, batch_size=4,
+                            val_fraction=0.5,
                             pretrained=False, device="cpu", speed_images=args.photos, save_every=0)
         report, wall, cpu = run(cfg)
     print_report(report, wall, cpu, "student >= 5x the teacher's speed (the agreement of random weights means nothing)")
@@ -172,7 +174,9 @@ def main() -> None:
     a.add_argument("--truth-scenes", type=int, default=800, help="fresh scenes for the against-the-truth line")
     s = sub.add_parser("speed")
     s.add_argument("--photos", type=int, default=16)
-    s.add_argument("--student", default="resnet18")
+    s.add_argument("--student", default="resnet18", help="timm backbone of the student, or `teacher` (its own Swin-L)")
+    s.add_argument("--depths", type=lambda v: tuple(int(d) for d in v.split(",")), default=(),
+                   help="the student backbone's blocks per stage, e.g. 2,2,6,2 with --student teacher")
     s.add_argument("--hidden", type=int, default=256, help="the student's decoder width (the teacher's: 768)")
     args = ap.parse_args()
     agreement(args) if args.bench == "agreement" else speed(args)
