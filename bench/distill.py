@@ -155,13 +155,17 @@ def speed(args) -> None:
     print_report(report, wall, cpu, "student >= 5x the teacher's speed (the agreement of random weights means nothing)")
 
 
+def depths_arg(value: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in value.split(","))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="bench", required=True)
     a = sub.add_parser("agreement")
     a.add_argument("--teacher", type=Path, required=True, help="a trained tagger (bench/train_learns.py --save FILE)")
     a.add_argument("--student", default="test_resnet", help="timm backbone of the student, or `teacher` (its own)")
-    a.add_argument("--depths", type=lambda v: tuple(int(d) for d in v.split(",")), default=(),
+    a.add_argument("--depths", type=depths_arg, default=(),
                    help="the student backbone's blocks per stage, e.g. 1,1,1,1")
     a.add_argument("--samples", type=int, default=2000)
     a.add_argument("--epochs", type=int, default=8)
@@ -175,7 +179,7 @@ def main() -> None:
     s = sub.add_parser("speed")
     s.add_argument("--photos", type=int, default=16)
     s.add_argument("--student", default="resnet18", help="timm backbone of the student, or `teacher` (its own Swin-L)")
-    s.add_argument("--depths", type=lambda v: tuple(int(d) for d in v.split(",")), default=(),
+    s.add_argument("--depths", type=depths_arg, default=(),
                    help="the student backbone's blocks per stage, e.g. 2,2,6,2 with --student teacher")
     s.add_argument("--hidden", type=int, default=256, help="the student's decoder width (the teacher's: 768)")
     args = ap.parse_args()

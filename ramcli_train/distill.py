@@ -318,15 +318,12 @@ def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hid
     arch = replace(t, name=name, image_size=image_size, **encoder, **decoder)
     student = RecognitionModel(arch, teacher.labels, model_id="student")
     _init_tagger(student, None if t.family == "tag2text" else teacher.label_embed.detach().float())
-    mine = student.state_dict()
-    fits = {k: v for k, v in teacher.state_dict().items()
-            if not k.startswith(("backbone.", "image_proj.")) and k in mine and tuple(v.shape) == tuple(mine[k].shape)}
-    student.load_state_dict(fits, strict=False)
+    copied = inherit(student, teacher, skip=() if own else ("backbone.", "image_proj."))
     if own:
-        copied, total = inherit(student.backbone, teacher.backbone)
-        projection, _ = inherit(student.image_proj, teacher.image_proj)
-        note = (f"backbone {arch.encoder}: {copied} of {total} tensors from the teacher's {t.encoder}"
-                + (", and its projection" if projection else ""))
+        encoder_tensors = [k for k in student.state_dict() if k.startswith("backbone.")]
+        note = (f"backbone {arch.encoder}: {sum(k.startswith('backbone.') for k in copied)} of "
+                f"{len(encoder_tensors)} tensors from the teacher's {t.encoder}"
+                + (", and its projection" if any(k.startswith("image_proj.") for k in copied) else ""))
     elif pretrained:
         note = load_pretrained_backbone(student).message
     else:
@@ -334,21 +331,21 @@ def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hid
     return student, note
 
 
-def inherit(student: torch.nn.Module, teacher: torch.nn.Module) -> tuple[int, int]:
+def inherit(student: torch.nn.Module, teacher: torch.nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy the teacher's tensors into the student where they sit at the same place with the same
-    shape: (tensors copied, tensors the student has). Where a stage of the student has fewer
-    blocks, its block i starts from the teacher's block i * n_teacher // n_student: spread over
-    the stage as DistilBERT takes every other layer of BERT, and the first from the first, which
-    is the block that changes the width in most encoders."""
+    shape, except those whose names start with `skip`; returns the names copied. Where a stage of
+    the student has fewer blocks, its block i starts from the teacher's block
+    i * n_teacher // n_student: spread over the stage as DistilBERT takes every other layer of
+    BERT, and the first from the first, which is the block that changes the width in most
+    encoders."""
     theirs = teacher.state_dict()
-    mine = student.state_dict()
     copied = {}
-    for name, value in mine.items():
-        source = _counterpart(name, student, teacher)
+    for name, value in student.state_dict().items():
+        source = None if name.startswith(skip) else _counterpart(name, student, teacher)
         if source in theirs and tuple(theirs[source].shape) == tuple(value.shape):
             copied[name] = theirs[source]
     student.load_state_dict(copied, strict=False)
-    return len(copied), len(mine)
+    return list(copied)
 
 
 def _counterpart(name: str, student: torch.nn.Module, teacher: torch.nn.Module) -> str | None:

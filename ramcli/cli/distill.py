@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ramcli.cli.common import console, err_console
-from ramcli.models.configs import MAX_BLOCKS
+from ramcli.models.configs import MAX_BLOCKS, checked_depths
 
 
 def _depths(value: str | None) -> tuple[int, ...] | None:
@@ -19,12 +19,10 @@ def _depths(value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
-        depths = tuple(int(part) for part in value.split(","))
+        return checked_depths([int(part) for part in value.split(",")])
     except ValueError:
-        depths = ()
-    if not depths or not all(1 <= d <= MAX_BLOCKS for d in depths):
-        raise typer.BadParameter(f"give blocks per stage as whole numbers from 1 to {MAX_BLOCKS}, e.g. 2,2,6,2")
-    return depths
+        raise typer.BadParameter(f"give blocks per stage as whole numbers from 1 to {MAX_BLOCKS}, "
+                                 "e.g. 2,2,6,2") from None
 
 
 def register(app: typer.Typer) -> None:

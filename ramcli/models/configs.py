@@ -85,9 +85,9 @@ class ArchConfig:
         data.pop("extra", None)  # an always-empty field that files converted by ramcli 0.1 carry
         swin = data.pop("swin")
         if swin is not None:
-            swin = SwinConfig(**{**swin, "depths": _depths(swin["depths"]), "num_heads": tuple(swin["num_heads"])})
+            swin = SwinConfig(**{**swin, "depths": checked_depths(swin["depths"]), "num_heads": tuple(swin["num_heads"])})
         if "depths" in data:
-            data["depths"] = _depths(data["depths"]) if data["depths"] else ()
+            data["depths"] = checked_depths(data["depths"]) if data["depths"] else ()
         for key in ("mean", "std"):  # files written before these fields keep the defaults
             if key in data:
                 data[key] = tuple(data[key])
@@ -99,8 +99,9 @@ class ArchConfig:
 MAX_BLOCKS = 64
 
 
-def _depths(value) -> tuple[int, ...]:
-    """Blocks per stage from a file's header, checked: 1 to 8 stages of 1 to MAX_BLOCKS blocks."""
+def checked_depths(value) -> tuple[int, ...]:
+    """Blocks per stage from a file's header or the command line, checked: 1 to 8 stages of 1 to
+    MAX_BLOCKS blocks."""
     if not isinstance(value, list) or not 1 <= len(value) <= 8 or not all(
             type(d) is int and 1 <= d <= MAX_BLOCKS for d in value):
         raise ValueError("depths must be 1 to 8 whole numbers of blocks")
