@@ -40,6 +40,7 @@ from rich.console import Console
 
 from ramcli.discover import Found, discover, walk_reaches
 from ramcli.errors import RamcliError, UsageError
+from ramcli.pathnames import display
 from ramcli.tagrun import Summary, TagRun
 
 #: Names that sync clients, browsers and editors give files they are still writing (the final
@@ -55,22 +56,51 @@ STEP_MS = 100
 #: Longest a stream of events is collected before it is handed over (ms), so a burst of copies
 #: starts to settle while the copying goes on.
 DEBOUNCE_MS = 1000
+#: How often (s) the folders are looked at when a folder name that is not UTF-8 leaves the OS's
+#: change reports unusable (see `Watcher._watch`) and no --poll was given.
+FALLBACK_POLL_S = 2.0
 
 
-def undecodable_folder(message: str) -> str | None:
-    """The folder of the file whose name watchfiles could not decode, from its error message
-    ('' when the folder's own name is not plain either); None for any other error."""
+#: Rust's debug form of a path (watchfiles' error message): a byte that is not UTF-8 as `\xNN`,
+#: a character that needs it as `\u{...}` or `\n`-like, anything else as itself.
+_RUST_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|u\{[0-9A-Fa-f]{1,6}\}|.)", flags=re.DOTALL)
+_RUST_SHORT = {"0": "\0", "t": "\t", "r": "\r", "n": "\n"}
+
+
+def undecodable_path(message: str) -> str | None:
+    """The path (surrogate-escaped, as the walk names it) that watchfiles could not decode, from
+    its error message; None for any other error."""
     match = re.fullmatch(r'Unable to decode path "(.*)" to string', message, flags=re.DOTALL)
     if match is None:
         return None
-    folder = match.group(1).rpartition("/")[0]
-    return folder if folder and "\\" not in folder else ""
+    text, raw, pos = match.group(1), bytearray(), 0
+    for m in _RUST_ESCAPE.finditer(text):
+        code = m.group(1)
+        raw += text[pos:m.start()].encode()
+        if code[0] == "x" and len(code) == 3:
+            raw.append(int(code[1:], 16))
+        elif code[0] == "u" and len(code) > 1:
+            raw += chr(int(code[2:-1], 16)).encode()
+        else:
+            raw += _RUST_SHORT.get(code, code).encode()
+        pos = m.end()
+    raw += text[pos:].encode()
+    return os.fsdecode(bytes(raw))
 
 
 def is_temporary(name: str) -> bool:
     """A file that another program is still writing under a name it will rename when done."""
     lower = name.lower()
     return lower.startswith(TEMP_PREFIXES) or lower.endswith(TEMP_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class _Rescan:
+    """watchfiles failed on the name that is not UTF-8 `path`, dropping the events collected with
+    it: look at its folder again. `polling` is set when the watch fell back to polling for it."""
+
+    path: str
+    polling: bool = False
 
 
 @dataclass
@@ -91,14 +121,17 @@ class Settler:
         self.deleted: dict[str, float] = {}
 
     def touch(self, path: str) -> None:
-        """Something happened to the file `path`: it settles again from now."""
+        """Something happened to the file `path`: it settles again from now, unless its size and
+        mtime are still those it is waiting with (a look at it again is no change)."""
         self.deleted.pop(path, None)
         try:
             st = os.stat(path)
         except OSError:
             self.files.pop(path, None)
             return
-        self.files[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock())
+        pending = self.files.get(path)
+        if pending is None or (pending.size, pending.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            self.files[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock())
 
     def delete(self, path: str) -> None:
         self.files.pop(path, None)
@@ -149,6 +182,7 @@ class Watcher:
                 raise UsageError(f"watch needs folders; not a folder: {p}")
             roots.append(Path(os.path.realpath(p)))
         self.run, self.roots, self.poll = run, roots, poll
+        self._listings: dict[str, dict[str, tuple]] = {}  # folders looked at again, as they were
         self.settler = Settler(settle)
         self.stopping = threading.Event()
         run.stop = self.stopping.is_set
@@ -200,7 +234,7 @@ class Watcher:
                 changes = set()
             if changes is None:
                 break
-            self._note(changes)
+            self._take(changes)
             while True:  # whatever else is queued
                 try:
                     more = self._events.get_nowait()
@@ -209,7 +243,7 @@ class Watcher:
                 if more is None:
                     self.stopping.set()
                     break
-                self._note(more)
+                self._take(more)
             if self.stopping.is_set():
                 break
             files, deleted = self.settler.ready()
@@ -217,6 +251,12 @@ class Watcher:
                 self._pass(files, deleted)
         if self._error is not None:
             raise RamcliError(f"watching {', '.join(map(str, self.roots))} failed: {self._error}")
+
+    def _take(self, item: set[str] | _Rescan) -> None:
+        if isinstance(item, _Rescan):
+            self._rescan(item)
+        else:
+            self._note(item)
 
     def _open_watch(self):
         """The OS watches, in place on return (so nothing between them and the catch-up is
@@ -232,7 +272,13 @@ class Watcher:
                                  "on a network share, use --poll)")) from None
 
     def _watch(self, notify) -> None:
-        """The event thread: watchfiles blocks in Rust until something happens or `stopping` is set."""
+        """The event thread: watchfiles blocks in Rust until something happens or `stopping` is set.
+
+        watchfiles decodes the path of every OS event, reads included, before it drops the ones
+        that change nothing, and stops for good at a path that is not UTF-8, dropping what it had
+        collected with it. So the watch is opened anew and the folder is looked at again (see
+        `_rescan`). A folder with such a name fails every new OS watch at once (setting it up
+        opens the folder, an event); the watch then polls instead, which reports changes only."""
         from watchfiles._rust_notify import WatchfilesRustInternalError
 
         try:
@@ -240,14 +286,15 @@ class Watcher:
                 try:
                     raw = notify.watch(DEBOUNCE_MS, STEP_MS, 0, self.stopping)
                 except WatchfilesRustInternalError as exc:
-                    folder = undecodable_folder(str(exc))
-                    if folder is None:
+                    path = undecodable_path(str(exc))
+                    if path is None:
                         raise
-                    # watchfiles stops for good at a name that is not UTF-8: watch anew, and
-                    # look at that folder with the walk, which reads any name
                     notify.close()
+                    fall_back = self.poll is None and os.path.isdir(path) and not os.path.islink(path)
+                    if fall_back:
+                        self.poll = FALLBACK_POLL_S
                     notify = self._open_watch()
-                    self._events.put({folder} if folder else {str(r) for r in self.roots})
+                    self._events.put(_Rescan(path, polling=fall_back))
                     continue
                 if isinstance(raw, set):
                     changes = {path for _, path in raw if self._wanted(path)}
@@ -292,6 +339,25 @@ class Watcher:
                     self.settler.touch(path)
             else:
                 self.settler.delete(path)
+
+    def _rescan(self, rescan: _Rescan) -> None:
+        """Look again at the folder of a path that watchfiles could not decode. Only what changed
+        since the folder was last looked at this way is noted: the walk reads the files, and a
+        read of the one with that name fails the watch again, which must not go round for ever."""
+        if rescan.polling and not self.run.quiet:
+            self.err.print(f"a folder name that is not UTF-8 ({display(rescan.path)}) stops the OS's change "
+                           f"reports: looking for changes every {FALLBACK_POLL_S:g} s instead",
+                           markup=False, highlight=False, soft_wrap=True)
+        folder = os.path.dirname(rescan.path)
+        if self._root_of(folder) is None or not self._wanted(folder):
+            return
+        now = _listing(folder)
+        before = self._listings.get(folder)
+        self._listings[folder] = now
+        if before is None:
+            self._note({folder})
+        else:
+            self._note({os.path.join(folder, n) for n in before.keys() | now.keys() if before.get(n) != now.get(n)})
 
     def _follows(self, link: str) -> bool:
         """Whether a symlinked folder that appeared is walked, as the walk decides: never one
@@ -424,3 +490,19 @@ class Watcher:
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def _listing(folder: str) -> dict[str, tuple]:
+    """A folder's entries with what any change to one alters (read without opening them)."""
+    out = {}
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                out[entry.name] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        pass
+    return out

@@ -12,11 +12,16 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from conftest import run_cli
@@ -26,7 +31,7 @@ from media import read_tags
 from ramcli.cli.app import app
 from ramcli.discover import walk_reaches
 from ramcli.tagrun import TagRun
-from ramcli.watch import Settler, Watcher, is_temporary, undecodable_folder
+from ramcli.watch import FALLBACK_POLL_S, Settler, Watcher, is_temporary, undecodable_path
 
 N = 30
 
@@ -144,37 +149,114 @@ def test_walk_reaches_follows_the_walks_rules(tmp_path):
     assert not walk_reaches(root, root / "2023" / "a.png", include=["*.jpg"])
 
 
-def test_undecodable_folder_from_watchfiles_error():
-    assert undecodable_folder('Unable to decode path "/lib/2023/bad\\xFF.jpg" to string') == "/lib/2023"
-    assert undecodable_folder('Unable to decode path "/lib/b\\xFFd/x.jpg" to string') == ""
-    assert undecodable_folder("error in underlying watcher: No space left on device") is None
+def test_undecodable_path_from_watchfiles_error():
+    assert undecodable_path('Unable to decode path "/lib/2023/bad\\xFF.jpg" to string') == os.fsdecode(b"/lib/2023/bad\xff.jpg")
+    assert undecodable_path('Unable to decode path "/lib/q\\"\\\\\\n\\u{7f}\\xC3" to string') == os.fsdecode(b'/lib/q"\\\n\x7f\xc3')
+    assert undecodable_path("error in underlying watcher: No space left on device") is None
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux file system's")
-def test_a_name_that_is_not_utf8_does_not_stop_the_watch(tmp_path):
-    """watchfiles gives up for good on such a name; the watcher watches anew and looks at the folder."""
-    lib = tmp_path / "lib"
-    (lib / "sub").mkdir(parents=True)
-    watcher = Watcher(TagRun(paths=[lib], write=False), settle=0.1)
-    notify = watcher._open_watch()
-    thread = threading.Thread(target=watcher._watch, args=(notify,), daemon=True)
-    thread.start()
+@settings(max_examples=25, deadline=None)
+@given(name=st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b and not b.startswith(b"."))
+       .map(lambda b: b + b"\xff"))
+def test_undecodable_path_gives_back_the_name_watchfiles_failed_on(name):
+    """Any name that is not UTF-8, as the real watchfiles reports it, comes back byte for byte."""
+    from watchfiles._rust_notify import RustNotify, WatchfilesRustInternalError
+
+    folder = tempfile.mkdtemp()
     try:
-        time.sleep(0.3)
-        with open(os.fsencode(lib / "sub") + b"/bad\xff.jpg", "wb") as fh:
+        notify = RustNotify([folder], False, False, 0, True, True)
+        path = os.fsencode(folder) + b"/" + name
+        with open(path, "wb") as fh:
             fh.write(b"x")
-        assert watcher._events.get(timeout=20) == {str(lib / "sub")}
-        time.sleep(0.3)
-        (lib / "good.jpg").write_bytes(b"y")
-        seen = set()
-        deadline = time.monotonic() + 20
-        while str(lib / "good.jpg") not in seen and time.monotonic() < deadline:
-            seen |= watcher._events.get(timeout=20)
-        assert str(lib / "good.jpg") in seen
+        with pytest.raises(WatchfilesRustInternalError) as failed:
+            notify.watch(50, 10, 20_000, threading.Event())
+        notify.close()
+        assert undecodable_path(str(failed.value)) == os.fsdecode(path)
+    finally:
+        shutil.rmtree(folder)
+
+
+class _NoPhotos:
+    """The index a watcher under test looks at: it holds no photos."""
+
+    @staticmethod
+    def iter_photos(under=None):
+        return iter(())
+
+
+@contextmanager
+def watch_loop(lib: Path, settle: float):
+    """A watcher's event thread and main loop on `lib`, its passes only classifying the files (a
+    pass reads each one, as tagging does). Yields (watcher, files passed, how often the OS
+    watch was opened)."""
+    watcher = Watcher(TagRun(paths=[lib], write=False, quiet=True), settle=settle)
+    watcher.session, watcher.err = SimpleNamespace(index=_NoPhotos()), None
+    passed, opened = [], [0]
+    open_watch = watcher._open_watch
+
+    def counted_open():
+        opened[0] += 1
+        return open_watch()
+
+    watcher._open_watch = counted_open
+    watcher._pass = lambda files, deleted: passed.extend(str(f.path) for p in files for f in watcher._classified(p))
+    events = threading.Thread(target=watcher._watch, args=(watcher._open_watch(),), daemon=True)
+    loop = threading.Thread(target=watcher._loop, daemon=True)
+    events.start()
+    loop.start()
+    try:
+        yield watcher, passed, opened
     finally:
         watcher.stop()
-        thread.join(timeout=10)
-    assert not thread.is_alive() and watcher._error is None
+        events.join(timeout=10)
+        loop.join(timeout=10)
+    assert not events.is_alive() and not loop.is_alive() and watcher._error is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux file system's")
+def test_a_name_that_is_not_utf8_is_looked_at_once_and_later_photos_beside_it_settle(tmp_path):
+    """watchfiles fails on any event for such a name, a read included, and the watcher's look at
+    the folder reads the file: that must not go round (each look also restarted the wait of
+    every file in the folder, so nothing there ever settled)."""
+    lib = tmp_path / "lib"
+    (lib / "sub").mkdir(parents=True)
+    bad = os.fsdecode(os.fsencode(lib / "sub") + b"/bad\xff.jpg")
+    with watch_loop(lib, settle=1.0) as (watcher, passed, opened):
+        with open(bad, "wb") as fh:
+            fh.write(b"not yet a photo")
+        wait_for(lambda: bad in passed, 60, "the file with the undecodable name to settle")
+        (lib / "sub" / "good.jpg").write_bytes(b"a photo")
+        wait_for(lambda: str(lib / "sub" / "good.jpg") in passed, 60, "the photo beside it to settle")
+        reopened = opened[0]
+        (lib / "sub" / "later.jpg").write_bytes(b"another photo")
+        wait_for(lambda: str(lib / "sub" / "later.jpg") in passed, 60, "a later photo to settle")
+        assert opened[0] == reopened, "the watch is still being opened again and again"
+        assert passed.count(bad) == 1 and watcher.poll is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux file system's")
+def test_a_folder_name_that_is_not_utf8_makes_the_watch_poll(tmp_path):
+    """Every new OS watch fails at once on such a folder (setting it up opens the folder): the
+    watch polls instead, and photos in and beside that folder are still noted."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    odd = os.fsdecode(os.fsencode(lib) + b"/b\xffd")
+    with watch_loop(lib, settle=0.2) as (watcher, passed, opened):
+        os.mkdir(odd)
+        with open(os.path.join(odd, "in.jpg"), "wb") as fh:
+            fh.write(b"a photo")
+        wait_for(lambda: os.path.join(odd, "in.jpg") in passed, 60, "the photo in that folder")
+        wait_for(lambda: watcher.poll == FALLBACK_POLL_S, 60, "the watch to poll")
+        reopened = opened[0]
+        (lib / "beside.jpg").write_bytes(b"another photo")
+        wait_for(lambda: str(lib / "beside.jpg") in passed, 60, "a later photo beside that folder")
+        assert opened[0] == reopened, "the watch is still being opened again and again"
+        with open(os.path.join(odd, "later.jpg"), "wb") as fh:
+            fh.write(b"a later photo")
+        wait_for(lambda: os.path.join(odd, "later.jpg") in passed, 60, "a later photo in that folder")
 
 
 def test_usage_errors(tmp_path, capsys):
