@@ -11,9 +11,9 @@ The flow, one way as everywhere else:
          matched, since a move is reported as a deletion plus an addition.
 
 The OS's labels (added, modified, deleted) are only hints: what exists when a path is looked at
-decides. A rename of a file or folder is recognised without decoding when the index holds a
-vanished photo with the new file's size and mtime (a rename keeps both); otherwise the moved-
-photo rule matches it by its image data. Metadata that ramcli itself writes comes back as
+decides. A rename of a file or folder is recognised without running the model when the index
+holds a vanished photo with the new file's size, mtime (a rename keeps both) and image data;
+otherwise the moved-photo rule matches it by its image data. Metadata that ramcli itself writes comes back as
 events too; the incremental rule sees the size and mtime the index recorded after the write
 and tags nothing.
 
@@ -40,6 +40,7 @@ from rich.console import Console
 
 from ramcli.discover import Found, discover, walk_reaches
 from ramcli.errors import RamcliError, UsageError
+from ramcli.index import PhotoRecord
 from ramcli.pathnames import display
 from ramcli.tagrun import Summary, TagRun
 
@@ -412,27 +413,26 @@ class Watcher:
 
     def _renamed(self, photos: list[Found], deleted: list[str], summary: Summary) -> list[Found]:
         """Re-point photos that were renamed or moved with their folder: a vanished record with
-        the new file's size and mtime (a rename keeps both), unambiguous by name if need be.
-        Returns the photos left for the incremental rule."""
+        the new file's size and mtime (a rename keeps both) and the same image data (a card's
+        burst holds different photos of one size and minute). Returns the photos left for the
+        incremental rule."""
         index = self.session.index
         by_stat = defaultdict(list)
         for r in self._vanished(deleted):
-            if r.status == "tagged":
+            if r.status == "tagged" and r.content_hash:
                 by_stat[(r.size, r.mtime_ns)].append(r)
         if not by_stat:
             return photos
         rest = []
         for f in photos:
             candidates = by_stat.get((f.size, f.mtime_ns), [])
-            if len(candidates) > 1:
-                candidates = [r for r in candidates if os.path.basename(r.path) == f.path.name]
-            if len(candidates) == 1 and index.lookup(str(f.path)) is None:
-                old = candidates[0]
-                index.move(old.path, str(f.path), f.size, f.mtime_ns)
-                by_stat[(f.size, f.mtime_ns)].remove(old)
-                summary.moved += 1
-            else:
+            old = _same_image(f, candidates) if candidates and index.lookup(str(f.path)) is None else None
+            if old is None:
                 rest.append(f)
+                continue
+            index.move(old.path, str(f.path), f.size, f.mtime_ns)
+            candidates.remove(old)
+            summary.moved += 1
         return rest
 
     def _forget(self, deleted: list[str], summary: Summary, sweep: bool = False) -> None:
@@ -506,3 +506,17 @@ def _listing(folder: str) -> dict[str, tuple]:
     except OSError:
         pass
     return out
+
+
+def _same_image(found: Found, candidates: list[PhotoRecord]) -> PhotoRecord | None:
+    """The record among `candidates` with the image data of `found` (the one of the same name
+    first), or None."""
+    from ramcli.imaging import ImageError, content_hash
+
+    try:
+        digest = content_hash(found.path)
+    except ImageError:
+        return None
+    same = sorted((r for r in candidates if r.content_hash == digest),
+                  key=lambda r: os.path.basename(r.path) != found.path.name)
+    return same[0] if same else None

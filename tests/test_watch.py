@@ -518,3 +518,45 @@ def test_ctrl_c_finishes_the_batch_kill_9_loses_at_most_it_and_once_catches_up(m
     assert len(printed & set(rest)) <= 1  # the batch in flight when killed, tagged again
     assert len(rows(home)) == len(photos) and all(s == "tagged" for s, *_ in rows(home).values())
     assert "watching" not in res.stderr
+
+
+def same_size_other_photo(like: Path, dst: Path, seed: int) -> None:
+    """A different photo with `like`'s size and mtime (padded after its end), moved into `dst`
+    in one rename: what a card's burst looks like to a watcher."""
+    staging = dst.parent.parent / f".staging-{seed}.jpg"
+    photo_like(96, 72, seed=seed).save(staging, quality=70)
+    pad = like.stat().st_size - staging.stat().st_size
+    assert pad >= 0
+    with open(staging, "ab") as fh:
+        fh.write(b"\0" * pad)
+    st = like.stat()
+    os.utime(staging, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(staging, dst)
+
+
+@pytest.mark.slow
+def test_a_new_photo_with_a_deleted_ones_size_and_time_is_tagged_not_taken_for_it(model_files, sources, tmp_path):
+    lib, home = tmp_path / "lib", tmp_path / "home"
+    (lib / "card").mkdir(parents=True)
+    shutil.copy2(sources / "p000.jpg", lib / "card" / "IMG_0001.jpg")
+    w = WatchProcess(lib, home, model_files)
+    w.wait_watching()
+    old = lib / "card" / "IMG_0001.jpg"
+    assert_tagged_everywhere(home, old)
+
+    new = lib / "card" / "IMG_0002.jpg"
+    same_size_other_photo(old, new, seed=99)
+    os.remove(old)
+    wait_for(lambda: str(old) not in rows(home) and str(new) in rows(home) and w.tagged(new), 120,
+             "the new photo to be tagged and the deleted one to be forgotten")
+    assert_tagged_everywhere(home, new)
+    assert str(old) not in ledger_paths(home)
+
+    # a true rename of a photo of the same size and time still moves without tagging
+    lines = len(w.out)
+    renamed = lib / "card" / "IMG_0002-renamed.jpg"
+    os.rename(new, renamed)
+    wait_for(lambda: str(renamed) in rows(home) and str(new) not in rows(home), 120, "the rename")
+    assert len(w.out) == lines
+    assert_tagged_everywhere(home, renamed)
+    assert w.stop(signal.SIGTERM) == 0
