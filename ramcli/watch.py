@@ -29,6 +29,7 @@ import os
 import queue
 import re
 import signal
+import stat
 import threading
 import time
 from collections import Counter, defaultdict
@@ -41,7 +42,7 @@ from rich.console import Console
 from ramcli.discover import Found, discover, walk_reaches
 from ramcli.errors import RamcliError, UsageError
 from ramcli.index import PhotoRecord
-from ramcli.pathnames import display
+from ramcli.pathnames import display, from_text, to_text
 from ramcli.tagrun import Summary, TagRun
 
 #: Names that sync clients, browsers and editors give files they are still writing (the final
@@ -169,6 +170,99 @@ class Settler:
         return sorted(files), sorted(deleted)
 
 
+def is_deleted(path: str, mount_points: Iterable[str] = (), reported: bool = False) -> bool:
+    """Whether the photo at `path` was deleted, rather than being out of reach (a drive that is
+    unplugged, a share that is down): only a deleted photo's records may be forgotten, or `untag`
+    would take ramcli's keywords for the user's once the drive is back.
+
+    Out of reach: the path cannot be looked at (an I/O or permission error), a folder that a
+    drive was mounted on is missing, or the nearest folder on the way that still exists cannot
+    be read or is empty (what a drive's folder looks like while the drive is away). `reported`:
+    the OS reported this very file gone (a drive that goes away reports no files), so being
+    not there is enough."""
+    try:
+        os.lstat(path)
+        return False
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError:
+        return False
+    if any(path.startswith(m.rstrip(os.sep) + os.sep) and not os.path.lexists(m) for m in mount_points):
+        return False
+    if reported:
+        return True
+    folder = os.path.dirname(path)
+    while True:
+        try:
+            st = os.stat(folder)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.dirname(folder) == folder:
+                return False
+            folder = os.path.dirname(folder)
+        except OSError:
+            return False
+    if not stat.S_ISDIR(st.st_mode):
+        return True  # a folder replaced by a file
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
+
+
+class MountPoints:
+    """The folders under the watched folders that a drive or share is mounted on, kept in the
+    index (table `watch_mount_points`): while it is away, such a folder may be missing as a whole,
+    which must not read as its photos being deleted."""
+
+    TABLE = "watch_mount_points"
+
+    def __init__(self, index):
+        self.index = index
+
+    def remember(self, roots: Iterable[Path]) -> set[str]:
+        """Those mounted now (noted for later) and those noted before."""
+        db = self.index.db
+        known = set()
+        if db[self.TABLE].exists():
+            known = {from_text(p) for (p,) in db.execute(f"SELECT path FROM {self.TABLE}")}
+        now = {m for root in roots for m in mount_points_under(root)}
+        if now - known and not self.index.readonly:
+            with self.index._write():
+                db.execute(f"CREATE TABLE IF NOT EXISTS {self.TABLE} (path TEXT PRIMARY KEY)")
+                db.conn.executemany(f"INSERT OR IGNORE INTO {self.TABLE} (path) VALUES (?)",
+                                    [(to_text(m),) for m in sorted(now - known)])
+        return known | now
+
+
+def mount_points_under(root: Path) -> set[str]:
+    """Folders under `root` on another device than their parent (symlinks not followed)."""
+    found = set()
+    try:
+        stack = [(str(root), os.stat(root).st_dev)]
+    except OSError:
+        return found
+    while stack:
+        folder, device = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                dev = entry.stat(follow_symlinks=False).st_dev
+            except OSError:
+                continue
+            if dev != device:
+                found.add(entry.path)
+            stack.append((entry.path, dev))
+    return found
+
+
 class Watcher:
     """`ramcli watch` over `run.paths` (folders) with `run`'s model, sinks and filters."""
 
@@ -184,6 +278,7 @@ class Watcher:
             roots.append(Path(os.path.realpath(p)))
         self.run, self.roots, self.poll = run, roots, poll
         self._listings: dict[str, dict[str, tuple]] = {}  # folders looked at again, as they were
+        self.mount_points: set[str] = set()  # drives' folders under the roots, seen now or before
         self.settler = Settler(settle)
         self.stopping = threading.Event()
         run.stop = self.stopping.is_set
@@ -204,6 +299,7 @@ class Watcher:
         try:
             with self.run.open_session(err_console) as session:
                 self.session = session
+                self.mount_points = MountPoints(session.index).remember(self.roots)
                 if not once:  # events of the catch-up time are queued, not lost
                     notify = self._open_watch()
                     thread = threading.Thread(target=self._watch, args=(notify,), name="ramcli-watch", daemon=True)
@@ -333,7 +429,7 @@ class Watcher:
                     if walk_reaches(root, found.path, self.run.include, self.run.exclude):
                         self.settler.touch(str(found.path))
                 for record in self.session.index.iter_photos(under=Path(path)):
-                    if not os.path.lexists(record.path):
+                    if is_deleted(record.path, self.mount_points):
                         self.settler.delete(record.path)
             elif os.path.lexists(path):
                 if walk_reaches(root, Path(path), self.run.include, self.run.exclude):
@@ -398,15 +494,16 @@ class Watcher:
                                    or summary.write_failed):  # not for its own writes coming back
             self.run._print_summary(self.err, summary, start)
 
-    def _vanished(self, paths: Iterable[str]) -> list:
-        """Index records at or under these paths whose files are gone."""
+    def _vanished(self, paths: Iterable[str]) -> list[PhotoRecord]:
+        """Index records at or under these paths whose files were deleted (`is_deleted`); a
+        record at a path that the OS reported gone itself counts as deleted once it is not there."""
         index, out, seen = self.session.index, [], set()
         for path in paths:
-            records = list(index.iter_photos(under=Path(path)))
+            records = [(r, False) for r in index.iter_photos(under=Path(path))]
             if not os.path.lexists(path):
-                records += [r for r in [index.lookup(path)] if r is not None]
-            for r in records:
-                if r.path not in seen and not os.path.lexists(r.path):
+                records += [(r, True) for r in [index.lookup(path)] if r is not None]
+            for r, reported in records:
+                if r.path not in seen and is_deleted(r.path, self.mount_points, reported=reported):
                     seen.add(r.path)
                     out.append(r)
         return out
@@ -448,26 +545,21 @@ class Watcher:
         if gone:
             forgotten = self.session.index.prune(exists=lambda p: p not in gone or os.path.lexists(p))
             summary.removed += len(forgotten)
-        photos = gone | {p for p in deleted if not os.path.lexists(p)}
+        photos = gone | {p for p in deleted if is_deleted(p, self.mount_points, reported=True)}
         photos |= {p[:-4] for p in photos if p.lower().endswith(".xmp")}  # a deleted IMG.CR2.xmp
         ledger = Ledger(self.session.index.db)
         rows = [e for entries in ledger.entries_of(sorted(photos)).values() for e in entries]
         if sweep:
             rows += [e for folder in deleted for e in ledger.entries_under(folder)]
-        stale = [e for e in rows if not os.path.lexists(e.target) and self.session.index.lookup(e.path) is None]
+        stale = [e for e in rows
+                 if self.session.index.lookup(e.path) is None and is_deleted(e.target, self.mount_points)]
         ledger.forget(stale)
 
     def _catch_up_deletions(self) -> None:
-        """After the catch-up pass: photos under the folders whose files vanished while the
-        watcher was not running. A folder that is empty now (an unmounted share, a disk not
-        plugged in) is left alone: its photos are more likely away than deleted."""
-        present = []
-        for root in self.roots:
-            with os.scandir(root) as entries:
-                if any(entries):
-                    present.append(str(root))
+        """After the catch-up pass: photos under the folders whose files were deleted while the
+        watcher was not running (`is_deleted`: not those of a drive that is away)."""
         summary = Summary()
-        self._forget(present, summary, sweep=True)
+        self._forget([str(r) for r in self.roots], summary, sweep=True)
         if summary.removed and not self.run.quiet:
             self.err.print(f"removed {summary.removed} photo(s) whose files were deleted", highlight=False)
 

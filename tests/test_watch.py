@@ -31,7 +31,7 @@ from media import read_tags
 from ramcli.cli.app import app
 from ramcli.discover import walk_reaches
 from ramcli.tagrun import TagRun
-from ramcli.watch import FALLBACK_POLL_S, Settler, Watcher, is_temporary, undecodable_path
+from ramcli.watch import FALLBACK_POLL_S, Settler, Watcher, is_deleted, is_temporary, undecodable_path
 
 N = 30
 
@@ -257,6 +257,25 @@ def test_a_folder_name_that_is_not_utf8_makes_the_watch_poll(tmp_path):
         with open(os.path.join(odd, "later.jpg"), "wb") as fh:
             fh.write(b"a later photo")
         wait_for(lambda: os.path.join(odd, "later.jpg") in passed, 60, "a later photo in that folder")
+
+
+def test_a_photo_is_deleted_only_where_its_folder_is_there_to_say_so(tmp_path):
+    lib = tmp_path / "lib"
+    (lib / "2023").mkdir(parents=True)
+    (lib / "2023" / "other.jpg").write_bytes(b"x")
+    assert not is_deleted(str(lib / "2023" / "other.jpg"))  # there
+    assert is_deleted(str(lib / "2023" / "gone.jpg"))  # its folder is there and holds other files
+    assert is_deleted(str(lib / "2022" / "trip" / "gone.jpg"))  # a folder deleted as a whole
+    (lib / "usb").mkdir()
+    assert not is_deleted(str(lib / "usb" / "DCIM" / "a.jpg"))  # the empty folder of a drive that is away
+    assert not is_deleted(str(lib / "usb" / "a.jpg"))
+    assert is_deleted(str(lib / "usb" / "a.jpg"), reported=True)  # the OS reported this very file gone
+    assert not is_deleted(str(lib / "card" / "a.jpg"), mount_points=[str(lib / "card")])  # a drive's folder, gone with it
+    assert not is_deleted(str(lib / "card" / "a.jpg"), mount_points=[str(lib / "card")], reported=True)
+    (lib / "loop").symlink_to(lib / "loop")
+    assert not is_deleted(str(lib / "loop" / "a.jpg"))  # cannot be looked at (ELOOP): not known to be gone
+    (lib / "2021").write_bytes(b"a file where a folder was")
+    assert is_deleted(str(lib / "2021" / "a.jpg"))
 
 
 def test_usage_errors(tmp_path, capsys):
@@ -560,3 +579,98 @@ def test_a_new_photo_with_a_deleted_ones_size_and_time_is_tagged_not_taken_for_i
     assert len(w.out) == lines
     assert_tagged_everywhere(home, renamed)
     assert w.stop(signal.SIGTERM) == 0
+
+
+def watch_once(lib: Path, home: Path, model_files) -> subprocess.CompletedProcess:
+    weights, labels = model_files
+    res = subprocess.run([sys.executable, "-m", "ramcli", "watch", str(lib), "--once", "--weights", str(weights),
+                          "--labels", str(labels), "--workers", "0", "-f", "jsonl"],
+                         env={**os.environ, "RAMCLI_HOME": str(home)}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def untag(path: Path, home: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "ramcli", "untag", str(path)], env={**os.environ, "RAMCLI_HOME": str(home)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_photos_of_a_drive_that_is_away_are_kept_and_untag_works_when_it_is_back(model_files, sources, tmp_path):
+    """A drive's folder inside the watched folder is empty while the drive is away: its photos
+    are not deleted, so their index rows and write ledger stay, and `untag` still knows what
+    ramcli wrote once the drive is back. Files deleted beside it are forgotten as before."""
+    lib, home, away = tmp_path / "lib", tmp_path / "home", tmp_path / "away"
+    (lib / "usb" / "DCIM").mkdir(parents=True)
+    away.mkdir()
+    shutil.copy2(sources / "p000.jpg", lib / "kept.jpg")
+    shutil.copy2(sources / "p001.jpg", lib / "deleted.jpg")
+    on_drive = [lib / "usb" / "DCIM" / f"IMG_{i}.jpg" for i in range(2)]
+    for i, photo in enumerate(on_drive):
+        shutil.copy2(sources / f"p01{i}.jpg", photo)
+    watch_once(lib, home, model_files)
+    assert all(str(p) in ledger_paths(home) for p in on_drive)
+    before = rows(home)
+
+    os.rename(lib / "usb" / "DCIM", away / "DCIM")  # unplugged: the mount point is an empty folder
+    os.remove(lib / "deleted.jpg")
+    res = watch_once(lib, home, model_files)
+    assert "removed 1 photo" in res.stderr
+    assert all(rows(home)[str(p)] == before[str(p)] for p in on_drive)
+    assert all(str(p) in ledger_paths(home) for p in on_drive)
+    assert str(lib / "deleted.jpg") not in rows(home) and str(lib / "deleted.jpg") not in ledger_paths(home)
+
+    os.rename(away / "DCIM", lib / "usb" / "DCIM")  # back
+    assert watch_once(lib, home, model_files).stdout.strip() == ""  # nothing re-tagged
+    assert_tagged_everywhere(home, on_drive[0])
+    untag(on_drive[0], home)
+    assert read_tags(on_drive[0], "XMP-dc:Subject").get("XMP-dc:Subject", []) == []
+
+
+def _can_mount() -> bool:
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux" or not _can_mount(), reason="needs Linux mount namespaces (unshare)")
+def test_a_drive_whose_folder_vanishes_with_it_keeps_its_photos(model_files, sources, tmp_path):
+    """An automounter removes the drive's folder when the drive goes: the folder vanishes as a
+    whole, which must not read as a deletion once the watcher has seen a drive mounted there."""
+    lib, home, drive = tmp_path / "lib", tmp_path / "home", tmp_path / "drive"
+    lib.mkdir()
+    drive.mkdir()
+    shutil.copy2(sources / "p000.jpg", lib / "kept.jpg")
+    weights, labels = model_files
+    script = tmp_path / "plug.sh"
+    script.write_text(f"""set -e
+once() {{ "$PY" -m ramcli watch "$LIB" --once --weights "{weights}" --labels "{labels}" --workers 0 -f jsonl >> "$OUT/$1.jsonl"; }}
+mount -t tmpfs tmpfs "$DRIVE"
+cp "{sources / 'p010.jpg'}" "{sources / 'p011.jpg'}" "$DRIVE/"
+mkdir "$LIB/usb" && mount --bind "$DRIVE" "$LIB/usb"
+once plugged
+umount "$LIB/usb" && rmdir "$LIB/usb"
+once away
+"$PY" -c 'import json, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(json.dumps([[p for (p,) in c.execute(q)]
+for q in ("select path from photos", "select distinct path from metadata_ledger")]))' "$RAMCLI_HOME/index.db" > "$OUT/away.json"
+mkdir "$LIB/usb" && mount --bind "$DRIVE" "$LIB/usb"
+once back
+"$PY" -m ramcli untag "$LIB/usb/p010.jpg"
+exiftool -j -XMP-dc:Subject "$LIB/usb/p010.jpg" > "$OUT/untagged.json"
+""")
+    env = {**os.environ, "RAMCLI_HOME": str(home), "PY": sys.executable, "LIB": str(lib), "DRIVE": str(drive),
+           "OUT": str(tmp_path)}
+    res = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", str(script)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    on_drive = [str(lib / "usb" / "p010.jpg"), str(lib / "usb" / "p011.jpg")]
+    assert sorted(json.loads(line)["path"] for line in (tmp_path / "plugged.jsonl").read_text().splitlines()) == \
+        sorted([str(lib / "kept.jpg"), *on_drive])
+    photos, ledger = json.loads((tmp_path / "away.json").read_text())
+    assert set(on_drive) <= set(photos) and set(on_drive) <= set(ledger)
+    assert (tmp_path / "back.jsonl").read_text() == ""  # back: nothing re-tagged
+    assert "Subject" not in json.loads((tmp_path / "untagged.json").read_text())[0]
