@@ -13,14 +13,15 @@ The flow, one way as everywhere else:
 The OS's labels (added, modified, deleted) are only hints: what exists when a path is looked at
 decides. A rename of a file or folder is recognised without running the model when the index
 holds a vanished photo with the new file's size, mtime (a rename keeps both) and image data;
-otherwise the moved-photo rule matches it by its image data. Metadata that ramcli itself writes comes back as
-events too; the incremental rule sees the size and mtime the index recorded after the write
-and tags nothing.
+otherwise the moved-photo rule matches it by its image data. Metadata that ramcli itself
+writes comes back as events too; the incremental rule sees the size and mtime the index
+recorded after the write and tags nothing. A photo that is not there is forgotten only when it
+was deleted (`is_deleted`), not when the drive that holds it is away.
 
 On start a catch-up pass (exactly `ramcli tag` over the folders) tags what changed while the
-watcher was not running, then photos whose files vanished meanwhile leave the index; so a
-restart loses nothing and re-tags nothing. Ctrl-C or SIGTERM ends the pass after the batch in
-flight, which is written and recorded first.
+watcher was not running, then photos deleted meanwhile leave the index; so a restart loses
+nothing and re-tags nothing. Ctrl-C or SIGTERM ends the pass after the batch in flight, which
+is written and recorded first.
 """
 
 from __future__ import annotations
