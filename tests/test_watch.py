@@ -30,6 +30,7 @@ from images import photo_like
 from media import read_tags
 from ramcli.cli.app import app
 from ramcli.discover import walk_reaches
+from ramcli.pathnames import to_text
 from ramcli.tagrun import TagRun
 from ramcli.watch import FALLBACK_POLL_S, Settler, Watcher, is_deleted, is_temporary, undecodable_path
 
@@ -674,3 +675,22 @@ exiftool -j -XMP-dc:Subject "$LIB/usb/p010.jpg" > "$OUT/untagged.json"
     assert set(on_drive) <= set(photos) and set(on_drive) <= set(ledger)
     assert (tmp_path / "back.jsonl").read_text() == ""  # back: nothing re-tagged
     assert "Subject" not in json.loads((tmp_path / "untagged.json").read_text())[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux file system's")
+def test_photos_beside_one_whose_name_is_not_utf8_are_tagged(model_files, sources, tmp_path):
+    lib, home = tmp_path / "lib", tmp_path / "home"
+    (lib / "import").mkdir(parents=True)
+    w = WatchProcess(lib, home, model_files)
+    w.wait_watching()
+    odd = os.fsencode(lib / "import") + b"/DSC\xe9t\xe9.jpg"  # Latin-1, from an old camera's card
+    shutil.copy(sources / "p000.jpg", odd)
+    wait_for(lambda: to_text(os.fsdecode(odd)) in rows(home), 120, "the photo with the undecodable name")
+    for name, src in (("next.jpg", "p001.jpg"), ("later.jpg", "p002.jpg")):
+        shutil.copy(sources / src, lib / "import" / name)
+        wait_for(lambda: str(lib / "import" / name) in rows(home), 120, name)
+        assert_tagged_everywhere(home, lib / "import" / name)
+    assert len(w.out) == 3, w.out
+    assert w.stop(signal.SIGTERM) == 0
+    assert not any("Traceback" in line or "error" in line for line in w.err), w.err
