@@ -190,24 +190,29 @@ class _NoPhotos:
 def watch_loop(lib: Path, settle: float):
     """A watcher's event thread and main loop on `lib`, its passes only classifying the files (a
     pass reads each one, as tagging does). Yields (watcher, files passed, how often the OS
-    watch was opened)."""
+    watch was opened, how often a look again found its folder unchanged)."""
     watcher = Watcher(TagRun(paths=[lib], write=False, quiet=True), settle=settle)
     watcher.session, watcher.err = SimpleNamespace(index=_NoPhotos()), None
-    passed, opened = [], [0]
-    open_watch = watcher._open_watch
+    passed, opened, unchanged = [], [0], [0]
+    open_watch, rescan = watcher._open_watch, watcher._rescan
+
+    def counted_rescan(item):
+        before = watcher._listings.get(os.path.dirname(item.path))
+        rescan(item)
+        unchanged[0] += before is not None and before == watcher._listings.get(os.path.dirname(item.path))
 
     def counted_open():
         opened[0] += 1
         return open_watch()
 
-    watcher._open_watch = counted_open
+    watcher._open_watch, watcher._rescan = counted_open, counted_rescan
     watcher._pass = lambda files, deleted: passed.extend(str(f.path) for p in files for f in watcher._classified(p))
     events = threading.Thread(target=watcher._watch, args=(watcher._open_watch(),), daemon=True)
     loop = threading.Thread(target=watcher._loop, daemon=True)
     events.start()
     loop.start()
     try:
-        yield watcher, passed, opened
+        yield watcher, passed, opened, unchanged
     finally:
         watcher.stop()
         events.join(timeout=10)
@@ -224,10 +229,11 @@ def test_a_name_that_is_not_utf8_is_looked_at_once_and_later_photos_beside_it_se
     lib = tmp_path / "lib"
     (lib / "sub").mkdir(parents=True)
     bad = os.fsdecode(os.fsencode(lib / "sub") + b"/bad\xff.jpg")
-    with watch_loop(lib, settle=1.0) as (watcher, passed, opened):
+    with watch_loop(lib, settle=1.0) as (watcher, passed, opened, unchanged):
         with open(bad, "wb") as fh:
             fh.write(b"not yet a photo")
-        wait_for(lambda: bad in passed, 60, "the file with the undecodable name to settle")
+        # the look at the folder reads it, and so does its pass: two looks that find no change
+        wait_for(lambda: bad in passed and unchanged[0] >= 2, 60, "the file with the undecodable name to settle")
         (lib / "sub" / "good.jpg").write_bytes(b"a photo")
         wait_for(lambda: str(lib / "sub" / "good.jpg") in passed, 60, "the photo beside it to settle")
         reopened = opened[0]
@@ -245,7 +251,7 @@ def test_a_folder_name_that_is_not_utf8_makes_the_watch_poll(tmp_path):
     lib = tmp_path / "lib"
     lib.mkdir()
     odd = os.fsdecode(os.fsencode(lib) + b"/b\xffd")
-    with watch_loop(lib, settle=0.2) as (watcher, passed, opened):
+    with watch_loop(lib, settle=0.2) as (watcher, passed, opened, _):
         os.mkdir(odd)
         with open(os.path.join(odd, "in.jpg"), "wb") as fh:
             fh.write(b"a photo")
