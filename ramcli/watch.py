@@ -11,16 +11,17 @@ The flow, one way as everywhere else:
          matched, since a move is reported as a deletion plus an addition.
 
 The OS's labels (added, modified, deleted) are only hints: what exists when a path is looked at
-decides. A rename of a file or folder is recognised without decoding when the index holds a
-vanished photo with the new file's size and mtime (a rename keeps both); otherwise the moved-
-photo rule matches it by its image data. Metadata that ramcli itself writes comes back as
-events too; the incremental rule sees the size and mtime the index recorded after the write
-and tags nothing.
+decides. A rename of a file or folder is recognised without running the model when the index
+holds a vanished photo with the new file's size, mtime (a rename keeps both) and image data;
+otherwise the moved-photo rule matches it by its image data. Metadata that ramcli itself
+writes comes back as events too; the incremental rule sees the size and mtime the index
+recorded after the write and tags nothing. A photo that is not there is forgotten only when it
+was deleted (`is_deleted`), not when the drive that holds it is away.
 
 On start a catch-up pass (exactly `ramcli tag` over the folders) tags what changed while the
-watcher was not running, then photos whose files vanished meanwhile leave the index; so a
-restart loses nothing and re-tags nothing. Ctrl-C or SIGTERM ends the pass after the batch in
-flight, which is written and recorded first.
+watcher was not running, then photos deleted meanwhile leave the index; so a restart loses
+nothing and re-tags nothing. Ctrl-C or SIGTERM ends the pass after the batch in flight, which
+is written and recorded first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import queue
 import re
 import signal
+import stat
 import threading
 import time
 from collections import Counter, defaultdict
@@ -40,6 +42,8 @@ from rich.console import Console
 
 from ramcli.discover import Found, discover, walk_reaches
 from ramcli.errors import RamcliError, UsageError
+from ramcli.index import PhotoRecord
+from ramcli.pathnames import display, from_text, to_text
 from ramcli.tagrun import Summary, TagRun
 
 #: Names that sync clients, browsers and editors give files they are still writing (the final
@@ -55,22 +59,51 @@ STEP_MS = 100
 #: Longest a stream of events is collected before it is handed over (ms), so a burst of copies
 #: starts to settle while the copying goes on.
 DEBOUNCE_MS = 1000
+#: How often (s) the folders are looked at when a folder name that is not UTF-8 leaves the OS's
+#: change reports unusable (see `Watcher._watch`) and no --poll was given.
+FALLBACK_POLL_S = 2.0
 
 
-def undecodable_folder(message: str) -> str | None:
-    """The folder of the file whose name watchfiles could not decode, from its error message
-    ('' when the folder's own name is not plain either); None for any other error."""
+#: Rust's debug form of a path (watchfiles' error message): a byte that is not UTF-8 as `\xNN`,
+#: a character that needs it as `\u{...}` or `\n`-like, anything else as itself.
+_RUST_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|u\{[0-9A-Fa-f]{1,6}\}|.)", flags=re.DOTALL)
+_RUST_SHORT = {"0": "\0", "t": "\t", "r": "\r", "n": "\n"}
+
+
+def undecodable_path(message: str) -> str | None:
+    """The path (surrogate-escaped, as the walk names it) that watchfiles could not decode, from
+    its error message; None for any other error."""
     match = re.fullmatch(r'Unable to decode path "(.*)" to string', message, flags=re.DOTALL)
     if match is None:
         return None
-    folder = match.group(1).rpartition("/")[0]
-    return folder if folder and "\\" not in folder else ""
+    text, raw, pos = match.group(1), bytearray(), 0
+    for m in _RUST_ESCAPE.finditer(text):
+        code = m.group(1)
+        raw += text[pos:m.start()].encode()
+        if code[0] == "x" and len(code) == 3:
+            raw.append(int(code[1:], 16))
+        elif code[0] == "u" and len(code) > 1:
+            raw += chr(int(code[2:-1], 16)).encode()
+        else:
+            raw += _RUST_SHORT.get(code, code).encode()
+        pos = m.end()
+    raw += text[pos:].encode()
+    return os.fsdecode(bytes(raw))
 
 
 def is_temporary(name: str) -> bool:
     """A file that another program is still writing under a name it will rename when done."""
     lower = name.lower()
     return lower.startswith(TEMP_PREFIXES) or lower.endswith(TEMP_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class _Rescan:
+    """watchfiles failed on the name that is not UTF-8 `path`, dropping the events collected with
+    it: look at its folder again. `polling` is set when the watch fell back to polling for it."""
+
+    path: str
+    polling: bool = False
 
 
 @dataclass
@@ -91,14 +124,17 @@ class Settler:
         self.deleted: dict[str, float] = {}
 
     def touch(self, path: str) -> None:
-        """Something happened to the file `path`: it settles again from now."""
+        """Something happened to the file `path`: it settles again from now, unless its size and
+        mtime are still those it is waiting with (a look at it again is no change)."""
         self.deleted.pop(path, None)
         try:
             st = os.stat(path)
         except OSError:
             self.files.pop(path, None)
             return
-        self.files[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock())
+        pending = self.files.get(path)
+        if pending is None or (pending.size, pending.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            self.files[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock())
 
     def delete(self, path: str) -> None:
         self.files.pop(path, None)
@@ -135,6 +171,99 @@ class Settler:
         return sorted(files), sorted(deleted)
 
 
+def is_deleted(path: str, mount_points: Iterable[str] = (), reported: bool = False) -> bool:
+    """Whether the photo at `path` was deleted, rather than being out of reach (a drive that is
+    unplugged, a share that is down): only a deleted photo's records may be forgotten, or `untag`
+    would take ramcli's keywords for the user's once the drive is back.
+
+    Out of reach: the path cannot be looked at (an I/O or permission error), a folder that a
+    drive was mounted on is missing, or the nearest folder on the way that still exists cannot
+    be read or is empty (what a drive's folder looks like while the drive is away). `reported`:
+    the OS reported this very file gone (a drive that goes away reports no files), so being
+    not there is enough."""
+    try:
+        os.lstat(path)
+        return False
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError:
+        return False
+    if any(path.startswith(m.rstrip(os.sep) + os.sep) and not os.path.lexists(m) for m in mount_points):
+        return False
+    if reported:
+        return True
+    folder = os.path.dirname(path)
+    while True:
+        try:
+            st = os.stat(folder)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.dirname(folder) == folder:
+                return False
+            folder = os.path.dirname(folder)
+        except OSError:
+            return False
+    if not stat.S_ISDIR(st.st_mode):
+        return True  # a folder replaced by a file
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
+
+
+class MountPoints:
+    """The folders under the watched folders that a drive or share is mounted on, kept in the
+    index (table `watch_mount_points`): while it is away, such a folder may be missing as a whole,
+    which must not read as its photos being deleted."""
+
+    TABLE = "watch_mount_points"
+
+    def __init__(self, index):
+        self.index = index
+
+    def remember(self, roots: Iterable[Path]) -> set[str]:
+        """Those mounted now (noted for later) and those noted before."""
+        db = self.index.db
+        known = set()
+        if db[self.TABLE].exists():
+            known = {from_text(p) for (p,) in db.execute(f"SELECT path FROM {self.TABLE}")}
+        now = {m for root in roots for m in mount_points_under(root)}
+        if now - known and not self.index.readonly:
+            with self.index._write():
+                db.execute(f"CREATE TABLE IF NOT EXISTS {self.TABLE} (path TEXT PRIMARY KEY)")
+                db.conn.executemany(f"INSERT OR IGNORE INTO {self.TABLE} (path) VALUES (?)",
+                                    [(to_text(m),) for m in sorted(now - known)])
+        return known | now
+
+
+def mount_points_under(root: Path) -> set[str]:
+    """Folders under `root` on another device than their parent (symlinks not followed)."""
+    found = set()
+    try:
+        stack = [(str(root), os.stat(root).st_dev)]
+    except OSError:
+        return found
+    while stack:
+        folder, device = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                dev = entry.stat(follow_symlinks=False).st_dev
+            except OSError:
+                continue
+            if dev != device:
+                found.add(entry.path)
+            stack.append((entry.path, dev))
+    return found
+
+
 class Watcher:
     """`ramcli watch` over `run.paths` (folders) with `run`'s model, sinks and filters."""
 
@@ -149,6 +278,8 @@ class Watcher:
                 raise UsageError(f"watch needs folders; not a folder: {p}")
             roots.append(Path(os.path.realpath(p)))
         self.run, self.roots, self.poll = run, roots, poll
+        self._listings: dict[str, dict[str, tuple]] = {}  # folders looked at again, as they were
+        self.mount_points: set[str] = set()  # drives' folders under the roots, seen now or before
         self.settler = Settler(settle)
         self.stopping = threading.Event()
         run.stop = self.stopping.is_set
@@ -169,6 +300,7 @@ class Watcher:
         try:
             with self.run.open_session(err_console) as session:
                 self.session = session
+                self.mount_points = MountPoints(session.index).remember(self.roots)
                 if not once:  # events of the catch-up time are queued, not lost
                     notify = self._open_watch()
                     thread = threading.Thread(target=self._watch, args=(notify,), name="ramcli-watch", daemon=True)
@@ -200,7 +332,7 @@ class Watcher:
                 changes = set()
             if changes is None:
                 break
-            self._note(changes)
+            self._take(changes)
             while True:  # whatever else is queued
                 try:
                     more = self._events.get_nowait()
@@ -209,7 +341,7 @@ class Watcher:
                 if more is None:
                     self.stopping.set()
                     break
-                self._note(more)
+                self._take(more)
             if self.stopping.is_set():
                 break
             files, deleted = self.settler.ready()
@@ -217,6 +349,12 @@ class Watcher:
                 self._pass(files, deleted)
         if self._error is not None:
             raise RamcliError(f"watching {', '.join(map(str, self.roots))} failed: {self._error}")
+
+    def _take(self, item: set[str] | _Rescan) -> None:
+        if isinstance(item, _Rescan):
+            self._rescan(item)
+        else:
+            self._note(item)
 
     def _open_watch(self):
         """The OS watches, in place on return (so nothing between them and the catch-up is
@@ -232,7 +370,13 @@ class Watcher:
                                  "on a network share, use --poll)")) from None
 
     def _watch(self, notify) -> None:
-        """The event thread: watchfiles blocks in Rust until something happens or `stopping` is set."""
+        """The event thread: watchfiles blocks in Rust until something happens or `stopping` is set.
+
+        watchfiles decodes the path of every OS event, reads included, before it drops the ones
+        that change nothing, and stops for good at a path that is not UTF-8, dropping what it had
+        collected with it. So the watch is opened anew and the folder is looked at again (see
+        `_rescan`). A folder with such a name fails every new OS watch at once (setting it up
+        opens the folder, an event); the watch then polls instead, which reports changes only."""
         from watchfiles._rust_notify import WatchfilesRustInternalError
 
         try:
@@ -240,14 +384,15 @@ class Watcher:
                 try:
                     raw = notify.watch(DEBOUNCE_MS, STEP_MS, 0, self.stopping)
                 except WatchfilesRustInternalError as exc:
-                    folder = undecodable_folder(str(exc))
-                    if folder is None:
+                    path = undecodable_path(str(exc))
+                    if path is None:
                         raise
-                    # watchfiles stops for good at a name that is not UTF-8: watch anew, and
-                    # look at that folder with the walk, which reads any name
                     notify.close()
+                    fall_back = self.poll is None and os.path.isdir(path) and not os.path.islink(path)
+                    if fall_back:
+                        self.poll = FALLBACK_POLL_S
                     notify = self._open_watch()
-                    self._events.put({folder} if folder else {str(r) for r in self.roots})
+                    self._events.put(_Rescan(path, polling=fall_back))
                     continue
                 if isinstance(raw, set):
                     changes = {path for _, path in raw if self._wanted(path)}
@@ -285,13 +430,32 @@ class Watcher:
                     if walk_reaches(root, found.path, self.run.include, self.run.exclude):
                         self.settler.touch(str(found.path))
                 for record in self.session.index.iter_photos(under=Path(path)):
-                    if not os.path.lexists(record.path):
+                    if is_deleted(record.path, self.mount_points):
                         self.settler.delete(record.path)
             elif os.path.lexists(path):
                 if walk_reaches(root, Path(path), self.run.include, self.run.exclude):
                     self.settler.touch(path)
             else:
                 self.settler.delete(path)
+
+    def _rescan(self, rescan: _Rescan) -> None:
+        """Look again at the folder of a path that watchfiles could not decode. Only what changed
+        since the folder was last looked at this way is noted: the walk reads the files, and a
+        read of the one with that name fails the watch again, which must not go round for ever."""
+        if rescan.polling and not self.run.quiet:
+            self.err.print(f"a folder name that is not UTF-8 ({display(rescan.path)}) stops the OS's change "
+                           f"reports: looking for changes every {FALLBACK_POLL_S:g} s instead",
+                           markup=False, highlight=False, soft_wrap=True)
+        folder = os.path.dirname(rescan.path)
+        if self._root_of(folder) is None or not self._wanted(folder):
+            return
+        now = _listing(folder)
+        before = self._listings.get(folder)
+        self._listings[folder] = now
+        if before is None:
+            self._note({folder})
+        else:
+            self._note({os.path.join(folder, n) for n in before.keys() | now.keys() if before.get(n) != now.get(n)})
 
     def _follows(self, link: str) -> bool:
         """Whether a symlinked folder that appeared is walked, as the walk decides: never one
@@ -331,42 +495,42 @@ class Watcher:
                                    or summary.write_failed):  # not for its own writes coming back
             self.run._print_summary(self.err, summary, start)
 
-    def _vanished(self, paths: Iterable[str]) -> list:
-        """Index records at or under these paths whose files are gone."""
+    def _vanished(self, paths: Iterable[str]) -> list[PhotoRecord]:
+        """Index records at or under these paths whose files were deleted (`is_deleted`); a
+        record at a path that the OS reported gone itself counts as deleted once it is not there."""
         index, out, seen = self.session.index, [], set()
         for path in paths:
-            records = list(index.iter_photos(under=Path(path)))
+            records = [(r, False) for r in index.iter_photos(under=Path(path))]
             if not os.path.lexists(path):
-                records += [r for r in [index.lookup(path)] if r is not None]
-            for r in records:
-                if r.path not in seen and not os.path.lexists(r.path):
+                records += [(r, True) for r in [index.lookup(path)] if r is not None]
+            for r, reported in records:
+                if r.path not in seen and is_deleted(r.path, self.mount_points, reported=reported):
                     seen.add(r.path)
                     out.append(r)
         return out
 
     def _renamed(self, photos: list[Found], deleted: list[str], summary: Summary) -> list[Found]:
         """Re-point photos that were renamed or moved with their folder: a vanished record with
-        the new file's size and mtime (a rename keeps both), unambiguous by name if need be.
-        Returns the photos left for the incremental rule."""
+        the new file's size and mtime (a rename keeps both) and the same image data (a card's
+        burst holds different photos of one size and minute). Returns the photos left for the
+        incremental rule."""
         index = self.session.index
         by_stat = defaultdict(list)
         for r in self._vanished(deleted):
-            if r.status == "tagged":
+            if r.status == "tagged" and r.content_hash:
                 by_stat[(r.size, r.mtime_ns)].append(r)
         if not by_stat:
             return photos
         rest = []
         for f in photos:
             candidates = by_stat.get((f.size, f.mtime_ns), [])
-            if len(candidates) > 1:
-                candidates = [r for r in candidates if os.path.basename(r.path) == f.path.name]
-            if len(candidates) == 1 and index.lookup(str(f.path)) is None:
-                old = candidates[0]
-                index.move(old.path, str(f.path), f.size, f.mtime_ns)
-                by_stat[(f.size, f.mtime_ns)].remove(old)
-                summary.moved += 1
-            else:
+            old = _same_image(f, candidates) if candidates and index.lookup(str(f.path)) is None else None
+            if old is None:
                 rest.append(f)
+                continue
+            index.move(old.path, str(f.path), f.size, f.mtime_ns)
+            candidates.remove(old)
+            summary.moved += 1
         return rest
 
     def _forget(self, deleted: list[str], summary: Summary, sweep: bool = False) -> None:
@@ -382,26 +546,21 @@ class Watcher:
         if gone:
             forgotten = self.session.index.prune(exists=lambda p: p not in gone or os.path.lexists(p))
             summary.removed += len(forgotten)
-        photos = gone | {p for p in deleted if not os.path.lexists(p)}
+        photos = gone | {p for p in deleted if is_deleted(p, self.mount_points, reported=True)}
         photos |= {p[:-4] for p in photos if p.lower().endswith(".xmp")}  # a deleted IMG.CR2.xmp
         ledger = Ledger(self.session.index.db)
         rows = [e for entries in ledger.entries_of(sorted(photos)).values() for e in entries]
         if sweep:
             rows += [e for folder in deleted for e in ledger.entries_under(folder)]
-        stale = [e for e in rows if not os.path.lexists(e.target) and self.session.index.lookup(e.path) is None]
+        stale = [e for e in rows
+                 if self.session.index.lookup(e.path) is None and is_deleted(e.target, self.mount_points)]
         ledger.forget(stale)
 
     def _catch_up_deletions(self) -> None:
-        """After the catch-up pass: photos under the folders whose files vanished while the
-        watcher was not running. A folder that is empty now (an unmounted share, a disk not
-        plugged in) is left alone: its photos are more likely away than deleted."""
-        present = []
-        for root in self.roots:
-            with os.scandir(root) as entries:
-                if any(entries):
-                    present.append(str(root))
+        """After the catch-up pass: photos under the folders whose files were deleted while the
+        watcher was not running (`is_deleted`: not those of a drive that is away)."""
         summary = Summary()
-        self._forget(present, summary, sweep=True)
+        self._forget([str(r) for r in self.roots], summary, sweep=True)
         if summary.removed and not self.run.quiet:
             self.err.print(f"removed {summary.removed} photo(s) whose files were deleted", highlight=False)
 
@@ -424,3 +583,33 @@ class Watcher:
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def _listing(folder: str) -> dict[str, tuple]:
+    """A folder's entries with what any change to one alters (read without opening them)."""
+    out = {}
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                out[entry.name] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        pass
+    return out
+
+
+def _same_image(found: Found, candidates: list[PhotoRecord]) -> PhotoRecord | None:
+    """The record among `candidates` with the image data of `found` (the one of the same name
+    first), or None."""
+    from ramcli.imaging import ImageError, content_hash
+
+    try:
+        digest = content_hash(found.path)
+    except ImageError:
+        return None
+    same = sorted((r for r in candidates if r.content_hash == digest),
+                  key=lambda r: os.path.basename(r.path) != found.path.name)
+    return same[0] if same else None

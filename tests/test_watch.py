@@ -12,11 +12,16 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from conftest import run_cli
@@ -25,8 +30,9 @@ from images import photo_like
 from media import read_tags
 from ramcli.cli.app import app
 from ramcli.discover import walk_reaches
+from ramcli.pathnames import to_text
 from ramcli.tagrun import TagRun
-from ramcli.watch import Settler, Watcher, is_temporary, undecodable_folder
+from ramcli.watch import FALLBACK_POLL_S, Settler, Watcher, is_deleted, is_temporary, undecodable_path
 
 N = 30
 
@@ -144,37 +150,139 @@ def test_walk_reaches_follows_the_walks_rules(tmp_path):
     assert not walk_reaches(root, root / "2023" / "a.png", include=["*.jpg"])
 
 
-def test_undecodable_folder_from_watchfiles_error():
-    assert undecodable_folder('Unable to decode path "/lib/2023/bad\\xFF.jpg" to string') == "/lib/2023"
-    assert undecodable_folder('Unable to decode path "/lib/b\\xFFd/x.jpg" to string') == ""
-    assert undecodable_folder("error in underlying watcher: No space left on device") is None
+def test_undecodable_path_from_watchfiles_error():
+    assert undecodable_path('Unable to decode path "/lib/2023/bad\\xFF.jpg" to string') == os.fsdecode(b"/lib/2023/bad\xff.jpg")
+    assert undecodable_path('Unable to decode path "/lib/q\\"\\\\\\n\\u{7f}\\xC3" to string') == os.fsdecode(b'/lib/q"\\\n\x7f\xc3')
+    assert undecodable_path("error in underlying watcher: No space left on device") is None
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux file system's")
-def test_a_name_that_is_not_utf8_does_not_stop_the_watch(tmp_path):
-    """watchfiles gives up for good on such a name; the watcher watches anew and looks at the folder."""
-    lib = tmp_path / "lib"
-    (lib / "sub").mkdir(parents=True)
-    watcher = Watcher(TagRun(paths=[lib], write=False), settle=0.1)
-    notify = watcher._open_watch()
-    thread = threading.Thread(target=watcher._watch, args=(notify,), daemon=True)
-    thread.start()
+@settings(max_examples=25, deadline=None)
+@given(name=st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b and not b.startswith(b"."))
+       .map(lambda b: b + b"\xff"))
+def test_undecodable_path_gives_back_the_name_watchfiles_failed_on(name):
+    """Any name that is not UTF-8, as the real watchfiles reports it, comes back byte for byte."""
+    from watchfiles._rust_notify import RustNotify, WatchfilesRustInternalError
+
+    folder = tempfile.mkdtemp()
     try:
-        time.sleep(0.3)
-        with open(os.fsencode(lib / "sub") + b"/bad\xff.jpg", "wb") as fh:
+        notify = RustNotify([folder], False, False, 0, True, True)
+        path = os.fsencode(folder) + b"/" + name
+        with open(path, "wb") as fh:
             fh.write(b"x")
-        assert watcher._events.get(timeout=20) == {str(lib / "sub")}
-        time.sleep(0.3)
-        (lib / "good.jpg").write_bytes(b"y")
-        seen = set()
-        deadline = time.monotonic() + 20
-        while str(lib / "good.jpg") not in seen and time.monotonic() < deadline:
-            seen |= watcher._events.get(timeout=20)
-        assert str(lib / "good.jpg") in seen
+        with pytest.raises(WatchfilesRustInternalError) as failed:
+            notify.watch(50, 10, 20_000, threading.Event())
+        notify.close()
+        assert undecodable_path(str(failed.value)) == os.fsdecode(path)
+    finally:
+        shutil.rmtree(folder)
+
+
+class _NoPhotos:
+    """The index a watcher under test looks at: it holds no photos."""
+
+    @staticmethod
+    def iter_photos(under=None):
+        return iter(())
+
+
+@contextmanager
+def watch_loop(lib: Path, settle: float):
+    """A watcher's event thread and main loop on `lib`, its passes only classifying the files (a
+    pass reads each one, as tagging does). Yields (watcher, files passed, how often the OS
+    watch was opened, how often a look again found its folder unchanged)."""
+    watcher = Watcher(TagRun(paths=[lib], write=False, quiet=True), settle=settle)
+    watcher.session, watcher.err = SimpleNamespace(index=_NoPhotos()), None
+    passed, opened, unchanged = [], [0], [0]
+    open_watch, rescan = watcher._open_watch, watcher._rescan
+
+    def counted_rescan(item):
+        before = watcher._listings.get(os.path.dirname(item.path))
+        rescan(item)
+        unchanged[0] += before is not None and before == watcher._listings.get(os.path.dirname(item.path))
+
+    def counted_open():
+        opened[0] += 1
+        return open_watch()
+
+    watcher._open_watch, watcher._rescan = counted_open, counted_rescan
+    watcher._pass = lambda files, deleted: passed.extend(str(f.path) for p in files for f in watcher._classified(p))
+    events = threading.Thread(target=watcher._watch, args=(watcher._open_watch(),), daemon=True)
+    loop = threading.Thread(target=watcher._loop, daemon=True)
+    events.start()
+    loop.start()
+    try:
+        yield watcher, passed, opened, unchanged
     finally:
         watcher.stop()
-        thread.join(timeout=10)
-    assert not thread.is_alive() and watcher._error is None
+        events.join(timeout=10)
+        loop.join(timeout=10)
+    assert not events.is_alive() and not loop.is_alive() and watcher._error is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux file system's")
+def test_a_name_that_is_not_utf8_is_looked_at_once_and_later_photos_beside_it_settle(tmp_path):
+    """watchfiles fails on any event for such a name, a read included, and the watcher's look at
+    the folder reads the file: that must not go round (each look also restarted the wait of
+    every file in the folder, so nothing there ever settled)."""
+    lib = tmp_path / "lib"
+    (lib / "sub").mkdir(parents=True)
+    bad = os.fsdecode(os.fsencode(lib / "sub") + b"/bad\xff.jpg")
+    with watch_loop(lib, settle=1.0) as (watcher, passed, opened, unchanged):
+        with open(bad, "wb") as fh:
+            fh.write(b"not yet a photo")
+        # the look at the folder reads it, and so does its pass: two looks that find no change
+        wait_for(lambda: bad in passed and unchanged[0] >= 2, 60, "the file with the undecodable name to settle")
+        (lib / "sub" / "good.jpg").write_bytes(b"a photo")
+        wait_for(lambda: str(lib / "sub" / "good.jpg") in passed, 60, "the photo beside it to settle")
+        reopened = opened[0]
+        (lib / "sub" / "later.jpg").write_bytes(b"another photo")
+        wait_for(lambda: str(lib / "sub" / "later.jpg") in passed, 60, "a later photo to settle")
+        assert opened[0] == reopened, "the watch is still being opened again and again"
+        assert passed.count(bad) == 1 and watcher.poll is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux file system's")
+def test_a_folder_name_that_is_not_utf8_makes_the_watch_poll(tmp_path):
+    """Every new OS watch fails at once on such a folder (setting it up opens the folder): the
+    watch polls instead, and photos in and beside that folder are still noted."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    odd = os.fsdecode(os.fsencode(lib) + b"/b\xffd")
+    with watch_loop(lib, settle=0.2) as (watcher, passed, opened, _):
+        os.mkdir(odd)
+        with open(os.path.join(odd, "in.jpg"), "wb") as fh:
+            fh.write(b"a photo")
+        wait_for(lambda: os.path.join(odd, "in.jpg") in passed, 60, "the photo in that folder")
+        wait_for(lambda: watcher.poll == FALLBACK_POLL_S, 60, "the watch to poll")
+        reopened = opened[0]
+        (lib / "beside.jpg").write_bytes(b"another photo")
+        wait_for(lambda: str(lib / "beside.jpg") in passed, 60, "a later photo beside that folder")
+        assert opened[0] == reopened, "the watch is still being opened again and again"
+        with open(os.path.join(odd, "later.jpg"), "wb") as fh:
+            fh.write(b"a later photo")
+        wait_for(lambda: os.path.join(odd, "later.jpg") in passed, 60, "a later photo in that folder")
+
+
+def test_a_photo_is_deleted_only_where_its_folder_is_there_to_say_so(tmp_path):
+    lib = tmp_path / "lib"
+    (lib / "2023").mkdir(parents=True)
+    (lib / "2023" / "other.jpg").write_bytes(b"x")
+    assert not is_deleted(str(lib / "2023" / "other.jpg"))  # there
+    assert is_deleted(str(lib / "2023" / "gone.jpg"))  # its folder is there and holds other files
+    assert is_deleted(str(lib / "2022" / "trip" / "gone.jpg"))  # a folder deleted as a whole
+    (lib / "usb").mkdir()
+    assert not is_deleted(str(lib / "usb" / "DCIM" / "a.jpg"))  # the empty folder of a drive that is away
+    assert not is_deleted(str(lib / "usb" / "a.jpg"))
+    assert is_deleted(str(lib / "usb" / "a.jpg"), reported=True)  # the OS reported this very file gone
+    assert not is_deleted(str(lib / "card" / "a.jpg"), mount_points=[str(lib / "card")])  # a drive's folder, gone with it
+    assert not is_deleted(str(lib / "card" / "a.jpg"), mount_points=[str(lib / "card")], reported=True)
+    (lib / "loop").symlink_to(lib / "loop")
+    assert not is_deleted(str(lib / "loop" / "a.jpg"))  # cannot be looked at (ELOOP): not known to be gone
+    (lib / "2021").write_bytes(b"a file where a folder was")
+    assert is_deleted(str(lib / "2021" / "a.jpg"))
 
 
 def test_usage_errors(tmp_path, capsys):
@@ -436,3 +544,159 @@ def test_ctrl_c_finishes_the_batch_kill_9_loses_at_most_it_and_once_catches_up(m
     assert len(printed & set(rest)) <= 1  # the batch in flight when killed, tagged again
     assert len(rows(home)) == len(photos) and all(s == "tagged" for s, *_ in rows(home).values())
     assert "watching" not in res.stderr
+
+
+def same_size_other_photo(like: Path, dst: Path, seed: int) -> None:
+    """A different photo with `like`'s size and mtime (padded after its end), moved into `dst`
+    in one rename: what a card's burst looks like to a watcher."""
+    staging = dst.parent.parent / f".staging-{seed}.jpg"
+    photo_like(96, 72, seed=seed).save(staging, quality=70)
+    pad = like.stat().st_size - staging.stat().st_size
+    assert pad >= 0
+    with open(staging, "ab") as fh:
+        fh.write(b"\0" * pad)
+    st = like.stat()
+    os.utime(staging, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(staging, dst)
+
+
+@pytest.mark.slow
+def test_a_new_photo_with_a_deleted_ones_size_and_time_is_tagged_not_taken_for_it(model_files, sources, tmp_path):
+    lib, home = tmp_path / "lib", tmp_path / "home"
+    (lib / "card").mkdir(parents=True)
+    shutil.copy2(sources / "p000.jpg", lib / "card" / "IMG_0001.jpg")
+    w = WatchProcess(lib, home, model_files)
+    w.wait_watching()
+    old = lib / "card" / "IMG_0001.jpg"
+    assert_tagged_everywhere(home, old)
+
+    new = lib / "card" / "IMG_0002.jpg"
+    same_size_other_photo(old, new, seed=99)
+    os.remove(old)
+    wait_for(lambda: str(old) not in rows(home) and str(new) in rows(home) and w.tagged(new), 120,
+             "the new photo to be tagged and the deleted one to be forgotten")
+    assert_tagged_everywhere(home, new)
+    assert str(old) not in ledger_paths(home)
+
+    # a true rename of a photo of the same size and time still moves without tagging
+    lines = len(w.out)
+    renamed = lib / "card" / "IMG_0002-renamed.jpg"
+    os.rename(new, renamed)
+    wait_for(lambda: str(renamed) in rows(home) and str(new) not in rows(home), 120, "the rename")
+    assert len(w.out) == lines
+    assert_tagged_everywhere(home, renamed)
+    assert w.stop(signal.SIGTERM) == 0
+
+
+def watch_once(lib: Path, home: Path, model_files) -> subprocess.CompletedProcess:
+    weights, labels = model_files
+    res = subprocess.run([sys.executable, "-m", "ramcli", "watch", str(lib), "--once", "--weights", str(weights),
+                          "--labels", str(labels), "--workers", "0", "-f", "jsonl"],
+                         env={**os.environ, "RAMCLI_HOME": str(home)}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def untag(path: Path, home: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "ramcli", "untag", str(path)], env={**os.environ, "RAMCLI_HOME": str(home)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_photos_of_a_drive_that_is_away_are_kept_and_untag_works_when_it_is_back(model_files, sources, tmp_path):
+    """A drive's folder inside the watched folder is empty while the drive is away: its photos
+    are not deleted, so their index rows and write ledger stay, and `untag` still knows what
+    ramcli wrote once the drive is back. Files deleted beside it are forgotten as before."""
+    lib, home, away = tmp_path / "lib", tmp_path / "home", tmp_path / "away"
+    (lib / "usb" / "DCIM").mkdir(parents=True)
+    away.mkdir()
+    shutil.copy2(sources / "p000.jpg", lib / "kept.jpg")
+    shutil.copy2(sources / "p001.jpg", lib / "deleted.jpg")
+    on_drive = [lib / "usb" / "DCIM" / f"IMG_{i}.jpg" for i in range(2)]
+    for i, photo in enumerate(on_drive):
+        shutil.copy2(sources / f"p01{i}.jpg", photo)
+    watch_once(lib, home, model_files)
+    assert all(str(p) in ledger_paths(home) for p in on_drive)
+    before = rows(home)
+
+    os.rename(lib / "usb" / "DCIM", away / "DCIM")  # unplugged: the mount point is an empty folder
+    os.remove(lib / "deleted.jpg")
+    res = watch_once(lib, home, model_files)
+    assert "removed 1 photo" in res.stderr
+    assert all(rows(home)[str(p)] == before[str(p)] for p in on_drive)
+    assert all(str(p) in ledger_paths(home) for p in on_drive)
+    assert str(lib / "deleted.jpg") not in rows(home) and str(lib / "deleted.jpg") not in ledger_paths(home)
+
+    os.rename(away / "DCIM", lib / "usb" / "DCIM")  # back
+    assert watch_once(lib, home, model_files).stdout.strip() == ""  # nothing re-tagged
+    assert_tagged_everywhere(home, on_drive[0])
+    untag(on_drive[0], home)
+    assert read_tags(on_drive[0], "XMP-dc:Subject").get("XMP-dc:Subject", []) == []
+
+
+def _can_mount() -> bool:
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux" or not _can_mount(), reason="needs Linux mount namespaces (unshare)")
+def test_a_drive_whose_folder_vanishes_with_it_keeps_its_photos(model_files, sources, tmp_path):
+    """An automounter removes the drive's folder when the drive goes: the folder vanishes as a
+    whole, which must not read as a deletion once the watcher has seen a drive mounted there."""
+    lib, home, drive = tmp_path / "lib", tmp_path / "home", tmp_path / "drive"
+    lib.mkdir()
+    drive.mkdir()
+    shutil.copy2(sources / "p000.jpg", lib / "kept.jpg")
+    weights, labels = model_files
+    script = tmp_path / "plug.sh"
+    script.write_text(f"""set -e
+once() {{ "$PY" -m ramcli watch "$LIB" --once --weights "{weights}" --labels "{labels}" --workers 0 -f jsonl >> "$OUT/$1.jsonl"; }}
+mount -t tmpfs tmpfs "$DRIVE"
+cp "{sources / 'p010.jpg'}" "{sources / 'p011.jpg'}" "$DRIVE/"
+mkdir "$LIB/usb" && mount --bind "$DRIVE" "$LIB/usb"
+once plugged
+umount "$LIB/usb" && rmdir "$LIB/usb"
+once away
+"$PY" -c 'import json, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(json.dumps([[p for (p,) in c.execute(q)]
+for q in ("select path from photos", "select distinct path from metadata_ledger")]))' "$RAMCLI_HOME/index.db" > "$OUT/away.json"
+mkdir "$LIB/usb" && mount --bind "$DRIVE" "$LIB/usb"
+once back
+"$PY" -m ramcli untag "$LIB/usb/p010.jpg"
+exiftool -j -XMP-dc:Subject "$LIB/usb/p010.jpg" > "$OUT/untagged.json"
+""")
+    env = {**os.environ, "RAMCLI_HOME": str(home), "PY": sys.executable, "LIB": str(lib), "DRIVE": str(drive),
+           "OUT": str(tmp_path)}
+    res = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", str(script)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    on_drive = [str(lib / "usb" / "p010.jpg"), str(lib / "usb" / "p011.jpg")]
+    assert sorted(json.loads(line)["path"] for line in (tmp_path / "plugged.jsonl").read_text().splitlines()) == \
+        sorted([str(lib / "kept.jpg"), *on_drive])
+    photos, ledger = json.loads((tmp_path / "away.json").read_text())
+    assert set(on_drive) <= set(photos) and set(on_drive) <= set(ledger)
+    assert (tmp_path / "back.jsonl").read_text() == ""  # back: nothing re-tagged
+    assert "Subject" not in json.loads((tmp_path / "untagged.json").read_text())[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux file system's")
+def test_photos_beside_one_whose_name_is_not_utf8_are_tagged(model_files, sources, tmp_path):
+    lib, home = tmp_path / "lib", tmp_path / "home"
+    (lib / "import").mkdir(parents=True)
+    w = WatchProcess(lib, home, model_files)
+    w.wait_watching()
+    odd = os.fsencode(lib / "import") + b"/DSC\xe9t\xe9.jpg"  # Latin-1, from an old camera's card
+    shutil.copy(sources / "p000.jpg", odd)
+    wait_for(lambda: to_text(os.fsdecode(odd)) in rows(home), 120, "the photo with the undecodable name")
+    for name, src in (("next.jpg", "p001.jpg"), ("later.jpg", "p002.jpg")):
+        shutil.copy(sources / src, lib / "import" / name)
+        wait_for(lambda: str(lib / "import" / name) in rows(home), 120, name)
+        assert_tagged_everywhere(home, lib / "import" / name)
+    assert len(w.out) == 3, w.out
+    assert w.stop(signal.SIGTERM) == 0
+    assert not any("Traceback" in line or "error" in line for line in w.err), w.err
