@@ -340,3 +340,24 @@ def test_decode_on_the_device_tags_like_the_workers(model_files, tmp_path):
         a, b = ({t["name"]: t["score"] for t in r["tags"]} for r in (row, other))
         assert a.keys() == b.keys() and ("error" in row or len(a) == N)  # threshold 0: every tag
         assert all(abs(a[k] - b[k]) < 0.02 for k in a)
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_on_one_index_both_finish(model_files, tmp_path):
+    weights, labels = model_files
+    env = {**os.environ, "RAMCLI_HOME": str(tmp_path / "home")}
+    libraries = {name: _photos(tmp_path / name, 25) for name in ("a", "b")}
+    runs = [subprocess.Popen([sys.executable, "-m", "ramcli", "tag", str(tmp_path / name), "--weights", str(weights),
+                              "--labels", str(labels), "-f", "jsonl", "--workers", "0", "--batch-size", "1",
+                              "--threshold", "0", "--precision", "fp32", "-q"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in libraries]
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0 and "error" not in err, err
+        assert len(_lines(out)) == 25
+    with sqlite3.connect(tmp_path / "home" / "index.db") as con:
+        tagged = {p for (p,) in con.execute("select path from photos where status = 'tagged'")}
+        written = {p for (p,) in con.execute("select distinct path from metadata_ledger")}
+    every = {str(p) for photos in libraries.values() for p in photos}
+    assert tagged == every and written == every
