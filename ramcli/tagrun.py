@@ -2,7 +2,8 @@
 
 Order matters for resumability: each batch is recorded in the index in one transaction after
 its results were printed and written into the files, so a run killed at any moment resumes with
-the photos of the batch in flight and nothing else.
+the photos of the batch in flight and nothing else. Before any of that, each photo's file is
+checked to still be the one that was decoded (`ChangeCheck`).
 
 A `TagSession` holds what outlives one run (the index, the loaded model, ExifTool, the output):
 `ramcli tag` runs once in it, `ramcli watch` once per group of photos that arrive.
@@ -56,6 +57,40 @@ class Summary:
     def problems(self) -> int:
         """Photos whose promise was not kept: not tagged, or tagged but not written."""
         return len(self.failed) + len(self.write_failed)
+
+
+#: Why a photo that changed between its decode and its write is neither written nor recorded.
+CHANGED = "the file changed while it was being tagged: not written; tagged again next run"
+
+
+class ChangeCheck:
+    """The first sink: a photo whose file is no longer the one that was decoded (another size,
+    mtime or inode: replaced, edited, deleted) becomes a failure before anything is written or
+    recorded, so the old image's tags never land in the new one and the index never calls it
+    up to date. The inodes are taken before decoding; size and mtime are the decoder's own."""
+
+    def __init__(self, photos: list[Found]):
+        self.inodes = {str(f.path): _inode(f.path) for f in photos}
+
+    def __call__(self, results: list[PhotoResult]) -> None:
+        for r in results:
+            if r.status == "tagged" and self._changed(r):
+                r.status, r.error, r.tags, r.caption = "failed", CHANGED, [], None
+
+    def _changed(self, r: PhotoResult) -> bool:
+        try:
+            st = os.stat(r.path)
+        except OSError:
+            return True
+        return (st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino)) != (r.size, r.mtime_ns, self.inodes.get(r.path))
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class MetadataSink:
@@ -204,7 +239,7 @@ class TagRun:
             part = cached[first:first + chunk]
             scores = tagger.rescore_cached([rec.content_hash for _, rec in part])
             results = [
-                PhotoResult(path=rec.path, status="tagged", size=f.size, mtime_ns=f.mtime_ns,
+                PhotoResult(path=str(f.path), status="tagged", size=f.size, mtime_ns=f.mtime_ns,
                             content_hash=rec.content_hash, model_id=tagger.model.model_id,
                             vocab_version=vocab_version, tags=tags)
                 for (f, rec), tags in zip(part, tagger.decide(scores))
@@ -435,6 +470,7 @@ class TagSession:
             return
         run, index = self.run, self.index
         links = {str(f.path): str(f.link) for f in todo if f.link is not None}
+        check = ChangeCheck(todo)  # before anything is decoded
         loaded = self.load(len(todo))
         tagger = loaded.tagger
         cached, todo = run._split_cached(todo, index, tagger.model.model_id, tagger.cache)
@@ -443,7 +479,7 @@ class TagSession:
             from ramcli.output import result_writer
 
             self._output = result_writer(run.fmt, run.output, run.lang)
-        sinks = [self._output]
+        sinks = [check, self._output]
         if self._metadata is not None:
             self._metadata.summary = summary
             self._metadata.left_alone = {} if run.follow_links else dict.fromkeys(links, OUTSIDE_LINK)

@@ -361,3 +361,46 @@ def test_two_runs_at_once_on_one_index_both_finish(model_files, tmp_path):
         written = {p for (p,) in con.execute("select distinct path from metadata_ledger")}
     every = {str(p) for photos in libraries.values() for p in photos}
     assert tagged == every and written == every
+
+
+@pytest.mark.parametrize("same_stat", [False, True], ids=["edited", "replaced-same-size-and-mtime"])
+def test_a_photo_replaced_between_decode_and_write_is_neither_written_nor_recorded(model_files, tmp_path,
+                                                                                    monkeypatch, same_stat):
+    from ramcli import pipeline
+
+    home, lib = tmp_path / "home", tmp_path / "lib"
+    photos = _photos(lib, 3)
+    victim = photos[1]
+    before = victim.stat()
+    replacement = tmp_path / "other.jpg"
+    photo_like(160, 120, seed=77).save(replacement, quality=85)
+    if same_stat:  # another picture with the old one's size and mtime: only its inode tells them apart
+        data = replacement.read_bytes()
+        assert len(data) <= before.st_size
+        replacement.write_bytes(data + b"\0" * (before.st_size - len(data)))  # after EOI: ignored by decoders
+        os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    decoded = pipeline.results_of
+
+    def replace_after_decoding(batch, *args, **kwargs):
+        results = decoded(batch, *args, **kwargs)
+        if any(item.path == victim for item in batch.items):
+            os.replace(replacement, victim)  # the user saves another picture under the same name
+        return results
+
+    monkeypatch.setattr(pipeline, "results_of", replace_after_decoding)
+    content = replacement.read_bytes()
+    res = _tag(model_files, str(lib), "-f", "jsonl", "--threshold", "0", home=home)
+    assert res.exit_code == 1
+    rows = {r["path"]: r for r in _lines(res.stdout)}
+    assert rows[str(victim)]["status"] == "failed" and "changed" in rows[str(victim)]["error"]
+    assert rows[str(victim)]["tags"] == [] and rows[str(photos[0])]["tags"]
+    assert victim.read_bytes() == content  # not written
+    with sqlite3.connect(home / "index.db") as con:
+        status = dict(con.execute("select path, status from photos"))
+        ledger = {p for (p,) in con.execute("select distinct path from metadata_ledger")}
+    assert status[str(victim)] != "tagged" and str(victim) not in ledger
+    assert status[str(photos[0])] == "tagged" and str(photos[0]) in ledger
+    monkeypatch.setattr(pipeline, "results_of", decoded)
+    again = _tag(model_files, str(lib), "-f", "jsonl", "--threshold", "0", home=home)
+    assert again.exit_code == 0
+    assert [(r["path"], bool(r["tags"])) for r in _lines(again.stdout)] == [(str(victim), True)]
