@@ -283,16 +283,35 @@ class Index:
         return PhotoRecord.from_row(row) if row else None
 
     def needs_tagging(self, path: str, size: int, mtime_ns: int, model_id: str, vocab_version: str) -> bool:
-        """False only when the file is unchanged and was tagged by this model and vocabulary."""
+        """False only when the file is unchanged and was tagged by this model and vocabulary, or
+        is broken and unchanged since (see `state`)."""
+        return self.state(path, size, mtime_ns, model_id, vocab_version) == "due"
+
+    def state(self, path: str, size: int, mtime_ns: int, model_id: str, vocab_version: str) -> str:
+        """'current': unchanged and tagged by this model and vocabulary; 'broken': unchanged since
+        it failed in a way that lasts until the file changes (status 'broken'); else 'due'."""
         record = self.lookup(path)
-        return not (
-            record is not None
-            and record.status == "tagged"
-            and record.size == size
-            and record.mtime_ns == mtime_ns
-            and record.model_id == model_id
-            and record.vocab_version == vocab_version
-        )
+        if record is None or (record.size, record.mtime_ns) != (size, mtime_ns):
+            return "due"
+        if record.status == "broken":
+            return "broken"
+        current = record.status == "tagged" and (record.model_id, record.vocab_version) == (model_id, vocab_version)
+        return "current" if current else "due"
+
+    def pending_writes(self) -> dict[str, str]:
+        """Tagged photos whose last metadata write failed, with why (`set_write_errors`)."""
+        rows = self.db.execute("SELECT path, error FROM photos WHERE status = 'tagged' AND error IS NOT NULL")
+        return {from_text(path): error for path, error in rows}
+
+    def set_write_errors(self, errors: Mapping[str, str | None]) -> None:
+        """Remember for tagged photos why their metadata write failed (None: written), so the next
+        `ramcli tag` writes them again: a tagged photo's `error` is its failed write."""
+        if errors:
+            with self._write():
+                self.db.conn.executemany(
+                    "UPDATE photos SET error = ? WHERE path = ? AND status = 'tagged'",
+                    [(error, path_key(path)) for path, error in errors.items()],
+                )
 
     def find_moved(self, content_hash: str) -> PhotoRecord | None:
         """A record with this content hash whose file is gone: the photo was moved or renamed."""
