@@ -491,3 +491,23 @@ def test_a_photo_whose_write_failed_is_written_by_the_next_run_once_it_can_be(mo
     assert line["tags"][0]["name"] in keywords.stdout
     last = _said(tag())
     assert "metadata written 0," in last and "not written" not in last  # nothing pending
+
+
+def test_a_run_held_off_by_another_says_so_in_one_line(model_files, tmp_path):
+    weights, labels = model_files
+    home = tmp_path / "home"
+    _photos(tmp_path / "lib", 2)
+    assert _tag(model_files, str(tmp_path / "lib"), "--no-write", home=home).exit_code == 0  # the index exists
+    _photos(tmp_path / "more", 1)
+    holder = sqlite3.connect(home / "index.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another run, mid-batch
+    try:
+        res = _run_cli(["tag", str(tmp_path / "more"), "--weights", str(weights), "--labels", str(labels),
+                        "--workers", "0", "-q"], {"RAMCLI_HOME": str(home), "RAMCLI_INDEX_TIMEOUT": "1"},
+                       timeout=600)
+    finally:
+        holder.execute("ROLLBACK")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "busy (another ramcli process is writing); waiting up to 1 s" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: the index")
+    assert "stayed locked by another process" in " ".join(res.stderr.split())
