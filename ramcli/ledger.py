@@ -26,7 +26,8 @@ files really hold (`MetadataWriter` does this when it starts): a value that the 
 is recorded if the file has it, one it was to remove is forgotten if the file lacks it.
 
 Paths and targets are stored with `ramcli.pathnames.to_text`, like the index's, and handed out
-as file-system paths.
+as file-system paths. Every change is one write transaction that starts as the writer
+(`ramcli.index.write_transaction`), so two runs on one index wait for each other, never fail.
 
 A ledger from another machine (`ramcli index merge`) is evidence, not trust: `untag` acts on what
 the ledger names. Only rows that ramcli itself could have written are merged: the target is the
