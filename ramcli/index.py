@@ -5,7 +5,8 @@ by a content hash that survives metadata writes) and the data behind `ramcli sea
 
 * One write transaction per batch (`BEGIN IMMEDIATE`), so a kill -9 at any moment leaves either
   the whole batch or none of it. WAL lets searches read while a `tag` run writes.
-* Two writers never corrupt it: the second waits (and says so on stderr) until the first commits.
+* Two writers never corrupt it: every write transaction, the ledger's too, starts as the writer
+  (`write_transaction`); the second waits (and says so on stderr) until the first commits.
 * The schema carries a version (`PRAGMA user_version`) and only ever migrates forward.
 * Tag counts (`tags.photo_count`) are kept in the same transaction as the photo tags; search uses
   them to pick the most selective term of a query, `index check` verifies them.
@@ -270,10 +271,10 @@ class Index:
 
     # --- transactions ---------------------------------------------------------------------------
 
-    def _write(self) -> _WriteTransaction:
+    def _write(self):
         if self.readonly:
             raise RamcliError(f"the index {self.path} is open read-only")
-        return _WriteTransaction(self)
+        return write_transaction(self.db.conn, self.on_wait)
 
     # --- photos ---------------------------------------------------------------------------------
 
@@ -282,16 +283,35 @@ class Index:
         return PhotoRecord.from_row(row) if row else None
 
     def needs_tagging(self, path: str, size: int, mtime_ns: int, model_id: str, vocab_version: str) -> bool:
-        """False only when the file is unchanged and was tagged by this model and vocabulary."""
+        """False only when the file is unchanged and was tagged by this model and vocabulary, or
+        is broken and unchanged since (see `state`)."""
+        return self.state(path, size, mtime_ns, model_id, vocab_version) == "due"
+
+    def state(self, path: str, size: int, mtime_ns: int, model_id: str, vocab_version: str) -> str:
+        """'current': unchanged and tagged by this model and vocabulary; 'broken': unchanged since
+        it failed in a way that lasts until the file changes (status 'broken'); else 'due'."""
         record = self.lookup(path)
-        return not (
-            record is not None
-            and record.status == "tagged"
-            and record.size == size
-            and record.mtime_ns == mtime_ns
-            and record.model_id == model_id
-            and record.vocab_version == vocab_version
-        )
+        if record is None or (record.size, record.mtime_ns) != (size, mtime_ns):
+            return "due"
+        if record.status == "broken":
+            return "broken"
+        current = record.status == "tagged" and (record.model_id, record.vocab_version) == (model_id, vocab_version)
+        return "current" if current else "due"
+
+    def pending_writes(self) -> dict[str, str]:
+        """Tagged photos whose last metadata write failed, with why (`set_write_errors`)."""
+        rows = self.db.execute("SELECT path, error FROM photos WHERE status = 'tagged' AND error IS NOT NULL")
+        return {from_text(path): error for path, error in rows}
+
+    def set_write_errors(self, errors: Mapping[str, str | None]) -> None:
+        """Remember for tagged photos why their metadata write failed (None: written), so the next
+        `ramcli tag` writes them again: a tagged photo's `error` is its failed write."""
+        if errors:
+            with self._write():
+                self.db.conn.executemany(
+                    "UPDATE photos SET error = ? WHERE path = ? AND status = 'tagged'",
+                    [(error, path_key(path)) for path, error in errors.items()],
+                )
 
     def find_moved(self, content_hash: str) -> PhotoRecord | None:
         """A record with this content hash whose file is gone: the photo was moved or renamed."""
@@ -697,51 +717,75 @@ class Index:
         return problems
 
 
-class _WriteTransaction:
-    """`BEGIN IMMEDIATE` ... `COMMIT`, waiting (with a message) for another writer first."""
+@contextmanager
+def write_transaction(conn: sqlite3.Connection, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """One write transaction on an index database, for the index and for the tables other
+    modules keep in it (the write ledger).
 
-    def __init__(self, index: Index):
-        self.index = index
-
-    def __enter__(self) -> None:
-        conn = self.index.db.conn
-        conn.execute(f"PRAGMA busy_timeout = {_QUIET_WAIT_MS}")
+    It starts as the writer (`BEGIN IMMEDIATE`): a transaction that reads first and writes later
+    would fail with "database is locked", without waiting, whenever another process committed
+    in between (in WAL mode, SQLite cannot move a reader's snapshot forward). A wait for another
+    process passes silently when short, else `on_wait` hears why (default: a line on stderr), and
+    it lasts up to the connection's busy timeout; then a one-line `RamcliError` says that another
+    process holds the index. Inside an open transaction it is a savepoint of that transaction.
+    """
+    if conn.in_transaction:
+        name = f"ramcli_{os.urandom(8).hex()}"
+        conn.execute(f"SAVEPOINT {name}")
         try:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if not _is_locked(exc):
-                    raise
-                self.index.on_wait(
-                    f"the index {self.index.path} is busy (another ramcli process is writing); waiting "
-                    f"up to {self.index.busy_timeout:.0f} s..."
-                )
-                conn.execute(f"PRAGMA busy_timeout = {int(self.index.busy_timeout * 1000)}")
-                started = time.monotonic()
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as exc2:
-                    if _is_locked(exc2):
-                        raise RamcliError(
-                            f"the index {self.index.path} stayed locked by another process for "
-                            f"{time.monotonic() - started:.0f} s; try again when it has finished"
-                        ) from exc2
-                    raise
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.index.busy_timeout * 1000)}")
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        conn = self.index.db.conn
-        if exc_type is None:
-            try:
-                conn.execute("COMMIT")
-                return
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            yield
+        except BaseException:
+            if conn.in_transaction:  # an error can end the whole transaction, savepoints included
+                conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                conn.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        conn.execute(f"RELEASE SAVEPOINT {name}")
+        return
+    _begin_immediate(conn, on_wait or (lambda msg: print(msg, file=sys.stderr, flush=True)))
+    try:
+        yield
+    except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        raise
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _begin_immediate(conn: sqlite3.Connection, on_wait: Callable[[str], None]) -> None:
+    """`BEGIN IMMEDIATE`, waiting for another writer: quietly at first, then with a message."""
+    timeout_ms = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    path = next((file for _, name, file in conn.execute("PRAGMA database_list") if name == "main"), "") or "in memory"
+    conn.execute(f"PRAGMA busy_timeout = {min(_QUIET_WAIT_MS, timeout_ms)}")
+    try:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc):
+                raise
+            if timeout_ms <= _QUIET_WAIT_MS:
+                raise _held(path, timeout_ms / 1000) from exc
+        on_wait(f"the index {path} is busy (another ramcli process is writing); waiting up to {timeout_ms / 1000:.0f} s...")
+        conn.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+        started = time.monotonic()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_locked(exc):
+                raise _held(path, time.monotonic() - started) from exc
+            raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+
+
+def _held(path: str, waited: float) -> RamcliError:
+    return RamcliError(f"the index {path} stayed locked by another process for {waited:.0f} s; "
+                       "try again when it has finished")
 
 
 def check_merge_source(source: Path, destination: Path) -> int:

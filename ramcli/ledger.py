@@ -26,7 +26,8 @@ files really hold (`MetadataWriter` does this when it starts): a value that the 
 is recorded if the file has it, one it was to remove is forgotten if the file lacks it.
 
 Paths and targets are stored with `ramcli.pathnames.to_text`, like the index's, and handed out
-as file-system paths.
+as file-system paths. Every change is one write transaction that starts as the writer
+(`ramcli.index.write_transaction`), so two runs on one index wait for each other, never fail.
 
 A ledger from another machine (`ramcli index merge`) is evidence, not trust: `untag` acts on what
 the ledger names. Only rows that ramcli itself could have written are merged: the target is the
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from ramcli.index import write_transaction
 from ramcli.pathnames import from_text, to_text
 
 TABLE = "metadata_ledger"
@@ -101,8 +103,9 @@ class Ledger:
                 },
                 pk=("target", "field", "value"),
                 not_null={"path", "target", "field", "value", "preexisting"},
+                if_not_exists=True,  # another process may create it at the same moment
             )
-            table.create_index(["path"])
+            table.create_index(["path"], if_not_exists=True)
         return table
 
     def merge_from(self, schema: str) -> int:
@@ -154,8 +157,8 @@ class Ledger:
         """Remember values ramcli wrote (or confirmed) in a file. Existing rows keep `preexisting`."""
         if not entries:
             return
-        self._table  # noqa: B018 - creates the table on first use
-        with self.db.atomic():  # nests (as a savepoint) inside the index's own transaction
+        with write_transaction(self.db.conn):  # a savepoint inside the index's own transaction
+            self._table  # noqa: B018 - creates the table on first use
             self.db.conn.executemany(  # a known value keeps its first row
                 f"insert or ignore into [{TABLE}] ({', '.join(_COLUMNS)}) values (?, ?, ?, ?, ?, ?, ?)",
                 _rows(entries, time.time()),
@@ -165,7 +168,7 @@ class Ledger:
         """Drop rows for values that ramcli removed (or that are no longer its concern)."""
         if not entries or not self.db[TABLE].exists():
             return
-        with self.db.atomic():
+        with write_transaction(self.db.conn):
             self.db.conn.executemany(
                 f"delete from [{TABLE}] where target = ? and field = ? and value = ?",
                 [(to_text(e.target), e.field, e.value) for e in entries],
@@ -180,9 +183,9 @@ class Ledger:
         are committed."""
         if not intents:
             return
-        self._staged_table  # noqa: B018 - creates the table on first use
         pid, now = os.getpid(), time.time()
-        with self.db.atomic():
+        with write_transaction(self.db.conn):
+            self._staged_table  # noqa: B018 - creates the table on first use
             self.db.conn.executemany(
                 f"insert into [{STAGED_TABLE}] ({', '.join(_COLUMNS)}, remove, pid) "
                 "values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -209,7 +212,7 @@ class Ledger:
 
     def settle(self, applied: list[Intent], cleared: list[Intent]) -> None:
         """In one transaction: apply `applied` to the ledger and drop the staged rows `cleared`."""
-        with self.db.atomic():
+        with write_transaction(self.db.conn):
             self.record([i.entry for i in applied if not i.remove])
             self.forget([i.entry for i in applied if i.remove])
             if cleared and self.db[STAGED_TABLE].exists():
@@ -228,7 +231,7 @@ class Ledger:
         old, new = str(old_path), str(new_path)
         ledger, staged = self.db[TABLE].exists(), self.db[STAGED_TABLE].exists()
         changed = 0
-        with self.db.atomic():
+        with write_transaction(self.db.conn):
             for target in {e.target for e in self.entries(old)} | self._staged_targets(old):
                 new_target = _moved_target(target, old, new)
                 params = [to_text(new), to_text(new_target), to_text(old), to_text(target)]
@@ -256,8 +259,9 @@ class Ledger:
             table.create(
                 {**{c: str for c in _COLUMNS}, "preexisting": int, "written_at": float, "remove": int, "pid": int},
                 not_null={"path", "target", "field", "value", "preexisting", "remove", "pid"},
+                if_not_exists=True,
             )
-            table.create_index(["target"])
+            table.create_index(["target"], if_not_exists=True)
         return table
 
     def _query(self, where: str, params: list) -> list[LedgerEntry]:

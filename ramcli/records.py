@@ -24,9 +24,11 @@ class TagScore:
 class PhotoResult:
     """The outcome of tagging one file.
 
-    `status` is 'tagged', 'failed' (decode/read error, see `error`) or 'unsupported'.
-    `content_hash` is a hash of the image data that survives metadata writes, so that moved or
-    re-tagged files are recognised. `tags` are sorted by score, highest first.
+    `status` is 'tagged', 'failed' (not tagged, see `error`; tried again next run) or 'broken'
+    (not tagged, see `error`, and not tried again until the file changes). A tagged photo's
+    `error` says why its metadata write failed. `content_hash` is a hash of the image data that
+    survives metadata writes, so that moved or re-tagged files are recognised. `tags` are sorted
+    by score, highest first.
     """
 
     path: str
@@ -54,5 +56,6 @@ class PhotoResult:
             out["caption"] = self.caption
         if self.status != "tagged":
             out["status"] = self.status
+        if self.status != "tagged" or self.error is not None:
             out["error"] = self.error
         return out

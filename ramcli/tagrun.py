@@ -1,21 +1,27 @@
 """One `ramcli tag` run: discovery, the incremental filter, the model, the sinks, progress, summary.
 
 Order matters for resumability: each batch is recorded in the index in one transaction after
-its results were printed and written into the files, so a run killed at any moment resumes with
-the photos of the batch in flight and nothing else.
+its results were written into the files and printed, so a run killed at any moment resumes with
+the photos of the batch in flight and nothing else. Before any of that, each photo's file is
+checked to still be the one that was decoded, and each failure is judged (`Triage`).
 
 A `TagSession` holds what outlives one run (the index, the loaded model, ExifTool, the output):
 `ramcli tag` runs once in it, `ramcli watch` once per group of photos that arrive.
 
 The run's promise is "every photo tagged, indexed and written": a broken photo, a file with a
-photo's name that is none, or a metadata write that failed breaks it, is listed by path with
-its reason and makes `execute` return non-zero. What is left alone by policy (a symlink leading
-out of the tagged folders, see docs/formats.md) is listed too, but is no failure.
+photo's name that is none, or a metadata write that failed breaks it, gets a line in the output
+and the index, and is listed by path with its reason. Only a failure the index did not know
+before makes `execute` return non-zero, so a run that only meets old failures succeeds; a
+broken photo (one that cannot be decoded until its file changes) is not even tried again until
+its file changes or `--retry-broken`, and a photo whose metadata write failed is written again
+by the next run. What is left alone by policy (a symlink leading out of the tagged folders, see
+docs/formats.md) is listed too, but is no failure.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from ramcli.metadata import WriterOptions
 from ramcli.pathnames import display
 from ramcli.precision import DEFAULT_CHECK_PHOTOS
 from ramcli.records import PhotoResult
+from ramcli.writeback import unwritten
 
 #: Why a photo reached through a symlink that leaves the tagged folders keeps its metadata.
 OUTSIDE_LINK = "symlink to a file outside the tagged folders: indexed, metadata not written (--follow-links writes it)"
@@ -44,9 +51,12 @@ class Summary:
     moved: int = 0
     removed: int = 0  # photos whose files were deleted, dropped from the index (`ramcli watch`)
     rescored: int = 0  # of the tagged: from cached embeddings, decoder only
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # new failures: not tagged
+    known_failed: list[tuple[str, str]] = field(default_factory=list)  # failed again as the index says they did
+    broken_skipped: int = 0  # broken photos not tried: unchanged since they failed
     written: int = 0
-    write_failed: list[tuple[str, str]] = field(default_factory=list)
+    write_failed: list[tuple[str, str]] = field(default_factory=list)  # new write failures
+    still_unwritten: list[tuple[str, str]] = field(default_factory=list)  # retried, failed as before
     not_written: list[tuple[str, str]] = field(default_factory=list)  # left alone by policy
     not_followed: list[tuple[str, str]] = field(default_factory=list)  # folder links not walked
     skipped: Counter = field(default_factory=Counter)
@@ -54,20 +64,97 @@ class Summary:
 
     @property
     def problems(self) -> int:
-        """Photos whose promise was not kept: not tagged, or tagged but not written."""
+        """New failures: photos not tagged, or tagged but not written, that the index did not
+        already hold as failed in the same way (the exit code follows them)."""
         return len(self.failed) + len(self.write_failed)
+
+
+#: Why a photo that changed between its decode and its write is neither written nor recorded.
+CHANGED = "the file changed while it was being tagged: not written; tagged again next run"
+
+
+class Triage:
+    """The first sink: it checks each tagged photo's file and judges each failure, before
+    anything is written, printed or recorded.
+
+    A tagged photo whose file is no longer the one decoded (size, mtime or inode differ:
+    replaced, edited, deleted) becomes a failure, so the old image's tags never land in the new
+    one and the index never calls it up to date. A failure is 'broken' when it lasts until the
+    file changes: the file reads, is the very file discovery found, and is no photo ramcli can
+    decode (empty, not an image, truncated, a decoder's error); it is recorded with its size and
+    mtime and not tried again until they change. Any other failure (unreadable, vanished, changed
+    meanwhile) stays 'failed' and is retried next run. A failure is *known* when the index holds
+    it already, with the same status and error; only new ones count as the run's problems.
+
+    `photos`: what discovery found, taken (with each inode) before anything is decoded."""
+
+    def __init__(self, photos: list[Found], index, summary: Summary):
+        self.before = {str(f.path): _identity(f.path, f.size, f.mtime_ns) for f in photos}
+        self.index, self.summary = index, summary
+
+    def __call__(self, results: list[PhotoResult]) -> None:
+        for r in results:
+            if r.status == "tagged":
+                if not self._changed(r):
+                    continue
+                r.status, r.error, r.tags, r.caption = "failed", CHANGED, [], None
+            self.listed(r, self.judge(r))
+
+    def judge(self, r: PhotoResult) -> bool:
+        """Make a failure 'broken' or leave it 'failed'; whether the index knows it already."""
+        before = self.before.get(r.path)
+        if before is not None and _lasting(r.path, before):
+            r.status, (r.size, r.mtime_ns) = "broken", before[:2]
+        record = self.index.lookup(r.path) if self.index is not None else None
+        return (record is not None and (record.status, record.error) == (r.status, r.error)
+                and (r.status != "broken" or (record.size, record.mtime_ns) == (r.size, r.mtime_ns)))
+
+    def listed(self, r: PhotoResult, known: bool) -> None:
+        (self.summary.known_failed if known else self.summary.failed).append((r.path, r.error or r.status))
+
+    def _changed(self, r: PhotoResult) -> bool:
+        before = self.before.get(r.path)
+        now = _identity(r.path)
+        return now is None or before is None or (now[0], now[1], now[2]) != (r.size, r.mtime_ns, before[2])
+
+
+def _identity(path: str | os.PathLike, size: int | None = None, mtime_ns: int | None = None) -> tuple | None:
+    """(size, mtime_ns, (device, inode)) of a file now; given size and mtime replace the stat's."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size if size is None else size, st.st_mtime_ns if mtime_ns is None else mtime_ns,
+            (st.st_dev, st.st_ino))
+
+
+def _lasting(path: str, before: tuple) -> bool:
+    """Whether a failure lasts until the file changes: the file is a regular file, still the one
+    discovery found (`before`, from `_identity`), and readable."""
+    now = _identity(path)
+    if now is None or now != before or not stat.S_ISREG(os.stat(path).st_mode):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError:
+        return False
+    return True
 
 
 class MetadataSink:
     """Writes each batch's tags into the photos' metadata before the index records the batch.
 
     The results are updated with the files' size and mtime after the write, so the index keeps
-    the post-write state and the next run does not take ramcli's own write for a change.
+    the post-write state and the next run does not take ramcli's own write for a change. A
+    result whose write failed keeps the reason as its `error` (the output shows it; the index
+    keeps it, so the next run writes the photo again).
     `left_alone`: result paths not to write, with the reason (symlinks out of the tagged folders).
     """
 
-    def __init__(self, writer, model_id: str, summary: Summary, left_alone: dict[str, str] | None = None):
-        self.writer, self.model_id, self.summary = writer, model_id, summary
+    def __init__(self, writer, model_id: str, summary: Summary, index=None,
+                 left_alone: dict[str, str] | None = None):
+        self.writer, self.model_id, self.summary, self.index = writer, model_id, summary, index
         self.left_alone = left_alone or {}
 
     def __call__(self, results: list[PhotoResult]) -> None:
@@ -87,7 +174,11 @@ class MetadataSink:
                 if outcome.size is not None:
                     result.size, result.mtime_ns = outcome.size, outcome.mtime_ns
             elif outcome.status == "failed":
-                self.summary.write_failed.append((result.path, outcome.error or "write failed"))
+                result.error = unwritten(outcome.error)
+                record = self.index.lookup(result.path) if self.index is not None else None
+                known = record is not None and (record.status, record.error) == ("tagged", result.error)
+                (self.summary.still_unwritten if known else self.summary.write_failed).append(
+                    (result.path, outcome.error or "write failed"))
 
     def close(self) -> None:
         self.writer.close()
@@ -117,6 +208,7 @@ class TagRun:
     output: Path | None = None
     dry_run: bool = False
     force: bool = False
+    retry_broken: bool = False  # try broken photos again although their files did not change
     use_index: bool = True
     index_path: Path | None = None
     write: bool = True
@@ -154,9 +246,10 @@ class TagRun:
         return TagSession(self, err_console)
 
     def execute(self, console: Console, err_console: Console, session: TagSession | None = None) -> int:
-        """Run; returns the number of photos that failed: not tagged (broken, not a photo) or whose
-        metadata write failed. `session`: an open one to use and leave open (`ramcli watch` keeps
-        the model loaded between runs); by default the run has its own."""
+        """Run; returns the number of new failures: photos not tagged (broken, not a photo) or
+        whose metadata write failed, that the index did not already hold as failed in the same
+        way. `session`: an open one to use and leave open (`ramcli watch` keeps the model loaded
+        between runs); by default the run has its own."""
         if session is None:
             with self.open_session(err_console) as own:
                 return self.execute(console, err_console, own)
@@ -164,23 +257,25 @@ class TagRun:
         photos, counts = self._discover()
         photos = self._shard(photos)
         summary = Summary(skipped=Counter({k: v for k, v in counts.items() if k not in ("image", "raw", "error")}))
-        for f in self._shard(self.reported):  # a broken photo (or unreadable folder) fails like an undecodable one
-            (summary.failed if f.kind == "error" else summary.not_followed).append((str(f.path), f.reason or f.kind))
-        todo = session.due(photos)
-        summary.unchanged = len(photos) - len(todo)
+        reported = self._shard(self.reported)
+        errors = [f for f in reported if f.kind == "error"]
+        summary.not_followed = [(str(f.path), f.reason or f.kind) for f in reported if f.kind != "error"]
+        todo = session.due(photos, summary)
+        summary.unchanged = len(photos) - len(todo) - summary.broken_skipped
         if self.dry_run:
             for f in todo:
                 console.print(display(f.path), markup=False, highlight=False, soft_wrap=True)
             if not self.quiet:
-                broken = f"; {len(summary.failed)} broken" if summary.failed else ""
+                broken = f"; {len(errors)} broken" if errors else ""
                 err_console.print(f"would tag {len(todo)} photo(s); {summary.unchanged} unchanged; "
                                   f"{describe_skipped(summary.skipped) or 'nothing skipped'}{broken}")
-                for path, reason in summary.failed:
-                    err_console.print(f"  broken: {display(path)}: {reason}", markup=False, highlight=False,
+                for f in errors:
+                    err_console.print(f"  broken: {display(f.path)}: {f.reason}", markup=False, highlight=False,
                                       soft_wrap=True)
             return 0
+        session.report_errors(errors, summary)
         due = {f.path for f in todo}
-        session.write_unwritten_links([f for f in photos if f.link is not None and f.path not in due], summary)
+        session.write_unwritten([f for f in photos if f.path not in due], summary)
         session.tag(todo, summary, start)
         session.end_output()
         if not self.quiet:
@@ -204,7 +299,7 @@ class TagRun:
             part = cached[first:first + chunk]
             scores = tagger.rescore_cached([rec.content_hash for _, rec in part])
             results = [
-                PhotoResult(path=rec.path, status="tagged", size=f.size, mtime_ns=f.mtime_ns,
+                PhotoResult(path=str(f.path), status="tagged", size=f.size, mtime_ns=f.mtime_ns,
                             content_hash=rec.content_hash, model_id=tagger.model.model_id,
                             vocab_version=vocab_version, tags=tags)
                 for (f, rec), tags in zip(part, tagger.decide(scores))
@@ -249,11 +344,7 @@ class TagRun:
     # ------------------------------------------------------------------ sinks
     @staticmethod
     def _count(results: list[PhotoResult], summary: Summary) -> None:
-        for r in results:
-            if r.status == "tagged":
-                summary.tagged += 1
-            else:
-                summary.failed.append((r.path, r.error or r.status))
+        summary.tagged += sum(r.status == "tagged" for r in results)  # failures: `Triage`
 
     def _moved_skipper(self, index, summary: Summary):
         """A photo whose image data the index knows under a path that is gone was moved: re-point it.
@@ -285,7 +376,7 @@ class TagRun:
         from ramcli.metadata import MetadataWriter
 
         options = self.writer_options or WriterOptions(lang=self.lang)
-        return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, Summary())
+        return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, Summary(), index)
 
     # ------------------------------------------------------------------ report
     def _print_summary(self, err: Console, s: Summary, start: float) -> None:
@@ -302,13 +393,21 @@ class TagRun:
         if skipped:
             parts.append(skipped)
         parts.append(f"failed {len(s.failed)}")
+        if s.known_failed:
+            parts.append(f"failed as before {len(s.known_failed)}")
         if s.write_failed:
             parts.append(f"metadata write failed {len(s.write_failed)}")
+        if s.still_unwritten:
+            parts.append(f"metadata still not written {len(s.still_unwritten)}")
         rate = s.tagged / elapsed if elapsed > 0 else 0.0
         err.print(", ".join(parts) + f" in {elapsed:.1f} s ({rate:.2f} img/s)", highlight=False)
+        if s.broken_skipped:
+            err.print(f"{s.broken_skipped} broken photo(s) skipped, unchanged since they failed "
+                      "(`ramcli stats` lists them; --retry-broken tries them again)", highlight=False)
         if s.precision:
             err.print(f"precision: {s.precision}", markup=False, highlight=False)
-        for label, rows in (("failed", s.failed), ("not written", s.write_failed + s.not_written),
+        for label, rows in (("failed", s.failed), ("failed as before", s.known_failed),
+                            ("not written", s.write_failed + s.still_unwritten + s.not_written),
                             ("not followed", s.not_followed)):
             for path, reason in rows:
                 err.print(f"  {label}: {display(path)}: {reason}", markup=False, highlight=False, soft_wrap=True)
@@ -383,10 +482,12 @@ class TagSession:
             if self.index is not None:
                 self.index.close()
 
-    def due(self, photos: list[Found]) -> list[Found]:
-        """The incremental rule: photos that are new, changed, or tagged by another model or
-        vocabulary (all of them with --force or without an index). The vocabulary is re-read, so a
-        long session follows `ramcli vocab` changes."""
+    def due(self, photos: list[Found], summary: Summary | None = None) -> list[Found]:
+        """The incremental rule: photos that are new, changed, tagged by another model or
+        vocabulary, or failed in a way that may pass (all of them with --force or without an
+        index). A broken photo is due only once its file changed (or with --retry-broken); those
+        left out are counted in `summary`. The vocabulary is re-read, so a long session follows
+        `ramcli vocab` changes."""
         from ramcli.vocab import Vocabulary
 
         vocab = Vocabulary.open()
@@ -394,8 +495,14 @@ class TagSession:
             self.vocab, self._loaded = vocab, None
         if self.index is None or self.run.force:
             return list(photos)
-        return [f for f in photos
-                if self.index.needs_tagging(str(f.path), f.size, f.mtime_ns, self.model_id, self.vocab.version)]
+        todo = []
+        for f in photos:
+            state = self.index.state(str(f.path), f.size, f.mtime_ns, self.model_id, self.vocab.version)
+            if state == "due" or (state == "broken" and self.run.retry_broken):
+                todo.append(f)
+            elif state == "broken" and summary is not None:
+                summary.broken_skipped += 1
+        return todo
 
     def metadata_sink(self, model_id: str) -> MetadataSink:
         """The session's one metadata sink (an ExifTool process and a journal), made on first need."""
@@ -403,29 +510,72 @@ class TagSession:
             self._metadata = self.run._metadata_sink(self.index, model_id)
         return self._metadata
 
-    def write_unwritten_links(self, unchanged: list[Found], summary: Summary) -> None:
-        """Unchanged photos reached through a symlink out of the tagged folders, which an earlier
-        run without --follow-links indexed but left unwritten: with --follow-links they are
-        written now, from the index and without the model (as `ramcli write --follow-links`)."""
+    def output(self):
+        """The run's result writer, opened on first need."""
+        if self._output is None:
+            from ramcli.output import result_writer
+
+            self._output = result_writer(self.run.fmt, self.run.output, self.run.lang)
+        return self._output
+
+    def report_errors(self, errors: list[Found], summary: Summary) -> None:
+        """Files discovery found broken (a photo's name, no photo inside; unreadable): each gets
+        a line in the output and a record in the index, like a photo that did not decode. A
+        broken one that the index holds as such, unchanged since, is only counted (unless
+        --retry-broken or --force). Folders that could not be read are listed, not recorded."""
+        folders = [f for f in errors if os.path.isdir(f.path)]
+        summary.failed += [(str(f.path), f.reason or "error") for f in folders]
+        files = [f for f in errors if not os.path.isdir(f.path)]
+        triage = Triage(files, self.index, summary)
+        retry = self.run.retry_broken or self.run.force
+        results = []
+        for f in files:
+            r = PhotoResult(path=str(f.path), status="failed", size=f.size or 0, mtime_ns=f.mtime_ns or 0,
+                            error=f.reason or "error")
+            known = triage.judge(r)
+            if known and r.status == "broken" and not retry:
+                summary.broken_skipped += 1
+            else:
+                triage.listed(r, known)
+                results.append(r)
+        if results:
+            self.output()(results)
+            if self.index is not None:
+                self.index.record_batch(results)
+
+    def write_unwritten(self, unchanged: list[Found], summary: Summary) -> None:
+        """Unchanged photos whose tags the index holds but whose files do not, written from the
+        index without the model (as `ramcli write`): those whose last metadata write failed (the
+        user may have fixed the cause: made a read-only photo writable) and, with
+        --follow-links, those reached through a symlink out of the tagged folders that an
+        earlier run indexed but left unwritten."""
         run, index = self.run, self.index
-        if not (run.write and run.follow_links and index is not None and unchanged):
+        if not (run.write and index is not None and unchanged):
             return
+        from ramcli.index import normalize_path
         from ramcli.writeback import write_indexed
 
-        writer = self.metadata_sink(self.model_id).writer
-        written = writer.ledger.entries_of([str(f.path) for f in unchanged])
-        items = [(path, tags) for path, entries in written.items() if not entries and (tags := index.photo_tags(path))]
+        pending = index.pending_writes()  # path -> why the last write failed; usually none
+        paths = [path for f in unchanged if (path := normalize_path(f.path)) in pending] if pending else []
+        links = [str(f.path) for f in unchanged if f.link is not None] if run.follow_links else []
+        if links:
+            written = self.metadata_sink(self.model_id).writer.ledger.entries_of(links)
+            paths += [path for path, entries in written.items() if not entries]
+        items = [(path, tags) for path in dict.fromkeys(paths) if (tags := index.photo_tags(path))]
         if not items:
             return
+        writer = self.metadata_sink(self.model_id).writer
         captions = [index.lookup(path).caption for path, _ in items]
         for (path, _), outcome in zip(items, write_indexed(index, writer, items, captions)):
             if outcome.status == "written":
                 summary.written += 1
             elif outcome.status == "failed":
-                summary.write_failed.append((path, outcome.error or "write failed"))
+                known = pending.get(normalize_path(path)) == unwritten(outcome.error)
+                (summary.still_unwritten if known else summary.write_failed).append(
+                    (path, outcome.error or "write failed"))
 
     def tag(self, todo: list[Found], summary: Summary, start: float) -> None:
-        """Tag `todo` batch by batch through every sink (output, metadata, index), with a progress
+        """Tag `todo` batch by batch through every sink (triage, metadata, output, index), with a progress
         bar on a terminal; photos the index knows under a path that is gone are re-pointed. Photos
         reached through a symlink out of the tagged folders are indexed with their link and, unless
         --follow-links, not written."""
@@ -435,19 +585,17 @@ class TagSession:
             return
         run, index = self.run, self.index
         links = {str(f.path): str(f.link) for f in todo if f.link is not None}
+        triage = Triage(todo, index, summary)  # before anything is decoded
         loaded = self.load(len(todo))
         tagger = loaded.tagger
         cached, todo = run._split_cached(todo, index, tagger.model.model_id, tagger.cache)
         summary.rescored += len(cached)
-        if self._output is None:
-            from ramcli.output import result_writer
-
-            self._output = result_writer(run.fmt, run.output, run.lang)
-        sinks = [self._output]
+        sinks = [triage]
         if self._metadata is not None:
             self._metadata.summary = summary
             self._metadata.left_alone = {} if run.follow_links else dict.fromkeys(links, OUTSIDE_LINK)
             sinks.append(self._metadata)
+        sinks.append(self.output())  # after the write, so a line shows a write's failure too
         if index is not None:
             sinks.append(lambda results: index.record_batch(results, links=links))
         sinks.append(lambda results: run._count(results, summary))

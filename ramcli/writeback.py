@@ -70,14 +70,20 @@ def _within(path: str, folder: str | os.PathLike) -> bool:
 
 def write_indexed(index, writer: MetadataWriter, items: list, captions: list) -> list[WriteOutcome]:
     """Write `items` ((path, tags) of indexed photos) with their `captions`, telling the index
-    the new file stats after each call."""
+    after each call the new file stats, and which writes failed (`ramcli tag` retries them)."""
     outcomes = []
     span = writer.options.batch_size * BATCHES_PER_CALL
     for start in range(0, len(items), span):
         batch = writer.write_batch(items[start : start + span], captions=captions[start : start + span])
         update_stats(index, batch)
+        index.set_write_errors({o.path: unwritten(o.error) if o.status == "failed" else None for o in batch})
         outcomes += batch
     return outcomes
+
+
+def unwritten(error: str | None) -> str:
+    """A tagged photo's `error` when its metadata write failed, in the index and the output."""
+    return f"metadata not written: {error or 'write failed'}"
 
 
 def update_stats(index, outcomes: list[WriteOutcome]) -> None:

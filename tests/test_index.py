@@ -93,6 +93,27 @@ def test_failed_result_records_error_and_keeps_earlier_tags(index, tmp_path):
     assert index.needs_tagging(str(a), 1, 2, "m1", "v1")
 
 
+def test_a_broken_photo_waits_for_its_file_to_change(index, tmp_path):
+    a = tmp_path / "a.jpg"
+    index.record_batch([PhotoResult(str(a), "broken", size=10, mtime_ns=20, error="not an image (text)")])
+    assert index.state(str(a), 10, 20, "m1", "v1") == "broken"
+    assert not index.needs_tagging(str(a), 10, 20, "m1", "v1")
+    assert index.state(str(a), 11, 20, "m1", "v1") == "due"  # the file changed: try again
+    index.record_batch([PhotoResult(str(a), "failed", size=10, mtime_ns=20, error="permission denied")])
+    assert index.state(str(a), 10, 20, "m1", "v1") == "due"  # a failure that may pass is retried
+
+
+def test_a_failed_write_is_pending_until_written(index, tmp_path):
+    a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    index.record_batch([result(a, [("dog", "狗", 0.9)]), result(b, [("cat", "猫", 0.9)])])
+    assert index.pending_writes() == {}
+    index.set_write_errors({str(a): "metadata not written: read-only file"})
+    assert index.pending_writes() == {str(a): "metadata not written: read-only file"}
+    assert index.state(str(a), 100, 5, "m1", "v1") == "current"  # the photo itself is tagged
+    index.set_write_errors({str(a): None})
+    assert index.pending_writes() == {}
+
+
 def test_needs_tagging(index, tmp_path):
     a = tmp_path / "a.jpg"
     assert index.needs_tagging(str(a), 100, 5, "m1", "v1")

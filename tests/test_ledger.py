@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import sqlite_utils
 
 from ramcli.ledger import STAGED_TABLE, TABLE, Intent, Ledger, LedgerEntry
@@ -120,3 +121,49 @@ def test_entries_of_many_photos(tmp_path):
     got = ledger.entries_of([f"/p/{i}.jpg" for i in range(0, 1200, 2)] + ["/p/none.jpg"])
     assert len(got) == 601 and got["/p/none.jpg"] == []
     assert all([e.value for e in got[f"/p/{i}.jpg"]] == [str(i)] for i in range(0, 1200, 2))
+
+
+def test_settling_while_another_process_writes_waits_for_it(tmp_path):
+    """A settle that had read the database while another process held the write lock used to fail
+    with "database is locked" the moment that process committed; now it waits and records."""
+    from ramcli.index import Index
+
+    db = tmp_path / "index.db"
+    with Index.open(db) as index:
+        Ledger(index.db).record([entry(path="/p/first.jpg")])  # the table exists: settle only reads it first
+    hold = (
+        "import sqlite3, sys, time\n"
+        "con = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "con.execute('BEGIN IMMEDIATE')\n"
+        "con.execute(\"insert into metadata_ledger (path, target, field, value, preexisting)"
+        " values ('/p/other.jpg', '/p/other.jpg', 'XMP-dc:Subject', 'cat', 0)\")\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(1.5)\n"
+        "con.execute('COMMIT')\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, db], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with Index.open(db) as index:
+            add = Intent(entry(value="dog"))
+            Ledger(index.db).settle([add], [])
+            assert [e.value for e in Ledger(index.db).entries("/p/IMG.jpg")] == ["dog"]
+            assert [e.value for e in Ledger(index.db).entries("/p/other.jpg")] == ["cat"]
+    finally:
+        assert holder.wait(timeout=30) == 0
+
+
+def test_a_ledger_write_held_off_too_long_says_so_in_one_line(tmp_path):
+    from ramcli.errors import RamcliError
+    from ramcli.index import Index
+
+    db = tmp_path / "index.db"
+    Index.open(db).close()
+    holder = sqlite_utils.Database(db).conn
+    holder.isolation_level = None
+    holder.execute("BEGIN IMMEDIATE")  # another run mid-batch
+    with Index.open(db, busy_timeout=0.5) as index:
+        with pytest.raises(RamcliError, match="stayed locked by another process") as raised:
+            Ledger(index.db).stage([Intent(entry())])
+        assert "\n" not in str(raised.value)
+    holder.execute("COMMIT")

@@ -83,3 +83,17 @@ def test_tag_layout_languages():
     assert photo_result_layout("both").row(result)[2] == ["dog (狗)", "cat"]
     with pytest.raises(UsageError, match="unknown language"):
         photo_result_layout("fr")
+
+
+def test_a_tag_record_carries_its_error_in_every_format():
+    written = PhotoResult("/p/a.jpg", "tagged", tags=[TagScore("dog", "狗", 0.9)])
+    unwritten = PhotoResult("/p/b.jpg", "tagged", tags=[TagScore("dog", "狗", 0.9)],
+                            error="metadata not written: read-only file")
+    broken = PhotoResult("/p/c.jpg", "broken", error="empty file (0 bytes)")
+    layout = photo_result_layout()
+    assert "error" not in layout.json(written) and "status" not in layout.json(written)
+    assert layout.json(unwritten)["error"] == "metadata not written: read-only file"
+    assert "status" not in layout.json(unwritten) and layout.json(unwritten)["tags"]
+    assert (layout.json(broken)["status"], layout.json(broken)["error"]) == ("broken", "empty file (0 bytes)")
+    assert layout.row(broken)[1] == "broken" and layout.row(broken)[-1] == "empty file (0 bytes)"
+    assert layout.row(unwritten)[-1] == "metadata not written: read-only file"

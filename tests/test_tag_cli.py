@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -47,6 +49,11 @@ def _tag(model_files, *args: str, home: Path | None = None):
     env = {"RAMCLI_HOME": str(home)} if home else {}
     return CliRunner().invoke(app, ["tag", *args, "--weights", str(weights), "--labels", str(labels),
                                     "--workers", "0", "-q"], env=env, catch_exceptions=False)
+
+
+def _said(res) -> str:
+    """stderr with rich's line wrapping undone."""
+    return " ".join(res.stderr.split())
 
 
 def _lines(output: str) -> list[dict]:
@@ -155,8 +162,8 @@ def test_bad_photos_are_reported_and_the_run_completes(model_files, tmp_path):
     decodable = [p for p, e in library.items() if e.decodes and e.kind in ("image", "raw")]
     failing = [p for p, e in library.items() if not e.decodes and e.kind in ("image", "raw")]
     assert decodable and all(str(p) in rows and "status" not in rows[str(p)] for p in decodable)
-    for p in failing:
-        assert rows[str(p)]["status"] == "failed" and rows[str(p)]["error"]
+    for p in failing + [p for p, e in library.items() if e.kind == "error"]:
+        assert rows[str(p)]["status"] == "broken" and rows[str(p)]["error"]
         assert f"failed: {p}" in res.stderr
     assert res.returncode == (1 if failing else 0)
 
@@ -340,3 +347,167 @@ def test_decode_on_the_device_tags_like_the_workers(model_files, tmp_path):
         a, b = ({t["name"]: t["score"] for t in r["tags"]} for r in (row, other))
         assert a.keys() == b.keys() and ("error" in row or len(a) == N)  # threshold 0: every tag
         assert all(abs(a[k] - b[k]) < 0.02 for k in a)
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_on_one_index_both_finish(model_files, tmp_path):
+    weights, labels = model_files
+    env = {**os.environ, "RAMCLI_HOME": str(tmp_path / "home")}
+    libraries = {name: _photos(tmp_path / name, 25) for name in ("a", "b")}
+    runs = [subprocess.Popen([sys.executable, "-m", "ramcli", "tag", str(tmp_path / name), "--weights", str(weights),
+                              "--labels", str(labels), "-f", "jsonl", "--workers", "0", "--batch-size", "1",
+                              "--threshold", "0", "--precision", "fp32", "-q"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in libraries]
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0 and "error" not in err, err
+        assert len(_lines(out)) == 25
+    with sqlite3.connect(tmp_path / "home" / "index.db") as con:
+        tagged = {p for (p,) in con.execute("select path from photos where status = 'tagged'")}
+        written = {p for (p,) in con.execute("select distinct path from metadata_ledger")}
+    every = {str(p) for photos in libraries.values() for p in photos}
+    assert tagged == every and written == every
+
+
+@pytest.mark.parametrize("same_stat", [False, True], ids=["edited", "replaced-same-size-and-mtime"])
+def test_a_photo_replaced_between_decode_and_write_is_neither_written_nor_recorded(model_files, tmp_path,
+                                                                                    monkeypatch, same_stat):
+    from ramcli import pipeline
+
+    home, lib = tmp_path / "home", tmp_path / "lib"
+    photos = _photos(lib, 3)
+    victim = photos[1]
+    before = victim.stat()
+    replacement = tmp_path / "other.jpg"
+    photo_like(160, 120, seed=77).save(replacement, quality=85)
+    if same_stat:  # another picture with the old one's size and mtime: only its inode tells them apart
+        data = replacement.read_bytes()
+        assert len(data) <= before.st_size
+        replacement.write_bytes(data + b"\0" * (before.st_size - len(data)))  # after EOI: ignored by decoders
+        os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    decoded = pipeline.results_of
+
+    def replace_after_decoding(batch, *args, **kwargs):
+        results = decoded(batch, *args, **kwargs)
+        if any(item.path == victim for item in batch.items):
+            os.replace(replacement, victim)  # the user saves another picture under the same name
+        return results
+
+    monkeypatch.setattr(pipeline, "results_of", replace_after_decoding)
+    content = replacement.read_bytes()
+    res = _tag(model_files, str(lib), "-f", "jsonl", "--threshold", "0", home=home)
+    assert res.exit_code == 1
+    rows = {r["path"]: r for r in _lines(res.stdout)}
+    assert rows[str(victim)]["status"] == "failed" and "changed" in rows[str(victim)]["error"]
+    assert rows[str(victim)]["tags"] == [] and rows[str(photos[0])]["tags"]
+    assert victim.read_bytes() == content  # not written
+    with sqlite3.connect(home / "index.db") as con:
+        status = dict(con.execute("select path, status from photos"))
+        ledger = {p for (p,) in con.execute("select distinct path from metadata_ledger")}
+    assert status[str(victim)] != "tagged" and str(victim) not in ledger
+    assert status[str(photos[0])] == "tagged" and str(photos[0]) in ledger
+    monkeypatch.setattr(pipeline, "results_of", decoded)
+    again = _tag(model_files, str(lib), "-f", "jsonl", "--threshold", "0", home=home)
+    assert again.exit_code == 0
+    assert [(r["path"], bool(r["tags"])) for r in _lines(again.stdout)] == [(str(victim), True)]
+
+
+def _broken_library(lib: Path) -> dict[str, Path]:
+    photos = _photos(lib, 2)
+    broken = {kind: lib / name for kind, name in
+              (("zero_byte", "empty.jpg"), ("text_as_jpg", "note.jpg"), ("truncated_jpeg", "truncated.jpg"))}
+    for kind, path in broken.items():
+        make_image(path, kind)
+    return {"good": photos, **broken}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_broken_photos_are_listed_recorded_and_skipped_until_they_change(model_files, tmp_path, fmt):
+    home, lib = tmp_path / "home", tmp_path / "lib"
+    files = _broken_library(lib)
+    broken = [str(files[k]) for k in ("zero_byte", "text_as_jpg", "truncated_jpeg")]
+
+    def rows(res) -> dict[str, dict]:
+        if fmt == "jsonl":
+            return {r["path"]: r for r in _lines(res.stdout)}
+        return {r["path"]: r for r in csv.DictReader(io.StringIO(res.stdout))}
+
+    first = _tag(model_files, str(lib), "-f", fmt, "--no-write", home=home)
+    assert first.exit_code == 1  # new failures
+    listed = rows(first)
+    assert set(listed) == {*broken, *map(str, files["good"])}  # every photo has a line
+    assert all(listed[p]["status"] == "broken" and listed[p]["error"] for p in broken)
+    stats = CliRunner().invoke(app, ["stats", "-f", "json"], env={"RAMCLI_HOME": str(home)})
+    assert json.loads(stats.stdout)["by_status"] == {"broken": 3, "tagged": 2}, stats.stdout
+    assert {f["path"] for f in json.loads(stats.stdout)["failures"]} == set(broken)
+
+    loud = CliRunner().invoke(app, ["tag", str(lib), "--weights", str(model_files[0]), "--labels",
+                                    str(model_files[1]), "--workers", "0", "-f", fmt, "--no-write"],
+                              env={"RAMCLI_HOME": str(home)})
+    assert loud.exit_code == 0, loud.output  # nothing new failed
+    assert rows(loud) == {} and "3 broken photo(s) skipped, unchanged since they failed" in _said(loud)
+
+    retried = _tag(model_files, str(lib), "-f", fmt, "--no-write", "--retry-broken", home=home)
+    assert retried.exit_code == 0 and set(rows(retried)) == set(broken)  # tried again, failed as before
+
+    photo_like(160, 120, seed=5).save(files["text_as_jpg"], quality=85)  # the note became a photo
+    fixed = _tag(model_files, str(lib), "-f", fmt, "--no-write", home=home)
+    assert fixed.exit_code == 0 and rows(fixed)[str(files["text_as_jpg"])].get("status", "tagged") == "tagged"
+    files["zero_byte"].write_bytes(b"still no photo")  # changed, still broken: a new failure
+    assert _tag(model_files, str(lib), "-f", fmt, "--no-write", home=home).exit_code == 1
+
+
+def test_a_photo_whose_write_failed_is_written_by_the_next_run_once_it_can_be(model_files, tmp_path):
+    home, lib = tmp_path / "home", tmp_path / "lib"
+    photos = _photos(lib, 2)
+    locked = photos[0]
+    locked.chmod(0o444)  # the user protects it
+    weights, labels = model_files
+
+    def tag():
+        return CliRunner().invoke(app, ["tag", str(lib), "--weights", str(weights), "--labels", str(labels),
+                                        "--workers", "0", "-f", "jsonl", "--threshold", "0"],
+                                  env={"RAMCLI_HOME": str(home)})
+
+    def ledger_paths() -> set[str]:
+        with sqlite3.connect(home / "index.db") as con:
+            return {p for (p,) in con.execute("select distinct path from metadata_ledger")}
+
+    first = tag()
+    assert first.exit_code == 1
+    [line] = [r for r in _lines(first.stdout) if r["path"] == str(locked)]
+    assert line["tags"] and line["error"].startswith("metadata not written") and "read-only" in line["error"]
+    assert ledger_paths() == {str(photos[1])}
+    again = tag()  # still read-only: listed again, but it is no new failure
+    assert again.exit_code == 0, again.output
+    assert "metadata still not written 1" in _said(again) and f"not written: {locked}" in again.stderr
+    locked.chmod(0o644)  # as the message advises; the photo itself did not change
+    fixed = tag()
+    assert fixed.exit_code == 0, fixed.output
+    assert "metadata written 1" in _said(fixed) and _lines(fixed.stdout) == []  # written from the index
+    assert ledger_paths() == {str(photos[0]), str(photos[1])}
+    keywords = subprocess.run(["exiftool", "-s3", "-XMP-dc:Subject", str(locked)], capture_output=True, text=True)
+    assert line["tags"][0]["name"] in keywords.stdout
+    last = _said(tag())
+    assert "metadata written 0," in last and "not written" not in last  # nothing pending
+
+
+def test_a_run_held_off_by_another_says_so_in_one_line(model_files, tmp_path):
+    weights, labels = model_files
+    home = tmp_path / "home"
+    _photos(tmp_path / "lib", 2)
+    assert _tag(model_files, str(tmp_path / "lib"), "--no-write", home=home).exit_code == 0  # the index exists
+    _photos(tmp_path / "more", 1)
+    holder = sqlite3.connect(home / "index.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another run, mid-batch
+    try:
+        res = _run_cli(["tag", str(tmp_path / "more"), "--weights", str(weights), "--labels", str(labels),
+                        "--workers", "0", "-q"], {"RAMCLI_HOME": str(home), "RAMCLI_INDEX_TIMEOUT": "1"},
+                       timeout=600)
+    finally:
+        holder.execute("ROLLBACK")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "busy (another ramcli process is writing); waiting up to 1 s" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: the index")
+    assert "stayed locked by another process" in " ".join(res.stderr.split())

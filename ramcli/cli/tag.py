@@ -41,6 +41,7 @@ def _options(
     output: Path = typer.Option(None, "--output", "-o", help="Write results to this file instead of stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be tagged and exit."),
     force: bool = typer.Option(False, "--force", help="Re-tag every photo, even unchanged ones."),
+    retry_broken: bool = typer.Option(False, "--retry-broken", help="Try broken photos again (they are skipped until their files change)."),
     no_index: bool = typer.Option(False, "--no-index", help="Do not record results in the index (every photo is tagged)."),
     index_path: Path = typer.Option(None, "--index", help="Index database (default: $RAMCLI_HOME/index.db)."),
     write: bool = typer.Option(True, "--write/--no-write", help="Write tags into the photos' XMP/IPTC metadata (or sidecars)."),
@@ -94,9 +95,9 @@ def register(app: typer.Typer) -> None:
     def tag(paths: list[Path] = typer.Argument(..., help="Photos and folders (walked recursively)."), *, run) -> None:
         """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.
 
-        Exit code 0 when every photo was tagged, indexed and (unless --no-write) written; 1 when
-        some photo failed, is broken (a photo's name, no photo inside) or could not be written
-        (each listed); 2 on usage errors.
+        Exit code 0 when nothing new failed; 1 when a photo failed, is broken (a photo's name, no
+        photo inside) or could not be written, and the index did not already hold that failure
+        (every failure is listed, old ones too); 2 on usage errors.
         """
         failed = run.execute(console=console, err_console=err_console)
         if failed:
