@@ -260,9 +260,9 @@ class TagRun:
         reported = self._shard(self.reported)
         errors = [f for f in reported if f.kind == "error"]
         summary.not_followed = [(str(f.path), f.reason or f.kind) for f in reported if f.kind != "error"]
-        todo = session.due(photos, summary)
-        summary.unchanged = len(photos) - len(todo) - summary.broken_skipped
         if self.dry_run:
+            todo = session.due(photos, summary)
+            summary.unchanged = len(photos) - len(todo) - summary.broken_skipped
             for f in todo:
                 console.print(display(f.path), markup=False, highlight=False, soft_wrap=True)
             if not self.quiet:
@@ -273,13 +273,9 @@ class TagRun:
                     err_console.print(f"  broken: {display(f.path)}: {f.reason}", markup=False, highlight=False,
                                       soft_wrap=True)
             return 0
-        session.report_errors(errors, summary)
-        due = {f.path for f in todo}
-        session.write_unwritten([f for f in photos if f.path not in due], summary)
-        session.tag(todo, summary, start)
-        session.end_output()
+        session.run_pass(photos, errors, summary, start)
         if not self.quiet:
-            self._print_summary(err_console, summary, start)
+            self.print_summary(err_console, summary, start)
         return summary.problems
 
     #: Photos from which torch.compile pays off: compiling costs a fixed time and saves a part of
@@ -379,7 +375,7 @@ class TagRun:
         return MetadataSink(MetadataWriter(options, Ledger(index.db)), model_id, Summary(), index)
 
     # ------------------------------------------------------------------ report
-    def _print_summary(self, err: Console, s: Summary, start: float) -> None:
+    def print_summary(self, err: Console, s: Summary, start: float) -> None:
         elapsed = time.monotonic() - start
         parts = [f"tagged {s.tagged}" + (f" ({s.rescored} from cached embeddings)" if s.rescored else ""),
                  f"unchanged {s.unchanged}"]
@@ -481,6 +477,17 @@ class TagSession:
         finally:
             if self.index is not None:
                 self.index.close()
+
+    def run_pass(self, photos: list[Found], errors: list[Found], summary: Summary, start: float) -> None:
+        """One pass over discovered files, the same for `ramcli tag` and each group of arrivals in
+        `ramcli watch`: broken files reported, due photos tagged, failed writes retried."""
+        self.report_errors(errors, summary)
+        todo = self.due(photos, summary)
+        summary.unchanged = len(photos) - len(todo) - summary.broken_skipped
+        due = {f.path for f in todo}
+        self.write_unwritten([f for f in photos if f.path not in due], summary)
+        self.tag(todo, summary, start)
+        self.end_output()
 
     def due(self, photos: list[Found], summary: Summary | None = None) -> list[Found]:
         """The incremental rule: photos that are new, changed, tagged by another model or

@@ -483,17 +483,15 @@ class Watcher:
         summary = Summary()
         found = [f for p in files for f in self._classified(p)]
         photos = [f for f in found if f.kind in ("image", "raw")]
-        summary.skipped = Counter(f.kind for f in found if f.kind not in ("image", "raw"))
+        errors = [f for f in found if f.kind == "error"]
+        summary.skipped = Counter(f.kind for f in found if f.kind not in ("image", "raw", "error"))
         photos = self._renamed(photos, deleted, summary)
-        todo = self.session.due(photos)
-        summary.unchanged = len(photos) - len(todo)
-        self.session.tag(todo, summary, start)
-        self.session.end_output()
+        self.session.run_pass(photos, errors, summary, start)
         if deleted:
             self._forget(deleted, summary)
         if not self.run.quiet and (summary.tagged or summary.moved or summary.removed or summary.failed
                                    or summary.write_failed):  # not for its own writes coming back
-            self.run._print_summary(self.err, summary, start)
+            self.run.print_summary(self.err, summary, start)
 
     def _vanished(self, paths: Iterable[str]) -> list[PhotoRecord]:
         """Index records at or under these paths whose files were deleted (`is_deleted`); a

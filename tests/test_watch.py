@@ -700,3 +700,25 @@ def test_photos_beside_one_whose_name_is_not_utf8_are_tagged(model_files, source
     assert len(w.out) == 3, w.out
     assert w.stop(signal.SIGTERM) == 0
     assert not any("Traceback" in line or "error" in line for line in w.err), w.err
+
+
+@pytest.mark.slow
+def test_broken_arrivals_get_a_line_and_a_record_and_are_not_retried(model_files, sources, tmp_path):
+    """A file with a photo's name and no photo inside, arriving while the watcher runs, is listed
+    in the output and recorded in the index as broken, like `ramcli tag` does; later passes in
+    its folder leave it alone until it changes."""
+    lib, home = tmp_path / "lib", tmp_path / "home"
+    lib.mkdir()
+    w = WatchProcess(lib, home, model_files)
+    w.wait_watching()
+    (lib / "note.jpg").write_text("not a photo\n")
+    wait_for(lambda: str(lib / "note.jpg") in rows(home) and w.tagged(lib / "note.jpg"), 120, "the broken file")
+    assert rows(home)[str(lib / "note.jpg")][0] == "broken"
+    assert w.tagged(lib / "note.jpg")[0]["error"]
+
+    shutil.copy(sources / "p001.jpg", lib / "one.jpg")  # another pass in the same folder
+    wait_for(lambda: str(lib / "one.jpg") in rows(home), 120, "the photo")
+    os.utime(lib / "one.jpg")
+    time.sleep(3)
+    assert len(w.tagged(lib / "note.jpg")) == 1
+    assert w.stop(signal.SIGTERM) == 0
