@@ -70,6 +70,7 @@ def list_objects(uri: str, include: Sequence[str] = (), exclude: Sequence[str] =
     content); hidden and junk names, sidecars and the globs follow the local walk's rules. Each
     photo's `path` is its full address (a `str`), `size` and `mtime_ns` those of the listing.
     """
+    import pyarrow as pa
     from pyarrow import fs as pafs
 
     try:
@@ -81,7 +82,7 @@ def list_objects(uri: str, include: Sequence[str] = (), exclude: Sequence[str] =
             infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
         else:
             raise UsageError(f"no such object or folder: {uri}")
-    except (OSError, ValueError, pafs.ArrowException) as exc:
+    except (OSError, ValueError, pa.ArrowException) as exc:
         raise UsageError(f"cannot list {uri}: {' '.join(str(exc).split())[:200]}") from None
     scheme = uri.split("://", 1)[0]
     photos, counts = [], Counter()
