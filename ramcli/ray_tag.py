@@ -77,29 +77,30 @@ def list_objects(uri: str, include: Sequence[str] = (), exclude: Sequence[str] =
         filesystem, root = pafs.FileSystem.from_uri(uri)
         base = filesystem.get_file_info(root)
         if base.type == pafs.FileType.File:
-            infos = [base]
+            files = [(base.path, base.size, base.mtime_ns)]
         elif base.type == pafs.FileType.Directory:
-            infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+            files = sorted((i.path, i.size, i.mtime_ns) for i in filesystem.get_file_info(
+                pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File)
         else:
             raise UsageError(f"no such object or folder: {uri}")
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot list {uri}: a name under it is not UTF-8 (object keys always are; "
+                         "give a local folder as a path, not a file:// address)") from None
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise UsageError(f"cannot list {uri}: {' '.join(str(exc).split())[:200]}") from None
     scheme = uri.split("://", 1)[0]
     photos, counts = [], Counter()
-    for info in sorted(infos, key=lambda i: i.path):
-        if info.type != pafs.FileType.File:
+    for path, size, mtime_ns in files:
+        if path != base.path and not walk_reaches(Path(root), Path(path), include, exclude):
             continue
-        name = PurePosixPath(info.path)
-        if info is not base and not walk_reaches(Path(root), Path(info.path), include, exclude):
-            continue
-        suffix = name.suffix.lower()
+        suffix = PurePosixPath(path).suffix.lower()
         if suffix in SIDECAR_SUFFIXES:
             continue
         kind = "raw" if suffix in RAW_SUFFIXES else "image" if suffix in PHOTO_SUFFIXES else \
             "video" if suffix in VIDEO_SUFFIXES else "unsupported"
         counts[kind] += 1
         if kind in ("image", "raw"):
-            photos.append(Found(f"{scheme}://{info.path}", kind, size=info.size, mtime_ns=info.mtime_ns or 0))
+            photos.append(Found(f"{scheme}://{path}", kind, size=size, mtime_ns=mtime_ns or 0))
     return photos, counts
 
 
@@ -173,10 +174,10 @@ def _read_object(uri: str, filesystems: dict) -> tuple[bytes, int, int]:
     from pyarrow import fs as pafs
 
     scheme, key = uri.split("://", 1)
-    bucket = (scheme, key.lstrip("/").split("/", 1)[0])
-    if bucket not in filesystems:
-        filesystems[bucket] = pafs.FileSystem.from_uri(uri)[0]
-    filesystem = filesystems[bucket]
+    bucket = "" if scheme == "file" else key.split("/", 1)[0]
+    if (scheme, bucket) not in filesystems:  # from the bucket's address: a key need not be a valid URI
+        filesystems[scheme, bucket] = pafs.FileSystem.from_uri(f"{scheme}://{bucket or '/'}")[0]
+    filesystem = filesystems[scheme, bucket]
     info = filesystem.get_file_info(key)
     with filesystem.open_input_file(key) as fh:
         return fh.readall(), int(info.size or 0), int(info.mtime_ns or 0)

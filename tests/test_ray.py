@@ -95,6 +95,18 @@ def _lines(output: str, root: str) -> list[dict]:
     return rows
 
 
+def _close(a, b) -> bool:
+    """Equal, floats to 1e-5: an actor sums in another order than a local run with more threads
+    (its cores), which moves the last bits of a score."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-5
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def _index(home: Path, root: str, *, stat: bool = True) -> tuple[dict, dict]:
     """Photos (what a run records of each, `tagged_at` aside) and their tags, by relative path."""
     with sqlite3.connect(home / "index.db") as con:
@@ -117,14 +129,14 @@ def test_a_ray_run_records_what_a_local_run_records(model_files, cluster, librar
     lib = _copy(library, tmp_path)
     res = _tag(model_files, tmp_path / "home", str(lib), "--ray")
     assert res.exit_code == 1, res.output
-    assert _lines(res.stdout, str(lib)) == _lines(local.stdout, str(local_lib))
+    assert _close(_lines(res.stdout, str(lib)), _lines(local.stdout, str(local_lib)))
     assert "failed: " in res.stderr and "broken.jpg: not an image (text)" in res.stderr
     assert "metadata written 15" in res.stderr and "metadata written 15" in local.stderr
     # the same rows; the files' mtimes are those of ramcli's own metadata writes, which differ
-    assert _index(tmp_path / "home", str(lib), stat=False) == _index(local_home, str(local_lib), stat=False)
-    # the same incremental rule: nothing is due again (the broken photo stays failed)
+    assert _close(_index(tmp_path / "home", str(lib), stat=False), _index(local_home, str(local_lib), stat=False))
+    # the same incremental rule: nothing is due again (the broken photo is reported again)
     again = _tag(model_files, tmp_path / "home", str(lib), "--ray")
-    assert [r["path"] for r in _lines(again.stdout, str(lib))] == ["/broken.jpg"]
+    assert again.exit_code == 1 and _lines(again.stdout, str(lib)) == [] and "broken.jpg" in again.stderr
 
 
 def _actor_pids() -> list[int]:
@@ -177,8 +189,8 @@ def test_a_killed_actor_loses_no_photo_and_doubles_none(model_files, cluster, li
     assert killed, "no model actor was running after the first batch"
     assert failed == 1  # the broken photo, nothing else
     rows = _lines(capsys.readouterr().out, str(lib))
-    assert len(rows) == len(NAMES) + 1 and len({r["path"] for r in rows}) == len(rows)
-    assert _index(tmp_path / "home", str(lib), stat=False) == _index(local_home, str(local_lib), stat=False)
+    assert len(rows) == len(NAMES) and len({r["path"] for r in rows}) == len(rows)
+    assert _close(_index(tmp_path / "home", str(lib), stat=False), _index(local_home, str(local_lib), stat=False))
 
 
 @pytest.mark.slow
@@ -207,12 +219,12 @@ def test_a_killed_ray_run_resumes_where_it_stopped(model_files, cluster, library
     driver.wait()
     with sqlite3.connect(db) as con:
         done = {from_text(p) for (p,) in con.execute("SELECT path FROM photos")}
-    assert 0 < len(done) < len(NAMES) + 1, "the driver was not killed mid-run"
+    assert 0 < len(done) < len(NAMES), "the driver was not killed mid-run"
     res = _tag(model_files, home, str(lib), "--ray-address", cluster)
     assert res.exit_code == 1, res.output
     redone = {r["path"] for r in _lines(res.stdout, "")}
     assert redone and not redone & done  # only what was not recorded
-    assert _index(home, str(lib), stat=False) == _index(local_home, str(local_lib), stat=False)
+    assert _close(_index(home, str(lib), stat=False), _index(local_home, str(local_lib), stat=False))
 
 
 @pytest.mark.slow
@@ -225,16 +237,21 @@ def test_object_storage_addresses_are_listed_read_and_recorded_as_given(model_fi
     (lib / ".hidden.jpg").write_bytes((lib / "p00.jpg").read_bytes())
     (lib / "p00.xmp").write_text("<x/>")
     uri = f"file://{lib}"
+    with pytest.raises(ray_tag.UsageError, match="not UTF-8"):
+        _tag(model_files, tmp_path / "home", uri, "--ray", "--no-write")
+    (lib / NAMES[4]).unlink()  # object keys are UTF-8: the listing refuses a local name that is not
     with pytest.raises(ray_tag.UsageError, match="add --no-write"):
         _tag(model_files, tmp_path / "home", uri, "--ray")
     res = _tag(model_files, tmp_path / "home", uri, "--ray", "--no-write", "--exclude", "sub/p1*")
     assert res.exit_code == 1, res.output
     rows = {r["path"]: r for r in _lines(res.stdout, uri)}
-    reference = {r["path"]: r for r in _lines(local.stdout, str(local_lib)) if not r["path"].startswith("/sub/p1")}
-    # names that JSON shows escaped come back from pyarrow's listing as they are on disk
+    # listing reads no object, so the broken photo is found by its name and fails to decode
+    assert rows.pop("/broken.jpg")["error"] == "not an image (text)"
+    reference = {r["path"]: r for r in _lines(local.stdout, str(local_lib))
+                 if not r["path"].startswith("/sub/p1") and r["path"] != "/caf\\xe9.jpg"}
     assert rows.keys() == reference.keys()
     for path, row in rows.items():
-        assert row["tags"] == reference[path]["tags"], path
+        assert _close(row["tags"], reference[path]["tags"]), path
     photos, _ = _index(tmp_path / "home", "")
     assert all(p.startswith(uri + "/") for p in photos)
     assert photos[f"{uri}/p00.jpg"][0] == (lib / "p00.jpg").stat().st_size
