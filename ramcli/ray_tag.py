@@ -235,9 +235,15 @@ def plan(ray, device: str, actors: int | None, actor_cpus: float | None) -> Clus
         raise UsageError("--ray runs the model on CUDA or CPU actors (--device cpu, cuda or auto)")
     if gpus and device != "cpu":
         return Cluster(actors or gpus, actor_cpus or 1, 1, "cuda")
-    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    smallest = int(min(nodes)) if nodes else int(resources.get("CPU", 1))
-    return Cluster(actors or max(1, len(nodes)), actor_cpus or max(1, smallest - 1), 0, "cpu")
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [resources.get("CPU", 1)]
+    cluster = Cluster(actors or len(nodes), actor_cpus or max(1, int(min(nodes)) - 1), 0, "cpu")
+    if cluster.cpus > max(nodes):
+        raise UsageError(f"--ray-actor-cpus {cluster.cpus:g}: no node of the Ray cluster has that many CPUs "
+                         f"(the largest has {max(nodes):g})")
+    if cluster.actors * cluster.cpus >= sum(nodes):
+        raise UsageError(f"{cluster.actors} model actors of {cluster.cpus:g} CPUs take all {sum(nodes):g} CPUs of "
+                         "the Ray cluster: leave at least one for decoding (fewer --ray-actors or --ray-actor-cpus)")
+    return cluster
 
 
 class RayRunner:

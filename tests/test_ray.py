@@ -259,6 +259,19 @@ def test_object_storage_addresses_are_listed_read_and_recorded_as_given(model_fi
     assert [r["path"] for r in _lines(again.stdout, uri)] == ["/broken.jpg"]
 
 
+@pytest.mark.slow
+def test_actors_leave_a_cpu_for_decoding(cluster):
+    import ray
+
+    assert ray_tag.plan(ray, "auto", None, None) == ray_tag.Cluster(1, 1, 0, "cpu")  # 2 CPUs: 1 model, 1 decode
+    with pytest.raises(ray_tag.UsageError, match="leave at least one for decoding"):
+        ray_tag.plan(ray, "cpu", 2, 1)
+    with pytest.raises(ray_tag.UsageError, match="no node of the Ray cluster has that many CPUs"):
+        ray_tag.plan(ray, "cpu", 1, 4)
+    with pytest.raises(ray_tag.UsageError, match="has no GPU"):
+        ray_tag.plan(ray, "cuda", None, None)
+
+
 def test_list_objects_follows_the_walks_rules(tmp_path):
     for name in ("a.jpg", "b.JPEG", "c.cr2", "d.mp4", "e.txt", "a.xmp", ".hidden.jpg", "@eaDir/x.jpg",
                  "skip/f.jpg", "keep/g.png"):
