@@ -314,3 +314,16 @@ def test_the_command_line_does_not_import_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_the_index_keeps_object_addresses_as_given(tmp_path):
+    from ramcli.index import Index
+    from ramcli.records import PhotoResult, TagScore
+
+    uri = "s3://bucket/a b/photo.jpg"
+    with Index.open(tmp_path / "index.db") as index:
+        index.record_batch([PhotoResult(uri, "tagged", 10, 20, "hash", model_id="m", vocab_version="v",
+                                        tags=[TagScore("dog", "狗", 0.9)])])
+        assert index.lookup(uri).path == uri and not index.needs_tagging(uri, 10, 20, "m", "v")
+        assert index.find_moved("hash") is None  # not "gone": the local file system cannot tell
+        assert index.prune() == [] and index.lookup(uri) is not None
