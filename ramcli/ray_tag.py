@@ -133,7 +133,7 @@ def _decode(rows: dict[str, np.ndarray], size: int, draft: bool, interpolation: 
 
     out = {k: [] for k in ("path", "ok", "error", "width", "height", "taken_at", "content_hash", "size", "mtime_ns")}
     pixels = []
-    filesystems: dict[str, object] = {}
+    filesystems: dict = {}
     for raw in rows["path"]:
         path = _text(raw)
         record: tuple | Failure
@@ -282,7 +282,7 @@ class RayRunner:
             for rows in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
                 self._record(rows, tagger, sinks, vocab_version, on_batch, skip)
         except ray.exceptions.RayError as exc:
-            raise RamcliError(f"the Ray job failed: {_one_line(exc)}") from None
+            raise RamcliError(f"the Ray job failed: {one_line(exc)}") from None
 
     def _record(self, rows: dict[str, np.ndarray], tagger: Tagger, sinks, vocab_version: str, on_batch, skip) -> None:
         """One batch back from the actors: the decision rule and the sinks of a local run."""
@@ -311,7 +311,7 @@ class RayRunner:
             on_batch(len(items) + len(failures), len(failures))
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return (lines[-1] if lines else type(exc).__name__)[:200]
 
@@ -323,10 +323,11 @@ def connect(address: str | None):
     ray = import_ray()
     if not ray.is_initialized():
         try:
+            starts = address is None and not os.environ.get("RAY_ADDRESS")  # a new local Ray: no dashboard
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
-                     include_dashboard=False if address is None else None)
+                     **({"include_dashboard": False} if starts else {}))
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"cannot reach the Ray cluster at {address}: {_one_line(exc)}") from None
+            raise UsageError(f"cannot reach the Ray cluster at {address}: {one_line(exc)}") from None
         # Ray prints the cluster's error messages (an actor that died and is retried) on stdout,
         # where the results go; ramcli reports what failed itself.
         import ray._private.worker as worker

@@ -327,3 +327,26 @@ def test_the_index_keeps_object_addresses_as_given(tmp_path):
         assert index.lookup(uri).path == uri and not index.needs_tagging(uri, 10, 20, "m", "v")
         assert index.find_moved("hash") is None  # not "gone": the local file system cannot tell
         assert index.prune() == [] and index.lookup(uri) is not None
+
+
+@pytest.mark.slow
+def test_engine_generate_on_ray_writes_the_shards_of_a_local_run(cluster, tmp_path):
+    from ramcli.labels import LabelSet
+    from ramcli.models import load_any
+    from ramcli_train import engine, ray_engine
+    from ramcli_train.label_system import write_label_files
+    from ramcli_train.synth import ALL_TAGS, write_shards
+
+    write_shards(tmp_path / "s", 18, shards=3, seed=5, size=64)
+    labels = tmp_path / "labels"
+    write_label_files(labels, LabelSet(ALL_TAGS, ALL_TAGS, (0.65,) * len(ALL_TAGS)))
+    weights = make_official_checkpoint(tmp_path / "ram.pth", "ram_tiny", num_classes=len(ALL_TAGS))
+    data = [str(tmp_path / "s" / "train")]
+    local = engine.generate(load_any(weights, labels_dir=labels), data, tmp_path / "local", device="cpu")
+    remote = ray_engine.generate(load_any(weights, labels_dir=labels), data, tmp_path / "ray", device="cpu")
+    assert remote == local and local["generated"] > 0
+    shards = sorted(p.name for p in (tmp_path / "local").glob("*.tar"))
+    assert len(shards) == 3 and shards == sorted(p.name for p in (tmp_path / "ray").glob("*.tar"))
+    for name in shards:
+        assert list(engine.read_samples(str(tmp_path / "ray" / name))) == \
+            list(engine.read_samples(str(tmp_path / "local" / name)))

@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
     @tag_options()
     def tag(
         paths: list[str] = typer.Argument(..., help="Photos and folders (walked recursively); with --ray also s3://, gs:// or file:// addresses."),
-        ray: bool = typer.Option(False, "--ray", help="Run decoding and the model as a Ray Data job (pip install 'ramcli[ray]'); the index and metadata are written here. See docs/scale-out.md."),
+        ray: bool = typer.Option(False, "--ray", help="Run decoding and the model as a Ray Data job (pip install 'ramcli\\[ray]'); the index and metadata are written here. See docs/scale-out.md."),
         ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join: auto, host:port or ray://host:10001 (implies --ray; default: $RAY_ADDRESS, else a local Ray)."),
         ray_actors: int = typer.Option(None, "--ray-actors", min=1, help="Model actors (default: one per GPU; without GPUs one per node)."),
         ray_actor_cpus: float = typer.Option(None, "--ray-actor-cpus", min=0.5, help="CPUs per model actor (default: 1 with a GPU; else all of a node's CPUs but one)."),
