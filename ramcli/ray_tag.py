@@ -26,7 +26,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
@@ -38,7 +38,7 @@ from ramcli.discover import PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXES, VIDE
 from ramcli.errors import RamcliError, UsageError
 from ramcli.loader import Batch, Failure, Item, PhotoDataset
 from ramcli.pathnames import is_uri
-from ramcli.pipeline import Tagger, resolve_device, resolve_precision, results_of
+from ramcli.pipeline import ScoreResult, Tagger, resolve_device, resolve_precision, results_of
 from ramcli.tagrun import TagRun, TagSession
 
 INSTALL = "--ray needs Ray: pip install 'ramcli[ray]'"
@@ -246,6 +246,32 @@ def plan(ray, device: str, actors: int | None, actor_cpus: float | None) -> Clus
     return cluster
 
 
+def scored_batches(ray, cluster: Cluster, paths: Sequence, model, batch_size: int, precision: str,
+                   exclude: Sequence[str] = (), compile_model: bool = False, draft: bool = False
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """The Ray Data pipeline: `paths` decoded by tasks and scored by the model actors, back
+    batch by batch in input order (rows as `Scorer` returns them)."""
+    if getattr(model, "fixed_precision", None) is not None:
+        raise UsageError("--ray ships the model to its actors: use the .pth/.safetensors weights, not ONNX")
+    model_ref = ray.put(model)  # held here for the run: a restarted actor fetches it again
+    size = model.arch.image_size
+    blocks = max(1, min(MAX_BLOCKS, math.ceil(len(paths) / batch_size)))
+    ds = ray.data.from_items([{"path": os.fsencode(str(f))} for f in paths], override_num_blocks=blocks)
+    ds = ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                        memory=DECODE_MEMORY + batch_size * 3 * size ** 2,
+                        fn_kwargs=dict(size=size, draft=draft, interpolation=model.pretrained_cfg["interpolation"]))
+    ds = ds.map_batches(
+        Scorer, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cluster.actors),
+        fn_constructor_kwargs=dict(model=[model_ref], device=cluster.device, precision=precision,
+                                   exclude=list(exclude), compile=compile_model,
+                                   threads=0 if cluster.gpus else int(cluster.cpus)),
+        num_cpus=cluster.cpus, num_gpus=cluster.gpus)  # Ray Data's actor pool: max_restarts and max_task_retries -1
+    try:
+        yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
+    except ray.exceptions.RayError as exc:
+        raise RamcliError(f"the Ray job failed: {one_line(exc)}") from None
+
+
 class RayRunner:
     """`pipeline.tag_files` over a Ray Data pipeline; its results go to the same sinks, batch by
     batch, in input order. `session` learns the actors' arithmetic for the run's summary."""
@@ -256,33 +282,13 @@ class RayRunner:
     def __call__(self, paths: list, tagger: Tagger, sinks: Sequence[Callable], batch_size: int, workers: int,
                  vocab_version: str = "builtin", on_batch: Callable[[int, int], None] | None = None,
                  skip: Callable[[Item], bool] | None = None, decode: str = "workers") -> None:
-        ray, cluster = self.ray, self.cluster
         if not paths:
             return
-        model = tagger.model
-        if getattr(model, "fixed_precision", None) is not None:
-            raise UsageError("--ray ships the model to its actors: use the .pth/.safetensors weights, not ONNX")
-        on_gpu = cluster.gpus > 0
-        self.model_ref = ray.put(model)  # held by the driver for the run: a restarted actor fetches it again
-        draft = self.run.decode == "draft" or (on_gpu and self.run.decode == "workers")
-        compile_model = self.run._should_compile(torch.device(cluster.device), len(paths))
-        blocks = max(1, min(MAX_BLOCKS, math.ceil(len(paths) / batch_size)))
-        ds = ray.data.from_items([{"path": os.fsencode(str(f))} for f in paths], override_num_blocks=blocks)
-        ds = ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                            memory=DECODE_MEMORY + batch_size * 3 * tagger.image_size ** 2, fn_kwargs=dict(
-            size=tagger.image_size, draft=draft, interpolation=model.pretrained_cfg["interpolation"]))
-        ds = ds.map_batches(
-            Scorer, batch_size=batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cluster.actors),
-            fn_constructor_kwargs=dict(model=[self.model_ref], device=cluster.device, precision=self.run.precision,
-                                       exclude=list(self.run.exclude_tags), compile=compile_model,
-                                       threads=0 if on_gpu else int(cluster.cpus)),
-            num_cpus=cluster.cpus, num_gpus=cluster.gpus)  # Ray Data's actor pool: max_restarts and max_task_retries -1
-        try:
-            for rows in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-                self._record(rows, tagger, sinks, vocab_version, on_batch, skip)
-        except ray.exceptions.RayError as exc:
-            raise RamcliError(f"the Ray job failed: {one_line(exc)}") from None
+        run, cluster = self.run, self.cluster
+        draft = run.decode == "draft" or (cluster.gpus > 0 and run.decode == "workers")
+        for rows in scored_batches(self.ray, cluster, paths, tagger.model, batch_size, run.precision, run.exclude_tags,
+                                   run._should_compile(torch.device(cluster.device), len(paths)), draft):
+            self._record(rows, tagger, sinks, vocab_version, on_batch, skip)
 
     def _record(self, rows: dict[str, np.ndarray], tagger: Tagger, sinks, vocab_version: str, on_batch, skip) -> None:
         """One batch back from the actors: the decision rule and the sinks of a local run."""
@@ -364,3 +370,24 @@ def execute(run: TagRun, sources: Sequence[str], console: Console, err_console: 
     with driver.open_session(err_console) as session:
         driver.runner = RayRunner(ray, actors_run, cluster, session)
         return driver.execute(console, err_console, session)
+
+
+def score_files(model, paths: list[Path], batch_size: int = 8, device: str = "cpu", workers: int | None = None,
+                precision: str = "auto", decode: str = "auto", *, actor_device: str = "auto",
+                address: str | None = None, actors: int | None = None, actor_cpus: float | None = None) -> ScoreResult:
+    """`pipeline.score_files` on Ray (`ramcli eval --ray`): the same matrix of every class's
+    scores, computed by the actors on `actor_device`; `device`, `workers` and `decode` are the
+    driver's and unused (decoding is the tasks' full decode, as locally on the CPU)."""
+    ray = connect(address)
+    cluster = plan(ray, actor_device, actors, actor_cpus)
+    placing = Tagger(model, torch.device("cpu"), "fp32")  # maps the actors' active classes to all classes
+    done: list[Path] = []
+    rows_of: list[np.ndarray] = []
+    failures: dict[Path, str] = {}
+    for rows in scored_batches(ray, cluster, paths, model, batch_size, precision):
+        ok = rows["ok"].astype(bool)
+        done += [Path(_text(p)) for p in rows["path"][ok]]
+        rows_of.append(placing.full_scores(torch.from_numpy(np.ascontiguousarray(rows["scores"][ok]))))
+        failures.update({Path(_text(p)): _text(e) for p, e, good in zip(rows["path"], rows["error"], ok) if not good})
+    matrix = np.concatenate(rows_of) if rows_of else np.zeros((0, len(model.labels)), dtype=np.float32)
+    return ScoreResult(done, matrix, failures)

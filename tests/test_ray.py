@@ -350,3 +350,37 @@ def test_engine_generate_on_ray_writes_the_shards_of_a_local_run(cluster, tmp_pa
     for name in shards:
         assert list(engine.read_samples(str(tmp_path / "ray" / name))) == \
             list(engine.read_samples(str(tmp_path / "local" / name)))
+
+
+@pytest.mark.slow
+def test_eval_on_ray_scores_what_a_local_eval_scores(model_files, cluster, tmp_path):
+    import numpy as np
+
+    from ramcli.evaluate import ScoreCache
+    from ramcli.labels import read_label_dir
+
+    weights, labels = model_files
+    names = read_label_dir(labels, "ram").names
+    (tmp_path / "imgs").mkdir()
+    lines = []
+    for i in range(7):
+        photo_like(64, 48, seed=i).save(tmp_path / "imgs" / f"im{i}.jpg")
+        lines.append(f"im{i},{names[i % 5]},{names[7]}")
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
+    lines += ["broken," + names[1], "absent," + names[2]]
+    (tmp_path / "annotations.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "taglist.txt").write_text("\n".join(names[:8]) + "\n")
+
+    def evaluate(out: str, *extra: str) -> ScoreCache:
+        done = CliRunner().invoke(app, ["eval", "--annotations", str(tmp_path / "annotations.txt"), "--taglist",
+                                        str(tmp_path / "taglist.txt"), "--images", str(tmp_path / "imgs"),
+                                        "--weights", str(weights), "--labels", str(labels), "--batch-size", "3",
+                                        "--device", "cpu", "--out", str(tmp_path / out), *extra],
+                                  catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+        return ScoreCache.load(tmp_path / out / "scores.npz")
+
+    local, remote = evaluate("local"), evaluate("ray", "--ray")
+    assert remote.image_ids.tolist() == local.image_ids.tolist() and len(local.image_ids) == 7
+    assert np.allclose(remote.scores, local.scores, atol=1e-5)
+    assert (tmp_path / "ray" / "failures.txt").read_text() == (tmp_path / "local" / "failures.txt").read_text()
