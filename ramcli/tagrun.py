@@ -475,7 +475,8 @@ class TagSession:
             try:
                 run._rescore_cached(cached, tagger, sinks, loaded.vocab_version, advance)
                 (run.runner or tag_files)([f.path for f in todo], tagger, sinks, batch_size, workers,
-                          vocab_version=loaded.vocab_version, on_batch=advance, skip=skip, decode=self.decode)
+                                          vocab_version=loaded.vocab_version, on_batch=advance, skip=skip,
+                                          decode=self.decode)
             except _Stopped:
                 pass
         if tagger.checking:
