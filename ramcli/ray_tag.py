@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ramcli.discover import PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXES, VIDEO_SUFFIXES, Found, walk_reaches
+from ramcli.discover import (PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXES, VIDEO_SUFFIXES, Found, os_reason,
+                             walk_reaches)
 from ramcli.errors import RamcliError, UsageError
 from ramcli.loader import Batch, Failure, Item, PhotoDataset
 from ramcli.pathnames import is_uri
@@ -328,6 +329,7 @@ def connect(address: str | None):
     progress bar and summary are the output."""
     ray = import_ray()
     if not ray.is_initialized():
+        _reachable(address)
         try:
             starts = address is None and not os.environ.get("RAY_ADDRESS")  # a new local Ray: no dashboard
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
@@ -346,6 +348,20 @@ def connect(address: str | None):
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # failures end in one RamcliError line
     return ray
+
+
+def _reachable(address: str | None) -> None:
+    """A `host:port` (or `ray://host:port`) that does not answer is a one-line error at once;
+    Ray itself would retry for minutes."""
+    import socket
+
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # None, "auto", "local": Ray finds the cluster itself
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {os_reason(exc)}") from None
 
 
 def execute(run: TagRun, sources: Sequence[str], console: Console, err_console: Console, address: str | None = None,

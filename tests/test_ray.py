@@ -309,6 +309,19 @@ def test_without_ray_the_flag_says_what_to_install(model_files, tmp_path, monkey
     assert capsys.readouterr().err.strip().splitlines() == ["error: --ray needs Ray: pip install 'ramcli[ray]'"]
 
 
+def test_an_address_that_does_not_answer_is_one_line_at_once():
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: connections are refused
+        with pytest.raises(ray_tag.UsageError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}: "):
+            ray_tag._reachable(f"127.0.0.1:{port}")
+        with pytest.raises(ray_tag.UsageError, match="cannot reach"):
+            ray_tag._reachable(f"ray://127.0.0.1:{port}")
+    ray_tag._reachable("auto")  # found by Ray itself
+
+
 def test_the_command_line_does_not_import_ray():
     code = "import sys; from ramcli.cli.app import app; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
