@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -283,6 +284,7 @@ def score_benchmark(
     device: str,
     batch_size: int,
     workers: int | None = None,
+    scorer: Callable | None = None,
 ) -> ScoreCache:
     """Load the model, score every benchmark image with the `ramcli tag` pipeline, keep the scores
     of the benchmark classes. Images that are missing or cannot be decoded are recorded as failures
@@ -316,7 +318,7 @@ def score_benchmark(
         path = Path(path)
         return id_of[path] if path in id_of else id_of[path.resolve()]
 
-    result = score_files(model, list(found.values()), batch_size=batch_size, device=device, workers=workers)
+    result = (scorer or score_files)(model, list(found.values()), batch_size=batch_size, device=device, workers=workers)
     for path, reason in result.failures.items():
         failed[image_id_of(path)] = reason
     scores = np.asarray(result.scores, dtype=np.float32)[:, selection.model_indices]
@@ -595,6 +597,9 @@ class EvalRequest:
     threshold_file: Path | None = None
     calibration_fraction: float | None = None
     plots: bool = False
+    #: Scores the images, with `ramcli.pipeline.score_files`'s signature; None is the local
+    #: pipeline (`ramcli eval --ray` passes `ramcli.ray_tag.score_files`).
+    scorer: Callable | None = None
 
 
 def run(request: EvalRequest) -> tuple[EvalResult, dict[str, Path], bool]:
@@ -616,7 +621,7 @@ def run(request: EvalRequest) -> tuple[EvalResult, dict[str, Path], bool]:
         if request.images is None:
             raise UsageError("--images is needed to score the benchmark (the folder the image ids are relative to)")
         cache = score_benchmark(benchmark, request.images, request.weights, request.arch, request.labels_dir,
-                                request.device, request.batch_size, request.workers)
+                                request.device, request.batch_size, request.workers, request.scorer)
         cache.save(cache_path)
     result = evaluate_scores(benchmark, cache, request.threshold, request.threshold_file,
                              request.calibration_fraction)

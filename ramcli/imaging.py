@@ -140,7 +140,7 @@ def open_image(path: Path, data: bytes | None = None) -> Image.Image:
 
 
 def load_for_model(path: Path, size: int, draft: bool = False, defer_jpeg: bool = False,
-                   interpolation: str = "bilinear") -> Decoded:
+                   interpolation: str = "bilinear", data: bytes | None = None) -> Decoded:
     """Decode, orient, convert and resize one photo to uint8 (3, size, size). Raises `ImageError`.
 
     `size` and `interpolation` come from the model's data config; `draft` decodes JPEGs in DCT
@@ -150,9 +150,11 @@ def load_for_model(path: Path, size: int, draft: bool = False, defer_jpeg: bool 
     parsed, not decoded: its bytes come back for `decode_jpegs` on the model's device. Anything
     else (CMYK, RAW previews, truncated files, other formats) is decoded here as usual, so
     every bad file still gets its one-line reason.
+
+    `data`: the file's bytes, already read (from object storage); `path` then only names it.
     """
     path = Path(path)
-    data = read_bytes(path)
+    data = read_bytes(path) if data is None else data
     img = open_image(path, data)
     try:
         with warnings.catch_warnings():

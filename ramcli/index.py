@@ -42,7 +42,7 @@ import sqlite_utils
 
 from ramcli import config
 from ramcli.errors import RamcliError
-from ramcli.pathnames import from_text, to_text
+from ramcli.pathnames import from_text, is_uri, to_text
 from ramcli.records import PhotoResult, TagScore
 
 #: How long a writer waits for another process's transaction before giving up (seconds).
@@ -96,8 +96,9 @@ class MergeCounts:
 
 
 def normalize_path(path: str | os.PathLike) -> str:
-    """Paths are stored absolute and resolved, so one file has one row whatever the caller's cwd."""
-    return os.path.realpath(os.fspath(path))
+    """Paths are stored absolute and resolved, so one file has one row whatever the caller's cwd;
+    an object-storage address (`s3://…`) is stored as given."""
+    return path if is_uri(path) else os.path.realpath(os.fspath(path))
 
 
 def path_key(path: str | os.PathLike) -> str:
@@ -321,7 +322,7 @@ class Index:
         ).fetchall()
         for row in rows:
             record = PhotoRecord.from_row(row)
-            if not os.path.exists(record.path):
+            if not is_uri(record.path) and not os.path.exists(record.path):
                 return record
         return None
 
@@ -448,9 +449,11 @@ class Index:
             yield PhotoRecord.from_row(row)
 
     def prune(self, exists: Callable[[str], bool] = os.path.exists, dry_run: bool = False) -> list[str]:
-        """Forget photos whose files are gone (only list them with `dry_run`); returns their paths."""
+        """Forget photos whose files are gone (only list them with `dry_run`); returns their paths.
+        Photos on object storage are kept: their existence is not the local file system's to say."""
         rows = self.db.execute("SELECT id, path FROM photos ORDER BY path")
-        missing = [(pid, path) for pid, path in ((pid, from_text(text)) for pid, text in rows) if not exists(path)]
+        missing = [(pid, path) for pid, path in ((pid, from_text(text)) for pid, text in rows)
+                   if not is_uri(path) and not exists(path)]
         if missing and not dry_run:
             with self._write():
                 self._delete_photos([(pid,) for pid, _ in missing])

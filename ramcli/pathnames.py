@@ -21,6 +21,7 @@ run. Two forms exist besides the file-system one:
 from __future__ import annotations
 
 import os
+import re
 
 _ESCAPE = 0x10FF7F  # prefixes a literal character of the reserved range
 _BYTE_BASE = 0x10FF00  # + 0x80..0xFF: one undecodable byte
@@ -81,3 +82,12 @@ def display(path: str | os.PathLike) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """'s3://bucket/key', 'gs://…', 'file:///…': an object-storage address (`ramcli tag --ray`),
+    kept as given; there is no local file to resolve, stat or write."""
+    return isinstance(path, str) and _URI.match(path) is not None

@@ -220,6 +220,9 @@ class TagRun:
     #: (`ramcli watch` stops this way on Ctrl-C or SIGTERM).
     stop: Callable[[], bool] | None = None
     follow_links: bool = False  # walk and write through symlinks that leave the tagged folders
+    #: Runs the model over the due photos, with `ramcli.pipeline.tag_files`'s signature; None is
+    #: the local pipeline (`ramcli.ray_tag` passes a Ray Data one, recorded by the same sinks).
+    runner: Callable | None = None
     #: What discovery reported besides photos (errors, folder links not walked), set by `_discover`.
     reported: list[Found] = field(default_factory=list, init=False, repr=False)
 
@@ -626,8 +629,9 @@ class TagSession:
 
             try:
                 run._rescore_cached(cached, tagger, sinks, loaded.vocab_version, advance)
-                tag_files([f.path for f in todo], tagger, sinks, batch_size, workers,
-                          vocab_version=loaded.vocab_version, on_batch=advance, skip=skip, decode=self.decode)
+                (run.runner or tag_files)([f.path for f in todo], tagger, sinks, batch_size, workers,
+                                          vocab_version=loaded.vocab_version, on_batch=advance, skip=skip,
+                                          decode=self.decode)
             except _Stopped:
                 pass
         if tagger.checking:

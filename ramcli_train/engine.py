@@ -129,6 +129,20 @@ class EngineReport:
                 "tag_count_before": sum(self.before.values()), "tag_count_after": sum(self.after.values()),
                 "per_tag": {t: {"before": self.before[t], "after": self.after[t]} for t in tags}, **self.extra}
 
+    def counts(self) -> dict:
+        """What `merge` adds up: the counts of the shards this report saw."""
+        return {"samples": self.samples, "images_scored": self.images_scored, "undecodable": self.undecodable,
+                "before": dict(self.before), "after": dict(self.after), "generated": self.extra.get("generated", 0)}
+
+    def merge(self, counts: dict) -> None:
+        """Add another report's `counts` (from the shards a Ray actor generated)."""
+        self.samples += counts["samples"]
+        self.images_scored += counts["images_scored"]
+        self.undecodable += counts["undecodable"]
+        self.before.update(counts["before"])
+        self.after.update(counts["after"])
+        self.extra["generated"] = self.extra.get("generated", 0) + counts["generated"]
+
     def save(self, out_dir: Path) -> Path:
         path = Path(out_dir) / REPORT
         path.write_text(json.dumps(self.as_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -169,50 +183,67 @@ def generate(model: RecognitionModel, data: Sequence[str], out_dir: Path, thresh
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = TagNames(model)
-    report = EngineReport(extra={"model": model.model_id, "threshold": threshold if threshold is not None else "per-class",
-                                 "captioned": captioner is not None, "generated": 0})
-    used: set[str] = set()
-    for index, shard in enumerate(resolve_shards(list(data))):
-        samples = list(read_samples(shard))
-        images = [(i, b) for i, s in enumerate(samples) if (b := _image_bytes(s)) is not None]
-        scores = _score(model, images, device, batch_size, workers) if images else {}
-        report.images_scored += len(scores)
-        report.undecodable += len(images) - len(scores)
-        predicted = {i: _decide(model, row, threshold) for i, row in scores.items()}
-        captions_new: dict[int, str] = {}
-        if captioner is not None and predicted:
-            order = sorted(predicted)
-            pil = [decode_image(samples[i][next(e for e in IMAGE_EXTENSIONS if e in samples[i])]) for i in order]
-            for i, text in zip(order, captioner(pil, [predicted[i] for i in order])):
-                captions_new[i] = text
-        written = []
-        for i, sample in enumerate(samples):
-            report.samples += 1
-            meta = _meta(sample)
-            captions = _captions(sample, meta)
-            given = [str(t) for t in meta.get("tags") or []]
-            before = names.of(captions, given)
-            report.before.update(before)
-            if i not in predicted:
-                report.after.update(before)
-                written.append(sample)
-                continue
-            added = sorted(set(predicted[i]) - before)
-            caption_tags: set[str] = set()
-            if i in captions_new:
-                caption_tags = names.of([captions_new[i]], []) - before - set(added)
-                meta["caption"] = [*captions_new_list(meta), captions_new[i]]
-                meta["generated_caption"] = captions_new[i]
-                meta["generated_caption_tags"] = sorted(caption_tags)
-            after = before | set(added) | caption_tags
-            report.after.update(after)
-            report.extra["generated"] += len(added) + len(caption_tags)
-            meta["tags"] = sorted(set(given) | set(added) | caption_tags)
-            meta["generated_tags"] = added
-            written.append({**sample, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
-        _write(_output_path(shard, out_dir, index, used), written)
+    report = generate_report(model, threshold, captioner is not None)
+    for shard, out in output_paths(data, out_dir):
+        generate_shard(model, names, shard, out, report, threshold, captioner, device, batch_size, workers)
     report.save(out_dir)
     return report.as_dict()
+
+
+def generate_report(model: RecognitionModel, threshold: float | None, captioned: bool) -> EngineReport:
+    return EngineReport(extra={"model": model.model_id, "threshold": threshold if threshold is not None else "per-class",
+                               "captioned": captioned, "generated": 0})
+
+
+def output_paths(data: Sequence[str], out_dir: Path) -> list[tuple[str, Path]]:
+    """(input shard, its output shard) for every shard of `data`, in order."""
+    used: set[str] = set()
+    return [(shard, _output_path(shard, Path(out_dir), index, used))
+            for index, shard in enumerate(resolve_shards(list(data)))]
+
+
+def generate_shard(model: RecognitionModel, names: TagNames, shard: str, out: Path, report: EngineReport,
+                   threshold: float | None = None, captioner: Captioner | None = None, device: str = "auto",
+                   batch_size: int = 8, workers: int | None = 0) -> None:
+    """`generate` for one shard: its new shard written at `out` (atomically), counts into `report`."""
+    samples = list(read_samples(shard))
+    images = [(i, b) for i, s in enumerate(samples) if (b := _image_bytes(s)) is not None]
+    scores = _score(model, images, device, batch_size, workers) if images else {}
+    report.images_scored += len(scores)
+    report.undecodable += len(images) - len(scores)
+    predicted = {i: _decide(model, row, threshold) for i, row in scores.items()}
+    captions_new: dict[int, str] = {}
+    if captioner is not None and predicted:
+        order = sorted(predicted)
+        pil = [decode_image(samples[i][next(e for e in IMAGE_EXTENSIONS if e in samples[i])]) for i in order]
+        for i, text in zip(order, captioner(pil, [predicted[i] for i in order])):
+            captions_new[i] = text
+    written = []
+    for i, sample in enumerate(samples):
+        report.samples += 1
+        meta = _meta(sample)
+        captions = _captions(sample, meta)
+        given = [str(t) for t in meta.get("tags") or []]
+        before = names.of(captions, given)
+        report.before.update(before)
+        if i not in predicted:
+            report.after.update(before)
+            written.append(sample)
+            continue
+        added = sorted(set(predicted[i]) - before)
+        caption_tags: set[str] = set()
+        if i in captions_new:
+            caption_tags = names.of([captions_new[i]], []) - before - set(added)
+            meta["caption"] = [*captions_new_list(meta), captions_new[i]]
+            meta["generated_caption"] = captions_new[i]
+            meta["generated_caption_tags"] = sorted(caption_tags)
+        after = before | set(added) | caption_tags
+        report.after.update(after)
+        report.extra["generated"] += len(added) + len(caption_tags)
+        meta["tags"] = sorted(set(given) | set(added) | caption_tags)
+        meta["generated_tags"] = added
+        written.append({**sample, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
+    _write(out, written)
 
 
 def captions_new_list(meta: dict) -> list[str]:

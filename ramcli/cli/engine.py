@@ -39,10 +39,26 @@ def generate(
     captioner: Path | None = typer.Option(None, "--captioner", help="A RAM/Tag2Text `ramcli train`/`finetune` checkpoint: add generated captions and their tags."),
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = DEVICE,
+    ray: bool = typer.Option(False, "--ray", help="Spread the shards over Ray model actors (pip install 'ramcli\\[ray]'; --out on storage every node sees). See docs/scale-out.md."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join (implies --ray; default: $RAY_ADDRESS, else a local Ray)."),
+    ray_actors: int = typer.Option(None, "--ray-actors", min=1, help="Model actors (default: one per GPU; without GPUs one per node)."),
 ) -> None:
     """Run a baseline model over shards and add the tags (and captions) it generates."""
     from ramcli_train.engine import checkpoint_captioner, generate as run
 
+    if ray or ray_address:
+        from ramcli.errors import UsageError
+        from ramcli.ray_tag import import_ray
+
+        import_ray()
+        if captioner:
+            raise UsageError("--ray does not generate captions yet: run --captioner locally")
+        from ramcli_train.ray_engine import generate as run_on_ray
+
+        report = run_on_ray(_model(weights, labels), data, out, threshold=threshold, device=device,
+                            batch_size=batch_size, address=ray_address, actors=ray_actors)
+        _print(report, f"{report['generated']} generated")
+        return
     model = _model(weights, labels)
     cap = checkpoint_captioner(captioner, "cpu" if device == "auto" else device) if captioner else None
     report = run(model, data, out, threshold=threshold, captioner=cap, device=device, batch_size=batch_size)

@@ -31,6 +31,9 @@ def register(app: typer.Typer) -> None:
         calibration_split: float = typer.Option(0.5, "--calibration-split", help="Fraction of the images used to fit thresholds (the rest measures them)."),
         out: Path = typer.Option(Path("ramcli-eval"), "--out", help="Output folder (also holds the score cache)."),
         plots: bool = typer.Option(False, "--plots", help="Also write PR curves and a per-class AP chart as PNG."),
+        ray: bool = typer.Option(False, "--ray", help="Score the images as a Ray Data job (pip install 'ramcli\\[ray]'). See docs/scale-out.md."),
+        ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster to join (implies --ray; default: $RAY_ADDRESS, else a local Ray)."),
+        ray_actors: int | None = typer.Option(None, "--ray-actors", min=1, help="Model actors (default: one per GPU; without GPUs one per node)."),
     ) -> None:
         """Evaluate a model on a benchmark (mAP, CP/CR/F1, per-class AP, calibration)."""
         if threshold is not None and threshold_file is not None:
@@ -39,11 +42,20 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--calibration-split must be between 0 and 1, got {calibration_split}")
         from ramcli import evaluate as ev
 
+        scorer = None
+        if ray or ray_address:
+            import functools
+
+            from ramcli import ray_tag
+
+            ray_tag.import_ray()
+            scorer = functools.partial(ray_tag.score_files, actor_device=device, address=ray_address, actors=ray_actors)
+            device = "cpu"  # the driver only loads the model and gathers the scores
         request = ev.EvalRequest(
             annotations=annotations, taglist=taglist, out_dir=out, images=images, weights=weights, arch=arch,
             labels_dir=labels, device=device, batch_size=batch_size, threshold=threshold,
             threshold_file=threshold_file, calibration_fraction=calibration_split if calibrate else None,
-            plots=plots,
+            plots=plots, scorer=scorer,
         )
         result, written, reused = ev.run(request)
         if reused:

@@ -83,7 +83,7 @@ def _run(paths: list[Path], writer_options: WriterOptions, *, exclude_tags: str,
     from ramcli.tagrun import TagRun
 
     return TagRun(
-        paths=paths, lang=writer_options.lang, exclude_tags=[t for t in exclude_tags.split(",") if t.strip()],
+        paths=[Path(p) for p in paths], lang=writer_options.lang, exclude_tags=[t for t in exclude_tags.split(",") if t.strip()],
         fmt=fmt or default_format(options["output"], piped="jsonl"),
         use_index=not no_index, writer_options=writer_options, **options,
     )
@@ -92,13 +92,26 @@ def _run(paths: list[Path], writer_options: WriterOptions, *, exclude_tags: str,
 def register(app: typer.Typer) -> None:
     @app.command()
     @tag_options()
-    def tag(paths: list[Path] = typer.Argument(..., help="Photos and folders (walked recursively)."), *, run) -> None:
+    def tag(
+        paths: list[str] = typer.Argument(..., help="Photos and folders (walked recursively); with --ray also s3://, gs:// or file:// addresses."),
+        ray: bool = typer.Option(False, "--ray", help="Run decoding and the model as a Ray Data job (pip install 'ramcli\\[ray]'); the index and metadata are written here. See docs/scale-out.md."),
+        ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join: auto, host:port or ray://host:10001 (implies --ray; default: $RAY_ADDRESS, else a local Ray)."),
+        ray_actors: int = typer.Option(None, "--ray-actors", min=1, help="Model actors (default: one per GPU; without GPUs one per node)."),
+        ray_actor_cpus: float = typer.Option(None, "--ray-actor-cpus", min=0.5, help="CPUs per model actor (default: 1 with a GPU; else all of a node's CPUs but one)."),
+        *, run,
+    ) -> None:
         """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.
 
         Exit code 0 when nothing new failed; 1 when a photo failed, is broken (a photo's name, no
         photo inside) or could not be written, and the index did not already hold that failure
         (every failure is listed, old ones too); 2 on usage errors.
         """
-        failed = run.execute(console=console, err_console=err_console)
+        if ray or ray_address:
+            from ramcli import ray_tag
+
+            failed = ray_tag.execute(run, paths, console, err_console, address=ray_address,
+                                     actors=ray_actors, actor_cpus=ray_actor_cpus)
+        else:
+            failed = run.execute(console=console, err_console=err_console)
         if failed:
             raise typer.Exit(1)
