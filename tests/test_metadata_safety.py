@@ -273,25 +273,29 @@ def test_more_than_a_thousand_keywords_are_read_and_kept_whole(tmp_path, ledger)
 
 
 def test_a_new_version_that_does_not_hold_the_plan_is_never_copied_in(tmp_path, ledger, monkeypatch):
-    """What ExifTool wrote is read back from the new version before that is copied into the
-    photo: one that lacks a planned value (here ExifTool is handed a list without ramcli's last
-    keyword) is reported as failed, the photo keeps every byte, and the ledger learns nothing."""
+    """A new version that ExifTool warned about is read back before it is copied into the photo:
+    here ExifTool is handed an IPTC keyword longer than IPTC's 64 bytes, warns, and stores it cut
+    short. That version is never copied in: the photo keeps every byte, the outcome says why,
+    and the ledger learns nothing."""
     from ramcli.metadata import ExifToolProcess
+    from ramcli.metadata.exiftool import encode_value
 
     photo = make_photo(tmp_path, "photo", "jpg")
     before = photo.read_bytes()
     real = ExifToolProcess.write
 
-    def loses_a_keyword(self, entries, *args):
+    def too_long_a_keyword(self, entries, *args):
         for entry in entries:
-            entry[SUBJECT] = entry[SUBJECT][:-1]
+            entry["IPTC:Keywords"] = [*entry["IPTC:Keywords"], encode_value("x" * 100)]
         return real(self, entries, *args)
 
-    monkeypatch.setattr(ExifToolProcess, "write", loses_a_keyword)
-    with MetadataWriter(WriterOptions(), ledger) as w:
+    monkeypatch.setattr(ExifToolProcess, "write", too_long_a_keyword)
+    with MetadataWriter(WriterOptions(iptc="always"), ledger) as w:
         outcome = w.write_batch([(photo, [DOG, BEACH])])[0]
-    assert outcome.status == "failed" and "did not store XMP-dc:Subject" in outcome.error, outcome.error
     assert photo.read_bytes() == before
+    assert outcome.status == "failed", outcome
+    assert "ExifTool did not store IPTC:Keywords as planned (the file is unchanged)" in outcome.error
+    assert any("exceeds length limit" in w for w in outcome.warnings)
     assert ledger.entries(os.path.realpath(photo)) == []
 
 

@@ -13,12 +13,14 @@ How a batch runs, and why:
 4. Stage: the ledger changes that hang on the write are committed to the staging table, so that
    a kill during the write cannot leave ramcli keywords the ledger does not know (ramcli/ledger.py).
 5. Write: one ExifTool command imports every changed target's new lists from a JSON file and
-   writes each new version into the journal's batch folder (`-o`). Each new version is read back
-   and compared with its plan: one that does not hold it is never copied anywhere (ExifTool may
-   warn and store less than it was given). The journal then makes the new versions durable and
-   copies each into its file in place, once the space for it is reserved
-   (`ramcli.fileio.Journal`): inode, hard links, extended attributes, owner and mode stay; a new
-   sidecar is created atomically.
+   writes each new version into the journal's batch folder (`-o`). A new version that ExifTool
+   warned about (it then may have stored less than it was given: a value cut to a length limit)
+   is read back and compared with its plan, and one that does not hold it is never copied
+   anywhere. Without a warning ExifTool stores what it was given; reading back every new version
+   would cost a fifth more time than the whole write.
+   The journal then makes the new versions durable and copies each into its file in place, once
+   the space for it is reserved (`ramcli.fileio.Journal`): inode, hard links, extended
+   attributes, owner and mode stay; a new sidecar is created atomically.
 6. Settle, in one transaction: the staged changes of targets written go into the ledger. Failed
    targets, left as they were, are reported; the ledger is not told.
 
@@ -416,8 +418,8 @@ class MetadataWriter:
         self, batch: _Batch, targets: list[TargetPlan], slot: int
     ) -> dict[str, tuple[WriteState, list[str]]]:
         """One ExifTool command writes the new version of every target into the journal; each is
-        read back and, if it holds its plan, put into place: per target its state (`WriteState`)
-        and its error/warning lines."""
+        put into place if it holds its plan (read back where ExifTool warned): per target its
+        state (`WriteState`) and its error/warning lines."""
         results: dict[str, tuple[WriteState, list[str]]] = {}
         ready = []
         for t in targets:
@@ -434,8 +436,8 @@ class MetadataWriter:
         new_versions = {t.target: out / Path(sources[t.target]).name for t in ready}
         try:
             messages, errored = self._exiftools[slot].write(entries, batch.workspace.folder, out)
-            written = [t for t in ready if new_versions[t.target].exists() and sources[t.target] not in errored]
-            wrong = self._verify(slot, [(t, new_versions[t.target]) for t in written])
+            warned = [t for t in ready if messages.get(sources[t.target]) and sources[t.target] not in errored]
+            wrong = self._verify(slot, [(t, new_versions[t.target]) for t in warned if new_versions[t.target].exists()])
         except Exception as exc:  # ExifTool died: it wrote into the journal folder only
             self._exiftools[slot].close()
             self._exiftools[slot] = None
@@ -469,8 +471,8 @@ class MetadataWriter:
         return results
 
     def _verify(self, slot: int, new_versions: list[tuple[TargetPlan, Path]]) -> dict[str, str]:
-        """Read back the new versions ExifTool wrote into the journal, before any is copied into
-        place: per target whose new version does not hold its plan, why not."""
+        """Read back new versions ExifTool wrote into the journal, before any is copied into place:
+        per target whose new version does not hold its plan, why not."""
         found, _ = self._exiftools[slot].read([str(path) for _, path in new_versions])
         wrong = {}
         for t, path in new_versions:
