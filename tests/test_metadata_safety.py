@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zlib
@@ -250,6 +252,66 @@ def test_a_full_disk_never_leaves_a_photo_half_written(tmp_path, ledger):
             assert w.write_batch([(photo, tags)])[0].status == "written"
         assert exact_tags(snapshot)[SUBJECT] == USER_KEYWORDS + [t.name for t in tags]
         assert snapshot.stat().st_ino == photo.stat().st_ino and decoded_pixels_digest(photo) == pixels
+
+
+KILLED_MID_COPY = """
+import os, signal, sys
+import sqlite_utils
+import ramcli.fileio
+from ramcli.ledger import Ledger
+from ramcli.metadata import MetadataWriter, WriterOptions
+from ramcli.records import TagScore
+
+def write_into(fd, source, sync=True):  # half of the new content, no space reserved, then a kill
+    data = open(source, "rb").read()
+    os.pwrite(fd, data[: len(data) // 2], 0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ramcli.fileio.write_into = write_into
+ramcli.fileio.reserve = lambda fd, size: None  # a file system where space cannot be reserved
+db, photo, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with MetadataWriter(WriterOptions(), Ledger(sqlite_utils.Database(db))) as writer:
+    writer.write_batch([(photo, [TagScore(f"tag {i:03d}", "", 0.9) for i in range(count)])])
+"""
+
+
+@pytest.mark.slow
+def test_a_write_the_journal_cannot_complete_yet_keeps_its_ledger_rows_staged(tmp_path, ledger):
+    """A run killed in the middle of a copy on a file system where no space could be reserved,
+    then the disk fills up: the next run cannot complete the photo, so it keeps the journal
+    record and the ledger's staged rows (it does not settle them against the torn file), and
+    writes nothing into that photo. Once there is room, the next run completes the photo, the
+    ledger learns exactly ramcli's keywords, and untag gives the photo's own metadata back."""
+    with small_disk(tmp_path / "disk", 2 << 20) as disk:
+        photo = make_photo(disk, "photo", "jpg")
+        before, pixels = exact_tags(photo), decoded_pixels_digest(photo)
+        names = [f"tag {i:03d}" for i in range(300)]
+        script = tmp_path / "killed.py"
+        script.write_text(KILLED_MID_COPY)
+        done = subprocess.run([sys.executable, script, tmp_path / "index.db", photo, str(len(names))],
+                              capture_output=True, text=True)
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        torn = photo.read_bytes()
+        filler = fill(disk)
+        staged = lambda: ledger.db["metadata_ledger_staged"].count  # noqa: E731
+
+        with MetadataWriter(WriterOptions(), ledger) as w:
+            assert w.journal.replayed == 0 and photo.read_bytes() == torn
+            assert w.journal.waiting_targets == {str(photo)}
+            assert staged() > 0 and ledger.entries(os.path.realpath(photo)) == []
+            outcome = w.write_batch([(photo, [DOG])])[0]
+            assert outcome.status == "failed" and photo.read_bytes() == torn
+        assert staged() > 0
+
+        filler.unlink()
+        with MetadataWriter(WriterOptions(), ledger) as w:
+            assert w.journal.replayed == 1 and staged() == 0
+            assert exact_tags(photo)[SUBJECT] == USER_KEYWORDS + names
+            assert decoded_pixels_digest(photo) == pixels
+            rows = {(e.field, e.value): e.preexisting for e in ledger.entries(os.path.realpath(photo))}
+            assert {v for (f, v), preexisting in rows.items() if f == SUBJECT and not preexisting} == set(names)
+            assert w.untag_batch([photo])[0].status == "written"
+        assert exact_tags(photo) == before
 
 
 def test_more_than_a_thousand_keywords_are_read_and_kept_whole(tmp_path, ledger):
