@@ -153,7 +153,8 @@ def test_a_full_disk_leaves_the_photo_and_its_snapshot_untouched(tmp_path):
         batch = journal.new_batch()
         (batch / "f1").write_bytes(new)
         (batch / "f2").write_bytes(shrunk)  # smaller than what is there: fits
-        results = journal.commit(batch, [Change(str(photo), str(batch / "f1")), Change(str(other), str(batch / "f2"))])
+        results = journal.commit(batch, [Change(str(photo), str(batch / "f1")),
+                                         Change(str(other), str(batch / "f2"))])
         assert results == {str(photo): "not written: no space left on device (the file is unchanged)",
                            str(other): None}
         assert photo.read_bytes() == old == snapshot.read_bytes() and photo.stat().st_mtime_ns == mtime

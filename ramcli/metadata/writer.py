@@ -16,8 +16,9 @@ How a batch runs, and why:
    writes each new version into the journal's batch folder (`-o`). A new version that ExifTool
    warned about (it then may have stored less than it was given: a value cut to a length limit)
    is read back and compared with its plan, and one that does not hold it is never copied
-   anywhere. Without a warning ExifTool stores what it was given; reading back every new version
-   would cost a fifth more time than the whole write.
+   anywhere. Without a warning ExifTool stores what it was given (it silently changes only control
+   characters, which no ramcli name holds), so the other new versions are not read back: that
+   read costs nearly as much as the write.
    The journal then makes the new versions durable and copies each into its file in place, once
    the space for it is reserved (`ramcli.fileio.Journal`): inode, hard links, extended
    attributes, owner and mode stay; a new sidecar is created atomically.
@@ -436,8 +437,9 @@ class MetadataWriter:
         new_versions = {t.target: out / Path(sources[t.target]).name for t in ready}
         try:
             messages, errored = self._exiftools[slot].write(entries, batch.workspace.folder, out)
-            warned = [t for t in ready if messages.get(sources[t.target]) and sources[t.target] not in errored]
-            wrong = self._verify(slot, [(t, new_versions[t.target]) for t in warned if new_versions[t.target].exists()])
+            warned = [t for t in ready if messages.get(sources[t.target]) and sources[t.target] not in errored
+                      and new_versions[t.target].exists()]
+            wrong = self._verify(slot, [(t, new_versions[t.target]) for t in warned])
         except Exception as exc:  # ExifTool died: it wrote into the journal folder only
             self._exiftools[slot].close()
             self._exiftools[slot] = None
