@@ -16,8 +16,8 @@ How a batch runs, and why:
    writes each new version into the journal's batch folder (`-o`). A new version that ExifTool
    warned about (it then may have stored less than it was given: a value cut to a length limit)
    is read back and compared with its plan, and one that does not hold it is never copied
-   anywhere. Without a warning ExifTool stores what it was given (it silently changes only control
-   characters, which no ramcli name holds), so the other new versions are not read back: that
+   anywhere. Without a warning ExifTool stores what it was given (control characters aside, which
+   XMP cannot carry and no ramcli name holds), so the other new versions are not read back: that
    read costs nearly as much as the write.
    The journal then makes the new versions durable and copies each into its file in place, once
    the space for it is reserved (`ramcli.fileio.Journal`): inode, hard links, extended
