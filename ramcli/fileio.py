@@ -144,7 +144,7 @@ def reserve(fd: int, size: int) -> None:
     Where the file system can (Linux: ext4, XFS, btrfs, tmpfs), the missing blocks are allocated
     past the end of the file, where no reader sees them and no other program can take them
     (they stay with the file, so a replay after a kill finds them). Elsewhere the free space is
-    checked, which another program could still take before the copy."""
+    checked, which another program could still take before the copy (Windows: not checked)."""
     have = os.fstat(fd).st_size
     if size <= have:
         return
@@ -154,6 +154,8 @@ def reserve(fd: int, size: int) -> None:
         code = ctypes.get_errno()
         if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise OSError(code, os.strerror(code))
+    if not hasattr(os, "fstatvfs"):
+        return
     free = os.fstatvfs(fd)
     if free.f_bavail * free.f_frsize < size - have:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
