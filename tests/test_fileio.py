@@ -5,6 +5,7 @@ exercise the journal end to end."""
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ramcli import fileio
 from ramcli.fileio import Change, Journal, atomic_output, atomic_write
 from small_disk import fill, free_bytes, small_disk
 
@@ -172,6 +174,28 @@ def test_a_full_disk_leaves_the_photo_and_its_snapshot_untouched(tmp_path):
         journal.close()
         assert photo.read_bytes() == new == snapshot.read_bytes() and photo.stat().st_ino == inode
         assert pixels(new) == pixels(old)
+
+
+def test_where_space_cannot_be_allocated_the_free_space_is_checked(tmp_path, monkeypatch):
+    """Without fallocate (macOS, some network file systems) `reserve` compares the growth with the
+    free space: it refuses on a full disk, and never changes the file."""
+    monkeypatch.setattr(fileio, "_FALLOCATE", None)
+    with small_disk(tmp_path / "disk", 1 << 20) as disk:
+        photo = disk / "photo.jpg"
+        photo.write_bytes(jpeg(4))
+        size = photo.stat().st_size
+        filler = fill(disk)
+        fd = os.open(photo, os.O_WRONLY)
+        try:
+            with pytest.raises(OSError) as refused:
+                fileio.reserve(fd, size + 200_000)
+            assert refused.value.errno == errno.ENOSPC
+            fileio.reserve(fd, size)  # no growth: nothing to reserve
+            filler.unlink()
+            fileio.reserve(fd, size + 200_000)
+        finally:
+            os.close(fd)
+        assert photo.read_bytes() == jpeg(4)
 
 
 def test_a_replay_that_finds_the_disk_full_keeps_its_record_until_it_can(tmp_path):
