@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
+import errno
 import itertools
 import json
 import os
@@ -50,6 +52,8 @@ except ImportError:  # Windows
         msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
 
 _COPY_CHUNK = 1 << 20
+# fallocate(2) mode: allocate the blocks, leave the file's size (and so what readers see) alone.
+_FALLOC_FL_KEEP_SIZE = 1
 # fsync waits on the disk, not on Python: a few at once let the file system merge their flushes.
 _SYNC_THREADS = 8
 
@@ -62,6 +66,24 @@ def _read_umask() -> int:
 
 # Read once: setting the umask to read it is not safe while other threads create files.
 _UMASK = _read_umask()
+
+
+def _find_fallocate():
+    """Linux's fallocate(2) from the C library, or None where there is none (macOS, Windows)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):
+        return None
+    for name in ("fallocate64", "fallocate"):
+        function = getattr(libc, name, None)
+        if function is not None:
+            function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            function.restype = ctypes.c_int
+            return function
+    return None
+
+
+_FALLOCATE = _find_fallocate()
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -114,9 +136,38 @@ def atomic_write(path: str | os.PathLike, data: bytes, exclusive: bool = False, 
         fh.write(data)
 
 
+def reserve(fd: int, size: int) -> None:
+    """Make sure that `size` bytes can be written into the open file `fd` from its start without
+    running out of space, changing neither its content nor its size; OSError (ENOSPC, EDQUOT) if
+    the space is not there.
+
+    Where the file system can (Linux: ext4, XFS, btrfs, tmpfs), the missing blocks are allocated
+    past the end of the file, where no reader sees them and no other program can take them
+    (they stay with the file, so a replay after a kill finds them). Elsewhere the free space is
+    checked, which another program could still take before the copy (Windows: not checked)."""
+    have = os.fstat(fd).st_size
+    if size <= have:
+        return
+    if _FALLOCATE is not None:
+        if _FALLOCATE(fd, _FALLOC_FL_KEEP_SIZE, 0, size) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code))
+    if not hasattr(os, "fstatvfs"):
+        return
+    free = os.fstatvfs(fd)
+    if free.f_bavail * free.f_frsize < size - have:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def write_into(fd: int, source: str | os.PathLike, sync: bool = True) -> int:
     """Overwrite the open file `fd` with the content of `source`, in place (same inode), fsynced
-    unless `sync` is False. Returns the new size."""
+    unless `sync` is False. Returns the new size.
+
+    The space is reserved first (`reserve`): a full disk raises OSError before a byte of `fd`
+    changes, never in the middle of the copy."""
+    reserve(fd, os.path.getsize(source))
     size = 0
     os.lseek(fd, 0, os.SEEK_SET)
     with open(source, "rb") as src:
@@ -143,13 +194,26 @@ class Change:
     mtime_ns: int | None = None
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """A target of a record that could not be completed yet, and why: no commit writes it until
+    a journal completes that record."""
+
+    target: str
+    inode: tuple[int, int] | None  # None: a file to create
+    reason: str
+
+
 class Journal:
     """The redo journal of one process, in `root` (shared by every ramcli process of a home).
 
     `root/<session>/` belongs to one open journal, which holds an exclusive lock on its `lock` file
     as long as it lives; a session whose lock can be taken belongs to a dead process and is
-    replayed, then removed, by the next journal that opens. A global `root/lock` keeps a replay
-    from meeting a session that is still being set up."""
+    replayed, then removed, by the next journal that opens (a record that cannot be replayed yet
+    stays, with its new contents, for the journal after). A global `root/lock` keeps a replay
+    from meeting a session that is still being set up.
+
+    `waiting`: the targets of records not completed yet (see `Waiting`)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -157,6 +221,7 @@ class Journal:
         self._batches = itertools.count(1)
         self._retirer = ThreadPoolExecutor(1, thread_name_prefix="ramcli-journal")
         self._retiring: list[Future] = []
+        self.waiting: list[Waiting] = []
         with open(self.root / "lock", "a") as guard:
             _lock(guard)
             self.replayed = self._replay_abandoned()
@@ -176,6 +241,10 @@ class Journal:
             shutil.rmtree(self.folder, ignore_errors=True)
         self._lock.close()
 
+    @property
+    def waiting_targets(self) -> set[str]:
+        return {w.target for w in self.waiting}
+
     def new_batch(self) -> Path:
         """A fresh folder for the new contents of one batch."""
         folder = self.folder / f"b{next(self._batches):06d}"
@@ -185,48 +254,94 @@ class Journal:
     def commit(self, batch: Path, changes: Sequence[Change]) -> dict[str, str | None]:
         """Put every change of a batch into its target. Per target: None (done), or why not.
 
-        A target that cannot be opened for writing is reported and left untouched; every other
-        one is journalled, then written. A write cut short by an error (a full disk) keeps the
+        A target that cannot be opened for writing, that waits for an earlier record, or whose
+        new content does not fit on its disk is reported and left untouched, as are all of them
+        when the new contents or the record cannot be made durable; every other one is
+        journalled, then written. A write cut short all the same (an I/O error) keeps the
         journal record, so the next journal completes it; it is reported as 'interrupted'."""
         results: dict[str, str | None] = {}
         opened: list[tuple[Change, int | None]] = []
         for change in changes:
-            if change.create:
-                opened.append((change, None))
-                continue
-            try:
-                fd = os.open(change.target, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError as exc:
-                results[change.target] = f"cannot write: {(exc.strerror or str(exc)).lower()}"
+            fd = None
+            if not change.create:
+                try:
+                    fd = os.open(change.target, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+                except OSError as exc:
+                    results[change.target] = f"cannot write: {_reason(exc)}"
+                    continue
+            waits = self._waits_for(change, fd)
+            if waits:
+                results[change.target] = (f"not written: an earlier ramcli write into it waits to be completed "
+                                          f"({waits.reason}); run ramcli again once that is fixed")
+                if fd is not None:
+                    os.close(fd)
                 continue
             opened.append((change, fd))
         if not opened:
             return results
+        ready: list[tuple[Change, int | None]] = []
         try:
             with ThreadPoolExecutor(_SYNC_THREADS) as pool:
                 list(pool.map(_fsync_file, [c.data for c, _ in opened]))
             fsync_dir(batch)
+            for change, fd in opened:
+                try:
+                    if fd is not None:
+                        reserve(fd, os.path.getsize(change.data))
+                except OSError as exc:
+                    results[change.target] = f"not written: {_reason(exc)} (the file is unchanged)"
+                else:
+                    ready.append((change, fd))
             record = batch.with_suffix(".json")
-            atomic_write(record, json.dumps([_to_record(c, fd) for c, fd in opened]).encode())
-            with ThreadPoolExecutor(_SYNC_THREADS) as pool:
-                done = list(pool.map(lambda item: _apply(*item), opened))
+            if ready:
+                atomic_write(record, json.dumps([_to_record(c, fd) for c, fd in ready]).encode())
+        except OSError as exc:  # the journal's own disk: no target was touched
+            ready = []
+            results.update({c.target: f"not written: cannot journal it ({_reason(exc)}); the file is unchanged"
+                            for c, _ in opened})
         except BaseException:
-            for _, fd in opened:
-                if fd is not None:
-                    os.close(fd)
+            _close(fd for _, fd in opened)
             raise
-        results.update({c.target: error for (c, _), error in zip(opened, done)})
-        fds = [fd for _, fd in opened if fd is not None]
-        if any(error and error.startswith("interrupted") for error in done):
-            for fd in fds:
-                os.close(fd)  # the record stays for the next journal
+        ready_fds = {fd for _, fd in ready}
+        _close(fd for _, fd in opened if fd not in ready_fds)
+        if not ready:
+            return results
+        try:
+            with ThreadPoolExecutor(_SYNC_THREADS) as pool:
+                done = list(pool.map(lambda item: _apply(*item), ready))
+        except BaseException:
+            _close(ready_fds)
+            raise
+        interrupted = []
+        for (change, fd), why in zip(ready, done):
+            if why is None:
+                results[change.target] = None
+            elif fd is None:
+                results[change.target] = f"cannot create it: {why}"
+            else:
+                results[change.target] = f"interrupted ({why}); the next ramcli run completes it"
+                interrupted.append((change, fd))
+                self.waiting.append(Waiting(change.target, _identity(fd), why))
+        fds = [fd for _, fd in ready if fd is not None]
+        if interrupted:
+            _keep_only(record, interrupted, [fd for (_, fd), why in zip(ready, done) if fd is not None and not why])
+            _close(fds)
         else:
             self._retiring = [job for job in self._retiring if not job.done() or job.exception()]
             self._retiring.append(self._retirer.submit(_retire, record, batch, fds))
         return results
 
+    def _waits_for(self, change: Change, fd: int | None) -> Waiting | None:
+        """The kept record this change would overtake, if any (by inode: a hard link is the same file)."""
+        if not self.waiting:
+            return None
+        inode = _identity(fd) if fd is not None else None
+        return next((w for w in self.waiting if w.target == change.target or (inode and w.inode == inode)), None)
+
     def _replay_abandoned(self) -> int:
-        """Complete the batches of sessions whose process died; the number of files rewritten."""
+        """Complete the batches of sessions whose process died; the number of files rewritten.
+        Entries that cannot be completed now stay in their (rewritten) record, with their new
+        contents; everything else of such a session goes."""
         rewritten = 0
         for session in sorted(p for p in self.root.iterdir() if p.is_dir()):
             try:
@@ -238,9 +353,21 @@ class Journal:
                     _lock(lock, wait=False)
                 except OSError:
                     continue  # alive
+                kept: list[Path] = []
                 for record in sorted(session.glob("b*.json")):
-                    rewritten += _replay(record)
-                shutil.rmtree(session, ignore_errors=True)
+                    done, left = _replay(record)
+                    rewritten += done
+                    if left:
+                        kept += [record, record.with_suffix("")]
+                        with contextlib.suppress(OSError):  # else the whole record stays: replays are idempotent
+                            atomic_write(record, json.dumps([entry for entry, _ in left]).encode())
+                        self.waiting += [_waiting(entry, why) for entry, why in left]
+                if not kept:
+                    shutil.rmtree(session, ignore_errors=True)
+                    continue
+                for path in session.iterdir():  # a dead run's workspace links, finished batches
+                    if path not in kept and path.name != "lock":
+                        _remove(path)
         return rewritten
 
 
@@ -256,42 +383,84 @@ def _to_record(change: Change, fd: int | None) -> dict:
     }
 
 
-def _replay(record: Path) -> int:
-    """Redo one batch record; returns how many targets were rewritten or created."""
-    done = 0
+def _replay(record: Path) -> tuple[int, list[tuple[dict, str]]]:
+    """Redo one batch record: how many targets were rewritten or created, and the entries that
+    cannot be redone now (the disk is full), each with why. A target that is gone, another file
+    now, or not writable any more is left as it is."""
+    done, left = 0, []
     for entry in json.loads(record.read_text()):
         target = os.fsdecode(base64.b64decode(entry["target"]))
         data = record.with_suffix("") / entry["data"]
         if not data.exists():
             continue  # the batch finished and was being cleaned up
-        with contextlib.suppress(OSError):  # a target that is gone or unwritable now is left as it is
-            if entry["create"]:
-                if not os.path.lexists(target):
-                    atomic_write(target, data.read_bytes(), exclusive=True)
-                    done += 1
+        if entry["create"]:
+            if os.path.lexists(target):
                 continue
-            fd = os.open(target, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
             try:
-                st = os.fstat(fd)
-                if [st.st_dev, st.st_ino] == entry["inode"]:  # still the file the record names
-                    write_into(fd, data)
-                    if entry["mtime_ns"] is not None:
-                        os.utime(fd, ns=(st.st_atime_ns, entry["mtime_ns"]))
-                    done += 1
-            finally:
-                os.close(fd)
-    return done
+                atomic_write(target, data.read_bytes(), exclusive=True)
+                done += 1
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                left.append((entry, _reason(exc)))
+            continue
+        try:
+            fd = os.open(target, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if [st.st_dev, st.st_ino] != entry["inode"]:
+                continue  # not the file the record names any more
+            write_into(fd, data)
+            if entry["mtime_ns"] is not None:
+                os.utime(fd, ns=(st.st_atime_ns, entry["mtime_ns"]))
+            done += 1
+        except OSError as exc:
+            left.append((entry, _reason(exc)))
+        finally:
+            os.close(fd)
+    return done, left
+
+
+def _waiting(entry: dict, reason: str) -> Waiting:
+    target = os.fsdecode(base64.b64decode(entry["target"]))
+    return Waiting(target, None if entry["create"] else tuple(entry["inode"]), reason)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+def _close(fds) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _apply(change: Change, fd: int | None) -> str | None:
+    """Put one change into place: None, or why not (in place: why the copy was cut short)."""
     if change.create:
         try:
             with open(change.data, "rb") as fh:
                 atomic_write(change.target, fh.read(), exclusive=True)
         except FileExistsError:
-            return "cannot create it: a file of that name appeared meanwhile"
+            return "a file of that name appeared meanwhile"
         except OSError as exc:
-            return f"cannot create it: {(exc.strerror or str(exc)).lower()}"
+            return _reason(exc)
         return None
     try:
         atime = os.fstat(fd).st_atime_ns
@@ -299,8 +468,18 @@ def _apply(change: Change, fd: int | None) -> str | None:
         if change.mtime_ns is not None:
             os.utime(fd, ns=(atime, change.mtime_ns))
     except OSError as exc:
-        return f"interrupted ({(exc.strerror or str(exc)).lower()}); the next ramcli run completes it"
+        return _reason(exc)
     return None
+
+
+def _keep_only(record: Path, interrupted: list[tuple[Change, int]], finished: list[int]) -> None:
+    """After an interrupted copy: flush the targets that were finished, and leave in the record
+    only what the next journal must complete (not a new file that could not be created, which
+    was reported as not written). If that fails, the whole record stays for the next journal."""
+    with contextlib.suppress(OSError):
+        for fd in finished:
+            os.fsync(fd)
+        atomic_write(record, json.dumps([_to_record(c, fd) for c, fd in interrupted]).encode())
 
 
 def _retire(record: Path, batch: Path, fds: list[int]) -> None:

@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zlib
@@ -27,6 +29,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageSequence
 
 from media import USER_KEYWORDS, USER_TITLE, decoded_pixels_digest, make_photo
+from small_disk import fill, small_disk
 from ramcli.ledger import Ledger, LedgerEntry
 from ramcli.metadata import CREATED_SIDECAR, MetadataWriter, WriterOptions
 from ramcli.records import TagScore
@@ -51,8 +54,9 @@ def exact_tags(path: Path) -> dict[str, list[str]]:
     """Every XMP and IPTC value of a file as the exact string it holds (`Group:Tag` -> list).
 
     ExifTool's -j output would turn `TRUE` into `true` and type numbers; its -X output keeps
-    strings, with base64 for bytes XML cannot carry, and a CR left raw (escaped before parsing)."""
-    raw = exiftool("-X", "-G1", "-XMP:all", "-IPTC:all", "-EXIF:DateTimeOriginal", path)
+    strings, with base64 for bytes XML cannot carry, and a CR left raw (escaped before parsing).
+    `-m`: a list of more than 1,000 items is read whole."""
+    raw = exiftool("-X", "-m", "-G1", "-XMP:all", "-IPTC:all", "-EXIF:DateTimeOriginal", path)
     found: dict[str, list[str]] = {}
     for elem in ET.fromstring(raw.replace(b"\r", b"&#13;")).find(f"{_RDF}Description"):
         uri, _, tag = elem.tag[1:].partition("}")
@@ -217,6 +221,144 @@ def test_writes_keep_inode_hard_links_xattrs_owner_mode_and_mtime(tmp_path, ledg
     unchanged_identity()
     assert exact_tags(jpg)[SUBJECT] == USER_KEYWORDS and exact_tags(sidecar)[SUBJECT] == ["Oma"]
     assert not list(tmp_path.rglob("*_original")) and not list(tmp_path.rglob(".ramcli-*"))
+
+
+def test_a_full_disk_never_leaves_a_photo_half_written(tmp_path, ledger):
+    """Photos on a disk that is full: one whose new version does not fit is reported as not
+    written and keeps every byte, and so does a hard-linked snapshot of it; the ledger learns
+    nothing; the batch's photo on another disk is written. The next run, still on the full disk,
+    finds nothing half done; once there is room the write goes in, in place."""
+    with small_disk(tmp_path / "disk", 2 << 20) as disk:
+        photo = make_photo(disk, "photo", "jpg")
+        snapshot = disk / "snapshot.jpg"
+        os.link(photo, snapshot)
+        elsewhere = make_photo(tmp_path, "elsewhere", "jpg", seed=1)
+        before, pixels = photo.read_bytes(), decoded_pixels_digest(photo)
+        tags = [TagScore(f"tag {i:03d}", "", 0.9) for i in range(300)]  # the new version is pages longer
+        filler = fill(disk)
+        with MetadataWriter(WriterOptions(), ledger) as w:
+            outcomes = w.write_batch([(photo, tags), (elsewhere, tags)])
+        assert photo.read_bytes() == before == snapshot.read_bytes()
+        assert [o.status for o in outcomes] == ["failed", "written"]
+        assert "no space left on device" in outcomes[0].error and "unchanged" in outcomes[0].error
+        assert ledger.entries(os.path.realpath(photo)) == [] and ledger.entries(os.path.realpath(elsewhere))
+        with MetadataWriter(WriterOptions(), ledger) as w:  # the next run, the disk still full
+            assert w.journal.replayed == 0 and w.journal.waiting == []
+            assert w.write_batch([(photo, tags)])[0].status == "failed"
+        assert photo.read_bytes() == before and decoded_pixels_digest(photo) == pixels
+
+        filler.unlink()
+        with MetadataWriter(WriterOptions(), ledger) as w:
+            assert w.write_batch([(photo, tags)])[0].status == "written"
+        assert exact_tags(snapshot)[SUBJECT] == USER_KEYWORDS + [t.name for t in tags]
+        assert snapshot.stat().st_ino == photo.stat().st_ino and decoded_pixels_digest(photo) == pixels
+
+
+KILLED_MID_COPY = """
+import os, signal, sys
+import sqlite_utils
+import ramcli.fileio
+from ramcli.ledger import Ledger
+from ramcli.metadata import MetadataWriter, WriterOptions
+from ramcli.records import TagScore
+
+def write_into(fd, source, sync=True):  # half of the new content, no space reserved, then a kill
+    data = open(source, "rb").read()
+    os.pwrite(fd, data[: len(data) // 2], 0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ramcli.fileio.write_into = write_into
+ramcli.fileio.reserve = lambda fd, size: None  # a file system where space cannot be reserved
+db, photo, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with MetadataWriter(WriterOptions(), Ledger(sqlite_utils.Database(db))) as writer:
+    writer.write_batch([(photo, [TagScore(f"tag {i:03d}", "", 0.9) for i in range(count)])])
+"""
+
+
+@pytest.mark.slow
+def test_a_write_the_journal_cannot_complete_yet_keeps_its_ledger_rows_staged(tmp_path, ledger):
+    """A run killed in the middle of a copy on a file system where no space could be reserved,
+    then the disk fills up: the next run cannot complete the photo, so it keeps the journal
+    record and the ledger's staged rows (it does not settle them against the torn file), and
+    writes nothing into that photo. Once there is room, the next run completes the photo, the
+    ledger learns exactly ramcli's keywords, and untag gives the photo's own metadata back."""
+    with small_disk(tmp_path / "disk", 2 << 20) as disk:
+        photo = make_photo(disk, "photo", "jpg")
+        before, pixels = exact_tags(photo), decoded_pixels_digest(photo)
+        names = [f"tag {i:03d}" for i in range(300)]
+        script = tmp_path / "killed.py"
+        script.write_text(KILLED_MID_COPY)
+        done = subprocess.run([sys.executable, script, tmp_path / "index.db", photo, str(len(names))],
+                              capture_output=True, text=True)
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        torn = photo.read_bytes()
+        filler = fill(disk)
+        staged = lambda: ledger.db["metadata_ledger_staged"].count  # noqa: E731
+
+        with MetadataWriter(WriterOptions(), ledger) as w:
+            assert w.journal.replayed == 0 and photo.read_bytes() == torn
+            assert w.journal.waiting_targets == {str(photo)}
+            assert staged() > 0 and ledger.entries(os.path.realpath(photo)) == []
+            outcome = w.write_batch([(photo, [DOG])])[0]
+            assert outcome.status == "failed" and photo.read_bytes() == torn
+        assert staged() > 0
+
+        filler.unlink()
+        with MetadataWriter(WriterOptions(), ledger) as w:
+            assert w.journal.replayed == 1 and staged() == 0
+            assert exact_tags(photo)[SUBJECT] == USER_KEYWORDS + names
+            assert decoded_pixels_digest(photo) == pixels
+            rows = {(e.field, e.value): e.preexisting for e in ledger.entries(os.path.realpath(photo))}
+            assert {v for (f, v), preexisting in rows.items() if f == SUBJECT and not preexisting} == set(names)
+            assert w.untag_batch([photo])[0].status == "written"
+        assert exact_tags(photo) == before
+
+
+def test_more_than_a_thousand_keywords_are_read_and_kept_whole(tmp_path, ledger):
+    """ExifTool reads only the first 1,000 items of a list unless it ignores minor errors: a photo
+    with 1,500 keywords in each list keeps all of them, gets ramcli's, is reported as written, and
+    untag gives back exactly what it had."""
+    photo = make_photo(tmp_path, "many", "jpg", user_metadata=False)
+    mine = [f"keyword {i:04d}" for i in range(1500)]
+    set_user_values(photo, {SUBJECT: mine, HIERARCHICAL: [f"places|{k}" for k in mine]})
+    before = exact_tags(photo)
+    assert before[SUBJECT] == mine and len(before[HIERARCHICAL]) == 1500
+    with MetadataWriter(WriterOptions(), ledger) as w:
+        outcome = w.write_batch([(photo, [DOG])])[0]
+        assert (outcome.status, outcome.error) == ("written", None)
+        after = exact_tags(photo)
+        assert after[SUBJECT] == mine + ["dog"]
+        assert after[HIERARCHICAL][:1500] == before[HIERARCHICAL]
+        assert w.write_batch([(photo, [DOG])])[0].status == "unchanged"
+        assert w.untag_batch([photo])[0].status == "written"
+    assert exact_tags(photo) == before
+
+
+def test_a_new_version_that_does_not_hold_the_plan_is_never_copied_in(tmp_path, ledger, monkeypatch):
+    """A new version that ExifTool warned about is read back before it is copied into the photo:
+    here ExifTool is handed an IPTC keyword longer than IPTC's 64 bytes, warns, and stores it cut
+    short. That version is never copied in: the photo keeps every byte, the outcome says why,
+    and the ledger learns nothing."""
+    from ramcli.metadata import ExifToolProcess
+    from ramcli.metadata.exiftool import encode_value
+
+    photo = make_photo(tmp_path, "photo", "jpg")
+    before = photo.read_bytes()
+    real = ExifToolProcess.write
+
+    def too_long_a_keyword(self, entries, *args):
+        for entry in entries:
+            entry["IPTC:Keywords"] = [*entry["IPTC:Keywords"], encode_value("x" * 100)]
+        return real(self, entries, *args)
+
+    monkeypatch.setattr(ExifToolProcess, "write", too_long_a_keyword)
+    with MetadataWriter(WriterOptions(iptc="always"), ledger) as w:
+        outcome = w.write_batch([(photo, [DOG, BEACH])])[0]
+    assert photo.read_bytes() == before
+    assert outcome.status == "failed", outcome
+    assert "ExifTool did not store IPTC:Keywords as planned (the file is unchanged)" in outcome.error
+    assert any("exceeds length limit" in w for w in outcome.warnings)
+    assert ledger.entries(os.path.realpath(photo)) == []
 
 
 # --- values round-trip byte for byte ------------------------------------------------------------

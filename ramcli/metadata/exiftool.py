@@ -14,7 +14,9 @@ user path and no value ever is an argument:
   that itself starts with `base64:`, or reads `true` or `007`, arrives unchanged).
 - Reading: `-X` (RDF/XML) keeps every value the exact string the file holds (its JSON output
   turns `TRUE` into `true` and types numbers), and non-UTF-8 or control bytes come as base64.
-  No `-fast` option: a PNG whose XMP follows the image data is read to its end.
+  No `-fast` option: a PNG whose XMP follows the image data is read to its end. `-m`: a list of
+  more than 1,000 items is read whole (else ExifTool stops at 1,000, and a write planned from
+  that would drop the rest).
 
 Writing never replaces a file: ExifTool writes the new version to a separate folder (`-o`) and
 ramcli copies it into the original (`ramcli.fileio.Journal`).
@@ -177,7 +179,7 @@ class ExifToolProcess:
         workspace files `names`, keyed by name; plus read errors and warnings per name."""
         if not names:
             return {}, {}
-        stdout, stderr = self.execute("-X", *READ_TAGS, *names)
+        stdout, stderr = self.execute("-X", "-m", *READ_TAGS, *names)
         found = {d["SourceFile"]: d for d in parse_exiftool_xml(stdout)}
         return found, per_file_messages(stderr)
 

@@ -13,12 +13,17 @@ How a batch runs, and why:
 4. Stage: the ledger changes that hang on the write are committed to the staging table, so that
    a kill during the write cannot leave ramcli keywords the ledger does not know (ramcli/ledger.py).
 5. Write: one ExifTool command imports every changed target's new lists from a JSON file and
-   writes each new version into the journal's batch folder (`-o`). The journal then makes those
-   durable and copies each into its file in place (`ramcli.fileio.Journal`): inode, hard links,
-   extended attributes, owner and mode stay; a new sidecar is created atomically.
-6. Settle, in one transaction: the staged changes of targets written go into the ledger. A target
-   that ExifTool warned about is read back and the ledger records exactly what it holds. Failed
-   targets are reported, the ledger is not told.
+   writes each new version into the journal's batch folder (`-o`). A new version that ExifTool
+   warned about (it then may have stored less than it was given: a value cut to a length limit)
+   is read back and compared with its plan, and one that does not hold it is never copied
+   anywhere. Without a warning ExifTool stores what it was given (control characters aside, which
+   XMP cannot carry and no ramcli name holds), so the other new versions are not read back: that
+   read costs nearly as much as the write.
+   The journal then makes the new versions durable and copies each into its file in place, once
+   the space for it is reserved (`ramcli.fileio.Journal`): inode, hard links, extended
+   attributes, owner and mode stay; a new sidecar is created atomically.
+6. Settle, in one transaction: the staged changes of targets written go into the ledger. Failed
+   targets, left as they were, are reported; the ledger is not told.
 
 When a writer starts, it first completes what a killed run's journal holds, then settles what
 that run staged from what the files now hold. When one call spans several batches, a second
@@ -74,9 +79,9 @@ from ramcli.metadata.plan import (
 )
 from ramcli.records import TagScore
 
-# 'pending': the in-place copy was cut short; the journal completes it on the next start, and the
-# ledger's staged rows wait for that.
-WriteState = Literal["written", "failed", "uncertain", "pending"]
+# 'failed': the target is as it was. 'pending': the in-place copy was cut short; the journal
+# completes it on the next start, and the ledger's staged rows wait for that.
+WriteState = Literal["written", "failed", "pending"]
 _Item = tuple[str | os.PathLike, Sequence[TagScore], str | None]  # (photo, tags, caption) in the writer
 # Fields that every XMP file ExifTool writes carries: not content of the user's.
 _BOILERPLATE = ("SourceFile", "XMP-x:XMPToolkit")
@@ -413,12 +418,9 @@ class MetadataWriter:
     def _write_targets(
         self, batch: _Batch, targets: list[TargetPlan], slot: int
     ) -> dict[str, tuple[WriteState, list[str]]]:
-        """One ExifTool command writes the new version of every target into the journal, which
-        then puts each into place: per target its state and its error/warning lines.
-
-        'written': no error, no warning; 'failed': an error (the file is as it was); 'uncertain':
-        a warning, so what the file holds is read back before the ledger is told anything;
-        'pending': the copy into place was cut short (the journal completes it next start)."""
+        """One ExifTool command writes the new version of every target into the journal; each is
+        put into place if it holds its plan (read back where ExifTool warned): per target its
+        state (`WriteState`) and its error/warning lines."""
         results: dict[str, tuple[WriteState, list[str]]] = {}
         ready = []
         for t in targets:
@@ -432,8 +434,12 @@ class MetadataWriter:
         out = self.journal.new_batch()
         sources = {t.target: batch.source(t.target) for t in ready}
         entries = [import_entry(sources[t.target], {**_import_values(t.new_values), **t.extra}) for t in ready]
+        new_versions = {t.target: out / Path(sources[t.target]).name for t in ready}
         try:
             messages, errored = self._exiftools[slot].write(entries, batch.workspace.folder, out)
+            warned = [t for t in ready if messages.get(sources[t.target]) and sources[t.target] not in errored
+                      and new_versions[t.target].exists()]
+            wrong = self._verify(slot, [(t, new_versions[t.target]) for t in warned])
         except Exception as exc:  # ExifTool died: it wrote into the journal folder only
             self._exiftools[slot].close()
             self._exiftools[slot] = None
@@ -443,26 +449,40 @@ class MetadataWriter:
         for t in ready:
             source = sources[t.target]
             lines = messages.get(source, [])
-            new_version = out / Path(source).name
-            if source in errored or any(m.startswith("Error") for m in lines) or not new_version.exists():
+            if source in errored or any(m.startswith("Error") for m in lines) or not new_versions[t.target].exists():
                 if not any(m.startswith("Error") for m in lines):
                     lines.insert(0, "Error: ExifTool could not write it")
                 results[t.target] = ("failed", lines)
+                continue
+            if t.target in wrong:
+                results[t.target] = ("failed", [f"Error: {wrong[t.target]}", *lines])
                 continue
             problem = self._keep_backup(t) if self.options.keep_backups else None
             if problem:
                 results[t.target] = ("failed", [f"Error: {problem}"])
                 continue
             mtime = os.stat(t.target).st_mtime_ns if self.options.preserve_mtime and t.exists else None
-            changes.append(Change(t.target, str(new_version), create=not t.exists, mtime_ns=mtime))
+            changes.append(Change(t.target, str(new_versions[t.target]), create=not t.exists, mtime_ns=mtime))
             notes[t.target] = lines
         for target, error in self.journal.commit(out, changes).items():
             if error is None:
-                results[target] = ("uncertain" if notes[target] else "written", notes[target])
+                results[target] = ("written", notes[target])
             else:
                 state: WriteState = "pending" if error.startswith("interrupted") else "failed"
                 results[target] = (state, [f"Error: {error}", *notes.get(target, [])])
         return results
+
+    def _verify(self, slot: int, new_versions: list[tuple[TargetPlan, Path]]) -> dict[str, str]:
+        """Read back new versions ExifTool wrote into the journal, before any is copied into place:
+        per target whose new version does not hold its plan, why not."""
+        found, _ = self._exiftools[slot].read([str(path) for _, path in new_versions])
+        wrong = {}
+        for t, path in new_versions:
+            got = found.get(str(path))
+            missing = [f for f, v in t.new_values.items() if got is None or as_list(got.get(f)) != v]
+            if missing:
+                wrong[t.target] = f"ExifTool did not store {', '.join(missing)} as planned (the file is unchanged)"
+        return wrong
 
     def _keep_backup(self, t: TargetPlan) -> str | None:
         """`FILE_original`, a copy of the file as it was (an existing one, the oldest, is kept)."""
@@ -484,8 +504,6 @@ class MetadataWriter:
     ) -> list[WriteOutcome]:
         """Outcomes per photo, and the ledger told exactly what the files now hold (one commit)."""
         staged = {t.target: t for t in batch.staged()}
-        unclear = [t.target for t in staged.values() if t.writes and results.get(t.target, ("", []))[0] == "uncertain"]
-        now, _ = self._read(batch, unclear)
         applied: list[Intent] = []
         pending: set[str] = set()
         outcomes: dict[str, WriteOutcome] = {}
@@ -501,16 +519,7 @@ class MetadataWriter:
                 state, lines = results.get(t.target, ("written", []))
                 if t.delete:
                     state, lines = _delete(t.target)
-                if state == "uncertain":
-                    got = now.get(t.target)
-                    applied += [i for i in intents[t.target] if _holds(i, got)]
-                    bad = [f for f, v in t.new_values.items() if got is None or as_list(got.get(f)) != v]
-                    errors = [m for m in lines if m.startswith("Error")]
-                    lines = [m for m in lines if not m.startswith("Error")]
-                    if bad:
-                        state = "failed"
-                        lines.insert(0, errors[0] if errors else f"Error: ExifTool did not store {', '.join(bad)}")
-                elif state == "written":
+                if state == "written":
                     applied += intents[t.target]
                 elif state == "pending":
                     pending.add(t.target)
@@ -532,9 +541,10 @@ class MetadataWriter:
         """Resolve what a killed run staged and never settled, against what the files now hold
         (after the journal completed that run's writes).
 
-        Returns the number of resolved intents. Targets that exist but cannot be read now stay
-        staged for a later run."""
-        intents = self.ledger.staged()
+        Returns the number of resolved intents. Targets that exist but cannot be read now, or whose
+        write the journal could not complete yet (`Journal.waiting`), stay staged for a later run."""
+        waiting = self.journal.waiting_targets
+        intents = [i for i in self.ledger.staged() if i.entry.target not in waiting]
         if not intents:
             return 0
         existing = sorted({i.entry.target for i in intents if os.path.exists(i.entry.target)})
