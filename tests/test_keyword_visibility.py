@@ -199,7 +199,7 @@ def run(cases: list[Layout], folder: Path, tags: list[TagScore], retag: list[Tag
     with MetadataWriter(options, led) as writer:
         for step, step_tags in (("tag", tags), ("re-tag", retag)):
             outcomes = writer.write_batch([(p, step_tags) for p in photos])
-            assert [o.status for o in outcomes] == ["written"] * len(photos), [o.error for o in outcomes]
+            assert {o.status for o in outcomes} <= {"written", "unchanged"}, [o.error for o in outcomes]
             after = fields(targets)
             names = list(dict.fromkeys(expected_names(step_tags, options.lang)))
             for case, target in zip(cases, targets):
@@ -241,8 +241,12 @@ def test_every_layout_and_format_keeps_the_users_keywords_visible_in_every_app(t
 
 
 WORD = st.text(st.sampled_from(list("abXY09 é狗/|-")), min_size=1, max_size=8).map(str.strip).filter(bool)
-LATIN1 = WORD.filter(lambda w: "狗" not in w)
-LEVEL = WORD.filter(lambda w: "|" not in w)  # a Lightroom level may hold `/` (AC/DC)
+# A user's flat keyword holding `|` is a hierarchy to darktable and one keyword to digiKam and
+# Immich: no field can show it the same way to both, so the user's flat keywords here have none
+# (ramcli's own names may: it replaces the separators in them). `/` is fine: all read it alike.
+FLAT = WORD.filter(lambda w: "|" not in w)
+LATIN1 = FLAT.filter(lambda w: "狗" not in w)
+LEVEL = FLAT  # a Lightroom level may hold `/` (AC/DC)
 TAG = st.builds(lambda en, zh: TagScore(en, zh, 0.9), WORD, st.sampled_from(["", "狗", "胡同/球道", "背后/后面", "a|b"]))
 
 
@@ -256,19 +260,19 @@ def layouts(draw) -> Layout:
     iptc_here = fmt in IPTC_FORMATS
     if iptc_here:
         case.latin1 = draw(st.booleans())
-        case.iptc = words(LATIN1 if case.latin1 else WORD)
-    flat = LATIN1 if case.latin1 else WORD
+        case.iptc = words(LATIN1 if case.latin1 else FLAT)
+    flat = LATIN1 if case.latin1 else FLAT
     if draw(st.booleans()):
         case.mwg = words(flat, 1)
     else:
-        case.subject = words(WORD)
+        case.subject = words(FLAT)
     if iptc_here and (case.iptc or case.mwg):
         case.iptc_later = words(flat)
     return case
 
 
 @pytest.mark.slow
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases=st.lists(layouts(), min_size=1, max_size=3), tags=st.lists(TAG, min_size=1, max_size=4),
        retag=st.lists(TAG, min_size=1, max_size=3), lang=st.sampled_from(["en", "zh", "both"]),
