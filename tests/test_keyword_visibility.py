@@ -129,13 +129,14 @@ def fields(paths: list[Path]) -> dict[Path, dict[str, list[str]]]:
     return found
 
 
-def _import(path: Path, values: dict, *options: str) -> None:
-    b64 = lambda v, enc="utf-8": "base64:" + base64.b64encode(v.encode(enc)).decode()  # noqa: E731
-    entry = {k: [b64(*x) if isinstance(x, tuple) else b64(x) for x in v] if isinstance(v, list) else v
-             for k, v in values.items()}
+def _import(path: Path, values: dict) -> None:
+    """Values as another app writes them (JSON import; lists base64-encoded UTF-8, which ExifTool
+    turns into Latin-1 in IPTC that declares no UTF-8)."""
+    b64 = lambda v: "base64:" + base64.b64encode(v.encode()).decode()  # noqa: E731
+    entry = {k: [b64(x) for x in v] if isinstance(v, list) else v for k, v in values.items()}
     json_path = path.parent / "layout.json"
     json_path.write_text(json.dumps([{"SourceFile": "*", **entry}]))
-    exiftool("-q", "-overwrite_original", *options, f"-j={json_path}", path)
+    exiftool("-q", "-overwrite_original", f"-j={json_path}", path)
     json_path.unlink()
 
 
@@ -162,7 +163,7 @@ class Layout:
         iptc_here = self.fmt in IPTC_FORMATS
         if iptc_here and self.iptc:
             charset = {} if self.latin1 else {"IPTC:CodedCharacterSet": "UTF8"}
-            _import(target, {**charset, IPTC: [(v, "latin-1" if self.latin1 else "utf-8") for v in self.iptc]})
+            _import(target, {**charset, IPTC: self.iptc})
         if self.mwg:
             exiftool("-q", "-overwrite_original", "-use", "MWG", *[f"-MWG:Keywords={v}" for v in self.mwg], target)
         xmp = {k: v for k, v in ((SUBJECT, self.subject), (HIER, self.hierarchy), (TAGSLIST, self.tagslist)) if v}
