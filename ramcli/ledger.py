@@ -7,7 +7,8 @@ metadata field of one target file:
 
 - `path`: the photo; `target`: the file actually written (the photo itself, or its XMP sidecar);
 - `field`: the ExifTool tag (`XMP-dc:Subject`, `XMP-lr:HierarchicalSubject`, `IPTC:Keywords`, ...;
-  `XMP-dc:Description` for a caption);
+  `XMP-dc:Description` for a caption; `ramcli:IPTCDigestBefore` for the IPTC digest state the
+  photo had before ramcli first refreshed it);
 - `value`: the keyword as written;
 - `preexisting`: 1 when the value was already in the field before ramcli wrote there. Such a
   value is the user's: a re-tag or `ramcli untag` never removes it. 2 when the value is one of
@@ -311,7 +312,7 @@ def mergeable(row: tuple) -> bool:
         if target == photo or value != "1":
             return False
     elif field == DIGEST_BEFORE:
-        if target != photo or not re.fullmatch(r"none|[0-9a-f]{32}", value):
+        if target != photo or not re.fullmatch(r"none|in-sync|[0-9a-f]{32}", value):
             return False
     elif field not in MANAGED_FIELDS or not value or len(value) > _MAX_VALUE_CHARS or "\0" in value:
         return False

@@ -31,7 +31,7 @@ from media import (
     read_tags,
 )
 from ramcli.errors import RamcliError, UsageError
-from ramcli.ledger import Ledger
+from ramcli.ledger import Ledger, LedgerEntry, mergeable
 from ramcli.metadata import (
     DIGEST_BEFORE,
     MetadataWriter,
@@ -133,6 +133,23 @@ def test_seed_values_copy_the_users_keywords_in_the_fields_own_syntax():
     # a flat field: IPTC keywords, then the leaves of the user's hierarchies
     assert seed_values(user, "XMP-dc:Subject") == ["kitchen", "Oma", "AC"]
     assert seed_values(user, "IPTC:Keywords") == []  # IPTC is only ever written where it exists
+
+
+def test_ledger_tells_seeded_values_and_the_digest_before_apart(ledger):
+    photo = "/p/a.jpg"
+    ledger.record([LedgerEntry(photo, photo, "XMP-lr:HierarchicalSubject", "sunset", False, seeded=True),
+                   LedgerEntry(photo, photo, "XMP-lr:HierarchicalSubject", "auto|dog", False),
+                   LedgerEntry(photo, photo, "XMP-dc:Subject", "Oma", True),
+                   LedgerEntry(photo, photo, DIGEST_BEFORE, "in-sync", False)])
+    assert [(e.value, e.preexisting, e.seeded) for e in ledger.entries(photo)] == [
+        ("sunset", False, True), ("auto|dog", False, False), ("Oma", True, False), ("in-sync", False, False)]
+    # rows merged from another index: a seeded row and a digest state of the photo itself, nothing else
+    row = lambda target, field, value, pre=0: (photo, target, field, value, pre, None, None)  # noqa: E731
+    assert mergeable(row(photo, "XMP-dc:Subject", "sunset", 2))
+    assert not mergeable(row(photo, "XMP-dc:Subject", "sunset", 3))
+    assert all(mergeable(row(photo, DIGEST_BEFORE, v)) for v in ("none", "in-sync", "0123456789abcdef" * 2))
+    assert not mergeable(row(photo, DIGEST_BEFORE, "new"))
+    assert not mergeable(row("/p/a.xmp", DIGEST_BEFORE, "none"))
 
 
 def test_separators_in_names_are_replaced_by_lookalikes():

@@ -54,10 +54,10 @@ CREATED_SIDECAR = "ramcli:CreatedSidecar"
 # The stored MWG digest of the IPTC, and the one ExifTool computes from the IPTC as it is now.
 IPTC_DIGEST = "Photoshop:IPTCDigest"
 CURRENT_IPTC_DIGEST = "File:CurrentIPTCDigest"
-# A ledger pseudo-field: the IPTCDigest a target had before ramcli first changed it ("none": it had
-# none), so that `untag` puts it back.
+# A ledger pseudo-field: the IPTCDigest a target had before ramcli first changed it, so that `untag`
+# puts that state back: "none", "in-sync" (it matched the IPTC), or the stale digest itself.
 DIGEST_BEFORE = "ramcli:IPTCDigestBefore"
-NO_DIGEST = "none"
+NO_DIGEST, IN_SYNC = "none", "in-sync"
 LEDGER_ONLY_FIELDS = (CREATED_SIDECAR, DIGEST_BEFORE)  # rows about a file, not values in it
 
 IPTC_KEYWORD_BYTES = 64  # IPTC IIM 2:25 limit

@@ -57,7 +57,9 @@ from ramcli.metadata.plan import (
     CREATED_SIDECAR,
     DESCRIPTION,
     DESCRIPTION_WRITE,
+    CURRENT_IPTC_DIGEST,
     DIGEST_BEFORE,
+    IN_SYNC,
     IPTC_DIGEST,
     IPTC_KEYWORDS,
     KEYWORD_FIELDS,
@@ -335,19 +337,25 @@ class MetadataWriter:
     def _plan_digest_record(
         self, t: TargetPlan, path: str, data: dict, wanted: bool, known: dict[str, LedgerEntry]
     ) -> None:
-        """The first digest ramcli replaces is recorded (`DIGEST_BEFORE`); `untag` puts it back
-        (or deletes the digest ramcli created), so that MWG readers choose as they did before."""
-        had = data.get(IPTC_DIGEST) or NO_DIGEST
+        """The digest a target had before ramcli first replaced it is recorded (`DIGEST_BEFORE`:
+        none, in sync with the IPTC, or the stale value), and `untag` puts back that state, so
+        that MWG readers choose between XMP and IPTC as they did before."""
+        stored, now = data.get(IPTC_DIGEST), data.get(CURRENT_IPTC_DIGEST)
         if wanted:
             if IPTC_DIGEST in t.extra and not known:
+                had = NO_DIGEST if not stored else IN_SYNC if stored == now else stored
                 t.record.append(LedgerEntry(path, t.target, DIGEST_BEFORE, had, False))
             return
-        if known:
-            before = next(iter(known))
-            t.extra.pop(IPTC_DIGEST, None)
-            if before != had:
-                t.extra[IPTC_DIGEST] = [] if before == NO_DIGEST else before
-            t.forget += list(known.values())
+        if not known:
+            return
+        before = next(iter(known))
+        t.extra.pop(IPTC_DIGEST, None)
+        if before == IN_SYNC:  # recomputed: the same digest when the IPTC is back as it was
+            if t.new_values or (stored and stored != now):
+                t.extra[IPTC_DIGEST] = "new"
+        elif before != (stored or NO_DIGEST):
+            t.extra[IPTC_DIGEST] = [] if before == NO_DIGEST else before
+        t.forget += list(known.values())
 
     def _plan_caption(
         self, t: TargetPlan, path: str, data: dict, caption: str | None, path_rows: list[LedgerEntry]
