@@ -216,9 +216,8 @@ def plan_field(
         drop |= {v for v in current if v in seeded}
     add = [v for v in wanted if v not in current and v not in ledger]
     kept = [v for v in current if v not in drop]
-    if not any(v in wanted_set for v in kept) and not add:
-        seeds = ()
-    new_seeds = [v for v in dict.fromkeys(seeds) if v not in current and v not in ledger]
+    with_tags = bool(add) or any(v in wanted_set for v in kept)
+    new_seeds = [v for v in dict.fromkeys(seeds) if v not in current and v not in ledger] if with_tags else []
     add = new_seeds + [v for v in add if v not in new_seeds]
     record = new_seeds + [v for v in wanted if v not in ledger and v not in new_seeds]
     forget = [v for v in ledger if v not in wanted_set and not (wanted and v in seeded)]
@@ -236,8 +235,8 @@ def seed_values(user: dict[str, list[str]], field: str) -> list[str]:
     - A hierarchy gets the other hierarchy's paths (separator swapped, as Immich and digiKam
       convert them when they read), then every flat keyword (dc:subject, IPTC) that is not a level
       of those paths, as a top-level entry.
-    - A flat field gets the IPTC keywords (MWG: IPTC -> XMP), then the leaves of the user's
-      hierarchies (and, for LastKeywordXMP, dc:subject).
+    - A flat field gets the IPTC keywords (MWG: IPTC -> XMP; LastKeywordXMP also dc:subject's),
+      then the leaves of the user's hierarchies.
     IPTC is never seeded: it is written only where it exists."""
     if field in HIERARCHIES:
         separator = HIERARCHIES[field]

@@ -55,9 +55,9 @@ from ramcli.metadata.layout import (
 from ramcli.metadata.options import WriterOptions
 from ramcli.metadata.plan import (
     CREATED_SIDECAR,
+    CURRENT_IPTC_DIGEST,
     DESCRIPTION,
     DESCRIPTION_WRITE,
-    CURRENT_IPTC_DIGEST,
     DIGEST_BEFORE,
     IN_SYNC,
     IPTC_DIGEST,
