@@ -7,10 +7,13 @@ metadata field of one target file:
 
 - `path`: the photo; `target`: the file actually written (the photo itself, or its XMP sidecar);
 - `field`: the ExifTool tag (`XMP-dc:Subject`, `XMP-lr:HierarchicalSubject`, `IPTC:Keywords`, ...;
-  `XMP-dc:Description` for a caption);
+  `XMP-dc:Description` for a caption; `ramcli:IPTCDigestBefore` for the IPTC digest state the
+  photo had before ramcli first refreshed it);
 - `value`: the keyword as written;
 - `preexisting`: 1 when the value was already in the field before ramcli wrote there. Such a
-  value is the user's: a re-tag or `ramcli untag` never removes it;
+  value is the user's: a re-tag or `ramcli untag` never removes it. 2 when the value is one of
+  the user's keywords that ramcli copied from another field into a field it created, so that apps
+  reading that field still show it (`seeded`): a re-tag keeps it, `untag` removes it;
 - `model_id`, `written_at`: provenance.
 
 Rows are recorded only after ExifTool reported the file written, so the ledger never claims a
@@ -37,6 +40,7 @@ photo or one of its sidecar names, the field is one the writer manages, the valu
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +70,7 @@ class LedgerEntry:
     preexisting: bool
     model_id: str | None = None
     written_at: float | None = None
+    seeded: bool = False  # stored as preexisting = 2 (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -206,8 +211,7 @@ class Ledger:
             if pid not in alive:
                 alive[pid] = _running(pid)
             if not alive[pid]:
-                entry = LedgerEntry(from_text(r[0]), from_text(r[1]), r[2], r[3], bool(r[4]), r[5], r[6])
-                out.append(Intent(entry, bool(r[7]), pid))
+                out.append(Intent(_entry(r), bool(r[7]), pid))
         return out
 
     def settle(self, applied: list[Intent], cleared: list[Intent]) -> None:
@@ -272,12 +276,22 @@ class Ledger:
             f"where {where} order by rowid",
             params,
         ).fetchall()
-        return [LedgerEntry(from_text(r[0]), from_text(r[1]), r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+        return [_entry(r) for r in rows]
+
+
+_SEEDED = 2  # the `preexisting` column of a seeded value
+
+
+def _entry(row: tuple) -> LedgerEntry:
+    """A stored row (`_COLUMNS` order) as an entry."""
+    return LedgerEntry(from_text(row[0]), from_text(row[1]), row[2], row[3], row[4] == 1, row[5], row[6],
+                       seeded=row[4] == _SEEDED)
 
 
 def _rows(entries: list[LedgerEntry], now: float) -> list[tuple]:
     return [
-        (to_text(e.path), to_text(e.target), e.field, e.value, int(e.preexisting), e.model_id, e.written_at or now)
+        (to_text(e.path), to_text(e.target), e.field, e.value, _SEEDED if e.seeded else int(e.preexisting),
+         e.model_id, e.written_at or now)
         for e in entries
     ]
 
@@ -286,8 +300,8 @@ def mergeable(row: tuple) -> bool:
     """Whether a ledger row from another index (its stored columns, `_COLUMNS` order) is one
     ramcli could have written: an absolute, normalised photo path; a target that is the photo
     itself or one of the photo's sidecar names; a field the writer manages; a text value of sane
-    length; a 0/1 `preexisting`; provenance of the right types."""
-    from ramcli.metadata import CREATED_SIDECAR, MANAGED_FIELDS, sidecar_names  # the writer's own layout
+    length; a 0/1/2 `preexisting`; provenance of the right types."""
+    from ramcli.metadata import CREATED_SIDECAR, DIGEST_BEFORE, MANAGED_FIELDS, sidecar_names  # the writer's own layout
 
     path, target, field, value, preexisting, model_id, written_at = row
     if not (isinstance(path, str) and isinstance(target, str) and isinstance(field, str) and isinstance(value, str)):
@@ -301,9 +315,12 @@ def mergeable(row: tuple) -> bool:
     if field == CREATED_SIDECAR:
         if target == photo or value != "1":
             return False
+    elif field == DIGEST_BEFORE:
+        if target != photo or not re.fullmatch(r"none|in-sync|[0-9a-f]{32}", value):
+            return False
     elif field not in MANAGED_FIELDS or not value or len(value) > _MAX_VALUE_CHARS or "\0" in value:
         return False
-    return (preexisting in (0, 1) and (model_id is None or isinstance(model_id, str))
+    return (preexisting in (0, 1, _SEEDED) and (model_id is None or isinstance(model_id, str))
             and (written_at is None or isinstance(written_at, (int, float))))
 
 

@@ -31,13 +31,16 @@ from media import (
     read_tags,
 )
 from ramcli.errors import RamcliError, UsageError
-from ramcli.ledger import Ledger
+from ramcli.ledger import Ledger, LedgerEntry, mergeable
 from ramcli.metadata import (
+    DIGEST_BEFORE,
     MetadataWriter,
     WriterOptions,
+    keyword_name,
     leaves,
     plan_description,
     plan_field,
+    seed_values,
     sidecar_targets,
     trim_iptc,
 )
@@ -90,17 +93,69 @@ def sidecar_of(raw: Path) -> Path:
 
 def test_merge_rule_keeps_user_values_and_drops_only_ramcli_ones():
     # current: the user's Oma and ramcli's dog (ledger: dog ours, Oma was there before ramcli)
-    new, record, forget = plan_field(["Oma", "dog"], ["Oma", "cat"], {"dog": False, "Oma": True})
+    new, record, forget, _ = plan_field(["Oma", "dog"], ["Oma", "cat"], {"dog": False, "Oma": True})
     assert new == ["Oma", "cat"]
     assert record == ["cat"] and forget == ["dog"]
     # dropping a preexisting value from the wanted list never removes it from the file
-    new, _, forget = plan_field(["Oma"], [], {"Oma": True})
+    new, _, forget, _ = plan_field(["Oma"], [], {"Oma": True})
     assert new == ["Oma"] and forget == ["Oma"]
     # a ramcli value the user deleted from the file stays deleted
-    new, record, _ = plan_field(["Oma"], ["dog"], {"dog": False})
+    new, record, _, _ = plan_field(["Oma"], ["dog"], {"dog": False})
     assert new == ["Oma"] and record == []
     # nothing wanted changes nothing
-    assert plan_field(["a", "b"], ["a", "b"], {"a": False, "b": True})[0] == ["a", "b"]
+    assert plan_field(["a", "b"], ["a", "b"], {"a": False, "b": True}).new == ["a", "b"]
+
+
+def test_seeds_come_with_ramcli_tags_stay_on_retag_and_go_on_untag():
+    # a field ramcli creates: the user's keywords first, recorded as seeded
+    assert plan_field([], ["auto|dog"], {}, seeds=["sunset", "holiday"]) == (
+        ["sunset", "holiday", "auto|dog"], ["sunset", "holiday", "auto|dog"], [], ["sunset", "holiday"])
+    # seeds never create a field on their own (nothing of ramcli's to go with them)
+    assert plan_field([], [], {}, seeds=["sunset"]).new == []
+    assert plan_field([], ["dog"], {"dog": False}, seeds=["sunset"]).new == []  # the user deleted dog
+    # a seed that is also a tag is recorded once, as the user's keyword
+    assert plan_field([], ["dog"], {}, seeds=["dog"]) == (["dog"], ["dog"], [], ["dog"])
+    ledger, seeded = {"sunset": False, "auto|dog": False}, {"sunset"}
+    # a re-tag without dog keeps the seed (and its row), drops ramcli's own tag
+    assert plan_field(["sunset", "auto|dog"], ["auto|cat"], ledger, seeded) == (
+        ["sunset", "auto|cat"], ["auto|cat"], ["auto|dog"], [])
+    # untag: the seed goes with ramcli's tags
+    assert plan_field(["sunset", "auto|dog"], [], ledger, seeded) == ([], [], ["sunset", "auto|dog"], [])
+
+
+def test_seed_values_copy_the_users_keywords_in_the_fields_own_syntax():
+    user = {"IPTC:Keywords": ["kitchen", "Oma"], "XMP-dc:Subject": ["Oma", "People", "a|b"],
+            "XMP-digiKam:TagsList": ["People/Oma", "Music/AC"]}
+    # a hierarchy: the other hierarchy's paths, then flat keywords that are no level of them
+    assert seed_values(user, "XMP-lr:HierarchicalSubject") == ["People|Oma", "Music|AC", "a|b", "kitchen"]
+    assert seed_values({"XMP-lr:HierarchicalSubject": ["People|AC/DC"], "XMP-dc:Subject": ["x"]},
+                       "XMP-digiKam:TagsList") == ["People/AC/DC", "x"]
+    # a flat field: IPTC keywords, then the leaves of the user's hierarchies
+    assert seed_values(user, "XMP-dc:Subject") == ["kitchen", "Oma", "AC"]
+    assert seed_values(user, "IPTC:Keywords") == []  # IPTC is only ever written where it exists
+
+
+def test_ledger_tells_seeded_values_and_the_digest_before_apart(ledger):
+    photo = "/p/a.jpg"
+    ledger.record([LedgerEntry(photo, photo, "XMP-lr:HierarchicalSubject", "sunset", False, seeded=True),
+                   LedgerEntry(photo, photo, "XMP-lr:HierarchicalSubject", "auto|dog", False),
+                   LedgerEntry(photo, photo, "XMP-dc:Subject", "Oma", True),
+                   LedgerEntry(photo, photo, DIGEST_BEFORE, "in-sync", False)])
+    assert [(e.value, e.preexisting, e.seeded) for e in ledger.entries(photo)] == [
+        ("sunset", False, True), ("auto|dog", False, False), ("Oma", True, False), ("in-sync", False, False)]
+    # rows merged from another index: a seeded row and a digest state of the photo itself, nothing else
+    row = lambda target, field, value, pre=0: (photo, target, field, value, pre, None, None)  # noqa: E731
+    assert mergeable(row(photo, "XMP-dc:Subject", "sunset", 2))
+    assert not mergeable(row(photo, "XMP-dc:Subject", "sunset", 3))
+    assert all(mergeable(row(photo, DIGEST_BEFORE, v)) for v in ("none", "in-sync", "0123456789abcdef" * 2))
+    assert not mergeable(row(photo, DIGEST_BEFORE, "new"))
+    assert not mergeable(row("/p/a.xmp", DIGEST_BEFORE, "none"))
+
+
+def test_separators_in_names_are_replaced_by_lookalikes():
+    assert keyword_name(" 胡同/球道 ") == "胡同\uff0f球道"
+    assert keyword_name("a|b") == "a\uff5cb"
+    assert leaves([TagScore("alley", "胡同/球道", 0.9)], "both") == ["alley", "胡同\uff0f球道"]
 
 
 def test_iptc_trim_cuts_on_character_boundaries():
@@ -153,7 +208,8 @@ def test_every_format_write_rerun_untag(samples, ledger):
         user = USER_KEYWORDS if ext not in RAW_FORMATS or ext in RAW_WITH_SIDECAR else []
         # the user's Oma is not duplicated; where there was none, Oma is added like any tag
         assert got["XMP-dc:Subject"] == (user + ["dog"] if user else ["dog", "Oma"]), ext
-        assert got["XMP-lr:HierarchicalSubject"] == ["auto|dog", "auto|Oma"], ext
+        # the hierarchy ramcli creates starts with the user's keywords, so apps that read it see them
+        assert got["XMP-lr:HierarchicalSubject"] == user + ["auto|dog", "auto|Oma"], ext
         assert read_tags(target, DESCRIPTION) == {DESCRIPTION: [CAPTION]}, ext
         if ext in IPTC_FORMATS:
             assert got["IPTC:Keywords"] == USER_KEYWORDS + ["dog"], ext
@@ -175,7 +231,7 @@ def test_every_format_write_rerun_untag(samples, ledger):
     assert samples["CR3"].with_suffix(".xmp").exists()  # new sidecars: Adobe naming by default
     for p in photos:  # trusting ExifTool's per-file status: the ledger claims nothing the file lacks
         for e in ledger.entries(os.path.realpath(p)):
-            if e.field != "ramcli:CreatedSidecar":
+            if e.field not in ("ramcli:CreatedSidecar", DIGEST_BEFORE):
                 assert e.value in read_tags(Path(e.target), e.field).get(e.field, []), (p, e)
 
     # second run: nothing to do, no file touched
@@ -215,7 +271,7 @@ def test_retag_drops_only_ramcli_copy(samples, ledger):
     assert out[0].status == "written"
     got = keywords(jpg)
     assert got["XMP-dc:Subject"] == USER_KEYWORDS + ["dog", "sunset"]  # Oma (user's) survives
-    assert got["XMP-lr:HierarchicalSubject"] == ["auto|dog"]
+    assert got["XMP-lr:HierarchicalSubject"] == USER_KEYWORDS + ["auto|dog"]  # seeded with the user's
     assert got["IPTC:Keywords"] == USER_KEYWORDS + ["dog"]
 
 
@@ -283,7 +339,8 @@ def test_digikam_and_windows_fields_follow_what_is_there(tmp_path, ledger):
     got = keywords(present)
     assert got["XMP-digiKam:TagsList"] == ["People/Oma", "ai/dog"]
     assert got["XMP-microsoft:LastKeywordXMP"] == ["Oma", "dog"]
-    assert got["XMP-lr:HierarchicalSubject"] == ["ai|dog"]
+    assert got["XMP-lr:HierarchicalSubject"] == ["People|Oma", "ai|dog"]  # created, seeded from TagsList
+    assert got["XMP-dc:Subject"] == ["Oma", "dog"]  # created, seeded with the TagsList leaf
     assert "XMP-digiKam:TagsList" not in keywords(absent)
     with writer(ledger, tag_root="ai", digikam="always") as w:
         w.write_batch([(absent, [DOG])])
@@ -513,7 +570,8 @@ def test_kill_9_at_any_moment_leaves_old_or_new_file_whole(tmp_path, samples, wh
             assert rows[(DESCRIPTION, "a dog on a beach")] is False
         else:  # the old file, byte for byte; only the user's own Oma may be known (as the user's)
             assert jpg.read_bytes() == before_bytes
-            assert all(rows.values()) and ("XMP-dc:Subject", "dog") not in rows
+            # (the IPTC digest the photo had is recorded either way: it is that digest, written or not)
+            assert all(v for (f, _), v in rows.items() if f != DIGEST_BEFORE) and ("XMP-dc:Subject", "dog") not in rows
         again = w.write_batch([(p, [DOG, OMA]) for p in (jpg, cr3)], captions=["a dog on a beach"] * 2)
         assert again[0].status == ("unchanged" if written else "written")
         assert read_tags(jpg, DESCRIPTION) == {DESCRIPTION: ["a dog on a beach"]}

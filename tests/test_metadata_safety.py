@@ -31,7 +31,7 @@ from PIL import Image, ImageSequence
 from media import USER_KEYWORDS, USER_TITLE, decoded_pixels_digest, make_photo
 from small_disk import fill, small_disk
 from ramcli.ledger import Ledger, LedgerEntry
-from ramcli.metadata import CREATED_SIDECAR, MetadataWriter, WriterOptions
+from ramcli.metadata import CREATED_SIDECAR, MetadataWriter, WriterOptions, keyword_name
 from ramcli.records import TagScore
 
 DOG = TagScore("dog", "", 0.9)
@@ -384,7 +384,9 @@ def test_every_string_round_trips_byte_for_byte(tmp_path, ledger):
         assert [o.status for o in outcomes] == ["written"] * 2
         after = exact_tags(jpg)
         assert after[SUBJECT] == AWKWARD + names
-        assert after[HIERARCHICAL] == [f"auto|{n}" for n in names]
+        # the hierarchy ramcli creates starts with the user's keywords from dc:subject and IPTC, exactly
+        seeds = list(dict.fromkeys(AWKWARD + before["IPTC:Keywords"]))
+        assert after[HIERARCHICAL] == seeds + [f"auto|{n}" for n in names]
         assert after["IPTC:Keywords"] == before["IPTC:Keywords"] + names
         assert after[DESCRIPTION] == before[DESCRIPTION]
         assert exact_tags(bare)[DESCRIPTION] == ["base64:Zm9v true"]
@@ -535,7 +537,7 @@ def test_property_hostile_names_and_values(tmp_path, folder_name, file_name, fmt
         user_subject = before.get(SUBJECT, [])  # as the set-up stored them (exact: see the test above)
         tree = tree_digest(root, {photo})
         tags = [TagScore(v, "", 0.9) for v in ours]
-        wanted = list(dict.fromkeys(v.strip() for v in ours if v.strip()))
+        wanted = list(dict.fromkeys(n for n in map(keyword_name, ours) if n))
         led = Ledger(sqlite_utils.Database(Path(tmp) / "index.db"))
         with MetadataWriter(WriterOptions(), led) as w:
             outcome = w.write_batch([(photo, tags)], captions=[caption])[0]

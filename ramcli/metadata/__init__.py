@@ -32,18 +32,22 @@ from ramcli.metadata.layout import sidecar_names, sidecar_targets
 from ramcli.metadata.options import Lang, Policy, SidecarName, WriterOptions
 from ramcli.metadata.plan import (
     CREATED_SIDECAR,
+    DIGEST_BEFORE,
     MANAGED_FIELDS,
     FilePlan,
     WriteOutcome,
+    keyword_name,
     leaves,
     plan_description,
     plan_field,
+    seed_values,
     trim_iptc,
 )
 from ramcli.metadata.writer import MetadataWriter
 
 __all__ = [
     "CREATED_SIDECAR",
+    "DIGEST_BEFORE",
     "MANAGED_FIELDS",
     "ExifToolProcess",
     "FilePlan",
@@ -53,9 +57,11 @@ __all__ = [
     "SidecarName",
     "WriteOutcome",
     "WriterOptions",
+    "keyword_name",
     "leaves",
     "plan_description",
     "plan_field",
+    "seed_values",
     "sidecar_names",
     "sidecar_targets",
     "trim_iptc",

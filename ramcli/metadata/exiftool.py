@@ -39,7 +39,7 @@ from ramcli.errors import RamcliError
 MIN_EXIFTOOL = (12, 15)  # PyExifTool 0.5.6 needs -echo4 ${status}
 
 # What ExifTool is asked to read: every field the planner looks at, in full.
-READ_TAGS = ("-XMP:all", "-IPTC:all", "-Photoshop:IPTCDigest", "-EXIF:ImageDescription")
+READ_TAGS = ("-XMP:all", "-IPTC:all", "-Photoshop:IPTCDigest", "-File:CurrentIPTCDigest", "-EXIF:ImageDescription")
 _RDF = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
 _BASE64 = "http://www.w3.org/2001/XMLSchema#base64Binary"
 _GROUP_URI = re.compile(r"^http://ns\.exiftool\.org/(?:.+/)?([^/]+)/1\.0/$")

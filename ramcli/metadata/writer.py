@@ -37,7 +37,7 @@ import shutil
 import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -60,11 +60,18 @@ from ramcli.metadata.layout import (
 from ramcli.metadata.options import WriterOptions
 from ramcli.metadata.plan import (
     CREATED_SIDECAR,
+    CURRENT_IPTC_DIGEST,
     DESCRIPTION,
     DESCRIPTION_WRITE,
+    DIGEST_BEFORE,
+    IN_SYNC,
+    IPTC_DIGEST,
     IPTC_KEYWORDS,
     KEYWORD_FIELDS,
+    LEDGER_ONLY_FIELDS,
     MANAGED_FIELDS,
+    NO_DIGEST,
+    SUBJECT,
     FieldChange,
     FilePlan,
     TargetPlan,
@@ -72,9 +79,12 @@ from ramcli.metadata.plan import (
     as_list,
     clean_caption,
     description_elsewhere,
+    iptc_seeds,
+    iptc_stale,
     plan_description,
     plan_field,
     policy_applies,
+    seed_values,
     wanted_values,
 )
 from ramcli.records import TagScore
@@ -297,26 +307,60 @@ class MetadataWriter:
                 rows.setdefault(e.field, {})[e.value] = e
         iptc = self._iptc_encoding(t, data, fmt) if wanted else None
         want = wanted_values(tags, self.options, current, iptc) if wanted else {}
+        # The user's keywords: everything but ramcli's own tags (seeded copies are the user's).
+        user = {f: [v for v in current[f] if not _ramcli_tag(rows.get(f, {}).get(v))] for f in KEYWORD_FIELDS}
+        stale = iptc is not None and iptc_stale(data)
         for f in KEYWORD_FIELDS:
-            ledger = {v: e.preexisting for v, e in rows.get(f, {}).items()}
-            new, record, forget = plan_field(current[f], want.get(f, []), ledger)
-            t.record += [LedgerEntry(path, t.target, f, v, v in current[f]) for v in record]
-            t.forget += [rows[f][v] for v in forget]
+            seeds = seed_values(user, f) if wanted and not current[f] else []
+            if f == SUBJECT and stale:
+                seeds += iptc_seeds(user, current[f], iptc)
+            known = rows.get(f, {})
+            planned = plan_field(current[f], want.get(f, []), {v: e.preexisting for v, e in known.items()},
+                                 {v for v, e in known.items() if e.seeded}, seeds)
+            t.record += [LedgerEntry(path, t.target, f, v, v in current[f], seeded=v in planned.seeded)
+                         for v in planned.record]
+            t.forget += [known[v] for v in planned.forget]
+            new = planned.new
             if new != current[f]:
                 t.new_values[f] = new
                 t.changes.append(
                     FieldChange(f, [v for v in new if v not in current[f]], [v for v in current[f] if v not in new])
                 )
-        if IPTC_KEYWORDS in t.new_values:
+        if IPTC_KEYWORDS in t.new_values or stale:
             if iptc == "utf-8" or not any(k.startswith("IPTC:") for k in data):
                 t.extra["IPTC:CodedCharacterSet"] = "UTF8"
-            # MWG: a stale digest makes readers ignore the XMP, so refresh it. In TIFF/DNG ExifTool
-            # 12.57's "new" digest differs from its CurrentIPTCDigest (padding), so there we only
-            # refresh a digest the file already has and never create one.
-            if fmt in DIGEST_FORMATS or "Photoshop:IPTCDigest" in data:
-                t.extra["Photoshop:IPTCDigest"] = "new"
+            # MWG: a stale digest makes readers ignore the XMP, so refresh it (dc:subject holds the
+            # IPTC's keywords by now). In TIFF/DNG ExifTool 12.57's "new" digest differs from its
+            # CurrentIPTCDigest (padding), so there we only refresh a digest the file already has
+            # and never create one.
+            if fmt in DIGEST_FORMATS or IPTC_DIGEST in data:
+                t.extra[IPTC_DIGEST] = "new"
+        self._plan_digest_record(t, path, data, wanted, rows.get(DIGEST_BEFORE, {}))
         if not wanted:
             t.forget += list(rows.get(CREATED_SIDECAR, {}).values())
+
+    def _plan_digest_record(
+        self, t: TargetPlan, path: str, data: dict, wanted: bool, known: dict[str, LedgerEntry]
+    ) -> None:
+        """The digest a target had before ramcli first replaced it is recorded (`DIGEST_BEFORE`:
+        none, in sync with the IPTC, or the stale value), and `untag` puts back that state, so
+        that MWG readers choose between XMP and IPTC as they did before."""
+        stored, now = data.get(IPTC_DIGEST), data.get(CURRENT_IPTC_DIGEST)
+        if wanted:
+            if IPTC_DIGEST in t.extra and not known:
+                had = NO_DIGEST if not stored else IN_SYNC if stored == now else stored
+                t.record.append(LedgerEntry(path, t.target, DIGEST_BEFORE, had, False))
+            return
+        if not known:
+            return
+        before = next(iter(known))
+        t.extra.pop(IPTC_DIGEST, None)
+        if before == IN_SYNC:  # recomputed: the same digest when the IPTC is back as it was
+            if t.new_values or (stored and stored != now):
+                t.extra[IPTC_DIGEST] = "new"
+        elif before != (stored or NO_DIGEST):
+            t.extra[IPTC_DIGEST] = [] if before == NO_DIGEST else before
+        t.forget += list(known.values())
 
     def _plan_caption(
         self, t: TargetPlan, path: str, data: dict, caption: str | None, path_rows: list[LedgerEntry]
@@ -410,7 +454,7 @@ class MetadataWriter:
                 continue
             for t in plan.targets:
                 intents[t.target] = [
-                    Intent(LedgerEntry(e.path, e.target, e.field, e.value, e.preexisting, model_id)) for e in t.record
+                    Intent(replace(e, model_id=model_id)) for e in t.record
                 ] + [Intent(e, remove=True) for e in t.forget]
         self.ledger.stage([i for t in batch.staged() for i in intents[t.target]])
         return intents
@@ -559,6 +603,11 @@ class MetadataWriter:
         return len(decidable)
 
 
+def _ramcli_tag(entry: LedgerEntry | None) -> bool:
+    """Whether a ledger row says its value is one of ramcli's tags (not the user's, not a seed)."""
+    return entry is not None and not entry.preexisting and not entry.seeded
+
+
 def _extension(target: str) -> str | None:
     """The extension ExifTool sees a target under: a sidecar's, or its detected format's."""
     if target.lower().endswith(SIDECAR_EXTENSION):
@@ -590,7 +639,7 @@ def _holds(intent: Intent, data: dict | None) -> bool:
     """Whether a target as it is now (`data` read from it; None: gone) bears the intent out:
     a value to add is there, a value to remove is gone (a user's value may always be forgotten)."""
     e = intent.entry
-    present = data is not None and (e.field == CREATED_SIDECAR or e.value in as_list(data.get(e.field)))
+    present = data is not None and (e.field in LEDGER_ONLY_FIELDS or e.value in as_list(data.get(e.field)))
     return (e.preexisting or not present) if intent.remove else present
 
 
