@@ -50,15 +50,19 @@ def library(tmp_path):
 
 
 def test_search_formats_and_exit_codes(capsysbinary, library):
-    code, out, err = run(capsysbinary, "search", "dog")
+    code, out, err = run(capsysbinary, "search", "dog", "-f", "table")
     assert code == 0 and "a.jpg" in out and "c d.jpg" in out and "2 photos" in err
+    code, out, err = run(capsysbinary, "search", "dog")  # piped: one JSON object a line, as `tag`
+    assert [json.loads(line)["path"] for line in out.splitlines()] == [str(library / "a.jpg"), str(library / "2021" / "c d.jpg")]
     code, out, _ = run(capsysbinary, "search", "dog", "--format", "paths")
     assert out.splitlines() == [str(library / "a.jpg"), str(library / "2021" / "c d.jpg")]
     code, out, _ = run(capsysbinary, "search", "dog", "--format", "paths", "-0")
     assert out.split("\0") == [str(library / "a.jpg"), str(library / "2021" / "c d.jpg"), ""]
-    code, out, _ = run(capsysbinary, "search", "dog", "-night", "--format", "json")
+    code, out, _ = run(capsysbinary, "search", "dog", "NOT", "night", "--format", "json")
     data = json.loads(out)
     assert [d["path"] for d in data] == [str(library / "a.jpg")]
+    code, out, _ = run(capsysbinary, "search", "-f", "json", "--", "dog", "-night")
+    assert [d["path"] for d in json.loads(out)] == [str(library / "a.jpg")]
     assert data[0]["tags"][0] == {"name": "dog", "name_zh": "狗", "score": 0.9}
     code, out, _ = run(capsysbinary, "search", "christmas tree", "--format", "csv")
     header, row = csv.reader(io.StringIO(out))
@@ -71,8 +75,17 @@ def test_search_formats_and_exit_codes(capsysbinary, library):
     assert len(out.splitlines()) == 2
     code, out, err = run(capsysbinary, "search", "zebra")
     assert code == 2 and "unknown tag 'zebra'" in err
-    code, out, err = run(capsysbinary, "search", "dog", "cat")
+    code, out, err = run(capsysbinary, "search", "dog", "cat", "-f", "table")
     assert code == 1 and "0 photos" in err
+
+
+def test_search_options_are_options(capsysbinary, library):
+    code, out, _ = run(capsysbinary, "search", "-h")
+    assert code == 0 and "Usage: ramcli search" in out and "Examples" in out
+    code, out, _ = run(capsysbinary, "search", "cat", "-f", "paths")
+    assert code == 0 and out.splitlines() == [str(library / "2021" / "b.jpg")]
+    code, _, err = run(capsysbinary, "search", "dog", "-night")
+    assert code == 2 and err.startswith("error: No such option") and "NOT night" in err
 
 
 def test_search_filters(capsysbinary, library):
@@ -207,7 +220,7 @@ def test_search_by_caption_alone_and_with_tags(capsysbinary, captioned):
     code, out, _ = run(capsysbinary, "search", "dog", "--caption", "beach", "--format", "jsonl")
     rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["path"], r["caption"], r["score"]) for r in rows] == [(str(lib / "a.jpg"), "a dog running on the beach", 0.9)]
-    code, out, err = run(capsysbinary, "search", "--caption", "running")
+    code, out, err = run(capsysbinary, "search", "--caption", "running", "-f", "table")
     assert code == 0 and "caption" in out and "a.jpg" in out and "1 photo" in err  # the table gets a caption column
     code, out, _ = run(capsysbinary, "search", "--caption", "night", "--limit", "1", "--format", "paths")
     assert len(out.splitlines()) == 1

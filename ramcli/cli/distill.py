@@ -11,13 +11,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from ramcli.cli.common import console, err_console
-from ramcli.models.configs import MAX_BLOCKS, checked_depths
 
 
 def _depths(value: str | None) -> tuple[int, ...] | None:
     """`--depths 2,2,6,2` as a tuple of block counts."""
     if value is None:
         return None
+    from ramcli.models.configs import MAX_BLOCKS, checked_depths
+
     try:
         return checked_depths([int(part) for part in value.split(",")])
     except ValueError:

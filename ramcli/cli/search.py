@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -18,11 +19,12 @@ from rich.table import Column
 from ramcli import config
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
-from ramcli.index import Index, check_merge_source, database_error, normalize_path
-from ramcli.ledger import Ledger
-from ramcli.output import FORMATS, Layout, make_table, write_json, write_records
+from ramcli.output import FORMATS, Layout, default_format, make_table, write_json, write_records
 from ramcli.pathnames import display
-from ramcli.search import Filters, Hit, index_stats, search as run_search
+
+if TYPE_CHECKING:
+    from ramcli.index import Index
+    from ramcli.search import Hit
 
 index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity, merge indexes.", no_args_is_help=True)
 
@@ -35,6 +37,8 @@ Format = Enum("Format", {f: f for f in FORMATS}, type=str)
 @contextlib.contextmanager
 def _opened(path: Path | None, readonly: bool) -> Iterator[Index]:
     """Open the index; any SQLite failure on the way becomes a one-line error."""
+    from ramcli.index import Index, database_error
+
     resolved = path or config.home().index
     try:
         with Index.open(resolved, readonly=readonly) as index:
@@ -99,31 +103,42 @@ def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> No
         err_console.print(f"{len(hits)} photo{'s' if len(hits) != 1 else ''}{more}", highlight=False)
 
 
-def register(app: typer.Typer) -> None:
-    # `-night` must reach the query, not Click: unknown options pass through, and -h is not help here.
-    query_settings = {"ignore_unknown_options": True, "help_option_names": ["--help"]}
+SEARCH_EXAMPLES = """[bold]Examples[/]
 
-    @app.command(context_settings=query_settings)
+  ramcli search dog beach                 both tags
+  ramcli search dog OR cat                either
+  ramcli search dog NOT night             exclude (or after --: ramcli search -- dog -night)
+  ramcli search '"christmas tree"' --since 2023-12-01 -f paths
+  ramcli search --caption "on a beach" --gallery beach.html
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(epilog=SEARCH_EXAMPLES)
     def search(
-        query: list[str] = typer.Argument(None, help='Tags: `dog beach`, `dog OR cat`, `dog -night`, `"christmas tree"`. Optional with --caption.', show_default=False),
+        query: list[str] = typer.Argument(None, metavar="QUERY", help='Tags: `dog beach`, `dog OR cat`, `dog NOT night`, `"christmas tree"`. Optional with --caption.', show_default=False),
         caption: str = typer.Option(None, "--caption", help='Words that must all be in the caption (Tag2Text, `tag --caption`); "quoted phrases" kept in order.'),
         min_score: float = typer.Option(0.0, "--min-score", help="Count a tag only at this score or above (0-1)."),
         limit: int = typer.Option(None, "--limit", help="At most this many hits, best first; 0 = all. [default: 50 for table, all otherwise]", show_default=False),
         since: str = typer.Option(None, "--since", help="Taken on or after this date (YYYY-MM-DD)."),
         until: str = typer.Option(None, "--until", help="Taken on or before this date (YYYY-MM-DD)."),
         folder: Path = typer.Option(None, "--in", help="Only photos under this folder.", file_okay=False),
-        fmt: Format = typer.Option(Format.table, "--format", help="Output format."),
+        fmt: Format = typer.Option(None, "--format", "-f", help="(default: table on a terminal, else jsonl)", show_default=False),
         null: bool = typer.Option(False, "-0", "--null", help="With --format paths: end each path with NUL (for xargs -0)."),
         gallery: Path = typer.Option(None, "--gallery", help="Also write a static HTML page with thumbnails of the hits.", dir_okay=False),
         index_path: Path = IndexOption,
     ) -> None:
-        """Find photos by tag: `ramcli search dog`, `dog OR cat`, `dog -night`; by caption: `--caption "on a beach"`. Exit 0 with hits, 1 without, 2 on a bad query."""
+        """Find photos by tag or caption. Exit 0 with hits, 1 without, 2 on a bad query."""
+        fmt = Format(fmt.value if fmt else default_format())
         if not query and caption is None:
             raise UsageError('give tags, --caption TEXT or both, e.g. `ramcli search dog` or `ramcli search --caption "on a beach"`')
         query_text = _query_text(query) if query else ""
         if limit is not None and limit < 0:
             raise UsageError("--limit must be 0 (all) or more")
         wanted = (50 if fmt is Format.table else None) if limit is None else (limit or None)
+        from ramcli.index import normalize_path
+        from ramcli.search import Filters, search as run_search
+
         filters = Filters(min_score=min_score, since=_iso_date(since, "--since"), until=_iso_date(until, "--until"),
                           under=Path(normalize_path(folder)) if folder else None, caption=caption)
         with _opened(index_path, readonly=True) as index:
@@ -144,6 +159,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def show(photo: Path = typer.Argument(..., help="A photo in the index."), index_path: Path = IndexOption) -> None:
         """Show one photo's tags, scores and what was written where."""
+        from ramcli.ledger import Ledger
+
         with _opened(index_path, readonly=True) as index:
             record = index.lookup(str(photo))
             if record is None:
@@ -172,6 +189,8 @@ def register(app: typer.Typer) -> None:
         """Photos, tags, top tags and failures in the index."""
         if fmt not in ("table", "json"):
             raise UsageError(f"unknown format {fmt!r}; use table or json")
+        from ramcli.search import index_stats
+
         with _opened(index_path, readonly=True) as index:
             s = index_stats(index, top)
         if fmt == "json":
@@ -217,6 +236,8 @@ def register(app: typer.Typer) -> None:
     def merge(sources: list[Path] = typer.Argument(..., help="Index files to merge in (each node's index.db).", show_default=False),
               index_path: Path = IndexOption) -> None:
         """Merge other indexes (e.g. one per node of a multi-node run) into this one; a photo in both keeps its newer tagging."""
+        from ramcli.index import check_merge_source
+
         destination = index_path or config.home().index
         for source in sources:  # refuse a bad source before merging any
             check_merge_source(source, destination)

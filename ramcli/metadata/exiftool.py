@@ -138,6 +138,18 @@ class Workspace:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def find_exiftool(executable: str = "exiftool") -> str:
+    """The ExifTool executable's path, or a one-line error saying how to install it."""
+    found = shutil.which(executable)
+    if not found:
+        raise RamcliError(
+            f"ExifTool not found ({executable!r}): install it (Debian/Ubuntu: apt install "
+            "libimage-exiftool-perl; macOS: brew install exiftool; Windows: exiftool.org) "
+            "or write the index only with --no-write"
+        )
+    return found
+
+
 class ExifToolProcess:
     """One long-lived `exiftool -stay_open` process, with a clear error when ExifTool is missing.
     It is given workspace names only (see the module docstring)."""
@@ -145,13 +157,7 @@ class ExifToolProcess:
     def __init__(self, executable: str = "exiftool"):
         import exiftool
 
-        found = shutil.which(executable)
-        if not found:
-            raise RamcliError(
-                f"ExifTool not found ({executable!r}): install it (Debian/Ubuntu: apt install "
-                "libimage-exiftool-perl; macOS: brew install exiftool; Windows: exiftool.org) "
-                "or write the index only with --no-write"
-            )
+        found = find_exiftool(executable)
         self._et = exiftool.ExifTool(executable=found, common_args=["-G1"])
         try:
             self._et.run()

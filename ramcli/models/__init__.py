@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ramcli.config import home
-from ramcli.errors import CheckpointError
+from ramcli.errors import CheckpointError, UsageError
 from ramcli.labels import LabelSet, resolve_labels
 from ramcli.models.checkpoint import (
     converted_arch,
@@ -95,7 +95,18 @@ def resolve_weights(weights: str | None) -> tuple[Path, str | None]:
         return installed, name
     if installed.is_file():
         return installed, None
-    raise CheckpointError(f"weights not found: {weights} (a file path, or a name from `ramcli models list`)")
+    raise UsageError(f"weights not found: {weights}{_did_you_mean(name)}")
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    folder = home().models
+    installed = [p.stem for p in folder.glob("*.safetensors")] if folder.is_dir() else []
+    close = difflib.get_close_matches(name, [*PUBLISHED, *installed], n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return " (a file path, or a name from `ramcli models list`)"
 
 
 def model_id_of(weights: str | Path | None) -> str:
