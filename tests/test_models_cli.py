@@ -45,6 +45,7 @@ def test_pull_offline_is_one_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["models", "pull", "ram_swin_large_14m"], env=env)
     assert res.exit_code == 1
     assert "ramcli models import ram_swin_large_14m.pth" in str(res.exception)
+    assert "--weights ram_swin_large_14m.pth" in str(res.exception)
 
 
 def test_doctor_reports_exiftool_and_state(tmp_path):

@@ -73,22 +73,6 @@ def _writable(root: Path) -> tuple[bool, str]:
     return True, str(root)
 
 
-def _hub() -> tuple[bool, str]:
-    """Whether the Hugging Face hub answers (a TCP connection, 3 s at most), or why not."""
-    import socket
-    from urllib.parse import urlsplit
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False, "offline (HF_HUB_OFFLINE is set)"
-    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=3).close()
-    except OSError as exc:
-        return False, f"{url.hostname} unreachable ({exc.strerror or type(exc).__name__})"
-    return True, f"{url.hostname} reachable"
-
-
 def register(app: typer.Typer) -> None:
     @app.command(epilog="Exit code 0 when `ramcli tag` can run as it is; 1 when something is missing (each row says how to fix it).")
     def doctor() -> None:
@@ -98,7 +82,7 @@ def register(app: typer.Typer) -> None:
         from ramcli import __version__
         from ramcli.config import home
         from ramcli.models import DEFAULT_MODEL
-        from ramcli.models.registry import converted_path
+        from ramcli.models.registry import converted_path, hub_status
 
         h = home()
         rows: list[tuple[str, bool, str]] = [("ramcli", True, __version__)]
@@ -117,7 +101,7 @@ def register(app: typer.Typer) -> None:
         if models:
             rows.append(("models", True, ", ".join(models)))
         else:
-            hub_ok, hub_detail = _hub()
+            hub_ok, hub_detail = hub_status()
             fetch = (f"`ramcli models pull` fetches {DEFAULT_MODEL} (3 GB) to {default}; or" if hub_ok else
                      f"the hub cannot be reached ({hub_detail}):")
             rows.append(("models", False, f"none yet; {fetch} tag with a weights file you have: "

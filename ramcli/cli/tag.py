@@ -132,9 +132,12 @@ def _preflight(paths: list[Path], writer_options: WriterOptions, *, weights: str
         from ramcli.metadata.exiftool import find_exiftool
 
         find_exiftool(writer_options.exiftool)
-    from ramcli.models import resolve_weights
+    from ramcli.models import get_published, resolve_weights
+    from ramcli.models.registry import ensure_downloadable
 
-    resolve_weights(weights)
+    path, name = resolve_weights(weights)
+    if name is not None and not path.is_file():
+        ensure_downloadable(get_published(name))
 
 
 EXAMPLES = """[bold]Examples[/]

@@ -29,7 +29,15 @@ from ramcli.models.checkpoint import (
 from ramcli.models.configs import ARCHS, FAMILIES, ArchConfig, get_arch
 from ramcli.models.onnx import export_onnx, is_onnx, load_onnx, read_onnx_metadata
 from ramcli.models.ram import RecognitionModel
-from ramcli.models.registry import DEFAULT_MODEL, PUBLISHED, converted_path, download, get_published, verified_as
+from ramcli.models.registry import (
+    DEFAULT_MODEL,
+    PUBLISHED,
+    converted_path,
+    download,
+    ensure_downloadable,
+    get_published,
+    verified_as,
+)
 
 __all__ = [
     "ARCHS", "ArchConfig", "DEFAULT_MODEL", "PUBLISHED", "RecognitionModel", "convert", "get_arch",
@@ -130,6 +138,7 @@ def load_model(weights: str | Path | None = None, arch: str | None = None, label
     """
     path, name = resolve_weights(str(weights) if weights is not None else None)
     if name is not None and not path.is_file():
+        ensure_downloadable(get_published(name))  # offline: the advice now, not "downloading ..."
         if on_pull is not None:
             on_pull(get_published(name))
         path = pull(name, labels_dir=labels_dir)
