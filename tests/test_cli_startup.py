@@ -84,3 +84,14 @@ def test_version(tmp_path):
     for flag in ("-V", "--version"):
         result = run(flag, tmp_path=tmp_path)
         assert result["code"] == 0 and result["stdout"].startswith("ramcli ") and result["heavy"] == []
+
+
+def test_no_color_means_no_escape_codes_even_on_a_terminal(tmp_path):
+    env = {**os.environ, "FORCE_COLOR": "1", "TTY_COMPATIBLE": "1", "PYTHONPATH": str(REPO),
+           "RAMCLI_HOME": str(tmp_path)}
+    for args in (["--help"], ["tag", "no-such-folder"]):
+        coloured = subprocess.run([sys.executable, "-m", "ramcli", *args], capture_output=True, text=True, env=env)
+        assert "\x1b[" in coloured.stdout + coloured.stderr  # the check can see escape codes
+        plain = subprocess.run([sys.executable, "-m", "ramcli", *args], capture_output=True, text=True,
+                               env={**env, "NO_COLOR": "1"})
+        assert "\x1b[" not in plain.stdout + plain.stderr and ("Usage: ramcli" in plain.stdout or plain.stderr.startswith("error: "))

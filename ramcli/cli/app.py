@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - older Typer
 
 from ramcli import __version__
 from ramcli.cli import distill, doctor, engine, evaluate, labelsys, models, parse, search, tag, train, vocab, watch, write
-from ramcli.cli.common import fail
+from ramcli.cli.common import PLAIN, fail
 from ramcli.errors import RamcliError
 
 app = typer.Typer(
@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     to read the usage), 130 interrupted. Set RAMCLI_DEBUG=1 to get the traceback of an
     unexpected error instead.
     """
+    if PLAIN:  # the help too
+        from typer import rich_utils
+
+        rich_utils.COLOR_SYSTEM = None
     try:
         code = app(args=argv, prog_name="ramcli", standalone_mode=False)
     except click_errors.NoArgsIsHelpError as exc:  # `ramcli` or `ramcli vocab` alone: the help

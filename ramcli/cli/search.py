@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -10,7 +12,7 @@ from dataclasses import replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import typer
 from rich.markup import escape
@@ -113,6 +115,36 @@ SEARCH_EXAMPLES = """[bold]Examples[/]
 """
 
 
+ShowFormat = Literal["table", "json", "jsonl"]
+Lang = Literal["en", "zh", "both"]
+#: The index fields `show` prints, in this order, where set.
+SHOWN = ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version",
+         "content_hash", "caption", "link")
+
+
+def _name_columns(lang: str) -> tuple[str, ...]:
+    return {"en": ("tag",), "zh": ("标签",), "both": ("tag", "中文")}[lang]
+
+
+def _names(name: str, name_zh: str | None, lang: str) -> tuple[str, ...]:
+    zh = name_zh or name
+    return {"en": (name,), "zh": (zh,), "both": (name, zh)}[lang]
+
+
+def _find(index: Index, photo: Path):
+    """The photo's record: by its path, else (a bare file name) by that name anywhere in the index."""
+    record = index.lookup(str(photo))
+    if record is None and os.sep not in str(photo) and not photo.exists():
+        matches = index.find_by_name(str(photo))
+        if len(matches) > 1:
+            raise UsageError(f"{len(matches)} photos in the index are called {display(str(photo))}: give the path of "
+                             f"one, e.g. {display(matches[0])}")
+        record = index.lookup(matches[0]) if matches else None
+    if record is None:
+        raise RamcliError(f"{display(str(photo))} is not in the index: tag it with `ramcli tag {display(str(photo))}`")
+    return record
+
+
 def register(app: typer.Typer) -> None:
     @app.command(epilog=SEARCH_EXAMPLES)
     def search(
@@ -156,28 +188,47 @@ def register(app: typer.Typer) -> None:
         if not hits:
             sys.exit(1)  # like grep; SystemExit because the entry point drops a returned exit code
 
-    @app.command()
-    def show(photo: Path = typer.Argument(..., help="A photo in the index."), index_path: Path = IndexOption) -> None:
+    @app.command(epilog="[bold]Examples[/]\n\n  ramcli show ~/Pictures/2024/IMG_0042.jpg\n  ramcli show IMG_0042.jpg -f json      by file name, from any folder")
+    def show(photo: Path = typer.Argument(..., help="A photo in the index: its path, or its file name alone."),
+             fmt: ShowFormat = typer.Option(None, "--format", "-f", help="(default: table on a terminal, else jsonl)", show_default=False),
+             lang: Lang = typer.Option("en", "--lang", help="Tag names in English, Chinese or both."),
+             index_path: Path = IndexOption) -> None:
         """Show one photo's tags, scores and what was written where."""
         from ramcli.ledger import Ledger
 
         with _opened(index_path, readonly=True) as index:
-            record = index.lookup(str(photo))
-            if record is None:
-                raise RamcliError(f"{photo} is not in the index: tag it with `ramcli tag {photo}`")
+            record = _find(index, photo)
             tags = index.photo_tags(record.path)
             ledger = Ledger(index.db).entries(record.path)
-        console.print(display(record.path), style="bold", highlight=False, markup=False)
-        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption", "link"):
+        written: dict[tuple[str, str], list] = {}
+        for e in ledger:
+            written.setdefault((e.target, e.field), []).append(e)
+        if (fmt or default_format()) != "table":
+            info = {f: getattr(record, f) for f in SHOWN if getattr(record, f) is not None}
+            data = {"path": display(record.path), **info,
+                        "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(t.score, 6)} for t in tags],
+                        "written": [{"file": display(target), "field": field, "values": [e.value for e in entries],
+                                     "ours": [not e.preexisting for e in entries]}
+                                    for (target, field), entries in written.items()]}
+            if fmt == "json":
+                write_json(data, sys.stdout)
+            else:
+                sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+            return
+        console.print(display(record.path), style="bold", highlight=False, markup=False, soft_wrap=True)
+        for field in SHOWN:
             value = getattr(record, field)
             if value is not None:
-                console.print(f"  {field:<13} {display(value) if field == 'link' else value}", highlight=False, markup=False)
-        console.print(make_table(("tag", "中文", Column("score", justify="right")),
-                                 ((t.name, t.name_zh, f"{t.score:.3f}") for t in tags), title="tags"))
-        if ledger:
+                console.print(f"  {field:<13} {display(value) if field == 'link' else value}", highlight=False,
+                              markup=False, soft_wrap=True)
+        console.print(make_table((*_name_columns(lang), Column("score", justify="right")),
+                                 ((*_names(t.name, t.name_zh, lang), f"{t.score:.3f}") for t in tags), title="tags"))
+        if written:
             console.print(make_table(
-                [Column(c, overflow="fold") for c in ("file", "field", "value", "ours")],
-                ((display(e.target), e.field, e.value, "no (was there)" if e.preexisting else "yes") for e in ledger),
+                [Column("file", overflow="fold"), "field", Column("values", overflow="fold")],
+                ((display(target), field, ", ".join(e.value + ("" if not e.preexisting else " (was there)")
+                                                    for e in entries))
+                 for (target, field), entries in written.items()),
                 title="written to metadata"))
         else:
             console.print("  nothing written to the file's metadata yet", style="dim")
@@ -185,6 +236,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def stats(top: int = typer.Option(15, "--top", help="How many top tags to list."),
               fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
+              lang: Lang = typer.Option("en", "--lang", help="Tag names in English, Chinese or both."),
               index_path: Path = IndexOption) -> None:
         """Photos, tags, top tags and failures in the index."""
         if fmt not in ("table", "json"):
@@ -202,8 +254,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"photos: {total:,} ({by_status})", highlight=False, markup=False)
         console.print(f"tags: {s.tags_known:,} known, {s.tags_in_use:,} in use, {s.photo_tags:,} photo tags", highlight=False)
         if s.top_tags:
-            console.print(make_table((Column("tag"), Column("中文"), Column("photos", justify="right")),
-                                     ((n, zh, f"{c:,}") for n, zh, c in s.top_tags), title="top tags"))
+            console.print(make_table((*_name_columns(lang), Column("photos", justify="right")),
+                                     ((*_names(n, zh, lang), f"{c:,}") for n, zh, c in s.top_tags), title="top tags"))
         if s.failures:
             console.print(make_table((Column("photo", overflow="fold"), Column("error", overflow="fold")),
                                      ((display(p), e) for p, e in s.failures), title=f"failures (first {len(s.failures)})"))
