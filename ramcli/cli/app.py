@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - older Typer
 from ramcli import __version__
 from ramcli.cli import distill, doctor, engine, evaluate, labelsys, models, parse, search, tag, train, vocab, watch, write
 from ramcli.cli.common import PLAIN, fail
+from ramcli.cli.examples import epilog
 from ramcli.errors import RamcliError
 
 app = typer.Typer(
@@ -50,6 +51,33 @@ def _root(
 
 for module in (tag, watch, search, write, vocab, labelsys, models, train, distill, parse, evaluate, engine, doctor):
     module.register(app)
+
+#: The panels of `ramcli --help`, in this order.
+_PANELS = {
+    "Tag and find": ("tag", "watch", "search", "show", "stats", "write", "untag", "index"),
+    "Vocabulary, models, set-up": ("vocab", "models", "doctor"),
+    "Training and evaluation": ("eval", "train", "finetune", "distill", "engine", "parse", "synth"),
+}
+
+
+def _name(info) -> str | None:
+    return info.name or (info.callback.__name__.replace("_", "-") if info.callback else None)
+
+
+def _decorate(typer_app: typer.Typer, path: str) -> None:
+    """Each command's examples (`ramcli.cli.examples`) as its help's epilog."""
+    for info in typer_app.registered_commands:
+        info.epilog = info.epilog or epilog(f"{path} {_name(info)}".strip())
+    for group in typer_app.registered_groups:
+        sub = f"{path} {group.name}".strip()
+        group.typer_instance.info.epilog = group.typer_instance.info.epilog or epilog(sub)
+        _decorate(group.typer_instance, sub)
+
+
+for info in [*app.registered_commands, *app.registered_groups]:
+    info.rich_help_panel = next((panel for panel, names in _PANELS.items() if _name(info) in names), None)
+_decorate(app, "")
+app.info.epilog = epilog("")
 
 
 #: How a value is shown in the help: INTEGER, PATH, TEXT as Click always did, nothing for a

@@ -74,9 +74,12 @@ def _writable(root: Path) -> tuple[bool, str]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(epilog="Exit code 0 when `ramcli tag` can run as it is; 1 when something is missing (each row says how to fix it).")
+    @app.command()
     def doctor() -> None:
-        """Check torch/CUDA, ExifTool, models, vocabulary and index; say how to fix what is missing."""
+        """Check torch/CUDA, ExifTool, models, vocabulary and index; say how to fix what is missing.
+
+        Exit code 0 when `ramcli tag` can run as it is; 1 when something is missing (each row says how to fix it).
+        """
         import torch
 
         from ramcli import __version__

@@ -37,7 +37,7 @@ def generate(
     labels: Path | None = LABELS,
     threshold: float | None = typer.Option(None, "--threshold", help="One threshold for all tags (default: per-class)."),
     captioner: Path | None = typer.Option(None, "--captioner", help="A RAM/Tag2Text `ramcli train`/`finetune` checkpoint: add generated captions and their tags."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per model call."),
     device: str = DEVICE,
 ) -> None:
     """Run a baseline model over shards and add the tags (and captions) it generates."""

@@ -105,16 +105,6 @@ def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> No
         err_console.print(f"{len(hits)} photo{'s' if len(hits) != 1 else ''}{more}", highlight=False)
 
 
-SEARCH_EXAMPLES = """[bold]Examples[/]
-
-  ramcli search dog beach                 both tags
-  ramcli search dog OR cat                either
-  ramcli search dog NOT night             exclude (or after --: ramcli search -- dog -night)
-  ramcli search '"christmas tree"' --since 2023-12-01 -f paths
-  ramcli search --caption "on a beach" --gallery beach.html
-"""
-
-
 ShowFormat = Literal["table", "json", "jsonl"]
 Lang = Literal["en", "zh", "both"]
 #: The index fields `show` prints, in this order, where set.
@@ -146,7 +136,7 @@ def _find(index: Index, photo: Path):
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(epilog=SEARCH_EXAMPLES)
+    @app.command()
     def search(
         query: list[str] = typer.Argument(None, metavar="QUERY", help='Tags: `dog beach`, `dog OR cat`, `dog NOT night`, `"christmas tree"`. Optional with --caption.', show_default=False),
         caption: str = typer.Option(None, "--caption", help='Words that must all be in the caption (Tag2Text, `tag --caption`); "quoted phrases" kept in order.'),
@@ -188,7 +178,7 @@ def register(app: typer.Typer) -> None:
         if not hits:
             sys.exit(1)  # like grep; SystemExit because the entry point drops a returned exit code
 
-    @app.command(epilog="[bold]Examples[/]\n\n  ramcli show ~/Pictures/2024/IMG_0042.jpg\n  ramcli show IMG_0042.jpg -f json      by file name, from any folder")
+    @app.command()
     def show(photo: Path = typer.Argument(..., help="A photo in the index: its path, or its file name alone."),
              fmt: ShowFormat = typer.Option(None, "--format", "-f", help="(default: table on a terminal, else jsonl)", show_default=False),
              lang: Lang = typer.Option("en", "--lang", help="Tag names in English, Chinese or both."),

@@ -140,17 +140,8 @@ def _preflight(paths: list[Path], writer_options: WriterOptions, *, weights: str
         ensure_downloadable(get_published(name))
 
 
-EXAMPLES = """[bold]Examples[/]
-
-  ramcli tag ~/Pictures                          new and changed photos, the default model
-  ramcli tag --weights ram_plus_swin_large_14m.pth ~/Pictures   a weights file you have
-  ramcli tag --no-write -f csv -o tags.csv .     only the index and a CSV, photos untouched
-  ramcli tag --dry-run ~/Pictures                what would be tagged
-"""
-
-
 def register(app: typer.Typer) -> None:
-    @app.command(epilog=EXAMPLES)
+    @app.command()
     @tag_options()
     def tag(paths: list[Path] = typer.Argument(..., help="Photos and folders (walked recursively)."), *, run) -> None:
         """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.

@@ -101,35 +101,37 @@ def list_(
 
 
 @vocab_app.command()
-def remove(name: str, labels: Path = LABELS_OPTION) -> None:
+def remove(name: str = typer.Argument(..., help="A custom tag."), labels: Path = LABELS_OPTION) -> None:
     """Remove a custom tag."""
     vocab = _open(labels)
     _done(vocab, f"removed custom tag '{vocab.remove(name)}'")
 
 
 @vocab_app.command()
-def disable(name: str, labels: Path = LABELS_OPTION) -> None:
+def disable(name: str = typer.Argument(..., help="A built-in or custom tag."), labels: Path = LABELS_OPTION) -> None:
     """Never emit this tag (built-in or custom); it is dropped from the label queries."""
     vocab = _open(labels)
     _done(vocab, f"disabled '{vocab.disable(name)}'")
 
 
 @vocab_app.command()
-def enable(name: str, labels: Path = LABELS_OPTION) -> None:
+def enable(name: str = typer.Argument(..., help="A disabled tag."), labels: Path = LABELS_OPTION) -> None:
     """Emit a disabled tag again."""
     vocab = _open(labels)
     _done(vocab, f"enabled '{vocab.enable(name)}'")
 
 
 @vocab_app.command()
-def threshold(name: str, value: float, labels: Path = LABELS_OPTION) -> None:
+def threshold(name: str = typer.Argument(..., help="A built-in or custom tag."),
+              value: float = typer.Argument(..., help="The new threshold, 0-1."), labels: Path = LABELS_OPTION) -> None:
     """Set a tag's threshold (0-1; a tag is emitted when its score is above it)."""
     vocab = _open(labels)
     _done(vocab, f"threshold of '{vocab.set_threshold(name, value)}' is now {value:g}")
 
 
 @vocab_app.command()
-def synonym(name: str, alias: str, labels: Path = LABELS_OPTION) -> None:
+def synonym(name: str = typer.Argument(..., help="The tag."),
+            alias: str = typer.Argument(..., help="Another word that finds it."), labels: Path = LABELS_OPTION) -> None:
     """Make ALIAS find NAME's photos in `ramcli search`."""
     vocab = _open(labels)
     canonical = vocab.add_synonym(name, alias)
