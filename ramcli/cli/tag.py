@@ -115,7 +115,7 @@ def _run(paths: list[Path], writer_options: WriterOptions, *, exclude_tags: str,
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".onnx")
 
 
-def _preflight(paths: list[Path], writer_options: WriterOptions, *, weights: str | None,
+def _preflight(paths: list[Path], writer_options: WriterOptions, *, weights: str | None, device: str,
                threshold_file: Path | None, write: bool, dry_run: bool, **_) -> None:
     """What would fail only after the model loaded, checked first: the photos, the weights, ExifTool."""
     from ramcli.errors import UsageError
@@ -134,6 +134,9 @@ def _preflight(paths: list[Path], writer_options: WriterOptions, *, weights: str
         find_exiftool(writer_options.exiftool)
     from ramcli.models import get_published, resolve_weights
     from ramcli.models.registry import ensure_downloadable
+    from ramcli.pipeline import resolve_device
+
+    resolve_device(device)
 
     path, name = resolve_weights(weights)
     if name is not None and not path.is_file():
