@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,5 +201,8 @@ class ExifToolProcess:
         return per_file_messages(stderr), failed
 
     def close(self) -> None:
-        if self._et.running:
-            self._et.terminate()
+        # After Ctrl-C ExifTool got the SIGINT too and is gone; pyexiftool would warn about that.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self._et.running:
+                self._et.terminate()
