@@ -102,7 +102,7 @@ def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
 
 def _run(paths: list[Path], writer_options: WriterOptions, *, exclude_tags: str, fmt: str | None, no_index: bool,
          **options):
-    _preflight(paths, writer_options, **options)
+    _preflight(paths, **options)
     from ramcli.tagrun import TagRun
 
     return TagRun(
@@ -115,9 +115,10 @@ def _run(paths: list[Path], writer_options: WriterOptions, *, exclude_tags: str,
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".onnx")
 
 
-def _preflight(paths: list[Path], writer_options: WriterOptions, *, weights: str | None, device: str,
-               threshold_file: Path | None, write: bool, dry_run: bool, **_) -> None:
-    """What would fail only after the model loaded, checked first: the photos, the weights, ExifTool."""
+def _preflight(paths: list[Path], *, weights: str | None, device: str,
+               threshold_file: Path | None, **_) -> None:
+    """The usage errors that would otherwise show only after the model loaded: the photos, a
+    weights path, the device."""
     from ramcli.errors import UsageError
 
     for p in paths:
@@ -128,17 +129,22 @@ def _preflight(paths: list[Path], writer_options: WriterOptions, *, weights: str
     if weights and ("/" in weights or os.sep in weights or Path(weights).suffix in WEIGHT_SUFFIXES):
         if not Path(weights).expanduser().is_file():  # a path, not a model name: say so before torch loads
             raise UsageError(f"weights file not found: {weights}")
-    if write and not dry_run:
-        from ramcli.metadata.exiftool import find_exiftool
-
-        find_exiftool(writer_options.exiftool)
-    from ramcli.models import get_published, resolve_weights
-    from ramcli.models.registry import ensure_downloadable
     from ramcli.pipeline import resolve_device
 
     resolve_device(device)
 
-    path, name = resolve_weights(weights)
+
+def check_ready(run) -> None:
+    """What the run needs from the machine, checked before the model loads: ExifTool (when
+    writing), the weights, and the hub when they must be downloaded."""
+    if run.write and not run.dry_run:
+        from ramcli.metadata.exiftool import find_exiftool
+
+        find_exiftool(run.writer_options.exiftool if run.writer_options else "exiftool")
+    from ramcli.models import get_published, resolve_weights
+    from ramcli.models.registry import ensure_downloadable
+
+    path, name = resolve_weights(run.weights)
     if name is not None and not path.is_file():
         ensure_downloadable(get_published(name))
 
@@ -151,6 +157,7 @@ def register(app: typer.Typer) -> None:
 
         Exit code 0 when every photo was tagged, indexed and written; 1 when some photo failed (each is listed); 2 on usage errors.
         """
+        check_ready(run)
         failed = run.execute(console=console, err_console=err_console)
         if failed:
             raise typer.Exit(1)
