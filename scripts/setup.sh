@@ -26,10 +26,12 @@ pip() { "$VENV/bin/python" -m pip install -q "$@"; }
 # several GB of CUDA libraries) from PyTorch's own index; a local wheel cache that caps the
 # version (as on the project's machines) is used either way.
 if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
+  cpu_index=https://download.pytorch.org/whl/cpu
+  if ! command -v nvidia-smi >/dev/null 2>&1 &&
+     "$VENV/bin/python" -c "import socket; socket.create_connection(('download.pytorch.org', 443), timeout=3)" 2>/dev/null; then
+    pip --extra-index-url "$cpu_index" "torch>=2.3" "torchvision>=0.18"
+  else  # a GPU, or PyTorch's index out of reach: the default wheels (or the local cache's)
     pip "torch>=2.3" "torchvision>=0.18"
-  else
-    pip --extra-index-url https://download.pytorch.org/whl/cpu "torch>=2.3" "torchvision>=0.18"
   fi
 fi
 if [ "$test_extras" = 1 ]; then
