@@ -42,3 +42,14 @@ def test_clip_advice_does_not_send_the_user_to_models_import(tmp_path):
     done = _ramcli("models", "pull", "clip-vit-b-16", home=tmp_path / "home", HF_HUB_OFFLINE="1")
     assert done.returncode == 1
     assert "--clip-weights FILE" in done.stderr and "models import" not in done.stderr
+
+
+def test_missing_exiftool_is_said_before_anything_else(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (64, 48), "orange").save(photos / "a.jpg")
+    home = tmp_path / "home"
+    done = _ramcli("tag", str(photos), home=home, PATH=str(tmp_path / "no-tools-here"), HF_HUB_OFFLINE="1")
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ExifTool not found") and "--no-write" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (home / "index.db").exists()
