@@ -283,6 +283,12 @@ class Index:
         row = self.db.execute(f"SELECT {_PHOTO_COLUMNS} FROM photos WHERE path = ?", [path_key(path)]).fetchone()
         return PhotoRecord.from_row(row) if row else None
 
+    def find_by_name(self, name: str) -> list[str]:
+        """Paths of the photos whose file name is `name` (for `show IMG.jpg` from another folder)."""
+        pattern = "%/" + to_text(name).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.db.execute("SELECT path FROM photos WHERE path LIKE ? ESCAPE '\\'", [pattern])
+        return [path for path in (from_text(r[0]) for r in rows) if os.path.basename(path) == name]
+
     def needs_tagging(self, path: str, size: int, mtime_ns: int, model_id: str, vocab_version: str) -> bool:
         """False only when the file is unchanged and was tagged by this model and vocabulary, or
         is broken and unchanged since (see `state`)."""

@@ -162,7 +162,7 @@ def write_records(records: Iterable, fmt: str, layout: Layout, output: Path | No
         writer(records)
 
 
-def default_format(output: Path | None = None, piped: str = "tsv") -> str:
+def default_format(output: Path | None = None, piped: str = "jsonl") -> str:
     """A table for a person at a terminal; `piped` (a line-oriented format) for scripts and files."""
     return "table" if output is None and sys.stdout.isatty() else piped
 

@@ -651,8 +651,9 @@ class TagSession:
         run = self.run
 
         def report(decision) -> None:
-            self.precision_note = f"{decision.precision} (auto: {decision.reason})"
-            if not run.quiet:
+            checked = ", checked before" if decision.cached else ""
+            self.precision_note = f"{decision.precision} (auto{checked}: {decision.reason})"
+            if not run.quiet and not decision.cached:  # the measurements once; later runs name them in the summary
                 self.err.print(decision.describe(), markup=False, highlight=False)
 
         enough = photos == 0 or photos >= run.precision_check

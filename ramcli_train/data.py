@@ -649,6 +649,7 @@ class TrainLoader:
         self.dataset = dataset
         self.stats = DataStats()
         self.epoch_stats = DataStats()
+        self.full_epoch: DataStats | None = None  # the first epoch read to its end: the data set's counts
         self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, **loader_kwargs)
 
     def set_epoch(self, epoch: int) -> None:
@@ -663,3 +664,12 @@ class TrainLoader:
                 yield batch
         if self.epoch_stats.used == 0:
             raise RamcliError(f"no usable training sample: {self.epoch_stats.summary()}")
+        if self.full_epoch is None:
+            self.full_epoch = self.epoch_stats
+
+    def summary(self) -> str:
+        """The data set's counts, as one epoch reads them (the cumulative `stats` count every
+        epoch's reads again)."""
+        if self.full_epoch is not None:
+            return f"{self.full_epoch.summary()} per epoch"
+        return f"{self.stats.summary()} (training stopped within the first epoch)"

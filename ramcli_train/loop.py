@@ -511,7 +511,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                               "img_per_s": round(rate, 2), "skipped": loader.stats.skipped}
                     log.write(record)
                     parts_text = " ".join(f"{k} {v:.3f}" for k, v in last.items())
-                    progress.update(task, description=f"step {step} {parts_text} lr {lr:.2e} {rate:.1f} img/s")
+                    line = f"step {step} {parts_text} lr {lr:.2e} {rate:.1f} img/s"
+                    progress.update(task, description=line)
+                    if not sys.stderr.isatty():  # a log file or a pipe gets a line, where a terminal gets the bar
+                        print(line, file=sys.stderr, flush=True)
                     window_start, window_images = time.perf_counter(), 0
                 progress.update(task, completed=step)
                 if cfg.save_every and step % cfg.save_every == 0:
@@ -532,4 +535,4 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return {"step": step, "epoch": epoch, "last": last, "checkpoint": str(last_path) if last_path else None,
-            "data": loader.stats.summary()}
+            "data": loader.summary()}

@@ -28,7 +28,7 @@ def test_convert_info_import_and_tag_by_name(tmp_path):
     res = run(app, ["models", "import", str(ckpt), "--name", "mytiny", "--labels", str(labels)], env=env)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "home" / "models" / "mytiny.safetensors").is_file()
-    listed = run(app, ["models", "list"], env=env)
+    listed = run(app, ["models", "list", "-f", "tsv"], env=env)
     assert "ram_plus_swin_large_14m (default)\tram_plus_swin_large_384\t3.01 GB\t-" in listed.stdout
     photo = tmp_path / "p.jpg"
     from images import photo_like
@@ -45,9 +45,12 @@ def test_pull_offline_is_one_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["models", "pull", "ram_swin_large_14m"], env=env)
     assert res.exit_code == 1
     assert "ramcli models import ram_swin_large_14m.pth" in str(res.exception)
+    assert "--weights ram_swin_large_14m.pth" in str(res.exception)
 
 
 def test_doctor_reports_exiftool_and_state(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.safetensors").write_bytes(b"")
     res = CliRunner().invoke(app, ["doctor"], env={"RAMCLI_HOME": str(tmp_path)})
     assert res.exit_code == 0, res.output
     out = _flat(res.stdout)

@@ -191,8 +191,12 @@ def test_tag_prints_and_caches_the_decision(model_files, tmp_path):
     assert "precision: " in first.stderr and "auto:" in first.stderr  # in the run summary
     assert "fp32" in first.stderr and ("int8" in first.stderr or "no fast path" in first.stderr)
     assert sum(line.startswith("{") for line in first.stdout.splitlines()) == 3
+    def report(stderr: str) -> list[str]:  # the decision's own lines ("precision int8: ..."), not the summary's
+        return [line for line in stderr.splitlines() if line.startswith("precision ")]
+
+    assert len(report(first.stderr)) == 1  # the measurements, once
     second = CliRunner().invoke(app, args, catch_exceptions=False)
-    assert "(cached check)" in second.stderr
+    assert "auto, checked before:" in second.stderr and report(second.stderr) == []
     exact = CliRunner().invoke(app, [*base, "--precision", "fp32"], catch_exceptions=False)
     assert "precision: fp32" in exact.stderr and "auto" not in exact.stderr
 

@@ -50,15 +50,19 @@ def library(tmp_path):
 
 
 def test_search_formats_and_exit_codes(capsysbinary, library):
-    code, out, err = run(capsysbinary, "search", "dog")
+    code, out, err = run(capsysbinary, "search", "dog", "-f", "table")
     assert code == 0 and "a.jpg" in out and "c d.jpg" in out and "2 photos" in err
+    code, out, err = run(capsysbinary, "search", "dog")  # piped: one JSON object a line, as `tag`
+    assert [json.loads(line)["path"] for line in out.splitlines()] == [str(library / "a.jpg"), str(library / "2021" / "c d.jpg")]
     code, out, _ = run(capsysbinary, "search", "dog", "--format", "paths")
     assert out.splitlines() == [str(library / "a.jpg"), str(library / "2021" / "c d.jpg")]
     code, out, _ = run(capsysbinary, "search", "dog", "--format", "paths", "-0")
     assert out.split("\0") == [str(library / "a.jpg"), str(library / "2021" / "c d.jpg"), ""]
-    code, out, _ = run(capsysbinary, "search", "dog", "-night", "--format", "json")
+    code, out, _ = run(capsysbinary, "search", "dog", "NOT", "night", "--format", "json")
     data = json.loads(out)
     assert [d["path"] for d in data] == [str(library / "a.jpg")]
+    code, out, _ = run(capsysbinary, "search", "-f", "json", "--", "dog", "-night")
+    assert [d["path"] for d in json.loads(out)] == [str(library / "a.jpg")]
     assert data[0]["tags"][0] == {"name": "dog", "name_zh": "狗", "score": 0.9}
     code, out, _ = run(capsysbinary, "search", "christmas tree", "--format", "csv")
     header, row = csv.reader(io.StringIO(out))
@@ -71,8 +75,33 @@ def test_search_formats_and_exit_codes(capsysbinary, library):
     assert len(out.splitlines()) == 2
     code, out, err = run(capsysbinary, "search", "zebra")
     assert code == 2 and "unknown tag 'zebra'" in err
-    code, out, err = run(capsysbinary, "search", "dog", "cat")
+    code, out, err = run(capsysbinary, "search", "dog", "cat", "-f", "table")
     assert code == 1 and "0 photos" in err
+
+
+def test_show_by_file_name_from_another_folder(capsysbinary, library, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, _ = run(capsysbinary, "show", "b.jpg", "-f", "json")
+    assert code == 0 and json.loads(out)["path"] == str(library / "2021" / "b.jpg")
+    code, out, _ = run(capsysbinary, "show", "c d.jpg", "-f", "json")
+    assert code == 0 and json.loads(out)["path"] == str(library / "2021" / "c d.jpg")
+    code, _, err = run(capsysbinary, "show", "b_jpg")  # LIKE's wildcards are not wildcards here
+    assert code == 1 and "not in the index" in err
+    with Index.open() as ix:
+        ix.record_batch([PhotoResult(str(library / "2021" / "a.jpg"), "tagged", 4, 1)])
+    code, _, err = run(capsysbinary, "show", "a.jpg")
+    assert code == 2 and "2 photos in the index are called a.jpg" in err
+
+
+def test_search_options_are_options(capsysbinary, library):
+    code, out, _ = run(capsysbinary, "search", "-h")
+    assert code == 0 and "Usage: ramcli search" in out and "Examples" in out
+    code, out, _ = run(capsysbinary, "search", "cat", "-f", "paths")
+    assert code == 0 and out.splitlines() == [str(library / "2021" / "b.jpg")]
+    code, _, err = run(capsysbinary, "search", "dog", "-night")
+    assert code == 2 and err.startswith("error: No such option") and "NOT night" in err
 
 
 def test_search_filters(capsysbinary, library):
@@ -133,15 +162,26 @@ def test_locked_index_gives_up_with_message(tmp_path, library):
 
 
 def test_show_stats_prune_check(capsysbinary, library):
-    code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"))
-    assert code == 0 and "dog" in out and "海滩" in out and "0.900" in out and "nothing written" in out
+    code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"), "-f", "table")
+    assert code == 0 and "dog" in out and "0.900" in out and "nothing written" in out
+    assert "海滩" not in out  # Chinese names only when asked
+    code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"), "-f", "table", "--lang", "both")
+    assert "海滩" in out and "beach" in out
     with Index.open() as ix:
-        Ledger(ix.db).record([LedgerEntry(str(library / "a.jpg"), str(library / "a.xmp"), "XMP-dc:Subject", "dog", False)])
-    code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"))
+        Ledger(ix.db).record([LedgerEntry(str(library / "a.jpg"), str(library / "a.xmp"), "XMP-dc:Subject", k, False)
+                              for k in ("dog", "beach", "auto|dog", "auto|beach")])
+    code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"), "-f", "table")
     assert "XMP-dc:Subject" in out and "a.xmp" in out
+    assert out.count("a.xmp") == 1 and out.count("XMP-dc:Subject") == 1 and "auto|beach" in out  # one row per file and field
+    code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"))  # piped: one JSON object
+    shown = json.loads(out)
+    assert shown["path"] == str(library / "a.jpg") and [t["name"] for t in shown["tags"]] == ["dog", "beach"]
+    assert shown["written"] == [{"file": str(library / "a.xmp"), "field": "XMP-dc:Subject",
+                                 "values": ["dog", "beach", "auto|dog", "auto|beach"], "ours": [True] * 4}]
     code, _, err = run(capsysbinary, "show", str(library / "nope.jpg"))
     assert code == 1 and "not in the index" in err
     code, out, _ = run(capsysbinary, "stats")
+    assert "狗" not in out
     assert "photos: 4" in out and "1 failed" in out and "cannot decode image" in out
     assert out.index("dog") < out.index("beach")  # top tags by count
     code, out, _ = run(capsysbinary, "stats", "--format", "json", "--top", "2")
@@ -207,7 +247,7 @@ def test_search_by_caption_alone_and_with_tags(capsysbinary, captioned):
     code, out, _ = run(capsysbinary, "search", "dog", "--caption", "beach", "--format", "jsonl")
     rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["path"], r["caption"], r["score"]) for r in rows] == [(str(lib / "a.jpg"), "a dog running on the beach", 0.9)]
-    code, out, err = run(capsysbinary, "search", "--caption", "running")
+    code, out, err = run(capsysbinary, "search", "--caption", "running", "-f", "table")
     assert code == 0 and "caption" in out and "a.jpg" in out and "1 photo" in err  # the table gets a caption column
     code, out, _ = run(capsysbinary, "search", "--caption", "night", "--limit", "1", "--format", "paths")
     assert len(out.splitlines()) == 1

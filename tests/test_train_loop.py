@@ -253,3 +253,14 @@ def test_presets_and_any_timm_backbone(shards, tmp_path, capsys):
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(tagger(images), trained(images))
+
+
+def test_a_piped_log_gets_step_lines_and_the_summary_counts_the_data_once(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = _run(["train", "--data", str(shards), "--preset", "tiny", "--out", str(out),
+                              "--batch-size", "16", "--epochs", "3", "--set", "log_every=2",
+                              "--set", "tokenizer_vocab=300"], capsys)
+    assert code in (0, None), err
+    steps = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1]) for line in steps] == [2, 4, 6, 8, 9] and all(" loss " in s for s in steps)
+    assert "trained 9 steps; used 48 of 48 samples per epoch" in stdout  # 3 epochs of 48, not 144

@@ -321,12 +321,12 @@ def test_cli_settings_without_clip(cli, builtin, labels_dir):
     code, out, _ = cli("threshold", "dog", "0.8")
     assert code == 0 and "threshold of 'dog' is now 0.8" in out
     assert cli("synonym", "dog", "doggo")[0] == 0
-    code, out, _ = cli("list", "--builtin", "--search", "doggo")
+    code, out, _ = cli("list", "--builtin", "--search", "doggo", "-f", "tsv")
     assert out.splitlines() == ["tag\tkind\tthreshold\tstate\tsynonyms", "dog\tbuilt-in\t0.8\tenabled\tdoggo"]
     code, out, _ = cli("list", "--builtin", "--search", "doggo", "--format", "json")
     assert json.loads(out) == [{"name": "dog", "kind": "built-in", "threshold": 0.8, "enabled": True,
                                 "synonyms": ["doggo"]}]
-    code, out, _ = cli("list", "--search", "person")
+    code, out, _ = cli("list", "--search", "person", "-f", "tsv")
     person = read_label_dir(labels_dir, "ram").thresholds[builtin.index("person")]
     assert f"person\tbuilt-in\t{person:g}\tdisabled\t" in out.splitlines()
     with Index.open(readonly=True) as index:
@@ -370,7 +370,7 @@ def test_cli_add_with_real_clip_architecture(cli, tmp_path):
     code, out, err = cli("add", "funicular", "-d", "a funicular.", "-d", "a cliff railway", "--threshold", "0.6",
                          "--zh", "缆车", "--clip-weights", str(weights))
     assert code == 0 and "2 descriptions" in out
-    code, out, _ = cli("list", "--custom")
+    code, out, _ = cli("list", "--custom", "-f", "tsv")
     assert out.splitlines() == ["tag\tkind\tthreshold\tstate\tsynonyms", "tram\tcustom\t0.5\tenabled\t", "funicular\tcustom\t0.6\tenabled\t"]
     code, _, err = cli("add", "Tram", "--clip-weights", str(weights))
     assert code == 1 and "already exists" in err

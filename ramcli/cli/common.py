@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.markup import escape
 
-console = Console()
-err_console = Console(stderr=True)
+#: NO_COLOR (https://no-color.org): no colour, and none of the bold and dim either.
+PLAIN = bool(os.environ.get("NO_COLOR"))
+
+console = Console(color_system=None) if PLAIN else Console()
+err_console = Console(stderr=True, color_system=None) if PLAIN else Console(stderr=True)
 
 
 def fail(message: str) -> None:

@@ -11,13 +11,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from ramcli.cli.common import console, err_console
-from ramcli.models.configs import MAX_BLOCKS, checked_depths
 
 
 def _depths(value: str | None) -> tuple[int, ...] | None:
     """`--depths 2,2,6,2` as a tuple of block counts."""
     if value is None:
         return None
+    from ramcli.models.configs import MAX_BLOCKS, checked_depths
+
     try:
         return checked_depths([int(part) for part in value.split(",")])
     except ValueError:
@@ -35,9 +36,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="The student: a tagger .safetensors for `ramcli tag --weights`."),
         image_size: int | None = typer.Option(None, "--image-size", min=32, help="The student's input size (default: the teacher's)."),
         hidden: int | None = typer.Option(None, "--hidden", min=4, help="The student's decoder width (default: the teacher's, whose decoder is copied). Smaller is faster with many tags."),
-        epochs: int = typer.Option(10, "--epochs", min=1),
+        epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training photos."),
         max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
-        batch_size: int = typer.Option(32, "--batch-size", min=1),
+        batch_size: int = typer.Option(32, "--batch-size", min=1, help="Photos per optimizer step."),
         lr: float | None = typer.Option(None, "--lr", min=0.0, help="Peak learning rate (default 1e-3; 3e-4 for a student that starts from the teacher)."),
         embed_weight: float = typer.Option(1.0, "--embed-weight", min=0.0, help="Weight of the L1 loss to the teacher's pooled image embedding (RAM, RAM++); 0: off."),
         pooled_weight: float = typer.Option(0.0, "--pooled-weight", min=0.0, help="Weight of the pooled-embedding tag loss (RAM, RAM++), for teachers trained with it (`train --preset cpu`); 0: off."),

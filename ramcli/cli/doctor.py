@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ramcli.cli.common import console
+
+
+#: What a failed check is called (else "missing").
+_PROBLEM = {"index": "broken", "home": "not writable"}
 
 
 def _exiftool() -> tuple[bool, str]:
@@ -48,16 +54,38 @@ def _index(path) -> tuple[bool, str]:
     return True, str(path)
 
 
+def _writable(root: Path) -> tuple[bool, str]:
+    """Whether ramcli can create its state under `root`: the nearest folder that exists takes a
+    file (created and removed at once; permission bits alone say nothing to root or on a
+    read-only mount)."""
+    import tempfile
+
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return False, f"{root} cannot be created: {existing} is not a folder (set RAMCLI_HOME to a folder you own)"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return False, f"{root} is not writable ({exc.strerror or exc}); set RAMCLI_HOME to a folder you own"
+    return True, str(root)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def doctor() -> None:
-        """Check torch/CUDA, ExifTool, models, vocabulary and index; say how to fix what is missing."""
+        """Check torch/CUDA, ExifTool, models, vocabulary and index; say how to fix what is missing.
+
+        Exit code 0 when `ramcli tag` can run as it is; 1 when something is missing (each row says how to fix it).
+        """
         import torch
 
         from ramcli import __version__
         from ramcli.config import home
         from ramcli.models import DEFAULT_MODEL
-        from ramcli.models.registry import converted_path
+        from ramcli.models.registry import converted_path, hub_status
 
         h = home()
         rows: list[tuple[str, bool, str]] = [("ramcli", True, __version__)]
@@ -69,11 +97,18 @@ def register(app: typer.Typer) -> None:
             rows.append(("CUDA", True, "no GPU: tagging runs on the CPU"))
         exif_ok, exif_detail = _exiftool()
         rows.append(("ExifTool", exif_ok, exif_detail))
-        rows.append(("home", True, f"{h.root} (RAMCLI_HOME)" if os.environ.get("RAMCLI_HOME") else str(h.root)))
+        home_ok, home_detail = _writable(h.root)
+        rows.append(("home", home_ok, home_detail + (" (RAMCLI_HOME)" if os.environ.get("RAMCLI_HOME") and home_ok else "")))
         default = converted_path(h.models, DEFAULT_MODEL)
-        models = sorted(p.name for p in h.models.glob("*.safetensors")) if h.models.is_dir() else []
-        rows.append(("models", bool(models), ", ".join(models) if models else
-                     f"none yet: `ramcli models pull` (or the first `ramcli tag`) fetches {DEFAULT_MODEL} to {default}"))
+        models = sorted(p.name for p in h.models.iterdir() if p.suffix in (".safetensors", ".onnx")) if h.models.is_dir() else []
+        if models:
+            rows.append(("models", True, ", ".join(models)))
+        else:
+            hub_ok, hub_detail = hub_status()
+            fetch = (f"`ramcli models pull` fetches {DEFAULT_MODEL} (3 GB) to {default}; or" if hub_ok else
+                     f"the hub cannot be reached ({hub_detail}):")
+            rows.append(("models", False, f"none yet; {fetch} tag with a weights file you have: "
+                                          "`ramcli tag --weights FILE.pth PHOTOS`"))
         labels = os.environ.get("RAMCLI_LABELS")
         rows.append(("labels", True, f"the model file's own, else RAMCLI_LABELS={labels}" if labels else "the model file's own, else the official files shipped with ramcli"))
         rows.append(("vocabulary", True, str(h.vocab) + ("" if h.vocab.exists() else " (empty)")))
@@ -82,7 +117,7 @@ def register(app: typer.Typer) -> None:
         table = Table("check", "", "details", show_header=False)
         table.columns[2].overflow = "fold"  # paths are copied into commands: never elide them
         for name, ok, detail in rows:
-            table.add_row(name, "[green]ok[/]" if ok else f"[red]{'broken' if name == 'index' else 'missing'}[/]", detail)
+            table.add_row(name, "[green]ok[/]" if ok else f"[red]{_PROBLEM.get(name, 'missing')}[/]", escape(detail))
         console.print(table)
-        if not (exif_ok and index_ok):  # what tagging cannot do without (models download on first use)
+        if not all(ok for _, ok, _ in rows):
             raise typer.Exit(1)

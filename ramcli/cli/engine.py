@@ -37,7 +37,7 @@ def generate(
     labels: Path | None = LABELS,
     threshold: float | None = typer.Option(None, "--threshold", help="One threshold for all tags (default: per-class)."),
     captioner: Path | None = typer.Option(None, "--captioner", help="A RAM/Tag2Text `ramcli train`/`finetune` checkpoint: add generated captions and their tags."),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per model call."),
     device: str = DEVICE,
     ray: bool = typer.Option(False, "--ray", help="Spread the shards over Ray model actors (pip install 'ramcli\\[ray]'; --out on storage every node sees). See docs/scale-out.md."),
     ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join (implies --ray; default: $RAY_ADDRESS, else a local Ray)."),

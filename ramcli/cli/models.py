@@ -27,7 +27,7 @@ MODELS = Layout(
 
 @models_app.command("list")
 def list_models(
-    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, tsv otherwise)."),
+    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, else jsonl)."),
 ) -> None:
     """The published models, their size, and whether they are installed."""
     from ramcli.config import home

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from dataclasses import replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import typer
 from rich.markup import escape
@@ -18,11 +21,12 @@ from rich.table import Column
 from ramcli import config
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
-from ramcli.index import Index, check_merge_source, database_error, normalize_path
-from ramcli.ledger import Ledger
-from ramcli.output import FORMATS, Layout, make_table, write_json, write_records
+from ramcli.output import FORMATS, Layout, default_format, make_table, write_json, write_records
 from ramcli.pathnames import display
-from ramcli.search import Filters, Hit, index_stats, search as run_search
+
+if TYPE_CHECKING:
+    from ramcli.index import Index
+    from ramcli.search import Hit
 
 index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity, merge indexes.", no_args_is_help=True)
 
@@ -35,6 +39,8 @@ Format = Enum("Format", {f: f for f in FORMATS}, type=str)
 @contextlib.contextmanager
 def _opened(path: Path | None, readonly: bool) -> Iterator[Index]:
     """Open the index; any SQLite failure on the way becomes a one-line error."""
+    from ramcli.index import Index, database_error
+
     resolved = path or config.home().index
     try:
         with Index.open(resolved, readonly=readonly) as index:
@@ -99,31 +105,62 @@ def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> No
         err_console.print(f"{len(hits)} photo{'s' if len(hits) != 1 else ''}{more}", highlight=False)
 
 
-def register(app: typer.Typer) -> None:
-    # `-night` must reach the query, not Click: unknown options pass through, and -h is not help here.
-    query_settings = {"ignore_unknown_options": True, "help_option_names": ["--help"]}
+ShowFormat = Literal["table", "json", "jsonl"]
+Lang = Literal["en", "zh", "both"]
+#: The index fields `show` prints, in this order, where set.
+SHOWN = ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version",
+         "content_hash", "caption", "link")
 
-    @app.command(context_settings=query_settings)
+
+def _name_columns(lang: str) -> tuple[str, ...]:
+    return {"en": ("tag",), "zh": ("标签",), "both": ("tag", "中文")}[lang]
+
+
+def _names(name: str, name_zh: str | None, lang: str) -> tuple[str, ...]:
+    zh = name_zh or name
+    return {"en": (name,), "zh": (zh,), "both": (name, zh)}[lang]
+
+
+def _find(index: Index, photo: Path):
+    """The photo's record: by its path, else (a bare file name) by that name anywhere in the index."""
+    record = index.lookup(str(photo))
+    if record is None and os.sep not in str(photo) and not photo.exists():
+        matches = index.find_by_name(str(photo))
+        if len(matches) > 1:
+            raise UsageError(f"{len(matches)} photos in the index are called {display(str(photo))}: give the path of "
+                             f"one, e.g. {display(matches[0])}")
+        record = index.lookup(matches[0]) if matches else None
+    if record is None:
+        raise RamcliError(f"{display(str(photo))} is not in the index: tag it with `ramcli tag {display(str(photo))}`")
+    return record
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
     def search(
-        query: list[str] = typer.Argument(None, help='Tags: `dog beach`, `dog OR cat`, `dog -night`, `"christmas tree"`. Optional with --caption.', show_default=False),
+        query: list[str] = typer.Argument(None, metavar="QUERY", help='Tags: `dog beach`, `dog OR cat`, `dog NOT night`, `"christmas tree"`. Optional with --caption.', show_default=False),
         caption: str = typer.Option(None, "--caption", help='Words that must all be in the caption (Tag2Text, `tag --caption`); "quoted phrases" kept in order.'),
         min_score: float = typer.Option(0.0, "--min-score", help="Count a tag only at this score or above (0-1)."),
         limit: int = typer.Option(None, "--limit", help="At most this many hits, best first; 0 = all. [default: 50 for table, all otherwise]", show_default=False),
         since: str = typer.Option(None, "--since", help="Taken on or after this date (YYYY-MM-DD)."),
         until: str = typer.Option(None, "--until", help="Taken on or before this date (YYYY-MM-DD)."),
         folder: Path = typer.Option(None, "--in", help="Only photos under this folder.", file_okay=False),
-        fmt: Format = typer.Option(Format.table, "--format", help="Output format."),
+        fmt: Format = typer.Option(None, "--format", "-f", help="(default: table on a terminal, else jsonl)", show_default=False),
         null: bool = typer.Option(False, "-0", "--null", help="With --format paths: end each path with NUL (for xargs -0)."),
         gallery: Path = typer.Option(None, "--gallery", help="Also write a static HTML page with thumbnails of the hits.", dir_okay=False),
         index_path: Path = IndexOption,
     ) -> None:
-        """Find photos by tag: `ramcli search dog`, `dog OR cat`, `dog -night`; by caption: `--caption "on a beach"`. Exit 0 with hits, 1 without, 2 on a bad query."""
+        """Find photos by tag or caption. Exit 0 with hits, 1 without, 2 on a bad query."""
+        fmt = Format(fmt.value if fmt else default_format())
         if not query and caption is None:
             raise UsageError('give tags, --caption TEXT or both, e.g. `ramcli search dog` or `ramcli search --caption "on a beach"`')
         query_text = _query_text(query) if query else ""
         if limit is not None and limit < 0:
             raise UsageError("--limit must be 0 (all) or more")
         wanted = (50 if fmt is Format.table else None) if limit is None else (limit or None)
+        from ramcli.index import normalize_path
+        from ramcli.search import Filters, search as run_search
+
         filters = Filters(min_score=min_score, since=_iso_date(since, "--since"), until=_iso_date(until, "--until"),
                           under=Path(normalize_path(folder)) if folder else None, caption=caption)
         with _opened(index_path, readonly=True) as index:
@@ -142,25 +179,46 @@ def register(app: typer.Typer) -> None:
             sys.exit(1)  # like grep; SystemExit because the entry point drops a returned exit code
 
     @app.command()
-    def show(photo: Path = typer.Argument(..., help="A photo in the index."), index_path: Path = IndexOption) -> None:
+    def show(photo: Path = typer.Argument(..., help="A photo in the index: its path, or its file name alone."),
+             fmt: ShowFormat = typer.Option(None, "--format", "-f", help="(default: table on a terminal, else jsonl)", show_default=False),
+             lang: Lang = typer.Option("en", "--lang", help="Tag names in English, Chinese or both."),
+             index_path: Path = IndexOption) -> None:
         """Show one photo's tags, scores and what was written where."""
+        from ramcli.ledger import Ledger
+
         with _opened(index_path, readonly=True) as index:
-            record = index.lookup(str(photo))
-            if record is None:
-                raise RamcliError(f"{photo} is not in the index: tag it with `ramcli tag {photo}`")
+            record = _find(index, photo)
             tags = index.photo_tags(record.path)
             ledger = Ledger(index.db).entries(record.path)
-        console.print(display(record.path), style="bold", highlight=False, markup=False)
-        for field in ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version", "content_hash", "caption", "link"):
+        written: dict[tuple[str, str], list] = {}
+        for e in ledger:
+            written.setdefault((e.target, e.field), []).append(e)
+        if (fmt or default_format()) != "table":
+            info = {f: getattr(record, f) for f in SHOWN if getattr(record, f) is not None}
+            data = {"path": display(record.path), **info,
+                        "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(t.score, 6)} for t in tags],
+                        "written": [{"file": display(target), "field": field, "values": [e.value for e in entries],
+                                     "ours": [not e.preexisting for e in entries]}
+                                    for (target, field), entries in written.items()]}
+            if fmt == "json":
+                write_json(data, sys.stdout)
+            else:
+                sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+            return
+        console.print(display(record.path), style="bold", highlight=False, markup=False, soft_wrap=True)
+        for field in SHOWN:
             value = getattr(record, field)
             if value is not None:
-                console.print(f"  {field:<13} {display(value) if field == 'link' else value}", highlight=False, markup=False)
-        console.print(make_table(("tag", "中文", Column("score", justify="right")),
-                                 ((t.name, t.name_zh, f"{t.score:.3f}") for t in tags), title="tags"))
-        if ledger:
+                console.print(f"  {field:<13} {display(value) if field == 'link' else value}", highlight=False,
+                              markup=False, soft_wrap=True)
+        console.print(make_table((*_name_columns(lang), Column("score", justify="right")),
+                                 ((*_names(t.name, t.name_zh, lang), f"{t.score:.3f}") for t in tags), title="tags"))
+        if written:
             console.print(make_table(
-                [Column(c, overflow="fold") for c in ("file", "field", "value", "ours")],
-                ((display(e.target), e.field, e.value, "no (was there)" if e.preexisting else "yes") for e in ledger),
+                [Column("file", overflow="fold"), "field", Column("values", overflow="fold")],
+                ((display(target), field, ", ".join(e.value + ("" if not e.preexisting else " (was there)")
+                                                    for e in entries))
+                 for (target, field), entries in written.items()),
                 title="written to metadata"))
         else:
             console.print("  nothing written to the file's metadata yet", style="dim")
@@ -168,10 +226,13 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def stats(top: int = typer.Option(15, "--top", help="How many top tags to list."),
               fmt: str = typer.Option("table", "--format", "-f", help="table or json."),
+              lang: Lang = typer.Option("en", "--lang", help="Tag names in English, Chinese or both."),
               index_path: Path = IndexOption) -> None:
         """Photos, tags, top tags and failures in the index."""
         if fmt not in ("table", "json"):
             raise UsageError(f"unknown format {fmt!r}; use table or json")
+        from ramcli.search import index_stats
+
         with _opened(index_path, readonly=True) as index:
             s = index_stats(index, top)
         if fmt == "json":
@@ -183,8 +244,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"photos: {total:,} ({by_status})", highlight=False, markup=False)
         console.print(f"tags: {s.tags_known:,} known, {s.tags_in_use:,} in use, {s.photo_tags:,} photo tags", highlight=False)
         if s.top_tags:
-            console.print(make_table((Column("tag"), Column("中文"), Column("photos", justify="right")),
-                                     ((n, zh, f"{c:,}") for n, zh, c in s.top_tags), title="top tags"))
+            console.print(make_table((*_name_columns(lang), Column("photos", justify="right")),
+                                     ((*_names(n, zh, lang), f"{c:,}") for n, zh, c in s.top_tags), title="top tags"))
         if s.failures:
             console.print(make_table((Column("photo", overflow="fold"), Column("error", overflow="fold")),
                                      ((display(p), e) for p, e in s.failures), title=f"failures (first {len(s.failures)})"))
@@ -217,6 +278,8 @@ def register(app: typer.Typer) -> None:
     def merge(sources: list[Path] = typer.Argument(..., help="Index files to merge in (each node's index.db).", show_default=False),
               index_path: Path = IndexOption) -> None:
         """Merge other indexes (e.g. one per node of a multi-node run) into this one; a photo in both keeps its newer tagging."""
+        from ramcli.index import check_merge_source
+
         destination = index_path or config.home().index
         for source in sources:  # refuse a bad source before merging any
             check_merge_source(source, destination)

@@ -7,50 +7,70 @@ and to `ramcli watch`, which takes the same model, output, metadata and filter o
 from __future__ import annotations
 
 import functools
+import os
 import inspect
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 from ramcli.cli.common import console, err_console
 from ramcli.cli.write import FollowLinksOption
 from ramcli.cli.write import writer_options as with_writer_options
-from ramcli.metadata import WriterOptions
+from ramcli.metadata.options import WriterOptions
 from ramcli.output import default_format
+
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+Decode = Literal["auto", "workers", "draft", "device"]
+Format = Literal["table", "json", "jsonl", "csv", "tsv", "paths"]
 
 
 def _options(
-    weights: str = typer.Option(None, "--weights", "-w", help="Model file (.pth or converted .safetensors) or a published name. Default: ram_plus_swin_large_14m."),
-    arch: str = typer.Option(None, help="Architecture (ram, ram_plus, tag2text or a full arch name); inferred from the weights when omitted."),
-    labels: Path = typer.Option(None, "--labels", help="Folder with the official label files (overrides RAMCLI_LABELS and the model's own)."),
-    device: str = typer.Option("auto", help="auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", help="auto, fp32 (exact), bf16, fp16 or int8 (CPU). auto: bf16 on CUDA, fp16 on MPS; on the CPU the fastest path that agrees with fp32 on >= 99% of the tags of the first photos (checked once per model and CPU)."),
-    precision_check: int = typer.Option(8, "--precision-check", min=0, help="Photos --precision auto scores in fp32 and in each CPU fast path before it picks one (0: fp32 unless already decided)."),
-    decode: str = typer.Option("auto", help="Where JPEGs are decoded: auto (the GPU's nvJPEG on CUDA, the decode workers with the official full decode on CPU), workers, draft (workers, JPEG draft mode: faster, scores move slightly) or device."),
+    weights: str = typer.Option(None, "--weights", "-w", metavar="FILE|NAME", help="A weights file (.pth, .safetensors, .onnx) or a model name (default: ram_plus_swin_large_14m)."),
+    arch: str = typer.Option(None, help="ram, ram_plus, tag2text or a full arch name (default: from the weights)."),
+    labels: Path = typer.Option(None, "--labels", help="Folder of official label files (default: the model's own)."),
+    device: str = typer.Option("auto", metavar="[auto|cpu|cuda[:N]|mps]", help="auto: CUDA, then MPS, then the CPU."),
+    precision: Precision = typer.Option("auto", help="auto: bf16 on CUDA, fp16 on MPS, on the CPU the fastest that agrees with fp32 (exact)."),
+    precision_check: int = typer.Option(8, "--precision-check", min=0, help="Photos --precision auto compares on (0: fp32)."),
+    decode: Decode = typer.Option("auto", help="JPEG decoding. auto: nvJPEG on CUDA, else workers; draft: faster, scores move slightly."),
     batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per model call (default: 64 on CUDA, 4 on CPU)."),
-    workers: int = typer.Option(None, min=0, help="Decode worker processes (default: up to 2 on CPU, up to 8 with a GPU)."),
-    compile_model: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: a slow first batch, then up to 2x faster. Default: on for jobs of 100+ photos on the CPU (50,000+ on a GPU).", show_default=False),
-    threshold: float = typer.Option(None, min=0.0, max=1.0, help="One threshold for every tag (default: the official per-class thresholds)."),
-    threshold_file: Path = typer.Option(None, help="Per-class thresholds, one per line in label order (e.g. from `ramcli eval --calibrate`)."),
+    workers: int = typer.Option(None, min=0, help="Decode processes (default: up to 2 on CPU, 8 with a GPU)."),
+    compile_model: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile: a slow start, then up to 2x faster (default: on for 100+ photos on a CPU)."),
+    threshold: float = typer.Option(None, min=0.0, max=1.0, help="One threshold for every tag (default: per-class)."),
+    threshold_file: Path = typer.Option(None, help="Per-class thresholds, a line each (`ramcli eval --calibrate`)."),
     top_k: int = typer.Option(None, min=1, help="Keep at most K tags per photo."),
-    exclude_tags: str = typer.Option("", help="Comma-separated tags never to emit (they are not even computed)."),
-    include: list[str] = typer.Option([], "--include", help="Only files whose relative path matches this glob (repeatable)."),
-    exclude: list[str] = typer.Option([], "--exclude", help="Skip files whose relative path matches this glob (repeatable)."),
-    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv, tsv or paths (default: table on a terminal, jsonl otherwise)."),
+    exclude_tags: str = typer.Option("", help="Comma-separated tags never to emit."),
+    include: list[str] = typer.Option([], "--include", help="Only paths matching this glob (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Skip paths matching this glob (repeatable)."),
+    fmt: Format = typer.Option(None, "--format", "-f", help="(default: table on a terminal, else jsonl)"),
     output: Path = typer.Option(None, "--output", "-o", help="Write results to this file instead of stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be tagged and exit."),
     force: bool = typer.Option(False, "--force", help="Re-tag every photo, even unchanged ones."),
     retry_broken: bool = typer.Option(False, "--retry-broken", help="Try broken photos again (they are skipped until their files change)."),
-    no_index: bool = typer.Option(False, "--no-index", help="Do not record results in the index (every photo is tagged)."),
-    index_path: Path = typer.Option(None, "--index", help="Index database (default: $RAMCLI_HOME/index.db)."),
-    write: bool = typer.Option(True, "--write/--no-write", help="Write tags into the photos' XMP/IPTC metadata (or sidecars)."),
-    cache_embeddings: bool = typer.Option(False, "--cache-embeddings", help="Keep image embeddings (fp16, ~145 KB/photo) so tags added later re-run only the decoder."),
-    caption: bool = typer.Option(False, "--caption", help="Tag2Text only: also write a caption per photo (beam search 3, 10-30 tokens, as the official)."),
+    no_index: bool = typer.Option(False, "--no-index", help="Do not use the index (every photo is tagged)."),
+    index_path: Path = typer.Option(None, "--index", help="Index file (default: $RAMCLI_HOME/index.db)."),
+    write: bool = typer.Option(True, "--write/--no-write", help="Write tags into the photos' XMP/IPTC (or sidecars)."),
+    cache_embeddings: bool = typer.Option(False, "--cache-embeddings", help="Keep embeddings (~145 KB/photo): new tags then re-score fast."),
+    caption: bool = typer.Option(False, "--caption", help="Tag2Text only: also write a caption per photo."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
     follow_links: FollowLinksOption = False,
 ) -> None:
     """Not a command: its signature defines the options of `ramcli tag` (see `tag_options`)."""
+
+
+#: The help panels of the shared options; an option not named here is listed under "Options".
+_PANELS = {
+    "Model": ("weights", "arch", "labels", "device", "precision", "precision_check", "decode", "batch_size",
+              "workers", "compile_model", "cache_embeddings", "caption"),
+    "Which tags": ("threshold", "threshold_file", "top_k", "exclude_tags"),
+    "Which photos": ("include", "exclude", "follow_links", "force", "retry_broken", "dry_run"),
+    "Output and index": ("fmt", "output", "quiet", "no_index", "index_path", "write"),
+}
+
+
+def _panel(name: str) -> str | None:
+    return next((panel for panel, names in _PANELS.items() if name in names), None)
 
 
 def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
@@ -58,6 +78,9 @@ def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     (their defaults apply). The command keeps its own parameters (its `paths` among them) and
     receives the rest as one `run: TagRun`."""
     options = inspect.signature(_options, eval_str=True).parameters
+    for name, p in options.items():
+        if getattr(p.default, "rich_help_panel", "") is None:
+            p.default.rich_help_panel = _panel(name)
     shared = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in options.values() if p.name not in omit]
     defaults = {name: getattr(p.default, "default", p.default) for name, p in options.items() if name in omit}
 
@@ -78,15 +101,55 @@ def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def _run(paths: list[Path], writer_options: WriterOptions, *, exclude_tags: str, fmt: str | None, no_index: bool,
+def _run(paths: list[str], writer_options: WriterOptions, *, exclude_tags: str, fmt: str | None, no_index: bool,
          **options):
+    _preflight(paths, **options)
     from ramcli.tagrun import TagRun
 
     return TagRun(
         paths=[Path(p) for p in paths], lang=writer_options.lang, exclude_tags=[t for t in exclude_tags.split(",") if t.strip()],
-        fmt=fmt or default_format(options["output"], piped="jsonl"),
+        fmt=fmt or default_format(options["output"]),
         use_index=not no_index, writer_options=writer_options, **options,
     )
+
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".onnx")
+
+
+def _preflight(paths: list[str], *, weights: str | None, device: str,
+               threshold_file: Path | None, **_) -> None:
+    """The usage errors that would otherwise show only after the model loaded: the photos, a
+    weights path, the device."""
+    from ramcli.errors import UsageError
+
+    from ramcli.pathnames import is_uri
+
+    for p in map(Path, filter(lambda p: not is_uri(str(p)), paths)):  # object storage is Ray's to read
+        if not p.exists() and not p.is_symlink():
+            raise UsageError(f"no such file or folder: {p}")
+    if threshold_file is not None and not threshold_file.is_file():
+        raise UsageError(f"threshold file not found: {threshold_file}")
+    if weights and ("/" in weights or os.sep in weights or Path(weights).suffix in WEIGHT_SUFFIXES):
+        if not Path(weights).expanduser().is_file():  # a path, not a model name: say so before torch loads
+            raise UsageError(f"weights file not found: {weights}")
+    from ramcli.pipeline import resolve_device
+
+    resolve_device(device)
+
+
+def check_ready(run) -> None:
+    """What the run needs from the machine, checked before the model loads: ExifTool (when
+    writing), the weights, and the hub when they must be downloaded."""
+    if run.write and not run.dry_run:
+        from ramcli.metadata.exiftool import find_exiftool
+
+        find_exiftool(run.writer_options.exiftool if run.writer_options else "exiftool")
+    from ramcli.models import get_published, resolve_weights
+    from ramcli.models.registry import ensure_downloadable
+
+    path, name = resolve_weights(run.weights)
+    if name is not None and not path.is_file():
+        ensure_downloadable(get_published(name))
 
 
 def register(app: typer.Typer) -> None:
@@ -94,10 +157,10 @@ def register(app: typer.Typer) -> None:
     @tag_options()
     def tag(
         paths: list[str] = typer.Argument(..., help="Photos and folders (walked recursively); with --ray also s3://, gs:// or file:// addresses."),
-        ray: bool = typer.Option(False, "--ray", help="Run decoding and the model as a Ray Data job (pip install 'ramcli\\[ray]'); the index and metadata are written here. See docs/scale-out.md."),
-        ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join: auto, host:port or ray://host:10001 (implies --ray; default: $RAY_ADDRESS, else a local Ray)."),
-        ray_actors: int = typer.Option(None, "--ray-actors", min=1, help="Model actors (default: one per GPU; without GPUs one per node)."),
-        ray_actor_cpus: float = typer.Option(None, "--ray-actor-cpus", min=0.5, help="CPUs per model actor (default: 1 with a GPU; else all of a node's CPUs but one)."),
+        ray: bool = typer.Option(False, "--ray", rich_help_panel="Scale-out (Ray)", help="Run decoding and the model as a Ray Data job (pip install 'ramcli\\[ray]'); the index and metadata are written here. See docs/scale-out.md."),
+        ray_address: str = typer.Option(None, "--ray-address", rich_help_panel="Scale-out (Ray)", help="Ray cluster to join: auto, host:port or ray://host:10001 (implies --ray; default: $RAY_ADDRESS, else a local Ray)."),
+        ray_actors: int = typer.Option(None, "--ray-actors", min=1, rich_help_panel="Scale-out (Ray)", help="Model actors (default: one per GPU; without GPUs one per node)."),
+        ray_actor_cpus: float = typer.Option(None, "--ray-actor-cpus", min=0.5, rich_help_panel="Scale-out (Ray)", help="CPUs per model actor (default: 1 with a GPU; else all of a node's CPUs but one)."),
         *, run,
     ) -> None:
         """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.
@@ -106,6 +169,7 @@ def register(app: typer.Typer) -> None:
         photo inside) or could not be written, and the index did not already hold that failure
         (every failure is listed, old ones too); 2 on usage errors.
         """
+        check_ready(run)
         if ray or ray_address:
             from ramcli import ray_tag
 

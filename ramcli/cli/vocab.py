@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -11,7 +12,9 @@ from ramcli.cli.common import console
 from ramcli.errors import UsageError
 from ramcli.labels import OPEN_SET_THRESHOLD, resolve_labels
 from ramcli.output import Layout, check_format, default_format, write_records
-from ramcli.vocab import Vocabulary, read_descriptions
+
+if TYPE_CHECKING:
+    from ramcli.vocab import Vocabulary
 
 vocab_app = typer.Typer(
     help="Manage the tag vocabulary: add open-vocabulary tags, disable, thresholds, synonyms.",
@@ -23,6 +26,8 @@ CLIP_OPTION = typer.Option(None, "--clip-weights", help="CLIP ViT-B/16 weights f
 
 
 def _open(labels: Path | None, need_builtin: bool = True) -> Vocabulary:
+    from ramcli.vocab import Vocabulary
+
     builtin = resolve_labels("ram", labels_dir=labels).names if need_builtin else ()
     return Vocabulary.open(builtin=builtin)
 
@@ -58,6 +63,8 @@ def add(
     if descriptions is not None:
         if texts:
             raise UsageError("use either --description or --descriptions, not both")
+        from ramcli.vocab import read_descriptions
+
         texts = read_descriptions(descriptions, name)
     tag = vocab.add(name, _encoder_loader(clip_weights), texts, threshold, name_zh)
     kind = f"{len(tag.descriptions)} descriptions" if tag.descriptions else "63 prompts"
@@ -79,48 +86,52 @@ def list_(
     builtin: bool = typer.Option(False, "--builtin", help="Only the model's built-in tags."),
     custom: bool = typer.Option(False, "--custom", help="Only custom tags."),
     search: str = typer.Option(None, "--search", help="Only tags whose name or synonym contains WORD."),
-    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, tsv otherwise)."),
+    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, else jsonl)."),
     labels: Path = LABELS_OPTION,
 ) -> None:
     """List tags with their threshold, state and synonyms."""
     if builtin and custom:
         raise UsageError("use --builtin or --custom, not both")
     fmt = check_format(fmt or default_format(), ENTRIES)
+    from ramcli.vocab import Vocabulary
+
     label_set = None if custom else resolve_labels("ram", labels_dir=labels)
     vocab = Vocabulary.open(builtin=label_set.names if label_set else ())
     write_records(vocab.entries(label_set, custom=not builtin, search=search), fmt, ENTRIES)
 
 
 @vocab_app.command()
-def remove(name: str, labels: Path = LABELS_OPTION) -> None:
+def remove(name: str = typer.Argument(..., help="A custom tag."), labels: Path = LABELS_OPTION) -> None:
     """Remove a custom tag."""
     vocab = _open(labels)
     _done(vocab, f"removed custom tag '{vocab.remove(name)}'")
 
 
 @vocab_app.command()
-def disable(name: str, labels: Path = LABELS_OPTION) -> None:
+def disable(name: str = typer.Argument(..., help="A built-in or custom tag."), labels: Path = LABELS_OPTION) -> None:
     """Never emit this tag (built-in or custom); it is dropped from the label queries."""
     vocab = _open(labels)
     _done(vocab, f"disabled '{vocab.disable(name)}'")
 
 
 @vocab_app.command()
-def enable(name: str, labels: Path = LABELS_OPTION) -> None:
+def enable(name: str = typer.Argument(..., help="A disabled tag."), labels: Path = LABELS_OPTION) -> None:
     """Emit a disabled tag again."""
     vocab = _open(labels)
     _done(vocab, f"enabled '{vocab.enable(name)}'")
 
 
 @vocab_app.command()
-def threshold(name: str, value: float, labels: Path = LABELS_OPTION) -> None:
+def threshold(name: str = typer.Argument(..., help="A built-in or custom tag."),
+              value: float = typer.Argument(..., help="The new threshold, 0-1."), labels: Path = LABELS_OPTION) -> None:
     """Set a tag's threshold (0-1; a tag is emitted when its score is above it)."""
     vocab = _open(labels)
     _done(vocab, f"threshold of '{vocab.set_threshold(name, value)}' is now {value:g}")
 
 
 @vocab_app.command()
-def synonym(name: str, alias: str, labels: Path = LABELS_OPTION) -> None:
+def synonym(name: str = typer.Argument(..., help="The tag."),
+            alias: str = typer.Argument(..., help="Another word that finds it."), labels: Path = LABELS_OPTION) -> None:
     """Make ALIAS find NAME's photos in `ramcli search`."""
     vocab = _open(labels)
     canonical = vocab.add_synonym(name, alias)
@@ -143,6 +154,8 @@ def import_(
 @vocab_app.command()
 def export(file: Path = typer.Argument(None, help="Write here instead of stdout.")) -> None:
     """Export custom tags and settings as JSON (re-importable with `vocab import`)."""
+    from ramcli.vocab import Vocabulary
+
     text = json.dumps(Vocabulary.open().export(), indent=1, ensure_ascii=False)
     if file is None:
         typer.echo(text)

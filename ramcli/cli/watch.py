@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ramcli.cli.common import console, err_console
-from ramcli.cli.tag import tag_options
+from ramcli.cli.tag import check_ready, tag_options
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         """
         from ramcli.watch import Watcher
 
-        failed = Watcher(run, settle=settle, poll=poll).serve(console, err_console, once=once)
+        watcher = Watcher(run, settle=settle, poll=poll)
+        check_ready(run)
+        failed = watcher.serve(console, err_console, once=once)
         if failed:
             raise typer.Exit(1)

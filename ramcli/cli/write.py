@@ -11,20 +11,23 @@ it so both commands accept the same flags:
     def tag(paths: list[Path], ..., writer_options: WriterOptions) -> None: ...
 """
 
+from __future__ import annotations
+
 import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError
-from ramcli.ledger import Ledger
-from ramcli.metadata import FilePlan, Lang, MetadataWriter, Policy, SidecarName, WriteOutcome, WriterOptions
+from ramcli.metadata.options import Lang, Policy, SidecarName, WriterOptions
 from ramcli.pathnames import display
-from ramcli.writeback import indexed_photos, ledger_photos, update_stats, write_indexed
+
+if TYPE_CHECKING:
+    from ramcli.metadata import FilePlan, WriteOutcome
 
 _PANEL = "Metadata writing"
 
@@ -134,6 +137,9 @@ def register(app: typer.Typer) -> None:
         Exit code 0 when every photo's metadata matches the index, 1 when a write failed (listed).
         """
         from ramcli.index import Index
+        from ramcli.ledger import Ledger
+        from ramcli.metadata import MetadataWriter
+        from ramcli.writeback import indexed_photos, write_indexed
 
         with Index.open(index_path) as index:
             photos = _scope(*indexed_photos(index, list(paths or [])), follow_links)
@@ -162,6 +168,9 @@ def register(app: typer.Typer) -> None:
         everything was removed, 1 when a file could not be written (listed).
         """
         from ramcli.index import Index
+        from ramcli.ledger import Ledger
+        from ramcli.metadata import MetadataWriter
+        from ramcli.writeback import ledger_photos, update_stats
 
         with Index.open(index_path) as index:
             ledger = Ledger(index.db)

@@ -27,23 +27,26 @@ The package, by concern:
 - `writer`: `MetadataWriter`, the transactional read-plan-stage-write-settle loop.
 """
 
-from ramcli.metadata.exiftool import ExifToolProcess
-from ramcli.metadata.layout import sidecar_names, sidecar_targets
-from ramcli.metadata.options import Lang, Policy, SidecarName, WriterOptions
-from ramcli.metadata.plan import (
-    CREATED_SIDECAR,
-    DIGEST_BEFORE,
-    MANAGED_FIELDS,
-    FilePlan,
-    WriteOutcome,
-    keyword_name,
-    leaves,
-    plan_description,
-    plan_field,
-    seed_values,
-    trim_iptc,
-)
-from ramcli.metadata.writer import MetadataWriter
+import importlib
+
+# Where each public name lives. Imported on first use (PEP 562), so that the command line can
+# read `WriterOptions` without loading ExifTool's wrapper, the image sniffers and SQLite.
+_HOMES = {
+    "ExifToolProcess": "exiftool",
+    "sidecar_names": "layout", "sidecar_targets": "layout",
+    "Lang": "options", "Policy": "options", "SidecarName": "options", "WriterOptions": "options",
+    "CREATED_SIDECAR": "plan", "MANAGED_FIELDS": "plan", "FilePlan": "plan", "WriteOutcome": "plan",
+    "leaves": "plan", "plan_description": "plan", "plan_field": "plan", "trim_iptc": "plan",
+    "DIGEST_BEFORE": "plan", "keyword_name": "plan", "seed_values": "plan",
+    "MetadataWriter": "writer",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "CREATED_SIDECAR",

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,6 +141,18 @@ class Workspace:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def find_exiftool(executable: str = "exiftool") -> str:
+    """The ExifTool executable's path, or a one-line error saying how to install it."""
+    found = shutil.which(executable)
+    if not found:
+        raise RamcliError(
+            f"ExifTool not found ({executable!r}): install it (Debian/Ubuntu: apt install "
+            "libimage-exiftool-perl; macOS: brew install exiftool; Windows: exiftool.org) "
+            "or write the index only with --no-write"
+        )
+    return found
+
+
 class ExifToolProcess:
     """One long-lived `exiftool -stay_open` process, with a clear error when ExifTool is missing.
     It is given workspace names only (see the module docstring)."""
@@ -147,13 +160,7 @@ class ExifToolProcess:
     def __init__(self, executable: str = "exiftool"):
         import exiftool
 
-        found = shutil.which(executable)
-        if not found:
-            raise RamcliError(
-                f"ExifTool not found ({executable!r}): install it (Debian/Ubuntu: apt install "
-                "libimage-exiftool-perl; macOS: brew install exiftool; Windows: exiftool.org) "
-                "or write the index only with --no-write"
-            )
+        found = find_exiftool(executable)
         self._et = exiftool.ExifTool(executable=found, common_args=["-G1"])
         try:
             self._et.run()
@@ -196,5 +203,8 @@ class ExifToolProcess:
         return per_file_messages(stderr), failed
 
     def close(self) -> None:
-        if self._et.running:
-            self._et.terminate()
+        # After Ctrl-C ExifTool got the SIGINT too and is gone; pyexiftool would warn about that.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self._et.running:
+                self._et.terminate()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ramcli.config import home
-from ramcli.errors import CheckpointError
+from ramcli.errors import CheckpointError, UsageError
 from ramcli.labels import LabelSet, resolve_labels
 from ramcli.models.checkpoint import (
     converted_arch,
@@ -29,7 +29,15 @@ from ramcli.models.checkpoint import (
 from ramcli.models.configs import ARCHS, FAMILIES, ArchConfig, get_arch
 from ramcli.models.onnx import export_onnx, is_onnx, load_onnx, read_onnx_metadata
 from ramcli.models.ram import RecognitionModel
-from ramcli.models.registry import DEFAULT_MODEL, PUBLISHED, converted_path, download, get_published, verified_as
+from ramcli.models.registry import (
+    DEFAULT_MODEL,
+    PUBLISHED,
+    converted_path,
+    download,
+    ensure_downloadable,
+    get_published,
+    verified_as,
+)
 
 __all__ = [
     "ARCHS", "ArchConfig", "DEFAULT_MODEL", "PUBLISHED", "RecognitionModel", "convert", "get_arch",
@@ -95,7 +103,18 @@ def resolve_weights(weights: str | None) -> tuple[Path, str | None]:
         return installed, name
     if installed.is_file():
         return installed, None
-    raise CheckpointError(f"weights not found: {weights} (a file path, or a name from `ramcli models list`)")
+    raise UsageError(f"weights not found: {weights}{_did_you_mean(name)}")
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    folder = home().models
+    installed = [p.stem for p in folder.glob("*.safetensors")] if folder.is_dir() else []
+    close = difflib.get_close_matches(name, [*PUBLISHED, *installed], n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return " (a file path, or a name from `ramcli models list`)"
 
 
 def model_id_of(weights: str | Path | None) -> str:
@@ -119,6 +138,7 @@ def load_model(weights: str | Path | None = None, arch: str | None = None, label
     """
     path, name = resolve_weights(str(weights) if weights is not None else None)
     if name is not None and not path.is_file():
+        ensure_downloadable(get_published(name))  # offline: the advice now, not "downloading ..."
         if on_pull is not None:
             on_pull(get_published(name))
         path = pull(name, labels_dir=labels_dir)

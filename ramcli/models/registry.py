@@ -129,6 +129,47 @@ def remember_verified(path: Path, name: str, sha256: str) -> None:
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def hub_status() -> tuple[bool, str]:
+    """Whether the Hugging Face hub answers (a TCP connection, 3 s at most), or why not.
+
+    Asked before a download, so that an offline machine gets one line of advice at once instead
+    of huggingface_hub's retries (half a minute of "Retrying in 8s" lines)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False, "offline: HF_HUB_OFFLINE is set"
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=3).close()
+    except OSError as exc:
+        return False, f"{url.hostname} unreachable: {exc.strerror or type(exc).__name__}"
+    return True, f"{url.hostname} reachable"
+
+
+def unreachable_advice(p: Published, why: str) -> RamcliError:
+    """The one-line error for a model that must be downloaded and cannot be."""
+    url = f"https://huggingface.co/{p.repo_id}/resolve/main/{p.filename}"
+    if p.arch is None:  # the CLIP text encoder is not a tagger: `models import` would refuse it
+        use = "and pass it with --clip-weights FILE (or set RAMCLI_CLIP_WEIGHTS=FILE)"
+    else:
+        use = f"and pass it with `--weights {p.filename}` (or `ramcli models import {p.filename}` once)"
+    return RamcliError(f"cannot download {p.name} ({why}): use a weights file you have, or fetch {url} "
+                       f"yourself {use}")
+
+
+def ensure_downloadable(p: Published, cache_dir: Path | None = None) -> None:
+    """Raise the advice at once when `p` is not in the hub cache and the hub cannot be reached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(p.repo_id, p.filename, cache_dir=cache_dir, repo_type=p.repo_type), str):
+        return
+    reachable, why = hub_status()
+    if not reachable:
+        raise unreachable_advice(p, why)
+
+
 def download(p: Published, cache_dir: Path | None = None) -> Path:
     """Fetch a published file into the hub cache and verify it, once; clear error when offline.
 
@@ -140,14 +181,11 @@ def download(p: Published, cache_dir: Path | None = None) -> Path:
     cached = try_to_load_from_cache(p.repo_id, p.filename, cache_dir=cache_dir, repo_type=p.repo_type)
     if isinstance(cached, str) and verified_as(Path(cached)) == p.name:
         return Path(cached)
+    ensure_downloadable(p, cache_dir)
     try:
         local = Path(hf_hub_download(p.repo_id, p.filename, repo_type=p.repo_type, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise RamcliError(
-            f"cannot reach the Hugging Face hub ({type(exc).__name__}): download "
-            f"https://huggingface.co/{p.repo_id}/resolve/main/{p.filename} yourself and run "
-            f"`ramcli models import {p.filename}`"
-        ) from None
+        raise unreachable_advice(p, type(exc).__name__) from None
     digest = sha256_file(local)
     blob = local.resolve().name  # the hub cache names an LFS file's blob by its SHA-256
     expected = p.sha256 or (blob if _SHA256.fullmatch(blob) else None)
