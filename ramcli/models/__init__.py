@@ -53,7 +53,7 @@ def load_any(path: Path, arch: str | None = None, labels_dir: Path | None = None
     if is_converted(path):
         meta = read_converted_metadata(path)
         family = converted_arch(meta, path.name).family
-        embedded = LabelSet.from_metadata(meta)
+        embedded = LabelSet.from_metadata(meta, path.name)
         labels = resolve_labels(family, labels_dir=labels_dir, embedded=embedded)
         return load_converted(path, labels=labels, dtype=dtype)
     sd = read_official(path)
