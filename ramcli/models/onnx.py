@@ -292,7 +292,7 @@ class OnnxModel(nn.Module):
         meta, classes, _ = read_header(path)
         try:
             self.arch = ArchConfig.from_json(meta["arch"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: JSON, not an object
+        except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{name}: damaged ramcli metadata (arch: {type(exc).__name__})") from None
         embedded = LabelSet.from_metadata(meta, name)
         # the usual order (--labels, RAMCLI_LABELS, the file's own); custom tags baked in at
