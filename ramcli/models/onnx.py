@@ -167,8 +167,10 @@ def quantize_onnx(src: Path, dst: Path, weight_type: str | None = None) -> Path:
 def _stage(src: Path, folder: Path) -> Path:
     """A copy of the ONNX file `src` and of its external data files (at their places relative to
     it) in `folder`, which is created."""
-    folder.mkdir()
     header = read_header(src)
+    if header.meta.get("dtype", "fp32") != "fp32":
+        raise CheckpointError(f"{src.name} is already {header.meta['dtype']}; quantise the fp32 export")
+    folder.mkdir()
     staged = folder / "model.onnx"
     shutil.copyfile(src, staged)
     for location in header.data_files:
@@ -184,8 +186,6 @@ def _quantize_staged(staged: Path, dst: Path, weight_type: str, work: Path) -> P
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     meta = read_onnx_metadata(staged)
-    if meta.get("dtype", "fp32") != "fp32":
-        raise CheckpointError(f"{dst.name}: the source is already {meta['dtype']}; quantise the fp32 export")
     out = work / "int8.onnx"
     with _quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -261,11 +261,12 @@ def read_header(path: Path) -> Header:
         if not uses_external_data(tensor):
             continue
         location = ExternalDataInfo(tensor).location
-        data = (path.parent / location) if location else None
-        if (data is None or os.path.isabs(location) or not data.resolve().is_relative_to(folder)
-                or not data.resolve().is_file()):
+        data = path.parent / location
+        if not location or os.path.isabs(location) or not data.resolve().is_relative_to(folder):
             raise CheckpointError(f"{path.name}: its weights must be in a data file in its own folder, "
                                   f"not {location[:80]!r}")
+        if not data.is_file():
+            raise CheckpointError(f"{path.name}: its weights file {location[:80]!r} is missing")
         files[Path(os.path.normpath(location)).as_posix()] = None
     outputs = proto.graph.output
     dims = outputs[0].type.tensor_type.shape.dim if outputs else []
