@@ -389,6 +389,25 @@ def test_the_int8_copy_follows_the_external_data_file(exported, tmp_path):
     assert (torch.sigmoid(after) - torch.sigmoid(fp32)).abs().max() < 0.25
 
 
+def test_the_content_key_reads_a_file_once_until_it_is_written(exported, tmp_path, monkeypatch):
+    from ramcli.models import onnx as module
+
+    _, _, dst = exported["ram_tiny"]
+    model = tmp_path / "m.onnx"
+    model.write_bytes(dst.read_bytes())
+    hashed = []
+    real = module.file_sha256
+    monkeypatch.setattr(module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    first = module.content_key(model)
+    assert module.content_key(model) == first and len(hashed) == 1
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1  # the same size, its old mtime put back: the write still shows (ctime)
+    st = model.stat()
+    model.write_bytes(bytes(data))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert module.content_key(model) != first and len(hashed) == 2
+
+
 def test_data_outside_the_models_folder_is_refused(exported, tmp_path):
     _, _, dst = exported["ram_tiny"]
     (tmp_path / "inner").mkdir()

@@ -43,7 +43,7 @@ from torch import nn
 
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
-from ramcli.fileio import atomic_output
+from ramcli.fileio import atomic_output, atomic_write
 from ramcli.hashing import file_sha256
 from ramcli.labels import LabelError, LabelSet, check_name, resolve_labels
 from ramcli.models.configs import ArchConfig
@@ -207,10 +207,31 @@ def content_key(path: Path) -> str:
     """A digest of everything an ONNX model computes with: the file and every external data file
     it references (their SHA-256 and their names relative to it)."""
     path = Path(path)
-    h = hashlib.sha256(file_sha256(path).encode())
+    h = hashlib.sha256(_digest(path).encode())
     for location in read_header(path).data_files:
-        h.update(f"|{location}:{file_sha256(path.parent / location)}".encode())
+        h.update(f"|{location}:{_digest(path.parent / location)}".encode())
     return h.hexdigest()[:32]
+
+
+def _digest(path: Path) -> str:
+    """The file's SHA-256, remembered in RAMCLI_HOME/cache/onnx-digests.json under its inode,
+    size, mtime and ctime (which no tool can set back after a write), so that a run that uses
+    the cached int8 copy of a 1 GB model does not read the model again."""
+    st = path.stat()
+    memo = home().cache / "onnx-digests.json"
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    known[key] = file_sha256(path)
+    with contextlib.suppress(OSError):  # a read-only home: hashed again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo, json.dumps(dict(list(known.items())[-256:])).encode("utf-8"))
+    return known[key]
 
 
 def int8_copy(path: Path) -> Path:
