@@ -46,11 +46,19 @@ def threshold_between(below: float, at: float) -> float:
     return float(mid if mid < hi else np.nextafter(hi, np.float32(-np.inf)))
 
 
+def is_threshold(value) -> bool:
+    """The rule for every threshold, wherever it comes from (the command line, a threshold file,
+    a label folder, a model file's metadata, the vocabulary): a real number from 0 to 1. Not nan
+    or inf, not a string or a bool that happens to convert; a negative one would emit every tag,
+    one above 1 none, silently."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value) and 0.0 <= value <= 1.0)
+
+
 def check_threshold(value: float, where: str) -> float:
-    """A threshold must be a number in [0, 1]: nan, inf or out-of-range values are usage errors
-    (a negative one would emit every tag, one above 1 none, silently)."""
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise UsageError(f"{where}: {value!r} is not a threshold (a number from 0 to 1)")
+    """`value` as a float if `is_threshold`, else a usage error."""
+    if not is_threshold(value):
+        raise UsageError(f"{where}: {repr(value)[:40]} is not a threshold (a number from 0 to 1)")
     return float(value)
 
 

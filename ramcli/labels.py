@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 
-from ramcli.errors import RamcliError
+from ramcli.decision import is_threshold
+from ramcli.errors import CheckpointError, RamcliError
 
 #: The official release the shipped files come from (xinyu1205/recognize-anything, ram/data/).
 OFFICIAL_COMMIT = "7cb804a8609e9f4b1a50b7f31436d2df40bb9481"
@@ -41,6 +43,37 @@ TAG2TEXT_DELETE_INDEX = (127, 2961, 3351, 3265, 3338, 3355, 3359)
 RAM_DEFAULT_THRESHOLD = 0.68
 #: Threshold of open-set (custom) tags in the official code.
 OPEN_SET_THRESHOLD = 0.5
+#: The longest tag name accepted (the official ones have at most 28 characters).
+MAX_NAME = 256
+#: Unicode categories a tag name must not hold: control characters (terminal escape sequences
+#: start with one), format characters (bidirectional overrides), lone surrogates (not UTF-8) and
+#: line or paragraph separators. Tag names reach terminals, XMP/IPTC keywords and the index.
+_REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+#: Format characters that real tag names use: the zero-width (non-)joiners of Persian, Indic
+#: scripts and emoji sequences.
+_ALLOWED_FORMAT = {"\u200c", "\u200d"}
+
+
+class LabelError(RamcliError):
+    """A label system that cannot be used: mismatched lengths, a name that is not plain text, a
+    threshold that is not a number from 0 to 1."""
+
+
+def _short(value) -> str:
+    """`value` for an error line: repr escapes control characters; long values are cut."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_name(name, what: str) -> str:
+    """A tag name: non-empty text of at most MAX_NAME characters without control characters."""
+    if not isinstance(name, str):
+        raise LabelError(f"{what} {_short(name)} is not text")
+    if not name.strip() or len(name) > MAX_NAME:
+        raise LabelError(f"{what} {_short(name)} must have 1 to {MAX_NAME} characters")
+    if any(unicodedata.category(c) in _REFUSED_CATEGORIES and c not in _ALLOWED_FORMAT for c in name):
+        raise LabelError(f"{what} {_short(name)} holds control characters")
+    return name
 
 
 @dataclass(frozen=True)
@@ -56,12 +89,24 @@ class LabelSet:
     deleted: frozenset[int] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
+        """Every label system is checked here, whatever its source (label files, a model's
+        metadata, a training checkpoint, custom tags): the one place that decides what a tag
+        name and a threshold may be. Thresholds are stored as floats."""
         n = len(self.names)
         if len(self.names_zh) != n or len(self.thresholds) != n:
-            raise RamcliError(
+            raise LabelError(
                 f"label files disagree: {n} names, {len(self.names_zh)} Chinese names, "
                 f"{len(self.thresholds)} thresholds"
             )
+        for i, (name, name_zh, threshold) in enumerate(zip(self.names, self.names_zh, self.thresholds)):
+            check_name(name, f"label {i}: name")
+            check_name(name_zh, f"label {i}: Chinese name")
+            if not is_threshold(threshold):
+                raise LabelError(f"label {i} ({name!r}): threshold {_short(threshold)} is not a number from 0 to 1")
+        for index in self.deleted:
+            if type(index) is not int or not 0 <= index < n:
+                raise LabelError(f"never-emitted label {_short(index)} is not a label number (0 to {n - 1})")
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -90,15 +135,25 @@ class LabelSet:
         }
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> LabelSet | None:
+    def from_metadata(cls, meta: dict[str, str], source: str = "the model file") -> LabelSet | None:
+        """The label system a model file (or checkpoint) carries, None if it carries none.
+        Whatever it holds is checked; anything unusable is a `CheckpointError` naming `source`."""
         if "labels.names" not in meta:
             return None
-        return cls(
-            names=tuple(json.loads(meta["labels.names"])),
-            names_zh=tuple(json.loads(meta["labels.names_zh"])),
-            thresholds=tuple(float(t) for t in json.loads(meta["labels.thresholds"])),
-            deleted=frozenset(json.loads(meta.get("labels.deleted", "[]"))),
-        )
+        try:
+            fields = [json.loads(meta[key]) for key in ("labels.names", "labels.names_zh", "labels.thresholds")]
+            fields.append(json.loads(meta.get("labels.deleted", "[]")))
+            if not all(isinstance(f, list) for f in fields):
+                raise LabelError("a field is not a list")
+            names, names_zh, thresholds, deleted = fields
+            return cls(tuple(names), tuple(names_zh), tuple(thresholds), frozenset(deleted))
+        except KeyError as exc:
+            reason = f"{exc.args[0]} is missing"
+        except (TypeError, ValueError) as exc:  # not JSON text, or a list of lists where numbers belong
+            reason = f"not JSON lists of names and numbers ({type(exc).__name__})"
+        except LabelError as exc:
+            reason = str(exc)
+        raise CheckpointError(f"{source}: damaged label system in its metadata: {reason}")
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -114,6 +169,13 @@ def _read_lines(path: Path) -> list[str]:
 def read_label_dir(folder: Path, family: str) -> LabelSet:
     """Read the official label files for `family` ('ram', 'ram_plus' or 'tag2text') from a folder."""
     folder = Path(folder)
+    try:
+        return _read_label_dir(folder, family)
+    except LabelError as exc:
+        raise LabelError(f"label files in {folder}: {exc}") from None
+
+
+def _read_label_dir(folder: Path, family: str) -> LabelSet:
     if family == "tag2text":
         names = _read_lines(folder / "tag_list.txt")
         thresholds = [TAG2TEXT_THRESHOLD] * len(names)

@@ -1,11 +1,13 @@
 """`ramcli distill`: a small student learns what a big tagger says about your own photos.
 
-    photos (or shards, unpacked once) -> the teacher's pass, once: logits of every class and the
-    pooled image embedding in CLIP space, stored per photo and resumable -> a held-out split by
-    content hash -> the student: any timm backbone, or a shallower copy of the teacher's own
-    encoder started from its weights, under the teacher's label side (and its decoder when the
-    widths match) -> soft targets + embedding distillation -> held-out tag agreement and both
-    models' speed -> a tagger file for `ramcli tag --weights`.
+    photos (or shards, unpacked once) -> a held-out split by content hash -> the student: by
+    default a shallower copy of the teacher's own encoder (half the blocks of each stage) started
+    from its weights, or any timm backbone, under the teacher's label side (and its decoder when
+    the widths match), refused unless it needs fewer FLOPs than the teacher -> the teacher's
+    pass over the photos this run will train and evaluate on, and no others: logits of every
+    class and the pooled image embedding in CLIP space, stored per photo and resumable -> soft
+    targets + embedding distillation -> held-out tag agreement and both models' speed -> a
+    tagger file for `ramcli tag --weights`.
 
 The student keeps the teacher's frozen CLIP label queries, and learns the teacher's pooled
 image embedding (RAM, RAM++), so the embedding lands in the same CLIP space and `ramcli vocab
@@ -38,7 +40,7 @@ from ramcli.errors import RamcliError, UsageError
 from ramcli.fileio import atomic_output
 from ramcli.imaging import ImageError, content_hash, normalize
 from ramcli.loader import PhotoDataset, collate, make_loader
-from ramcli.models.configs import CLIP_DIM
+from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.ram import RecognitionModel
 from ramcli_train.losses import pooled_tag_loss
 
@@ -53,8 +55,8 @@ class DistillConfig:
     teacher: str  # a weights file or a published name, as `ramcli tag --weights`
     data: list[str]  # photo folders/files, or .tar shards / folders of them
     out: Path
-    backbone: str = "resnet50"  # a timm name, or "teacher": the teacher's own encoder
-    depths: tuple[int, ...] = ()  # the student backbone's blocks per stage; empty: its own
+    backbone: str = "teacher"  # "teacher": the teacher's own encoder, or a timm name
+    depths: tuple[int, ...] | None = None  # blocks per stage; None: `default_depths` for the teacher's, else its own
     image_size: int | None = None  # default: the teacher's
     hidden: int | None = None  # decoder width; default: the teacher's (its decoder is copied)
     epochs: int = 10
@@ -75,6 +77,7 @@ class DistillConfig:
     speed_images: int = 16
     labels_dir: Path | None = None
     work: Path | None = None  # default: OUT.distill beside the output
+    force: bool = False  # train a student that needs about as many FLOPs as the teacher, or more
 
     @property
     def work_dir(self) -> Path:
@@ -199,39 +202,44 @@ def pooled_embedding(embeds: torch.Tensor) -> torch.Tensor:
     return embeds[:, 0, :]
 
 
+def key_photos(photos: Sequence[Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """(content hash -> photo, unreadable photo -> reason): the same image twice is one sample,
+    with one target and one place in the split."""
+    keys: dict[str, Path] = {}
+    failures: dict[str, str] = {}
+    for path in photos:
+        try:
+            keys.setdefault(content_hash(path), path)
+        except ImageError as exc:
+            failures[str(path)] = str(exc)
+        except OSError as exc:
+            failures[str(path)] = exc.strerror or type(exc).__name__
+    return keys, failures
+
+
 @torch.inference_mode()
-def teacher_pass(teacher: RecognitionModel, photos: list[Path], store: TeacherStore, device: torch.device,
+def teacher_pass(teacher: RecognitionModel, keys: dict[str, Path], store: TeacherStore, device: torch.device,
                  batch_size: int, workers: int, cache=None,
-                 on_progress: Callable[[int], None] | None = None) -> tuple[Targets, dict[str, Path], dict[str, str]]:
-    """Run the teacher over the photos it has not seen yet: (targets, key -> photo, failures).
+                 on_progress: Callable[[int, int], None] | None = None) -> tuple[Targets, dict[str, str]]:
+    """Run the teacher over the photos `keys` (content hash -> photo) it has not scored yet:
+    (every stored target, photos it could not read -> reason). `on_progress(done, to_do)`.
 
     Photos whose image embeddings are in the embedding cache (`ramcli tag --cache-embeddings`
     with this teacher) only run the recognition decoder."""
     targets = store.load()
-    keys: dict[str, Path] = {}
-    key_of: dict[Path, str] = {}
+    key_of = {p: k for k, p in keys.items()}
     failures: dict[str, str] = {}
-    for path in photos:
-        try:
-            key = content_hash(path)
-        except ImageError as exc:
-            failures[str(path)] = str(exc)
-            continue
-        except OSError as exc:
-            failures[str(path)] = exc.strerror or type(exc).__name__
-            continue
-        if key not in keys:  # the same image twice: one target, one place in the split
-            keys[key] = path
-            key_of[path] = key
     todo = [p for k, p in keys.items() if k not in targets.logits]
+    done = 0
     teacher = teacher.to(device).eval()
     cached = [p for p in todo if cache is not None and key_of[p] in cache]
     for start in range(0, len(cached), batch_size):
         chunk = [key_of[p] for p in cached[start:start + batch_size]]
         embeds = cache.get(chunk).to(device, torch.float32)
         _record(store, targets, chunk, teacher.decode(embeds), pooled_embedding(embeds))
+        done += len(chunk)
         if on_progress:
-            on_progress(len(chunk))
+            on_progress(done, len(todo))
     in_cache = set(cached)
     for batch in _loader([p for p in todo if p not in in_cache], teacher, batch_size, workers):
         for failure in batch.failures:
@@ -240,10 +248,10 @@ def teacher_pass(teacher: RecognitionModel, photos: list[Path], store: TeacherSt
             embeds = teacher.encode_image(normalize(batch.pixels.to(device), teacher.arch.data_config))
             chunk = [key_of[item.path] for item in batch.items]
             _record(store, targets, chunk, teacher.decode(embeds), pooled_embedding(embeds))
+        done += len(batch.items) + len(batch.failures)
         if on_progress:
-            on_progress(len(batch.items) + len(batch.failures))
-    good = {k: p for k, p in keys.items() if str(p) not in failures and k in targets.logits}
-    return targets, good, failures
+            on_progress(done, len(todo))
+    return targets, failures
 
 
 def _loader(paths: list[Path], model: RecognitionModel, batch_size: int, workers: int):
@@ -274,6 +282,30 @@ def split(keys: Sequence[str], val_fraction: float) -> tuple[list[str], list[str
     return train, held
 
 
+def total_steps(cfg: DistillConfig, train: int) -> int:
+    """Optimizer steps of the run: --max-steps, at most --epochs passes over `train` photos."""
+    per_epoch = math.ceil(train / cfg.batch_size)
+    return min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+
+
+def planned(train: Sequence[str], cfg: DistillConfig, unusable: set[str] = frozenset()) -> list[str]:
+    """The training samples the run will take, in `train_student`'s order: its batches until
+    `total_steps` of them hold a usable sample (a batch of `unusable` photos takes no step)."""
+    if set(train) <= set(unusable):
+        raise RamcliError("the teacher could read none of the training photos")
+    total, keys, steps, epoch = total_steps(cfg, len(train)), [], 0, 0
+    while steps < total:
+        order = _epoch_order(len(train), cfg.seed, epoch)
+        for i in range(0, len(order), cfg.batch_size):
+            batch = [train[j] for j in order[i:i + cfg.batch_size]]
+            keys += batch
+            steps += any(k not in unusable for k in batch)
+            if steps >= total:
+                break
+        epoch += 1
+    return list(dict.fromkeys(keys))
+
+
 # ----------------------------------------------------------------------------- the student
 
 
@@ -288,18 +320,36 @@ def inherits(backbone: str, teacher: RecognitionModel) -> bool:
     return backbone in (TEACHER_BACKBONE, teacher.arch.backbone)
 
 
-def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hidden: int | None = None,
-                  pretrained: bool = True, depths: tuple[int, ...] = ()) -> tuple[RecognitionModel, str]:
-    """(student, where its backbone's weights came from): the image encoder `backbone` (a timm
-    name, or `teacher` for the teacher's own, the official Swin included) with `depths` blocks
-    per stage (empty: the encoder's own) under the teacher's label side. Every teacher tensor
-    outside the image encoder whose shape fits is copied (the whole decoder when `hidden` is the
-    teacher's). An encoder of the teacher's kind starts from the teacher's trained one, block
-    by block (`inherit`), which fits the task better than any pretrained weights; another
-    starts from timm's pretrained weights when `pretrained` and they can be had."""
-    from ramcli_train.model import _init_tagger
-    from ramcli_train.pretrained import load_pretrained_backbone
+def teacher_depths(teacher: RecognitionModel) -> tuple[int, ...]:
+    """Blocks per stage of the teacher's image encoder: its config's, or, for a timm encoder built
+    with its own, counted in the stages timm reports (`feature_info`)."""
+    t = teacher.arch
+    if not t.backbone:
+        return t.swin.depths
+    if t.depths:
+        return t.depths
+    modules = dict(teacher.backbone.named_modules())
+    depths = []
+    for stage in getattr(teacher.backbone, "feature_info", []):
+        module = modules.get(stage["module"])
+        blocks = getattr(module, "blocks", module)
+        if isinstance(blocks, torch.nn.Sequential):
+            depths.append(len(blocks))
+    return tuple(depths)
 
+
+def default_depths(teacher: RecognitionModel) -> tuple[int, ...]:
+    """The default student's blocks per stage: half the teacher's in each stage, at least one.
+    Stages keep their widths, so every block of the student starts from one of the teacher's."""
+    return tuple(max(1, d // 2) for d in teacher_depths(teacher))
+
+
+def student_arch(teacher: RecognitionModel, backbone: str, image_size: int, hidden: int | None = None,
+                 depths: tuple[int, ...] | None = ()) -> ArchConfig:
+    """The student's architecture: the image encoder `backbone` (a timm name, or `teacher` for
+    the teacher's own, the official Swin included) with `depths` blocks per stage (empty: the
+    encoder's own; None: `default_depths` for the teacher's encoder) under the teacher's label
+    side, with a decoder `hidden` wide (None: the teacher's)."""
     t = teacher.arch
     decoder = {}
     if hidden is not None and hidden != t.hidden:
@@ -307,6 +357,8 @@ def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hid
             raise UsageError(f"--hidden must be a positive multiple of the teacher's {t.heads} attention heads")
         decoder = dict(hidden=hidden, intermediate=4 * hidden)
     own = inherits(backbone, teacher)
+    if depths is None:
+        depths = default_depths(teacher) if own else ()
     if own and not t.backbone:  # the official Swin: its depths live in its config
         if depths and len(depths) != len(t.swin.depths):
             raise UsageError(f"--depths needs {len(t.swin.depths)} stages for the teacher's Swin")
@@ -315,7 +367,50 @@ def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hid
         encoder = dict(swin=None, backbone=t.backbone if own else backbone,
                        depths=tuple(depths) or (t.depths if own else ()))
     name = f"{t.family}_{encoder['backbone'] or 'swin'}_{image_size}"
-    arch = replace(t, name=name, image_size=image_size, **encoder, **decoder)
+    return replace(t, name=name, image_size=image_size, **encoder, **decoder)
+
+
+def flops(arch: ArchConfig) -> int:
+    """Floating-point operations of one photo through the model (PyTorch's FLOP counter on a
+    skeleton with no weights: exact, instant, and not moved by a busy machine)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = RecognitionModel(arch).eval()
+        x = torch.zeros(1, 3, arch.image_size, arch.image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+#: A student must need at most this share of the teacher's FLOPs; closer, it is not measurably faster.
+MAX_FLOPS_SHARE = 0.9
+
+
+def check_faster(teacher: ArchConfig, student: ArchConfig) -> float:
+    """The student's FLOPs as a share of the teacher's; a `UsageError` when the student would not
+    be faster."""
+    share = flops(student) / flops(teacher)
+    if share > MAX_FLOPS_SHARE:
+        raise UsageError(f"the student ({student.encoder}, {student.image_size} px) needs {share:.2f}x the "
+                         f"teacher's FLOPs ({teacher.encoder}, {teacher.image_size} px), so it would not be faster: "
+                         "choose a smaller one (--depths, --image-size, --hidden or --backbone), or pass --force")
+    return share
+
+
+def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hidden: int | None = None,
+                  pretrained: bool = True, depths: tuple[int, ...] | None = ()) -> tuple[RecognitionModel, str]:
+    """(student, where its backbone's weights came from), of `student_arch`. Every teacher tensor
+    outside the image encoder whose shape fits is copied (the whole decoder when `hidden` is the
+    teacher's). An encoder of the teacher's kind starts from the teacher's trained one, block
+    by block (`inherit`), which fits the task better than any pretrained weights; another
+    starts from timm's pretrained weights when `pretrained` and they can be had."""
+    from ramcli_train.model import _init_tagger
+    from ramcli_train.pretrained import load_pretrained_backbone
+
+    t = teacher.arch
+    arch = student_arch(teacher, backbone, image_size, hidden, depths)
+    own = inherits(backbone, teacher)
     student = RecognitionModel(arch, teacher.labels, model_id="student")
     _init_tagger(student, None if t.family == "tag2text" else teacher.label_embed.detach().float())
     copied = inherit(student, teacher, skip=() if own else ("backbone.", "image_proj."))
@@ -410,8 +505,7 @@ def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: li
     from ramcli_train.loop import load_checkpoint, save_checkpoint
 
     work = cfg.work_dir
-    per_epoch = math.ceil(len(train_paths) / cfg.batch_size)
-    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    total = total_steps(cfg, len(train_paths))
     student.to(device).train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -440,13 +534,14 @@ def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: li
         done_in_epoch = skip
         for batch in loader:
             done_in_epoch += 1
-            if not batch.items:
+            usable = [i for i, item in enumerate(batch.items) if by_path[item.path] in targets.logits]
+            if not usable:  # photos the teacher could not read either
                 continue
-            batch_keys = [by_path[item.path] for item in batch.items]
+            batch_keys = [by_path[batch.items[i].path] for i in usable]
             lr = lr_at(cfg, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            parts = student_loss(student, normalize(batch.pixels.to(device), student.arch.data_config),
+            parts = student_loss(student, normalize(batch.pixels[usable].to(device), student.arch.data_config),
                                  torch.stack([targets.logits[k] for k in batch_keys]).to(device),
                                  torch.stack([targets.embeds[k] for k in batch_keys]).to(device), cfg.embed_weight,
                                  cfg.pooled_weight)
@@ -541,8 +636,10 @@ class Report:
         return {**{k: v for k, v in self.__dict__.items() if k != "out"}, "out": str(self.out)}
 
 
-def distill(cfg: DistillConfig, resume: bool = False, progress: Callable[[str, int, int], None] | None = None) -> Report:
-    """The whole run; `progress(stage, done, total)` is called as the teacher pass and training advance."""
+def distill(cfg: DistillConfig, resume: bool = False,
+            progress: Callable[[str, int, int, dict | None], None] | None = None) -> Report:
+    """The whole run; `progress(stage, done, total, record)` is called as the teacher pass
+    ("teacher", photos) and training ("student", steps, with the step's losses) advance."""
     from ramcli.embed_cache import EmbeddingCache
     from ramcli.models import load_model
     from ramcli.pipeline import resolve_device
@@ -559,22 +656,37 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: Callable[[str, i
     teacher = load_model(cfg.teacher, labels_dir=cfg.labels_dir)
     if cfg.lr is None:
         cfg = replace(cfg, lr=INHERITED_LR if inherits(cfg.backbone, teacher) else LR)
+    size = cfg.image_size or teacher.arch.image_size
+    planned_arch = student_arch(teacher, cfg.backbone, size, cfg.hidden, cfg.depths)
+    if not cfg.force:
+        check_faster(teacher.arch, planned_arch)
     photos, skipped = collect_photos(cfg.data, work)
+    keyed, failures = key_photos(photos)
+    skipped.update(failures)
+    if not keyed:
+        raise RamcliError("none of the photos in --data could be read")
+    train_keys, held_keys = split(list(keyed), cfg.val_fraction)
     store = TeacherStore(work / TEACHER_DIR, teacher.model_id)
     before = len(store.load().logits)
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        if progress:
-            progress("teacher", done[0], len(photos))
-
     cache = EmbeddingCache(teacher.model_id)
-    targets, keyed, failures = teacher_pass(teacher, photos, store, device, cfg.batch_size, cfg.workers,
-                                            cache if cache.dir.is_dir() else None, advance)
-    skipped.update(failures)
-    train_keys, held_keys = split(list(keyed), cfg.val_fraction)
-    size = cfg.image_size or teacher.arch.image_size
+    unusable: set[str] = set()
+    taken = planned(train_keys, cfg)
+    needed = held_keys + taken
+    while True:  # photos the teacher cannot read leave their batches short: plan past them
+        todo = {k: keyed[k] for k in needed if k not in unusable}
+        targets, failures = teacher_pass(teacher, todo, store, device, cfg.batch_size, cfg.workers,
+                                         cache if cache.dir.is_dir() else None,
+                                         (lambda d, t: progress("teacher", d, t, None)) if progress else None)
+        skipped.update(failures)
+        unusable |= {k for k in todo if k not in targets.logits}
+        taken = planned(train_keys, cfg, unusable)
+        if set(taken) <= set(needed):
+            break
+        needed = held_keys + taken
+    held_keys = [k for k in held_keys if k in targets.logits]
+    taken = [k for k in taken if k in targets.logits]
+    if not held_keys:
+        raise RamcliError("the teacher could read none of the held-out photos")
     torch.manual_seed(cfg.seed)
     student, note = build_student(teacher, cfg.backbone, size, cfg.hidden, cfg.pretrained and not resume, cfg.depths)
     student.model_id = f"{Path(cfg.out).stem}"
@@ -584,9 +696,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: Callable[[str, i
             log_file.flush()
 
         log({"event": "start", "teacher": teacher.model_id, "backbone": note, "photos": len(keyed),
-             "skipped": len(skipped), "train": len(train_keys), "held_out": len(held_keys)})
+             "skipped": len(skipped), "train": len(taken), "held_out": len(held_keys)})
         steps = train_student(cfg, student, [keyed[k] for k in train_keys], train_keys, targets, device, log, resume,
-                              (lambda s, t, _r: progress("student", s, t)) if progress else None)
+                              (lambda s, t, r: progress("student", s, t, r)) if progress else None)
         student.model_id = f"{Path(cfg.out).stem}@step{steps}"
         held_paths = [keyed[k] for k in held_keys]
         teacher_probs = torch.sigmoid(torch.stack([targets.logits[k] for k in held_keys]))
@@ -600,5 +712,5 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: Callable[[str, i
     from ramcli.models.checkpoint import save_converted
 
     out = save_converted(student.float(), Path(cfg.out), source=f"ramcli distill from {teacher.model_id}")
-    return Report(len(keyed), skipped, len(train_keys), len(held_keys), steps, len(targets.logits) - before, note,
+    return Report(len(keyed) - len(unusable), skipped, len(taken), len(held_keys), steps, len(targets.logits) - before, note,
                   agree, speeds, out)

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ramcli import metrics
 from ramcli.decision import emitted, format_thresholds, read_threshold_file, threshold_below, threshold_between
@@ -73,3 +75,69 @@ def test_threshold_file_values_round_trip_as_float32():
     back = [float(s) for s in text.split()]
     assert np.array_equal(np.float32(back), np.float32(values))
     assert all(math.isfinite(v) for v in back)
+
+
+# ----------------------------------------------------------------------------- every source of thresholds
+
+
+def _label_dir(tmp_path, thresholds: list[str], names: list[str] | None = None):
+    names = names or [f"tag{i}" for i in range(len(thresholds))]
+    (tmp_path / "ram_tag_list.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    (tmp_path / "ram_tag_list_chinese.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    (tmp_path / "ram_tag_list_threshold.txt").write_text("\n".join(thresholds) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "1.5"])
+def test_a_label_folder_gets_the_threshold_files_rule(tmp_path, value):
+    """`--labels DIR`: the same rule as `--threshold-file`, one line naming the folder and the label."""
+    from ramcli.labels import LabelError, read_label_dir
+
+    folder = _label_dir(tmp_path, ["0.5", value, "0.7"])
+    with pytest.raises(LabelError, match=r"label 1 \('tag1'\): threshold .* is not a number from 0 to 1") as exc:
+        read_label_dir(folder, "ram")
+    assert str(folder) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_label_folder_with_escape_sequences_in_names_is_refused(tmp_path, capsys):
+    from conftest import run_cli
+    from images import photo_like
+
+    from ckpt_factory import make_official_checkpoint
+
+    (tmp_path / "labels").mkdir()
+    folder = _label_dir(tmp_path / "labels", ["0.5"] * 40, [f"t{i}" for i in range(39)] + ["\x1b]0;owned\x07red"])
+    ckpt = make_official_checkpoint(tmp_path / "ram.pth", "ram_tiny", num_classes=40)
+    photo_like(80, 60).save(tmp_path / "p.jpg")
+    code = run_cli(["tag", str(tmp_path / "p.jpg"), "--weights", str(ckpt), "--labels", str(folder),
+                    "--no-write", "--no-index"])
+    captured = capsys.readouterr()
+    assert code == 1 and "label 39: name" in captured.err and "control characters" in captured.err
+    assert "\x1b" not in captured.err + captured.out and "\x07" not in captured.err
+
+
+@pytest.mark.parametrize("value", ["0.5", True, None, [0.5], float("nan"), -0.0001, 1.0001, np.float32("nan")])
+def test_only_real_numbers_from_0_to_1_are_thresholds(value):
+    from ramcli.decision import check_threshold, is_threshold
+
+    assert not is_threshold(value)
+    with pytest.raises(UsageError, match="is not a threshold"):  # not a TypeError from math.isfinite
+        check_threshold(value, "--threshold")
+
+
+@given(st.lists(st.one_of(st.floats(), st.integers(), st.booleans(), st.text(max_size=4), st.none()),
+                min_size=1, max_size=6))
+def test_a_label_set_holds_thresholds_exactly_when_each_one_passes_the_rule(thresholds):
+    """The label set, built by every source (label folders, model files, checkpoints, custom
+    tags), keeps exactly the thresholds the command line would take, as floats, and refuses the rest."""
+    from ramcli.decision import is_threshold
+    from ramcli.labels import LabelError, LabelSet
+
+    names = tuple(f"t{i}" for i in range(len(thresholds)))
+    if all(is_threshold(t) for t in thresholds):
+        labels = LabelSet(names, names, tuple(thresholds))
+        assert labels.thresholds == tuple(float(t) for t in thresholds)
+        assert all(type(t) is float for t in labels.thresholds)
+    else:
+        with pytest.raises(LabelError, match="threshold"):
+            LabelSet(names, names, tuple(thresholds))

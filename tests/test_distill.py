@@ -24,7 +24,17 @@ from ramcli.models.checkpoint import save_converted
 from ramcli.models.configs import ARCHS
 from ramcli.models.ram import RecognitionModel, backbone_width
 from ramcli_train import pretrained
-from ramcli_train.distill import INHERITED_LR, LR, TeacherStore, agreement, build_student, split, teacher_pass
+from ramcli_train.distill import (
+    INHERITED_LR,
+    LR,
+    TeacherStore,
+    agreement,
+    build_student,
+    default_depths,
+    key_photos,
+    split,
+    teacher_pass,
+)
 
 BACKBONES = ["resnet18", "convnext_atto", "efficientnet_b0", "mobilenetv4_conv_small", "vit_tiny_patch16_224",
              "swin_tiny_patch4_window7_224"]
@@ -136,7 +146,7 @@ def test_distill_tag_vocab_add_tag(world, tmp_path):
     out = tmp_path / "student.safetensors"
     args = ["distill", "--teacher", str(teacher), "--data", str(photos), "--backbone", "test_resnet", "--out", str(out),
             "--batch-size", "4", "--max-steps", "4", "--val-fraction", "0.3", "--no-pretrained", "--device", "cpu",
-            "--pooled-weight", "2", "--report", str(tmp_path / "report.json")]
+            "--pooled-weight", "2", "--force", "--report", str(tmp_path / "report.json")]
     res = _run(args, home)
     assert res.exit_code == 1, res.output  # one photo could not be read: counted, the run completes
     assert "skipped 1 photo(s)" in res.stderr and "broken.jpg" in res.stderr
@@ -189,8 +199,9 @@ def test_teacher_pass_resumes_and_reuses_cached_embeddings(world, tmp_path):
         return encode(images)
 
     teacher.encode_image = counting
-    targets, keyed, failures = teacher_pass(teacher, files[:5], store, torch.device("cpu"), 2, 0)
-    assert len(keyed) == 5 and sum(seen) == 5 and not failures
+    keyed, failures = key_photos(files[:5])
+    targets, failures = teacher_pass(teacher, keyed, store, torch.device("cpu"), 2, 0)
+    assert len(keyed) == 5 and sum(seen) == 5 and not failures and set(targets.logits) == set(keyed)
     # a later (or restarted) pass only runs the teacher on what it has not seen
     seen.clear()
     cache = EmbeddingCache(teacher.model_id, tmp_path / "cache")
@@ -199,7 +210,8 @@ def test_teacher_pass_resumes_and_reuses_cached_embeddings(world, tmp_path):
     with torch.no_grad():
         for f in files[5:8]:
             cache.put([content_hash(f)], encode(normalize(load_for_model(f, 64).pixels[None])))
-    targets, keyed, _ = teacher_pass(teacher, files, store, torch.device("cpu"), 4, 0, cache=cache)
+    keyed, _ = key_photos(files)
+    targets, _ = teacher_pass(teacher, keyed, store, torch.device("cpu"), 4, 0, cache=cache)
     assert len(keyed) == 14 and sum(seen) == 14 - 5 - 3
     reloaded = store.load()
     assert set(reloaded.logits) == set(keyed) and reloaded.embeds[next(iter(keyed))].shape == (512,)
@@ -295,8 +307,8 @@ def test_distill_cli_takes_depths_and_refuses_bad_ones(world, tmp_path):
     root, teacher, labels, photos = world
     out = tmp_path / "shallow.safetensors"
     base = ["distill", "--teacher", str(teacher), "--data", str(photos), "--backbone", "teacher", "--out", str(out),
-            "--batch-size", "4", "--max-steps", "2", "--val-fraction", "0.3", "--device", "cpu"]
-    res = _run([*base, "--depths", "2,2,1,2"], tmp_path / "home")
+            "--batch-size", "4", "--max-steps", "2", "--val-fraction", "0.3", "--device", "cpu", "--force"]
+    res = _run([*base, "--depths", "2,2,1,2"], tmp_path / "home")  # 0.93x the teacher's FLOPs: forced
     assert res.exit_code == 1, res.output  # the broken photo
     assert "backbone Swin 16 [2,2,1,2]: 106 of 106 tensors from the teacher's Swin 16 [2,2,2,2]" in res.stderr
     assert load_model(out).arch.swin.depths == (2, 2, 1, 2)
@@ -337,3 +349,91 @@ def test_student_loss_parts(world):
     parts["pooled"].backward()
     assert all(p.grad is not None for p in student.backbone.parameters())
     assert all(p.grad is None for p in student.decoder.parameters())
+
+
+# ----------------------------------------------------------------------------- the default student
+
+
+def _tagger(backbone: str, classes: int = 50) -> RecognitionModel:
+    from ramcli.labels import read_label_dir, official_dir
+
+    full = read_label_dir(official_dir(), "ram")
+    from ramcli.labels import LabelSet
+
+    labels = LabelSet(full.names[:classes], full.names_zh[:classes], full.thresholds[:classes])
+    arch = replace(ARCHS["ram_tiny"], name=f"ram_{backbone}_64", swin=None, backbone=backbone, num_classes=classes)
+    torch.manual_seed(0)
+    return RecognitionModel(arch, labels).eval()
+
+
+def test_default_depths_halve_each_stage_of_the_teachers_encoder(world):
+    _, teacher_file, _, _ = world
+    assert default_depths(load_model(teacher_file)) == (1, 1, 1, 1)  # the tiny Swin's [2,2,2,2]
+    assert default_depths(_tagger("test_convnext")) == (1, 1, 2, 1)  # [1,2,4,2], counted in timm's stages
+    assert default_depths(_tagger("resnet10t")) == (1, 1, 1, 1)  # one block per stage already
+    assert default_depths(_tagger("resnet18")) == (1, 1, 1, 1)
+    with torch.device("meta"):  # RAM Swin-L, as a skeleton
+        assert default_depths(RecognitionModel(ARCHS["ram_swin_large_384"])) == (1, 1, 9, 1)
+
+
+def test_the_default_student_is_a_shallower_copy_of_the_teacher(world, tmp_path):
+    root, teacher, labels, photos = world
+    out = tmp_path / "student.safetensors"
+    res = _run(["distill", "--teacher", str(teacher), "--data", str(photos), "--out", str(out), "--batch-size", "4",
+                "--max-steps", "2", "--val-fraction", "0.3", "--device", "cpu"], tmp_path / "home")
+    assert res.exit_code == 1, res.output  # the broken photo
+    assert "backbone Swin 16 [1,1,1,1]: 67 of 67 tensors from the teacher's Swin 16 [2,2,2,2]" in res.stderr
+    student, teacher_model = load_model(out), load_model(teacher)
+    assert student.arch.swin.depths == (1, 1, 1, 1) and student.arch.swin.embed_dim == teacher_model.arch.swin.embed_dim
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher_model.parameters())
+
+
+@pytest.mark.parametrize("backbone", [None, "resnet50"])
+def test_a_student_that_would_not_be_faster_is_refused_unless_forced(world, tmp_path, capsys, backbone):
+    """A teacher of one block per stage (`train --preset cpu`'s resnet10t) cannot be halved, and a
+    resnet50 needs more FLOPs than it: refused in one line before the teacher scores a photo."""
+    _, _, _, photos = world
+    teacher = save_converted(_tagger("resnet10t"), tmp_path / "cpu.safetensors")
+    out = tmp_path / "student.safetensors"
+    args = ["distill", "--teacher", str(teacher), "--data", str(photos), "--out", str(out), "--batch-size", "4",
+            "--max-steps", "1", "--val-fraction", "0.3", "--device", "cpu", "--no-pretrained",
+            *(["--backbone", backbone] if backbone else [])]
+    from conftest import run_cli
+
+    code, err = run_cli(args), capsys.readouterr().err
+    assert code == 2 and "would not be faster" in err and "--force" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and not list((tmp_path / "student.distill").glob("teacher/*"))
+    forced = _run([*args, "--force"], tmp_path / "home")
+    assert forced.exit_code == 1 and out.is_file(), forced.output  # trained (the broken photo: exit 1)
+
+
+def test_the_teacher_scores_only_the_photos_the_run_uses(world, tmp_path):
+    _, teacher, _, photos = world
+    report = tmp_path / "report.json"
+    res = _run(["distill", "--teacher", str(teacher), "--data", str(photos), "--out", str(tmp_path / "s.safetensors"),
+                "--batch-size", "2", "--max-steps", "1", "--val-fraction", "0.3", "--device", "cpu",
+                "--report", str(report)], tmp_path / "home")
+    assert res.exit_code == 1, res.output
+    r = json.loads(report.read_text())
+    assert r["steps"] == 1 and r["train"] == 2 and r["held_out"] >= 1
+    assert r["teacher_new"] == r["train"] + r["held_out"] < 14
+    # a longer run later scores the photos it adds, and only those
+    res = _run(["distill", "--teacher", str(teacher), "--data", str(photos), "--out", str(tmp_path / "s.safetensors"),
+                "--batch-size", "2", "--max-steps", "2", "--val-fraction", "0.3", "--device", "cpu",
+                "--report", str(report)], tmp_path / "home")
+    again = json.loads(report.read_text())
+    assert again["train"] == 4 and again["teacher_new"] == 2
+
+
+def test_progress_lines_reach_a_piped_log(world, tmp_path):
+    """stderr captured (not a terminal, so no bar is drawn): the run still says how it advances."""
+    _, teacher, _, photos = world
+    res = _run(["distill", "--teacher", str(teacher), "--data", str(photos), "--out", str(tmp_path / "s.safetensors"),
+                "--batch-size", "2", "--max-steps", "5", "--val-fraction", "0.3", "--device", "cpu",
+                "--log-every", "2"], tmp_path / "home")
+    assert res.exit_code == 1, res.output
+    steps = [line for line in res.stderr.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["1/5", "2/5", "4/5", "5/5"]
+    assert all(" loss " in line and "soft" in line and "embed" in line for line in steps)
+    assert any(line.startswith("teacher ") and line.endswith(" photos") for line in res.stderr.splitlines())

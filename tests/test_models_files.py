@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from ckpt_factory import LAYOUTS, arch_config, make_labels_dir, official_state_dict, save_variant
@@ -213,6 +215,84 @@ def test_threshold_file_with_nan_is_a_usage_error_in_tag(plain, tmp_path):
     res = _tag_as_user([str(photo), "--weights", str(src), "--labels", str(labels), "--threshold-file", str(thresholds)],
                        tmp_path / "h")
     assert res.returncode == 2 and f"line {N}" in res.stderr and "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------- hostile metadata
+
+
+@pytest.fixture(scope="module")
+def converted(plain, tmp_path_factory) -> Path:
+    sd, labels, _ = plain["ram_tiny"]
+    root = tmp_path_factory.mktemp("converted")
+    return convert(save_variant(root / "a.pth", sd), root / "a.safetensors", labels_dir=labels)
+
+
+def _with_header(src: Path, dst: Path, **values: str) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(dst), metadata={**meta, **values})
+    return dst
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("labels.thresholds", json.dumps([-1.0] * N), "threshold -1.0 is not a number from 0 to 1"),
+    ("labels.thresholds", json.dumps([0.5] * (N - 1) + [float("nan")]), "threshold nan"),
+    ("labels.thresholds", json.dumps([True] * N), "threshold True"),
+    ("labels.names", json.dumps([{"a": 1}] * N), "is not text"),
+    ("labels.names", json.dumps(["\x1b[2J\x1b]0;owned\x07"] * N), "control characters"),
+    ("labels.names_zh", json.dumps(["\u202eevil"] * N), "control characters"),
+    ("labels.deleted", json.dumps([N + 5]), "is not a label number"),
+    ("labels.names", "[not json", "not JSON"),
+    ("model_id", "x\x1b[31m", "model_id"),
+    ("arch", "null", "damaged ramcli header"),
+])
+def test_hostile_label_metadata_in_a_converted_file_is_one_line(converted, tmp_path, key, value, message):
+    bad = _with_header(converted, tmp_path / "bad.safetensors", **{key: value})
+    photo = tmp_path / "p.jpg"
+    photo_like(96, 64).save(photo)
+    res = _tag_as_user([str(photo), "--weights", str(bad)], tmp_path / "home")
+    assert res.returncode == 1 and message in res.stderr and "bad.safetensors" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not res.stdout
+    assert "\x1b" not in res.stderr and "\u202e" not in res.stderr
+
+
+def _plain(text) -> bool:
+    """Text with nothing a terminal acts on: no control characters, no format characters other
+    than the zero-width joiners, no lone surrogates, no line or paragraph separators."""
+    import unicodedata
+
+    return isinstance(text, str) and not any(
+        unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or (unicodedata.category(c) == "Cf" and c not in "\u200c\u200d")
+        for c in text)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                    max_leaves=8)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_header_loads_as_a_sound_model_or_is_refused(converted, tmp_path, data):
+    """Any value in any field a converted file's header carries: the file loads with a label system
+    that passes the threshold rule and plain-text names, or it is one CheckpointError."""
+    from ramcli.decision import is_threshold
+
+    key = data.draw(st.sampled_from(["labels.names", "labels.names_zh", "labels.thresholds", "labels.deleted",
+                                     "model_id", "arch"]))
+    value = data.draw(st.one_of(JSON.map(json.dumps), st.lists(JSON, min_size=N, max_size=N).map(json.dumps),
+                                st.text(max_size=20)))
+    bad = _with_header(converted, tmp_path / "hostile.safetensors", **{key: value})
+    try:
+        model = load_any(bad)
+    except CheckpointError:
+        return
+    assert len(model.labels) == N and all(is_threshold(t) for t in model.labels.thresholds)
+    assert all(_plain(n) for n in model.labels.names + model.labels.names_zh)
+    assert _plain(model.model_id)
 
 
 # ----------------------------------------------------------------------------- verify once

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
+import onnx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from ckpt_factory import make_labels_dir, make_official_checkpoint
@@ -24,6 +28,7 @@ from ramcli.models import load_any
 from ramcli.models.onnx import OnnxModel, export_onnx, int8_copy, int8_weight_type, quantize_onnx, read_onnx_metadata
 from ramcli.pipeline import Tagger
 from ramcli.precision import DecisionCache
+from test_models_files import JSON, _plain
 
 pytestmark = pytest.mark.slow  # each export traces the model with torch.export (~10-60 s)
 
@@ -170,10 +175,15 @@ def test_int8_copy_is_made_once_and_reused(exported, tmp_path):
     made = first.stat().st_mtime_ns
     assert int8_copy(dst) == first and first.stat().st_mtime_ns == made  # not quantised again
     assert first.is_relative_to(home().cache) and not list(first.parent.glob(".ramcli-*"))
+    assert not any((home().root / "tmp").iterdir())  # the private working folders are gone
     other = tmp_path / "other.onnx"
     other.write_bytes(dst.read_bytes())
     os.utime(other, ns=(1, 1))
-    assert int8_copy(other) != first  # another file (or a rewritten one): its own copy
+    assert int8_copy(other) == first  # the same content, wherever it lies: the same copy
+    proto = onnx.load(str(other))
+    proto.metadata_props.add(key="note", value="another model")
+    onnx.save_model(proto, str(other))
+    assert int8_copy(other) != first  # other content: its own copy
 
 
 def test_auto_on_onnx_checks_int8_against_fp32_and_caches_the_decision(exported, monkeypatch):
@@ -282,3 +292,215 @@ def test_not_an_onnx_tagger_is_a_clear_error(tmp_path):
         load_any(junk)
     res = CliRunner().invoke(app, ["tag", str(tmp_path), "--weights", str(junk), "--no-write", "--no-index"])
     assert res.exit_code != 0 and "Traceback" not in res.output
+
+
+# ----------------------------------------------------------------------------- files that cannot hurt
+
+
+def _folder_state(folder):
+    return folder.stat().st_mtime_ns, sorted((p.name, p.is_symlink()) for p in folder.iterdir())
+
+
+def test_quantising_never_writes_beside_the_model(exported, tmp_path):
+    """ONNX Runtime's quantiser writes MODEL-inferred.onnx beside its input: a link of that name
+    must not get its target overwritten, a user's own file of that name must survive, and the
+    model's folder (read-only for some users) is not written at all."""
+    _, _, dst = exported["ram_tiny"]
+    models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    models.mkdir()
+    elsewhere.mkdir()
+    model = models / "model.onnx"
+    model.write_bytes(dst.read_bytes())
+    victim = elsewhere / "precious.txt"
+    victim.write_text("keep me")
+    (models / "model-inferred.onnx").symlink_to(victim)
+    (models / "model.onnx-inferred.onnx").write_text("the user's own file")
+    before = _folder_state(models)
+    copy = int8_copy(model)
+    assert OnnxModel(copy).fixed_precision == "int8"
+    assert _folder_state(models) == before
+    assert victim.read_text() == "keep me"
+    assert (models / "model.onnx-inferred.onnx").read_text() == "the user's own file"
+    out = tmp_path / "out" / "q.onnx"
+    out.parent.mkdir()
+    quantize_onnx(model, out)
+    assert _folder_state(models) == before and sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]
+
+
+def test_convert_to_int8_never_follows_links_beside_the_destination(exported, tmp_path):
+    pth, labels, _ = exported["ram_tiny"]
+    victims = []
+    for name in ("q.onnx.fp32", "q.onnx-inferred.fp32", "q-inferred.onnx"):
+        victims.append(tmp_path / f"victim-{name}")
+        victims[-1].write_text("keep me")
+        (tmp_path / name).symlink_to(victims[-1])
+    res = CliRunner().invoke(app, ["models", "convert", str(pth), str(tmp_path / "q.onnx"), "--dtype", "int8",
+                                   "--labels", str(labels)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert all(v.read_text() == "keep me" for v in victims)
+    assert all((tmp_path / name).is_symlink() for name in ("q.onnx.fp32", "q.onnx-inferred.fp32", "q-inferred.onnx"))
+    assert OnnxModel(tmp_path / "q.onnx").fixed_precision == "int8"
+
+
+def test_two_quantisations_at_once_do_not_collide(exported, tmp_path):
+    _, _, dst = exported["ram_tiny"]
+    errors, outs = [], [tmp_path / f"q{i}.onnx" for i in range(4)]
+
+    def run(out):
+        try:
+            quantize_onnx(dst, out)
+        except Exception as exc:  # noqa: BLE001 - collected, then asserted
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(out,)) for out in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(OnnxModel(out).fixed_precision == "int8" for out in outs)
+
+
+def test_the_int8_copy_follows_the_external_data_file(exported, tmp_path):
+    """A graph whose weights live in MODEL.onnx.data: when only that file changes, the int8 copy
+    is made again and gives the new weights' scores."""
+    from onnx import numpy_helper
+
+    _, _, dst = exported["ram_tiny"]
+    model = tmp_path / "m.onnx"
+    onnx.save_model(onnx.load(str(dst)), str(model), save_as_external_data=True, location="m.onnx.data")
+    first = int8_copy(model)
+    x = _pixels(2, seed=9)
+    before = OnnxModel(first)(x)
+    proto = onnx.load(str(model))
+    for tensor in proto.graph.initializer:  # other weights, the same sizes: the .onnx file is unchanged
+        array = numpy_helper.to_array(tensor)
+        if array.dtype.kind == "f" and array.ndim == 2 and array.nbytes >= 1024:  # those in the data file
+            tensor.CopyFrom(numpy_helper.from_array(-array, tensor.name))
+    other = tmp_path / "other"
+    other.mkdir()
+    onnx.save_model(proto, str(other / "m.onnx"), save_as_external_data=True, location="m.onnx.data")
+    assert (other / "m.onnx").read_bytes() == model.read_bytes()
+    (model.parent / "m.onnx.data").write_bytes((other / "m.onnx.data").read_bytes())
+    second = int8_copy(model)
+    assert second != first
+    after = OnnxModel(second)(x)
+    fp32 = OnnxModel(model)(x)
+    assert (torch.sigmoid(after) - torch.sigmoid(before)).abs().max() > 0.01
+    assert (torch.sigmoid(after) - torch.sigmoid(fp32)).abs().max() < 0.25
+
+
+def test_the_content_key_reads_a_file_once_until_it_is_written(exported, tmp_path, monkeypatch):
+    from ramcli.models import onnx as module
+
+    _, _, dst = exported["ram_tiny"]
+    model = tmp_path / "m.onnx"
+    model.write_bytes(dst.read_bytes())
+    hashed = []
+    real = module.file_sha256
+    monkeypatch.setattr(module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    first = module.content_key(model)
+    assert module.content_key(model) == first and len(hashed) == 1
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1  # the same size, its old mtime put back: the write still shows (ctime)
+    st = model.stat()
+    model.write_bytes(bytes(data))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert module.content_key(model) != first and len(hashed) == 2
+
+
+def test_data_outside_the_models_folder_is_refused(exported, tmp_path):
+    _, _, dst = exported["ram_tiny"]
+    (tmp_path / "inner").mkdir()
+    onnx.save_model(onnx.load(str(dst)), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data")
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../m.data"
+    onnx.save_model(proto, str(tmp_path / "inner" / "m.onnx"))
+    with pytest.raises(CheckpointError, match="in its own folder"):
+        load_any(tmp_path / "inner" / "m.onnx")
+
+
+def _with_metadata(src, dst, **values):
+    proto = onnx.load(str(src))
+    props = {p.key: p.value for p in proto.metadata_props} | values
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save_model(proto, str(dst))
+    return dst
+
+
+HOSTILE = {
+    "negative threshold": ("labels.thresholds", lambda n: json.dumps([-1.0] * n), "threshold -1.0"),
+    "nan threshold": ("labels.thresholds", lambda n: json.dumps([0.5] * (n - 1) + [float("nan")]), "threshold nan"),
+    "threshold as text": ("labels.thresholds", lambda n: json.dumps(["0.5"] * n), "threshold '0.5'"),
+    "label not text": ("labels.names", lambda n: json.dumps(list(range(n))), "label 0: name 0 is not text"),
+    "escape sequence": ("labels.names", lambda n: json.dumps(["\x1b]0;pwned\x07\x1b[31mred"] * n), "control characters"),
+    "labels not json": ("labels.names", lambda n: "[not json", "not JSON"),
+    "data_config not json": ("data_config", lambda n: "{oops", "data_config is not JSON"),
+    "data_config not an object": ("data_config", lambda n: "[1, 2]", "data_config is not a JSON object"),
+    "dtype": ("dtype", lambda n: "\x1b[2J", "dtype"),
+    "model id": ("model_id", lambda n: "m\x1b[2Jx", "model_id"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_metadata_is_a_one_line_error(exported, tmp_path, capsys, case):
+    from conftest import run_cli
+
+    _, _, dst = exported["ram_tiny"]
+    key, value, message = HOSTILE[case]
+    bad = _with_metadata(dst, tmp_path / "bad.onnx", **{key: value(N)})
+    photo_like(80, 60, seed=1).save(tmp_path / "p.jpg")
+    code = run_cli(["tag", str(tmp_path / "p.jpg"), "--weights", str(bad), "--no-write", "--no-index"])
+    captured = capsys.readouterr()
+    err = captured.err
+    assert code == 1 and message in err and "bad.onnx" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "\x1b" not in err + captured.out and "\x07" not in err
+
+
+def test_an_onnx_file_protobuf_cannot_hold_is_refused_unread(tmp_path, monkeypatch):
+    huge = tmp_path / "huge.onnx"
+    with open(huge, "wb") as f:  # sparse: 2.5 GB on paper, nothing on disk
+        f.truncate(2_500_000_000)
+
+    def never(*args, **kwargs):
+        raise AssertionError("read a file that cannot be an ONNX model")
+
+    monkeypatch.setattr(onnx, "load", never)
+    monkeypatch.setattr(onnx, "load_model", never)
+    with pytest.raises(CheckpointError, match="over the 2 GB"):
+        load_any(huge)
+
+
+FIELDS = ["labels.names", "labels.names_zh", "labels.thresholds", "labels.deleted", "data_config", "dtype",
+          "model_id", "vocab_version", "arch"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_metadata_loads_as_a_sound_model_or_is_refused(exported, tmp_path, data):
+    """Whatever a file's metadata holds (any JSON, lists of the right length with hostile items,
+    any text), loading it gives a model whose label system passes the threshold rule and whose
+    names are plain text, or one CheckpointError; never another exception."""
+    from ramcli.decision import is_threshold
+
+    _, _, dst = exported["ram_tiny"]
+    key = data.draw(st.sampled_from(FIELDS))
+    value = data.draw(st.one_of(
+        JSON.map(lambda v: json.dumps(v)),
+        st.lists(JSON, min_size=N, max_size=N).map(json.dumps),
+        st.text(max_size=20),
+    ))
+    bad = _with_metadata(dst, tmp_path / "hostile.onnx", **{key: value})
+    try:
+        model = load_any(bad)
+    except CheckpointError as exc:
+        assert "\n" not in str(exc) and "\x1b" not in str(exc)
+        return
+    labels = model.labels
+    assert all(is_threshold(t) for t in labels.thresholds) and len(labels) == N
+    assert all(_plain(n) for n in labels.names + labels.names_zh)
+    assert isinstance(model.data_config, dict) and model.fixed_precision in ("fp32", "int8")

@@ -4,6 +4,7 @@ held-out agreement and speed, export)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import typer
@@ -26,13 +27,36 @@ def _depths(value: str | None) -> tuple[int, ...] | None:
                                  "e.g. 2,2,6,2") from None
 
 
+class ProgressLines:
+    """Which progress events become a line: the first and last of a stage, every `every` steps
+    and whenever a minute has passed, so that a log (stderr piped to a file, where no bar is
+    drawn) shows the run advancing."""
+
+    def __init__(self, every: int, seconds: float = 60.0):
+        self.every, self.seconds, self.last = every, seconds, {}
+
+    def line(self, stage: str, done: int, total: int, record: dict | None) -> str | None:
+        now = time.monotonic()
+        seen = self.last.get(stage)
+        every = self.every if stage == "student" else max(1, total // 10)  # the teacher: tenths of its photos
+        if seen is not None and done != total and done // every == seen[0] // every and now - seen[1] < self.seconds:
+            return None
+        self.last[stage] = (done, now)
+        if stage == "teacher":
+            return f"teacher {done}/{total} photos"
+        losses = {k: v for k, v in (record or {}).items() if k not in ("step", "epoch", "lr")}
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        lr = f" lr {record['lr']:.2e}" if record and "lr" in record else ""
+        return f"step {done}/{total} loss {sum(losses.values()):.4f} ({parts}){lr}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def distill(
         teacher: str = typer.Option(..., "--teacher", help="The teacher: a weights file or a published name, as `tag --weights`."),
         data: list[str] = typer.Option(..., "--data", help="Photo folders/files, or .tar shards (a folder of them, a brace pattern); repeatable."),
-        backbone: str = typer.Option("resnet50", "--backbone", help="The student's timm image encoder (resnet50, convnext_tiny, efficientnet_b0, mobilenetv4_conv_small, ...), or `teacher`: the teacher's own, started from its weights."),
-        depths: str | None = typer.Option(None, "--depths", callback=_depths, help="Blocks per stage of the student's encoder, e.g. 2,2,6,2 (default: the encoder's own). Fewer than the teacher's, with `--backbone teacher`: a shallower copy of the teacher."),
+        backbone: str = typer.Option("teacher", "--backbone", help="The student's image encoder: `teacher`, the teacher's own, started from its weights; or a timm name (resnet18, convnext_tiny, efficientnet_b0, mobilenetv4_conv_small, ...)."),
+        depths: str | None = typer.Option(None, "--depths", callback=_depths, help="Blocks per stage of the student's encoder, e.g. 1,1,9,1 (default: half the teacher's in each stage, at least 1, with `--backbone teacher`; a timm encoder's own otherwise)."),
         out: Path = typer.Option(..., "--out", help="The student: a tagger .safetensors for `ramcli tag --weights`."),
         image_size: int | None = typer.Option(None, "--image-size", min=32, help="The student's input size (default: the teacher's)."),
         hidden: int | None = typer.Option(None, "--hidden", min=4, help="The student's decoder width (default: the teacher's, whose decoder is copied). Smaller is faster with many tags."),
@@ -50,6 +74,8 @@ def register(app: typer.Typer) -> None:
         labels: Path | None = typer.Option(None, "--labels", help="Label folder of the teacher (as `tag --labels`)."),
         work: Path | None = typer.Option(None, "--work", help="Work folder: teacher outputs, checkpoint, metrics (default: OUT.distill)."),
         report: Path | None = typer.Option(None, "--report", help="Also write the report as JSON here."),
+        force: bool = typer.Option(False, "--force", help="Train the student even if it needs about as many FLOPs as the teacher, or more (it would not be faster)."),
+        log_every: int = typer.Option(50, "--log-every", min=1, help="A progress line every this many steps (and at least once a minute), also when stderr is a file or a pipe."),
     ) -> None:
         """Distil a tagger into a smaller one on your photos: soft targets + CLIP-space image embedding."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -57,20 +83,24 @@ def register(app: typer.Typer) -> None:
         from ramcli_train.distill import DistillConfig
         from ramcli_train.distill import distill as run
 
-        cfg = DistillConfig(teacher=teacher, data=list(data), out=out, backbone=backbone, depths=depths or (),
+        cfg = DistillConfig(teacher=teacher, data=list(data), out=out, backbone=backbone, depths=depths,
                             image_size=image_size,
                             hidden=hidden, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                             embed_weight=embed_weight, pooled_weight=pooled_weight,
                             val_fraction=val_fraction, pretrained=pretrained, device=device, workers=workers,
-                            labels_dir=labels, work=work)
+                            labels_dir=labels, work=work, force=force)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=err_console, transient=True) as bar:
             tasks: dict[str, int] = {}
+            lines = ProgressLines(log_every)
 
-            def progress(stage: str, done: int, total: int) -> None:
+            def progress(stage: str, done: int, total: int, record: dict | None) -> None:
                 if stage not in tasks:
                     tasks[stage] = bar.add_task(stage, total=total)
                 bar.update(tasks[stage], completed=done, total=total)
+                line = lines.line(stage, done, total, record)
+                if line:  # above the bar on a terminal, a plain line in a log
+                    err_console.print(line, highlight=False, markup=False)
 
             result = run(cfg, resume=resume, progress=progress)
         err_console.print(escape(result.backbone_init), highlight=False, soft_wrap=True)

@@ -15,7 +15,7 @@ import torch
 
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
-from ramcli.labels import LabelSet, resolve_labels
+from ramcli.labels import LabelError, LabelSet, check_name, resolve_labels
 from ramcli.models.checkpoint import (
     converted_arch,
     is_converted,
@@ -61,7 +61,11 @@ def load_any(path: Path, arch: str | None = None, labels_dir: Path | None = None
     if is_converted(path):
         meta = read_converted_metadata(path)
         family = converted_arch(meta, path.name).family
-        embedded = LabelSet.from_metadata(meta)
+        embedded = LabelSet.from_metadata(meta, path.name)
+        try:
+            check_name(meta.get("model_id", path.stem), "model_id")
+        except LabelError as exc:
+            raise CheckpointError(f"{path.name}: damaged ramcli header ({exc})") from None
         labels = resolve_labels(family, labels_dir=labels_dir, embedded=embedded)
         return load_converted(path, labels=labels, dtype=dtype)
     sd = read_official(path)

@@ -82,6 +82,8 @@ class ArchConfig:
     @classmethod
     def from_json(cls, text: str) -> ArchConfig:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("the architecture is not a JSON object")
         data.pop("extra", None)  # an always-empty field that files converted by ramcli 0.1 carry
         swin = data.pop("swin")
         if swin is not None:

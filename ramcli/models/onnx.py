@@ -15,24 +15,37 @@ int8: ONNX Runtime's dynamic quantisation of the MatMul/Gemm weights (`quantize_
 CPUs without VNNI its u8 x s8 kernels add pairs of products in saturating 16-bit registers,
 which moved full-size scores by up to 0.08; there the weights are quantised as uint8 (the U8U8
 kernels, which do not saturate), as ONNX Runtime's quantisation guide recommends. `tag
---precision int8|auto` on an fp32 file makes that copy once and caches it in RAMCLI_HOME.
+--precision int8|auto` on an fp32 file makes that copy once and caches it in RAMCLI_HOME, named
+by the content of the model and of every external data file it references.
+
+Files: ONNX Runtime's quantiser writes a shape-inferred copy beside its input, and the exporter
+writes the weights of a large graph beside its output. Both therefore work on copies in a
+private folder of their own in RAMCLI_HOME (`tempfile.mkdtemp`), and only the finished file is
+moved into place, atomically: nothing is ever written beside a user's model or through a link
+found there, a read-only model folder is fine, and two runs at once never share a file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
-from ramcli.fileio import atomic_output
-from ramcli.labels import LabelSet, resolve_labels
+from ramcli.fileio import atomic_output, atomic_write
+from ramcli.hashing import file_sha256
+from ramcli.labels import LabelError, LabelSet, check_name, resolve_labels
 from ramcli.models.configs import ArchConfig
 from ramcli.models.ram import RecognitionModel
 
@@ -40,6 +53,9 @@ FORMAT = "ramcli-onnx-tagger"
 ONNX_DTYPES = ("fp32", "int8")
 #: Only the weight matmuls are quantised; everything else (norms, softmax, GELU) stays fp32.
 QUANTIZED_OPS = ("MatMul", "Gemm")
+#: protobuf cannot hold a message of 2 GiB or more: a larger .onnx is refused before it is read
+#: (the weights of a larger graph live in external data files).
+MAX_ONNX_BYTES = (1 << 31) - 1
 
 
 def data_config(arch: ArchConfig) -> dict:
@@ -56,17 +72,9 @@ def export_onnx(model: RecognitionModel, dst: Path, dtype: str = "fp32", source:
 
     if dtype not in ONNX_DTYPES:
         raise CheckpointError(f"unknown ONNX dtype {dtype!r}; use one of {', '.join(ONNX_DTYPES)}")
-    if dtype == "int8":  # the fp32 graph first, then its quantised copy in its place
-        exported = export_onnx(model, Path(dst).with_name(Path(dst).name + ".fp32"), "fp32", source, vocab_version)
-        try:
-            return quantize_onnx(exported, dst)
-        finally:
-            exported.unlink(missing_ok=True)
-            exported.with_name(exported.name + ".data").unlink(missing_ok=True)
     if model.labels is None:
         raise CheckpointError("cannot export without the label system (pass --labels DIR)")
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
     size = model.arch.image_size
     example = torch.zeros(2, 3, size, size)
@@ -79,9 +87,9 @@ def export_onnx(model: RecognitionModel, dst: Path, dtype: str = "fp32", source:
     meta = {
         "format": FORMAT,
         "arch": model.arch.to_json(),
-        "model_id": f"{model.model_id}+onnx-{dtype}",
+        "model_id": f"{model.model_id}+onnx-fp32",
         "source": source,
-        "dtype": dtype,
+        "dtype": "fp32",
         "vocab_version": vocab_version,
         "data_config": json.dumps(data_config(model.arch)),
         "labels_checksum": model.labels.checksum(),
@@ -91,8 +99,41 @@ def export_onnx(model: RecognitionModel, dst: Path, dtype: str = "fp32", source:
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     big = proto.ByteSize() > 1_900_000_000  # protobuf's 2 GB limit: weights go to a side file
+    with private_folder("onnx-export") as work:
+        staged = work / "fp32" / dst.name
+        staged.parent.mkdir()
+        onnx.save_model(proto, str(staged), save_as_external_data=big, location=dst.name + ".data")
+        del proto, program
+        if dtype == "int8":  # the fp32 graph first, then its quantised copy in its place
+            return _quantize_staged(staged, dst, int8_weight_type(), work)
+        return _place(staged, dst)
+
+
+@contextlib.contextmanager
+def private_folder(purpose: str):
+    """A new folder in RAMCLI_HOME/tmp that only this process uses (mode 0700, a fresh name),
+    removed with everything in it when the block ends."""
+    root = home().root / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=root))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _place(staged: Path, dst: Path) -> Path:
+    """Move a finished ONNX file (its external data files first) from a private folder to `dst`,
+    each file atomically: a reader sees the old file or the new one, and a link at the target
+    is replaced, never followed."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for location in read_header(staged).data_files:
+        target = dst.parent / location
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(target) as tmp:
+            shutil.move(staged.parent / location, tmp)
     with atomic_output(dst) as tmp:
-        onnx.save_model(proto, tmp, save_as_external_data=big, location=dst.name + ".data")
+        shutil.move(staged, tmp)
     return dst
 
 
@@ -117,64 +158,145 @@ def _quiet():
 
 def quantize_onnx(src: Path, dst: Path, weight_type: str | None = None) -> Path:
     """Write `src` (an fp32 ramcli ONNX file) with int8 MatMul/Gemm weights and dynamically
-    quantised activations to `dst`, keeping its ramcli metadata (dtype "int8")."""
+    quantised activations to `dst`, keeping its ramcli metadata (dtype "int8"). The quantiser
+    works on a copy in a private folder; `src`'s folder is only read."""
+    with private_folder("onnx-int8") as work:
+        return _quantize_staged(_stage(Path(src), work / "fp32"), Path(dst), weight_type or int8_weight_type(), work)
+
+
+def _stage(src: Path, folder: Path) -> Path:
+    """A copy of the ONNX file `src` and of its external data files (at their places relative to
+    it) in `folder`, which is created."""
+    header = read_header(src)
+    if header.meta.get("dtype", "fp32") != "fp32":
+        raise CheckpointError(f"{src.name} is already {header.meta['dtype']}; quantise the fp32 export")
+    folder.mkdir()
+    staged = folder / "model.onnx"
+    shutil.copyfile(src, staged)
+    for location in header.data_files:
+        target = folder / location
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.parent / location, target)
+    return staged
+
+
+def _quantize_staged(staged: Path, dst: Path, weight_type: str, work: Path) -> Path:
+    """`quantize_onnx` of a file that already sits in the private folder `work`."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    src, dst = Path(src), Path(dst)
-    meta = read_onnx_metadata(src)
-    if meta.get("dtype", "fp32") != "fp32":
-        raise CheckpointError(f"{src.name} is already {meta['dtype']}; quantise the fp32 export")
-    weight_type = weight_type or int8_weight_type()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(dst) as tmp, _quiet(), warnings.catch_warnings():
+    meta = read_onnx_metadata(staged)
+    out = work / "int8.onnx"
+    with _quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_dynamic(str(src), tmp, weight_type=getattr(QuantType, weight_type), per_channel=False,
+        quantize_dynamic(str(staged), str(out), weight_type=getattr(QuantType, weight_type), per_channel=False,
                          reduce_range=False, op_types_to_quantize=list(QUANTIZED_OPS))
-        proto = onnx.load(tmp, load_external_data=False)
-        values = {"dtype": "int8", "int8_weights": weight_type,
-                  "model_id": meta.get("model_id", src.stem).replace("+onnx-fp32", "") + "+onnx-int8"}
-        for prop in proto.metadata_props:
-            if prop.key in values:
-                prop.value = values.pop(prop.key)
-        for key, value in values.items():
-            proto.metadata_props.add(key=key, value=value)
-        onnx.save_model(proto, tmp)
-    return dst
+    proto = onnx.load(str(out), load_external_data=False)
+    values = {"dtype": "int8", "int8_weights": weight_type,
+              "model_id": meta.get("model_id", dst.stem).replace("+onnx-fp32", "") + "+onnx-int8"}
+    for prop in proto.metadata_props:
+        if prop.key in values:
+            prop.value = values.pop(prop.key)
+    for key, value in values.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save_model(proto, str(out))
+    return _place(out, dst)
+
+
+def content_key(path: Path) -> str:
+    """A digest of everything an ONNX model computes with: the file and every external data file
+    it references (their SHA-256 and their names relative to it)."""
+    path = Path(path)
+    h = hashlib.sha256(_digest(path).encode())
+    for location in read_header(path).data_files:
+        h.update(f"|{location}:{_digest(path.parent / location)}".encode())
+    return h.hexdigest()[:32]
+
+
+def _digest(path: Path) -> str:
+    """The file's SHA-256, remembered in RAMCLI_HOME/cache/onnx-digests.json under its inode,
+    size, mtime and ctime (which no tool can set back after a write), so that a run that uses
+    the cached int8 copy of a 1 GB model does not read the model again."""
+    st = path.stat()
+    memo = home().cache / "onnx-digests.json"
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    known[key] = file_sha256(path)
+    with contextlib.suppress(OSError):  # a read-only home: hashed again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo, json.dumps(dict(list(known.items())[-256:])).encode("utf-8"))
+    return known[key]
 
 
 def int8_copy(path: Path) -> Path:
-    """The int8 copy of an fp32 ONNX file, made once per (file, weight type) and cached in
-    RAMCLI_HOME/cache/onnx-int8 (quantising Swin-L takes seconds, its fp32 export minutes)."""
-    from ramcli.precision import model_fingerprint
-
+    """The int8 copy of an fp32 ONNX file, made once per (content, weight type) and cached in
+    RAMCLI_HOME/cache/onnx-int8 (quantising Swin-L takes seconds, its fp32 export minutes). The
+    copy is named by the content of the files it was made from, so a file that changes while
+    it is quantised never leaves a copy under the other content's name."""
     weight_type = int8_weight_type()
-    dst = home().cache / "onnx-int8" / f"{model_fingerprint(Path(path))}-{weight_type.lower()}.onnx"
-    if not dst.is_file():
-        quantize_onnx(path, dst, weight_type)
-    return dst
+    folder = home().cache / "onnx-int8"
+    dst = folder / f"{content_key(path)}-{weight_type.lower()}.onnx"
+    if dst.is_file():
+        return dst
+    with private_folder("onnx-int8") as work:
+        staged = _stage(Path(path), work / "fp32")
+        dst = folder / f"{content_key(staged)}-{weight_type.lower()}.onnx"
+        return dst if dst.is_file() else _quantize_staged(staged, dst, weight_type, work)
 
 
-def _read_header(path: Path) -> tuple[dict[str, str], int | None]:
-    """The ramcli metadata of an ONNX file and the class count of its output, if fixed."""
+class Header(NamedTuple):
+    meta: dict[str, str]
+    classes: int | None  # the class count of the graph's output, if fixed
+    data_files: list[str]  # the external data files the graph references, each once, relative to it
+
+
+def read_header(path: Path) -> Header:
+    """The ramcli metadata of an ONNX file, its class count and its external data files, reading
+    the graph but not its weights. A file protobuf cannot hold is refused before it is read, and
+    so is a reference to data outside the model's folder."""
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        raise CheckpointError(f"cannot read {path.name}: {size / 1e9:.1f} GB is over the 2 GB an ONNX file "
+                              "can hold (larger weights go in an external data file)")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise CheckpointError(f"cannot read {Path(path).name}: not a valid ONNX file ({type(exc).__name__})") from None
+        raise CheckpointError(f"cannot read {path.name}: not a valid ONNX file ({type(exc).__name__})") from None
     meta = {p.key: p.value for p in proto.metadata_props}
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{Path(path).name} is an ONNX file but not a ramcli tagger "
+        raise CheckpointError(f"{path.name} is an ONNX file but not a ramcli tagger "
                               "(export one with `ramcli models convert SRC DST.onnx`)")
+    folder = path.parent.resolve()
+    files: dict[str, None] = {}
+    for tensor in _get_all_tensors(proto):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        data = path.parent / location
+        if not location or os.path.isabs(location) or not data.resolve().is_relative_to(folder):
+            raise CheckpointError(f"{path.name}: its weights must be in a data file in its own folder, "
+                                  f"not {location[:80]!r}")
+        if not data.is_file():
+            raise CheckpointError(f"{path.name}: its weights file {location[:80]!r} is missing")
+        files[Path(os.path.normpath(location)).as_posix()] = None
     outputs = proto.graph.output
     dims = outputs[0].type.tensor_type.shape.dim if outputs else []
-    return meta, (dims[-1].dim_value or None) if dims else None
+    return Header(meta, (dims[-1].dim_value or None) if dims else None, list(files))
 
 
 def read_onnx_metadata(path: Path) -> dict[str, str]:
     """The ramcli metadata of an ONNX file, reading the graph but not its weights."""
-    return _read_header(path)[0]
+    return read_header(path).meta
 
 
 class OnnxModel(nn.Module):
@@ -188,19 +310,29 @@ class OnnxModel(nn.Module):
         super().__init__()
         self.path, self._labels_dir, self._threads = Path(path), labels_dir, threads
         self._session, self.display_name = None, self.path.name
-        meta, classes = _read_header(path)
+        name = self.path.name
+        meta, classes, _ = read_header(path)
         try:
             self.arch = ArchConfig.from_json(meta["arch"])
-            embedded = LabelSet.from_metadata(meta)
         except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{Path(path).name}: damaged ramcli metadata ({type(exc).__name__})") from None
+            raise CheckpointError(f"{name}: damaged ramcli metadata (arch: {type(exc).__name__})") from None
+        embedded = LabelSet.from_metadata(meta, name)
         # the usual order (--labels, RAMCLI_LABELS, the file's own); custom tags baked in at
         # export make an outside label folder too short, which the check below reports
         self.labels = resolve_labels(self.arch.family, labels_dir=labels_dir, embedded=embedded)
-        self.model_id = meta.get("model_id", Path(path).stem)
-        self.fixed_precision = meta.get("dtype", "fp32")
-        self.vocab_version = meta.get("vocab_version", "builtin")
-        self.data_config = json.loads(meta.get("data_config", "{}"))
+        try:
+            self.model_id = check_name(meta.get("model_id", self.path.stem), "model_id")
+            self.vocab_version = check_name(meta.get("vocab_version", "builtin"), "vocab_version")
+            self.fixed_precision = meta.get("dtype", "fp32")
+            if self.fixed_precision not in ONNX_DTYPES:
+                raise LabelError(f"dtype {self.fixed_precision[:40]!r} is not one of {', '.join(ONNX_DTYPES)}")
+            self.data_config = json.loads(meta.get("data_config", "{}"))
+            if not isinstance(self.data_config, dict):
+                raise LabelError("data_config is not a JSON object")
+        except ValueError:
+            raise CheckpointError(f"{name}: damaged ramcli metadata (data_config is not JSON)") from None
+        except LabelError as exc:
+            raise CheckpointError(f"{name}: damaged ramcli metadata ({exc})") from None
         if self.labels is None or (classes is not None and classes != len(self.labels)):
             raise CheckpointError(f"{Path(path).name}: the label system does not match the graph's outputs")
 
