@@ -26,6 +26,7 @@ def _options(
     labels: Path = typer.Option(None, "--labels", help="Folder with the official label files (overrides RAMCLI_LABELS and the model's own)."),
     device: str = typer.Option("auto", help="auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", help="auto, fp32 (exact), bf16, fp16 or int8 (CPU). auto: bf16 on CUDA, fp16 on MPS; on the CPU the fastest path that agrees with fp32 on >= 99% of the tags of the first photos (checked once per model and CPU)."),
+    runtime: str = typer.Option("auto", help="auto (PyTorch; ONNX Runtime for .onnx; OpenVINO for .xml) or openvino: the whole tagging graph on Intel's OpenVINO, converted once and cached (pip install 'ramcli[openvino]'); --device then names its device: cpu, gpu, npu."),
     precision_check: int = typer.Option(8, "--precision-check", min=0, help="Photos --precision auto scores in fp32 and in each CPU fast path before it picks one (0: fp32 unless already decided)."),
     decode: str = typer.Option("auto", help="Where JPEGs are decoded: auto (the GPU's nvJPEG on CUDA, the decode workers with the official full decode on CPU), workers, draft (workers, JPEG draft mode: faster, scores move slightly) or device."),
     batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per model call (default: 64 on CUDA, 4 on CPU)."),
