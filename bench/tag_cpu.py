@@ -190,7 +190,11 @@ def main() -> None:
                 job = pool.submit(decode_only, args.arch, photos, args.batch_size, args.workers)
             else:
                 job = pool.submit(ramcli_path, pth, labels, photos, name, args.batch_size, args.workers, onnx)
-            results[name] = r = job.result()
+            try:
+                results[name] = r = job.result()
+            except Exception as exc:  # a crashed runtime (a segfault) is a result too
+                print(f"  {name:14} failed: {type(exc).__name__}: {exc}; load {load_average()}", flush=True)
+                continue
         r["load"] = load_average()
         note = f" (compiled once in {r['setup']:.0f} s)" if "compiled" in name else ""
         if "compiled" in name and not r["compiled"]:

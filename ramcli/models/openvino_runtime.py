@@ -294,7 +294,7 @@ def quantized_graph(model: OpenVinoModel, calibration: np.ndarray):
     """The statically quantised graph (NNCF, transformer preset: int8 matmuls, softmax and norms
     left in float), calibrated on `calibration` (the first photos this model scores), cached
     beside the fp32 IR: the first library's photos calibrate it, later runs reuse it."""
-    ov, nncf = require(), _nncf()
+    nncf = _nncf()
     dst = model.path.with_name(f"{model.path.stem}-int8.xml")
     if not model.path.is_relative_to(home().cache):  # a user's IR: the int8 copy goes to the cache
         dst = home().cache / "openvino" / f"{cache_key(model.path, model.labels)}-int8.xml"
