@@ -15,8 +15,6 @@ Arithmetic, one compiled copy each (`OpenVinoModel.at`):
   int8   NNCF post-training static quantisation (weights and activations), calibrated on the
          first batch of photos the model sees: the user's own library.
   int8-weights  NNCF `compress_weights`: int8 weights, activations in the default precision.
-Compiled models are cached by OpenVINO itself (`CACHE_DIR` in RAMCLI_HOME), so a later run skips
-compilation.
 """
 
 from __future__ import annotations
@@ -206,13 +204,8 @@ class OpenVinoModel(nn.Module):
             raise CheckpointError(f"{self.path.name}: the label system does not match the graph's outputs")
         if precision not in PRECISIONS:
             raise UsageError(f"OpenVINO runs {', '.join(PRECISIONS)}; not {precision!r}")
-        compiled = home().cache / "openvino" / "compiled"
-        try:
-            compiled.mkdir(parents=True, exist_ok=True)
-            if os.access(compiled, os.W_OK):  # a read-only RAMCLI_HOME: compile every run instead
-                self.core.set_property({"CACHE_DIR": str(compiled)})
-        except OSError:
-            pass
+        # no CACHE_DIR (OpenVINO's compiled-model cache): compiling Swin-L takes about a second,
+        # and a bf16 model imported from that cache crashed (segfault) on an AMX CPU
 
     @property
     def num_classes(self) -> int:
