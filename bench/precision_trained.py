@@ -4,12 +4,15 @@
 Random weights are the worst case for reduced precision (their scores bunch at the thresholds);
 a trained model's scores are spread out. This scores held-out photos with the trained tagger in
 fp32, bf16 (autocast; emulated on a CPU without native bf16), PyTorch int8 (dynamic int8 Linear
-layers), its ONNX export on ONNX Runtime (fp32) and that export's int8 copy, compares each tag set
-with fp32's, and then runs the real `--precision auto` check (8 photos, no cached decision) on
-the checkpoint and on the .onnx.
+layers), its ONNX export on ONNX Runtime (fp32) and that export's int8 copy, the model on OpenVINO
+(fp32, bf16, static int8 calibrated on the first batch, int8 weights only), compares each tag set
+with fp32's at the model's thresholds, and then runs the real `--precision auto` check (8 photos,
+no cached decision) on the checkpoint, the .onnx and the OpenVINO model.
 
-    .venv/bin/python bench/precision_trained.py [--weights /work/artifacts/cpu-teacher.safetensors]
-        [--photos /work/artifacts/cpu-val-photos] [--images 128]
+    .venv/bin/python bench/train_learns.py --save .bench_cache/cpu-teacher.safetensors \
+        --keep-photos .bench_cache/cpu-val-photos        # the trained model, once
+    .venv/bin/python bench/precision_trained.py [--weights .bench_cache/cpu-teacher.safetensors]
+        [--photos .bench_cache/cpu-val-photos] [--images 128]
 
 Without --photos folder, held-out scenes of `ramcli_train.synth` (the validation split, which
 training never sees) are written under .bench_cache/ first.
@@ -26,7 +29,8 @@ import torch
 
 from _common import CACHE, load_average
 
-PATHS = ("fp32", "bf16", "int8", "onnx", "onnx int8")
+PATHS = ("fp32", "bf16", "int8", "onnx", "onnx int8", "openvino", "openvino bf16", "openvino int8",
+         "openvino int8-weights")
 
 
 def held_out_photos(folder: Path | None, count: int, size: int) -> list[Path]:
@@ -54,8 +58,9 @@ def batches(photos: list[Path], model, batch: int) -> list[torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", type=Path, default=Path("/work/artifacts/cpu-teacher.safetensors"))
-    ap.add_argument("--photos", type=Path, default=Path("/work/artifacts/cpu-val-photos"))
+    ap.add_argument("--weights", type=Path, default=CACHE / "cpu-teacher.safetensors",
+                    help="bench/train_learns.py --save writes one")
+    ap.add_argument("--photos", type=Path, default=CACHE / "cpu-val-photos")
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
@@ -71,6 +76,9 @@ def main() -> None:
     if not onnx_path.exists():
         convert(args.weights, onnx_path)
     onnx_model = load_any(onnx_path)
+    from ramcli.models.openvino_runtime import to_openvino
+
+    openvino_model = to_openvino(model, args.weights)
     photos = held_out_photos(args.photos, args.images, model.arch.image_size)
     pixels = batches(photos, model, args.batch_size)
     n = sum(p.shape[0] for p in pixels)
@@ -80,7 +88,8 @@ def main() -> None:
     results = {}
     for name in PATHS:
         first, _, second = name.partition(" ")
-        net, precision = (onnx_model, second or "fp32") if first == "onnx" else (model, first)
+        nets = {"onnx": onnx_model, "openvino": openvino_model}
+        net, precision = (nets[first], second or "fp32") if first in nets else (model, first)
         tagger = Tagger(net, cpu, precision)
         t0 = time.perf_counter()
         scores = torch.cat([tagger.scores(p) for p in pixels])
@@ -102,7 +111,8 @@ def main() -> None:
         print(f"| {name} | {rate:.1f} | {100 * both / either:.2f}% ({either - both} of {either} differ) "
               f"| {change.max():.4f} | {change.mean():.5f} |")
     print()
-    for label, net in ((args.weights.name, model), (onnx_path.name, onnx_model)):
+    for label, net in ((args.weights.name, model), (onnx_path.name, onnx_model),
+                       (f"{args.weights.name} on OpenVINO", openvino_model)):
         decisions = []
         tagger = Tagger(net, cpu, "auto", check_photos=8, on_decision=decisions.append)  # no cache: a fresh check
         for p in pixels:

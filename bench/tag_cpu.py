@@ -7,8 +7,11 @@ Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-li
   fp32 ...  : the `ramcli tag` pipeline (CPU default decode in worker processes, batches, strict
               thresholds) in each arithmetic: fp32, bf16 autocast, int8 (dynamic int8 Linear
               layers), each eager and torch.compile'd, and the exported ONNX graph run by ONNX
-              Runtime in fp32 and int8 (`--precision int8` on the .onnx: its quantised copy).
-              Compilation, the ONNX export and quantisation are done once beforehand, not timed.
+              Runtime in fp32 and int8 (`--precision int8` on the .onnx: its quantised copy), and
+              the graph on OpenVINO (`--runtime openvino`) in fp32, bf16, int8 (NNCF static
+              quantisation calibrated on the first batch of these photos) and int8-weights (NNCF
+              `compress_weights`). Compilation, the ONNX export, the OpenVINO conversion and
+              quantisation/calibration are done once beforehand, not timed.
   decode    : the pipeline's decode alone (same workers, same decode, no model): the ceiling
               of every row above on this machine.
 
@@ -22,6 +25,7 @@ is the largest |score - fp32 score| over all photos and classes. Random weights 
 within a hair of their threshold (the header says how many), so agreement here is a worst case.
 
     .venv/bin/python bench/tag_cpu.py [--images 8] [--batch-size 4] [--workers 1] [--paths int8,onnx]
+    .venv/bin/python bench/tag_cpu.py --paths "bf16,openvino,openvino bf16,openvino int8,openvino int8-weights"
         [--onnx /work/artifacts/ram_swin_large_384-random.onnx]   # reuse an export (minutes) across runs
     ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/tag_cpu.py --paths fp32,int8   # an AVX2-only CPU
 """
@@ -40,7 +44,7 @@ import torch
 from _common import CACHE, checkpoint, jpegs, load_average, peak_rss_mb
 
 PATHS = ("baseline", "fp32", "fp32 compiled", "bf16", "bf16 compiled", "int8", "int8 compiled", "onnx", "onnx int8",
-         "decode")
+         "openvino", "openvino bf16", "openvino int8", "openvino int8-weights", "decode")
 ALWAYS = ("baseline", "fp32")
 
 
@@ -75,6 +79,10 @@ def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: i
     first, _, second = name.partition(" ")
     if first == "onnx":  # "onnx" or "onnx int8": the exported graph on ONNX Runtime
         model, precision, compiled = load_any(onnx, labels_dir=labels), second or "fp32", False
+    elif first == "openvino":  # the graph on OpenVINO, converted once into RAMCLI_HOME (not timed here)
+        from ramcli.models.openvino_runtime import to_openvino
+
+        model, precision, compiled = to_openvino(load_any(pth, labels_dir=labels), pth), second or "fp32", False
     else:
         model, precision, compiled = load_any(pth, labels_dir=labels), first, second == "compiled"
     tagger = Tagger(model, torch.device("cpu"), precision, threshold=0.0,
@@ -125,6 +133,13 @@ def export(pth: Path, labels: Path, dst: Path) -> tuple[Path, float]:
     return dst, time.perf_counter() - t0
 
 
+def convert_openvino(pth: Path, labels: Path) -> None:
+    from ramcli.models import load_any
+    from ramcli.models.openvino_runtime import cached_ir
+
+    cached_ir(load_any(pth, labels_dir=labels), pth)
+
+
 def tags(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     from ramcli.decision import emitted
 
@@ -156,6 +171,11 @@ def main() -> None:
     print(f"{args.arch}, {len(photos)} x 12 MP JPEGs, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{args.workers} decode worker(s); CPU {cpu_name()}, PyTorch kernels {torch.backends.cpu.get_cpu_capability()}"
           f", native bf16: {'yes' if native_bf16() else 'no'}; load average {load_average()}", flush=True)
+    if any(name.startswith("openvino") for name in chosen):
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # its memory is freed after
+            pool.submit(convert_openvino, pth, labels).result()
+        print(f"  (OpenVINO conversion, or its cached copy: {time.perf_counter() - t0:.0f} s)", flush=True)
     onnx = None
     if any(name.startswith("onnx") for name in chosen):
         onnx, seconds = export(pth, labels, args.onnx or CACHE / (pth.stem + ".onnx"))
@@ -170,7 +190,11 @@ def main() -> None:
                 job = pool.submit(decode_only, args.arch, photos, args.batch_size, args.workers)
             else:
                 job = pool.submit(ramcli_path, pth, labels, photos, name, args.batch_size, args.workers, onnx)
-            results[name] = r = job.result()
+            try:
+                results[name] = r = job.result()
+            except Exception as exc:  # a crashed runtime (a segfault) is a result too
+                print(f"  {name:14} failed: {type(exc).__name__}: {exc}; load {load_average()}", flush=True)
+                continue
         r["load"] = load_average()
         note = f" (compiled once in {r['setup']:.0f} s)" if "compiled" in name else ""
         if "compiled" in name and not r["compiled"]:

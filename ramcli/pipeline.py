@@ -30,10 +30,22 @@ from ramcli.errors import UsageError
 from ramcli.imaging import normalize
 from ramcli.loader import Batch, Item, decode_deferred, make_loader
 from ramcli.models import RecognitionModel
-from ramcli.precision import DEFAULT_CHECK_PHOTOS, Arithmetic, Decision, DecisionCache, PrecisionCheck, fast_paths
+from ramcli.precision import (
+    DEFAULT_CHECK_PHOTOS,
+    Arithmetic,
+    Decision,
+    DecisionCache,
+    PrecisionCheck,
+    one_line,
+    fast_paths,
+    runtime_identity,
+)
 from ramcli.records import PhotoResult, TagScore
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+#: auto: PyTorch for .pth/.safetensors, ONNX Runtime for .onnx, OpenVINO for .xml; openvino: any
+#: model converted to OpenVINO (once, cached in RAMCLI_HOME)
+RUNTIMES = ("auto", "openvino")
 
 
 def mps_available() -> bool:
@@ -89,8 +101,11 @@ class Tagger:
 
     `precision` is a name from `resolve_precision`. With "auto" (the CPU) the first
     `check_photos` photos are scored in fp32 and in each fast path this CPU has; the Tagger then
-    switches to the decision of `ramcli.precision.decide`, cached under `cache_key` when given
-    (a fingerprint of the model file and the CPU), and reports it through `on_decision`.
+    switches to the decision of `ramcli.precision.decide` and reports it through `on_decision`.
+    It is cached when `cache_key` is given (`DecisionCache.key`: the model file and the CPU),
+    under that key extended with the rest of what decides it: the label system and thresholds
+    judged at, the active classes, `vocab_version` and the runtime. Auto never makes a run fail:
+    a fast path that fails to build, run or be cached falls back to fp32, saying why.
     """
 
     model: RecognitionModel
@@ -105,6 +120,7 @@ class Tagger:
     captioner: torch.nn.Module | None = None  # Tag2Text's tag-guided caption generator
     check_photos: int = DEFAULT_CHECK_PHOTOS
     cache_key: str | None = None
+    vocab_version: str = "builtin"
     on_decision: Callable[[Decision], None] | None = None
     decision: Decision | None = field(init=False, default=None)
     classes: torch.Tensor | None = field(init=False, default=None)
@@ -142,8 +158,11 @@ class Tagger:
             self.classes = self.classes.to(self.device)
         self._compiled_batch: int | None = None
         self._check: PrecisionCheck | None = None
+        self._key: str | None = None
         fixed = getattr(self.model, "fixed_precision", None)
-        if fixed is not None:
+        if getattr(self.model, "runtime", None) == "openvino":
+            self._run_openvino()
+        elif fixed is not None:
             self._run_exported(fixed)
         elif self.precision == "auto":
             self._start_check()
@@ -179,28 +198,85 @@ class Tagger:
             if self.on_decision is not None:
                 self.on_decision(self.decision)
 
+    def _run_openvino(self) -> None:
+        """An OpenVINO graph computes in the arithmetic it was compiled for: fp32, bf16 or int8
+        (`ramcli.models.openvino_runtime`), which auto checks like PyTorch's."""
+        from ramcli.models.openvino_runtime import PRECISIONS as OPENVINO
+
+        if self.device.type != "cpu":
+            raise UsageError("with --runtime openvino, --device names OpenVINO's device (cpu, gpu, npu)")
+        if self.precision not in ("auto", *OPENVINO):
+            raise UsageError(f"OpenVINO runs --precision auto, {', '.join(OPENVINO)}; not {self.precision}")
+        if self.captioner is not None or self.cache is not None:
+            raise UsageError("an OpenVINO model gives logits only: --caption and --cache-embeddings need the "
+                             "PyTorch runtime")
+        self.compile = False  # OpenVINO optimises the graph itself
+        if self.precision == "auto":
+            return self._start_check()
+        self._use(Arithmetic.build(self.precision, self.model, self.device))
+
+    def _judged_thresholds(self) -> list[torch.Tensor]:
+        """The thresholds auto compares tags at: the model's own, and the user's as well where
+        they decide something (not --threshold 0, where every tag is emitted, nor 1)."""
+        own = torch.tensor([self.model.labels.thresholds[i] for i in self.active], dtype=torch.float32)
+        user = self._class_thresholds
+        decides = not torch.equal(user, own) and bool(((user > 0) & (user < 1)).any())
+        return [own, user] if decides else [own]
+
+    def _decision_key(self, judged: list[torch.Tensor]) -> str | None:
+        if not self.cache_key:
+            return None
+        import hashlib
+
+        parts = [self.cache_key, self.model.labels.checksum(), self.vocab_version, runtime_identity(self.model),
+                 hashlib.sha256(np.asarray(self.active, dtype=np.int64).tobytes()).hexdigest(),
+                 *(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in judged[1:])]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
     def _start_check(self) -> None:
+        judged = self._judged_thresholds()
+        self._key = self._decision_key(judged)
         candidates = fast_paths(self.model)
-        cached = DecisionCache().get(self.cache_key, candidates) if self.cache_key else None
+        cached = DecisionCache().get(self._key, candidates) if self._key else None
         if cached is not None:
             return self._decided(cached)
         if not candidates:
             return self._decided(Decision("fp32", "no fast path on this CPU (no native bf16, no int8 kernels)"))
         if self.check_photos <= 0:
             return self._decided(Decision("fp32", "no fast-path check: too few photos to tag (or 0 check photos)"))
-        self._check = PrecisionCheck([Arithmetic.build(n, self.model, self.device) for n in candidates],
-                                     self._class_thresholds, self.check_photos)
+        built, failed = [], {}
+        for name in candidates:
+            try:
+                built.append(Arithmetic.build(name, self.model, self.device))
+            except Exception as exc:  # a quantised copy that cannot be made (read-only RAMCLI_HOME...)
+                failed[name] = one_line(exc)
+        self._check = PrecisionCheck(built, judged, self.check_photos, failed)
         self._use(Arithmetic("fp32", self.model, self.device.type))
 
     def _decided(self, decision: Decision) -> None:
         check, self._check = self._check, None
-        self.decision = decision
         built = {c.name: c for c in check.candidates} if check is not None else {}
-        self._use(built.get(decision.precision) or Arithmetic.build(decision.precision, self.model, self.device))
-        if check is not None and self.cache_key:
-            DecisionCache().put(self.cache_key, decision)
+        try:
+            self._use(built.get(decision.precision) or Arithmetic.build(decision.precision, self.model, self.device))
+        except Exception as exc:  # e.g. a damaged cached int8 copy
+            return self._fall_back(exc, decision)
+        self.decision = decision
+        if check is not None and self._key:
+            try:
+                DecisionCache().put(self._key, decision)
+            except OSError as exc:  # a read-only RAMCLI_HOME: decided, but checked again next run
+                decision.reason += f" (not cached: {one_line(exc)})"
         if self.on_decision is not None:
             self.on_decision(decision)
+
+    def _fall_back(self, exc: BaseException, failed: Decision) -> None:
+        """Auto's chosen fast path failed: exact fp32 from here on, and one line saying why."""
+        self._check = None
+        self.decision = Decision("fp32", f"fell back to exact fp32: {failed.precision} failed ({one_line(exc)})",
+                                 failed.photos, failed.measured)
+        self._use(Arithmetic.build("fp32", self.model, self.device))
+        if self.on_decision is not None:
+            self.on_decision(self.decision)
 
     @property
     def checking(self) -> bool:
@@ -235,13 +311,23 @@ class Tagger:
                     self.cache.put(keys, embeds)
                 logits = net.decode(embeds, self.classes)
             else:
-                logits = self._compiled_forward(x) if self.compile and self._check is None else self._forward(x, self.classes)
+                logits = self._logits(x)
         scores = torch.sigmoid(logits.float()).cpu()
         if self._check is not None:
             self._check.observe(x, self.classes, logits, time.perf_counter() - started)
             if self._check.complete:
                 self._decided(self._check.decide(self._path))
         return scores, embeds
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        compiled = self.compile and self._check is None
+        if self.precision != "auto" or self._path.name == "fp32":
+            return self._compiled_forward(x) if compiled else self._forward(x, self.classes)
+        try:  # auto's fast path: a failure (a damaged cached copy) costs speed, never the run
+            return self._compiled_forward(x) if compiled else self._forward(x, self.classes)
+        except Exception as exc:
+            self._fall_back(exc, self.decision or Decision(self._path.name, ""))
+            return self._forward(x, self.classes)
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The compiled graph has a fixed batch size (the first one seen): a smaller last batch is

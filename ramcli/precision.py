@@ -5,12 +5,20 @@ trained model's scores are spread out; random weights put many right at a thresh
 whether it is faster depends on the CPU (bf16 without native bf16 instructions is slower than
 fp32). So on the CPU `--precision auto` does not guess: `PrecisionCheck` scores the first
 photos of a run in fp32 *and* in each fast path this CPU supports, and `decide` keeps the
-fastest path whose tags agree with fp32's on >= 99% and that is really faster here. The run
-keeps the fp32 scores of those photos, so the check costs only the fast paths' time, and the
-decision is cached per (model file, CPU) in RAMCLI_HOME so later runs skip it.
+fastest path whose tags agree with fp32's on >= 99%, whose largest score change stays within
+MAX_SCORE_CHANGE and that is really faster here. The run keeps the fp32 scores of those photos,
+so the check costs only the fast paths' time.
+
+The tags compared are those the model's own thresholds emit (and the user's thresholds as well,
+where they decide something): with `--threshold 0` every tag is emitted by both paths, which
+would make any arithmetic "agree". The decision is cached in RAMCLI_HOME under everything that
+decided it (`DecisionCache.key` and `Tagger`'s part of the key), so later runs skip the check,
+and a run with other thresholds never changes what a default run uses.
 
 An exported fp32 ONNX file has one fast path, ONNX Runtime's int8 copy of it, checked the same
-way against ONNX Runtime fp32.
+way against ONNX Runtime fp32; an OpenVINO model has its own (bf16, int8), checked against
+OpenVINO fp32. The check never makes a run fail: a path that cannot be built or run drops out,
+and a chosen path that fails later falls back to fp32 (`Tagger`), each saying why.
 """
 
 from __future__ import annotations
@@ -33,6 +41,13 @@ from ramcli.fileio import atomic_write
 
 #: Share of fp32's emitted tags a fast path must reproduce (tags emitted by both / by either).
 MIN_AGREEMENT = 0.99
+#: Largest |score - fp32 score| a fast path may show on the check photos. A few photos hold only
+#: about a hundred emitted tags, so agreement alone cannot see a flip rate of 1%; a path that
+#: moves some score by more than this will flip the tags that sit that close to a threshold on
+#: later photos. Paths that keep >= 99% on full-size models move scores by 0.001-0.01 (bf16
+#: 0.004, ONNX Runtime int8 0.008: docs/performance.md); a trained model's int8 that moved one
+#: by 0.28 is what this rejects.
+MAX_SCORE_CHANGE = 0.02
 #: A fast path must beat fp32 by this factor on the check photos: less is timing noise.
 MIN_SPEEDUP = 1.15
 DEFAULT_CHECK_PHOTOS = 8
@@ -88,7 +103,10 @@ def _exported(model: nn.Module | None) -> bool:
 
 def fast_paths(model: nn.Module | None = None) -> list[str]:
     """The CPU fast paths worth checking for `model` on this machine, fastest-first by
-    expectation. An fp32 ONNX file has ONNX Runtime's int8; an int8 one none."""
+    expectation. An fp32 ONNX file has ONNX Runtime's int8; an int8 one none; an OpenVINO model
+    says itself."""
+    if hasattr(model, "fast_paths"):
+        return model.fast_paths()
     if _exported(model):
         return ["int8"] if model.fixed_precision == "fp32" else []
     paths = []
@@ -110,6 +128,17 @@ def cpu_identity(onnx: bool = False) -> str:
 
         parts.append(f"onnxruntime {onnxruntime.__version__}")
     return "|".join(parts)
+
+
+def runtime_identity(model: nn.Module | None) -> str:
+    """The runtime that computes `model` and its version: a cached decision holds for it only."""
+    if getattr(model, "runtime", None) == "openvino":
+        import openvino
+
+        return f"openvino {openvino.__version__} {model.device_name}"
+    if _exported(model):
+        return "onnxruntime"  # its version is part of cpu_identity(onnx=True)
+    return "pytorch"
 
 
 def model_fingerprint(path: Path) -> str:
@@ -158,11 +187,13 @@ class Arithmetic:
 
     @classmethod
     def build(cls, name: str, model: nn.Module, device: torch.device) -> Arithmetic:
+        if hasattr(model, "at"):  # OpenVINO: one compiled graph per arithmetic, no autocast
+            return cls(name, model.at(name).eval(), device.type)
         module = quantize_int8(model) if name == "int8" else model
         return cls(name, module.eval(), device.type)
 
     def context(self):
-        dtype = AUTOCAST[self.name]
+        dtype = AUTOCAST[self.name] if not hasattr(self.module, "at") else None
         return torch.autocast(self.device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def __call__(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
@@ -178,6 +209,7 @@ class Measured:
     agreement: float  # tags emitted by both / tags emitted by either, vs fp32
     max_change: float  # largest |score - fp32 score|
     differ: int = 0  # tags emitted by only one of the two
+    failed: str = ""  # why this path could not be built or run (then it is never picked)
 
 
 @dataclass
@@ -192,6 +224,9 @@ class Decision:
         lines = [f"precision {self.precision}{' (cached check)' if self.cached else ''}: {self.reason}"]
         fp32 = next((m for m in self.measured if m.name == "fp32"), None)
         for m in self.measured:
+            if m.failed:
+                lines.append(f"  {m.name:5} failed: {m.failed}")
+                continue
             speed = f"{1 / m.seconds_per_photo:.2f} img/s" if m.seconds_per_photo > 0 else "-"
             ratio = f" ({fp32.seconds_per_photo / m.seconds_per_photo:.2f}x fp32)" if fp32 and m is not fp32 else ""
             quality = "" if m is fp32 else f", tags agree {100 * m.agreement:.1f}% ({m.differ} differ), max score change {m.max_change:.4f}"
@@ -208,26 +243,33 @@ class Decision:
 
 
 def decide(measured: list[Measured], photos: int, min_agreement: float | None = None,
-           min_speedup: float | None = None) -> Decision:
-    """The policy, in one place: the fastest path that agrees >= MIN_AGREEMENT with fp32 and is
-    >= MIN_SPEEDUP x faster than fp32 on these photos; otherwise fp32, saying why."""
+           min_speedup: float | None = None, max_change: float | None = None) -> Decision:
+    """The policy, in one place: the fastest path that agrees >= MIN_AGREEMENT with fp32, moves
+    no score by more than MAX_SCORE_CHANGE and is >= MIN_SPEEDUP x faster than fp32 on these
+    photos; otherwise fp32, saying why."""
     min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
     min_speedup = MIN_SPEEDUP if min_speedup is None else min_speedup
+    max_change = MAX_SCORE_CHANGE if max_change is None else max_change
     fp32 = next(m for m in measured if m.name == "fp32")
     eligible, rejected = [], []
     for m in measured:
         if m is fp32:
             continue
         speedup = fp32.seconds_per_photo / m.seconds_per_photo if m.seconds_per_photo > 0 else 0.0
-        if m.agreement < min_agreement:
+        if m.failed:
+            rejected.append(f"{m.name} failed ({m.failed})")
+        elif m.agreement < min_agreement:
             rejected.append(f"{m.name} agrees {100 * m.agreement:.1f}% < {100 * min_agreement:.0f}%")
+        elif m.max_change > max_change:
+            rejected.append(f"{m.name} moves a score by {m.max_change:.3f} > {max_change}")
         elif speedup < min_speedup:
             rejected.append(f"{m.name} only {speedup:.2f}x fp32 here")
         else:
             eligible.append((speedup, m))
     if eligible:
         speedup, best = max(eligible, key=lambda e: e[0])
-        reason = (f"{speedup:.2f}x fp32, tags agree {100 * best.agreement:.1f}% on {photos} photos")
+        reason = (f"{speedup:.2f}x fp32, tags agree {100 * best.agreement:.1f}% at the model's thresholds, "
+                  f"max score change {best.max_change:.4f}, on {photos} photos")
         if rejected:
             reason += "; " + "; ".join(rejected)
         return Decision(best.name, reason, photos, measured)
@@ -237,15 +279,22 @@ def decide(measured: list[Measured], photos: int, min_agreement: float | None = 
 
 
 class DecisionCache:
-    """Decisions per (model file, CPU) in RAMCLI_HOME/cache/precision.json."""
+    """Decisions in RAMCLI_HOME/cache/precision.json, per (model file, CPU) here and the rest of
+    what decides them (labels, thresholds, vocabulary, runtime) added by the `Tagger`."""
 
     def __init__(self, path: Path | None = None):
         self.path = path or home().cache / "precision.json"
 
     @staticmethod
     def key(model_path: Path) -> str:
-        onnx = Path(model_path).suffix.lower() == ".onnx"
-        return hashlib.sha256(f"{model_fingerprint(model_path)}|{cpu_identity(onnx)}".encode()).hexdigest()[:32]
+        """The model's content (with the files its weights live in: an ONNX file's external data,
+        an OpenVINO IR's .bin) and the CPU."""
+        from ramcli.models.openvino_runtime import companions
+
+        model_path = Path(model_path)
+        onnx = model_path.suffix.lower() == ".onnx"
+        prints = [model_fingerprint(p) for p in (model_path, *companions(model_path))]
+        return hashlib.sha256(f"{'|'.join(prints)}|{cpu_identity(onnx)}".encode()).hexdigest()[:32]
 
     def _read(self) -> dict:
         try:
@@ -277,17 +326,23 @@ class PrecisionCheck:
     """Scores the run's first photos with every candidate path beside fp32 and decides.
 
     `observe` takes each batch's pixels with the fp32 logits the run computed and the time that
-    took; the candidates score the same pixels. A path's first batch is a warm-up (lazy weight
-    reads, kernel setup) and is not timed when later batches exist.
+    took; the candidates score the same pixels. Tags are compared at each set of `thresholds`
+    (the model's own, and the user's where they decide something) and the worse agreement
+    counts. A path's first batch is a warm-up (lazy weight reads, kernel setup, OpenVINO's
+    calibration) and is not timed when later batches exist. A candidate that raises drops out
+    with its reason (`failed`).
     """
 
-    def __init__(self, candidates: list[Arithmetic], thresholds: torch.Tensor, photos: int = DEFAULT_CHECK_PHOTOS):
+    def __init__(self, candidates: list[Arithmetic], thresholds: list[torch.Tensor],
+                 photos: int = DEFAULT_CHECK_PHOTOS, failed: dict[str, str] | None = None):
         self.candidates = candidates
         self.thresholds = thresholds
         self.photos = photos
         self.seen = 0
+        self.failed = dict(failed or {})
         self._times: dict[str, list[tuple[float, int]]] = {"fp32": []}
-        self._counts = {c.name: [0, 0, 0.0] for c in candidates}  # both, either, max change
+        # per threshold set: tags emitted by both, by either; and the max change
+        self._counts = {c.name: ([[0, 0] for _ in thresholds], [0.0]) for c in candidates}
         for c in candidates:
             self._times[c.name] = []
         self._last: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -300,18 +355,24 @@ class PrecisionCheck:
                 fp32_seconds: float) -> None:
         n = x.shape[0]
         ref = torch.sigmoid(fp32_logits.float()).cpu()
-        ref_tags = emitted(ref, self.thresholds)
+        ref_tags = [emitted(ref, t) for t in self.thresholds]
         self._times["fp32"].append((fp32_seconds, n))
-        for c in self.candidates:
+        for c in [c for c in self.candidates if c.name not in self.failed]:
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                scores = torch.sigmoid(c(x, classes)).cpu()
+            try:
+                with torch.inference_mode():
+                    scores = torch.sigmoid(c(x, classes)).cpu()
+            except Exception as exc:  # a quantiser or compiler failing on this graph: fp32 stays
+                self.failed[c.name] = one_line(exc)
+                continue
             self._times[c.name].append((time.perf_counter() - t0, n))
-            tags = emitted(scores, self.thresholds)
-            counts = self._counts[c.name]
-            counts[0] += int((tags & ref_tags).sum())
-            counts[1] += int((tags | ref_tags).sum())
-            counts[2] = max(counts[2], float((scores - ref).abs().max()) if n else 0.0)
+            sets, change = self._counts[c.name]
+            for counts, t, ref_t in zip(sets, self.thresholds, ref_tags):
+                tags = emitted(scores, t)
+                counts[0] += int((tags & ref_t).sum())
+                counts[1] += int((tags | ref_t).sum())
+            if n:  # a NaN score (a broken kernel) is an unbounded change
+                change[0] = max(change[0], float((scores - ref).abs().nan_to_num(nan=float("inf")).max()))
         self.seen += n
         self._last = (x, classes)
 
@@ -330,7 +391,25 @@ class PrecisionCheck:
     def decide(self, fp32: Arithmetic) -> Decision:
         measured = [Measured("fp32", self._seconds_per_photo("fp32", fp32), 1.0, 0.0)]
         for c in self.candidates:
-            both, either, change = self._counts[c.name]
-            measured.append(Measured(c.name, self._seconds_per_photo(c.name, c),
-                                     both / either if either else 1.0, change, either - both))
+            if c.name not in self.failed:
+                try:
+                    seconds = self._seconds_per_photo(c.name, c)
+                except Exception as exc:
+                    self.failed[c.name] = one_line(exc)
+            if c.name in self.failed:
+                measured.append(Measured(c.name, 0.0, 0.0, 0.0, failed=self.failed[c.name]))
+                continue
+            sets, (change,) = self._counts[c.name]
+            agreement, differ = min(((both / either if either else 1.0, either - both) for both, either in sets),
+                                    key=lambda a: a[0])
+            measured.append(Measured(c.name, seconds, agreement, change, differ))
+        for name, why in self.failed.items():  # never built
+            if all(m.name != name for m in measured):
+                measured.append(Measured(name, 0.0, 0.0, 0.0, failed=why))
         return decide(measured, self.seen)
+
+
+def one_line(exc: BaseException) -> str:
+    """One line about an exception, for a decision line."""
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

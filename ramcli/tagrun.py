@@ -192,6 +192,7 @@ class TagRun:
     labels: Path | None = None
     device: str = "auto"
     precision: str = "auto"
+    runtime: str = "auto"  # "openvino": the tagging graph on OpenVINO (converted once, cached)
     precision_check: int = DEFAULT_CHECK_PHOTOS  # photos auto scores both ways before picking a CPU fast path
     decode: str = "auto"  # where JPEGs are decoded: workers (Pillow) or the model's device
     batch_size: int | None = None
@@ -445,7 +446,12 @@ class TagSession:
         if run.write and not run.use_index:
             raise UsageError("--no-index needs --no-write: the index keeps the ledger that makes `untag` exact")
         self.run, self.err = run, err_console
-        self.device = resolve_device(run.device)
+        from ramcli.pipeline import RUNTIMES
+
+        if run.runtime not in RUNTIMES:
+            raise UsageError(f"unknown runtime {run.runtime!r}; use one of {', '.join(RUNTIMES)}")
+        # OpenVINO's devices (cpu, gpu, npu) are its own; PyTorch then only prepares pixels on the CPU
+        self.device = resolve_device("cpu" if run.runtime == "openvino" else run.device)
         self.precision = resolve_precision(self.device, run.precision)
         self.precision_note = self.precision if self.precision != "auto" else ""  # for the summary
         self.decode = resolve_decode(self.device, run.decode)
@@ -615,14 +621,17 @@ class TagSession:
         if workers is None:
             workers = 0 if len(todo) <= IN_PROCESS_UP_TO else default_workers()
         show = not run.quiet and self.err.is_terminal
-        with Progress(TextColumn("[bold]tagging"), BarColumn(), MofNCompleteColumn(),
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("{task.fields[failed]} failed"),
                       TimeRemainingColumn(), console=self.err, disable=not show) as progress:
-            task = progress.add_task("tag", total=len(todo) + len(cached), rate=0.0, failed=0)
+            def stage() -> str:  # auto's check scores the first photos twice: say so, not a stalled rate
+                return "checking precision" if tagger.checking else "tagging"
+
+            task = progress.add_task(stage(), total=len(todo) + len(cached), rate=0.0, failed=0)
 
             def advance(n: int, failed: int) -> None:
                 elapsed = max(time.monotonic() - start, 1e-6)
-                progress.update(task, advance=n, failed=len(summary.failed),
+                progress.update(task, advance=n, failed=len(summary.failed), description=stage(),
                                 rate=(summary.tagged + len(summary.failed)) / elapsed)
                 if run.stop is not None and run.stop():
                     raise _Stopped
@@ -658,7 +667,7 @@ class TagSession:
 
         enough = photos == 0 or photos >= run.precision_check
         return {"check_photos": run.precision_check if enough else 0, "on_decision": report,
-                "cache_key": DecisionCache.key(resolve_weights(run.weights)[0])}
+                "cache_key": DecisionCache.key(resolve_weights(run.weights)[0]), "vocab_version": self.vocab.version}
 
     def load(self, photos: int = 0) -> _Loaded:
         """The model, its Tagger and the sinks that need it, once per session (and vocabulary);
@@ -675,6 +684,12 @@ class TagSession:
                            on_pull=lambda p: err.print(
                                f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
         applied = self.vocab.apply_to_model(model)
+        if run.runtime == "openvino":
+            from ramcli.models import resolve_weights
+            from ramcli.models.openvino_runtime import to_openvino
+
+            model = to_openvino(model, resolve_weights(run.weights)[0], run.device, applied.version, on_convert=lambda: err.print(
+                "converting the model for OpenVINO (once per model and vocabulary) …", markup=False, highlight=False))
         if applied.skipped_custom:
             err.print(f"warning: {model.arch.family} has a closed vocabulary and cannot score custom tags; "
                       f"not emitted: {', '.join(applied.skipped_custom)}", markup=False, highlight=False, soft_wrap=True)

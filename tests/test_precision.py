@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -96,10 +97,18 @@ def _auto(model, monkeypatch, key=None, photos=4, decisions=None, **kw) -> Tagge
                   on_decision=(decisions.append if decisions is not None else None), **kw)
 
 
+def _accept_any(monkeypatch):
+    """Any speed, agreement and score change: what is tested must not depend on timing or on how
+    a tiny random model's scores sit at its thresholds."""
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)
+    monkeypatch.setattr(precision, "MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(precision, "MAX_SCORE_CHANGE", 1.0)
+
+
 def test_auto_scores_the_first_photos_in_fp32_then_switches(model, monkeypatch):
-    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)  # any speed: the switch must not depend on timing
+    _accept_any(monkeypatch)
     decisions: list[Decision] = []
-    tagger = _auto(model, monkeypatch, decisions=decisions, threshold=0.0)  # every tag emitted: 100% agree
+    tagger = _auto(model, monkeypatch, decisions=decisions)
     exact = Tagger(model, CPU, "fp32")
     first, second, third = _pixels(2, 1), _pixels(2, 2), _pixels(2, 3)
     assert torch.equal(tagger.scores(first), exact.scores(first))  # the check photos keep fp32 scores
@@ -108,7 +117,7 @@ def test_auto_scores_the_first_photos_in_fp32_then_switches(model, monkeypatch):
     assert not tagger.checking and [d.precision for d in decisions] == ["int8"]
     d = decisions[0]
     assert d.photos == 4 and [m.name for m in d.measured] == ["fp32", "int8"]
-    assert d.measured[1].agreement == 1.0 and d.measured[1].max_change > 0
+    assert d.measured[1].max_change > 0
     after = tagger.scores(third)
     assert not torch.equal(after, exact.scores(third))  # now int8
     torch.testing.assert_close(after, Tagger(model, CPU, "int8").scores(third), atol=1e-6, rtol=0)
@@ -118,7 +127,8 @@ def test_auto_measures_agreement_against_fp32_tags(model, monkeypatch):
     """The agreement the decision reports is the share of fp32's tag set that int8 reproduces."""
     decisions: list[Decision] = []
     thresholds = [0.5 + 0.003 * i for i in range(N)]  # scores of the random model sit around here
-    tagger = _auto(model, monkeypatch, decisions=decisions, photos=4, thresholds=thresholds)
+    model.labels = dataclasses.replace(model.labels, thresholds=tuple(thresholds))
+    tagger = _auto(model, monkeypatch, decisions=decisions, photos=4)
     pixels = _pixels(4, 7)
     tagger.scores(pixels)
     exact = Tagger(model, CPU, "fp32", thresholds=thresholds)
@@ -131,9 +141,10 @@ def test_auto_measures_agreement_against_fp32_tags(model, monkeypatch):
 
 
 def test_auto_keeps_fp32_when_the_fast_path_is_not_faster(model, monkeypatch):
+    _accept_any(monkeypatch)
     monkeypatch.setattr(precision, "MIN_SPEEDUP", 1e9)
     decisions: list[Decision] = []
-    tagger = _auto(model, monkeypatch, decisions=decisions, threshold=0.0)
+    tagger = _auto(model, monkeypatch, decisions=decisions)
     tagger.scores(_pixels(4))
     assert decisions[0].precision == "fp32" and "int8 only" in decisions[0].reason
     torch.testing.assert_close(tagger.scores(_pixels(2, 5)), Tagger(model, CPU, "fp32").scores(_pixels(2, 5)),
@@ -141,7 +152,7 @@ def test_auto_keeps_fp32_when_the_fast_path_is_not_faster(model, monkeypatch):
 
 
 def test_decision_is_cached_per_model_file_and_cpu(model, model_files, monkeypatch, tmp_path):
-    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)
+    _accept_any(monkeypatch)
     key = DecisionCache.key(model_files[0])
     first: list[Decision] = []
     _auto(model, monkeypatch, key=key, decisions=first, threshold=0.0).scores(_pixels(4))
@@ -170,6 +181,130 @@ def test_a_broken_or_foreign_cache_file_only_means_a_new_check(model_files, tmp_
     assert cache.get(key) is None
     cache.put(key, Decision("fp32", "kept exact fp32: int8 agrees 90.0% < 99%", 8))
     assert cache.get(key).reason.startswith("kept exact fp32")
+
+
+# ------------------------------------------------------------------ judged honestly
+def _near_threshold(model) -> None:
+    """Model thresholds where the random tiny model's scores sit, so int8 flips some tags."""
+    model.labels = dataclasses.replace(model.labels, thresholds=tuple(0.5 + 0.003 * i for i in range(N)))
+
+
+def test_policy_bounds_the_largest_score_change():
+    moved = decide([Measured("fp32", 1.0, 1.0, 0.0), Measured("int8", 0.2, 1.0, 0.28)], photos=8)
+    assert moved.precision == "fp32" and "int8 moves a score by 0.280 > 0.02" in moved.reason
+    kept = decide([Measured("fp32", 1.0, 1.0, 0.0), Measured("bf16", 0.2, 0.995, 0.004, 1)], photos=8)
+    assert kept.precision == "bf16"
+    assert "tags agree 99.5% at the model's thresholds" in kept.reason and "max score change 0.0040" in kept.reason
+
+
+def test_threshold_0_is_judged_at_the_models_own_thresholds(model, monkeypatch):
+    """--threshold 0 emits every tag in every arithmetic; agreement there would say nothing."""
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)
+    _near_threshold(model)
+    pixels = _pixels(4, 7)
+    every: list[Decision] = []
+    _auto(model, monkeypatch, decisions=every, threshold=0.0).scores(pixels)
+    default: list[Decision] = []
+    _auto(model, monkeypatch, decisions=default).scores(pixels)
+    assert every[0].measured[1].agreement == default[0].measured[1].agreement < 0.99
+    assert every[0].precision == default[0].precision == "fp32"
+
+
+def test_a_threshold_0_or_top_k_run_never_changes_what_a_default_run_uses(model, model_files, monkeypatch):
+    _accept_any(monkeypatch)
+    key = DecisionCache.key(model_files[0])
+    _auto(model, monkeypatch, key=key, threshold=0.3).scores(_pixels(4))  # decides something: its own key
+    assert _auto(model, monkeypatch, key=key).checking  # so a default run still checks
+    _auto(model, monkeypatch, key=key, threshold=0.0, top_k=2).scores(_pixels(4))  # judged as a default run
+    assert not _auto(model, monkeypatch, key=key).checking  # the same judgement: its decision is reused
+
+
+def test_the_cached_decision_follows_labels_vocabulary_and_runtime(model, model_files, monkeypatch):
+    _accept_any(monkeypatch)
+    key = DecisionCache.key(model_files[0])
+    _auto(model, monkeypatch, key=key, vocab_version="v1").scores(_pixels(4))
+    assert not _auto(model, monkeypatch, key=key, vocab_version="v1").checking
+    assert _auto(model, monkeypatch, key=key, vocab_version="v2").checking  # a tag's embedding changed
+    assert _auto(model, monkeypatch, key=key, vocab_version="v1", exclude=[model.labels.names[0]]).checking
+    monkeypatch.setattr("ramcli.pipeline.runtime_identity", lambda model: "another runtime")
+    assert _auto(model, monkeypatch, key=key, vocab_version="v1").checking
+    monkeypatch.undo()
+    _accept_any(monkeypatch)
+    _near_threshold(model)  # other thresholds (a label system edited): another check
+    assert _auto(model, monkeypatch, key=key, vocab_version="v1").checking
+
+
+def test_the_cache_key_follows_an_onnx_files_external_data(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [weight])
+    path = tmp_path / "m.onnx"
+    onnx.save_model(helper.make_model(graph), path, save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    data = tmp_path / "m.onnx.data"
+    before = DecisionCache.key(path)
+    data.write_bytes(np.full((4, 4), 2, dtype=np.float32).tobytes())  # new weights, same graph file
+    assert DecisionCache.key(path) != before
+
+
+# ------------------------------------------------------------------ never a failed run
+def test_a_fast_path_that_cannot_be_built_leaves_fp32(model, monkeypatch):
+    _accept_any(monkeypatch)
+
+    def read_only(model):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(precision, "quantize_int8", read_only)
+    decisions: list[Decision] = []
+    tagger = _auto(model, monkeypatch, decisions=decisions)
+    scores = tagger.scores(_pixels(4))
+    assert decisions[0].precision == "fp32" and "int8 failed (OSError: [Errno 30] Read-only" in decisions[0].reason
+    assert "failed" in decisions[0].describe()
+    assert torch.equal(scores, Tagger(model, CPU, "fp32").scores(_pixels(4)))
+
+
+def test_a_cached_path_that_fails_falls_back_to_fp32_saying_why(model, model_files, monkeypatch):
+    _accept_any(monkeypatch)
+    key = DecisionCache.key(model_files[0])
+    _auto(model, monkeypatch, key=key).scores(_pixels(4))  # int8 decided and cached
+
+    class Damaged(torch.nn.Module):
+        def forward(self, x, classes=None):
+            raise RuntimeError("damaged cached copy")
+
+    monkeypatch.setattr(precision, "quantize_int8", lambda model: Damaged())
+    decisions: list[Decision] = []
+    tagger = _auto(model, monkeypatch, key=key, decisions=decisions)
+    assert decisions[0].precision == "int8" and decisions[0].cached
+    scores = tagger.scores(_pixels(2, 5))  # fails in the run: the batch is scored in fp32 instead
+    assert torch.equal(scores, Tagger(model, CPU, "fp32").scores(_pixels(2, 5)))
+    assert decisions[-1].precision == "fp32" and "fell back to exact fp32: int8 failed" in decisions[-1].reason
+    assert "damaged cached copy" in decisions[-1].reason
+
+    def unbuildable(model):
+        raise OSError("no space left")
+
+    monkeypatch.setattr(precision, "quantize_int8", unbuildable)
+    later: list[Decision] = []
+    _auto(model, monkeypatch, key=key, decisions=later).scores(_pixels(2))
+    assert later[-1].precision == "fp32" and "no space left" in later[-1].reason
+
+
+def test_a_read_only_cache_keeps_the_decision_and_says_it_is_not_cached(model, model_files, monkeypatch):
+    _accept_any(monkeypatch)
+
+    def read_only(path, data):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(precision, "atomic_write", read_only)
+    decisions: list[Decision] = []
+    _auto(model, monkeypatch, key=DecisionCache.key(model_files[0]), decisions=decisions).scores(_pixels(4))
+    assert decisions[0].precision == "int8" and "not cached: OSError" in decisions[0].reason
 
 
 # ------------------------------------------------------------------ the command
@@ -209,3 +344,23 @@ def test_a_job_smaller_than_the_check_stays_fp32_and_says_so(model_files, tmp_pa
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "precision: fp32 (auto:" in res.stderr and "too few photos" in res.stderr
+
+
+def test_the_bar_says_checking_precision_while_the_check_runs(model_files, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from ramcli.tagrun import TagRun
+
+    monkeypatch.setattr(precision, "fast_paths", lambda *model: ["int8"])
+    monkeypatch.setattr("ramcli.pipeline.fast_paths", lambda *model: ["int8"])
+    weights, labels = model_files
+    lib = _photos(tmp_path / "lib", 4)
+    terminal = io.StringIO()
+    err = Console(file=terminal, force_terminal=True, width=160)
+    run = TagRun(paths=[lib], weights=str(weights), labels=labels, precision="auto", precision_check=4,
+                 batch_size=1, workers=0, write=False, use_index=False, fmt="jsonl", output=tmp_path / "out.jsonl")
+    assert run.execute(console=Console(file=io.StringIO()), err_console=err) == 0
+    shown = terminal.getvalue()
+    assert "checking precision" in shown and "tagging" in shown

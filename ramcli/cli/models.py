@@ -109,21 +109,23 @@ def import_(
 @models_app.command("convert")
 def convert_cmd(
     src: Path = typer.Argument(..., help="An official .pth checkpoint (or a converted file)."),
-    dst: Path = typer.Argument(..., help="The file to write: .safetensors (tag-only weights) or .onnx (the tagging graph, for ONNX Runtime)."),
-    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (.safetensors); fp32 or int8 (.onnx: int8 is ONNX Runtime's dynamic quantisation)."),
+    dst: Path = typer.Argument(..., help="The file to write: .safetensors (tag-only weights), .onnx (the tagging graph, for ONNX Runtime) or .xml (the tagging graph as OpenVINO's IR, with its .bin beside it)."),
+    dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (.safetensors); fp32 or int8 (.onnx: int8 is ONNX Runtime's dynamic quantisation); fp32 (.xml: `tag --precision` picks OpenVINO's arithmetic)."),
     labels: Path = typer.Option(None, help="Folder with the official label files (else RAMCLI_LABELS, else the shipped official files)."),
     arch: str = typer.Option(None, help="Architecture when it cannot be inferred."),
 ) -> None:
     """Write a self-contained tag-only file (weights + arch + labels), the format chosen by DST's extension.
 
-    .onnx: pixels -> per-class logits, with labels, thresholds and the data config in its
-    metadata; the vocabulary's custom tags are baked in (`ramcli tag --weights DST.onnx`).
+    .onnx and .xml: pixels -> per-class logits, with labels, thresholds and the data config in
+    its metadata; the vocabulary's custom tags are baked in (`ramcli tag --weights DST.onnx`,
+    `--weights DST.xml` on OpenVINO).
     """
     from ramcli.models import convert
     from ramcli.models.onnx import is_onnx
+    from ramcli.models.openvino_runtime import is_ir
 
     vocab = None
-    if is_onnx(dst):
+    if is_onnx(dst) or is_ir(dst):
         from ramcli.vocab import Vocabulary
 
         vocab = Vocabulary.open()

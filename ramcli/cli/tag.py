@@ -24,6 +24,7 @@ from ramcli.output import default_format
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 Decode = Literal["auto", "workers", "draft", "device"]
 Format = Literal["table", "json", "jsonl", "csv", "tsv", "paths"]
+Runtime = Literal["auto", "openvino"]
 
 
 def _options(
@@ -32,6 +33,7 @@ def _options(
     labels: Path = typer.Option(None, "--labels", help="Folder of official label files (default: the model's own)."),
     device: str = typer.Option("auto", metavar="[auto|cpu|cuda[:N]|mps]", help="auto: CUDA, then MPS, then the CPU."),
     precision: Precision = typer.Option("auto", help="auto: bf16 on CUDA, fp16 on MPS, on the CPU the fastest that agrees with fp32 (exact)."),
+    runtime: Runtime = typer.Option("auto", help="auto: PyTorch (ONNX Runtime for .onnx, OpenVINO for .xml); openvino: the whole model on Intel's OpenVINO, converted once (pip install 'ramcli\\[openvino]'); --device then names its device: cpu, gpu, npu."),
     precision_check: int = typer.Option(8, "--precision-check", min=0, help="Photos --precision auto compares on (0: fp32)."),
     decode: Decode = typer.Option("auto", help="JPEG decoding. auto: nvJPEG on CUDA, else workers; draft: faster, scores move slightly."),
     batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Images per model call (default: 64 on CUDA, 4 on CPU)."),
@@ -61,7 +63,7 @@ def _options(
 
 #: The help panels of the shared options; an option not named here is listed under "Options".
 _PANELS = {
-    "Model": ("weights", "arch", "labels", "device", "precision", "precision_check", "decode", "batch_size",
+    "Model": ("weights", "arch", "labels", "device", "precision", "runtime", "precision_check", "decode", "batch_size",
               "workers", "compile_model", "cache_embeddings", "caption"),
     "Which tags": ("threshold", "threshold_file", "top_k", "exclude_tags"),
     "Which photos": ("include", "exclude", "follow_links", "force", "retry_broken", "dry_run"),
@@ -116,7 +118,7 @@ def _run(paths: list[str], writer_options: WriterOptions, *, exclude_tags: str, 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".onnx")
 
 
-def _preflight(paths: list[str], *, weights: str | None, device: str,
+def _preflight(paths: list[str], *, weights: str | None, device: str, runtime: str,
                threshold_file: Path | None, **_) -> None:
     """The usage errors that would otherwise show only after the model loaded: the photos, a
     weights path, the device."""
@@ -132,6 +134,8 @@ def _preflight(paths: list[str], *, weights: str | None, device: str,
     if weights and ("/" in weights or os.sep in weights or Path(weights).suffix in WEIGHT_SUFFIXES):
         if not Path(weights).expanduser().is_file():  # a path, not a model name: say so before torch loads
             raise UsageError(f"weights file not found: {weights}")
+    if runtime == "openvino" or (weights or "").endswith(".xml"):
+        return  # --device names an OpenVINO device (cpu, gpu, npu): OpenVINO checks it
     from ramcli.pipeline import resolve_device
 
     resolve_device(device)

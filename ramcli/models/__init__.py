@@ -28,6 +28,7 @@ from ramcli.models.checkpoint import (
 )
 from ramcli.models.configs import ARCHS, FAMILIES, ArchConfig, get_arch
 from ramcli.models.onnx import export_onnx, is_onnx, load_onnx, read_onnx_metadata
+from ramcli.models.openvino_runtime import export_ir, is_ir, load_ir
 from ramcli.models.ram import RecognitionModel
 from ramcli.models.registry import (
     DEFAULT_MODEL,
@@ -58,6 +59,8 @@ def load_any(path: Path, arch: str | None = None, labels_dir: Path | None = None
         raise CheckpointError(f"weights file not found: {path}")
     if is_onnx(path):
         return load_onnx(path, labels_dir)
+    if is_ir(path):
+        return load_ir(path, labels_dir)
     if is_converted(path):
         meta = read_converted_metadata(path)
         family = converted_arch(meta, path.name).family
@@ -130,6 +133,8 @@ def model_id_of(weights: str | Path | None) -> str:
         return read_onnx_metadata(path).get("model_id", path.stem)
     if is_converted(path):
         return read_converted_metadata(path).get("model_id", path.stem)
+    if is_ir(path):
+        return load_ir(path).model_id
     return official_model_id(path)
 
 
@@ -155,9 +160,16 @@ def load_model(weights: str | Path | None = None, arch: str | None = None, label
 def convert(src: Path, dst: Path, dtype: str = "fp32", arch: str | None = None,
             labels_dir: Path | None = None, vocab=None) -> Path:
     """`ramcli models convert`: an official .pth (or a converted file) -> a self-contained
-    tag-only file, the format chosen by `dst`'s extension: safetensors, or ONNX (`.onnx`), into
-    which the custom tags of `vocab` (a `ramcli.vocab.Vocabulary`) are baked."""
+    tag-only file, the format chosen by `dst`'s extension: safetensors, ONNX (`.onnx`) or
+    OpenVINO's IR (`.xml` + `.bin`), the last two with the custom tags of `vocab` (a
+    `ramcli.vocab.Vocabulary`) baked in."""
     model = load_any(src, arch=arch, labels_dir=labels_dir)
+    if is_ir(dst):
+        if dtype != "fp32":
+            raise CheckpointError("an OpenVINO model is converted in fp32; its arithmetic is chosen when it runs "
+                                  "(`ramcli tag --precision`)")
+        version = vocab.apply_to_model(model).version if vocab is not None else "builtin"
+        return export_ir(model, dst, source=Path(src).name, vocab_version=version)
     if is_onnx(dst):
         version = vocab.apply_to_model(model).version if vocab is not None else "builtin"
         return export_onnx(model, dst, dtype=dtype, source=Path(src).name, vocab_version=version)

@@ -254,7 +254,8 @@ class RecognitionModel(nn.Module):
         hidden = self.decoder(queries.to(image_embeds.dtype), image_embeds)
         if self.arch.family == "tag2text":
             w, b = (self.fc_weight, self.fc_bias) if classes is None else (self.fc_weight[classes], self.fc_bias[classes])
-            return (hidden * w).sum(-1) + b
+            # einsum, not (hidden * w).sum(-1): OpenVINO computes the latter wrongly for batches > 1
+            return torch.einsum("bch,ch->bc", hidden, w) + b
         return self.fc(hidden).squeeze(-1)
 
     def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
