@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 
-from ramcli.decision import is_threshold
 from ramcli.errors import CheckpointError, RamcliError
 
 #: The official release the shipped files come from (xinyu1205/recognize-anything, ram/data/).
@@ -92,6 +91,8 @@ class LabelSet:
         """Every label system is checked here, whatever its source (label files, a model's
         metadata, a training checkpoint, custom tags): the one place that decides what a tag
         name and a threshold may be. Thresholds are stored as floats."""
+        from ramcli.decision import is_threshold  # with numpy and torch: not when the CLI starts
+
         n = len(self.names)
         if len(self.names_zh) != n or len(self.thresholds) != n:
             raise LabelError(
