@@ -26,8 +26,8 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from images import jpeg_bytes, photo_like  # noqa: E402
 
-from ramcli.imaging import normalize  # noqa: E402
-from ramcli.loader import make_loader  # noqa: E402
+from ramcli.media.decode import normalize  # noqa: E402
+from ramcli.media.loader import make_loader  # noqa: E402
 
 
 class OfficialDataset(Dataset):

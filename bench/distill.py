@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from _common import CACHE, jpegs, load_average, make_labels_dir
-from ramcli.labels import read_label_dir
+from ramcli.models.labels import read_label_dir
 from ramcli.models import load_model
 from ramcli.models.checkpoint import save_converted
 from ramcli.models.configs import ARCHS
@@ -89,7 +89,7 @@ def against_truth(models: dict[str, Path], scenes: int) -> None:
     fresh scenes (seed 11), each model at its thresholds with `tag`'s rule."""
     import torchvision.transforms.functional as TF
 
-    from ramcli.imaging import normalize
+    from ramcli.media.decode import normalize
     from ramcli_train.distill import agreement as f1
     from ramcli_train.distill import tag_sets
     from ramcli_train.synth import sample

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from _common import CACHE, checkpoint, jpegs
-from ramcli.loader import make_loader
+from ramcli.media.loader import make_loader
 from ramcli.models import load_any
-from ramcli.pipeline import Tagger, tag_files
+from ramcli.tagging.pipeline import Tagger, tag_files
 
 
 def sync(device: torch.device) -> None:

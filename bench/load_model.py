@@ -27,7 +27,7 @@ from _common import CACHE, checkpoint
 
 CHILD = r"""
 import json, sys, time, torch
-from ramcli.labels import read_label_dir
+from ramcli.models.labels import read_label_dir
 from ramcli.models import load_any
 from ramcli.models.checkpoint import map_official
 from ramcli.models.configs import infer_arch

@@ -37,10 +37,10 @@ import numpy as np
 from PIL import Image
 
 from _common import load_average
-from ramcli.index import Index
-from ramcli.ledger import Ledger
+from ramcli.library.index import Index
+from ramcli.library.ledger import Ledger
 import ramcli.metadata
-from ramcli.records import TagScore
+from ramcli.tagging.records import TagScore
 
 TAGS = [TagScore(n, "", 0.9) for n in ("dog", "beach", "sunset", "person", "sky", "sand", "water", "tree")]
 VOCABULARY = [TagScore(f"tag{i:02d}", "", 0.9) for i in range(40)]

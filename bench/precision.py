@@ -17,7 +17,7 @@ import torch
 
 from _common import CACHE, checkpoint, jpegs
 from ramcli.models import convert, load_any
-from ramcli.pipeline import Tagger, tag_files
+from ramcli.tagging.pipeline import Tagger, tag_files
 
 
 def tags_of(model, photos: list[Path], precision: str = "fp32") -> list[set[str]]:

@@ -49,7 +49,7 @@ def held_out_photos(folder: Path | None, count: int, size: int) -> list[Path]:
 
 
 def batches(photos: list[Path], model, batch: int) -> list[torch.Tensor]:
-    from ramcli.loader import make_loader
+    from ramcli.media.loader import make_loader
 
     cfg = model.pretrained_cfg
     return [b.pixels for b in make_loader(photos, model.arch.image_size, batch, interpolation=cfg["interpolation"])
@@ -65,10 +65,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
     os.environ.setdefault("RAMCLI_HOME", str(CACHE / "home"))
-    from ramcli.decision import emitted
+    from ramcli.tagging.decision import emitted
     from ramcli.models import convert, load_any
-    from ramcli.pipeline import Tagger
-    from ramcli.precision import native_bf16
+    from ramcli.tagging.pipeline import Tagger
+    from ramcli.tagging.precision import native_bf16
 
     cpu = torch.device("cpu")
     model = load_any(args.weights).eval()

@@ -61,8 +61,8 @@ def main() -> None:
     photos = jpegs(CACHE / f"ray_photos_{args.size}", args.images, (width, height), quality=90)
     counts = [int(v) for v in args.actors.split(",")]
 
-    from ramcli import ray_tag
-    from ramcli.tagrun import TagRun
+    from ramcli.tagging import on_ray as ray_tag
+    from ramcli.tagging.run import TagRun
 
     quiet = Console(file=open(os.devnull, "w"))
     os.environ["RAMCLI_HOME"] = str(CACHE / "ray_home")

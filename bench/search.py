@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import load_average  # noqa: E402
-from ramcli.index import Index  # noqa: E402
-from ramcli.labels import official_dir  # noqa: E402
-from ramcli.records import PhotoResult, TagScore  # noqa: E402
-from ramcli.search import photo_tags_by_id, search  # noqa: E402
+from ramcli.library.index import Index  # noqa: E402
+from ramcli.models.labels import official_dir  # noqa: E402
+from ramcli.tagging.records import PhotoResult, TagScore  # noqa: E402
+from ramcli.library.search import photo_tags_by_id, search  # noqa: E402
 
 OFFICIAL_TAGS = official_dir() / "ram_tag_list.txt"
 

@@ -74,7 +74,7 @@ def baseline(pth: Path, labels: Path, photos: list[Path], **_) -> dict:
 def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: int, workers: int,
                 onnx: Path | None = None) -> dict:
     from ramcli.models import load_any
-    from ramcli.pipeline import Tagger, tag_files
+    from ramcli.tagging.pipeline import Tagger, tag_files
 
     first, _, second = name.partition(" ")
     if first == "onnx":  # "onnx" or "onnx int8": the exported graph on ONNX Runtime
@@ -108,7 +108,7 @@ def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: i
 def decode_only(arch: str, photos: list[Path], batch: int, workers: int) -> dict:
     """The pipeline's CPU decode (official full decode, resize to the model's input) without a
     model: the most any path can reach end to end with these workers."""
-    from ramcli.loader import make_loader
+    from ramcli.media.loader import make_loader
     from ramcli.models.configs import get_arch
 
     config = get_arch(arch)
@@ -141,7 +141,7 @@ def convert_openvino(pth: Path, labels: Path) -> None:
 
 
 def tags(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    from ramcli.decision import emitted
+    from ramcli.tagging.decision import emitted
 
     return emitted(scores, thresholds)
 
@@ -164,8 +164,8 @@ def main() -> None:
     os.environ.setdefault("RAMCLI_HOME", str(CACHE / "home"))  # the int8 copy of the .onnx is cached there
     pth, labels = checkpoint(args.arch)
     photos = jpegs(CACHE / "jpeg12mp", args.images)
-    from ramcli.labels import read_label_dir
-    from ramcli.precision import cpu_name, native_bf16
+    from ramcli.models.labels import read_label_dir
+    from ramcli.tagging.precision import cpu_name, native_bf16
 
     thresholds = torch.tensor(read_label_dir(labels, "ram").thresholds)
     print(f"{args.arch}, {len(photos)} x 12 MP JPEGs, {torch.get_num_threads()} threads, batch {args.batch_size}, "

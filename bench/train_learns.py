@@ -7,7 +7,7 @@ held-out mAP of at least 0.9 on the tags it saw within 10 minutes.
 Writes shards with `ramcli_train.synth` (a held-out split drawn from the same generator with
 other seeds), trains with the real loop (`ramcli_train.loop.train`, the same as
 `ramcli train --preset cpu`: tagging + caption losses for RAM), evaluates the tagger on the
-held-out split with the official mAP (ramcli.metrics), and prints the numbers next to the
+held-out split with the official mAP (ramcli.eval.metrics), and prints the numbers next to the
 untrained model's mAP (the baseline, same run), the wall time, the process's CPU time (what the
 run costs on an idle machine: the machine this was written on is shared) and the load average.
 The exported tagger file is then run through `ramcli tag` on the held-out images, so the number

@@ -17,8 +17,8 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ramcli.caption import CaptionTokenizer
-from ramcli.labels import LabelSet
+from ramcli.models.caption import CaptionTokenizer
+from ramcli.models.labels import LabelSet
 from ramcli_train import losses
 from ramcli_train.config import resolve
 from ramcli_train.model import TrainableRAM, label_embeddings

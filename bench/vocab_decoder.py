@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ramcli.embed_cache import EmbeddingCache, rescore
+from ramcli.tagging.embed_cache import EmbeddingCache, rescore
 from ramcli.models import get_arch
 from ramcli.models.ram import RecognitionModel
 

@@ -96,8 +96,8 @@ class Poll:
 
 def found_by_search(home: Path, path: Path) -> bool:
     """The real check: `search` for one of the photo's tags lists it."""
-    from ramcli.index import Index
-    from ramcli.search import search
+    from ramcli.library.index import Index
+    from ramcli.library.search import search
 
     with Index.open(home / "index.db", readonly=True) as index:
         tags = index.photo_tags(str(path))
@@ -108,9 +108,9 @@ def model_time(weights: Path, labels: Path, photo: Path, repeats: int = 5) -> fl
     """One photo through the same Tagger as the watcher (decode included), median of `repeats`."""
     import torch
 
-    from ramcli.imaging import load_for_model
+    from ramcli.media.decode import load_for_model
     from ramcli.models import load_model
-    from ramcli.pipeline import Tagger
+    from ramcli.tagging.pipeline import Tagger
 
     tagger = Tagger(load_model(str(weights), labels_dir=labels, device=torch.device("cpu")), torch.device("cpu"))
     times = []
@@ -175,7 +175,7 @@ def burst(args, weights: Path, labels: Path, work: Path) -> None:
     start = time.perf_counter()
     shutil.copytree(src, lib / "burst")
     last = lib / "burst" / f"b{args.burst - 1:05d}.jpg"
-    from ramcli.index import Index
+    from ramcli.library.index import Index
 
     while True:
         if (home / "index.db").exists():

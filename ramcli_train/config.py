@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ramcli.caption import CaptionConfig
+from ramcli.models.caption import CaptionConfig
 from ramcli.errors import UsageError
 from ramcli.models.configs import ARCHS, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, ArchConfig, SwinConfig
 

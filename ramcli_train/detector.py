@@ -97,7 +97,7 @@ class ModelCropEmbedder:
 
     @torch.inference_mode()
     def embed(self, crops: Sequence[Image.Image]) -> np.ndarray:
-        from ramcli.imaging import model_input, normalize
+        from ramcli.media.decode import model_input, normalize
 
         data_config = self.model.pretrained_cfg
         out = []

@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 
 from ramcli.errors import RamcliError, UsageError
 from ramcli.fileio import atomic_output
-from ramcli.imaging import ImageError, content_hash, normalize
-from ramcli.loader import PhotoDataset, collate, make_loader
+from ramcli.media.decode import ImageError, content_hash, normalize
+from ramcli.media.loader import PhotoDataset, collate, make_loader
 from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.ram import RecognitionModel
 from ramcli_train.losses import pooled_tag_loss
@@ -141,7 +141,7 @@ def unpack_shards(sources: Sequence[str], dest: Path) -> list[Path]:
 
 def collect_photos(data: Sequence[str], work: Path) -> tuple[list[Path], dict[str, str]]:
     """(photos, skipped path -> reason) from photo folders/files and shards."""
-    from ramcli.discover import discover
+    from ramcli.media.discover import discover
 
     if not data:
         raise UsageError("no data: pass --data PHOTOS_OR_SHARDS")
@@ -583,7 +583,7 @@ def agreement(teacher_tags: list[set[str]], student_tags: list[set[str]]) -> dic
 
 def tag_sets(model: RecognitionModel, scores: torch.Tensor, device: torch.device) -> list[set[str]]:
     """Tags emitted for full-class `scores` under `ramcli tag`'s decision rule (the model's thresholds)."""
-    from ramcli.pipeline import Tagger
+    from ramcli.tagging.pipeline import Tagger
 
     tagger = Tagger(model, device)
     return [{t.name for t in row} for row in tagger.decide(scores[:, tagger.active])]
@@ -640,9 +640,9 @@ def distill(cfg: DistillConfig, resume: bool = False,
             progress: Callable[[str, int, int, dict | None], None] | None = None) -> Report:
     """The whole run; `progress(stage, done, total, record)` is called as the teacher pass
     ("teacher", photos) and training ("student", steps, with the step's losses) advance."""
-    from ramcli.embed_cache import EmbeddingCache
+    from ramcli.tagging.embed_cache import EmbeddingCache
     from ramcli.models import load_model
-    from ramcli.pipeline import resolve_device
+    from ramcli.tagging.pipeline import resolve_device
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

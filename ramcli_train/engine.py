@@ -2,7 +2,7 @@
 tags with a baseline model, then clean wrong ones.
 
 `generate`: every image of the input shards is scored by the baseline model through
-`ramcli.pipeline.score_files` (the pipeline `ramcli tag` uses). Tags above their threshold that
+`ramcli.tagging.pipeline.score_files` (the pipeline `ramcli tag` uses). Tags above their threshold that
 the sample does not already have (given in its JSON or parsed from its captions) are added; an
 optional `Captioner` adds a generated caption, and the tags parsed from it. Output shards keep
 every member of a sample; only KEY.json changes:
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ramcli.decision import emitted
+from ramcli.tagging.decision import emitted
 from ramcli.errors import RamcliError, UsageError
 from ramcli.fileio import atomic_output
 from ramcli.models import RecognitionModel
@@ -152,7 +152,7 @@ class EngineReport:
 def _score(model: RecognitionModel, images: list[tuple[int, bytes]], device: str, batch_size: int,
            workers: int) -> dict[int, np.ndarray]:
     """Scores (all classes) of encoded images through the tagging pipeline, by position."""
-    from ramcli.pipeline import score_files
+    from ramcli.tagging.pipeline import score_files
 
     with tempfile.TemporaryDirectory(prefix="ramcli-engine-") as tmp:
         paths = []
@@ -256,11 +256,11 @@ def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int =
     Tag2Text), guided by the tags the engine found, as RAM's captioner is."""
     import torch
 
-    from ramcli.caption import CaptionTokenizer
-    from ramcli.imaging import model_input, normalize
+    from ramcli.models.caption import CaptionTokenizer
+    from ramcli.media.decode import model_input, normalize
     from ramcli_train.config import TrainConfig
     from ramcli_train.loop import build_model, load_checkpoint
-    from ramcli.labels import LabelSet
+    from ramcli.models.labels import LabelSet
 
     ckpt = load_checkpoint(Path(checkpoint))
     if not isinstance(ckpt, dict) or not any(k.startswith("caption.") for k in ckpt.get("model", {})):

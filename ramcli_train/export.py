@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ramcli.caption import ours_to_official
+from ramcli.models.caption import ours_to_official
 from ramcli.errors import RamcliError
 from ramcli.fileio import atomic_output
-from ramcli.labels import LabelSet
+from ramcli.models.labels import LabelSet
 from ramcli.models.checkpoint import save_converted
 from ramcli.models.configs import ArchConfig
 from ramcli.models.decoder import OFFICIAL_LAYER_KEYS

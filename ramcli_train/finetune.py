@@ -6,7 +6,7 @@ There is no second loop: finetuning prepares three files in the run folder and h
 
 - `init.pt`: the start weights in the trainable layout (tagger + caption branch). From a
   published `.pth` the tagger is mapped by `ramcli.models.checkpoint.map_official` and the
-  caption branch by `ramcli.caption`; a `ramcli train` checkpoint is used as is. Swin's
+  caption branch by `ramcli.models.caption`; a `ramcli train` checkpoint is used as is. Swin's
   relative-position tables are resized when the window changes (224 px pretraining, window 7
   -> 384 px finetuning, window 12), as the official finetune does.
 - `labels/` (official layout) and `label_embed.safetensors`: the tag list of the run.
@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ramcli.clip_text import ClipTextEncoder, ensemble
+from ramcli.models.clip_text import ClipTextEncoder, ensemble
 from ramcli.errors import CheckpointError, UsageError
-from ramcli.labels import RAM_DEFAULT_THRESHOLD, LabelSet, resolve_labels
+from ramcli.models.labels import RAM_DEFAULT_THRESHOLD, LabelSet, resolve_labels
 from ramcli.models.configs import CLIP_DIM, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, SWIN_TINY_TEST, ArchConfig
-from ramcli.safeload import load_weights
-from ramcli.vocab import name_key
+from ramcli.models.safeload import load_weights
+from ramcli.tagging.vocab import name_key
 from ramcli_train.config import CPU_SWIN, PRESETS, TrainConfig, read_config_file, resolve
 
 INIT_FILE = "init.pt"
@@ -101,7 +101,7 @@ def read_start_point(path: Path, labels_dir: Path | None = None) -> StartPoint:
     caption = _official_caption_state(sd)
     config: dict = {"family": family}
     if caption:
-        from ramcli.caption import infer_caption_config
+        from ramcli.models.caption import infer_caption_config
 
         config["caption_layers"] = infer_caption_config(sd).layers
     return StartPoint(tagger.arch, tagger.labels, tagger.state_dict(), caption, config, source=path.name)
@@ -120,7 +120,7 @@ def _from_training_checkpoint(path: Path, ckpt: dict) -> StartPoint:
 
 
 def _official_caption_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from ramcli.caption import official_to_ours
+    from ramcli.models.caption import official_to_ours
 
     return {ours: v for k, v in sd.items() if (ours := official_to_ours(k)) is not None}
 

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ramcli.caption import CaptionTokenizer
+from ramcli.models.caption import CaptionTokenizer
 from ramcli.errors import RamcliError, UsageError
 from ramcli.fileio import atomic_output
-from ramcli.labels import LabelSet, read_label_dir, resolve_labels
-from ramcli.safeload import load_weights
+from ramcli.models.labels import LabelSet, read_label_dir, resolve_labels
+from ramcli.models.safeload import load_weights
 from ramcli_train import losses
 from ramcli_train.config import TrainConfig, dump
 from ramcli_train.model import ClipTeacher, TrainableRAM, label_embeddings
@@ -176,10 +176,10 @@ def build_loader(cfg: TrainConfig, paths: list[str], labels: LabelSet, rt: Runti
 
 @torch.no_grad()
 def held_out_map(tagger: torch.nn.Module, labels: LabelSet, cfg: TrainConfig, paths: list[str]):
-    """The official mAP (`ramcli.metrics.MeanAP`) of `tagger`'s logits, in `labels` order, on
+    """The official mAP (`ramcli.eval.metrics.MeanAP`) of `tagger`'s logits, in `labels` order, on
     labelled data in training's own formats, prepared as for validation: how the benchmarks and
     tests judge a training run."""
-    from ramcli.metrics import mean_average_precision
+    from ramcli.eval.metrics import mean_average_precision
 
     was_training = tagger.training
     tagger.eval()
@@ -418,7 +418,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         teacher = ClipTeacher.load(cfg.clip_weights, cfg.clip_model, rt.device)
     text_encoder = None
     if cfg.use_alignment:
-        from ramcli.clip_text import load_text_encoder
+        from ramcli.models.clip_text import load_text_encoder
         from ramcli_train.model import TINY_CLIP
 
         text_encoder = load_text_encoder(Path(cfg.clip_weights) if cfg.clip_weights else None,

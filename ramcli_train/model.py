@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 
-from ramcli.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
+from ramcli.models.caption import CaptionConfig, CaptionGenerator, CaptionTokenizer
 from ramcli.errors import RamcliError
-from ramcli.labels import LabelSet
+from ramcli.models.labels import LabelSet
 from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.ram import RecognitionModel
 from ramcli_train import losses
@@ -158,7 +158,7 @@ class ClipTeacher:
         when `require_weights` (targets written to disk must never come from a random encoder)."""
         import open_clip
 
-        from ramcli.clip_text import _read_state_dict, find_clip_weights
+        from ramcli.models.clip_text import _read_state_dict, find_clip_weights
 
         if model_name == "tiny":
             config = TINY_CLIP
@@ -212,7 +212,7 @@ def label_embeddings(labels: LabelSet, arch: ArchConfig, source: str, clip_weigh
         x = torch.randn(rows, CLIP_DIM, generator=g)
         return x / x.norm(dim=-1, keepdim=True)
     if source == "clip":
-        from ramcli.clip_text import ensemble, load_text_encoder
+        from ramcli.models.clip_text import ensemble, load_text_encoder
 
         encoder = load_text_encoder(clip_weights)
         out = []
@@ -225,7 +225,7 @@ def label_embeddings(labels: LabelSet, arch: ArchConfig, source: str, clip_weigh
     path = Path(source)
     if not path.is_file():
         raise RamcliError(f"label embedding file not found: {path} (or use label_embed=clip|random)")
-    from ramcli.safeload import load_weights
+    from ramcli.models.safeload import load_weights
 
     obj = load_weights(path)
     tensors = [obj] if isinstance(obj, torch.Tensor) else [v for v in obj.values() if isinstance(v, torch.Tensor)]

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ramcli.errors import RamcliError
-from ramcli.labels import LabelSet
+from ramcli.models.labels import LabelSet
 
 #: The official caption cleaning (RAM `pre_caption`): these characters become spaces.
 _CAPTION_STRIP = re.compile(r"[.!\"()*#:;~]")

@@ -18,7 +18,7 @@ import numpy as np
 
 from ramcli.errors import RamcliError
 from ramcli.models import RecognitionModel
-from ramcli.ray_tag import connect, one_line, plan
+from ramcli.tagging.on_ray import connect, one_line, plan
 from ramcli_train.engine import TagNames, generate_report, generate_shard, output_paths
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from ramcli.caption import SPECIAL, CaptionTokenizer
+from ramcli.models.caption import SPECIAL, CaptionTokenizer
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> CaptionTokenizer:

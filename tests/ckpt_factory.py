@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from official_reference import official_logits
-from ramcli.labels import official_dir
+from ramcli.models.labels import official_dir
 
 CLIP_DIM = 512  # RAM/RAM++ label embeddings live in CLIP's text space
 

@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture(scope="session")
 def labels_dir() -> Path:
     """The official label files (ram_tag_list*.txt, tag_list.txt), as shipped in the package."""
-    from ramcli.labels import official_dir
+    from ramcli.models.labels import official_dir
 
     return official_dir()
 
@@ -37,7 +37,7 @@ def sample_photos(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="session")
 def labels(labels_dir: Path):
     """The official RAM label system (LabelSet)."""
-    from ramcli.labels import read_label_dir
+    from ramcli.models.labels import read_label_dir
 
     return read_label_dir(labels_dir, "ram")
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from ckpt_factory import arch_config, official_state_dict
 
-from ramcli.caption import (
+from ramcli.models.caption import (
     CaptionTokenizer,
     beam_search,
     caption_state_from_official,

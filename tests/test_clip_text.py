@@ -9,7 +9,7 @@ import pytest
 import torch
 from clip_fixtures import TINY_CLIP, save_random_clip
 
-from ramcli import clip_text
+from ramcli.models import clip_text
 from ramcli.errors import RamcliError
 
 #: sha256 of "\n".join(multiple_templates) in the official ram/utils/openset_utils.py (7cb804a).

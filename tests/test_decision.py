@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ramcli import metrics
-from ramcli.decision import emitted, format_thresholds, read_threshold_file, threshold_below, threshold_between
+from ramcli.eval import metrics
+from ramcli.tagging.decision import emitted, format_thresholds, read_threshold_file, threshold_below, threshold_between
 from ramcli.errors import UsageError
 
 
@@ -91,7 +91,7 @@ def _label_dir(tmp_path, thresholds: list[str], names: list[str] | None = None):
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "1.5"])
 def test_a_label_folder_gets_the_threshold_files_rule(tmp_path, value):
     """`--labels DIR`: the same rule as `--threshold-file`, one line naming the folder and the label."""
-    from ramcli.labels import LabelError, read_label_dir
+    from ramcli.models.labels import LabelError, read_label_dir
 
     folder = _label_dir(tmp_path, ["0.5", value, "0.7"])
     with pytest.raises(LabelError, match=r"label 1 \('tag1'\): threshold .* is not a number from 0 to 1") as exc:
@@ -118,7 +118,7 @@ def test_a_label_folder_with_escape_sequences_in_names_is_refused(tmp_path, caps
 
 @pytest.mark.parametrize("value", ["0.5", True, None, [0.5], float("nan"), -0.0001, 1.0001, np.float32("nan")])
 def test_only_real_numbers_from_0_to_1_are_thresholds(value):
-    from ramcli.decision import check_threshold, is_threshold
+    from ramcli.tagging.decision import check_threshold, is_threshold
 
     assert not is_threshold(value)
     with pytest.raises(UsageError, match="is not a threshold"):  # not a TypeError from math.isfinite
@@ -130,8 +130,8 @@ def test_only_real_numbers_from_0_to_1_are_thresholds(value):
 def test_a_label_set_holds_thresholds_exactly_when_each_one_passes_the_rule(thresholds):
     """The label set, built by every source (label folders, model files, checkpoints, custom
     tags), keeps exactly the thresholds the command line would take, as floats, and refuses the rest."""
-    from ramcli.decision import is_threshold
-    from ramcli.labels import LabelError, LabelSet
+    from ramcli.tagging.decision import is_threshold
+    from ramcli.models.labels import LabelError, LabelSet
 
     names = tuple(f"t{i}" for i in range(len(thresholds)))
     if all(is_threshold(t) for t in thresholds):

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import ramcli
-from ramcli import pipeline
+from ramcli.tagging import pipeline
 from ramcli.errors import UsageError
-from ramcli.pipeline import default_batch_size, default_workers, resolve_decode, resolve_device, resolve_precision
+from ramcli.tagging.pipeline import default_batch_size, default_workers, resolve_decode, resolve_device, resolve_precision
 
 MPS = torch.device("mps")
 

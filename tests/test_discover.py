@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from images import MP4_HEADER, make_image, make_library, run_unprivileged
 
-from ramcli.discover import describe_skipped, discover, summarize
+from ramcli.media.discover import describe_skipped, discover, summarize
 
 
 def by_path(found) -> dict[Path, object]:
@@ -157,7 +157,7 @@ def test_real_sample_photos_are_images(sample_photos):
 @pytest.mark.slow
 def test_unreadable_folder_and_file_are_errors_and_the_walk_goes_on():
     out = run_unprivileged(
-        "from images import make_image\nfrom ramcli.discover import discover\n"
+        "from images import make_image\nfrom ramcli.media.discover import discover\n"
         "make_image(WORKDIR / 'a_locked' / 'x.jpg', 'jpeg')\n(WORKDIR / 'a_locked').chmod(0)\n"
         "make_image(WORKDIR / 'b_secret.jpg', 'jpeg')\n(WORKDIR / 'b_secret.jpg').chmod(0)\n"
         "make_image(WORKDIR / 'c_open' / 'y.jpg', 'jpeg')\n"

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ramcli.cli.app import app
 from ramcli.errors import CheckpointError, UsageError
-from ramcli.embed_cache import EmbeddingCache
+from ramcli.tagging.embed_cache import EmbeddingCache
 from ramcli.models import load_any, load_model
 from ramcli.models.checkpoint import save_converted
 from ramcli.models.configs import ARCHS
@@ -45,7 +45,7 @@ def test_any_timm_backbone_tags_and_round_trips_through_the_tagger_file(name, tm
     base = ARCHS["ram_plus_tiny"]
     arch = replace(base, name=f"ram_plus_{name}_64", swin=None, backbone=name, num_classes=5)
     torch.manual_seed(0)
-    from ramcli.labels import LabelSet
+    from ramcli.models.labels import LabelSet
 
     labels = LabelSet(tuple("abcde"), tuple("abcde"), (0.5,) * 5)
     model = RecognitionModel(arch, labels).eval()
@@ -174,8 +174,8 @@ def test_distill_tag_vocab_add_tag(world, tmp_path):
     rows = [r for line in first.stdout.splitlines() if line.startswith("{") and (r := json.loads(line)).get("tags")]
     assert len(rows) == 14 and all(r["model"] == "student@step6" for r in rows)
 
-    from ramcli import clip_text
-    from ramcli.vocab import Vocabulary
+    from ramcli.models import clip_text
+    from ramcli.tagging.vocab import Vocabulary
 
     clip = save_random_clip(tmp_path / "clip.safetensors", TINY_CLIP)
     vocab = Vocabulary.open(home / "vocab", builtin=student.labels.names)
@@ -205,7 +205,7 @@ def test_teacher_pass_resumes_and_reuses_cached_embeddings(world, tmp_path):
     # a later (or restarted) pass only runs the teacher on what it has not seen
     seen.clear()
     cache = EmbeddingCache(teacher.model_id, tmp_path / "cache")
-    from ramcli.imaging import content_hash, load_for_model, normalize
+    from ramcli.media.decode import content_hash, load_for_model, normalize
 
     with torch.no_grad():
         for f in files[5:8]:
@@ -237,7 +237,7 @@ def test_a_shallower_student_starts_from_the_teacher_block_by_block():
     """`--backbone teacher --depths`: stage by stage, student block i is teacher block
     i * n_teacher // n_student (the first from the first), the rest of the encoder and its
     projection are the teacher's; the round trip through the tagger file keeps the depths."""
-    from ramcli.labels import LabelSet
+    from ramcli.models.labels import LabelSet
 
     labels = LabelSet(tuple("abcde"), tuple("abcde"), (0.5,) * 5)
     arch = replace(ARCHS["ram_tiny"], name="ram_test_convnext_64", swin=None, backbone="test_convnext", num_classes=5)
@@ -288,7 +288,7 @@ def test_a_tagger_file_cannot_ask_for_absurd_depths(tmp_path, depths):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ramcli.labels import LabelSet
+    from ramcli.models.labels import LabelSet
 
     labels = LabelSet(("a", "b"), ("a", "b"), (0.5, 0.5))
     arch = replace(ARCHS["ram_tiny"], name="r", swin=None, backbone="test_resnet", num_classes=2, depths=(1, 1, 1, 1))
@@ -355,10 +355,10 @@ def test_student_loss_parts(world):
 
 
 def _tagger(backbone: str, classes: int = 50) -> RecognitionModel:
-    from ramcli.labels import read_label_dir, official_dir
+    from ramcli.models.labels import read_label_dir, official_dir
 
     full = read_label_dir(official_dir(), "ram")
-    from ramcli.labels import LabelSet
+    from ramcli.models.labels import LabelSet
 
     labels = LabelSet(full.names[:classes], full.names_zh[:classes], full.thresholds[:classes])
     arch = replace(ARCHS["ram_tiny"], name=f"ram_{backbone}_64", swin=None, backbone=backbone, num_classes=classes)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from ckpt_factory import make_labels_dir, make_official_checkpoint
 
-from ramcli.embed_cache import EmbeddingCache, rescore
+from ramcli.tagging.embed_cache import EmbeddingCache, rescore
 from ramcli.errors import RamcliError
 from ramcli.models import load_model
 

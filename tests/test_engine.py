@@ -16,7 +16,7 @@ from ramcli_train.detector import Detection, ModelCropEmbedder
 from ramcli_train.engine import clean, generate, outliers, read_samples
 from ramcli_train.label_system import write_label_files
 from ramcli_train.synth import ALL_TAGS, COLOURS, write_shards
-from ramcli.labels import LabelSet
+from ramcli.models.labels import LabelSet
 
 
 class ColourDetector:
@@ -51,7 +51,7 @@ def _samples(folder: Path) -> list[dict]:
 
 
 def test_generate_adds_pipeline_tags(setup, tmp_path):
-    from ramcli.pipeline import score_files
+    from ramcli.tagging.pipeline import score_files
 
     root, labels, ckpt = setup
     model = load_any(ckpt, labels_dir=labels)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ramcli import metrics
+from ramcli.eval import metrics
 from ramcli.errors import RamcliError, UsageError
-from ramcli.labels import read_label_dir
-from ramcli.evaluate import (
+from ramcli.models.labels import read_label_dir
+from ramcli.eval.benchmark import (
     INDICES,
     NAMES,
     TAG_IDS,
@@ -186,7 +186,7 @@ def _synthetic_case(tmp_path: Path, n: int = 400, seed: int = 0):
 
 
 def _labels(names):
-    from ramcli.labels import LabelSet
+    from ramcli.models.labels import LabelSet
 
     return LabelSet(tuple(names), tuple(names), tuple([0.5] * len(names)))
 
@@ -295,7 +295,7 @@ def test_eval_end_to_end_with_a_tiny_model(tmp_path):
 
     from ramcli.cli.app import app
 
-    from ramcli.evaluate import targets_for
+    from ramcli.eval.benchmark import targets_for
 
     weights = make_official_checkpoint(tmp_path / "ram_tiny.pth", arch="ram_tiny", num_classes=40)
     labels = make_labels_dir(tmp_path, 40)

@@ -12,8 +12,8 @@ import torch
 from ckpt_factory import make_labels_dir, make_official_checkpoint
 from clip_fixtures import TINY_CLIP, save_random_clip
 
-from ramcli.clip_text import ensemble, load_text_encoder
-from ramcli.labels import LabelSet
+from ramcli.models.clip_text import ensemble, load_text_encoder
+from ramcli.models.labels import LabelSet
 from ramcli_train.finetune import finetune, plan_tags, read_start_point, remap_tagger
 from ramcli_train.synth import write_shards
 
@@ -92,9 +92,9 @@ def _val(root):
 
 @pytest.mark.slow
 def test_finetune_learns_new_tags(world, tmp_path):
-    from ramcli.pipeline import score_files
+    from ramcli.tagging.pipeline import score_files
     from ramcli_train.export import tagger_from_checkpoint
-    from ramcli.metrics import average_precisions
+    from ramcli.eval.metrics import average_precisions
 
     root, ckpt, labels, encoder = world
     summary = finetune(ckpt, [str(root / "s")], tmp_path / "run", add_tags=BACKGROUNDS, labels_dir=labels,

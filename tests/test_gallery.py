@@ -14,10 +14,10 @@ from PIL import Image
 
 from ramcli.cli.app import main
 from ramcli.config import home
-from ramcli.gallery import thumbnail, write_gallery
-from ramcli.index import Index
-from ramcli.records import PhotoResult, TagScore
-from ramcli.search import Hit
+from ramcli.library.gallery import thumbnail, write_gallery
+from ramcli.library.index import Index
+from ramcli.tagging.records import PhotoResult, TagScore
+from ramcli.library.search import Hit
 
 
 def test_thumbnail_is_made_once_and_cached(tmp_path):

@@ -16,7 +16,7 @@ from torchvision import transforms
 
 from ramcli.errors import RamcliError
 
-from ramcli.imaging import ImageError, content_hash, load_for_model, normalize
+from ramcli.media.decode import ImageError, content_hash, load_for_model, normalize
 
 S = 32
 
@@ -54,7 +54,7 @@ def test_bad_inputs_print_nothing(tmp_path):
     for path, kind in zip(paths, available_kinds()):
         make_image(path, kind)
     code = (
-        "import sys\nfrom ramcli.imaging import load_for_model, ImageError\n"
+        "import sys\nfrom ramcli.media.decode import load_for_model, ImageError\n"
         "for p in sys.argv[1:]:\n"
         "    try: load_for_model(p, 32)\n"
         "    except ImageError: pass\n"
@@ -73,7 +73,7 @@ def test_missing_file_and_directory_are_one_line_errors(tmp_path):
 @pytest.mark.slow
 def test_permission_denied_is_a_one_line_error():
     out = run_unprivileged(
-        "from images import make_image\nfrom ramcli.imaging import load_for_model, ImageError\n"
+        "from images import make_image\nfrom ramcli.media.decode import load_for_model, ImageError\n"
         "p = WORKDIR / 'locked.jpg'\nmake_image(p, 'jpeg')\np.chmod(0)\n"
         "try:\n    load_for_model(p, 32)\nexcept ImageError as exc:\n    print(exc)\n"
     )
@@ -88,7 +88,7 @@ def test_read_only_file_decodes(tmp_path):
 
 
 def test_bomb_guard_stays_on():
-    import ramcli.imaging  # noqa: F401
+    import ramcli.media.decode  # noqa: F401
 
     assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS > 0
 
@@ -214,7 +214,7 @@ def test_the_model_data_config_drives_resize_and_normalisation(tmp_path):
     """Interpolation, mean and std come from the data config (timm's keys), not from constants."""
     from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resolve_data_config
 
-    from ramcli.imaging import model_input
+    from ramcli.media.decode import model_input
     from ramcli.models.configs import get_arch
     from ramcli.models.ram import RecognitionModel
 
@@ -237,8 +237,8 @@ def test_the_model_data_config_drives_resize_and_normalisation(tmp_path):
 
 def test_cpu_tagging_decodes_jpegs_in_full_by_default(tmp_path, monkeypatch):
     """On the CPU the pipeline gives the official full decode; draft mode only when asked."""
-    import ramcli.pipeline as pipeline
-    from ramcli.labels import LabelSet
+    import ramcli.tagging.pipeline as pipeline
+    from ramcli.models.labels import LabelSet
     from ramcli.models.configs import get_arch
     from ramcli.models.ram import RecognitionModel
 

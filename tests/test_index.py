@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from ramcli.errors import RamcliError
-from ramcli.index import SCHEMA_VERSION, Index, MergeCounts
-from ramcli.ledger import Ledger, LedgerEntry
-from ramcli.records import PhotoResult, TagScore
+from ramcli.library.index import SCHEMA_VERSION, Index, MergeCounts
+from ramcli.library.ledger import Ledger, LedgerEntry
+from ramcli.tagging.records import PhotoResult, TagScore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,8 +209,8 @@ def test_second_writer_waits_with_message_then_gives_up(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from ramcli.index import Index
-    from ramcli.records import PhotoResult, TagScore
+    from ramcli.library.index import Index
+    from ramcli.tagging.records import PhotoResult, TagScore
     db, name, batches = sys.argv[1], sys.argv[2], int(sys.argv[3])
     with Index.open(db) as ix:
         for b in range(batches):
@@ -270,7 +270,7 @@ def test_a_version_1_index_migrates_forward_keeping_its_photos(tmp_path):
     """Schema 2 added captions; an index written by schema 1 upgrades in place on open."""
     import sqlite_utils
 
-    from ramcli.index import MIGRATIONS
+    from ramcli.library.index import MIGRATIONS
 
     path = tmp_path / "v1.db"
     db = sqlite_utils.Database(path)
@@ -289,7 +289,7 @@ def test_a_version_2_index_migrates_to_lossless_paths_and_links(tmp_path):
     reserved characters is re-encoded (photos and ledger alike), every other one is kept as is."""
     import sqlite_utils
 
-    from ramcli.index import MIGRATIONS
+    from ramcli.library.index import MIGRATIONS
 
     odd = "/p/" + chr(0x10FFAA) + ".jpg"  # a valid name that schema 2 stored verbatim
     path = tmp_path / "v2.db"
@@ -415,7 +415,7 @@ def test_merge_of_a_newer_failure_keeps_the_photos_tags(index, tmp_path):
 
 
 def test_merge_brings_synonyms_groups_and_the_write_ledger(index, tmp_path):
-    from ramcli.search import search
+    from ramcli.library.search import search
 
     path = tmp_path / "node.db"
     with Index.open(path) as node:
@@ -504,7 +504,7 @@ def test_merge_refuses_bad_sources_with_one_line(index, tmp_path):
 def test_merge_migrates_an_older_source_in_a_temporary_copy(index, tmp_path):
     import sqlite_utils
 
-    from ramcli.index import MIGRATIONS
+    from ramcli.library.index import MIGRATIONS
 
     path = tmp_path / "v1.db"
     db = sqlite_utils.Database(path)

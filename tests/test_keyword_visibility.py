@@ -34,9 +34,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from media import make_photo
-from ramcli.ledger import Ledger
+from ramcli.library.ledger import Ledger
 from ramcli.metadata import MetadataWriter, WriterOptions
-from ramcli.records import TagScore
+from ramcli.tagging.records import TagScore
 
 SUBJECT, HIER, IPTC = "XMP-dc:Subject", "XMP-lr:HierarchicalSubject", "IPTC:Keywords"
 TAGSLIST = "XMP-digiKam:TagsList"

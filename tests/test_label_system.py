@@ -11,8 +11,8 @@ import torch
 from clip_fixtures import TINY_CLIP, save_random_clip
 from typer.testing import CliRunner
 
-from ramcli.clip_text import ensemble, load_text_encoder
-from ramcli.labels import read_label_dir
+from ramcli.models.clip_text import ensemble, load_text_encoder
+from ramcli.models.labels import read_label_dir
 from ramcli_train.label_system import LabelSystem, build_label_system
 from ramcli_train.synth import write_shards
 

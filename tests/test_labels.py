@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ramcli import labels as L
+from ramcli.models import labels as L
 from ramcli.errors import RamcliError
 
 
@@ -83,7 +83,7 @@ def test_packaged_labels_are_declared_package_data():
 
 def test_labels_work_offline_in_a_fresh_process(tmp_path):
     """No network, no cache, no environment variable: the shipped files serve."""
-    code = "from ramcli.labels import resolve_labels; print(len(resolve_labels('ram')), len(resolve_labels('tag2text')))"
+    code = "from ramcli.models.labels import resolve_labels; print(len(resolve_labels('ram')), len(resolve_labels('tag2text')))"
     env = {"PATH": "/usr/bin:/bin", "RAMCLI_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

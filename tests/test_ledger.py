@@ -8,7 +8,7 @@ import sys
 import pytest
 import sqlite_utils
 
-from ramcli.ledger import STAGED_TABLE, TABLE, Intent, Ledger, LedgerEntry
+from ramcli.library.ledger import STAGED_TABLE, TABLE, Intent, Ledger, LedgerEntry
 
 
 def entry(path="/p/IMG.jpg", target=None, field="XMP-dc:Subject", value="dog", pre=False, model="m1"):
@@ -100,7 +100,7 @@ def test_intents_of_a_dead_process_are_handed_back_and_move_with_the_photo(tmp_p
     db = tmp_path / "i.db"
     stage = (
         "import sqlite_utils, sys\n"
-        "from ramcli.ledger import Intent, Ledger, LedgerEntry\n"
+        "from ramcli.library.ledger import Intent, Ledger, LedgerEntry\n"
         "Ledger(sqlite_utils.Database(sys.argv[1])).stage("
         "[Intent(LedgerEntry('/a/IMG.CR2', '/a/IMG.xmp', 'XMP-dc:Subject', 'dog', False, 'm1'))])\n"
     )
@@ -126,7 +126,7 @@ def test_entries_of_many_photos(tmp_path):
 def test_settling_while_another_process_writes_waits_for_it(tmp_path):
     """A settle that had read the database while another process held the write lock used to fail
     with "database is locked" the moment that process committed; now it waits and records."""
-    from ramcli.index import Index
+    from ramcli.library.index import Index
 
     db = tmp_path / "index.db"
     with Index.open(db) as index:
@@ -155,7 +155,7 @@ def test_settling_while_another_process_writes_waits_for_it(tmp_path):
 
 def test_a_ledger_write_held_off_too_long_says_so_in_one_line(tmp_path):
     from ramcli.errors import RamcliError
-    from ramcli.index import Index
+    from ramcli.library.index import Index
 
     db = tmp_path / "index.db"
     Index.open(db).close()

@@ -21,8 +21,8 @@ from images import photo_like
 from media import exiftool, read_tags
 from ramcli.cli.app import app
 from ramcli.errors import RamcliError
-from ramcli.index import Index
-from ramcli.ledger import Ledger, LedgerEntry
+from ramcli.library.index import Index
+from ramcli.library.ledger import Ledger, LedgerEntry
 
 N = 12
 

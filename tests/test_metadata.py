@@ -31,7 +31,7 @@ from media import (
     read_tags,
 )
 from ramcli.errors import RamcliError, UsageError
-from ramcli.ledger import Ledger, LedgerEntry, mergeable
+from ramcli.library.ledger import Ledger, LedgerEntry, mergeable
 from ramcli.metadata import (
     DIGEST_BEFORE,
     MetadataWriter,
@@ -44,7 +44,7 @@ from ramcli.metadata import (
     sidecar_targets,
     trim_iptc,
 )
-from ramcli.records import TagScore
+from ramcli.tagging.records import TagScore
 
 DOG = TagScore("dog", "狗", 0.9)
 BEACH = TagScore("beach", "海滩", 0.8)
@@ -492,10 +492,10 @@ KILLED_WRITER = """
 import os, signal, sys
 import sqlite_utils
 import ramcli.fileio
-from ramcli.ledger import Ledger
+from ramcli.library.ledger import Ledger
 from ramcli.metadata import ExifToolProcess, MetadataWriter, WriterOptions
 from ramcli.metadata.writer import MetadataWriter as Writer
-from ramcli.records import TagScore
+from ramcli.tagging.records import TagScore
 
 db, when, photos = sys.argv[1], sys.argv[2], sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)

@@ -30,9 +30,9 @@ from PIL import Image, ImageSequence
 
 from media import USER_KEYWORDS, USER_TITLE, decoded_pixels_digest, make_photo
 from small_disk import fill, small_disk
-from ramcli.ledger import Ledger, LedgerEntry
+from ramcli.library.ledger import Ledger, LedgerEntry
 from ramcli.metadata import CREATED_SIDECAR, MetadataWriter, WriterOptions, keyword_name
-from ramcli.records import TagScore
+from ramcli.tagging.records import TagScore
 
 DOG = TagScore("dog", "", 0.9)
 BEACH = TagScore("beach", "", 0.8)
@@ -258,9 +258,9 @@ KILLED_MID_COPY = """
 import os, signal, sys
 import sqlite_utils
 import ramcli.fileio
-from ramcli.ledger import Ledger
+from ramcli.library.ledger import Ledger
 from ramcli.metadata import MetadataWriter, WriterOptions
-from ramcli.records import TagScore
+from ramcli.tagging.records import TagScore
 
 def write_into(fd, source, sync=True):  # half of the new content, no space reserved, then a kill
     data = open(source, "rb").read()
@@ -432,7 +432,7 @@ def test_gif_still_and_animated_get_embedded_xmp(tmp_path, ledger):
     ("minolta.MRW", b"\x00MRM\x00\x00\x00\x10"),  # Minolta MRW, by its signature
 ])
 def test_raw_formats_discovery_knows_get_sidecars(tmp_path, ledger, name, head):
-    from ramcli.discover import sniff
+    from ramcli.media.discover import sniff
 
     path = tmp_path / name
     if head is None:
@@ -564,7 +564,7 @@ def test_tag_end_to_end_with_newline_names(tmp_path, monkeypatch):
 
     from ckpt_factory import make_labels_dir, make_official_checkpoint
     from ramcli.cli.app import app
-    from ramcli.index import Index
+    from ramcli.library.index import Index
 
     weights = make_official_checkpoint(tmp_path / "ram_tiny.pth", "ram_tiny", num_classes=8)
     labels = make_labels_dir(tmp_path, 8)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from ramcli.metrics import (
+from ramcli.eval.metrics import (
     average_precisions,
     best_f1_threshold,
     calibrate_thresholds,

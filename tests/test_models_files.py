@@ -22,7 +22,7 @@ from images import photo_like
 from official_reference import official_logits
 from ramcli.cli.app import app
 from ramcli.errors import CheckpointError, RamcliError
-from ramcli.labels import official_dir, read_label_dir
+from ramcli.models.labels import official_dir, read_label_dir
 from ramcli.models import convert, load_any, load_model
 from ramcli.models import registry
 from ramcli.models.configs import infer_arch, infer_family
@@ -279,7 +279,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st
 def test_any_header_loads_as_a_sound_model_or_is_refused(converted, tmp_path, data):
     """Any value in any field a converted file's header carries: the file loads with a label system
     that passes the threshold rule and plain-text names, or it is one CheckpointError."""
-    from ramcli.decision import is_threshold
+    from ramcli.tagging.decision import is_threshold
 
     key = data.draw(st.sampled_from(["labels.names", "labels.names_zh", "labels.thresholds", "labels.deleted",
                                      "model_id", "arch"]))

@@ -20,14 +20,14 @@ from typer.testing import CliRunner
 
 from ckpt_factory import make_labels_dir, make_official_checkpoint
 from images import photo_like
-import ramcli.precision as precision
+import ramcli.tagging.precision as precision
 from ramcli.cli.app import app
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
 from ramcli.models import load_any
 from ramcli.models.onnx import OnnxModel, export_onnx, int8_copy, int8_weight_type, quantize_onnx, read_onnx_metadata
-from ramcli.pipeline import Tagger
-from ramcli.precision import DecisionCache
+from ramcli.tagging.pipeline import Tagger
+from ramcli.tagging.precision import DecisionCache
 from test_models_files import JSON, _plain
 
 pytestmark = pytest.mark.slow  # each export traces the model with torch.export (~10-60 s)
@@ -487,7 +487,7 @@ def test_any_metadata_loads_as_a_sound_model_or_is_refused(exported, tmp_path, d
     """Whatever a file's metadata holds (any JSON, lists of the right length with hostile items,
     any text), loading it gives a model whose label system passes the threshold rule and whose
     names are plain text, or one CheckpointError; never another exception."""
-    from ramcli.decision import is_threshold
+    from ramcli.tagging.decision import is_threshold
 
     _, _, dst = exported["ram_tiny"]
     key = data.draw(st.sampled_from(FIELDS))

@@ -16,7 +16,7 @@ from ramcli.config import home
 from ramcli.errors import UsageError
 from ramcli.models import load_any
 from ramcli.models.openvino_runtime import OpenVinoModel, cache_key, to_openvino
-from ramcli.pipeline import Tagger
+from ramcli.tagging.pipeline import Tagger
 
 N = 30
 CPU = torch.device("cpu")
@@ -142,7 +142,7 @@ def test_without_the_extra_the_message_says_how_to_install(checkpoints, tmp_path
 
 
 def test_auto_on_openvino_checks_its_own_paths_against_its_fp32(checkpoints, monkeypatch):
-    import ramcli.precision as precision
+    import ramcli.tagging.precision as precision
 
     monkeypatch.setattr(precision, "MIN_SPEEDUP", 0.0)
     monkeypatch.setattr(precision, "MAX_SCORE_CHANGE", 1.0)

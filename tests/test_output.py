@@ -11,7 +11,7 @@ import pytest
 
 from ramcli.errors import UsageError
 from ramcli.output import Layout, RecordWriter, photo_result_layout, result_writer, write_records
-from ramcli.records import PhotoResult, TagScore
+from ramcli.tagging.records import PhotoResult, TagScore
 
 ODD = "/photos/[red]a\tb\nc \"q\".jpg"  # markup, a tab, a newline and quotes in one file name
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import ramcli.precision as precision
+import ramcli.tagging.precision as precision
 from ckpt_factory import make_labels_dir, make_official_checkpoint
 from images import photo_like
 from ramcli.cli.app import app
 from ramcli.errors import UsageError
 from ramcli.models import load_any
-from ramcli.pipeline import Tagger, resolve_precision
-from ramcli.precision import Decision, DecisionCache, Measured, decide, quantize_int8
+from ramcli.tagging.pipeline import Tagger, resolve_precision
+from ramcli.tagging.precision import Decision, DecisionCache, Measured, decide, quantize_int8
 
 N = 30
 CPU = torch.device("cpu")
@@ -92,7 +92,7 @@ def test_int8_is_cpu_only():
 # ------------------------------------------------------------------ the auto check
 def _auto(model, monkeypatch, key=None, photos=4, decisions=None, **kw) -> Tagger:
     monkeypatch.setattr(precision, "fast_paths", lambda *model: ["int8"])
-    monkeypatch.setattr("ramcli.pipeline.fast_paths", lambda *model: ["int8"])
+    monkeypatch.setattr("ramcli.tagging.pipeline.fast_paths", lambda *model: ["int8"])
     return Tagger(model, CPU, "auto", check_photos=photos, cache_key=key,
                   on_decision=(decisions.append if decisions is not None else None), **kw)
 
@@ -226,7 +226,7 @@ def test_the_cached_decision_follows_labels_vocabulary_and_runtime(model, model_
     assert not _auto(model, monkeypatch, key=key, vocab_version="v1").checking
     assert _auto(model, monkeypatch, key=key, vocab_version="v2").checking  # a tag's embedding changed
     assert _auto(model, monkeypatch, key=key, vocab_version="v1", exclude=[model.labels.names[0]]).checking
-    monkeypatch.setattr("ramcli.pipeline.runtime_identity", lambda model: "another runtime")
+    monkeypatch.setattr("ramcli.tagging.pipeline.runtime_identity", lambda model: "another runtime")
     assert _auto(model, monkeypatch, key=key, vocab_version="v1").checking
     monkeypatch.undo()
     _accept_any(monkeypatch)
@@ -351,10 +351,10 @@ def test_the_bar_says_checking_precision_while_the_check_runs(model_files, tmp_p
 
     from rich.console import Console
 
-    from ramcli.tagrun import TagRun
+    from ramcli.tagging.run import TagRun
 
     monkeypatch.setattr(precision, "fast_paths", lambda *model: ["int8"])
-    monkeypatch.setattr("ramcli.pipeline.fast_paths", lambda *model: ["int8"])
+    monkeypatch.setattr("ramcli.tagging.pipeline.fast_paths", lambda *model: ["int8"])
     weights, labels = model_files
     lib = _photos(tmp_path / "lib", 4)
     terminal = io.StringIO()

@@ -25,10 +25,10 @@ from typer.testing import CliRunner
 
 from ckpt_factory import make_labels_dir, make_official_checkpoint
 from images import photo_like
-from ramcli import ray_tag
+from ramcli.tagging import on_ray as ray_tag
 from ramcli.cli.app import app
 from ramcli.pathnames import from_text
-from ramcli.tagrun import TagRun
+from ramcli.tagging.run import TagRun
 
 N = 30
 REPO = Path(__file__).resolve().parents[1]
@@ -330,8 +330,8 @@ def test_the_command_line_does_not_import_ray():
 
 
 def test_the_index_keeps_object_addresses_as_given(tmp_path):
-    from ramcli.index import Index
-    from ramcli.records import PhotoResult, TagScore
+    from ramcli.library.index import Index
+    from ramcli.tagging.records import PhotoResult, TagScore
 
     uri = "s3://bucket/a b/photo.jpg"
     with Index.open(tmp_path / "index.db") as index:
@@ -344,7 +344,7 @@ def test_the_index_keeps_object_addresses_as_given(tmp_path):
 
 @pytest.mark.slow
 def test_engine_generate_on_ray_writes_the_shards_of_a_local_run(cluster, tmp_path):
-    from ramcli.labels import LabelSet
+    from ramcli.models.labels import LabelSet
     from ramcli.models import load_any
     from ramcli_train import engine, ray_engine
     from ramcli_train.label_system import write_label_files
@@ -369,8 +369,8 @@ def test_engine_generate_on_ray_writes_the_shards_of_a_local_run(cluster, tmp_pa
 def test_eval_on_ray_scores_what_a_local_eval_scores(model_files, cluster, tmp_path):
     import numpy as np
 
-    from ramcli.evaluate import ScoreCache
-    from ramcli.labels import read_label_dir
+    from ramcli.eval.benchmark import ScoreCache
+    from ramcli.models.labels import read_label_dir
 
     weights, labels = model_files
     names = read_label_dir(labels, "ram").names

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from ramcli.errors import CheckpointError
 from ramcli.hashing import file_sha256
-from ramcli.safeload import load_weights
+from ramcli.models.safeload import load_weights
 
 
 class Payload:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from ramcli.errors import UsageError
-from ramcli.index import Index
-from ramcli.records import PhotoResult, TagScore
-from ramcli.search import And, Filters, Not, Or, Term, _score, parse, resolve, search, TagResolver
+from ramcli.library.index import Index
+from ramcli.tagging.records import PhotoResult, TagScore
+from ramcli.library.search import And, Filters, Not, Or, Term, _score, parse, resolve, search, TagResolver
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def test_exact_tag_names_resolve_without_the_lemmatiser(index, monkeypatch):
     def no_lemma(word):
         raise AssertionError(f"lemmatised {word!r}")
 
-    monkeypatch.setattr("ramcli.search.lemma", no_lemma)
+    monkeypatch.setattr("ramcli.library.search.lemma", no_lemma)
     assert names(search(index, '"christmas tree" OR 狗 OR DOG')) == ["a", "c"]
 
 
@@ -281,7 +281,7 @@ def cap(ix, query, caption, **kw):
     ],
 )
 def test_caption_match_turns_user_text_into_fts5_string_literals(text, expected):
-    from ramcli.search import caption_match
+    from ramcli.library.search import caption_match
 
     assert caption_match(text) == expected
 

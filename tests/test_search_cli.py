@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from ramcli.cli.app import main
-from ramcli.index import Index
-from ramcli.ledger import Ledger, LedgerEntry
-from ramcli.records import PhotoResult, TagScore
+from ramcli.library.index import Index
+from ramcli.library.ledger import Ledger, LedgerEntry
+from ramcli.tagging.records import PhotoResult, TagScore
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from ramcli.labels import read_label_dir
+from ramcli.models.labels import read_label_dir
 from ramcli_train import synth
 
 

@@ -22,7 +22,7 @@ from ckpt_factory import make_labels_dir, make_official_checkpoint
 from images import make_image, make_library, photo_like
 from ramcli.cli.app import app
 from ramcli.models import load_any
-from ramcli.pipeline import Tagger
+from ramcli.tagging.pipeline import Tagger
 
 N = 30
 
@@ -219,8 +219,8 @@ def test_kill_9_mid_run_resumes_with_nothing_lost_or_duplicated(model_files, tmp
 
 def test_cached_embeddings_rescore_new_tags_without_the_backbone(model_files, tmp_path, monkeypatch):
     from clip_fixtures import TINY_CLIP, save_random_clip
-    from ramcli import clip_text
-    from ramcli.vocab import Vocabulary
+    from ramcli.models import clip_text
+    from ramcli.tagging.vocab import Vocabulary
 
     home = tmp_path / "home"
     lib = tmp_path / "lib"
@@ -272,10 +272,10 @@ def test_ranks_split_the_photos_and_share_one_index(model_files, tmp_path, monke
 def test_captions_flow_from_tag2text_into_results_and_the_index(tmp_path):
     """`tag --caption`: Tag2Text's generator, guided by the emitted tags, on the pipeline's embeddings."""
 
-    from ramcli.index import Index
+    from ramcli.library.index import Index
     from ramcli.models.checkpoint import load_official
-    from ramcli.labels import read_label_dir
-    from ramcli.pipeline import tag_files
+    from ramcli.models.labels import read_label_dir
+    from ramcli.tagging.pipeline import tag_files
     from test_caption import _setup
 
     sd, cfg, tok, gen, _ = _setup()
@@ -312,7 +312,7 @@ def test_compiled_model_matches_eager_and_pads_the_last_batch(model_files, tmp_p
     photos = _photos(tmp_path / "lib", 7)
     eager, compiled = [], []
     tag_files_args = dict(batch_size=4, workers=0)
-    from ramcli.pipeline import tag_files
+    from ramcli.tagging.pipeline import tag_files
 
     tag_files(photos, Tagger(model, torch.device("cpu")), [eager.extend], **tag_files_args)
     torch._dynamo.reset()
@@ -373,7 +373,7 @@ def test_two_runs_at_once_on_one_index_both_finish(model_files, tmp_path):
 @pytest.mark.parametrize("same_stat", [False, True], ids=["edited", "replaced-same-size-and-mtime"])
 def test_a_photo_replaced_between_decode_and_write_is_neither_written_nor_recorded(model_files, tmp_path,
                                                                                     monkeypatch, same_stat):
-    from ramcli import pipeline
+    from ramcli.tagging import pipeline
 
     home, lib = tmp_path / "home", tmp_path / "lib"
     photos = _photos(lib, 3)

@@ -10,11 +10,11 @@ from ckpt_factory import arch_config, make_labels_dir, make_official_checkpoint,
 from clip_fixtures import TINY_CLIP, save_random_clip
 from official_reference import official_logits
 
-from ramcli import clip_text
+from ramcli.models import clip_text
 from ramcli.errors import RamcliError
-from ramcli.labels import read_label_dir
+from ramcli.models.labels import read_label_dir
 from ramcli.models import load_model
-from ramcli.vocab import Vocabulary
+from ramcli.tagging.vocab import Vocabulary
 
 NUM_CLASSES = 30
 SEED = 3
@@ -273,7 +273,7 @@ def test_tag_reports_the_custom_tags_tag2text_drops(tmp_path, builtin, load_enco
 
 
 def test_commit_gives_the_index_the_vocabularys_tags_and_synonyms(tmp_path, vocab, load_encoder):
-    from ramcli.index import Index
+    from ramcli.library.index import Index
 
     vocab.add("tram", load_encoder, name_zh="电车")
     vocab.add_synonym("tram", "streetcar")
@@ -315,7 +315,7 @@ def cli(monkeypatch, labels_dir, tmp_path, capsys):
 
 def test_cli_settings_without_clip(cli, builtin, labels_dir):
     from ramcli.config import home
-    from ramcli.index import Index
+    from ramcli.library.index import Index
 
     assert cli("disable", "Person")[0] == 0
     code, out, _ = cli("threshold", "dog", "0.8")

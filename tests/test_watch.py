@@ -29,10 +29,10 @@ from ckpt_factory import make_labels_dir, make_official_checkpoint
 from images import photo_like
 from media import read_tags
 from ramcli.cli.app import app
-from ramcli.discover import walk_reaches
+from ramcli.media.discover import walk_reaches
 from ramcli.pathnames import to_text
-from ramcli.tagrun import TagRun
-from ramcli.watch import FALLBACK_POLL_S, Settler, Watcher, is_deleted, is_temporary, undecodable_path
+from ramcli.tagging.run import TagRun
+from ramcli.tagging.watch import FALLBACK_POLL_S, Settler, Watcher, is_deleted, is_temporary, undecodable_path
 
 N = 30
 

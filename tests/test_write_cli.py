@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from media import USER_KEYWORDS, make_photo, read_tags
-from ramcli.index import Index
-from ramcli.ledger import Ledger
-from ramcli.records import PhotoResult, TagScore
+from ramcli.library.index import Index
+from ramcli.library.ledger import Ledger
+from ramcli.tagging.records import PhotoResult, TagScore
 
 
 def ramcli(*args: str | Path) -> subprocess.CompletedProcess:

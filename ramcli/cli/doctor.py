@@ -35,7 +35,7 @@ def _index(path) -> tuple[bool, str]:
     import sqlite3
 
     from ramcli.errors import RamcliError
-    from ramcli.index import Index
+    from ramcli.library.index import Index
 
     if not path.exists():
         return True, f"{path} (not created yet)"

@@ -48,7 +48,7 @@ def generate(
 
     if ray or ray_address:
         from ramcli.errors import UsageError
-        from ramcli.ray_tag import import_ray
+        from ramcli.tagging.on_ray import import_ray
 
         import_ray()
         if captioner:
@@ -79,7 +79,7 @@ def clean(
     device: str = DEVICE,
 ) -> None:
     """Drop tags whose detected region is an outlier of its category or not recognised by the model."""
-    from ramcli.pipeline import resolve_device
+    from ramcli.tagging.pipeline import resolve_device
     from ramcli_train.detector import GroundingDino, ModelCropEmbedder
     from ramcli_train.engine import clean as run
 

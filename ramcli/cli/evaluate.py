@@ -1,6 +1,6 @@
 """`ramcli eval`: mAP / CP / CR / F1 on the official benchmark formats.
 
-A thin wrapper over `ramcli.evaluate`; see docs/eval.md.
+A thin wrapper over `ramcli.eval.benchmark`; see docs/eval.md.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ def register(app: typer.Typer) -> None:
             raise UsageError("give --threshold or --threshold-file, not both")
         if calibrate and not 0.0 < calibration_split < 1.0:
             raise UsageError(f"--calibration-split must be between 0 and 1, got {calibration_split}")
-        from ramcli import evaluate as ev
+        from ramcli.eval import benchmark as ev
 
         scorer = None
         if ray or ray_address:
             import functools
 
-            from ramcli import ray_tag
+            from ramcli.tagging import on_ray as ray_tag
 
             ray_tag.import_ray()
             scorer = functools.partial(ray_tag.score_files, actor_device=device, address=ray_address, actors=ray_actors)

@@ -23,7 +23,7 @@ def build(
 ) -> None:
     """Build a label system: parse captions, count tags, merge synonyms and dataset lists."""
     from ramcli.errors import UsageError
-    from ramcli.labels import resolve_labels
+    from ramcli.models.labels import resolve_labels
     from ramcli_train.label_system import build_label_system
 
     if embed not in ("clip", "none"):
@@ -32,7 +32,7 @@ def build(
     loader = None
     if embed == "clip":
         def loader():
-            from ramcli.clip_text import load_text_encoder
+            from ramcli.models.clip_text import load_text_encoder
 
             return load_text_encoder(clip_weights)
     system = build_label_system(data, base_labels, dataset_list or [], synonyms or [], top, min_count, loader)

@@ -126,7 +126,7 @@ def convert_cmd(
 
     vocab = None
     if is_onnx(dst) or is_ir(dst):
-        from ramcli.vocab import Vocabulary
+        from ramcli.tagging.vocab import Vocabulary
 
         vocab = Vocabulary.open()
         if vocab.custom:

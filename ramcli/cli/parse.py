@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     ) -> None:
         """Parse a caption into tags of the label system (ids, and the words that matched)."""
-        from ramcli.labels import resolve_labels
+        from ramcli.models.labels import resolve_labels
         from ramcli_train.parse import TagParser, clean_caption
 
         label_set = resolve_labels("ram", labels)

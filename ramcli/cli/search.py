@@ -1,4 +1,4 @@
-"""`ramcli search`, `show`, `stats`, `index prune|check|merge`: thin wrappers over ramcli.index/search."""
+"""`ramcli search`, `show`, `stats`, `index prune|check|merge`: thin wrappers over ramcli.library.index/search."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from ramcli.output import FORMATS, Layout, default_format, make_table, write_jso
 from ramcli.pathnames import display
 
 if TYPE_CHECKING:
-    from ramcli.index import Index
-    from ramcli.search import Hit
+    from ramcli.library.index import Index
+    from ramcli.library.search import Hit
 
 index_app = typer.Typer(help="Maintain the index: forget missing files, check integrity, merge indexes.", no_args_is_help=True)
 
@@ -39,7 +39,7 @@ Format = Enum("Format", {f: f for f in FORMATS}, type=str)
 @contextlib.contextmanager
 def _opened(path: Path | None, readonly: bool) -> Iterator[Index]:
     """Open the index; any SQLite failure on the way becomes a one-line error."""
-    from ramcli.index import Index, database_error
+    from ramcli.library.index import Index, database_error
 
     resolved = path or config.home().index
     try:
@@ -158,8 +158,8 @@ def register(app: typer.Typer) -> None:
         if limit is not None and limit < 0:
             raise UsageError("--limit must be 0 (all) or more")
         wanted = (50 if fmt is Format.table else None) if limit is None else (limit or None)
-        from ramcli.index import normalize_path
-        from ramcli.search import Filters, search as run_search
+        from ramcli.library.index import normalize_path
+        from ramcli.library.search import Filters, search as run_search
 
         filters = Filters(min_score=min_score, since=_iso_date(since, "--since"), until=_iso_date(until, "--until"),
                           under=Path(normalize_path(folder)) if folder else None, caption=caption)
@@ -170,7 +170,7 @@ def register(app: typer.Typer) -> None:
             hits = hits[:wanted]
         _print_hits(hits, fmt, null, truncated)
         if gallery is not None:
-            from ramcli.gallery import write_gallery
+            from ramcli.library.gallery import write_gallery
 
             title = " ".join([query_text, *([f"--caption {caption}"] if caption is not None else [])])
             write_gallery(hits, gallery, title=f"ramcli search {title}".strip())
@@ -184,7 +184,7 @@ def register(app: typer.Typer) -> None:
              lang: Lang = typer.Option("en", "--lang", help="Tag names in English, Chinese or both."),
              index_path: Path = IndexOption) -> None:
         """Show one photo's tags, scores and what was written where."""
-        from ramcli.ledger import Ledger
+        from ramcli.library.ledger import Ledger
 
         with _opened(index_path, readonly=True) as index:
             record = _find(index, photo)
@@ -231,7 +231,7 @@ def register(app: typer.Typer) -> None:
         """Photos, tags, top tags and failures in the index."""
         if fmt not in ("table", "json"):
             raise UsageError(f"unknown format {fmt!r}; use table or json")
-        from ramcli.search import index_stats
+        from ramcli.library.search import index_stats
 
         with _opened(index_path, readonly=True) as index:
             s = index_stats(index, top)
@@ -278,7 +278,7 @@ def register(app: typer.Typer) -> None:
     def merge(sources: list[Path] = typer.Argument(..., help="Index files to merge in (each node's index.db).", show_default=False),
               index_path: Path = IndexOption) -> None:
         """Merge other indexes (e.g. one per node of a multi-node run) into this one; a photo in both keeps its newer tagging."""
-        from ramcli.index import check_merge_source
+        from ramcli.library.index import check_merge_source
 
         destination = index_path or config.home().index
         for source in sources:  # refuse a bad source before merging any

@@ -106,7 +106,7 @@ def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
 def _run(paths: list[str], writer_options: WriterOptions, *, exclude_tags: str, fmt: str | None, no_index: bool,
          **options):
     _preflight(paths, **options)
-    from ramcli.tagrun import TagRun
+    from ramcli.tagging.run import TagRun
 
     return TagRun(
         paths=[Path(p) for p in paths], lang=writer_options.lang, exclude_tags=[t for t in exclude_tags.split(",") if t.strip()],
@@ -136,7 +136,7 @@ def _preflight(paths: list[str], *, weights: str | None, device: str, runtime: s
             raise UsageError(f"weights file not found: {weights}")
     if runtime == "openvino" or (weights or "").endswith(".xml"):
         return  # --device names an OpenVINO device (cpu, gpu, npu): OpenVINO checks it
-    from ramcli.pipeline import resolve_device
+    from ramcli.tagging.pipeline import resolve_device
 
     resolve_device(device)
 
@@ -175,7 +175,7 @@ def register(app: typer.Typer) -> None:
         """
         check_ready(run)
         if ray or ray_address:
-            from ramcli import ray_tag
+            from ramcli.tagging import on_ray as ray_tag
 
             failed = ray_tag.execute(run, paths, console, err_console, address=ray_address,
                                      actors=ray_actors, actor_cpus=ray_actor_cpus)

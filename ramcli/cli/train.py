@@ -81,7 +81,7 @@ def clip_features(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Precompute the CLIP distillation targets into copies of the shards, for `--set distill=precomputed`."""
-    from ramcli.pipeline import resolve_device
+    from ramcli.tagging.pipeline import resolve_device
     from ramcli_train.clip_features import precompute
     from ramcli_train.model import ClipTeacher
 
@@ -123,7 +123,7 @@ def register(app: typer.Typer) -> None:
         from ramcli_train.finetune import finetune as run
 
         def encoder():
-            from ramcli.clip_text import load_text_encoder
+            from ramcli.models.clip_text import load_text_encoder
 
             return load_text_encoder(clip_weights)
 

@@ -1,4 +1,4 @@
-"""`ramcli vocab`: the open vocabulary. Thin wrappers over `ramcli.vocab`."""
+"""`ramcli vocab`: the open vocabulary. Thin wrappers over `ramcli.tagging.vocab`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import typer
 
 from ramcli.cli.common import console
 from ramcli.errors import UsageError
-from ramcli.labels import OPEN_SET_THRESHOLD, resolve_labels
+from ramcli.models.labels import OPEN_SET_THRESHOLD, resolve_labels
 from ramcli.output import Layout, check_format, default_format, write_records
 
 if TYPE_CHECKING:
-    from ramcli.vocab import Vocabulary
+    from ramcli.tagging.vocab import Vocabulary
 
 vocab_app = typer.Typer(
     help="Manage the tag vocabulary: add open-vocabulary tags, disable, thresholds, synonyms.",
@@ -26,7 +26,7 @@ CLIP_OPTION = typer.Option(None, "--clip-weights", help="CLIP ViT-B/16 weights f
 
 
 def _open(labels: Path | None, need_builtin: bool = True) -> Vocabulary:
-    from ramcli.vocab import Vocabulary
+    from ramcli.tagging.vocab import Vocabulary
 
     builtin = resolve_labels("ram", labels_dir=labels).names if need_builtin else ()
     return Vocabulary.open(builtin=builtin)
@@ -34,7 +34,7 @@ def _open(labels: Path | None, need_builtin: bool = True) -> Vocabulary:
 
 def _encoder_loader(clip_weights: Path | None):
     def load():
-        from ramcli.clip_text import load_text_encoder
+        from ramcli.models.clip_text import load_text_encoder
 
         console.print("loading the CLIP text encoder…", style="dim", highlight=False, soft_wrap=True)
         return load_text_encoder(clip_weights)
@@ -63,7 +63,7 @@ def add(
     if descriptions is not None:
         if texts:
             raise UsageError("use either --description or --descriptions, not both")
-        from ramcli.vocab import read_descriptions
+        from ramcli.tagging.vocab import read_descriptions
 
         texts = read_descriptions(descriptions, name)
     tag = vocab.add(name, _encoder_loader(clip_weights), texts, threshold, name_zh)
@@ -93,7 +93,7 @@ def list_(
     if builtin and custom:
         raise UsageError("use --builtin or --custom, not both")
     fmt = check_format(fmt or default_format(), ENTRIES)
-    from ramcli.vocab import Vocabulary
+    from ramcli.tagging.vocab import Vocabulary
 
     label_set = None if custom else resolve_labels("ram", labels_dir=labels)
     vocab = Vocabulary.open(builtin=label_set.names if label_set else ())
@@ -154,7 +154,7 @@ def import_(
 @vocab_app.command()
 def export(file: Path = typer.Argument(None, help="Write here instead of stdout.")) -> None:
     """Export custom tags and settings as JSON (re-importable with `vocab import`)."""
-    from ramcli.vocab import Vocabulary
+    from ramcli.tagging.vocab import Vocabulary
 
     text = json.dumps(Vocabulary.open().export(), indent=1, ensure_ascii=False)
     if file is None:

@@ -1,4 +1,4 @@
-"""`ramcli watch`: tag new and changed photos as they arrive (a thin layer over ramcli.watch)."""
+"""`ramcli watch`: tag new and changed photos as they arrive (a thin layer over ramcli.tagging.watch)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
 
         Starts with a catch-up pass (exactly `ramcli tag` over the folders). Files still being written are tagged once complete; moved and renamed photos are re-pointed in the index without re-tagging; deleted ones leave it. Ctrl-C or SIGTERM stops after the batch in flight.
         """
-        from ramcli.watch import Watcher
+        from ramcli.tagging.watch import Watcher
 
         watcher = Watcher(run, settle=settle, poll=poll)
         check_ready(run)

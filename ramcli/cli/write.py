@@ -1,5 +1,5 @@
 """`ramcli write` and `ramcli untag`: tags (and captions) into the photos' metadata, and out again.
-Thin wrappers over `ramcli.writeback`. Photos that a folder reaches only through a symlink
+Thin wrappers over `ramcli.library.writeback`. Photos that a folder reaches only through a symlink
 leading out of it are written or untagged only with `--follow-links` (as `ramcli tag` does), and
 otherwise listed with the reason.
 
@@ -136,10 +136,10 @@ def register(app: typer.Typer) -> None:
 
         Exit code 0 when every photo's metadata matches the index, 1 when a write failed (listed).
         """
-        from ramcli.index import Index
-        from ramcli.ledger import Ledger
+        from ramcli.library.index import Index
+        from ramcli.library.ledger import Ledger
         from ramcli.metadata import MetadataWriter
-        from ramcli.writeback import indexed_photos, write_indexed
+        from ramcli.library.writeback import indexed_photos, write_indexed
 
         with Index.open(index_path) as index:
             photos = _scope(*indexed_photos(index, list(paths or [])), follow_links)
@@ -167,10 +167,10 @@ def register(app: typer.Typer) -> None:
         Give the flags `ramcli tag` had (--follow-links) to undo all it did. Exit code 0 when
         everything was removed, 1 when a file could not be written (listed).
         """
-        from ramcli.index import Index
-        from ramcli.ledger import Ledger
+        from ramcli.library.index import Index
+        from ramcli.library.ledger import Ledger
         from ramcli.metadata import MetadataWriter
-        from ramcli.writeback import ledger_photos, update_stats
+        from ramcli.library.writeback import ledger_photos, update_stats
 
         with Index.open(index_path) as index:
             ledger = Ledger(index.db)

@@ -3,7 +3,7 @@
 API (what the tagging pipeline and `ramcli write`/`untag` call)::
 
     from ramcli.metadata import MetadataWriter, WriterOptions
-    from ramcli.ledger import Ledger
+    from ramcli.library.ledger import Ledger
 
     with MetadataWriter(WriterOptions(), Ledger(db)) as writer:     # starts ExifTool, replays the journal
         plans = writer.plan_batch([(path, [TagScore, ...]), ...])     # dry run: nothing written

@@ -1,6 +1,6 @@
 """Sidecar layout and targets: which file carries a photo's metadata, decided from what the photo is.
 
-What a photo *is* is discovery's decision (`ramcli.discover.sniff`: its content, and for TIFF-based
+What a photo *is* is discovery's decision (`ramcli.media.discover.sniff`: its content, and for TIFF-based
 RAW its extension); the writer only maps that decision to a place:
 
 - RAW (every format discovery calls 'raw', except DNG): an XMP sidecar, because ExifTool's Known
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ramcli.discover import Sniffed, sniff
+from ramcli.media.discover import Sniffed, sniff
 from ramcli.metadata.options import WriterOptions
 
 # Detected format -> the extension ExifTool is shown. MPO is a JPEG with extra frames (phones).

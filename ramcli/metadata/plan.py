@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from ramcli.ledger import LedgerEntry
+from ramcli.library.ledger import LedgerEntry
 from ramcli.metadata.options import Lang, Policy, WriterOptions
-from ramcli.records import TagScore
+from ramcli.tagging.records import TagScore
 
 SUBJECT = "XMP-dc:Subject"
 HIERARCHICAL = "XMP-lr:HierarchicalSubject"

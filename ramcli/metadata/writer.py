@@ -11,7 +11,7 @@ How a batch runs, and why:
    (`plan_field`) and caption (`plan_description`). Files whose fields would not change are not
    touched at all, so a re-run is a no-op.
 4. Stage: the ledger changes that hang on the write are committed to the staging table, so that
-   a kill during the write cannot leave ramcli keywords the ledger does not know (ramcli/ledger.py).
+   a kill during the write cannot leave ramcli keywords the ledger does not know (ramcli/library/ledger.py).
 5. Write: one ExifTool command imports every changed target's new lists from a JSON file and
    writes each new version into the journal's batch folder (`-o`). A new version that ExifTool
    warned about (it then may have stored less than it was given: a value cut to a length limit)
@@ -43,7 +43,7 @@ from typing import Literal
 
 from ramcli.config import home
 from ramcli.fileio import Change, Journal, atomic_write
-from ramcli.ledger import Intent, Ledger, LedgerEntry
+from ramcli.library.ledger import Intent, Ledger, LedgerEntry
 from ramcli.metadata.exiftool import ExifToolProcess, Workspace, import_entry
 from ramcli.metadata.layout import (
     DIGEST_FORMATS,
@@ -87,7 +87,7 @@ from ramcli.metadata.plan import (
     seed_values,
     wanted_values,
 )
-from ramcli.records import TagScore
+from ramcli.tagging.records import TagScore
 
 # 'failed': the target is as it was. 'pending': the in-place copy was cut short; the journal
 # completes it on the next start, and the ledger's staged rows wait for that.

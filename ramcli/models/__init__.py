@@ -15,7 +15,7 @@ import torch
 
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
-from ramcli.labels import LabelError, LabelSet, check_name, resolve_labels
+from ramcli.models.labels import LabelError, LabelSet, check_name, resolve_labels
 from ramcli.models.checkpoint import (
     converted_arch,
     is_converted,
@@ -51,7 +51,7 @@ def load_any(path: Path, arch: str | None = None, labels_dir: Path | None = None
     """Load an official .pth or a converted .safetensors file from disk.
 
     Labels: `labels_dir`, else the file's own (converted files), else `RAMCLI_LABELS`, else the
-    shipped official files (`ramcli.labels.resolve_labels`). RAM and RAM++ share their label
+    shipped official files (`ramcli.models.labels.resolve_labels`). RAM and RAM++ share their label
     files, so only Tag2Text (told by its classifier) needs its own before the family is known.
     """
     path = Path(path)
@@ -162,7 +162,7 @@ def convert(src: Path, dst: Path, dtype: str = "fp32", arch: str | None = None,
     """`ramcli models convert`: an official .pth (or a converted file) -> a self-contained
     tag-only file, the format chosen by `dst`'s extension: safetensors, ONNX (`.onnx`) or
     OpenVINO's IR (`.xml` + `.bin`), the last two with the custom tags of `vocab` (a
-    `ramcli.vocab.Vocabulary`) baked in."""
+    `ramcli.tagging.vocab.Vocabulary`) baked in."""
     model = load_any(src, arch=arch, labels_dir=labels_dir)
     if is_ir(dst):
         if dtype != "fp32":

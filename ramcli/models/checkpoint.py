@@ -36,11 +36,11 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 
 from ramcli.errors import CheckpointError
 from ramcli.fileio import atomic_output
-from ramcli.labels import LabelSet
+from ramcli.models.labels import LabelSet
 from ramcli.models.configs import ArchConfig, head_prefix, infer_arch, infer_family
 from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
 from ramcli.models.ram import RecognitionModel
-from ramcli.safeload import load_weights
+from ramcli.models.safeload import load_weights
 
 FORMAT_VERSION = "1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,7 +76,7 @@ def official_model_id(path: Path) -> str:
 
 def read_official(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a published .pth (or one re-saved by other tools), loaded without
-    unpickling code (`ramcli.safeload`, memory-mapped). Raises `CheckpointError` with a one-line
+    unpickling code (`ramcli.models.safeload`, memory-mapped). Raises `CheckpointError` with a one-line
     reason for anything else."""
     path = Path(path)
     return state_dict_of(load_weights(path, mmap=True), path.name)

@@ -45,7 +45,7 @@ from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
 from ramcli.fileio import atomic_output, atomic_write
 from ramcli.hashing import file_sha256
-from ramcli.labels import LabelError, LabelSet, check_name, resolve_labels
+from ramcli.models.labels import LabelError, LabelSet, check_name, resolve_labels
 from ramcli.models.configs import ArchConfig
 from ramcli.models.ram import RecognitionModel
 
@@ -139,7 +139,7 @@ def _place(staged: Path, dst: Path) -> Path:
 
 def int8_weight_type(flags: set[str] | None = None) -> str:
     """"QInt8" where the CPU has VNNI (its s8 kernels are exact and fastest), else "QUInt8"."""
-    from ramcli.precision import cpu_flags
+    from ramcli.tagging.precision import cpu_flags
 
     flags = cpu_flags() if flags is None else flags
     vnni = {"avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni", "avxvnni"}

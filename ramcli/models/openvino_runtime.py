@@ -36,7 +36,7 @@ from torch import nn
 
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
-from ramcli.labels import LabelSet, resolve_labels
+from ramcli.models.labels import LabelSet, resolve_labels
 from ramcli.models.configs import ArchConfig
 
 INSTALL = "the OpenVINO runtime is not installed: pip install 'ramcli[openvino]'"
@@ -218,7 +218,7 @@ class OpenVinoModel(nn.Module):
     def fast_paths(self) -> list[str]:
         """The arithmetics worth checking against fp32 on this device, fastest-first by expectation:
         bf16 where the CPU computes it natively (or a GPU), then static int8."""
-        from ramcli.precision import cpu_flags
+        from ramcli.tagging.precision import cpu_flags
 
         native = self.device_name != "CPU" or bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
         return (["bf16"] if native else []) + ["int8"]

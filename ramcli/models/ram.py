@@ -28,7 +28,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from ramcli.errors import CheckpointError
-from ramcli.labels import LabelSet
+from ramcli.models.labels import LabelSet
 from ramcli.models.configs import CLIP_DIM, ArchConfig
 from ramcli.models.decoder import RecognitionDecoder
 

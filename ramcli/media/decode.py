@@ -43,7 +43,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ramcli.discover import not_an_image_reason, os_reason, sniff_bytes
+from ramcli.media.discover import not_an_image_reason, os_reason, sniff_bytes
 from ramcli.errors import RamcliError
 
 #: data-config interpolation names -> Pillow filters; torch's antialiased `interpolate` (device

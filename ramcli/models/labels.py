@@ -91,7 +91,7 @@ class LabelSet:
         """Every label system is checked here, whatever its source (label files, a model's
         metadata, a training checkpoint, custom tags): the one place that decides what a tag
         name and a threshold may be. Thresholds are stored as floats."""
-        from ramcli.decision import is_threshold  # with numpy and torch: not when the CLI starts
+        from ramcli.tagging.decision import is_threshold  # with numpy and torch: not when the CLI starts
 
         n = len(self.names)
         if len(self.names_zh) != n or len(self.thresholds) != n:

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ramcli.imaging import ImageError, decode_jpegs, load_for_model
+from ramcli.media.decode import ImageError, decode_jpegs, load_for_model
 
 
 class Failure(NamedTuple):
@@ -182,7 +182,7 @@ def make_loader(
     """An iterable of `Batch`es over `paths`, decoded by `workers` processes (0: in-process).
 
     `size` and `interpolation` are the model's data config; `draft`: JPEG draft mode (see
-    `ramcli.imaging`).
+    `ramcli.media.decode`).
 
     `pin_memory=None` pins when CUDA is available (page-locked memory lets
     `pixels.to('cuda', non_blocking=True)` overlap the next batch's decode).

@@ -5,7 +5,7 @@
 
 Only the model's work moves to the cluster. The driver keeps what must stay in one place: the
 incremental rule (`TagSession.due`), the decision rule (its `Tagger.decide`) and the sinks
-(output, metadata writer, index) of `ramcli.tagrun`, through `TagRun.runner`. So a Ray run makes
+(output, metadata writer, index) of `ramcli.tagging.run`, through `TagRun.runner`. So a Ray run makes
 the same records as a local one, writes the index from one process, and resumes the same way:
 each batch is recorded once it came back, a killed run re-tags only what was not recorded.
 
@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ramcli.discover import (PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXES, VIDEO_SUFFIXES, Found, os_reason,
+from ramcli.media.discover import (PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXES, VIDEO_SUFFIXES, Found, os_reason,
                              walk_reaches)
 from ramcli.errors import RamcliError, UsageError
-from ramcli.loader import Batch, Failure, Item, PhotoDataset
+from ramcli.media.loader import Batch, Failure, Item, PhotoDataset
 from ramcli.pathnames import is_uri
-from ramcli.pipeline import ScoreResult, Tagger, resolve_device, resolve_precision, results_of
-from ramcli.tagrun import TagRun, TagSession
+from ramcli.tagging.pipeline import ScoreResult, Tagger, resolve_device, resolve_precision, results_of
+from ramcli.tagging.run import TagRun, TagSession
 
 INSTALL = "--ray needs Ray: pip install 'ramcli[ray]'"
 #: Upper bound on the blocks the photo list is cut into: a block is the unit Ray schedules and retries.
@@ -130,7 +130,7 @@ def _decode(rows: dict[str, np.ndarray], size: int, draft: bool, interpolation: 
     """A decode task: each row's photo to uint8 pixels and the facts the index keeps, or its
     one-line failure (never an exception: one bad photo must not fail the block). Paths travel
     as bytes, so names that are not UTF-8 survive Arrow."""
-    from ramcli.imaging import ImageError, load_for_model
+    from ramcli.media.decode import ImageError, load_for_model
 
     out = {k: [] for k in ("path", "ok", "error", "width", "height", "taken_at", "content_hash", "size", "mtime_ns")}
     pixels = []

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ramcli import config
 from ramcli.errors import RamcliError
 from ramcli.fileio import atomic_write
-from ramcli.search import Hit
+from ramcli.library.search import Hit
 
 THUMB_SIZE = 320
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ramcli.errors import UsageError
-from ramcli.ledger import Ledger
+from ramcli.library.ledger import Ledger
 from ramcli.metadata import MetadataWriter, WriteOutcome
 
 # Writer batches per `write_batch` call: within a call, ExifTool reads the next batch while it
@@ -23,7 +23,7 @@ def indexed_photos(index, paths: list[Path]) -> tuple[list[str], dict[str, str]]
     in it (the index keeps such a photo's `link`); the ones of those that lie outside the folder
     are returned apart, for the caller's symlink policy (`--follow-links`). A photo named as a
     file is always in scope."""
-    from ramcli.index import normalize_path
+    from ramcli.library.index import normalize_path
 
     if not paths:
         records = list(index.iter_photos())

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ramcli.errors import UsageError
-from ramcli.index import Index, folder_range, lemma
+from ramcli.library.index import Index, folder_range, lemma
 from ramcli.pathnames import display, from_text
-from ramcli.records import TagScore
+from ramcli.tagging.records import TagScore
 
 MAX_QUERY_CHARS = 1000
 MAX_TERMS = 64

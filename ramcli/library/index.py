@@ -12,7 +12,7 @@ by a content hash that survives metadata writes) and the data behind `ramcli sea
   them to pick the most selective term of a query, `index check` verifies them.
 
 Other modules keep their own tables in the same file (the metadata write ledger,
-`ramcli.ledger`); this module only touches them where a photo moves or indexes are merged.
+`ramcli.library.ledger`); this module only touches them where a photo moves or indexes are merged.
 
 `merge` combines indexes that separate machines wrote (one per node of a multi-node run): one
 transaction per source, the source ATTACHed read-only, every row copied by SQL on the attached
@@ -43,7 +43,7 @@ import sqlite_utils
 from ramcli import config
 from ramcli.errors import RamcliError
 from ramcli.pathnames import from_text, is_uri, to_text
-from ramcli.records import PhotoResult, TagScore
+from ramcli.tagging.records import PhotoResult, TagScore
 
 #: How long a writer waits for another process's transaction before giving up (seconds).
 DEFAULT_BUSY_TIMEOUT = float(os.environ.get("RAMCLI_INDEX_TIMEOUT", "600"))
@@ -349,7 +349,7 @@ class Index:
             if cur.rowcount == 0:
                 raise RamcliError(f"cannot move {old}: it is not in the index")
             if with_ledger:
-                from ramcli.ledger import Ledger  # the metadata writer's table; re-pointed in this transaction
+                from ramcli.library.ledger import Ledger  # the metadata writer's table; re-pointed in this transaction
 
                 Ledger(self.db).move(old, new)
 
@@ -696,10 +696,10 @@ class Index:
                 self._join_groups(group, other)
 
     def _merge_ledger(self) -> int:
-        """What the source's machine wrote into photos' metadata (`ramcli.ledger`), so that
+        """What the source's machine wrote into photos' metadata (`ramcli.library.ledger`), so that
         `ramcli untag` here can take it out again. A row this index has already keeps its own;
         rows that cannot be ramcli's are dropped and counted."""
-        from ramcli.ledger import Ledger
+        from ramcli.library.ledger import Ledger
 
         return Ledger(self.db).merge_from("merge_src")
 

@@ -7,7 +7,7 @@ The flow of `ramcli eval`:
 3. Images are scored by the same pipeline as `ramcli tag` and the scores of the benchmark classes
    are cached in `OUT/scores.npz`, keyed by the benchmark and a fingerprint of the model, so a
    re-run with other thresholds (or `--calibrate`) never touches the model again.
-4. `evaluate_scores` computes mAP, CP/CR/F1 (see `ramcli.metrics`), optionally calibrates
+4. `evaluate_scores` computes mAP, CP/CR/F1 (see `ramcli.eval.metrics`), optionally calibrates
    per-class thresholds, and `write_outputs` writes the summary, tables, predictions and plots.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ramcli import metrics
-from ramcli.decision import check_threshold, format_thresholds
+from ramcli.eval import metrics
+from ramcli.tagging.decision import check_threshold, format_thresholds
 from ramcli.errors import RamcliError, UsageError
-from ramcli.labels import LabelSet
+from ramcli.models.labels import LabelSet
 
 CACHE_NAME = "scores.npz"
 CACHE_VERSION = 1
@@ -290,7 +290,7 @@ def score_benchmark(
     of the benchmark classes. Images that are missing or cannot be decoded are recorded as failures
     (the official script silently scored a black image instead)."""
     from ramcli.models import load_model
-    from ramcli.pipeline import resolve_device, score_files
+    from ramcli.tagging.pipeline import resolve_device, score_files
 
     if not Path(images_dir).is_dir():
         raise RamcliError(f"images folder not found: {images_dir}")
@@ -571,7 +571,7 @@ def write_outputs(result: EvalResult, benchmark: Benchmark, out_dir: Path, plots
         written["thresholds"] = out_dir / "thresholds.txt"
         write_threshold_file(written["thresholds"], result.calibration.model_thresholds)
     if plots:
-        from ramcli.plots import plot_ap_bars, plot_pr_curves
+        from ramcli.eval.plots import plot_ap_bars, plot_pr_curves
 
         written["pr_curves"] = plot_pr_curves(cache.scores, result.targets, cache.class_names,
                                               result.mean_ap, out_dir / "pr_curves.png")
@@ -597,8 +597,8 @@ class EvalRequest:
     threshold_file: Path | None = None
     calibration_fraction: float | None = None
     plots: bool = False
-    #: Scores the images, with `ramcli.pipeline.score_files`'s signature; None is the local
-    #: pipeline (`ramcli eval --ray` passes `ramcli.ray_tag.score_files`).
+    #: Scores the images, with `ramcli.tagging.pipeline.score_files`'s signature; None is the local
+    #: pipeline (`ramcli eval --ray` passes `ramcli.tagging.on_ray.score_files`).
     scorer: Callable | None = None
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ramcli.errors import CheckpointError, RamcliError
 from ramcli.hashing import file_sha256
-from ramcli.safeload import load_weights
+from ramcli.models.safeload import load_weights
 
 #: open_clip model config that matches OpenAI's ViT-B/16 exactly (QuickGELU activations).
 CLIP_MODEL_NAME = "ViT-B-16-quickgelu"

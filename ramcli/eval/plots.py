@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ramcli import metrics
+from ramcli.eval import metrics
 from ramcli.errors import RamcliError
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from ramcli.clip_text import ClipTextEncoder, ensemble, processed_name
+from ramcli.models.clip_text import ClipTextEncoder, ensemble, processed_name
 from ramcli.errors import RamcliError
 from ramcli.fileio import atomic_write
-from ramcli.labels import OPEN_SET_THRESHOLD, LabelSet
+from ramcli.models.labels import OPEN_SET_THRESHOLD, LabelSet
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -168,7 +168,7 @@ class Vocabulary:
 
     def commit(self, index_path: Path | None = None) -> None:
         """Save, then bring the index's copy up to date (`publish`): the one way a change lands."""
-        from ramcli.index import Index
+        from ramcli.library.index import Index
 
         self.save()
         with Index.open(index_path) as index:

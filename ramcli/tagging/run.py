@@ -31,14 +31,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ramcli.discover import Found, describe_skipped, discover
-from ramcli.embed_cache import EmbeddingCache
+from ramcli.media.discover import Found, describe_skipped, discover
+from ramcli.tagging.embed_cache import EmbeddingCache
 from ramcli.errors import UsageError
 from ramcli.metadata import WriterOptions
 from ramcli.pathnames import display
-from ramcli.precision import DEFAULT_CHECK_PHOTOS
-from ramcli.records import PhotoResult
-from ramcli.writeback import unwritten
+from ramcli.tagging.precision import DEFAULT_CHECK_PHOTOS
+from ramcli.tagging.records import PhotoResult
+from ramcli.library.writeback import unwritten
 
 #: Why a photo reached through a symlink that leaves the tagged folders keeps its metadata.
 OUTSIDE_LINK = "symlink to a file outside the tagged folders: indexed, metadata not written (--follow-links writes it)"
@@ -221,8 +221,8 @@ class TagRun:
     #: (`ramcli watch` stops this way on Ctrl-C or SIGTERM).
     stop: Callable[[], bool] | None = None
     follow_links: bool = False  # walk and write through symlinks that leave the tagged folders
-    #: Runs the model over the due photos, with `ramcli.pipeline.tag_files`'s signature; None is
-    #: the local pipeline (`ramcli.ray_tag` passes a Ray Data one, recorded by the same sinks).
+    #: Runs the model over the due photos, with `ramcli.tagging.pipeline.tag_files`'s signature; None is
+    #: the local pipeline (`ramcli.tagging.on_ray` passes a Ray Data one, recorded by the same sinks).
     runner: Callable | None = None
     #: What discovery reported besides photos (errors, folder links not walked), set by `_discover`.
     reported: list[Found] = field(default_factory=list, init=False, repr=False)
@@ -321,7 +321,7 @@ class TagRun:
             if name is None:
                 raise UsageError("--caption needs the original Tag2Text .pth: converted files are tag-only")
             path = download(get_published(name))  # the hub cache keeps the original after `pull`
-        from ramcli.caption import load_official_generator
+        from ramcli.models.caption import load_official_generator
 
         return load_official_generator(read_official(path))
 
@@ -372,7 +372,7 @@ class TagRun:
     def _metadata_sink(self, index, model_id: str) -> MetadataSink:
         """A sink with its own ExifTool writer; each `TagSession.tag` sets its summary and the
         paths it leaves alone."""
-        from ramcli.ledger import Ledger
+        from ramcli.library.ledger import Ledger
         from ramcli.metadata import MetadataWriter
 
         options = self.writer_options or WriterOptions(lang=self.lang)
@@ -427,7 +427,7 @@ class _Stopped(Exception):
 class _Loaded:
     """The model side of a session: loaded on first need, kept until the vocabulary changes."""
 
-    tagger: object  # ramcli.pipeline.Tagger
+    tagger: object  # ramcli.tagging.pipeline.Tagger
     vocab_version: str  # of the vocabulary applied to the model
 
 
@@ -440,13 +440,13 @@ class TagSession:
 
     def __init__(self, run: TagRun, err_console: Console):
         from ramcli.models import model_id_of
-        from ramcli.pipeline import resolve_decode, resolve_device, resolve_precision
-        from ramcli.vocab import Vocabulary
+        from ramcli.tagging.pipeline import resolve_decode, resolve_device, resolve_precision
+        from ramcli.tagging.vocab import Vocabulary
 
         if run.write and not run.use_index:
             raise UsageError("--no-index needs --no-write: the index keeps the ledger that makes `untag` exact")
         self.run, self.err = run, err_console
-        from ramcli.pipeline import RUNTIMES
+        from ramcli.tagging.pipeline import RUNTIMES
 
         if run.runtime not in RUNTIMES:
             raise UsageError(f"unknown runtime {run.runtime!r}; use one of {', '.join(RUNTIMES)}")
@@ -459,7 +459,7 @@ class TagSession:
         self.model_id = model_id_of(run.weights)
         self.index = None
         if run.use_index:
-            from ramcli.index import Index
+            from ramcli.library.index import Index
 
             self.index = Index.open(run.index_path)
         self._loaded: _Loaded | None = None
@@ -504,7 +504,7 @@ class TagSession:
         index). A broken photo is due only once its file changed (or with --retry-broken); those
         left out are counted in `summary`. The vocabulary is re-read, so a long session follows
         `ramcli vocab` changes."""
-        from ramcli.vocab import Vocabulary
+        from ramcli.tagging.vocab import Vocabulary
 
         vocab = Vocabulary.open()
         if vocab.version != self.vocab.version:
@@ -568,8 +568,8 @@ class TagSession:
         run, index = self.run, self.index
         if not (run.write and index is not None and unchanged):
             return
-        from ramcli.index import normalize_path
-        from ramcli.writeback import write_indexed
+        from ramcli.library.index import normalize_path
+        from ramcli.library.writeback import write_indexed
 
         pending = index.pending_writes()  # path -> why the last write failed; usually none
         paths = [path for f in unchanged if (path := normalize_path(f.path)) in pending] if pending else []
@@ -595,7 +595,7 @@ class TagSession:
         bar on a terminal; photos the index knows under a path that is gone are re-pointed. Photos
         reached through a symlink out of the tagged folders are indexed with their link and, unless
         --follow-links, not written."""
-        from ramcli.pipeline import default_batch_size, default_workers, tag_files
+        from ramcli.tagging.pipeline import default_batch_size, default_workers, tag_files
 
         if not todo:
             return
@@ -655,7 +655,7 @@ class TagSession:
         if self.precision != "auto":
             return {}
         from ramcli.models import resolve_weights
-        from ramcli.precision import DecisionCache
+        from ramcli.tagging.precision import DecisionCache
 
         run = self.run
 
@@ -676,8 +676,8 @@ class TagSession:
         if self._loaded is not None:
             return self._loaded
         from ramcli.models import load_model
-        from ramcli.decision import read_threshold_file
-        from ramcli.pipeline import Tagger
+        from ramcli.tagging.decision import read_threshold_file
+        from ramcli.tagging.pipeline import Tagger
 
         run, err = self.run, self.err
         model = load_model(run.weights, arch=run.arch, labels_dir=run.labels, device=self.device,

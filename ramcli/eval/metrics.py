@@ -16,7 +16,7 @@ Matching the official `ram/utils/metrics.py` (checked against its source):
   default sort is unstable and the official order among ties is arbitrary). We use a stable sort,
   reversed: the same rule, made deterministic.
 * **CP / CR**: per-class precision `TP / (TP + FP + 1e-9)` and recall `TP / (TP + FN + 1e-9)` of
-  the predictions `score > threshold` (`ramcli.decision.emitted`, the rule `tag` applies), macro-averaged over all classes (a class with no
+  the predictions `score > threshold` (`ramcli.tagging.decision.emitted`, the rule `tag` applies), macro-averaged over all classes (a class with no
   predictions has precision 0, one with no positives recall 0, as in the official code).
   The official code has no F1; we report the usual CF1 = 2·CP·CR / (CP + CR), and also the
   micro-averaged OP / OR / OF1.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ramcli.decision import emitted, threshold_below, threshold_between
+from ramcli.tagging.decision import emitted, threshold_below, threshold_between
 from ramcli.errors import RamcliError
 
 AP_EPSILON = 1e-8

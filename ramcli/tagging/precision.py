@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ramcli.config import home
-from ramcli.decision import emitted
+from ramcli.tagging.decision import emitted
 from ramcli.fileio import atomic_write
 
 #: Share of fp32's emitted tags a fast path must reproduce (tags emitted by both / by either).

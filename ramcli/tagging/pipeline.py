@@ -6,8 +6,8 @@ same scores whichever command looks at it.
 - `Tagger` owns the model on its device with its precision, the active classes (disabled,
   excluded and Tag2Text's deleted tags are removed from the label queries, so they cost nothing)
   and the thresholds: per class unless `threshold` overrides them all; the rule itself
-  (sigmoid(logit) > threshold, strict, as the official code) is `ramcli.decision.emitted`.
-- `tag_files` streams batches from `ramcli.loader` through the Tagger and hands every
+  (sigmoid(logit) > threshold, strict, as the official code) is `ramcli.tagging.decision.emitted`.
+- `tag_files` streams batches from `ramcli.media.loader` through the Tagger and hands every
   `PhotoResult` to the sinks batch by batch, so a killed run loses at most the batch in flight.
 - `score_files` returns the raw score matrix (evaluation, data engine).
 """
@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ramcli.decision import check_threshold, emitted
-from ramcli.embed_cache import EmbeddingCache, rescore
+from ramcli.tagging.decision import check_threshold, emitted
+from ramcli.tagging.embed_cache import EmbeddingCache, rescore
 from ramcli.errors import UsageError
-from ramcli.imaging import normalize
-from ramcli.loader import Batch, Item, decode_deferred, make_loader
+from ramcli.media.decode import normalize
+from ramcli.media.loader import Batch, Item, decode_deferred, make_loader
 from ramcli.models import RecognitionModel
-from ramcli.precision import (
+from ramcli.tagging.precision import (
     DEFAULT_CHECK_PHOTOS,
     Arithmetic,
     Decision,
@@ -40,7 +40,7 @@ from ramcli.precision import (
     fast_paths,
     runtime_identity,
 )
-from ramcli.records import PhotoResult, TagScore
+from ramcli.tagging.records import PhotoResult, TagScore
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 #: auto: PyTorch for .pth/.safetensors, ONNX Runtime for .onnx, OpenVINO for .xml; openvino: any
@@ -79,7 +79,7 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
 
     auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp16 on MPS (its autocast supports
     fp16 on every macOS that has MPS, bf16 only on newer ones); on the CPU the Tagger checks the
-    fast paths this CPU has against fp32 on the first photos of the run (`ramcli.precision`).
+    fast paths this CPU has against fp32 on the first photos of the run (`ramcli.tagging.precision`).
     int8 (dynamic quantisation of the Linear layers) has CPU kernels only.
     """
     if precision not in PRECISIONS:
@@ -101,7 +101,7 @@ class Tagger:
 
     `precision` is a name from `resolve_precision`. With "auto" (the CPU) the first
     `check_photos` photos are scored in fp32 and in each fast path this CPU has; the Tagger then
-    switches to the decision of `ramcli.precision.decide` and reports it through `on_decision`.
+    switches to the decision of `ramcli.tagging.precision.decide` and reports it through `on_decision`.
     It is cached when `cache_key` is given (`DecisionCache.key`: the model file and the CPU),
     under that key extended with the rest of what decides it: the label system and thresholds
     judged at, the active classes, `vocab_version` and the runtime. Auto never makes a run fail:

@@ -40,11 +40,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ramcli.discover import Found, discover, walk_reaches
+from ramcli.media.discover import Found, discover, walk_reaches
 from ramcli.errors import RamcliError, UsageError
-from ramcli.index import PhotoRecord
+from ramcli.library.index import PhotoRecord
 from ramcli.pathnames import display, from_text, to_text
-from ramcli.tagrun import Summary, TagRun
+from ramcli.tagging.run import Summary, TagRun
 
 #: Names that sync clients, browsers and editors give files they are still writing (the final
 #: name appears by a rename once the file is complete). Names starting with "." are ignored too:
@@ -538,7 +538,7 @@ class Watcher:
         The index and the ledger commit one after the other, so a watcher killed between the
         two leaves rows of photos the index has already forgotten; `sweep` (the catch-up pass)
         looks at every ledger row under the deleted paths, which finds those too."""
-        from ramcli.ledger import Ledger
+        from ramcli.library.ledger import Ledger
 
         gone = {r.path for r in self._vanished(deleted)}
         if gone:
@@ -602,7 +602,7 @@ def _listing(folder: str) -> dict[str, tuple]:
 def _same_image(found: Found, candidates: list[PhotoRecord]) -> PhotoRecord | None:
     """The record among `candidates` with the image data of `found` (the one of the same name
     first), or None."""
-    from ramcli.imaging import ImageError, content_hash
+    from ramcli.media.decode import ImageError, content_hash
 
     try:
         digest = content_hash(found.path)

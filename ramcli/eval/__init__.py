@@ -1,0 +1,1 @@
+"""Benchmark evaluation: the official benchmarks' scores, metrics and plots."""

@@ -1,0 +1,1 @@
+"""Photos in: find them under the roots, recognise each by content, decode it into pixels."""
