@@ -27,7 +27,7 @@ import os
 import stat
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -180,11 +180,6 @@ def not_an_image_reason(head: bytes) -> str:
             if exc.start >= len(head) - 3:  # a multi-byte character cut by the read
                 return "not an image (text)"
     return "not an image (unknown format)"
-
-
-def summarize(found: Iterable[Found]) -> Counter[str]:
-    """Counts per kind, for the CLI's closing line."""
-    return Counter(f.kind for f in found)
 
 
 def describe_skipped(counts: Counter[str]) -> str:

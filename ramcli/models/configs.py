@@ -152,13 +152,6 @@ def get_arch(name: str) -> ArchConfig:
         raise CheckpointError(f"unknown architecture {name!r}; known: {', '.join(ARCHS)}") from None
 
 
-def family_of(name: str) -> str:
-    """'ram', 'ram_plus' or 'tag2text' from an arch or family name ('ram' alone means RAM)."""
-    if name in FAMILIES:
-        return name
-    return get_arch(name).family
-
-
 def head_prefix(sd: dict, prefix: str = "") -> str:
     """Where the recognition decoder's layers are: `tagging_head` (current files), `vision_multi`
     (early files), or the RAM/Tag2Text tag encoder whose lowest layers are tied to it."""
