@@ -319,7 +319,7 @@ def test_a_download_is_verified_once_then_used_without_hashing_or_network(tmp_pa
     cache = tmp_path / "hub"
     local = _fake_hub_cache(cache, p, b"weights" * 1000)
     calls = {"download": 0, "hash": 0}
-    real_hash = registry.sha256_file
+    real_hash = registry.file_sha256
 
     def fake_download(*args, **kwargs):  # what the hub would return: the cached file
         calls["download"] += 1
@@ -330,7 +330,7 @@ def test_a_download_is_verified_once_then_used_without_hashing_or_network(tmp_pa
         return real_hash(path, *args)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr(registry, "sha256_file", counting_hash)
+    monkeypatch.setattr(registry, "file_sha256", counting_hash)
     assert registry.download(p, cache_dir=cache) == local
     assert calls == {"download": 1, "hash": 1} and registry.verified_as(local) == p.name
     for _ in range(3):  # later runs (`tag --caption`): no hub, no hash

@@ -12,7 +12,6 @@ file by default, which is what `tag` loads afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ramcli.errors import RamcliError
+from ramcli.hashing import file_sha256
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,6 @@ def get_published(name: str) -> Published:
 
 def converted_path(models_dir: Path, name: str) -> Path:
     return Path(models_dir) / f"{name}.safetensors"
-
-
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _records_path() -> Path:
@@ -186,7 +178,7 @@ def download(p: Published, cache_dir: Path | None = None) -> Path:
         local = Path(hf_hub_download(p.repo_id, p.filename, repo_type=p.repo_type, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise unreachable_advice(p, type(exc).__name__) from None
-    digest = sha256_file(local)
+    digest = file_sha256(local)
     blob = local.resolve().name  # the hub cache names an LFS file's blob by its SHA-256
     expected = p.sha256 or (blob if _SHA256.fullmatch(blob) else None)
     if expected and digest != expected:
