@@ -15,7 +15,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from ramcli.models.clip_text import ClipTextEncoder, ensemble, processed_name
 from ramcli.errors import RamcliError
 from ramcli.fileio import atomic_write
 from ramcli.models.labels import OPEN_SET_THRESHOLD, LabelSet
+from ramcli.tagging.decision import is_threshold
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -49,14 +49,17 @@ def clean_name(name: str, what: str = "tag name") -> str:
     return cleaned
 
 
-def check_threshold(value: float, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise RamcliError(f"threshold for '{name}' is not a number: {value!r}") from None
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise RamcliError(f"threshold for '{name}' must be between 0 and 1, got {value}")
-    return value
+def parse_threshold(value: float | str, name: str) -> float:
+    """A threshold the user gave for tag `name` (the command line, an import file, where CSV
+    holds text), held to the one rule of every threshold (`decision.is_threshold`)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise RamcliError(f"threshold for '{name}' is not a number: {value!r}") from None
+    if not is_threshold(value):
+        raise RamcliError(f"threshold for '{name}' must be between 0 and 1, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -258,7 +261,7 @@ class Vocabulary:
             threshold: float = OPEN_SET_THRESHOLD, name_zh: str = "") -> CustomTag:
         """Embed and add one custom tag (not saved until `save`)."""
         name = self.check_new(name, descriptions)
-        threshold = check_threshold(threshold, name)
+        threshold = parse_threshold(threshold, name)
         zh = clean_name(name_zh, what=f"the Chinese name of '{name}'") if name_zh else ""
         tag = CustomTag(name, threshold, [d.strip() for d in descriptions], name_zh=zh)
         return self._add_all([tag], load_encoder)[0]
@@ -305,7 +308,7 @@ class Vocabulary:
 
     def set_threshold(self, name: str, value: float) -> str:
         canonical, kind = self.resolve(name)
-        value = check_threshold(value, canonical)
+        value = parse_threshold(value, canonical)
         if kind == "custom":
             self.find_custom(canonical).threshold = value
         else:
@@ -338,7 +341,7 @@ class Vocabulary:
         pending: list[str] = []
         for tag in plan.custom:
             tag.name = self.check_new(tag.name, tag.descriptions, pending)
-            tag.threshold = check_threshold(tag.threshold, tag.name)
+            tag.threshold = parse_threshold(tag.threshold, tag.name)
             pending.append(tag.name)
         known = {name_key(n) for n in pending}
 
@@ -350,7 +353,7 @@ class Vocabulary:
             check_known(name)
         for name, value in plan.thresholds.items():
             check_known(name)
-            check_threshold(value, name)
+            parse_threshold(value, name)
         for alias, name in plan.synonyms.items():
             check_known(name)
             clean_name(alias, what="synonym")
