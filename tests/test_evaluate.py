@@ -22,7 +22,7 @@ from ramcli.eval.benchmark import (
     ScoreCache,
     evaluate_scores,
     load_benchmark,
-    read_threshold_file,
+    benchmark_thresholds,
     resolve_image,
     run,
     select_classes,
@@ -210,11 +210,11 @@ def test_metrics_from_cache_and_threshold_files(tmp_path):
     assert result.thresholds.tolist() == [0.5, 0.5, 0.5]
 
     model_order = _write(tmp_path / "model_thr.txt", "0.1\n0.2\n0.3\n0.4\n0.5\n0.6\n")
-    assert read_threshold_file(model_order, 6, cache).tolist() == [0.3, 0.1, 0.4]
+    assert benchmark_thresholds(model_order, 6, cache).tolist() == [0.3, 0.1, 0.4]
     bench_order = _write(tmp_path / "bench_thr.txt", "0.7\n0.8\n0.9\n0.95\n")
-    assert read_threshold_file(bench_order, 6, cache).tolist() == [0.7, 0.8, 0.95]
+    assert benchmark_thresholds(bench_order, 6, cache).tolist() == [0.7, 0.8, 0.95]
     with pytest.raises(RamcliError, match="has 2 values"):
-        read_threshold_file(_write(tmp_path / "bad.txt", "0.1\n0.2\n"), 6, cache)
+        benchmark_thresholds(_write(tmp_path / "bad.txt", "0.1\n0.2\n"), 6, cache)
     single = evaluate_scores(benchmark, cache, threshold=0.9)
     assert single.pr.cr < result.pr.cr  # a higher threshold recalls less
     with pytest.raises(UsageError):
@@ -234,7 +234,7 @@ def test_calibration_writes_a_full_threshold_file_and_improves_f1(tmp_path):
     assert values[4:] == [0.5, 0.5]  # classes not in the benchmark keep the default
     assert values[:4] == pytest.approx([c.thresholds[1], 0.5, c.thresholds[0], c.thresholds[2]], abs=1e-4)
     # the written file is accepted as --threshold-file and reproduces the calibrated thresholds
-    assert read_threshold_file(written["thresholds"], 6, cache) == pytest.approx(c.thresholds, abs=1e-4)
+    assert benchmark_thresholds(written["thresholds"], 6, cache) == pytest.approx(c.thresholds, abs=1e-4)
 
 
 def test_outputs_and_plots(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ramcli.eval import metrics
-from ramcli.tagging.decision import check_threshold, format_thresholds
+from ramcli.tagging.decision import format_thresholds, read_threshold_file
 from ramcli.errors import RamcliError, UsageError
 from ramcli.models.labels import LabelSet
 
@@ -346,22 +346,15 @@ def targets_for(benchmark: Benchmark, cache: ScoreCache) -> np.ndarray:
     return benchmark.targets[rows][:, cache.columns]
 
 
-def read_threshold_file(path: Path, num_model_classes: int, cache: ScoreCache) -> np.ndarray:
-    """Per-class thresholds for the evaluated classes from a file of one float per line.
+def benchmark_thresholds(path: Path, num_model_classes: int, cache: ScoreCache) -> np.ndarray:
+    """Per-class thresholds for the evaluated classes from a threshold file (read as `ramcli tag
+    --threshold-file` reads it: `decision.read_threshold_file`).
 
     A file with one line per model class (the official `ram_tag_list_threshold.txt` layout, what
     `--calibrate` writes and `ramcli tag --threshold-file` reads) is indexed by model label; a file
     with one line per benchmark class (the official `batch_inference.py` layout) by taglist order.
     """
-    lines = [line.strip() for line in _read_text_lines(path, "threshold file")]
-    while lines and not lines[-1]:
-        lines.pop()
-    try:
-        values = np.array([float(line) for line in lines], dtype=np.float64)
-    except ValueError:
-        raise RamcliError(f"threshold file has a line that is not a number: {path}") from None
-    for line, value in enumerate(values, 1):
-        check_threshold(value, f"threshold file {path}, line {line}")
+    values = np.array(read_threshold_file(path), dtype=np.float64)
     if len(values) == num_model_classes:
         return values[cache.model_indices]
     benchmark_classes = len(cache.columns) + len(cache.missing_classes)
@@ -480,7 +473,7 @@ def evaluate_scores(
     if threshold is not None:
         thresholds, source = np.full(len(cache.columns), float(threshold)), f"{threshold:g} for every class"
     elif threshold_file is not None:
-        thresholds = read_threshold_file(threshold_file, len(cache.model_thresholds), cache)
+        thresholds = benchmark_thresholds(threshold_file, len(cache.model_thresholds), cache)
         source = str(threshold_file)
     else:
         thresholds, source = cache.model_thresholds[cache.model_indices], "the model's per-class defaults"
