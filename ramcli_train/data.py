@@ -610,7 +610,7 @@ class AnnotationDataset(_StreamBase):
         return self._finish(item["image_path"], image, captions, sorted(set(union)), parsed, rng, num_classes, pending)
 
 
-def collate(items: list[TrainSample | DataStats]) -> TrainBatch:
+def collate_samples(items: list[TrainSample | DataStats]) -> TrainBatch:
     """Stack samples; fold every item's skip counts into the batch's `stats`."""
     stats = DataStats()
     samples = []
@@ -650,7 +650,7 @@ class TrainLoader:
         self.stats = DataStats()
         self.epoch_stats = DataStats()
         self.full_epoch: DataStats | None = None  # the first epoch read to its end: the data set's counts
-        self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, **loader_kwargs)
+        self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples, **loader_kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)

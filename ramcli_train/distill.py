@@ -85,7 +85,7 @@ class DistillConfig:
 
 
 @dataclass
-class Targets:
+class TeacherTargets:
     """The teacher's outputs per photo (content hash): logits of every class, pooled embedding."""
 
     logits: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -171,8 +171,8 @@ class TeacherStore:
         self.folder = Path(folder)
         self.teacher_id = teacher_id
 
-    def load(self) -> Targets:
-        targets = Targets()
+    def load(self) -> TeacherTargets:
+        targets = TeacherTargets()
         for path in sorted(self.folder.glob("batch-*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
@@ -220,7 +220,7 @@ def key_photos(photos: Sequence[Path]) -> tuple[dict[str, Path], dict[str, str]]
 @torch.inference_mode()
 def teacher_pass(teacher: RecognitionModel, keys: dict[str, Path], store: TeacherStore, device: torch.device,
                  batch_size: int, workers: int, cache=None,
-                 on_progress: Callable[[int, int], None] | None = None) -> tuple[Targets, dict[str, str]]:
+                 on_progress: Callable[[int, int], None] | None = None) -> tuple[TeacherTargets, dict[str, str]]:
     """Run the teacher over the photos `keys` (content hash -> photo) it has not scored yet:
     (every stored target, photos it could not read -> reason). `on_progress(done, to_do)`.
 
@@ -259,7 +259,7 @@ def _loader(paths: list[Path], model: RecognitionModel, batch_size: int, workers
     return make_loader(paths, model.arch.image_size, batch_size, workers=workers, interpolation=model.arch.interpolation)
 
 
-def _record(store: TeacherStore, targets: Targets, keys: list[str], logits: torch.Tensor, embeds: torch.Tensor) -> None:
+def _record(store: TeacherStore, targets: TeacherTargets, keys: list[str], logits: torch.Tensor, embeds: torch.Tensor) -> None:
     store.add(keys, logits, embeds)
     for i, key in enumerate(keys):
         targets.logits[key] = logits[i].float().cpu()
@@ -484,7 +484,7 @@ def student_loss(student: RecognitionModel, images: torch.Tensor, teacher_logits
     return parts
 
 
-def lr_at(cfg: DistillConfig, step: int, total: int) -> float:
+def student_lr(cfg: DistillConfig, step: int, total: int) -> float:
     """Linear warmup, then cosine to zero over the run."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -498,7 +498,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: list[Path], keys: list[str],
-                  targets: Targets, device: torch.device, log, resume: bool,
+                  targets: TeacherTargets, device: torch.device, log, resume: bool,
                   on_step: Callable[[int, int, dict], None] | None = None) -> int:
     """The training loop; returns the number of optimizer steps done. Checkpoints hold the
     student, optimizer, step and position in the epoch, so `resume` continues exactly."""
@@ -538,7 +538,7 @@ def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: li
             if not usable:  # photos the teacher could not read either
                 continue
             batch_keys = [by_path[batch.items[i].path] for i in usable]
-            lr = lr_at(cfg, step, total)
+            lr = student_lr(cfg, step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             parts = student_loss(student, normalize(batch.pixels[usable].to(device), student.arch.data_config),
