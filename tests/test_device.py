@@ -15,7 +15,8 @@ import torch
 import ramcli
 from ramcli.tagging import pipeline
 from ramcli.errors import UsageError
-from ramcli.tagging.pipeline import default_batch_size, default_workers, resolve_decode, resolve_device, resolve_precision
+from ramcli.tagging.pipeline import default_batch_size, default_workers, resolve_decode, resolve_device
+from ramcli.tagging.precision import resolve_precision
 
 MPS = torch.device("mps")
 

@@ -15,7 +15,8 @@ from images import photo_like
 from ramcli.cli.app import app
 from ramcli.errors import UsageError
 from ramcli.models import load_any
-from ramcli.tagging.pipeline import Tagger, resolve_precision
+from ramcli.tagging.pipeline import Tagger
+from ramcli.tagging.precision import resolve_precision
 from ramcli.tagging.precision import Decision, DecisionCache, Measured, decide, quantize_int8
 
 N = 30

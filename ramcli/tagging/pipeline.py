@@ -36,13 +36,13 @@ from ramcli.tagging.precision import (
     Decision,
     DecisionCache,
     PrecisionCheck,
-    one_line,
     fast_paths,
+    one_line,
+    resolve_precision,
     runtime_identity,
 )
 from ramcli.tagging.records import PhotoResult, TagScore
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 #: auto: PyTorch for .pth/.safetensors, ONNX Runtime for .onnx, OpenVINO for .xml; openvino: any
 #: model converted to OpenVINO (once, cached in RAMCLI_HOME)
 RUNTIMES = ("auto", "openvino")
@@ -72,27 +72,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     return dev
-
-
-def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """The arithmetic the Tagger runs: fp32, bf16, fp16, int8, or 'auto' on the CPU.
-
-    auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp16 on MPS (its autocast supports
-    fp16 on every macOS that has MPS, bf16 only on newer ones); on the CPU the Tagger checks the
-    fast paths this CPU has against fp32 on the first photos of the run (`ramcli.tagging.precision`).
-    int8 (dynamic quantisation of the Linear layers) has CPU kernels only.
-    """
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and device.type != "cpu":
-        raise UsageError("--precision int8 runs on the CPU only (use bf16 or fp16 on a GPU)")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "mps":
-        return "fp16"
-    return "auto"
 
 
 @dataclass

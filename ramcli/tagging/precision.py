@@ -36,8 +36,33 @@ import torch
 from torch import nn
 
 from ramcli.config import home
-from ramcli.tagging.decision import emitted
+from ramcli.errors import UsageError
 from ramcli.fileio import atomic_write
+from ramcli.tagging.decision import emitted
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """The arithmetic the Tagger runs: fp32, bf16, fp16, int8, or 'auto' on the CPU.
+
+    auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp16 on MPS (its autocast supports
+    fp16 on every macOS that has MPS, bf16 only on newer ones); on the CPU the Tagger checks the
+    fast paths this CPU has against fp32 on the first photos of the run (`PrecisionCheck`).
+    int8 (dynamic quantisation of the Linear layers) has CPU kernels only.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and device.type != "cpu":
+        raise UsageError("--precision int8 runs on the CPU only (use bf16 or fp16 on a GPU)")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps":
+        return "fp16"
+    return "auto"
+
 
 #: Share of fp32's emitted tags a fast path must reproduce (tags emitted by both / by either).
 MIN_AGREEMENT = 0.99

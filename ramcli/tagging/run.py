@@ -440,7 +440,8 @@ class TagSession:
 
     def __init__(self, run: TagRun, err_console: Console):
         from ramcli.models import model_id_of
-        from ramcli.tagging.pipeline import resolve_decode, resolve_device, resolve_precision
+        from ramcli.tagging.pipeline import resolve_decode, resolve_device
+        from ramcli.tagging.precision import resolve_precision
         from ramcli.tagging.vocab import Vocabulary
 
         if run.write and not run.use_index:
