@@ -35,7 +35,7 @@ from ramcli.media.discover import Found, describe_skipped, discover
 from ramcli.tagging.embed_cache import EmbeddingCache
 from ramcli.errors import UsageError
 from ramcli.metadata import WriterOptions
-from ramcli.pathnames import display
+from ramcli.pathnames import display, is_uri
 from ramcli.tagging.precision import DEFAULT_CHECK_PHOTOS
 from ramcli.tagging.records import PhotoResult
 from ramcli.library.writeback import unwritten
@@ -113,6 +113,8 @@ class Triage:
         (self.summary.known_failed if known else self.summary.failed).append((r.path, r.error or r.status))
 
     def _changed(self, r: PhotoResult) -> bool:
+        if is_uri(r.path):  # object storage (`--ray`): no local file to compare; never written
+            return False
         before = self.before.get(r.path)
         now = _identity(r.path)
         return now is None or before is None or (now[0], now[1], now[2]) != (r.size, r.mtime_ns, before[2])
