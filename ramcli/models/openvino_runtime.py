@@ -36,6 +36,7 @@ from torch import nn
 
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
+from ramcli.hashing import file_sha256
 from ramcli.models.labels import LabelSet, resolve_labels
 from ramcli.models.configs import ArchConfig
 
@@ -66,16 +67,6 @@ def device_name(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------- files
-def file_fingerprint(path: Path) -> str:
-    """The content of a model file, hashed whole (a changed byte anywhere gives another key);
-    read in 16 MiB blocks, so a 3 GB file costs seconds once per conversion, never memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def companions(path: Path) -> list[Path]:
     """The files a model file's weights live in besides itself: an IR's `.bin`, an ONNX file's
     external data files (named in its graph)."""
@@ -87,8 +78,8 @@ def companions(path: Path) -> list[Path]:
 
         try:
             proto = onnx.load(str(path), load_external_data=False)
-        except Exception:
-            return []
+        except Exception as exc:  # protobuf's DecodeError and friends
+            raise CheckpointError(f"cannot read {path.name}: not a valid ONNX file ({type(exc).__name__})") from None
         names = {entry.value for t in proto.graph.initializer for entry in t.external_data if entry.key == "location"}
         return [path.parent / n for n in sorted(names) if (path.parent / n).is_file()]
     return []
@@ -98,7 +89,7 @@ def cache_key(source: Path, labels: LabelSet, precision: str = "fp32") -> str:
     """What a converted graph is made of: the model file and its external weights, the label
     system (custom tags are baked in), the arithmetic and the OpenVINO version."""
     ov = require()
-    parts = [file_fingerprint(p) for p in (Path(source), *companions(source))]
+    parts = [file_sha256(p) for p in (Path(source), *companions(source))]
     parts += [labels.checksum(), precision, ov.__version__, FORMAT]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
