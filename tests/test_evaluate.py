@@ -14,20 +14,10 @@ import pytest
 from ramcli.eval import metrics
 from ramcli.errors import RamcliError, UsageError
 from ramcli.models.labels import read_label_dir
-from ramcli.eval.benchmark import (
-    INDICES,
-    NAMES,
-    TAG_IDS,
-    EvalRequest,
-    ScoreCache,
-    evaluate_scores,
-    load_benchmark,
-    benchmark_thresholds,
-    resolve_image,
-    run,
-    select_classes,
-    write_outputs,
-)
+from ramcli.eval.benchmark import INDICES, NAMES, TAG_IDS, load_benchmark, resolve_image, select_classes
+from ramcli.eval.results import benchmark_thresholds, evaluate_scores, write_outputs
+from ramcli.eval.run import EvalRequest, run
+from ramcli.eval.scores import ScoreCache
 
 
 def _write(path: Path, text: str) -> Path:
@@ -295,7 +285,7 @@ def test_eval_end_to_end_with_a_tiny_model(tmp_path):
 
     from ramcli.cli.app import app
 
-    from ramcli.eval.benchmark import targets_for
+    from ramcli.eval.scores import targets_for
 
     weights = make_official_checkpoint(tmp_path / "ram_tiny.pth", arch="ram_tiny", num_classes=40)
     labels = make_labels_dir(tmp_path, 40)

@@ -1,5 +1,5 @@
-"""Atomic writes and the in-place redo journal (ramcli/fileio.py): a kill -9 at any moment and a
-full disk leave a photo whole. The kill -9 tests of the metadata writer (tests/test_metadata.py)
+"""Atomic writes (ramcli/fileio.py) and the in-place redo journal (ramcli/journal.py, ramcli/inplace.py):
+a kill -9 at any moment and a full disk leave a photo whole. The kill -9 tests of the metadata writer (tests/test_metadata.py)
 exercise the journal end to end."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ramcli import fileio
-from ramcli.fileio import Change, Journal, atomic_output, atomic_write
+from ramcli import inplace
+from ramcli.fileio import atomic_output, atomic_write
+from ramcli.journal import Change, Journal
 from small_disk import fill, free_bytes, small_disk
 
 
@@ -179,7 +180,7 @@ def test_a_full_disk_leaves_the_photo_and_its_snapshot_untouched(tmp_path):
 def test_where_space_cannot_be_allocated_the_free_space_is_checked(tmp_path, monkeypatch):
     """Without fallocate (macOS, some network file systems) `reserve` compares the growth with the
     free space: it refuses on a full disk, and never changes the file."""
-    monkeypatch.setattr(fileio, "_FALLOCATE", None)
+    monkeypatch.setattr(inplace, "_FALLOCATE", None)
     with small_disk(tmp_path / "disk", 1 << 20) as disk:
         photo = disk / "photo.jpg"
         photo.write_bytes(jpeg(4))
@@ -188,11 +189,11 @@ def test_where_space_cannot_be_allocated_the_free_space_is_checked(tmp_path, mon
         fd = os.open(photo, os.O_WRONLY)
         try:
             with pytest.raises(OSError) as refused:
-                fileio.reserve(fd, size + 200_000)
+                inplace.reserve(fd, size + 200_000)
             assert refused.value.errno == errno.ENOSPC
-            fileio.reserve(fd, size)  # no growth: nothing to reserve
+            inplace.reserve(fd, size)  # no growth: nothing to reserve
             filler.unlink()
-            fileio.reserve(fd, size + 200_000)
+            inplace.reserve(fd, size + 200_000)
         finally:
             os.close(fd)
         assert photo.read_bytes() == jpeg(4)
@@ -242,10 +243,11 @@ def test_a_replay_that_finds_the_disk_full_keeps_its_record_until_it_can(tmp_pat
 
 KILLED_COMMITS = """
 import itertools, os, shutil, signal, sys
-import ramcli.fileio as fileio
+import ramcli.inplace as inplace
+import ramcli.journal as journal_module
 
 root, photo, first, second, kill_at = sys.argv[1:]
-fileio._COPY_CHUNK = 16 << 10  # many writes per copy, so that a kill lands between two of them
+inplace._COPY_CHUNK = 16 << 10  # many writes per copy, so that a kill lands between two of them
 real_write, writes = os.write, itertools.count(1)
 
 def write(fd, data):  # the kill_at-th write into the photo kills the process (0: the test does)
@@ -254,12 +256,12 @@ def write(fd, data):  # the kill_at-th write into the photo kills the process (0
     return real_write(fd, data)
 
 os.write = write
-journal = fileio.Journal(root)
+journal = journal_module.Journal(root)
 print("ready", flush=True)
 for new in itertools.cycle([second, first]):
     batch = journal.new_batch()
     shutil.copyfile(new, batch / "new")
-    assert journal.commit(batch, [fileio.Change(photo, str(batch / "new"))]) == {photo: None}
+    assert journal.commit(batch, [journal_module.Change(photo, str(batch / "new"))]) == {photo: None}
 """
 
 

@@ -102,7 +102,7 @@ def test_device_decode_orients_like_pillow(tmp_path):
     from PIL import Image, ImageOps
     from images import exif_with, jpeg_bytes, photo_like
 
-    from ramcli.media.decode import decode_jpegs
+    from ramcli.media.deferred_jpeg import decode_jpegs
 
     img = photo_like(60, 36, seed=3)
     for orientation in range(1, 9):
@@ -137,7 +137,7 @@ def test_device_decode_of_a_batch_larger_than_one_decoder_call(tmp_path):
     """Batches are decoded in chunks (GPU memory); order and pixels survive the chunking."""
     from images import jpeg_bytes, photo_like
 
-    from ramcli.media.decode import decode_jpegs
+    from ramcli.media.deferred_jpeg import decode_jpegs
 
     paths = []
     for i in range(40):

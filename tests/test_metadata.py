@@ -491,7 +491,7 @@ def test_exiftool_dying_mid_write_leaves_every_file_as_it_was(tmp_path, ledger, 
 KILLED_WRITER = """
 import os, signal, sys
 import sqlite_utils
-import ramcli.fileio
+import ramcli.inplace
 from ramcli.library.ledger import Ledger
 from ramcli.metadata import ExifToolProcess, MetadataWriter, WriterOptions
 from ramcli.metadata.writer import MetadataWriter as Writer
@@ -499,7 +499,7 @@ from ramcli.tagging.records import TagScore
 
 db, when, photos = sys.argv[1], sys.argv[2], sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_write, real_into, real_settle = ExifToolProcess.write, ramcli.fileio.write_into, Writer._settle
+real_write, real_into, real_settle = ExifToolProcess.write, ramcli.inplace.write_into, Writer._settle
 
 def write(self, *args):
     if when == "before_exiftool":
@@ -522,7 +522,7 @@ def settle(self, *args):
         die()
     return real_settle(self, *args)
 
-ExifToolProcess.write, ramcli.fileio.write_into, Writer._settle = write, write_into, settle
+ExifToolProcess.write, ramcli.inplace.write_into, Writer._settle = write, write_into, settle
 writer = MetadataWriter(WriterOptions(), Ledger(sqlite_utils.Database(db)))
 writer.write_batch([(p, [TagScore("dog", "", 0.9), TagScore("Oma", "", 0.8)]) for p in photos], model_id="m",
                    captions=["a dog on a beach"] * len(photos))

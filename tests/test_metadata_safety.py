@@ -257,7 +257,7 @@ def test_a_full_disk_never_leaves_a_photo_half_written(tmp_path, ledger):
 KILLED_MID_COPY = """
 import os, signal, sys
 import sqlite_utils
-import ramcli.fileio
+import ramcli.inplace
 from ramcli.library.ledger import Ledger
 from ramcli.metadata import MetadataWriter, WriterOptions
 from ramcli.tagging.records import TagScore
@@ -267,8 +267,8 @@ def write_into(fd, source, sync=True):  # half of the new content, no space rese
     os.pwrite(fd, data[: len(data) // 2], 0)
     os.kill(os.getpid(), signal.SIGKILL)
 
-ramcli.fileio.write_into = write_into
-ramcli.fileio.reserve = lambda fd, size: None  # a file system where space cannot be reserved
+ramcli.inplace.write_into = write_into
+ramcli.inplace.reserve = lambda fd, size: None  # a file system where space cannot be reserved
 db, photo, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with MetadataWriter(WriterOptions(), Ledger(sqlite_utils.Database(db))) as writer:
     writer.write_batch([(photo, [TagScore(f"tag {i:03d}", "", 0.9) for i in range(count)])])

@@ -370,7 +370,7 @@ def test_engine_generate_on_ray_writes_the_shards_of_a_local_run(cluster, tmp_pa
 def test_eval_on_ray_scores_what_a_local_eval_scores(model_files, cluster, tmp_path):
     import numpy as np
 
-    from ramcli.eval.benchmark import ScoreCache
+    from ramcli.eval.scores import ScoreCache
     from ramcli.models.labels import read_label_dir
 
     weights, labels = model_files

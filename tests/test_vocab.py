@@ -15,6 +15,7 @@ from ramcli.errors import RamcliError
 from ramcli.models.labels import read_label_dir
 from ramcli.models import load_model
 from ramcli.tagging.vocab import Vocabulary
+from ramcli.tagging.vocab_files import parse_import_file
 
 NUM_CLASSES = 30
 SEED = 3
@@ -116,7 +117,7 @@ def test_import_export_round_trip(tmp_path, vocab, load_encoder, builtin):
     official = [{"velodrome": ["a velodrome.", "a cycling track", "an indoor track"]}, {"gondola lift": ["a gondola."]}]
     (tmp_path / "llm.json").write_text(json.dumps(official), encoding="utf-8")
     for name in ("tags.txt", "tags.csv", "llm.json"):
-        vocab.apply_import(vocab.plan_import(tmp_path / name), load_encoder)
+        vocab.apply_import(vocab.check_import(parse_import_file(tmp_path / name)), load_encoder)
     vocab.disable("person")
     vocab.set_threshold("dog", 0.8)
     vocab.add_synonym("tram", "streetcar")
@@ -127,7 +128,7 @@ def test_import_export_round_trip(tmp_path, vocab, load_encoder, builtin):
     exported = tmp_path / "export.json"
     exported.write_text(json.dumps(vocab.export()), encoding="utf-8")
     other = Vocabulary.open(tmp_path / "other", builtin)
-    other.apply_import(other.plan_import(exported), load_encoder)
+    other.apply_import(other.check_import(parse_import_file(exported)), load_encoder)
     assert other.export() == vocab.export()
     assert other.version == vocab.version
     assert other.find_custom("aerial tramway").name_zh == "空中缆车"
@@ -147,7 +148,7 @@ def test_bad_import_files(tmp_path, vocab, load_encoder, content, suffix, messag
     path = tmp_path / f"in{suffix}"
     path.write_bytes(content)
     with pytest.raises(RamcliError, match=message):
-        vocab.plan_import(path)
+        vocab.check_import(parse_import_file(path))
     assert vocab.custom == [] and not load_encoder.calls
 
 

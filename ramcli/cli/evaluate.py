@@ -1,6 +1,6 @@
 """`ramcli eval`: mAP / CP / CR / F1 on the official benchmark formats.
 
-A thin wrapper over `ramcli.eval.benchmark`; see docs/eval.md.
+A thin wrapper over `ramcli.eval.run`; see docs/eval.md.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError("give --threshold or --threshold-file, not both")
         if calibrate and not 0.0 < calibration_split < 1.0:
             raise UsageError(f"--calibration-split must be between 0 and 1, got {calibration_split}")
-        from ramcli.eval import benchmark as ev
+        from ramcli.eval.results import summary_text
+        from ramcli.eval.run import EvalRequest, run
+        from ramcli.eval.scores import CACHE_NAME
 
         scorer = None
         if ray or ray_address:
@@ -51,15 +53,15 @@ def register(app: typer.Typer) -> None:
             ray_tag.import_ray()
             scorer = functools.partial(ray_tag.score_files, actor_device=device, address=ray_address, actors=ray_actors)
             device = "cpu"  # the driver only loads the model and gathers the scores
-        request = ev.EvalRequest(
+        request = EvalRequest(
             annotations=annotations, taglist=taglist, out_dir=out, images=images, weights=weights, arch=arch,
             labels_dir=labels, device=device, batch_size=batch_size, threshold=threshold,
             threshold_file=threshold_file, calibration_fraction=calibration_split if calibrate else None,
             plots=plots, scorer=scorer,
         )
-        result, written, reused = ev.run(request)
+        result, written, reused = run(request)
         if reused:
-            err_console.print(f"reused the cached scores in {out / ev.CACHE_NAME}", highlight=False, markup=False, soft_wrap=True)
+            err_console.print(f"reused the cached scores in {out / CACHE_NAME}", highlight=False, markup=False, soft_wrap=True)
         if len(result.cache.missing_classes):
             err_console.print(
                 f"[yellow]warning:[/] {len(result.cache.missing_classes)} benchmark classes are not in the model's "
@@ -71,6 +73,6 @@ def register(app: typer.Typer) -> None:
                 f"[yellow]warning:[/] {len(result.cache.failed_ids)} images are missing or unreadable and were "
                 f"left out (listed in {escape(str(written['failures']))})", highlight=False, soft_wrap=True,
             )
-        console.print(ev.summary_text(result), highlight=False, markup=False, soft_wrap=True)
+        console.print(summary_text(result), highlight=False, markup=False, soft_wrap=True)
         console.print(f"results in {out}/ ({', '.join(sorted(p.name for p in written.values()))})",
                       highlight=False, markup=False, soft_wrap=True)

@@ -1,4 +1,5 @@
-"""`ramcli vocab`: the open vocabulary. Thin wrappers over `ramcli.tagging.vocab`."""
+"""`ramcli vocab`: the open vocabulary. Thin wrappers over `ramcli.tagging.vocab` (and
+`ramcli.tagging.vocab_files` for the files it imports)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def add(
     if descriptions is not None:
         if texts:
             raise UsageError("use either --description or --descriptions, not both")
-        from ramcli.tagging.vocab import read_descriptions
+        from ramcli.tagging.vocab_files import read_descriptions
 
         texts = read_descriptions(descriptions, name)
     tag = vocab.add(name, _encoder_loader(clip_weights), texts, threshold, name_zh)
@@ -145,8 +146,10 @@ def import_(
     labels: Path = LABELS_OPTION,
 ) -> None:
     """Import tags and settings; nothing changes unless the whole file is valid."""
+    from ramcli.tagging.vocab_files import parse_import_file
+
     vocab = _open(labels)
-    plan = vocab.plan_import(file)
+    plan = vocab.check_import(parse_import_file(file))
     vocab.apply_import(plan, _encoder_loader(clip_weights))
     _done(vocab, f"imported {len(plan.custom)} custom tags and {len(plan.disabled) + len(plan.thresholds) + len(plan.synonyms)} settings")
 

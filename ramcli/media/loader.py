@@ -22,7 +22,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ramcli.media.decode import ImageError, decode_jpegs, load_for_model
+from ramcli.media.decode import ImageError, load_for_model
+from ramcli.media.deferred_jpeg import decode_jpegs
 
 
 class Failure(NamedTuple):

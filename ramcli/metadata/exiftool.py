@@ -19,7 +19,7 @@ user path and no value ever is an argument:
   that would drop the rest).
 
 Writing never replaces a file: ExifTool writes the new version to a separate folder (`-o`) and
-ramcli copies it into the original (`ramcli.fileio.Journal`).
+ramcli copies it into the original (`ramcli.journal.Journal`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ How a batch runs, and why:
    XMP cannot carry and no ramcli name holds), so the other new versions are not read back: that
    read costs nearly as much as the write.
    The journal then makes the new versions durable and copies each into its file in place, once
-   the space for it is reserved (`ramcli.fileio.Journal`): inode, hard links, extended
+   the space for it is reserved (`ramcli.journal.Journal`): inode, hard links, extended
    attributes, owner and mode stay; a new sidecar is created atomically.
 6. Settle, in one transaction: the staged changes of targets written go into the ledger. Failed
    targets, left as they were, are reported; the ledger is not told.
@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Literal
 
 from ramcli.config import home
-from ramcli.fileio import Change, Journal, atomic_write
+from ramcli.fileio import atomic_write
+from ramcli.journal import Change, Journal
 from ramcli.library.ledger import Intent, Ledger, LedgerEntry
 from ramcli.metadata.exiftool import ExifToolProcess, Workspace, import_entry
 from ramcli.metadata.layout import (
