@@ -37,6 +37,13 @@ class Summary:
         already hold as failed in the same way (the exit code follows them)."""
         return len(self.failed) + len(self.write_failed)
 
+    @property
+    def failures(self) -> int:
+        """Every photo this run tried and left failed: not tagged or not written, new or as
+        before. The progress bar's count and the summary's failure figures both add up to it
+        (broken photos not tried are counted apart, in `broken_skipped`)."""
+        return len(self.failed) + len(self.known_failed) + len(self.write_failed) + len(self.still_unwritten)
+
 
 class Listener:
     """The events of a session, in the order they come: `note`s and `warning`s at any time;
@@ -57,7 +64,7 @@ class Listener:
         """The model's work changed ("checking precision", then "tagging")."""
 
     def advanced(self, done: int, failures: int) -> None:
-        """A batch of `done` photos went through every sink; `failures`: the run's so far."""
+        """A batch of `done` photos went through every sink; `failures`: `Summary.failures` now."""
 
     def ended(self) -> None:
         """The job is over (done, or stopped after the batch in flight)."""

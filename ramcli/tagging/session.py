@@ -293,7 +293,7 @@ class TagSession:
             if stage() != shown[-1]:
                 shown.append(stage())
                 listener.stage(shown[-1])
-            listener.advanced(done, len(summary.failed))
+            listener.advanced(done, summary.failures)
             if self.stop is not None and self.stop():
                 raise _Stopped
 
