@@ -2,7 +2,7 @@
 
 Random-weight RAM (official layout), a folder of generated photo-like JPEGs. Every row tags the
 same photos with the same precision and batch size through the library API of `ramcli tag`
-(`TagRun`, `--no-write --no-index`, results to /dev/null), in this one process, and reports the
+(`TagSession`, `--no-write --no-index`, results to /dev/null), in this one process, and reports the
 wall time of the whole run: discovery, model loading (with Ray also the actors' start and the
 model's trip through the object store) and tagging. Starting Ray itself is not timed.
 
@@ -22,8 +22,6 @@ import argparse
 import os
 import time
 from pathlib import Path
-
-from rich.console import Console
 
 from _common import CACHE, checkpoint, jpegs, load_average
 from ckpt_factory import make_labels_dir, make_official_checkpoint
@@ -62,24 +60,28 @@ def main() -> None:
     counts = [int(v) for v in args.actors.split(",")]
 
     from ramcli.tagging import on_ray as ray_tag
-    from ramcli.tagging.run import TagRun
+    from ramcli.tagging.options import TagOptions
+    from ramcli.tagging.session import TagSession
 
-    quiet = Console(file=open(os.devnull, "w"))
     os.environ["RAMCLI_HOME"] = str(CACHE / "ray_home")
 
-    def run() -> TagRun:
-        return TagRun(paths=list(photos), weights=str(weights), labels=labels, precision=args.precision,
-                      batch_size=args.batch_size, use_index=False, write=False, fmt="jsonl",
-                      output=Path(os.devnull), quiet=True)
+    def run() -> TagOptions:
+        return TagOptions(paths=list(photos), weights=str(weights), labels=labels, precision=args.precision,
+                          batch_size=args.batch_size, use_index=False, write=False, fmt="jsonl",
+                          output=Path(os.devnull), quiet=True)
+
+    def local() -> int:
+        with TagSession(run()) as session:
+            return session.execute()
 
     cores = len(os.sched_getaffinity(0))
     print(f"{args.arch} (random weights), {args.images} photos {args.size}, --precision {args.precision}, "
           f"batch {args.batch_size}; {cores} cores; load before: {load_average()}", flush=True)
-    rows = [("local", timed(lambda: run().execute(quiet, quiet)))]
+    rows = [("local", timed(local))]
     ray = ray_tag.import_ray()
     ray.init(num_cpus=max(counts) * args.actor_cpus + 1, include_dashboard=False, log_to_driver=False)
     for n in counts:
-        seconds = timed(lambda: ray_tag.execute(run(), [str(p) for p in photos], quiet, quiet, actors=n,
+        seconds = timed(lambda: ray_tag.execute(run(), [str(p) for p in photos], actors=n,
                                                 actor_cpus=args.actor_cpus))
         rows.append((f"ray x{n} ({args.actor_cpus} CPU each)", seconds))
     ray.shutdown()

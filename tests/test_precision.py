@@ -352,7 +352,9 @@ def test_the_bar_says_checking_precision_while_the_check_runs(model_files, tmp_p
 
     from rich.console import Console
 
-    from ramcli.tagging.run import TagRun
+    from ramcli.cli.progress import ConsoleListener
+    from ramcli.tagging.options import TagOptions
+    from ramcli.tagging.session import TagSession
 
     monkeypatch.setattr(precision, "fast_paths", lambda *model: ["int8"])
     monkeypatch.setattr("ramcli.tagging.pipeline.fast_paths", lambda *model: ["int8"])
@@ -360,8 +362,10 @@ def test_the_bar_says_checking_precision_while_the_check_runs(model_files, tmp_p
     lib = _photos(tmp_path / "lib", 4)
     terminal = io.StringIO()
     err = Console(file=terminal, force_terminal=True, width=160)
-    run = TagRun(paths=[lib], weights=str(weights), labels=labels, precision="auto", precision_check=4,
-                 batch_size=1, workers=0, write=False, use_index=False, fmt="jsonl", output=tmp_path / "out.jsonl")
-    assert run.execute(console=Console(file=io.StringIO()), err_console=err) == 0
+    options = TagOptions(paths=[lib], weights=str(weights), labels=labels, precision="auto", precision_check=4,
+                         batch_size=1, workers=0, write=False, use_index=False, fmt="jsonl",
+                         output=tmp_path / "out.jsonl")
+    with TagSession(options, ConsoleListener(Console(file=io.StringIO()), err)) as session:
+        assert session.execute() == 0
     shown = terminal.getvalue()
     assert "checking precision" in shown and "tagging" in shown

@@ -28,7 +28,7 @@ from images import photo_like
 from ramcli.tagging import on_ray as ray_tag
 from ramcli.cli.app import app
 from ramcli.pathnames import from_text
-from ramcli.tagging.run import TagRun
+from ramcli.tagging.options import TagOptions
 
 N = 30
 REPO = Path(__file__).resolve().parents[1]
@@ -166,8 +166,6 @@ def _ppid(pid: int) -> int:
 @pytest.mark.slow
 def test_a_killed_actor_loses_no_photo_and_doubles_none(model_files, cluster, library, local_run, tmp_path,
                                                        capsys):
-    from rich.console import Console
-
     local_lib, local_home, _ = local_run
     lib = _copy(library, tmp_path)
     killed: list[int] = []
@@ -182,9 +180,9 @@ def test_a_killed_actor_loses_no_photo_and_doubles_none(model_files, cluster, li
     weights, labels = model_files
     os.environ["RAMCLI_HOME"] = str(tmp_path / "home")
     try:
-        run = TagRun(paths=[lib], weights=str(weights), labels=labels, precision="fp32", batch_size=2, workers=0,
-                     stop=kill_an_actor_once, fmt="jsonl", quiet=True)
-        failed = ray_tag.execute(run, [str(lib)], Console(), Console(stderr=True))
+        options = TagOptions(paths=[lib], weights=str(weights), labels=labels, precision="fp32", batch_size=2,
+                             workers=0, fmt="jsonl", quiet=True)
+        failed = ray_tag.execute(options, [str(lib)], stop=kill_an_actor_once)
     finally:
         del os.environ["RAMCLI_HOME"]
     assert killed, "no model actor was running after the first batch"

@@ -31,8 +31,11 @@ from media import read_tags
 from ramcli.cli.app import app
 from ramcli.media.discover import walk_reaches
 from ramcli.pathnames import to_text
-from ramcli.tagging.run import TagRun
-from ramcli.tagging.watch import FALLBACK_POLL_S, Settler, Watcher, is_deleted, is_temporary, undecodable_path
+from ramcli.tagging.deletions import is_deleted
+from ramcli.tagging.options import TagOptions
+from ramcli.tagging.settler import Settler
+from ramcli.tagging.watch import FALLBACK_POLL_S, Watcher
+from ramcli.tagging.watch_names import is_temporary, undecodable_path
 
 N = 30
 
@@ -191,8 +194,8 @@ def watch_loop(lib: Path, settle: float):
     """A watcher's event thread and main loop on `lib`, its passes only classifying the files (a
     pass reads each one, as tagging does). Yields (watcher, files passed, how often the OS
     watch was opened, how often a look again found its folder unchanged)."""
-    watcher = Watcher(TagRun(paths=[lib], write=False, quiet=True), settle=settle)
-    watcher.session, watcher.err = SimpleNamespace(index=_NoPhotos()), None
+    watcher = Watcher(TagOptions(paths=[lib], write=False, quiet=True), settle=settle)
+    watcher.session = SimpleNamespace(index=_NoPhotos())
     passed, opened, unchanged = [], [0], [0]
     open_watch, rescan = watcher._open_watch, watcher._rescan
 

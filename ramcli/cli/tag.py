@@ -78,7 +78,7 @@ def _panel(name: str) -> str | None:
 def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Give a command the options of `ramcli tag` and the writer flags, except those in `omit`
     (their defaults apply). The command keeps its own parameters (its `paths` among them) and
-    receives the rest as one `run: TagRun`."""
+    receives the rest as one `options: TagOptions`."""
     options = inspect.signature(_options, eval_str=True).parameters
     for name, p in options.items():
         if getattr(p.default, "rich_help_panel", "") is None:
@@ -88,12 +88,12 @@ def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
 
     def decorate(func: Callable) -> Callable:
         signature = inspect.signature(func, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "run"]
+        own = [p for p in signature.parameters.values() if p.name != "options"]
 
         @functools.wraps(func)
         def wrapper(*args, writer_options: WriterOptions, **kwargs):
             values = {**defaults, **{p.name: kwargs.pop(p.name) for p in shared}}
-            return func(*args, run=_run(kwargs["paths"], writer_options, **values), **kwargs)
+            return func(*args, options=_tag_options(kwargs["paths"], writer_options, **values), **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=own + shared + [
             inspect.Parameter("writer_options", inspect.Parameter.KEYWORD_ONLY, annotation=WriterOptions)])
@@ -103,12 +103,12 @@ def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def _run(paths: list[str], writer_options: WriterOptions, *, exclude_tags: str, fmt: str | None, no_index: bool,
-         **options):
+def _tag_options(paths: list[str], writer_options: WriterOptions, *, exclude_tags: str, fmt: str | None,
+                 no_index: bool, **options):
     _preflight(paths, **options)
-    from ramcli.tagging.run import TagRun
+    from ramcli.tagging.options import TagOptions
 
-    return TagRun(
+    return TagOptions(
         paths=[Path(p) for p in paths], lang=writer_options.lang, exclude_tags=[t for t in exclude_tags.split(",") if t.strip()],
         fmt=fmt or default_format(options["output"]),
         use_index=not no_index, writer_options=writer_options, **options,
@@ -141,17 +141,17 @@ def _preflight(paths: list[str], *, weights: str | None, device: str, runtime: s
     resolve_device(device)
 
 
-def check_ready(run) -> None:
+def check_ready(options) -> None:
     """What the run needs from the machine, checked before the model loads: ExifTool (when
     writing), the weights, and the hub when they must be downloaded."""
-    if run.write and not run.dry_run:
+    if options.write and not options.dry_run:
         from ramcli.metadata.exiftool import find_exiftool
 
-        find_exiftool(run.writer_options.exiftool if run.writer_options else "exiftool")
+        find_exiftool(options.writer_options.exiftool if options.writer_options else "exiftool")
     from ramcli.models import get_published, resolve_weights
     from ramcli.models.registry import ensure_downloadable
 
-    path, name = resolve_weights(run.weights)
+    path, name = resolve_weights(options.weights)
     if name is not None and not path.is_file():
         ensure_downloadable(get_published(name))
 
@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
         ray_address: str = typer.Option(None, "--ray-address", rich_help_panel="Scale-out (Ray)", help="Ray cluster to join: auto, host:port or ray://host:10001 (implies --ray; default: $RAY_ADDRESS, else a local Ray)."),
         ray_actors: int = typer.Option(None, "--ray-actors", min=1, rich_help_panel="Scale-out (Ray)", help="Model actors (default: one per GPU; without GPUs one per node)."),
         ray_actor_cpus: float = typer.Option(None, "--ray-actor-cpus", min=0.5, rich_help_panel="Scale-out (Ray)", help="CPUs per model actor (default: 1 with a GPU; else all of a node's CPUs but one)."),
-        *, run,
+        *, options,
     ) -> None:
         """Tag photos and folders: new and changed photos only, results to stdout, the index and the files' metadata.
 
@@ -173,13 +173,19 @@ def register(app: typer.Typer) -> None:
         photo inside) or could not be written, and the index did not already hold that failure
         (every failure is listed, old ones too); 2 on usage errors.
         """
-        check_ready(run)
+        from ramcli.cli.progress import ConsoleListener
+
+        check_ready(options)
+        listener = ConsoleListener(console, err_console, quiet=options.quiet)
         if ray or ray_address:
             from ramcli.tagging import on_ray as ray_tag
 
-            failed = ray_tag.execute(run, paths, console, err_console, address=ray_address,
+            failed = ray_tag.execute(options, paths, listener, address=ray_address,
                                      actors=ray_actors, actor_cpus=ray_actor_cpus)
         else:
-            failed = run.execute(console=console, err_console=err_console)
+            from ramcli.tagging.session import TagSession
+
+            with TagSession(options, listener) as session:
+                failed = session.execute()
         if failed:
             raise typer.Exit(1)

@@ -19,16 +19,17 @@ def register(app: typer.Typer) -> None:
         once: bool = typer.Option(False, "--once", help="Catch up with what changed since the last run, then exit (for cron)."),
         poll: float = typer.Option(None, "--poll", min=0.1, metavar="SECONDS", help="Look for changes every SECONDS instead of waiting for OS events: for network shares (NFS, SMB) whose changes the OS does not report."),
         *,
-        run,
+        options,
     ) -> None:
         """Watch folders and tag new and changed photos as they arrive, with the model kept loaded.
 
         Starts with a catch-up pass (exactly `ramcli tag` over the folders). Files still being written are tagged once complete; moved and renamed photos are re-pointed in the index without re-tagging; deleted ones leave it. Ctrl-C or SIGTERM stops after the batch in flight.
         """
+        from ramcli.cli.progress import ConsoleListener
         from ramcli.tagging.watch import Watcher
 
-        watcher = Watcher(run, settle=settle, poll=poll)
-        check_ready(run)
-        failed = watcher.serve(console, err_console, once=once)
+        watcher = Watcher(options, ConsoleListener(console, err_console, quiet=options.quiet), settle=settle, poll=poll)
+        check_ready(options)
+        failed = watcher.serve(once=once)
         if failed:
             raise typer.Exit(1)

@@ -5,7 +5,7 @@
 
 Only the model's work moves to the cluster. The driver keeps what must stay in one place: the
 incremental rule (`TagSession.due`), the decision rule (its `Tagger.decide`) and the sinks
-(output, metadata writer, index) of `ramcli.tagging.run`, through `TagRun.runner`. So a Ray run makes
+(output, metadata writer, index) of `ramcli.tagging.session`, through `TagSession.runner`. So a Ray run makes
 the same records as a local one, writes the index from one process, and resumes the same way:
 each batch is recorded once it came back, a killed run re-tags only what was not recorded.
 
@@ -32,8 +32,6 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from rich.console import Console
-
 from ramcli.media.discover import (PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXES, VIDEO_SUFFIXES, Found, os_reason,
                              walk_reaches)
 from ramcli.errors import RamcliError, UsageError
@@ -41,7 +39,10 @@ from ramcli.media.loader import Batch, Failure, Item, PhotoDataset
 from ramcli.pathnames import is_uri
 from ramcli.tagging.pipeline import ScoreResult, Tagger, resolve_device, results_of
 from ramcli.tagging.precision import resolve_precision
-from ramcli.tagging.run import TagRun, TagSession
+from ramcli.tagging.listener import Listener
+from ramcli.tagging.options import TagOptions
+from ramcli.tagging.session import TagSession
+from ramcli.tagging.tagger_setup import should_compile
 
 INSTALL = "--ray needs Ray: pip install 'ramcli[ray]'"
 #: Upper bound on the blocks the photo list is cut into: a block is the unit Ray schedules and retries.
@@ -106,19 +107,20 @@ def list_objects(uri: str, include: Sequence[str] = (), exclude: Sequence[str] =
     return photos, counts
 
 
-@dataclasses.dataclass
-class RayTagRun(TagRun):
-    """A `TagRun` whose sources may also be object-storage addresses (`uris`)."""
+class RaySession(TagSession):
+    """A `TagSession` whose sources may also be object-storage addresses (`uris`)."""
 
-    uris: list[str] = dataclasses.field(default_factory=list)
+    def __init__(self, options: TagOptions, uris: list[str], listener: Listener | None = None, **kwargs):
+        super().__init__(options, listener, **kwargs)
+        self.uris = uris
 
-    def _discover(self) -> tuple[list[Found], Counter]:
-        photos, counts = super()._discover() if self.paths else ([], Counter())
+    def discover(self) -> tuple[list[Found], Counter]:
+        found, counts = super().discover() if self.options.paths else ([], Counter())
         for uri in self.uris:
-            found, seen = list_objects(uri, self.include, self.exclude)
-            photos += found
+            photos, seen = list_objects(uri, self.options.include, self.options.exclude)
+            found += photos
             counts += seen
-        return photos, counts
+        return found, counts
 
 
 # ----------------------------------------------------------------------------- workers
@@ -278,7 +280,7 @@ class RayRunner:
     """`pipeline.tag_files` over a Ray Data pipeline; its results go to the same sinks, batch by
     batch, in input order. `session` learns the actors' arithmetic for the run's summary."""
 
-    def __init__(self, ray, run: TagRun, cluster: Cluster, session: TagSession | None = None):
+    def __init__(self, ray, run: TagOptions, cluster: Cluster, session: TagSession | None = None):
         self.ray, self.run, self.cluster, self.session = ray, run, cluster, session
 
     def __call__(self, paths: list, tagger: Tagger, sinks: Sequence[Callable], batch_size: int, workers: int,
@@ -289,7 +291,7 @@ class RayRunner:
         run, cluster = self.run, self.cluster
         draft = run.decode == "draft" or (cluster.gpus > 0 and run.decode == "workers")
         for rows in scored_batches(self.ray, cluster, paths, tagger.model, batch_size, run.precision, run.exclude_tags,
-                                   run._should_compile(torch.device(cluster.device), len(paths)), draft):
+                                   should_compile(run, torch.device(cluster.device), len(paths)), draft):
             self._record(rows, tagger, sinks, vocab_version, on_batch, skip)
 
     def _record(self, rows: dict[str, np.ndarray], tagger: Tagger, sinks, vocab_version: str, on_batch, skip) -> None:
@@ -365,10 +367,10 @@ def _reachable(address: str | None) -> None:
         raise UsageError(f"cannot reach the Ray cluster at {address}: {os_reason(exc)}") from None
 
 
-def execute(run: TagRun, sources: Sequence[str], console: Console, err_console: Console, address: str | None = None,
-            actors: int | None = None, actor_cpus: float | None = None) -> int:
-    """`run` (a local `TagRun` with every option of `ramcli tag`) on Ray; returns what
-    `TagRun.execute` returns. `sources`: the paths as typed, URIs among them."""
+def execute(run: TagOptions, sources: Sequence[str], listener: Listener | None = None, address: str | None = None,
+            actors: int | None = None, actor_cpus: float | None = None, stop: Callable[[], bool] | None = None) -> int:
+    """`run` (every option of `ramcli tag`) on Ray; returns what `TagSession.execute` returns.
+    `sources`: the paths as typed, URIs among them; `stop`: as `TagSession`'s."""
     if run.caption or run.cache_embeddings:
         raise UsageError("--ray does not support --caption or --cache-embeddings (run them locally)")
     uris = [s for s in sources if is_uri(s) and not os.path.lexists(s)]
@@ -378,15 +380,13 @@ def execute(run: TagRun, sources: Sequence[str], console: Console, err_console: 
                          "add --no-write")
     ray = connect(address)
     cluster = plan(ray, run.device, actors, actor_cpus)
-    options = {f.name: getattr(run, f.name) for f in dataclasses.fields(TagRun) if f.init}
-    options.update(paths=local, uris=uris)
+    actors_run = dataclasses.replace(run, paths=local)
     # The driver's model only decides and records: it stays in fp32 on the CPU, uncompiled.
-    driver = RayTagRun(**{**options, "device": "cpu", "precision": "fp32", "compile_model": False,
-                          "decode": "workers", "precision_check": 0})
-    actors_run = RayTagRun(**options)
-    with driver.open_session(err_console) as session:
-        driver.runner = RayRunner(ray, actors_run, cluster, session)
-        return driver.execute(console, err_console, session)
+    driver = dataclasses.replace(actors_run, device="cpu", precision="fp32", compile_model=False, decode="workers",
+                                 precision_check=0)
+    with RaySession(driver, uris, listener, stop=stop) as session:
+        session.runner = RayRunner(ray, actors_run, cluster, session)
+        return session.execute()
 
 
 def score_files(model, paths: list[Path], batch_size: int = 8, device: str = "cpu", workers: int | None = None,

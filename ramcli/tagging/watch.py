@@ -3,12 +3,13 @@
 The flow, one way as everywhere else:
 
     OS events (watchfiles, on a thread; it blocks in Rust between events)
-      -> `Settler`: each file waits until its size and mtime have stayed the same for `settle`
-         seconds (a copy in progress, a camera import); sync clients' temporary names are ignored
-      -> a pass over the settled files through the `TagSession` that `ramcli tag` uses: its
-         incremental rule, its moved-photo rule (image-data hash), its sinks and progress bar
-      -> deleted paths: their photos leave the index once the additions of the same moment were
-         matched, since a move is reported as a deletion plus an addition.
+      -> `Settler` (settler.py): each file waits until its size and mtime have stayed the same
+         for `settle` seconds (a copy in progress, a camera import); sync clients' temporary
+         names are ignored (watch_names.py)
+      -> a pass over the settled files through `TagSession.run_pass`, as `ramcli tag` does: its
+         incremental rule, its moved-photo rule (image-data hash), its sinks and its listener
+      -> deleted paths (deletions.py): their photos leave the index once the additions of the
+         same moment were matched, since a move is reported as a deletion plus an addition.
 
 The OS's labels (added, modified, deleted) are only hints: what exists when a path is looked at
 decides. A rename of a file or folder is recognised without running the model when the index
@@ -28,30 +29,22 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import signal
-import stat
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rich.console import Console
-
-from ramcli.media.discover import Found, discover, walk_reaches
 from ramcli.errors import RamcliError, UsageError
-from ramcli.library.index import PhotoRecord
+from ramcli.media.discover import Found, discover, walk_reaches
 from ramcli.pathnames import display, from_text, to_text
-from ramcli.tagging.run import Summary, TagRun
-
-#: Names that sync clients, browsers and editors give files they are still writing (the final
-#: name appears by a rename once the file is complete). Names starting with "." are ignored too:
-#: Syncthing's `.syncthing.NAME.tmp`, rsync's `.NAME.XXXXXX`, macOS's `._NAME`.
-TEMP_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".opdownload", ".tmp", ".temp", ".!sync",
-                 ".!qb", ".!ut", "~", "_exiftool_tmp")
-TEMP_PREFIXES = (".", "~$")
+from ramcli.tagging.deletions import Deletions, is_deleted, mount_points_under
+from ramcli.tagging.listener import Listener, Summary
+from ramcli.tagging.options import TagOptions
+from ramcli.tagging.settler import Settler
+from ramcli.tagging.watch_names import is_temporary, undecodable_path
 
 #: watchfiles' step (ms): how often its Rust loop looks for collected events. 100 ms adds
 #: at most that to the latency and keeps an idle watcher's wake-ups at 10 a second.
@@ -64,39 +57,6 @@ DEBOUNCE_MS = 1000
 FALLBACK_POLL_S = 2.0
 
 
-#: Rust's debug form of a path (watchfiles' error message): a byte that is not UTF-8 as `\xNN`,
-#: a character that needs it as `\u{...}` or `\n`-like, anything else as itself.
-_RUST_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|u\{[0-9A-Fa-f]{1,6}\}|.)", flags=re.DOTALL)
-_RUST_SHORT = {"0": "\0", "t": "\t", "r": "\r", "n": "\n"}
-
-
-def undecodable_path(message: str) -> str | None:
-    """The path (surrogate-escaped, as the walk names it) that watchfiles could not decode, from
-    its error message; None for any other error."""
-    match = re.fullmatch(r'Unable to decode path "(.*)" to string', message, flags=re.DOTALL)
-    if match is None:
-        return None
-    text, raw, pos = match.group(1), bytearray(), 0
-    for m in _RUST_ESCAPE.finditer(text):
-        code = m.group(1)
-        raw += text[pos:m.start()].encode()
-        if code[0] == "x" and len(code) == 3:
-            raw.append(int(code[1:], 16))
-        elif code[0] == "u" and len(code) > 1:
-            raw += chr(int(code[2:-1], 16)).encode()
-        else:
-            raw += _RUST_SHORT.get(code, code).encode()
-        pos = m.end()
-    raw += text[pos:].encode()
-    return os.fsdecode(bytes(raw))
-
-
-def is_temporary(name: str) -> bool:
-    """A file that another program is still writing under a name it will rename when done."""
-    lower = name.lower()
-    return lower.startswith(TEMP_PREFIXES) or lower.endswith(TEMP_SUFFIXES)
-
-
 @dataclass(frozen=True)
 class _Rescan:
     """watchfiles failed on the name that is not UTF-8 `path`, dropping the events collected with
@@ -104,112 +64,6 @@ class _Rescan:
 
     path: str
     polling: bool = False
-
-
-@dataclass
-class _Pending:
-    size: int
-    mtime_ns: int
-    since: float  # when this size and mtime were first seen (the settler's clock)
-
-
-class Settler:
-    """Files wait here until their size and mtime have not changed for `settle` seconds;
-    deleted paths wait as long and for the files noted with them, so that the addition half of
-    a move is handled first."""
-
-    def __init__(self, settle: float, clock: Callable[[], float] = time.monotonic):
-        self.settle, self.clock = settle, clock
-        self.files: dict[str, _Pending] = {}
-        self.deleted: dict[str, float] = {}
-
-    def touch(self, path: str) -> None:
-        """Something happened to the file `path`: it settles again from now, unless its size and
-        mtime are still those it is waiting with (a look at it again is no change)."""
-        self.deleted.pop(path, None)
-        try:
-            st = os.stat(path)
-        except OSError:
-            self.files.pop(path, None)
-            return
-        pending = self.files.get(path)
-        if pending is None or (pending.size, pending.mtime_ns) != (st.st_size, st.st_mtime_ns):
-            self.files[path] = _Pending(st.st_size, st.st_mtime_ns, self.clock())
-
-    def delete(self, path: str) -> None:
-        self.files.pop(path, None)
-        self.deleted.setdefault(path, self.clock())
-
-    def next_due(self) -> float | None:
-        """When the next file or deletion may be ready (the settler's clock), None if none waits."""
-        times = [p.since for p in self.files.values()] + list(self.deleted.values())
-        return min(times) + self.settle if times else None
-
-    def ready(self) -> tuple[list[str], list[str]]:
-        """(files stable for `settle` seconds, deletions as old), both removed from the waiting."""
-        now = self.clock()
-        files = []
-        for path, pending in list(self.files.items()):
-            if now - pending.since < self.settle:
-                continue
-            try:
-                st = os.stat(path)
-            except OSError:
-                del self.files[path]  # gone meanwhile: its deletion event follows
-                continue
-            if (st.st_size, st.st_mtime_ns) != (pending.size, pending.mtime_ns):
-                self.files[path] = _Pending(st.st_size, st.st_mtime_ns, now)
-                continue
-            del self.files[path]
-            files.append(path)
-        # A deletion waits for the files that were waiting when it was due: the addition half
-        # of a move is noted a moment after it. A file that keeps changing stops holding it up.
-        held_until = min((p.since for p in self.files.values()), default=float("inf"))
-        deleted = [p for p, since in self.deleted.items() if now - since >= self.settle and held_until > since + self.settle]
-        for path in deleted:
-            del self.deleted[path]
-        return sorted(files), sorted(deleted)
-
-
-def is_deleted(path: str, mount_points: Iterable[str] = (), reported: bool = False) -> bool:
-    """Whether the photo at `path` was deleted, rather than being out of reach (a drive that is
-    unplugged, a share that is down): only a deleted photo's records may be forgotten, or `untag`
-    would take ramcli's keywords for the user's once the drive is back.
-
-    Out of reach: the path cannot be looked at (an I/O or permission error), a folder that a
-    drive was mounted on is missing, or the nearest folder on the way that still exists cannot
-    be read or is empty (what a drive's folder looks like while the drive is away). `reported`:
-    the OS reported this very file gone (a drive that goes away reports no files), so being
-    not there is enough."""
-    try:
-        os.lstat(path)
-        return False
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    except OSError:
-        return False
-    if any(path.startswith(m.rstrip(os.sep) + os.sep) and not os.path.lexists(m) for m in mount_points):
-        return False
-    if reported:
-        return True
-    folder = os.path.dirname(path)
-    while True:
-        try:
-            st = os.stat(folder)
-            break
-        except (FileNotFoundError, NotADirectoryError):
-            if os.path.dirname(folder) == folder:
-                return False
-            folder = os.path.dirname(folder)
-        except OSError:
-            return False
-    if not stat.S_ISDIR(st.st_mode):
-        return True  # a folder replaced by a file
-    try:
-        with os.scandir(folder) as entries:
-            return next(entries, None) is not None
-    except OSError:
-        return False
 
 
 class MountPoints:
@@ -237,52 +91,26 @@ class MountPoints:
         return known | now
 
 
-def mount_points_under(root: Path) -> set[str]:
-    """Folders under `root` on another device than their parent (symlinks not followed)."""
-    found = set()
-    try:
-        stack = [(str(root), os.stat(root).st_dev)]
-    except OSError:
-        return found
-    while stack:
-        folder, device = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = list(it)
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if not entry.is_dir(follow_symlinks=False):
-                    continue
-                dev = entry.stat(follow_symlinks=False).st_dev
-            except OSError:
-                continue
-            if dev != device:
-                found.add(entry.path)
-            stack.append((entry.path, dev))
-    return found
-
-
 class Watcher:
-    """`ramcli watch` over `run.paths` (folders) with `run`'s model, sinks and filters."""
+    """`ramcli watch` over `options.paths` (folders) with their model, sinks and filters,
+    reporting to `listener`."""
 
-    def __init__(self, run: TagRun, settle: float = 1.0, poll: float | None = None):
-        if not run.use_index:
+    def __init__(self, options: TagOptions, listener: Listener | None = None, settle: float = 1.0,
+                 poll: float | None = None):
+        if not options.use_index:
             raise UsageError("watch keeps its state in the index: it cannot run without one")
-        if run.output is not None and run.fmt != "jsonl":
+        if options.output is not None and options.fmt != "jsonl":
             raise UsageError("watch appends each group of results to --output: use --format jsonl with it")
         roots = []
-        for p in run.paths:
+        for p in options.paths:
             if not p.is_dir():
                 raise UsageError(f"watch needs folders; not a folder: {p}")
             roots.append(Path(os.path.realpath(p)))
-        self.run, self.roots, self.poll = run, roots, poll
+        self.options, self.listener, self.roots, self.poll = options, listener or Listener(), roots, poll
         self._listings: dict[str, dict[str, tuple]] = {}  # folders looked at again, as they were
         self.mount_points: set[str] = set()  # drives' folders under the roots, seen now or before
         self.settler = Settler(settle)
         self.stopping = threading.Event()
-        run.stop = self.stopping.is_set
         self._events: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
 
@@ -291,30 +119,30 @@ class Watcher:
         self.stopping.set()
 
     # ------------------------------------------------------------------ main loop
-    def serve(self, console: Console, err_console: Console, once: bool = False) -> int:
+    def serve(self, once: bool = False) -> int:
         """Catch up, then (unless `once`) tag what arrives until stopped. Returns the number of
         photos that failed in the catch-up pass (the exit code of `--once` follows it)."""
-        self.err = err_console
+        from ramcli.tagging.session import TagSession
+
         restore = self._handle_signals()
         thread = None
         try:
-            with self.run.open_session(err_console) as session:
+            with TagSession(self.options, self.listener, stop=self.stopping.is_set) as session:
                 self.session = session
                 self.mount_points = MountPoints(session.index).remember(self.roots)
+                self.deletions = Deletions(session.index, self.mount_points)
                 if not once:  # events of the catch-up time are queued, not lost
                     notify = self._open_watch()
                     thread = threading.Thread(target=self._watch, args=(notify,), name="ramcli-watch", daemon=True)
                     thread.start()
-                failed = self.run.execute(console, err_console, session)
+                failed = session.execute()
                 if not self.stopping.is_set():
                     self._catch_up_deletions()
                 if once or self.stopping.is_set():
                     return failed
                 session.load()  # now, not when the first photo arrives
-                if not self.run.quiet:
-                    err_console.print(f"watching {', '.join(str(r) for r in self.roots)} (settle "
-                                      f"{self.settler.settle:g} s); Ctrl-C or SIGTERM stops after the "
-                                      "batch in flight", markup=False, highlight=False, soft_wrap=True)
+                self.listener.note(f"watching {', '.join(str(r) for r in self.roots)} (settle "
+                                   f"{self.settler.settle:g} s); Ctrl-C or SIGTERM stops after the batch in flight")
                 self._loop()
                 return 0
         finally:
@@ -426,14 +254,14 @@ class Watcher:
             if os.path.isdir(path):  # created, moved in, or to be looked at again: every file in it
                 if os.path.islink(path) and not self._follows(path):
                     continue
-                for found in discover([Path(path)], follow_links=self.run.follow_links):
-                    if walk_reaches(root, found.path, self.run.include, self.run.exclude):
+                for found in discover([Path(path)], follow_links=self.options.follow_links):
+                    if walk_reaches(root, found.path, self.options.include, self.options.exclude):
                         self.settler.touch(str(found.path))
                 for record in self.session.index.iter_photos(under=Path(path)):
                     if is_deleted(record.path, self.mount_points):
                         self.settler.delete(record.path)
             elif os.path.lexists(path):
-                if walk_reaches(root, Path(path), self.run.include, self.run.exclude):
+                if walk_reaches(root, Path(path), self.options.include, self.options.exclude):
                     self.settler.touch(path)
             else:
                 self.settler.delete(path)
@@ -442,10 +270,9 @@ class Watcher:
         """Look again at the folder of a path that watchfiles could not decode. Only what changed
         since the folder was last looked at this way is noted: the walk reads the files, and a
         read of the one with that name fails the watch again, which must not go round for ever."""
-        if rescan.polling and not self.run.quiet:
-            self.err.print(f"a folder name that is not UTF-8 ({display(rescan.path)}) stops the OS's change "
-                           f"reports: looking for changes every {FALLBACK_POLL_S:g} s instead",
-                           markup=False, highlight=False, soft_wrap=True)
+        if rescan.polling:
+            self.listener.note(f"a folder name that is not UTF-8 ({display(rescan.path)}) stops the OS's change "
+                               f"reports: looking for changes every {FALLBACK_POLL_S:g} s instead")
         folder = os.path.dirname(rescan.path)
         if self._root_of(folder) is None or not self._wanted(folder):
             return
@@ -463,7 +290,7 @@ class Watcher:
         real = os.path.realpath(link)
         base = real.rstrip(os.sep) + os.sep
         holds_a_root = any(str(r) == real or str(r).startswith(base) for r in self.roots)
-        return self.run.follow_links and self._root_of(real) is None and not holds_a_root
+        return self.options.follow_links and self._root_of(real) is None and not holds_a_root
 
     def _classified(self, path: str) -> list[Found]:
         """The file at `path` as the walk of its folder finds it: one whose real place is outside
@@ -471,7 +298,7 @@ class Watcher:
         inside a linked folder that the walk does not enter is left out."""
         found = list(discover([Path(path)]))
         if self._root_of(os.path.realpath(path)) is None:
-            if not (os.path.islink(path) or self.run.follow_links):
+            if not (os.path.islink(path) or self.options.follow_links):
                 return []
             found = [replace(f, link=f.path) for f in found]
         return found
@@ -485,82 +312,21 @@ class Watcher:
         photos = [f for f in found if f.kind in ("image", "raw")]
         errors = [f for f in found if f.kind == "error"]
         summary.skipped = Counter(f.kind for f in found if f.kind not in ("image", "raw", "error"))
-        photos = self._renamed(photos, deleted, summary)
-        self.session.run_pass(photos, errors, summary, start)
+        photos = self.deletions.renamed(photos, deleted, summary)
+        self.session.run_pass(photos, errors, summary)
         if deleted:
-            self._forget(deleted, summary)
-        if not self.run.quiet and (summary.tagged or summary.moved or summary.removed or summary.failed
-                                   or summary.write_failed):  # not for its own writes coming back
-            self.run.print_summary(self.err, summary, start)
-
-    def _vanished(self, paths: Iterable[str]) -> list[PhotoRecord]:
-        """Index records at or under these paths whose files were deleted (`is_deleted`); a
-        record at a path that the OS reported gone itself counts as deleted once it is not there."""
-        index, out, seen = self.session.index, [], set()
-        for path in paths:
-            records = [(r, False) for r in index.iter_photos(under=Path(path))]
-            if not os.path.lexists(path):
-                records += [(r, True) for r in [index.lookup(path)] if r is not None]
-            for r, reported in records:
-                if r.path not in seen and is_deleted(r.path, self.mount_points, reported=reported):
-                    seen.add(r.path)
-                    out.append(r)
-        return out
-
-    def _renamed(self, photos: list[Found], deleted: list[str], summary: Summary) -> list[Found]:
-        """Re-point photos that were renamed or moved with their folder: a vanished record with
-        the new file's size and mtime (a rename keeps both) and the same image data (a card's
-        burst holds different photos of one size and minute). Returns the photos left for the
-        incremental rule."""
-        index = self.session.index
-        by_stat = defaultdict(list)
-        for r in self._vanished(deleted):
-            if r.status == "tagged" and r.content_hash:
-                by_stat[(r.size, r.mtime_ns)].append(r)
-        if not by_stat:
-            return photos
-        rest = []
-        for f in photos:
-            candidates = by_stat.get((f.size, f.mtime_ns), [])
-            old = _same_image(f, candidates) if candidates and index.lookup(str(f.path)) is None else None
-            if old is None:
-                rest.append(f)
-                continue
-            index.move(old.path, str(f.path), f.size, f.mtime_ns)
-            candidates.remove(old)
-            summary.moved += 1
-        return rest
-
-    def _forget(self, deleted: list[str], summary: Summary, sweep: bool = False) -> None:
-        """Drop the photos of deleted paths from the index. Their write-ledger rows stay while
-        the file they describe exists (a RAW's sidecar outlives its photo) and go with it.
-
-        The index and the ledger commit one after the other, so a watcher killed between the
-        two leaves rows of photos the index has already forgotten; `sweep` (the catch-up pass)
-        looks at every ledger row under the deleted paths, which finds those too."""
-        from ramcli.library.ledger import Ledger
-
-        gone = {r.path for r in self._vanished(deleted)}
-        if gone:
-            forgotten = self.session.index.prune(exists=lambda p: p not in gone or os.path.lexists(p))
-            summary.removed += len(forgotten)
-        photos = gone | {p for p in deleted if is_deleted(p, self.mount_points, reported=True)}
-        photos |= {p[:-4] for p in photos if p.lower().endswith(".xmp")}  # a deleted IMG.CR2.xmp
-        ledger = Ledger(self.session.index.db)
-        rows = [e for entries in ledger.entries_of(sorted(photos)).values() for e in entries]
-        if sweep:
-            rows += [e for folder in deleted for e in ledger.entries_under(folder)]
-        stale = [e for e in rows
-                 if self.session.index.lookup(e.path) is None and is_deleted(e.target, self.mount_points)]
-        ledger.forget(stale)
+            self.deletions.forget(deleted, summary)
+        if (summary.tagged or summary.moved or summary.removed or summary.failed
+                or summary.write_failed):  # not for its own writes coming back
+            self.listener.reported(summary, time.monotonic() - start, self.options.write)
 
     def _catch_up_deletions(self) -> None:
         """After the catch-up pass: photos under the folders whose files were deleted while the
         watcher was not running (`is_deleted`: not those of a drive that is away)."""
         summary = Summary()
-        self._forget([str(r) for r in self.roots], summary, sweep=True)
-        if summary.removed and not self.run.quiet:
-            self.err.print(f"removed {summary.removed} photo(s) whose files were deleted", highlight=False)
+        self.deletions.forget([str(r) for r in self.roots], summary, sweep=True)
+        if summary.removed:
+            self.listener.note(f"removed {summary.removed} photo(s) whose files were deleted")
 
     # ------------------------------------------------------------------ signals
     def _handle_signals(self) -> Callable[[], None]:
@@ -576,8 +342,7 @@ class Watcher:
             if self.stopping.is_set() and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stopping.set()
-            if not self.run.quiet:
-                self.err.print("stopping after the batch in flight (Ctrl-C again to stop now)", highlight=False)
+            self.listener.note("stopping after the batch in flight (Ctrl-C again to stop now)")
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
@@ -597,17 +362,3 @@ def _listing(folder: str) -> dict[str, tuple]:
     except OSError:
         pass
     return out
-
-
-def _same_image(found: Found, candidates: list[PhotoRecord]) -> PhotoRecord | None:
-    """The record among `candidates` with the image data of `found` (the one of the same name
-    first), or None."""
-    from ramcli.media.decode import ImageError, content_hash
-
-    try:
-        digest = content_hash(found.path)
-    except ImageError:
-        return None
-    same = sorted((r for r in candidates if r.content_hash == digest),
-                  key=lambda r: os.path.basename(r.path) != found.path.name)
-    return same[0] if same else None
