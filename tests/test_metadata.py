@@ -494,12 +494,12 @@ import sqlite_utils
 import ramcli.fileio
 from ramcli.library.ledger import Ledger
 from ramcli.metadata import ExifToolProcess, MetadataWriter, WriterOptions
-from ramcli.metadata.writer import MetadataWriter as Writer
+import ramcli.metadata.writer as writer_module
 from ramcli.tagging.records import TagScore
 
 db, when, photos = sys.argv[1], sys.argv[2], sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_write, real_into, real_settle = ExifToolProcess.write, ramcli.fileio.write_into, Writer._settle
+real_write, real_into, real_settle = ExifToolProcess.write, ramcli.fileio.write_into, writer_module.settle
 
 def write(self, *args):
     if when == "before_exiftool":
@@ -517,12 +517,12 @@ def write_into(fd, source, sync=True):  # the copy into place, cut after half of
         die()
     return real_into(fd, source, sync)
 
-def settle(self, *args):
+def settle(*args):
     if when == "before_settle":
         die()
-    return real_settle(self, *args)
+    return real_settle(*args)
 
-ExifToolProcess.write, ramcli.fileio.write_into, Writer._settle = write, write_into, settle
+ExifToolProcess.write, ramcli.fileio.write_into, writer_module.settle = write, write_into, settle
 writer = MetadataWriter(WriterOptions(), Ledger(sqlite_utils.Database(db)))
 writer.write_batch([(p, [TagScore("dog", "", 0.9), TagScore("Oma", "", 0.8)]) for p in photos], model_id="m",
                    captions=["a dog on a beach"] * len(photos))
