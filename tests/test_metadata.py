@@ -302,6 +302,28 @@ def test_dry_run_plans_without_writing(samples, ledger):
     assert ledger.entries(jpg) == []
 
 
+def test_discoverys_verdict_is_used_and_only_a_photo_without_one_is_sniffed(samples, ledger, monkeypatch):
+    """`ramcli tag` hands the writer each photo's `Found`; `ramcli write` from the index has none,
+    and the writer then asks discovery's own `what_is`, once per photo."""
+    from ramcli.media import discover
+
+    photos = [samples["jpg"], samples["png"], samples["CR3"]]
+    found = {f.path: f for f in discover.discover([photos[0].parent])}
+    sniffed: list[Path] = []
+    real_sniff = discover.sniff
+    monkeypatch.setattr(discover, "sniff", lambda path: sniffed.append(Path(path)) or real_sniff(path))
+    with writer(ledger) as w:
+        outcomes = w.write_batch([(p, [DOG]) for p in photos], kinds=[found[p] for p in photos])
+    assert [o.status for o in outcomes] == ["written"] * 3 and sniffed == []
+    assert "dog" in keywords(samples["jpg"])["XMP-dc:Subject"] and sidecar_of(samples["CR3"]).exists()
+    with writer(ledger) as w:
+        outcomes = w.write_batch([(p, [TagScore("cat", "", 0.8)]) for p in photos])
+        with pytest.raises(ValueError, match="1 kinds for 3 photos"):
+            w.write_batch([(p, [DOG]) for p in photos], kinds=[None])
+    assert [o.status for o in outcomes] == ["written"] * 3
+    assert sorted(sniffed) == sorted(Path(os.path.realpath(p)) for p in photos)
+
+
 # --- fields and options ------------------------------------------------------------------------
 
 

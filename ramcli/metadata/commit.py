@@ -19,8 +19,9 @@ from typing import Literal
 
 from ramcli.fileio import Change, Journal, atomic_write
 from ramcli.library.ledger import Intent, Ledger
+from ramcli.media.discover import what_is
 from ramcli.metadata.exiftool import ExifToolProcess, Workspace, import_entry
-from ramcli.metadata.layout import EMBED_FORMATS, SIDECAR_EXTENSION, embeds, what_is
+from ramcli.metadata.layout import EMBED_FORMATS, SIDECAR_EXTENSION, embeds
 from ramcli.metadata.options import WriterOptions
 from ramcli.metadata.plan import (
     DESCRIPTION,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ramcli.library.ledger import Ledger, LedgerEntry
+from ramcli.media.discover import PHOTO_KINDS, Found, Sniffed, what_is
 from ramcli.metadata.exiftool import ExifToolProcess, Workspace
 from ramcli.metadata.layout import (
     DIGEST_FORMATS,
@@ -26,7 +27,6 @@ from ramcli.metadata.layout import (
     embeds,
     is_raw,
     sidecar_targets,
-    what_is,
 )
 from ramcli.metadata.options import WriterOptions
 from ramcli.metadata.plan import (
@@ -57,7 +57,8 @@ from ramcli.metadata.plan import (
 )
 from ramcli.tagging.records import TagScore
 
-Item = tuple[str | os.PathLike, Sequence[TagScore], str | None]  # (photo, tags, caption) in the writer
+#: (photo, tags, caption, what discovery found it is (None: ask `what_is`)) in the writer
+Item = tuple[str | os.PathLike, Sequence[TagScore], str | None, Sniffed | Found | None]
 # Fields that every XMP file ExifTool writes carries: not content of the user's.
 _BOILERPLATE = ("SourceFile", "XMP-x:XMPToolkit")
 
@@ -99,13 +100,13 @@ class Planner:
         """Plans with their targets, before anything is read (cheap: sniffing, directory listings)."""
         dirs = DirCache()
         # a photo named twice: the last item wins
-        latest = {os.path.realpath(p): (list(tags), caption) for p, tags, caption in items}
+        latest = {os.path.realpath(p): (list(tags), caption, kind) for p, tags, caption, kind in items}
         rows = self.ledger.entries_of(list(latest))
         plans: dict[str, FilePlan] = {}
         batch = Batch([], {}, rows, {}, Workspace(self.workspaces), untag)
-        for path, (tags, caption) in latest.items():
+        for path, (tags, caption, kind) in latest.items():
             plan = plans[path] = FilePlan(path)
-            targets, plan.error = self._targets(Path(path), dirs, untag, {e.target for e in rows[path]})
+            targets, plan.error = self._targets(Path(path), dirs, untag, {e.target for e in rows[path]}, kind)
             for target, wanted, extension, fmt in targets:
                 key = str(target)
                 if key in batch.wanted:  # two photos sharing one sidecar: first one keeps it
@@ -115,21 +116,22 @@ class Planner:
                 if fmt:
                     batch.formats[key] = fmt
                 plan.targets.append(TargetPlan(key, is_sidecar=target != Path(path), exists=target.exists()))
-        batch.plans = [plans[os.path.realpath(p)] for p, _, _ in items]
+        batch.plans = [plans[os.path.realpath(p)] for p, *_ in items]
         return batch
 
     def _targets(
-        self, photo: Path, dirs: DirCache, untag: bool, known: set[str]
+        self, photo: Path, dirs: DirCache, untag: bool, known: set[str], kind: Sniffed | Found | None
     ) -> tuple[list[tuple[Path, bool, str, str | None]], str | None]:
         """(target, wanted, extension, format) for a photo, or an error. Ledger targets come along
-        unwanted, if they can belong to the photo at all."""
+        unwanted, if they can belong to the photo at all. `kind`: discovery's verdict, if the caller
+        has one."""
         known = {t for t in known if belongs_to(photo, t)}
         targets: list[tuple[Path, bool, str, str | None]] = []
-        found = what_is(photo) if photo.is_file() and (not untag or str(photo) in known) else None
+        found = (kind or what_is(photo)) if photo.is_file() and (not untag or str(photo) in known) else None
         if not untag:
             if found is None:
                 return [], "file not found" if not photo.exists() else "cannot read it"
-            photo_kind = found.kind in ("image", "raw")
+            photo_kind = found.kind in PHOTO_KINDS
             if photo_kind and (self.options.sidecar or is_raw(found)):
                 targets = [(t, True, SIDECAR_EXTENSION, None) for t in sidecar_targets(photo, self.options, dirs, is_raw(found))]
             elif photo_kind and embeds(found):
@@ -297,11 +299,13 @@ def _ramcli_tag(entry: LedgerEntry | None) -> bool:
 
 
 
-def with_captions(
-    items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]], captions: Sequence[str | None] | None
+def as_items(
+    items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]], captions: Sequence[str | None] | None,
+    kinds: Sequence[Sniffed | Found | None] | None,
 ) -> list[Item]:
-    if captions is None:
-        return [(p, tags, None) for p, tags in items]
-    if len(captions) != len(items):
-        raise ValueError(f"{len(captions)} captions for {len(items)} photos: pass one per photo (None for none)")
-    return [(p, tags, clean_caption(c)) for (p, tags), c in zip(items, captions)]
+    for name, aligned in (("captions", captions), ("kinds", kinds)):
+        if aligned is not None and len(aligned) != len(items):
+            raise ValueError(f"{len(aligned)} {name} for {len(items)} photos: pass one per photo (None for none)")
+    captions = [clean_caption(c) for c in captions] if captions is not None else [None] * len(items)
+    kinds = kinds if kinds is not None else [None] * len(items)
+    return [(p, tags, c, k) for (p, tags), c, k in zip(items, captions, kinds)]

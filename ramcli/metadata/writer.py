@@ -38,11 +38,12 @@ from dataclasses import replace
 from ramcli.config import home
 from ramcli.fileio import Journal
 from ramcli.library.ledger import Intent, Ledger
+from ramcli.media.discover import Found, Sniffed
 from ramcli.metadata.commit import recover, settle, write_targets
 from ramcli.metadata.exiftool import ExifToolProcess
 from ramcli.metadata.options import WriterOptions
 from ramcli.metadata.plan import FilePlan, WriteOutcome
-from ramcli.metadata.planner import Batch, Item, Planner, with_captions
+from ramcli.metadata.planner import Batch, Item, Planner, as_items
 from ramcli.tagging.records import TagScore
 
 
@@ -103,14 +104,15 @@ class MetadataWriter:
         self,
         items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]],
         captions: Sequence[str | None] | None = None,
+        kinds: Sequence[Sniffed | Found | None] | None = None,
     ) -> list[FilePlan]:
         """What `write_batch` would change, per photo (the dry run)."""
-        chunks = self._chunks(with_captions(items, captions))
+        chunks = self._chunks(as_items(items, captions, kinds))
         return [plan for chunk in chunks for plan in self._plan_only(chunk, False)]
 
     def plan_untag(self, paths: Sequence[str | os.PathLike]) -> list[FilePlan]:
         """What `untag_batch` would remove, per photo."""
-        items = [(p, [], None) for p in paths]
+        items = [(p, [], None, None) for p in paths]
         return [plan for chunk in self._chunks(items) for plan in self._plan_only(chunk, True)]
 
     def write_batch(
@@ -118,16 +120,19 @@ class MetadataWriter:
         items: Sequence[tuple[str | os.PathLike, Sequence[TagScore]]],
         model_id: str | None = None,
         captions: Sequence[str | None] | None = None,
+        kinds: Sequence[Sniffed | Found | None] | None = None,
     ) -> list[WriteOutcome]:
         """Merge the tags into each photo's metadata; one outcome per item, in order.
 
         `captions`, aligned with `items`: a caption for `XMP-dc:Description` per photo, or None
-        to leave that photo's description as it is (see docs/metadata.md)."""
-        return self._run(self._chunks(with_captions(items, captions)), False, model_id)
+        to leave that photo's description as it is (see docs/metadata.md). `kinds`, aligned with
+        `items`: what discovery found each photo is (its `Found`), so that it is not sniffed
+        again; None asks `discover.what_is`."""
+        return self._run(self._chunks(as_items(items, captions, kinds)), False, model_id)
 
     def untag_batch(self, paths: Sequence[str | os.PathLike]) -> list[WriteOutcome]:
         """Remove exactly the keywords and caption ramcli added (per the ledger) and nothing else."""
-        return self._run(self._chunks([(p, [], None) for p in paths]), True, None)
+        return self._run(self._chunks([(p, [], None, None) for p in paths]), True, None)
 
     def _plan_only(self, chunk: list[Item], untag: bool) -> list[FilePlan]:
         batch = self.planner.layout(chunk, untag)
