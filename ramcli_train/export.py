@@ -14,13 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ramcli.models.caption import ours_to_official
 from ramcli.errors import RamcliError
 from ramcli.fileio import atomic_output
 from ramcli.models.labels import LabelSet
-from ramcli.models.checkpoint import save_converted
+from ramcli.models.checkpoint import BERT_LAYER_KEYS, ours_to_official, save_converted
 from ramcli.models.configs import ArchConfig
-from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
 from ramcli.models.ram import RecognitionModel
 from ramcli_train.loop import load_checkpoint
 
@@ -64,9 +62,9 @@ def official_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     ckpt, arch, _ = _read(path)
     tagger = tagger_from_checkpoint(path)
     sd = _official_backbone(tagger)
-    inverse = {ours: official for official, ours in OFFICIAL_LAYER_KEYS.items()}
+    inverse = {ours: official for official, ours in BERT_LAYER_KEYS.items()}
     for k, v in tagger.state_dict().items():
-        m = re.match(r"decoder\.layers\.(\d+)\.(\w+)\.(weight|bias)$", k)
+        m = re.match(r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", k)
         if m:
             sd[f"tagging_head.encoder.layer.{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}"] = v
     if arch.family == "tag2text":

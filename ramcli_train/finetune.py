@@ -6,7 +6,7 @@ There is no second loop: finetuning prepares three files in the run folder and h
 
 - `init.pt`: the start weights in the trainable layout (tagger + caption branch). From a
   published `.pth` the tagger is mapped by `ramcli.models.checkpoint.map_official` and the
-  caption branch by `ramcli.models.caption`; a `ramcli train` checkpoint is used as is. Swin's
+  caption branch by `official_to_ours` beside it; a `ramcli train` checkpoint is used as is. Swin's
   relative-position tables are resized when the window changes (224 px pretraining, window 7
   -> 384 px finetuning, window 12), as the official finetune does.
 - `labels/` (official layout) and `label_embed.safetensors`: the tag list of the run.
@@ -101,7 +101,7 @@ def read_start_point(path: Path, labels_dir: Path | None = None) -> StartPoint:
     caption = _official_caption_state(sd)
     config: dict = {"family": family}
     if caption:
-        from ramcli.models.caption import infer_caption_config
+        from ramcli.models.checkpoint import infer_caption_config
 
         config["caption_layers"] = infer_caption_config(sd).layers
     return StartPoint(tagger.arch, tagger.labels, tagger.state_dict(), caption, config, source=path.name)
@@ -120,7 +120,7 @@ def _from_training_checkpoint(path: Path, ckpt: dict) -> StartPoint:
 
 
 def _official_caption_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from ramcli.models.caption import official_to_ours
+    from ramcli.models.checkpoint import official_to_ours
 
     return {ours: v for k, v in sd.items() if (ours := official_to_ours(k)) is not None}
 

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from ckpt_factory import arch_config, official_state_dict
 
-from ramcli.models.caption import (
-    CaptionTokenizer,
-    beam_search,
+from ramcli.models.caption import CaptionTokenizer, beam_search
+from ramcli.models.checkpoint import (
     caption_state_from_official,
     load_official_generator,
     official_to_ours,

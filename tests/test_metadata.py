@@ -302,6 +302,28 @@ def test_dry_run_plans_without_writing(samples, ledger):
     assert ledger.entries(jpg) == []
 
 
+def test_discoverys_verdict_is_used_and_only_a_photo_without_one_is_sniffed(samples, ledger, monkeypatch):
+    """`ramcli tag` hands the writer each photo's `Found`; `ramcli write` from the index has none,
+    and the writer then asks discovery's own `what_is`, once per photo."""
+    from ramcli.media import discover
+
+    photos = [samples["jpg"], samples["png"], samples["CR3"]]
+    found = {f.path: f for f in discover.discover([photos[0].parent])}
+    sniffed: list[Path] = []
+    real_sniff = discover.sniff
+    monkeypatch.setattr(discover, "sniff", lambda path: sniffed.append(Path(path)) or real_sniff(path))
+    with writer(ledger) as w:
+        outcomes = w.write_batch([(p, [DOG]) for p in photos], kinds=[found[p] for p in photos])
+    assert [o.status for o in outcomes] == ["written"] * 3 and sniffed == []
+    assert "dog" in keywords(samples["jpg"])["XMP-dc:Subject"] and sidecar_of(samples["CR3"]).exists()
+    with writer(ledger) as w:
+        outcomes = w.write_batch([(p, [TagScore("cat", "", 0.8)]) for p in photos])
+        with pytest.raises(ValueError, match="1 kinds for 3 photos"):
+            w.write_batch([(p, [DOG]) for p in photos], kinds=[None])
+    assert [o.status for o in outcomes] == ["written"] * 3
+    assert sorted(sniffed) == sorted(Path(os.path.realpath(p)) for p in photos)
+
+
 # --- fields and options ------------------------------------------------------------------------
 
 
@@ -494,12 +516,12 @@ import sqlite_utils
 import ramcli.inplace
 from ramcli.library.ledger import Ledger
 from ramcli.metadata import ExifToolProcess, MetadataWriter, WriterOptions
-from ramcli.metadata.writer import MetadataWriter as Writer
+import ramcli.metadata.writer as writer_module
 from ramcli.tagging.records import TagScore
 
 db, when, photos = sys.argv[1], sys.argv[2], sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_write, real_into, real_settle = ExifToolProcess.write, ramcli.inplace.write_into, Writer._settle
+real_write, real_into, real_settle = ExifToolProcess.write, ramcli.inplace.write_into, writer_module.settle
 
 def write(self, *args):
     if when == "before_exiftool":
@@ -517,12 +539,12 @@ def write_into(fd, source, sync=True):  # the copy into place, cut after half of
         die()
     return real_into(fd, source, sync)
 
-def settle(self, *args):
+def settle(*args):
     if when == "before_settle":
         die()
-    return real_settle(self, *args)
+    return real_settle(*args)
 
-ExifToolProcess.write, ramcli.inplace.write_into, Writer._settle = write, write_into, settle
+ExifToolProcess.write, ramcli.inplace.write_into, writer_module.settle = write, write_into, settle
 writer = MetadataWriter(WriterOptions(), Ledger(sqlite_utils.Database(db)))
 writer.write_batch([(p, [TagScore("dog", "", 0.9), TagScore("Oma", "", 0.8)]) for p in photos], model_id="m",
                    captions=["a dog on a beach"] * len(photos))

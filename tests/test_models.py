@@ -106,6 +106,28 @@ def test_converted_file_gives_the_same_logits_and_carries_its_labels(ckpts, tmp_
     assert len(converted.labels.names_zh[0]) > 0
 
 
+def test_a_format_1_converted_file_still_loads(ckpts, tmp_path):
+    """Format 1 named the decoder's cross-attention flat: decoder.layers.N.q, attn_out, attn_norm."""
+    from safetensors.torch import load_file, save_file
+
+    path, labels = ckpts["ram_tiny"]
+    dst = convert(path, tmp_path / "tiny.safetensors", labels_dir=labels)
+    meta = dict(read_converted_metadata(dst), format_version="1")
+    flat = {"cross_attn.q": "q", "cross_attn.k": "k", "cross_attn.v": "v", "cross_attn.out": "attn_out",
+            "cross_attn.norm": "attn_norm"}
+    old = {}
+    for k, v in load_file(dst).items():
+        for ours, legacy in flat.items():
+            k = k.replace(f".{ours}.", f".{legacy}.")
+        old[k] = v
+    assert "decoder.layers.0.attn_out.weight" in old
+    save_file(old, tmp_path / "format1.safetensors", metadata=meta)
+    x = _images(4, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(load_converted(tmp_path / "format1.safetensors")(x), load_converted(dst)(x),
+                                   atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_reduced_precision_conversion_keeps_most_decisions(ckpts, tmp_path, dtype):
     path, labels = ckpts["ram_tiny"]

@@ -38,6 +38,8 @@ from PIL import Image, UnidentifiedImageError
 pillow_heif.register_heif_opener()  # HEIC/HEIF through Pillow's open(); idempotent
 
 Kind = Literal["image", "raw", "video", "unsupported", "error", "link"]
+#: The kinds that are photos: tagged, indexed and given metadata; every other kind is reported or skipped.
+PHOTO_KINDS = frozenset({"image", "raw"})
 
 #: Camera RAW files whose header is a plain TIFF one: told apart from TIFF by extension.
 RAW_SUFFIXES = frozenset(
@@ -137,6 +139,15 @@ def sniff(path: Path) -> Sniffed:
     if suffix in VIDEO_SUFFIXES:
         return Sniffed("video", f"video/{suffix[1:]}", "video (not supported)")
     return Sniffed(broken, None, not_an_image_reason(head))
+
+
+def what_is(path: Path) -> Sniffed | None:
+    """`sniff`, for a caller that has no `Found` (a photo named by the index, a ledger target):
+    None when the file cannot be read."""
+    try:
+        return sniff(path)
+    except OSError:
+        return None
 
 
 def sniff_bytes(head: bytes, suffix: str = "") -> Sniffed | None:

@@ -24,7 +24,9 @@ The package, by concern:
 - `layout`: which file carries a photo's metadata (the photo or its sidecars), from what
   discovery says the photo is;
 - `exiftool`: the ExifTool process, which never sees a user's file name or value as an argument;
-- `writer`: `MetadataWriter`, the transactional read-plan-stage-write-settle loop.
+- `planner`: a batch's layout, one ExifTool read, and its plan;
+- `commit`: the ExifTool write into the journal, the copy into place, settling the ledger, recovery;
+- `writer`: `MetadataWriter`, the transactional read-plan-stage-write-settle loop over batches.
 """
 
 import importlib

@@ -1,7 +1,8 @@
 """Sidecar layout and targets: which file carries a photo's metadata, decided from what the photo is.
 
-What a photo *is* is discovery's decision (`ramcli.media.discover.sniff`: its content, and for TIFF-based
-RAW its extension); the writer only maps that decision to a place:
+What a photo *is* is discovery's decision (`ramcli.media.discover`: its content, and for TIFF-based
+RAW its extension), passed along as the photo's `Found`, or asked of `discover.what_is` by a caller
+that has none; the writer only maps that decision to a place:
 
 - RAW (every format discovery calls 'raw', except DNG): an XMP sidecar, because ExifTool's Known
   Problems list RAW writes that vendor software rejects. ramcli never opens a RAW file.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ramcli.media.discover import Sniffed, sniff
+from ramcli.media.discover import Found, Sniffed
 from ramcli.metadata.options import WriterOptions
 
 # Detected format -> the extension ExifTool is shown. MPO is a JPEG with extra frames (phones).
@@ -33,20 +34,12 @@ DIGEST_FORMATS = frozenset({"JPEG", "MPO"})
 SIDECAR_EXTENSION = ".xmp"
 
 
-def what_is(photo: Path) -> Sniffed | None:
-    """Discovery's verdict on a photo as it is now; None when it cannot be read."""
-    try:
-        return sniff(photo)
-    except OSError:
-        return None
-
-
-def embeds(found: Sniffed) -> bool:
+def embeds(found: Sniffed | Found) -> bool:
     """Whether metadata goes into the file itself (as opposed to a sidecar)."""
     return found.format in EMBED_FORMATS and (found.kind == "image" or found.format == "DNG")
 
 
-def is_raw(found: Sniffed) -> bool:
+def is_raw(found: Sniffed | Found) -> bool:
     return found.kind == "raw" and found.format != "DNG"
 
 

@@ -1,5 +1,6 @@
 """The tag-guided caption generator of RAM and Tag2Text: an image-tag interaction encoder and a
-text decoder, BERT-style, written compactly (no transformers dependency).
+text decoder, of the same `BertLayer`s as the recognition decoder (`ramcli.models.bert`). The
+official weights are mapped onto it in `ramcli.models.checkpoint` (`load_official_generator`).
 
 Structure, as the official `tag_encoder` (BertModel) and `text_decoder` (BertLMHeadModel):
 
@@ -23,7 +24,6 @@ from its captions instead (`ramcli_train.tokenizer`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ramcli.errors import CheckpointError, RamcliError
+from ramcli.errors import RamcliError
+from ramcli.models.bert import BertLayer
 
 PROMPT = "a picture of "
 TAG_TOKENS = 40  # the official tag input is padded/truncated to exactly 40 tokens
@@ -158,57 +159,6 @@ class CaptionConfig:
         return asdict(self)
 
 
-class Attention(nn.Module):
-    """Multi-head attention + output projection + post-LayerNorm residual (a BERT sub-layer)."""
-
-    def __init__(self, hidden: int, kv_width: int, heads: int, eps: float, dropout: float):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.q = nn.Linear(hidden, hidden)
-        self.k = nn.Linear(kv_width, hidden)
-        self.v = nn.Linear(kv_width, hidden)
-        self.out = nn.Linear(hidden, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=eps)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
-
-    def forward(self, x, context, mask=None, causal=False, cache=None):
-        q = self._split(self.q(x))
-        k, v = self._split(self.k(context)), self._split(self.v(context))
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None)
-        a = F.dropout(self.out(a.transpose(1, 2).flatten(2)), p, self.training)
-        return self.norm(a + x), (k, v)
-
-
-class TextLayer(nn.Module):
-    def __init__(self, cfg: CaptionConfig, kv_width: int):
-        super().__init__()
-        self.self_attn = Attention(cfg.hidden, cfg.hidden, cfg.heads, cfg.eps, cfg.dropout)
-        self.cross_attn = Attention(cfg.hidden, kv_width, cfg.heads, cfg.eps, cfg.dropout)
-        self.ffn_in = nn.Linear(cfg.hidden, cfg.intermediate)
-        self.ffn_out = nn.Linear(cfg.intermediate, cfg.hidden)
-        self.ffn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
-        self.dropout = cfg.dropout
-
-    def tie_to(self, rec_layer: nn.Module) -> None:
-        """Share cross-attention and FFN with a recognition-decoder layer (the official tie)."""
-        for ours, theirs in (("q", "q"), ("k", "k"), ("v", "v"), ("out", "attn_out"), ("norm", "attn_norm")):
-            setattr(self.cross_attn, ours, getattr(rec_layer, theirs))
-        for name in ("ffn_in", "ffn_out", "ffn_norm"):
-            setattr(self, name, getattr(rec_layer, name))
-
-    def forward(self, x, context, self_mask=None, causal=False, cache=None):
-        x, kv = self.self_attn(x, x, self_mask, causal, cache)
-        x, _ = self.cross_attn(x, context)
-        h = F.dropout(self.ffn_out(F.gelu(self.ffn_in(x))), self.dropout if self.training else 0.0, self.training)
-        return self.ffn_norm(h + x), kv
-
-
 class TextStack(nn.Module):
     """Embeddings + layers: the body of both the tag encoder and the text decoder."""
 
@@ -217,7 +167,10 @@ class TextStack(nn.Module):
         self.word_embed = nn.Embedding(cfg.vocab_size, cfg.hidden, padding_idx=0)
         self.pos_embed = nn.Embedding(cfg.max_positions, cfg.hidden)
         self.embed_norm = nn.LayerNorm(cfg.hidden, eps=cfg.eps)
-        self.layers = nn.ModuleList(TextLayer(cfg, kv_width) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(
+            BertLayer(cfg.hidden, kv_width, cfg.heads, cfg.intermediate, cfg.eps, cfg.dropout)
+            for _ in range(cfg.layers)
+        )
         self.dropout = cfg.dropout
         self.grad_ckpt = False
 
@@ -260,7 +213,7 @@ class CaptionGenerator(nn.Module):
     """Image embeddings + tag texts -> captions (training loss or beam-search generation)."""
 
     def __init__(self, cfg: CaptionConfig, tokenizer: CaptionTokenizer, prompt: str = PROMPT,
-                 tied_layers: Sequence[nn.Module] = ()):
+                 tied_layers: Sequence[BertLayer] = ()):
         super().__init__()
         if len(tokenizer) > cfg.vocab_size:
             raise RamcliError(f"tokenizer has {len(tokenizer)} tokens but the caption model only {cfg.vocab_size}")
@@ -410,111 +363,3 @@ def beam_search(step, prompt: torch.Tensor, num_beams: int, min_length: int, max
             for i in range(num_beams):
                 hyps[b].add(ids[b * num_beams + i], beam_scores[b * num_beams + i].item())
     return [h.best() for h in hyps]
-
-
-# ----------------------------------------------------------------------------- official weights
-
-#: official BertLayer sub-module -> ours
-_LAYER_KEYS = {
-    "attention.self.query": "self_attn.q", "attention.self.key": "self_attn.k",
-    "attention.self.value": "self_attn.v", "attention.output.dense": "self_attn.out",
-    "attention.output.LayerNorm": "self_attn.norm",
-    "crossattention.self.query": "cross_attn.q", "crossattention.self.key": "cross_attn.k",
-    "crossattention.self.value": "cross_attn.v", "crossattention.output.dense": "cross_attn.out",
-    "crossattention.output.LayerNorm": "cross_attn.norm",
-    "intermediate.dense": "ffn_in", "output.dense": "ffn_out", "output.LayerNorm": "ffn_norm",
-}
-_EMBED_KEYS = {"word_embeddings": "word_embed", "position_embeddings": "pos_embed", "LayerNorm": "embed_norm"}
-_HEAD_KEYS = {
-    "cls.predictions.transform.dense": "text_decoder.head_dense",
-    "cls.predictions.transform.LayerNorm": "text_decoder.head_norm",
-}
-
-
-def official_to_ours(key: str) -> str | None:
-    """Our name of an official `tag_encoder.*` / `text_decoder.*` tensor (None: not needed)."""
-    for official, ours in (("tag_encoder.", "tag_encoder."), ("text_decoder.bert.", "text_decoder.body.")):
-        if not key.startswith(official):
-            continue
-        rest = key[len(official):]
-        m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", rest)
-        if m and m.group(2) in _LAYER_KEYS:
-            return f"{ours}layers.{m.group(1)}.{_LAYER_KEYS[m.group(2)]}.{m.group(3)}"
-        m = re.match(r"embeddings\.(word_embeddings|position_embeddings|LayerNorm)\.(weight|bias)$", rest)
-        if m:
-            return f"{ours}{_EMBED_KEYS[m.group(1)]}.{m.group(2)}"
-        return None
-    if key.startswith("text_decoder.cls.predictions."):
-        rest = key[len("text_decoder."):]
-        if rest == "cls.predictions.bias":
-            return "text_decoder.head_bias"
-        for official, ours in _HEAD_KEYS.items():
-            if rest.startswith(official + "."):
-                return ours + rest[len(official):]
-    return None
-
-
-def infer_caption_config(sd: dict[str, torch.Tensor], heads: int = 12) -> CaptionConfig:
-    """Sizes from an official state dict's `tag_encoder.*` / `text_decoder.*` shapes."""
-    try:
-        vocab, hidden = sd["text_decoder.bert.embeddings.word_embeddings.weight"].shape
-        positions = sd["text_decoder.bert.embeddings.position_embeddings.weight"].shape[0]
-        inter = sd["text_decoder.bert.encoder.layer.0.intermediate.dense.weight"].shape[0]
-        width = sd["tag_encoder.encoder.layer.0.crossattention.self.key.weight"].shape[1]
-    except KeyError:
-        raise CheckpointError("no caption generator in this checkpoint (tag_encoder.* / text_decoder.* missing)") from None
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"text_decoder\.bert\.encoder\.layer\.(\d+)\.", k)))
-    return CaptionConfig(hidden, heads, inter, layers, vocab, positions, width, dropout=0.1)
-
-
-def caption_state_from_official(sd: dict[str, torch.Tensor], generator: CaptionGenerator) -> dict[str, torch.Tensor]:
-    """Map every official caption tensor onto `generator`; refuse missing or misshapen ones."""
-    mapped = {ours: v for k, v in sd.items() if (ours := official_to_ours(k)) is not None}
-    expected = generator.state_dict()
-    missing = [k for k in expected if k not in mapped]
-    if missing:
-        raise CheckpointError(f"caption weights incomplete: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-    for k, v in expected.items():
-        if mapped[k].shape != v.shape:
-            raise CheckpointError(f"caption tensor {k}: shape {tuple(mapped[k].shape)}, expected {tuple(v.shape)}")
-    return {k: mapped[k] for k in expected}
-
-
-def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our caption state (keys under tag_encoder./text_decoder.) -> the official names."""
-    inverse: dict[str, str] = {}
-    for prefix, official in (("tag_encoder.", "tag_encoder."), ("text_decoder.body.", "text_decoder.bert.")):
-        for o, w in _EMBED_KEYS.items():
-            for p in ("weight", "bias"):
-                inverse[f"{prefix}{w}.{p}"] = f"{official}embeddings.{o}.{p}"
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        m = re.match(r"(tag_encoder\.|text_decoder\.body\.)layers\.(\d+)\.(.+)\.(weight|bias)$", k)
-        if m:
-            official_sub = next(o for o, w in _LAYER_KEYS.items() if w == m.group(3))
-            base = "tag_encoder." if m.group(1) == "tag_encoder." else "text_decoder.bert."
-            out[f"{base}encoder.layer.{m.group(2)}.{official_sub}.{m.group(4)}"] = v
-        elif k in inverse:
-            out[inverse[k]] = v
-        elif k == "text_decoder.head_bias":
-            out["text_decoder.cls.predictions.bias"] = v
-            out["text_decoder.cls.predictions.decoder.bias"] = v
-        else:
-            for official, ours in _HEAD_KEYS.items():
-                if k.startswith(ours + "."):
-                    out["text_decoder." + official + k[len(ours):]] = v
-    word = state["text_decoder.body.word_embed.weight"]
-    out["text_decoder.cls.predictions.decoder.weight"] = word
-    for stack in ("tag_encoder.", "text_decoder.bert."):
-        n = out[f"{stack}embeddings.position_embeddings.weight"].shape[0]
-        out[f"{stack}embeddings.position_ids"] = torch.arange(n).expand(1, -1).clone()
-    return out
-
-
-def load_official_generator(sd: dict[str, torch.Tensor], tokenizer: CaptionTokenizer | None = None,
-                            heads: int = 12, prompt: str = PROMPT) -> CaptionGenerator:
-    """A caption generator (eval mode) from a published RAM/Tag2Text state dict."""
-    cfg = infer_caption_config(sd, heads)
-    gen = CaptionGenerator(cfg, tokenizer or CaptionTokenizer.from_vocab(), prompt)
-    gen.load_state_dict(caption_state_from_official(sd, gen), strict=True)
-    return gen.eval()

@@ -15,10 +15,15 @@ Key mapping (official -> ours):
 - `tagging_head.encoder.layer.N.<part>` (older files: `vision_multi.`; RAM also ties these to
   `tag_encoder.encoder.layer.N`) -> `decoder.layers.N.<ours>`,
 - Tag2Text's group-wise classifier `fc.W`/`fc.b` -> `fc_weight`/`fc_bias`, its learned queries
-  `label_embed.weight` -> `label_embed`; the rest keeps its name.
+  `label_embed.weight` -> `label_embed`; the rest keeps its name,
+- the caption branch (`tag_encoder.*`, `text_decoder.*`; read only for captions and training)
+  -> `CaptionGenerator`, both ways (`official_to_ours`, `ours_to_official`).
+Both heads' layers are `BertLayer`s, so one table (`BERT_LAYER_KEYS`) names their parts.
 
 The converted format is a safetensors file in our layout with the architecture, label system and
-provenance in its metadata: self-contained, memory-mapped on load, no pickle at all.
+provenance in its metadata: self-contained, memory-mapped on load, no pickle at all. Format 1
+named the decoder's cross-attention flat (`decoder.layers.N.q`, `attn_out`, `attn_norm`); such
+files still load.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,13 +42,18 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 
 from ramcli.errors import CheckpointError
 from ramcli.fileio import atomic_output
-from ramcli.models.labels import LabelSet
+from ramcli.models.caption import (
+    PROMPT,
+    CaptionConfig,
+    CaptionGenerator,
+    CaptionTokenizer,
+)
 from ramcli.models.configs import ArchConfig, head_prefix, infer_arch, infer_family
-from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
+from ramcli.models.labels import LabelSet
 from ramcli.models.ram import RecognitionModel
 from ramcli.models.safeload import load_weights
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: RAM++'s initial `reweight_scale` (`torch.ones([]) * np.log(1 / 0.07)`); the official loader
@@ -53,6 +64,17 @@ _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict", "module")
 _KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
 #: The caption branch: read by `tag --caption` and finetuning, not by tagging
 TRAINING_PARTS = ("tag_encoder.", "text_decoder.")
+#: official BertLayer sub-module -> ours (`ramcli.models.bert.BertLayer`); the recognition decoder's
+#: layers have no self-attention
+BERT_LAYER_KEYS = {
+    "attention.self.query": "self_attn.q", "attention.self.key": "self_attn.k",
+    "attention.self.value": "self_attn.v", "attention.output.dense": "self_attn.out",
+    "attention.output.LayerNorm": "self_attn.norm",
+    "crossattention.self.query": "cross_attn.q", "crossattention.self.key": "cross_attn.k",
+    "crossattention.self.value": "cross_attn.v", "crossattention.output.dense": "cross_attn.out",
+    "crossattention.output.LayerNorm": "cross_attn.norm",
+    "intermediate.dense": "ffn_in", "output.dense": "ffn_out", "output.LayerNorm": "ffn_norm",
+}
 
 
 def file_fingerprint(path: Path) -> str:
@@ -127,11 +149,11 @@ def _map(sd: dict[str, torch.Tensor], model: RecognitionModel) -> tuple[dict[str
 
     prefix = head_prefix(sd)
     for i in range(arch.layers):
-        for official, ours in OFFICIAL_LAYER_KEYS.items():
+        for official, ours in BERT_LAYER_KEYS.items():
             for param in ("weight", "bias"):
-                key = f"{prefix}{i}.{official}.{param}"
-                if key in sd:
-                    out[f"decoder.layers.{i}.{ours}.{param}"] = sd[key]
+                key, target = f"{prefix}{i}.{official}.{param}", f"decoder.layers.{i}.{ours}.{param}"
+                if key in sd and target in expected:
+                    out[target] = sd[key]
                     used.add(key)
 
     if arch.family == "tag2text":
@@ -294,7 +316,16 @@ def load_converted(path: Path, labels: LabelSet | None = None, dtype: torch.dtyp
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt tensor data
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise CheckpointError(f"cannot read {path.name}: damaged tensor data ({reason})") from None
+    if meta.get("format_version") == "1":
+        tensors = {_format_1_key(k): v for k, v in tensors.items()}
     return _materialise(arch, tensors, labels, meta.get("model_id", path.stem), path.name, dtype)
+
+
+def _format_1_key(key: str) -> str:
+    m = re.match(r"(decoder\.layers\.\d+\.)(q|k|v|attn_out|attn_norm)\.(weight|bias)$", key)
+    if m is None:
+        return key
+    return f"{m[1]}cross_attn.{m[2].removeprefix('attn_')}.{m[3]}"
 
 
 def is_converted(path: Path) -> bool:
@@ -302,3 +333,101 @@ def is_converted(path: Path) -> bool:
         head = f.read(9)
     # safetensors: 8-byte little-endian header length, then a JSON object
     return len(head) == 9 and head[8:9] == b"{"
+
+
+# ----------------------------------------------------------------------------- caption branch
+
+_EMBED_KEYS = {"word_embeddings": "word_embed", "position_embeddings": "pos_embed", "LayerNorm": "embed_norm"}
+_HEAD_KEYS = {
+    "cls.predictions.transform.dense": "text_decoder.head_dense",
+    "cls.predictions.transform.LayerNorm": "text_decoder.head_norm",
+}
+
+
+def official_to_ours(key: str) -> str | None:
+    """Our name of an official `tag_encoder.*` / `text_decoder.*` tensor (None: not needed)."""
+    for official, ours in (("tag_encoder.", "tag_encoder."), ("text_decoder.bert.", "text_decoder.body.")):
+        if not key.startswith(official):
+            continue
+        rest = key[len(official):]
+        m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", rest)
+        if m and m.group(2) in BERT_LAYER_KEYS:
+            return f"{ours}layers.{m.group(1)}.{BERT_LAYER_KEYS[m.group(2)]}.{m.group(3)}"
+        m = re.match(r"embeddings\.(word_embeddings|position_embeddings|LayerNorm)\.(weight|bias)$", rest)
+        if m:
+            return f"{ours}{_EMBED_KEYS[m.group(1)]}.{m.group(2)}"
+        return None
+    if key.startswith("text_decoder.cls.predictions."):
+        rest = key[len("text_decoder."):]
+        if rest == "cls.predictions.bias":
+            return "text_decoder.head_bias"
+        for official, ours in _HEAD_KEYS.items():
+            if rest.startswith(official + "."):
+                return ours + rest[len(official):]
+    return None
+
+
+def infer_caption_config(sd: dict[str, torch.Tensor], heads: int = 12) -> CaptionConfig:
+    """Sizes from an official state dict's `tag_encoder.*` / `text_decoder.*` shapes."""
+    try:
+        vocab, hidden = sd["text_decoder.bert.embeddings.word_embeddings.weight"].shape
+        positions = sd["text_decoder.bert.embeddings.position_embeddings.weight"].shape[0]
+        inter = sd["text_decoder.bert.encoder.layer.0.intermediate.dense.weight"].shape[0]
+        width = sd["tag_encoder.encoder.layer.0.crossattention.self.key.weight"].shape[1]
+    except KeyError:
+        raise CheckpointError("no caption generator in this checkpoint (tag_encoder.* / text_decoder.* missing)") from None
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"text_decoder\.bert\.encoder\.layer\.(\d+)\.", k)))
+    return CaptionConfig(hidden, heads, inter, layers, vocab, positions, width, dropout=0.1)
+
+
+def caption_state_from_official(sd: dict[str, torch.Tensor], generator: CaptionGenerator) -> dict[str, torch.Tensor]:
+    """Map every official caption tensor onto `generator`; refuse missing or misshapen ones."""
+    mapped = {ours: v for k, v in sd.items() if (ours := official_to_ours(k)) is not None}
+    expected = generator.state_dict()
+    missing = [k for k in expected if k not in mapped]
+    if missing:
+        raise CheckpointError(f"caption weights incomplete: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    for k, v in expected.items():
+        if mapped[k].shape != v.shape:
+            raise CheckpointError(f"caption tensor {k}: shape {tuple(mapped[k].shape)}, expected {tuple(v.shape)}")
+    return {k: mapped[k] for k in expected}
+
+
+def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our caption state (keys under tag_encoder./text_decoder.) -> the official names."""
+    inverse: dict[str, str] = {}
+    for prefix, official in (("tag_encoder.", "tag_encoder."), ("text_decoder.body.", "text_decoder.bert.")):
+        for o, w in _EMBED_KEYS.items():
+            for p in ("weight", "bias"):
+                inverse[f"{prefix}{w}.{p}"] = f"{official}embeddings.{o}.{p}"
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        m = re.match(r"(tag_encoder\.|text_decoder\.body\.)layers\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if m:
+            official_sub = next(o for o, w in BERT_LAYER_KEYS.items() if w == m.group(3))
+            base = "tag_encoder." if m.group(1) == "tag_encoder." else "text_decoder.bert."
+            out[f"{base}encoder.layer.{m.group(2)}.{official_sub}.{m.group(4)}"] = v
+        elif k in inverse:
+            out[inverse[k]] = v
+        elif k == "text_decoder.head_bias":
+            out["text_decoder.cls.predictions.bias"] = v
+            out["text_decoder.cls.predictions.decoder.bias"] = v
+        else:
+            for official, ours in _HEAD_KEYS.items():
+                if k.startswith(ours + "."):
+                    out["text_decoder." + official + k[len(ours):]] = v
+    word = state["text_decoder.body.word_embed.weight"]
+    out["text_decoder.cls.predictions.decoder.weight"] = word
+    for stack in ("tag_encoder.", "text_decoder.bert."):
+        n = out[f"{stack}embeddings.position_embeddings.weight"].shape[0]
+        out[f"{stack}embeddings.position_ids"] = torch.arange(n).expand(1, -1).clone()
+    return out
+
+
+def load_official_generator(sd: dict[str, torch.Tensor], tokenizer: CaptionTokenizer | None = None,
+                            heads: int = 12, prompt: str = PROMPT) -> CaptionGenerator:
+    """A caption generator (eval mode) from a published RAM/Tag2Text state dict."""
+    cfg = infer_caption_config(sd, heads)
+    gen = CaptionGenerator(cfg, tokenizer or CaptionTokenizer.from_vocab(), prompt)
+    gen.load_state_dict(caption_state_from_official(sd, gen), strict=True)
+    return gen.eval()

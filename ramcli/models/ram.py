@@ -30,7 +30,7 @@ from torch import nn
 from ramcli.errors import CheckpointError
 from ramcli.models.labels import LabelSet
 from ramcli.models.configs import CLIP_DIM, ArchConfig
-from ramcli.models.decoder import RecognitionDecoder
+from ramcli.models.bert import RecognitionDecoder
 
 
 def build_backbone(arch: ArchConfig, drop_path_rate: float = 0.0) -> nn.Module:

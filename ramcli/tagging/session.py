@@ -273,6 +273,7 @@ class TagSession:
         if self._metadata is not None:
             self._metadata.summary = summary
             self._metadata.left_alone = {} if options.follow_links else dict.fromkeys(links, OUTSIDE_LINK)
+            self._metadata.found = {str(f.path): f for f in todo}
             sinks.append(self._metadata)
         sinks.append(self.output())  # after the write, so a line shows a write's failure too
         if index is not None:

@@ -105,12 +105,14 @@ class MetadataSink:
     result whose write failed keeps the reason as its `error` (the output shows it; the index
     keeps it, so the next run writes the photo again).
     `left_alone`: result paths not to write, with the reason (symlinks out of the tagged folders).
+    `found`: what discovery found each path is, so that the writer does not sniff it again.
     """
 
     def __init__(self, writer, model_id: str, summary: Summary, index=None,
                  left_alone: dict[str, str] | None = None):
         self.writer, self.model_id, self.summary, self.index = writer, model_id, summary, index
         self.left_alone = left_alone or {}
+        self.found: dict[str, Found] = {}
 
     def __call__(self, results: list[PhotoResult]) -> None:
         tagged = []
@@ -122,7 +124,8 @@ class MetadataSink:
         if not tagged:
             return
         outcomes = self.writer.write_batch([(r.path, r.tags) for r in tagged], model_id=self.model_id,
-                                           captions=[r.caption for r in tagged])
+                                           captions=[r.caption for r in tagged],
+                                           kinds=[self.found.get(r.path) for r in tagged])
         for result, outcome in zip(tagged, outcomes):
             if outcome.status == "written":
                 self.summary.written += 1

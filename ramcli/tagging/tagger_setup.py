@@ -79,6 +79,6 @@ def load_captioner(weights: str | None, model) -> Callable:
         if name is None:
             raise UsageError("--caption needs the original Tag2Text .pth: converted files are tag-only")
         path = download(get_published(name))  # the hub cache keeps the original after `pull`
-    from ramcli.models.caption import load_official_generator
+    from ramcli.models.checkpoint import load_official_generator
 
     return load_official_generator(read_official(path))
