@@ -11,7 +11,8 @@ import pytest
 from ramcli.errors import UsageError
 from ramcli.library.index import Index
 from ramcli.tagging.records import PhotoResult, TagScore
-from ramcli.library.search import And, Filters, Not, Or, Term, _score, parse, resolve, search, TagResolver
+from ramcli.library.query import And, Not, Or, TagResolver, Term, parse, resolve
+from ramcli.library.search import Filters, _score, search
 
 
 @pytest.mark.parametrize(
@@ -158,7 +159,7 @@ def test_top_k_equals_exhaustive_ranking(tmp_path):
                         if s is not None:
                             expected.append((s, -pid))
                     expected = [-p for _, p in sorted(expected, reverse=True)[:limit]]
-                    got = [h.photo_id for h in search(ix, q, limit=limit, filters=Filters(min_score=min_score), with_tags=False)]
+                    got = [h.id for h in search(ix, q, limit=limit, filters=Filters(min_score=min_score), with_tags=False)]
                     assert got == expected, (q, limit, min_score)
 
 
@@ -211,7 +212,7 @@ def test_flat_and_general_queries_equal_exhaustive_ranking_with_filters_groups_a
         for q in queries:
             for limit in (1, 10, 60, None):
                 for f in filter_sets:
-                    got = [h.photo_id for h in search(ix, q, limit=limit, filters=f, with_tags=False)]
+                    got = [h.id for h in search(ix, q, limit=limit, filters=f, with_tags=False)]
                     assert got == _exhaustive(ix, q, limit, f), (q, limit, f)
 
 
@@ -239,7 +240,7 @@ def test_exact_tag_names_resolve_without_the_lemmatiser(index, monkeypatch):
     def no_lemma(word):
         raise AssertionError(f"lemmatised {word!r}")
 
-    monkeypatch.setattr("ramcli.library.search.lemma", no_lemma)
+    monkeypatch.setattr("ramcli.library.query.lemma", no_lemma)
     assert names(search(index, '"christmas tree" OR 狗 OR DOG')) == ["a", "c"]
 
 
@@ -281,7 +282,7 @@ def cap(ix, query, caption, **kw):
     ],
 )
 def test_caption_match_turns_user_text_into_fts5_string_literals(text, expected):
-    from ramcli.library.search import caption_match
+    from ramcli.library.query import caption_match
 
     assert caption_match(text) == expected
 
@@ -353,7 +354,7 @@ def test_caption_with_tags_equals_exhaustive_ranking_filtered_by_caption(tmp_pat
                 for limit in (3, None):
                     wanted = [pid for pid in _exhaustive(ix, q, None, Filters())
                               if captions[pid] and set(caption.split()) <= set(captions[pid].split())][:limit]
-                    got = [h.photo_id for h in search(ix, q, limit=limit, filters=Filters(caption=caption), with_tags=False)]
+                    got = [h.id for h in search(ix, q, limit=limit, filters=Filters(caption=caption), with_tags=False)]
                     assert got == wanted, (q, caption, limit)
 
 
