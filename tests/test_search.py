@@ -29,10 +29,17 @@ from ramcli.library.search import Filters, _score, search
         ("(dog OR cat) -(night OR dark)", And((Or((Term("dog"), Term("cat"))), Not(Or((Term("night"), Term("dark"))))))),
         ("狗 海滩", And((Term("狗"), Term("海滩")))),
         ("or", Term("or")),  # lower-case operators are words
+        ("dog not night", And((Term("dog"), Not(Term("night"))))),  # but for `not`
+        ('dog "not" night', And((Term("dog"), Term("not"), Term("night")))),
     ],
 )
 def test_parse(query, tree):
     assert parse(query) == tree
+
+
+def test_lowercase_not_is_a_word_where_the_index_has_that_tag():
+    assert parse("dog not night", lowercase_not=False) == And((Term("dog"), Term("not"), Term("night")))
+    assert parse("dog NOT night", lowercase_not=False) == And((Term("dog"), Not(Term("night"))))
 
 
 @pytest.mark.parametrize(
@@ -92,6 +99,19 @@ def test_and_or_not_ranked_by_score(index):
     hit = search(index, "dog night")[0]
     assert hit.score == pytest.approx(0.6)  # AND = min
     assert [t.name for t in hit.tags] == ["night", "christmas tree", "dog"]
+
+
+def test_lowercase_not_excludes_unless_not_is_a_tag(index, tmp_path):
+    assert names(search(index, "dog not night")) == ["a"]
+    assert names(search(index, "not night")) == ["a", "d", "e"]
+    with pytest.raises(UsageError, match="unknown tag 'not'"):
+        search(index, '"not"')  # quoted, it is always a tag
+    index.record_batch([PhotoResult(str(tmp_path / "lib" / "f.jpg"), "tagged", 1, 1,
+                                    tags=[TagScore("not", "", 0.5), TagScore("dog", "", 0.5)])])
+    assert names(search(index, "dog not")) == ["f"]  # now the tag
+    assert names(search(index, "not night")) == []  # both tags, and no photo has both
+    assert names(search(index, "dog NOT night")) == ["a", "f"]
+    assert names(search(index, "dog -not")) == ["a", "c"]
 
 
 def test_plural_chinese_quoted_and_unquoted_phrases(index):

@@ -130,7 +130,7 @@ def _find(index: Index, photo: Path):
 def register(app: typer.Typer) -> None:
     @app.command()
     def search(
-        query: list[str] = typer.Argument(None, metavar="QUERY", help='Tags: `dog beach`, `dog OR cat`, `dog NOT night`, `"christmas tree"`. Optional with --caption.', show_default=False),
+        query: list[str] = typer.Argument(None, metavar="QUERY", help='Tags: `dog beach`, `dog OR cat`, `dog not night` (or NOT, or -night after --), `"christmas tree"`; where a tag is named "not", `not` is that tag. Optional with --caption.', show_default=False),
         caption: str = typer.Option(None, "--caption", help='Words that must all be in the caption (Tag2Text, `tag --caption`); "quoted phrases" kept in order.'),
         min_score: float = typer.Option(0.0, "--min-score", help="Count a tag only at this score or above (0-1)."),
         limit: int = typer.Option(None, "--limit", help="At most this many hits, best first; 0 = all. [default: 50 for table, all otherwise]", show_default=False),

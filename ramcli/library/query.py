@@ -1,8 +1,10 @@
 """The query language of `ramcli search`: parsing, resolving words to tag groups, captions.
 
-Syntax: words are ANDed (`dog beach`), `OR` joins alternatives (`dog OR cat`), `-word` or
-`NOT word` excludes, `"christmas tree"` quotes a multi-word tag, parentheses group. `OR`, `NOT`
-and `AND` are operators only in capitals.
+Syntax: words are ANDed (`dog beach`), `OR` joins alternatives (`dog OR cat`), `-word`, `NOT word`
+or `not word` excludes, `"christmas tree"` quotes a multi-word tag, parentheses group. `OR`, `NOT`
+and `AND` are operators only in capitals; lowercase `not` is one too, unless the index has a tag
+(or synonym) named "not": then `not` is that tag, and `NOT`/`-` exclude. A quoted word is always a
+tag: `"not"`, `"OR"`.
 
 Each word resolves to a *tag group*: the tag of that exact name (English or Chinese), or the
 tag a synonym points to, or failing both the tags whose lemma matches ('dogs' -> 'dog'), plus
@@ -57,7 +59,7 @@ Node = Term | Not | And | Or
 _TOKEN = re.compile(r'(?P<neg>-)?(?:"(?P<quoted>[^"]*)"|(?P<lp>\())|(?P<rp>\))|(?P<word>[^\s()"]+)')
 
 
-def _tokens(query: str) -> list[tuple[str, str]]:
+def _tokens(query: str, lowercase_not: bool) -> list[tuple[str, str]]:
     if query.count('"') % 2:
         raise UsageError(f"unbalanced quote in query: {query}")
     tokens: list[tuple[str, str]] = []
@@ -79,7 +81,7 @@ def _tokens(query: str) -> list[tuple[str, str]]:
             word = m["word"]
             if word in ("OR", "|"):
                 tokens.append(("OR", word))
-            elif word == "NOT":
+            elif word == "NOT" or (word == "not" and lowercase_not):
                 tokens.append(("NOT", word))
             elif word == "AND":
                 continue
@@ -90,11 +92,19 @@ def _tokens(query: str) -> list[tuple[str, str]]:
     return tokens
 
 
-def parse(query: str) -> Node:
-    """Parse a query into a tree; malformed queries raise UsageError (exit code 2)."""
+def has_not_word(query: str) -> bool:
+    """Whether the query holds a bare (unquoted) `not`, which excludes unless "not" is a tag."""
+    return any(m["word"] == "not" for m in _TOKEN.finditer(query))
+
+
+def parse(query: str, *, lowercase_not: bool = True) -> Node:
+    """Parse a query into a tree; malformed queries raise UsageError (exit code 2).
+
+    `lowercase_not`: a bare `not` excludes like `NOT`; else it is a word (the index has a tag
+    named "not")."""
     if len(query) > MAX_QUERY_CHARS:
         raise UsageError(f"query too long ({len(query)} characters, at most {MAX_QUERY_CHARS})")
-    tokens = _tokens(query)
+    tokens = _tokens(query, lowercase_not)
     if not tokens:
         raise UsageError("empty query: give at least one tag, e.g. `ramcli search dog`")
     if sum(kind == "TERM" for kind, _ in tokens) > MAX_TERMS:
@@ -158,6 +168,14 @@ class TagResolver:
 
     def __init__(self, index: Index):
         self.db = index.db
+
+    def is_tag(self, word: str) -> bool:
+        """Whether a tag or synonym has exactly this name (no lemma: that would load simplemma)."""
+        return self.db.execute(
+            "SELECT EXISTS (SELECT 1 FROM tags WHERE name = ?1 OR name_zh = ?1)"
+            " OR EXISTS (SELECT 1 FROM synonyms WHERE alias = ?1 COLLATE NOCASE)",
+            [word],
+        ).fetchone()[0] == 1
 
     def groups(self, word: str) -> set[int]:
         # The lemma is computed only when the exact lookups fail: simplemma's first call loads its

@@ -31,6 +31,7 @@ from ramcli.library.query import (
     TagResolver,
     Term,
     caption_match,
+    has_not_word,
     parse,
     resolve,
     tag_ids,
@@ -321,7 +322,7 @@ def search(index: Index, query: str | None, *, limit: int | None = 50, filters: 
     else:
         resolver = TagResolver(index)
         query = query or ""
-        tree = parse(query)
+        tree = parse(query, lowercase_not=not resolver.is_tag("not") if has_not_word(query) else True)
         if _is_plain_words(tree, query) and resolver.groups(" ".join(query.split())):
             tree = Term(" ".join(query.split()))  # `ramcli search christmas tree` means the tag, unquoted
         tree = resolve(tree, resolver)
