@@ -16,8 +16,8 @@ from ramcli.cli.app import main
 from ramcli.config import home
 from ramcli.library.gallery import thumbnail, write_gallery
 from ramcli.library.index import Index
-from ramcli.tagging.records import PhotoResult, TagScore
 from ramcli.library.search import Hit
+from ramcli.tagging.records import PhotoResult, TagScore
 
 
 def test_thumbnail_is_made_once_and_cached(tmp_path):

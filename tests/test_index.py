@@ -16,9 +16,9 @@ import pytest
 
 from ramcli.errors import RamcliError
 from ramcli.library.index import Index
+from ramcli.library.ledger import Ledger, LedgerEntry
 from ramcli.library.merge import MergeCounts, check, merge
 from ramcli.library.schema import SCHEMA_VERSION
-from ramcli.library.ledger import Ledger, LedgerEntry
 from ramcli.tagging.records import PhotoResult, TagScore
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import pytest
 
 from ramcli.errors import UsageError
 from ramcli.library.index import Index
-from ramcli.tagging.records import PhotoResult, TagScore
 from ramcli.library.query import And, Not, Or, TagResolver, Term, parse, resolve
 from ramcli.library.search import Filters, _score, search
+from ramcli.tagging.records import PhotoResult, TagScore
 
 
 @pytest.mark.parametrize(

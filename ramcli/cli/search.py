@@ -1,4 +1,4 @@
-"""`ramcli search`, `show`, `stats`, `index prune|check|merge`: thin wrappers over ramcli.library.index/search."""
+"""`ramcli search`, `show`, `stats`, `index prune|check|merge`: thin wrappers over ramcli.library."""
 
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -38,12 +37,7 @@ import sqlite_utils
 from ramcli import config
 from ramcli.errors import RamcliError
 from ramcli.library import tags
-from ramcli.library.database import (
-    DEFAULT_BUSY_TIMEOUT,
-    connect,
-    database_error,
-    write_transaction,
-)
+from ramcli.library.database import DEFAULT_BUSY_TIMEOUT, connect, database_error, print_wait, write_transaction
 from ramcli.library.schema import migrate
 from ramcli.pathnames import from_text, is_uri, to_text
 from ramcli.tagging.records import PhotoResult, TagScore, iso_time
@@ -148,7 +142,7 @@ class Index:
         self.busy_timeout = busy_timeout
         self._tag_ids: dict[str, int] = {}
         #: Called with a message when a write has to wait for another process.
-        self.on_wait: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+        self.on_wait: Callable[[str], None] = print_wait
 
     @classmethod
     def open(

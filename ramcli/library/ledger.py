@@ -301,12 +301,7 @@ def mergeable(row: tuple) -> bool:
     ramcli could have written: an absolute, normalised photo path; a target that is the photo
     itself or one of the photo's sidecar names; a field the writer manages; a text value of sane
     length; a 0/1/2 `preexisting`; provenance of the right types."""
-    from ramcli.metadata import (  # the writer's own layout
-        CREATED_SIDECAR,
-        DIGEST_BEFORE,
-        MANAGED_FIELDS,
-        sidecar_names,
-    )
+    from ramcli.metadata import CREATED_SIDECAR, DIGEST_BEFORE, MANAGED_FIELDS, sidecar_names  # the writer's own layout
 
     path, target, field, value, preexisting, model_id, written_at = row
     if not (isinstance(path, str) and isinstance(target, str) and isinstance(field, str) and isinstance(value, str)):

@@ -24,18 +24,8 @@ from pathlib import Path
 
 from ramcli.errors import UsageError
 from ramcli.library.index import Index, PhotoColumns, PhotoRecord, folder_range
-from ramcli.library.query import (
-    And,
-    Node,
-    Not,
-    TagResolver,
-    Term,
-    caption_match,
-    has_not_word,
-    parse,
-    resolve,
-    tag_ids,
-)
+from ramcli.library.query import (And, Node, Not, TagResolver, Term, caption_match, has_not_word, parse, resolve,
+                                  tag_ids)
 from ramcli.tagging.records import NOT_A_COLUMN, TagScore
 
 # --- evaluation -----------------------------------------------------------------------------------
