@@ -54,6 +54,7 @@ def test_lowercase_not_is_a_word_where_the_index_has_that_tag():
         ("OR dog", "OR needs a tag"),
         ("dog OR", "OR needs a tag"),
         ("dog NOT", r"NOT \(or -\) needs a tag"),
+        ("dog not", r"""not \(or NOT, -\) needs a tag after it; the tag "not" is written quoted: '"not"'"""),
         ("()", r"empty group"),
         ('""', "empty quotes"),
         ("dog " * 400, "too long"),

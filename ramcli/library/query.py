@@ -140,6 +140,8 @@ def parse(query: str, *, lowercase_not: bool = True) -> Node:
         kind, text = take()
         if kind == "NOT":
             if peek() in (None, ")", "OR"):
+                if text == "not":
+                    raise UsageError('not (or NOT, -) needs a tag after it; the tag "not" is written quoted: \'"not"\'')
                 raise UsageError("NOT (or -) needs a tag after it")
             return Not(unary())
         if kind == "TERM":
