@@ -27,7 +27,8 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,20 @@ class PhotoColumns:
     is stored, read, merged and printed without another line here."""
 
     def __init__(self, record: type = PhotoRecord):
-        columns = [f for f in fields(record) if f.metadata.get("column", True)]
+        init = fields(record)
+        columns = [f for f in init if f.metadata.get("column", True)]
+        #: Every column, in the record's field order (so a row is the record's positional arguments).
         self.all = tuple(f.name for f in columns)
         #: Every column but the row id, which SQLite assigns.
         self.stored = tuple(n for n in self.all if n != "id")
         #: Columns where a missing value keeps the stored one (`records.KEEP`).
         self.kept = frozenset(f.name for f in columns if f.metadata.get("keep"))
         self.record = record
+        self._decoders = tuple((i, _STORED[n][1]) for i, n in enumerate(self.all) if n in _STORED)
+        # The fields that are not columns but come before one (the tags): their defaults, by position.
+        last = max(i for i, f in enumerate(init) if f in columns)
+        self._fills = tuple((i, f.default_factory if f.default_factory is not MISSING else partial(_same, f.default))
+                            for i, f in enumerate(init[:last]) if f not in columns)
 
     def names(self, table: str | None = None) -> str:
         """The stored columns as a SQL list, each prefixed with `table.` when given."""
@@ -102,12 +110,16 @@ class PhotoColumns:
     def row(self, photo: PhotoResult, **given: Any) -> tuple:
         """The stored values of `photo`, in `stored` order; `given` supplies (already stored) the
         values the tagging result does not have."""
-        return tuple(given[n] if n in given else _STORED.get(n, (_same, None))[0](getattr(photo, n))
-                     for n in self.stored)
+        return tuple(given[n] if n in given else _stored(n, getattr(photo, n)) for n in self.stored)
 
     def read(self, row: Sequence) -> PhotoRecord:
         """A record from a `SELECT {PHOTO_COLUMNS.select}` row, its paths as file-system paths."""
-        return self.record(**{n: _STORED[n][1](v) if n in _STORED else v for n, v in zip(self.all, row, strict=True)})
+        values = list(row)
+        for i, decode in self._decoders:
+            values[i] = decode(values[i])
+        for i, default in self._fills:
+            values.insert(i, default())
+        return self.record(*values)
 
     @property
     def select(self) -> str:
@@ -116,6 +128,10 @@ class PhotoColumns:
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _stored(name: str, value: Any) -> Any:
+    return _STORED[name][0](value) if name in _STORED else value
 
 
 PHOTO_COLUMNS = PhotoColumns()
