@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from ramcli.library.index import PHOTO_COLUMNS, Index, PhotoColumns, PhotoRecord
+from ramcli.library.columns import PhotoColumns
+from ramcli.library.index import PHOTO_COLUMNS, Index, PhotoRecord
 from ramcli.tagging.records import KEEP, PhotoResult, TagScore, photo_json
 
 

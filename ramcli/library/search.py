@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ramcli.errors import UsageError
-from ramcli.library.index import Index, PhotoColumns, PhotoRecord, folder_range
+from ramcli.library.columns import PhotoColumns
+from ramcli.library.index import Index, PhotoRecord, folder_range
 from ramcli.library.query import (And, Node, Not, TagResolver, Term, caption_match, has_not_word, parse, resolve,
                                   tag_ids)
 from ramcli.tagging.records import NOT_A_COLUMN, TagScore
