@@ -102,7 +102,7 @@ def timed(index: Index, qs: list[str], limit: int | None) -> list[float]:
         if limit is None:
             hits = search(index, q, limit=None, with_tags=False)
             hits.sort(key=lambda h: -(h.score or 0))
-            photo_tags_by_id(index, [h.photo_id for h in hits[:50]])
+            photo_tags_by_id(index, [h.id for h in hits[:50]])
         else:
             search(index, q, limit=limit)
         times.append((time.perf_counter() - t) * 1000)

@@ -36,6 +36,7 @@ from rich.text import Text
 
 from ramcli.errors import UsageError
 from ramcli.pathnames import display
+from ramcli.tagging.records import TagScore
 
 FORMATS = ("table", "json", "jsonl", "csv", "tsv", "paths")
 LIST_SEPARATOR = "|"
@@ -179,14 +180,18 @@ def tag_label(name: str, name_zh: str, lang: str) -> str:
     return name
 
 
+def tag_cells(tags: Sequence[TagScore], lang: str = "en") -> list[list[str]]:
+    """The `tags` and `scores` cells of a photo's csv/tsv row: parallel lists, item by item."""
+    return [[tag_label(t.name, t.name_zh, lang) for t in tags], [f"{t.score:.4f}" for t in tags]]
+
+
 def photo_result_layout(lang: str = "en") -> Layout:
     """`ramcli tag`'s records (PhotoResult); json is the JSONL contract of `PhotoResult.to_json`."""
     if lang not in LANGS:
         raise UsageError(f"unknown language {lang!r}; use one of {', '.join(LANGS)}")
 
     def row(r) -> list:
-        return [display(r.path), r.status, [tag_label(t.name, t.name_zh, lang) for t in r.tags],
-                [f"{t.score:.4f}" for t in r.tags], r.caption, r.error]
+        return [display(r.path), r.status, *tag_cells(r.tags, lang), r.caption, r.error]
 
     def table_row(r) -> list:
         if r.status != "tagged":

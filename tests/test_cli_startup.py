@@ -67,7 +67,7 @@ def test_help_loads_nothing_heavy(command, tmp_path):
         (["tag", "no-such-folder"], "no such file or folder"),
         (["tga", "photo.jpg"], "Did you mean 'tag'?"),
         (["search", "--limit"], "--limit"),
-        (["search", "dog", "-night"], "NOT night"),
+        (["search", "dog", "-night"], "not night"),
         (["models", "pull", "--frobnicate"], "No such option"),
     ],
 )

@@ -16,8 +16,8 @@ from ramcli.cli.app import main
 from ramcli.config import home
 from ramcli.library.gallery import thumbnail, write_gallery
 from ramcli.library.index import Index
-from ramcli.tagging.records import PhotoResult, TagScore
 from ramcli.library.search import Hit
+from ramcli.tagging.records import PhotoResult, TagScore
 
 
 def test_thumbnail_is_made_once_and_cached(tmp_path):
@@ -38,7 +38,7 @@ def test_thumbnail_is_made_once_and_cached(tmp_path):
 def test_gallery_escapes_names_and_handles_unreadable_photos(tmp_path):
     bad = tmp_path / "<b>bad&.jpg"
     bad.write_bytes(b"not an image")
-    out = write_gallery([Hit(1, str(bad), 0.5, tags=[TagScore("<script>", "", 0.5)])], tmp_path / "g.html")
+    out = write_gallery([Hit(str(bad), "tagged", id=1, score=0.5, tags=[TagScore("<script>", "", 0.5)])], tmp_path / "g.html")
     page = out.read_text()
     assert "&lt;b&gt;bad&amp;.jpg" in page and "&lt;script&gt;" in page and "no preview" in page
     assert "<b>bad" not in page
@@ -47,7 +47,7 @@ def test_gallery_escapes_names_and_handles_unreadable_photos(tmp_path):
 def test_gallery_of_a_name_that_is_not_utf8(tmp_path):
     photo = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jpg"))  # Latin-1 on disk
     Image.new("RGB", (64, 48), (0, 90, 200)).save(photo)
-    out = write_gallery([Hit(1, str(photo), 0.5)], tmp_path / "g.html", title=os.fsdecode(b"caf\xe9"))
+    out = write_gallery([Hit(str(photo), "tagged", id=1, score=0.5)], tmp_path / "g.html", title=os.fsdecode(b"caf\xe9"))
     page = out.read_bytes().decode("utf-8")  # valid UTF-8 throughout
     assert "caf\ufffd.jpg" in page and "caf%E9.jpg" in page  # shown with U+FFFD; the link keeps the byte
     assert len(list((tmp_path / "g_files").glob("*.jpg"))) == 1

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from ramcli.errors import RamcliError
-from ramcli.library.index import SCHEMA_VERSION, Index, MergeCounts
+from ramcli.library.index import Index
 from ramcli.library.ledger import Ledger, LedgerEntry
+from ramcli.library.merge import MergeCounts, check, merge
+from ramcli.library.schema import SCHEMA_VERSION
 from ramcli.tagging.records import PhotoResult, TagScore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +46,7 @@ def test_open_creates_schema_in_home_with_wal_and_foreign_keys():
         assert ix.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert {"photos", "tags", "photo_tags", "synonyms", "tags_fts"} <= set(ix.db.table_names())
     with Index.open() as ix:  # reopening migrates nothing and keeps data
-        assert ix.check() == []
+        assert check(ix) == []
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -72,7 +74,7 @@ def test_record_batch_upserts_replaces_tags_and_is_idempotent(index, tmp_path):
         result(b, [("dog", "狗", 0.6)]),
     ])
     rec = index.lookup(str(a))
-    assert (rec.content_hash, rec.width, rec.taken_at, rec.status) == ("h1", 4, "2021-05-01T12:00:00", "tagged")
+    assert (rec.content_hash, rec.width, rec.taken_at, rec.status) == ("h1", 4, datetime(2021, 5, 1, 12), "tagged")
     assert [t.name for t in index.photo_tags(str(a))] == ["dog", "beach"]
     # re-tag a: its tags are replaced, not added; doing it twice changes nothing
     for _ in range(2):
@@ -80,7 +82,7 @@ def test_record_batch_upserts_replaces_tags_and_is_idempotent(index, tmp_path):
     assert index.photo_tags(str(a)) == [TagScore("cat", "猫", 0.8)]
     counts = dict(index.db.execute("SELECT name, photo_count FROM tags").fetchall())
     assert counts == {"dog": 1, "beach": 0, "cat": 1}
-    assert index.check() == []
+    assert check(index) == []
 
 
 def test_failed_result_records_error_and_keeps_earlier_tags(index, tmp_path):
@@ -161,7 +163,7 @@ def test_update_stat_iter_photos_and_prune(index, tmp_path):
     assert index.prune() == [str(gone)]
     assert index.lookup(str(gone)) is None
     assert index.db.execute("SELECT photo_count FROM tags WHERE name = 'dog'").fetchone()[0] == 2
-    assert index.check() == []
+    assert check(index) == []
 
 
 def test_upsert_tags_and_synonyms(index):
@@ -179,7 +181,7 @@ def test_upsert_tags_and_synonyms(index):
 def test_check_finds_broken_counts(index, tmp_path):
     index.record_batch([result(tmp_path / "a.jpg", [("dog", "狗", 0.9)])])
     index.db.execute("UPDATE tags SET photo_count = 5")
-    assert any("counts 5 photos but has 1" in p for p in index.check())
+    assert any("counts 5 photos but has 1" in p for p in check(index))
 
 
 def test_readonly_open_refuses_writes(tmp_path):
@@ -233,7 +235,7 @@ def _writer(tmp_path, name, batches) -> subprocess.Popen:
 def _batch_sizes(db: Path) -> dict[str, int]:
     with Index.open(db) as ix:
         rows = ix.db.execute("SELECT substr(path, 1, length(path) - 8), count(*) FROM photos GROUP BY 1").fetchall()
-        assert ix.check() == []
+        assert check(ix) == []
     return dict(rows)
 
 
@@ -270,7 +272,7 @@ def test_a_version_1_index_migrates_forward_keeping_its_photos(tmp_path):
     """Schema 2 added captions; an index written by schema 1 upgrades in place on open."""
     import sqlite_utils
 
-    from ramcli.library.index import MIGRATIONS
+    from ramcli.library.schema import MIGRATIONS
 
     path = tmp_path / "v1.db"
     db = sqlite_utils.Database(path)
@@ -289,7 +291,7 @@ def test_a_version_2_index_migrates_to_lossless_paths_and_links(tmp_path):
     reserved characters is re-encoded (photos and ledger alike), every other one is kept as is."""
     import sqlite_utils
 
-    from ramcli.library.index import MIGRATIONS
+    from ramcli.library.schema import MIGRATIONS
 
     odd = "/p/" + chr(0x10FFAA) + ".jpg"  # a valid name that schema 2 stored verbatim
     path = tmp_path / "v2.db"
@@ -376,7 +378,7 @@ def test_merge_keeps_the_newer_record_per_path_and_never_duplicates(index, tmp_p
     ], tagged_at="2024-06-01T10:00:00+00:00")
     before = source.read_bytes()
 
-    assert index.merge(source) == MergeCounts(added=1, updated=1, unchanged=1)
+    assert merge(index, source) == MergeCounts(added=1, updated=1, unchanged=1)
     photos, tags, counts = _state(index)
     assert [(p[0], p[6], p[10]) for p in photos] == [
         ("/n/a.jpg", "m1", "a dog on a beach"),  # only here
@@ -393,11 +395,11 @@ def test_merge_keeps_the_newer_record_per_path_and_never_duplicates(index, tmp_p
     # the caption search index follows: the replaced caption is gone, the new ones are found
     assert _caption_hits(index, "sofa") == [] and _caption_hits(index, "asleep") == ["/n/b.jpg"]
     assert _caption_hits(index, "puppy") == ["/n/d.jpg"] and _caption_hits(index, "bush") == []
-    assert index.check() == []
+    assert check(index) == []
     index.db.execute("INSERT INTO photos_fts(photos_fts, rank) VALUES ('integrity-check', 1)")
     # merging again (or the same data twice) changes nothing and adds no row
     state = _state(index)
-    assert index.merge(source) == MergeCounts(unchanged=3)
+    assert merge(index, source) == MergeCounts(unchanged=3)
     assert _state(index) == state
     assert source.read_bytes() == before  # the source was only read
 
@@ -407,11 +409,11 @@ def test_merge_of_a_newer_failure_keeps_the_photos_tags(index, tmp_path):
     index.db.execute("UPDATE photos SET tagged_at = '2024-01-01T00:00:00+00:00'")
     source = _node(tmp_path / "node.db", [PhotoResult("/n/a.jpg", "failed", size=1, mtime_ns=2, error="truncated")],
                    tagged_at="2024-02-01T00:00:00+00:00")
-    assert index.merge(source) == MergeCounts(updated=1)
+    assert merge(index, source) == MergeCounts(updated=1)
     rec = index.lookup("/n/a.jpg")
     assert (rec.status, rec.error, rec.caption) == ("failed", "truncated", "a dog")
     assert index.photo_tags("/n/a.jpg") == [TagScore("dog", "狗", 0.9)]  # like a failed re-tag
-    assert index.check() == []
+    assert check(index) == []
 
 
 def test_merge_brings_synonyms_groups_and_the_write_ledger(index, tmp_path):
@@ -423,12 +425,12 @@ def test_merge_brings_synonyms_groups_and_the_write_ledger(index, tmp_path):
         node.add_synonym("doggo", "dog")
         node.add_synonym("puppy", "dog")  # two tags: their groups merge
         Ledger(node.db).record([LedgerEntry("/n/a.jpg", "/n/a.xmp", "XMP-dc:Subject", "dog", False)])
-    index.merge(path)
+    merge(index, path)
     assert [h.path for h in search(index, "doggo")] == ["/n/a.jpg", "/n/b.jpg"]
     assert [h.path for h in search(index, "dog")] == ["/n/a.jpg", "/n/b.jpg"]
     assert index.db.execute("SELECT aliases FROM tags WHERE name = 'dog'").fetchone() == ("doggo",)
     assert [(e.target, e.value) for e in Ledger(index.db).entries("/n/a.jpg")] == [("/n/a.xmp", "dog")]
-    index.merge(path)
+    merge(index, path)
     assert len(Ledger(index.db).entries("/n/a.jpg")) == 1
 
 
@@ -453,7 +455,7 @@ def test_merge_drops_ledger_rows_ramcli_cannot_have_written(index, tmp_path):
     with Index.open(path) as node:
         Ledger(node.db).record(good + bad)
         node.db.execute("UPDATE metadata_ledger SET preexisting = 7 WHERE value = 'dog'")  # not 0/1 either
-    counts = index.merge(path)
+    counts = merge(index, path)
     assert counts.ledger_dropped == len(bad) + 1
     kept = index.db.execute("SELECT path, target, field FROM metadata_ledger ORDER BY target").fetchall()
     assert kept == [("/n/a.jpg", "/n/a.jpg.xmp", "XMP-lr:HierarchicalSubject"),
@@ -470,11 +472,11 @@ def test_merge_failing_midway_leaves_the_destination_as_it_was(index, tmp_path):
     index.db.execute("CREATE TEMP TRIGGER boom BEFORE INSERT ON main.photo_tags WHEN new.score < 0.6"
                      " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     with pytest.raises(RamcliError, match="disk full"):
-        index.merge(source)
+        merge(index, source)
     index.db.execute("DROP TRIGGER boom")
-    assert _state(index) == before and index.check() == []
+    assert _state(index) == before and check(index) == []
     assert _caption_hits(index, "old") == ["/n/a.jpg"] and _caption_hits(index, "more") == []
-    assert index.merge(source) == MergeCounts(added=1, updated=1)  # the connection is usable again
+    assert merge(index, source) == MergeCounts(added=1, updated=1)  # the connection is usable again
 
 
 def test_merge_refuses_bad_sources_with_one_line(index, tmp_path):
@@ -495,7 +497,7 @@ def test_merge_refuses_bad_sources_with_one_line(index, tmp_path):
         (tmp_path, "no such file"),
     ]:
         with pytest.raises(RamcliError, match=message) as exc:
-            index.merge(source)
+            merge(index, source)
         assert "\n" not in str(exc.value)
     assert garbage.read_bytes() == b"not sqlite at all" * 100
     assert index.db.execute("SELECT count(*) FROM photos").fetchone() == (0,)
@@ -504,7 +506,7 @@ def test_merge_refuses_bad_sources_with_one_line(index, tmp_path):
 def test_merge_migrates_an_older_source_in_a_temporary_copy(index, tmp_path):
     import sqlite_utils
 
-    from ramcli.library.index import MIGRATIONS
+    from ramcli.library.schema import MIGRATIONS
 
     path = tmp_path / "v1.db"
     db = sqlite_utils.Database(path)
@@ -516,8 +518,8 @@ def test_merge_migrates_an_older_source_in_a_temporary_copy(index, tmp_path):
     db.conn.commit()
     db.close()
     before = path.read_bytes()
-    assert index.merge(path) == MergeCounts(added=1)
+    assert merge(index, path) == MergeCounts(added=1)
     assert index.photo_tags("/n/x.jpg") == [TagScore("dog", "", 0.75)] and index.lookup("/n/x.jpg").caption is None
     assert path.read_bytes() == before  # still version 1: the migration ran on a copy
     assert [p.name for p in index.path.parent.iterdir() if p.name.startswith(".ramcli-merge")] == []
-    assert index.check() == []
+    assert check(index) == []

@@ -10,8 +10,9 @@ import pytest
 
 from ramcli.errors import UsageError
 from ramcli.library.index import Index
+from ramcli.library.query import And, Not, Or, TagResolver, Term, parse, resolve
+from ramcli.library.search import Filters, _score, search
 from ramcli.tagging.records import PhotoResult, TagScore
-from ramcli.library.search import And, Filters, Not, Or, Term, _score, parse, resolve, search, TagResolver
 
 
 @pytest.mark.parametrize(
@@ -28,10 +29,17 @@ from ramcli.library.search import And, Filters, Not, Or, Term, _score, parse, re
         ("(dog OR cat) -(night OR dark)", And((Or((Term("dog"), Term("cat"))), Not(Or((Term("night"), Term("dark"))))))),
         ("狗 海滩", And((Term("狗"), Term("海滩")))),
         ("or", Term("or")),  # lower-case operators are words
+        ("dog not night", And((Term("dog"), Not(Term("night"))))),  # but for `not`
+        ('dog "not" night', And((Term("dog"), Term("not"), Term("night")))),
     ],
 )
 def test_parse(query, tree):
     assert parse(query) == tree
+
+
+def test_lowercase_not_is_a_word_where_the_index_has_that_tag():
+    assert parse("dog not night", lowercase_not=False) == And((Term("dog"), Term("not"), Term("night")))
+    assert parse("dog NOT night", lowercase_not=False) == And((Term("dog"), Not(Term("night"))))
 
 
 @pytest.mark.parametrize(
@@ -46,6 +54,7 @@ def test_parse(query, tree):
         ("OR dog", "OR needs a tag"),
         ("dog OR", "OR needs a tag"),
         ("dog NOT", r"NOT \(or -\) needs a tag"),
+        ("dog not", r"""not \(or NOT, -\) needs a tag after it; the tag "not" is written quoted: '"not"'"""),
         ("()", r"empty group"),
         ('""', "empty quotes"),
         ("dog " * 400, "too long"),
@@ -91,6 +100,19 @@ def test_and_or_not_ranked_by_score(index):
     hit = search(index, "dog night")[0]
     assert hit.score == pytest.approx(0.6)  # AND = min
     assert [t.name for t in hit.tags] == ["night", "christmas tree", "dog"]
+
+
+def test_lowercase_not_excludes_unless_not_is_a_tag(index, tmp_path):
+    assert names(search(index, "dog not night")) == ["a"]
+    assert names(search(index, "not night")) == ["a", "d", "e"]
+    with pytest.raises(UsageError, match="unknown tag 'not'"):
+        search(index, '"not"')  # quoted, it is always a tag
+    index.record_batch([PhotoResult(str(tmp_path / "lib" / "f.jpg"), "tagged", 1, 1,
+                                    tags=[TagScore("not", "", 0.5), TagScore("dog", "", 0.5)])])
+    assert names(search(index, "dog not")) == ["f"]  # now the tag
+    assert names(search(index, "not night")) == []  # both tags, and no photo has both
+    assert names(search(index, "dog NOT night")) == ["a", "f"]
+    assert names(search(index, "dog -not")) == ["a", "c"]
 
 
 def test_plural_chinese_quoted_and_unquoted_phrases(index):
@@ -158,7 +180,7 @@ def test_top_k_equals_exhaustive_ranking(tmp_path):
                         if s is not None:
                             expected.append((s, -pid))
                     expected = [-p for _, p in sorted(expected, reverse=True)[:limit]]
-                    got = [h.photo_id for h in search(ix, q, limit=limit, filters=Filters(min_score=min_score), with_tags=False)]
+                    got = [h.id for h in search(ix, q, limit=limit, filters=Filters(min_score=min_score), with_tags=False)]
                     assert got == expected, (q, limit, min_score)
 
 
@@ -211,7 +233,7 @@ def test_flat_and_general_queries_equal_exhaustive_ranking_with_filters_groups_a
         for q in queries:
             for limit in (1, 10, 60, None):
                 for f in filter_sets:
-                    got = [h.photo_id for h in search(ix, q, limit=limit, filters=f, with_tags=False)]
+                    got = [h.id for h in search(ix, q, limit=limit, filters=f, with_tags=False)]
                     assert got == _exhaustive(ix, q, limit, f), (q, limit, f)
 
 
@@ -239,7 +261,7 @@ def test_exact_tag_names_resolve_without_the_lemmatiser(index, monkeypatch):
     def no_lemma(word):
         raise AssertionError(f"lemmatised {word!r}")
 
-    monkeypatch.setattr("ramcli.library.search.lemma", no_lemma)
+    monkeypatch.setattr("ramcli.library.query.lemma", no_lemma)
     assert names(search(index, '"christmas tree" OR 狗 OR DOG')) == ["a", "c"]
 
 
@@ -281,7 +303,7 @@ def cap(ix, query, caption, **kw):
     ],
 )
 def test_caption_match_turns_user_text_into_fts5_string_literals(text, expected):
-    from ramcli.library.search import caption_match
+    from ramcli.library.query import caption_match
 
     assert caption_match(text) == expected
 
@@ -353,7 +375,7 @@ def test_caption_with_tags_equals_exhaustive_ranking_filtered_by_caption(tmp_pat
                 for limit in (3, None):
                     wanted = [pid for pid in _exhaustive(ix, q, None, Filters())
                               if captions[pid] and set(caption.split()) <= set(captions[pid].split())][:limit]
-                    got = [h.photo_id for h in search(ix, q, limit=limit, filters=Filters(caption=caption), with_tags=False)]
+                    got = [h.id for h in search(ix, q, limit=limit, filters=Filters(caption=caption), with_tags=False)]
                     assert got == wanted, (q, caption, limit)
 
 

@@ -101,7 +101,15 @@ def test_search_options_are_options(capsysbinary, library):
     code, out, _ = run(capsysbinary, "search", "cat", "-f", "paths")
     assert code == 0 and out.splitlines() == [str(library / "2021" / "b.jpg")]
     code, _, err = run(capsysbinary, "search", "dog", "-night")
-    assert code == 2 and err.startswith("error: No such option") and "NOT night" in err
+    assert code == 2 and err.startswith("error: No such option") and "not night" in err
+
+
+def test_search_excludes_with_not_or_after_double_dash(capsysbinary, library):
+    for argv in (["dog", "not", "night"], ["dog not night"], ["dog", "NOT", "night"], ["--", "dog", "-night"]):
+        code, out, err = run(capsysbinary, "search", "-f", "paths", *argv)
+        assert (code, out.splitlines()) == (0, [str(library / "a.jpg")]), (argv, err)
+    code, out, _ = run(capsysbinary, "search", "-f", "paths", "not", "night")
+    assert out.splitlines() == [str(library / "a.jpg")]
 
 
 def test_search_filters(capsysbinary, library):

@@ -118,7 +118,7 @@ _plain_help_types()
 
 
 #: What an unknown option most likely meant, per command.
-_HINTS = {"ramcli search": "; to exclude a tag write `NOT night`, or put the query after `--`: `ramcli search -- dog -night`"}
+_HINTS = {"ramcli search": "; to exclude a tag write `not night`, or put the query after `--`: `ramcli search -- dog -night`"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
               ("ramcli watch --once ~/Pictures", "catch up and exit (cron)")],
     "search": [("ramcli search dog beach", "both tags"),
                ("ramcli search dog OR cat", "either"),
-               ("ramcli search dog NOT night", "exclude; or after --: ramcli search -- dog -night"),
+               ("ramcli search dog not night", "exclude; or after --: ramcli search -- dog -night"),
                ("ramcli search '\"christmas tree\"' --since 2023-12-01 -f paths", "a multi-word tag, paths only"),
                ("ramcli search --caption \"on a beach\" --gallery beach.html", "by caption, with a page of thumbnails")],
     "show": [("ramcli show ~/Pictures/2024/IMG_0042.jpg", "tags, scores, what was written where"),

@@ -1,4 +1,4 @@
-"""`ramcli search`, `show`, `stats`, `index prune|check|merge`: thin wrappers over ramcli.library.index/search."""
+"""`ramcli search`, `show`, `stats`, `index prune|check|merge`: thin wrappers over ramcli.library."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from rich.table import Column
 from ramcli import config
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
-from ramcli.output import FORMATS, Layout, default_format, make_table, write_json, write_records
+from ramcli.output import FORMATS, Layout, default_format, make_table, tag_cells, write_json, write_records
 from ramcli.pathnames import display
+from ramcli.tagging.records import HIT_FIELDS, SHOWN, iso_time, photo_json
 
 if TYPE_CHECKING:
     from ramcli.library.index import Index
@@ -39,7 +40,8 @@ Format = Enum("Format", {f: f for f in FORMATS}, type=str)
 @contextlib.contextmanager
 def _opened(path: Path | None, readonly: bool) -> Iterator[Index]:
     """Open the index; any SQLite failure on the way becomes a one-line error."""
-    from ramcli.library.index import Index, database_error
+    from ramcli.library.database import database_error
+    from ramcli.library.index import Index
 
     resolved = path or config.home().index
     try:
@@ -74,15 +76,8 @@ PATHS = Layout(columns=("path",), row=lambda p: [p], json=lambda p: {"path": p},
 
 HITS = Layout(
     columns=("path", "score", "taken_at", "tags", "scores", "caption"),
-    row=lambda h: [display(h.path), _score(h.score), h.taken_at, [t.name for t in h.tags],
-                   [f"{t.score:.4f}" for t in h.tags], h.caption],
-    json=lambda h: {
-        "path": display(h.path),  # a name that is not UTF-8 or holds a newline, escaped
-        "score": None if h.score is None else round(h.score, 6),
-        "taken_at": h.taken_at,
-        "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(t.score, 6)} for t in h.tags],
-        "caption": h.caption,
-    },
+    row=lambda h: [display(h.path), _score(h.score), iso_time(h.taken_at), *tag_cells(h.tags), h.caption],
+    json=lambda h: photo_json(h, HIT_FIELDS),
     path=lambda h: h.path,  # the real bytes
 )
 
@@ -93,7 +88,7 @@ def _table_layout(hits: list[Hit]) -> Layout:
     columns = (Column("score", justify="right"), Column("photo", overflow="fold"), "taken", "tags",
                *([Column("caption", overflow="fold")] if captions else []))
     return replace(HITS, table_columns=columns, table_row=lambda h: [
-        _score(h.score), display(h.path), (h.taken_at or "")[:10], ", ".join(t.name for t in h.tags[:8]),
+        _score(h.score), display(h.path), (iso_time(h.taken_at) or "")[:10], ", ".join(t.name for t in h.tags[:8]),
         *([h.caption] if captions else [])])
 
 
@@ -107,9 +102,6 @@ def _print_hits(hits: list[Hit], fmt: Format, null: bool, truncated: bool) -> No
 
 ShowFormat = Literal["table", "json", "jsonl"]
 Lang = Literal["en", "zh", "both"]
-#: The index fields `show` prints, in this order, where set.
-SHOWN = ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version",
-         "content_hash", "caption", "link")
 
 
 def _name_columns(lang: str) -> tuple[str, ...]:
@@ -138,7 +130,7 @@ def _find(index: Index, photo: Path):
 def register(app: typer.Typer) -> None:
     @app.command()
     def search(
-        query: list[str] = typer.Argument(None, metavar="QUERY", help='Tags: `dog beach`, `dog OR cat`, `dog NOT night`, `"christmas tree"`. Optional with --caption.', show_default=False),
+        query: list[str] = typer.Argument(None, metavar="QUERY", help='Tags: `dog beach`, `dog OR cat`, `dog not night` (or NOT, or -night after --), `"christmas tree"`; where a tag is named "not", `not` is that tag. Optional with --caption.', show_default=False),
         caption: str = typer.Option(None, "--caption", help='Words that must all be in the caption (Tag2Text, `tag --caption`); "quoted phrases" kept in order.'),
         min_score: float = typer.Option(0.0, "--min-score", help="Count a tag only at this score or above (0-1)."),
         limit: int = typer.Option(None, "--limit", help="At most this many hits, best first; 0 = all. [default: 50 for table, all otherwise]", show_default=False),
@@ -188,31 +180,27 @@ def register(app: typer.Typer) -> None:
 
         with _opened(index_path, readonly=True) as index:
             record = _find(index, photo)
-            tags = index.photo_tags(record.path)
+            record.tags = index.photo_tags(record.path)
             ledger = Ledger(index.db).entries(record.path)
         written: dict[tuple[str, str], list] = {}
         for e in ledger:
             written.setdefault((e.target, e.field), []).append(e)
+        shown = {f: v for f, v in photo_json(record, SHOWN).items() if v is not None}
         if (fmt or default_format()) != "table":
-            info = {f: getattr(record, f) for f in SHOWN if getattr(record, f) is not None}
-            data = {"path": display(record.path), **info,
-                        "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(t.score, 6)} for t in tags],
-                        "written": [{"file": display(target), "field": field, "values": [e.value for e in entries],
-                                     "ours": [not e.preexisting for e in entries]}
-                                    for (target, field), entries in written.items()]}
+            data = {**photo_json(record, ("path",)), **shown, **photo_json(record, ("tags",)),
+                    "written": [{"file": display(target), "field": field, "values": [e.value for e in entries],
+                                 "ours": [not e.preexisting for e in entries]}
+                                for (target, field), entries in written.items()]}
             if fmt == "json":
                 write_json(data, sys.stdout)
             else:
                 sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
             return
         console.print(display(record.path), style="bold", highlight=False, markup=False, soft_wrap=True)
-        for field in SHOWN:
-            value = getattr(record, field)
-            if value is not None:
-                console.print(f"  {field:<13} {display(value) if field == 'link' else value}", highlight=False,
-                              markup=False, soft_wrap=True)
+        for field, value in shown.items():
+            console.print(f"  {field:<13} {value}", highlight=False, markup=False, soft_wrap=True)
         console.print(make_table((*_name_columns(lang), Column("score", justify="right")),
-                                 ((*_names(t.name, t.name_zh, lang), f"{t.score:.3f}") for t in tags), title="tags"))
+                                 ((*_names(t.name, t.name_zh, lang), f"{t.score:.3f}") for t in record.tags), title="tags"))
         if written:
             console.print(make_table(
                 [Column("file", overflow="fold"), "field", Column("values", overflow="fold")],
@@ -231,7 +219,7 @@ def register(app: typer.Typer) -> None:
         """Photos, tags, top tags and failures in the index."""
         if fmt not in ("table", "json"):
             raise UsageError(f"unknown format {fmt!r}; use table or json")
-        from ramcli.library.search import index_stats
+        from ramcli.library.stats import index_stats
 
         with _opened(index_path, readonly=True) as index:
             s = index_stats(index, top)
@@ -266,8 +254,10 @@ def register(app: typer.Typer) -> None:
         resolved = index_path or config.home().index
         if not resolved.exists():
             raise RamcliError(f"no index at {resolved}: run `ramcli tag` first")
+        from ramcli.library.merge import check as check_index
+
         with _opened(resolved, readonly=False) as index:
-            problems = index.check()
+            problems = check_index(index)
         if problems:
             for p in problems[:20]:
                 err_console.print(f"problem: {p}", highlight=False, markup=False)
@@ -278,14 +268,14 @@ def register(app: typer.Typer) -> None:
     def merge(sources: list[Path] = typer.Argument(..., help="Index files to merge in (each node's index.db).", show_default=False),
               index_path: Path = IndexOption) -> None:
         """Merge other indexes (e.g. one per node of a multi-node run) into this one; a photo in both keeps its newer tagging."""
-        from ramcli.library.index import check_merge_source
+        from ramcli.library.merge import check_merge_source, merge as merge_index
 
         destination = index_path or config.home().index
         for source in sources:  # refuse a bad source before merging any
             check_merge_source(source, destination)
         with _opened(destination, readonly=False) as index:
             for source in sources:
-                counts = index.merge(source)
+                counts = merge_index(index, source)
                 dropped = f"; {counts.ledger_dropped} write-ledger rows dropped (not ramcli's)" if counts.ledger_dropped else ""
                 console.print(f"{display(source)}: {counts.added} added, {counts.updated} updated, "
                               f"{counts.unchanged} unchanged{dropped}", highlight=False, markup=False, soft_wrap=True)

@@ -30,7 +30,7 @@ is recorded if the file has it, one it was to remove is forgotten if the file la
 
 Paths and targets are stored with `ramcli.pathnames.to_text`, like the index's, and handed out
 as file-system paths. Every change is one write transaction that starts as the writer
-(`ramcli.library.index.write_transaction`), so two runs on one index wait for each other, never fail.
+(`ramcli.library.database.write_transaction`), so two runs on one index wait for each other, never fail.
 
 A ledger from another machine (`ramcli index merge`) is evidence, not trust: `untag` acts on what
 the ledger names. Only rows that ramcli itself could have written are merged: the target is the
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from ramcli.library.index import write_transaction
+from ramcli.library.database import write_transaction
 from ramcli.pathnames import from_text, to_text
 
 TABLE = "metadata_ledger"

@@ -1,272 +1,33 @@
 """`ramcli search`: a small boolean query language over the index, ranked by tag score.
 
-Syntax: words are ANDed (`dog beach`), `OR` joins alternatives (`dog OR cat`), `-word` or
-`NOT word` excludes, `"christmas tree"` quotes a multi-word tag, parentheses group. `OR`, `NOT`
-and `AND` are operators only in capitals.
-
-Each word resolves to a *tag group*: the tag of that exact name (English or Chinese), or the
-tag a synonym points to, or failing both the tags whose lemma matches ('dogs' -> 'dog'), plus
-every tag merged into the same group by `vocab synonym`. Unknown words are a usage error with
-"did you mean" suggestions.
-
-Ranking is fuzzy logic: a term scores the best score of its group's tags on the photo, AND takes
-the minimum, OR the maximum. Those rules allow an exact top-k without scoring every hit (Fagin's
-threshold algorithm): photos are pulled from the most selective term's score index, best first,
-and the pull stops as soon as no unseen photo can beat the current k-th best. All SQL is
-parameterised; query text never becomes SQL.
+The language (`ramcli.library.query`) names tags: words ANDed, `OR`, `NOT`/`not`/`-`, quotes,
+parentheses. Ranking is fuzzy logic: a term scores the best score of its group's tags on the
+photo, AND takes the minimum, OR the maximum. Those rules allow an exact top-k without scoring
+every hit (Fagin's threshold algorithm): photos are pulled from the most selective term's score
+index, best first, and the pull stops as soon as no unseen photo can beat the current k-th best.
+All SQL is parameterised; query text never becomes SQL.
 
 Captions (`Filters.caption`, `ramcli search --caption`) are matched by the `photos_fts` full-text
 index: every word must appear, "quoted phrases" in order. With tags they are one more photo filter
-(ranking stays by tag score); alone they are ranked by FTS5's bm25 relevance. The user's text is
-rewritten into FTS5 string literals (`caption_match`), so FTS5 operators typed by a user (`OR`,
-`-`, `*`, `NEAR`, a stray quote) are plain words, never syntax.
+(ranking stays by tag score); alone they are ranked by FTS5's bm25 relevance.
 """
 
 from __future__ import annotations
 
-import difflib
 import heapq
 import itertools
 import json
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ramcli.errors import UsageError
-from ramcli.library.index import Index, folder_range, lemma
-from ramcli.pathnames import display, from_text
-from ramcli.tagging.records import TagScore
-
-MAX_QUERY_CHARS = 1000
-MAX_TERMS = 64
-
-# --- syntax tree ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Term:
-    text: str
-    tag_ids: frozenset[int] = frozenset()
-
-
-@dataclass(frozen=True)
-class Not:
-    child: Node
-
-
-@dataclass(frozen=True)
-class And:
-    children: tuple[Node, ...]
-
-
-@dataclass(frozen=True)
-class Or:
-    children: tuple[Node, ...]
-
-
-Node = Term | Not | And | Or
-
-_TOKEN = re.compile(r'(?P<neg>-)?(?:"(?P<quoted>[^"]*)"|(?P<lp>\())|(?P<rp>\))|(?P<word>[^\s()"]+)')
-
-
-def _tokens(query: str) -> list[tuple[str, str]]:
-    if query.count('"') % 2:
-        raise UsageError(f"unbalanced quote in query: {query}")
-    tokens: list[tuple[str, str]] = []
-    for m in _TOKEN.finditer(query):
-        if m["quoted"] is not None:
-            text = " ".join(m["quoted"].split())
-            if not text:
-                raise UsageError('empty quotes "" in query')
-            if m["neg"]:
-                tokens.append(("NOT", "-"))
-            tokens.append(("TERM", text))
-        elif m["lp"]:
-            if m["neg"]:
-                tokens.append(("NOT", "-"))
-            tokens.append(("(", "("))
-        elif m["rp"]:
-            tokens.append((")", ")"))
-        else:
-            word = m["word"]
-            if word in ("OR", "|"):
-                tokens.append(("OR", word))
-            elif word == "NOT":
-                tokens.append(("NOT", word))
-            elif word == "AND":
-                continue
-            elif word.startswith("-") and len(word) > 1:
-                tokens += [("NOT", "-"), ("TERM", word[1:])]
-            else:
-                tokens.append(("TERM", word))
-    return tokens
-
-
-def parse(query: str) -> Node:
-    """Parse a query into a tree; malformed queries raise UsageError (exit code 2)."""
-    if len(query) > MAX_QUERY_CHARS:
-        raise UsageError(f"query too long ({len(query)} characters, at most {MAX_QUERY_CHARS})")
-    tokens = _tokens(query)
-    if not tokens:
-        raise UsageError("empty query: give at least one tag, e.g. `ramcli search dog`")
-    if sum(kind == "TERM" for kind, _ in tokens) > MAX_TERMS:
-        raise UsageError(f"too many terms in query (at most {MAX_TERMS})")
-    pos = 0
-
-    def peek() -> str | None:
-        return tokens[pos][0] if pos < len(tokens) else None
-
-    def take() -> tuple[str, str]:
-        nonlocal pos
-        pos += 1
-        return tokens[pos - 1]
-
-    def and_expr() -> Node:
-        parts = []
-        while peek() not in (None, ")"):
-            parts.append(or_expr())
-        if not parts:
-            raise UsageError("empty group () in query")
-        return parts[0] if len(parts) == 1 else And(tuple(parts))
-
-    def or_expr() -> Node:
-        parts = [unary()]
-        while peek() == "OR":
-            take()
-            if peek() in (None, ")", "OR"):
-                raise UsageError("OR needs a tag on both sides")
-            parts.append(unary())
-        return parts[0] if len(parts) == 1 else Or(tuple(parts))
-
-    def unary() -> Node:
-        kind, text = take()
-        if kind == "NOT":
-            if peek() in (None, ")", "OR"):
-                raise UsageError("NOT (or -) needs a tag after it")
-            return Not(unary())
-        if kind == "TERM":
-            return Term(text)
-        if kind == "(":
-            inner = and_expr()
-            if peek() != ")":
-                raise UsageError("unbalanced parenthesis in query: missing ')'")
-            take()
-            return inner
-        if kind == "OR":
-            raise UsageError("OR needs a tag on both sides")
-        raise UsageError("unbalanced parenthesis in query: unexpected ')'")
-
-    tree = and_expr()
-    if pos != len(tokens):
-        raise UsageError("unbalanced parenthesis in query: unexpected ')'")
-    return tree
-
-
-# --- resolving words to tag groups ----------------------------------------------------------------
-
-
-class TagResolver:
-    """Maps a query word to the ids of its tag group (see the module docstring for the order)."""
-
-    def __init__(self, index: Index):
-        self.db = index.db
-
-    def groups(self, word: str) -> set[int]:
-        # The lemma is computed only when the exact lookups fail: simplemma's first call loads its
-        # dictionary (about half a second), which a one-shot `ramcli search dog` must not pay.
-        for sql, arg in (
-            ("SELECT coalesce(group_id, id) FROM tags WHERE name = ?", lambda: word),
-            ("SELECT coalesce(group_id, id) FROM tags WHERE name_zh = ?", lambda: word),
-            (
-                "SELECT coalesce(t.group_id, t.id) FROM synonyms s JOIN tags t ON t.id = s.tag_id"
-                " WHERE s.alias = ? COLLATE NOCASE",
-                lambda: word,
-            ),
-            ("SELECT coalesce(group_id, id) FROM tags WHERE lemma = ?", lambda: lemma(word)),
-        ):
-            found = {g for (g,) in self.db.execute(sql, [arg()])}
-            if found:
-                return found
-        return set()
-
-    def resolve(self, word: str) -> frozenset[int]:
-        groups = self.groups(word)
-        if not groups:
-            suggestions = self.did_you_mean(word)
-            hint = f"; did you mean: {', '.join(suggestions)}?" if suggestions else "; `ramcli stats` lists the tags"
-            raise UsageError(f"unknown tag '{word}'{hint}")
-        rows = self.db.execute(
-            "SELECT id FROM tags WHERE coalesce(group_id, id) IN (SELECT value FROM json_each(?))",
-            [json.dumps(sorted(groups))],
-        )
-        return frozenset(tag_id for (tag_id,) in rows)
-
-    def did_you_mean(self, word: str, n: int = 5) -> list[str]:
-        """Nearest known tags: close spellings first (difflib), then tags containing the word (FTS)."""
-        names: dict[str, str] = {}
-        for name, zh, aliases in self.db.execute("SELECT name, name_zh, aliases FROM tags ORDER BY photo_count DESC"):
-            names.setdefault(name.lower(), name)
-            if zh:
-                names.setdefault(zh, name)
-            for alias in filter(None, aliases.split(" | ")):
-                names.setdefault(alias.lower(), name)
-        close = [names[m] for m in difflib.get_close_matches(word.lower(), list(names), n=n, cutoff=0.6)]
-        phrase = '"' + word.replace('"', '""') + '"*'
-        fts = [
-            name
-            for (name,) in self.db.execute(
-                "SELECT t.name FROM tags_fts JOIN tags t ON t.rowid = tags_fts.rowid WHERE tags_fts MATCH ?"
-                " ORDER BY t.photo_count DESC LIMIT ?",
-                [phrase, n],
-            )
-        ]
-        return list(dict.fromkeys(close + fts))[:n]
-
-
-def resolve(tree: Node, resolver: TagResolver) -> Node:
-    """The tree with every Term's tag ids filled in."""
-    if isinstance(tree, Term):
-        return Term(tree.text, resolver.resolve(tree.text))
-    if isinstance(tree, Not):
-        return Not(resolve(tree.child, resolver))
-    return type(tree)(tuple(resolve(c, resolver) for c in tree.children))
-
-
-def _tag_ids(tree: Node) -> set[int]:
-    if isinstance(tree, Term):
-        return set(tree.tag_ids)
-    if isinstance(tree, Not):
-        return _tag_ids(tree.child)
-    return set().union(*(_tag_ids(c) for c in tree.children))
-
-
-# --- captions ------------------------------------------------------------------------------------
-
-_CAPTION_TOKEN = re.compile(r'"(?P<phrase>[^"]*)"|(?P<word>[^\s"]+)')
-
-
-def caption_match(text: str) -> str:
-    """The FTS5 query for a caption search: each word and "quoted phrase" as an FTS5 string
-    literal (inner quotes doubled), ANDed. A quote without its pair is ignored.
-
-    Tokens with no letter or digit are dropped: FTS5's tokenizer would turn them into empty
-    phrases, and a query of only those would silently match nothing."""
-    if len(text) > MAX_QUERY_CHARS:
-        raise UsageError(f"--caption text too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
-    parts = [
-        '"' + token.replace('"', '""') + '"'
-        for m in _CAPTION_TOKEN.finditer(text)
-        for token in [m["phrase"] if m["phrase"] is not None else m["word"]]
-        if any(ch.isalnum() for ch in token)
-    ]
-    if not parts:
-        raise UsageError("--caption needs at least one word, e.g. --caption 'on a beach'")
-    if len(parts) > MAX_TERMS:
-        raise UsageError(f"too many words in --caption (at most {MAX_TERMS})")
-    return " ".join(parts)
-
+from ramcli.library.columns import PhotoColumns
+from ramcli.library.index import Index, PhotoRecord, folder_range
+from ramcli.library.query import (And, Node, Not, TagResolver, Term, caption_match, has_not_word, parse, resolve,
+                                  tag_ids)
+from ramcli.tagging.records import NOT_A_COLUMN, TagScore
 
 # --- evaluation -----------------------------------------------------------------------------------
 
@@ -283,13 +44,14 @@ class Filters:
 
 
 @dataclass
-class Hit:
-    photo_id: int
-    path: str
-    score: float | None  # None for pure exclusion queries (`-night`), which have nothing to rank by
-    taken_at: str | None = None
-    tags: list[TagScore] = field(default_factory=list)
-    caption: str | None = None
+class Hit(PhotoRecord):
+    """A photo that matches a query, with its score: None for pure exclusion queries (`-night`)
+    and caption-only ones, which have nothing to rank by."""
+
+    score: float | None = field(default=None, metadata=NOT_A_COLUMN)
+
+
+_HIT_COLUMNS = PhotoColumns(Hit)
 
 
 def _score(tree: Node, tags: dict[int, float]) -> float | None:
@@ -343,7 +105,7 @@ class _Searcher:
         self.tree = tree
         self.filters = filters
         self.caption_match = None if filters.caption is None else caption_match(filters.caption)
-        self.all_ids = json.dumps(sorted(_tag_ids(tree)))
+        self.all_ids = json.dumps(sorted(tag_ids(tree)))
         self.counts = dict(
             self.db.execute(
                 "SELECT id, photo_count FROM tags WHERE id IN (SELECT value FROM json_each(?))", [self.all_ids]
@@ -551,7 +313,7 @@ def search(index: Index, query: str | None, *, limit: int | None = 50, filters: 
     else:
         resolver = TagResolver(index)
         query = query or ""
-        tree = parse(query)
+        tree = parse(query, lowercase_not=not resolver.is_tag("not") if has_not_word(query) else True)
         if _is_plain_words(tree, query) and resolver.groups(" ".join(query.split())):
             tree = Term(" ".join(query.split()))  # `ramcli search christmas tree` means the tag, unquoted
         tree = resolve(tree, resolver)
@@ -559,21 +321,19 @@ def search(index: Index, query: str | None, *, limit: int | None = 50, filters: 
     if not ranked:
         return []
     ids = [pid for _, pid in ranked]
-    info = {
-        pid: (path, taken, caption)
-        for pid, path, taken, caption in index.db.execute(
-            "SELECT id, path, taken_at, caption FROM photos WHERE id IN (SELECT value FROM json_each(?))",
-            [json.dumps(ids)],
-        )
+    found = {
+        hit.id: hit
+        for hit in map(_HIT_COLUMNS.read, index.db.execute(
+            f"SELECT {_HIT_COLUMNS.select} FROM photos WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(ids)]
+        ))
     }
-    hits = [
-        Hit(pid, from_text(info[pid][0]), None if s is None or math.isinf(s) else s, info[pid][1], caption=info[pid][2])
-        for s, pid in ranked
-    ]
+    hits = [found[pid] for _, pid in ranked]
+    for (s, _), hit in zip(ranked, hits, strict=True):
+        hit.score = None if s is None or math.isinf(s) else s
     if with_tags:
         tags_of = photo_tags_by_id(index, ids)
         for hit in hits:
-            hit.tags = tags_of.get(hit.photo_id, [])
+            hit.tags = tags_of.get(hit.id, [])
     return hits
 
 
@@ -606,40 +366,3 @@ def photo_tags_by_id(index: Index, photo_ids: list[int]) -> dict[int, list[TagSc
     ):
         out.setdefault(pid, []).append(TagScore(name, zh, score))
     return out
-
-
-# --- what the index holds (`ramcli stats`) -----------------------------------------------------------
-
-@dataclass(frozen=True)
-class IndexStats:
-    path: Path
-    size: int  # bytes of the database file
-    photos: dict[str, int]  # photos by status
-    tags_known: int
-    tags_in_use: int
-    photo_tags: int
-    top_tags: list[tuple[str, str, int]]  # (name, Chinese name, photos), most photos first
-    failures: list[tuple[str, str]]  # (path, error) of the first photos by path that are not tagged
-
-    def to_json(self) -> dict:
-        return {
-            "index": str(self.path), "size": self.size, "photos": sum(self.photos.values()),
-            "by_status": dict(sorted(self.photos.items())),
-            "tags": {"known": self.tags_known, "in_use": self.tags_in_use, "photo_tags": self.photo_tags},
-            "top_tags": [{"name": n, "name_zh": zh, "photos": c} for n, zh, c in self.top_tags],
-            "failures": [{"path": display(p), "error": e} for p, e in self.failures],
-        }
-
-
-def index_stats(index: Index, top: int = 15, failures: int = 10) -> IndexStats:
-    """Photos by status, tag counts, the `top` most used tags and the first `failures` failures."""
-    db = index.db
-    by_status = dict(db.execute("SELECT status, count(*) FROM photos GROUP BY status").fetchall())
-    known, used = db.execute("SELECT count(*), count(*) FILTER (WHERE photo_count > 0) FROM tags").fetchone()
-    links = db.execute("SELECT coalesce(sum(photo_count), 0) FROM tags").fetchone()[0]
-    top_tags = db.execute("SELECT name, coalesce(name_zh, ''), photo_count FROM tags WHERE photo_count > 0"
-                          " ORDER BY photo_count DESC, name LIMIT ?", [top]).fetchall()
-    failed = db.execute("SELECT path, coalesce(error, '') FROM photos WHERE status != 'tagged' ORDER BY path LIMIT ?",
-                        [failures]).fetchall()
-    return IndexStats(index.path, index.path.stat().st_size, by_status, known, used, links,
-                      [tuple(r) for r in top_tags], [(from_text(p), e) for p, e in failed])

@@ -1,14 +1,27 @@
-"""The records that flow from the tagging pipeline to its sinks (output, index, metadata writer).
+"""One photo, one record: what the tagging pipeline hands its sinks (output, index, metadata
+writer), what the index stores, what search and `show` print.
 
-Kept in one small module so that producers and consumers agree on one shape.
+`PhotoResult` is that record. Its fields are the columns of the index's `photos` table
+(`ramcli.library.index.PhotoRecord` adds what only the index knows: the row id, when it was
+tagged, the link it was reached through), and every output format writes them through
+`photo_json`, which formats each field once, by `FORMATTERS`. The views (`TAG_JSON`,
+`HIT_FIELDS`, `SHOWN`) only choose which fields they print.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from ramcli.pathnames import display
+
+#: Field metadata: a missing value (None) keeps what the index already holds for the photo
+#: (a re-tag that could not read it, a merge from a machine that did not have it).
+KEEP = {"keep": True}
+#: Field metadata: not a column of `photos` (the tags live in their own table).
+NOT_A_COLUMN = {"column": False}
 
 
 @dataclass(frozen=True)
@@ -18,6 +31,9 @@ class TagScore:
     name: str
     name_zh: str
     score: float
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "name_zh": self.name_zh, "score": round(float(self.score), 6)}
 
 
 @dataclass
@@ -35,27 +51,61 @@ class PhotoResult:
     status: str
     size: int = 0
     mtime_ns: int = 0
-    content_hash: str | None = None
-    width: int | None = None
-    height: int | None = None
-    taken_at: datetime | None = None
+    content_hash: str | None = field(default=None, metadata=KEEP)
+    width: int | None = field(default=None, metadata=KEEP)
+    height: int | None = field(default=None, metadata=KEEP)
+    taken_at: datetime | None = field(default=None, metadata=KEEP)
     model_id: str | None = None
     vocab_version: str | None = None
-    tags: list[TagScore] = field(default_factory=list)
-    caption: str | None = None
+    tags: list[TagScore] = field(default_factory=list, metadata=NOT_A_COLUMN)
+    caption: str | None = field(default=None, metadata=KEEP)
     error: str | None = None
 
     def to_json(self) -> dict:
         """The JSONL contract of `ramcli tag --format jsonl`."""
-        out: dict = {
-            "path": display(self.path),  # a name that is not UTF-8 or holds a newline, escaped
-            "tags": [{"name": t.name, "name_zh": t.name_zh, "score": round(float(t.score), 6)} for t in self.tags],
-            "model": self.model_id,
-        }
-        if self.caption is not None:
-            out["caption"] = self.caption
-        if self.status != "tagged":
-            out["status"] = self.status
-        if self.status != "tagged" or self.error is not None:
-            out["error"] = self.error
-        return out
+        out = photo_json(self, TAG_JSON)
+        if self.caption is None:
+            del out["caption"]
+        if self.status == "tagged":
+            del out["status"]
+            if self.error is None:
+                del out["error"]
+        return {"model" if name == "model_id" else name: value for name, value in out.items()}
+
+
+def iso_time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _shown_path(value: str | None) -> str | None:
+    """A name that is not UTF-8 or holds a newline, escaped."""
+    return None if value is None else display(value)
+
+
+#: How a field is written in JSON (and from there in every other format); a field not named
+#: here is written as it is.
+FORMATTERS: dict[str, Callable[[Any], Any]] = {
+    "path": _shown_path,
+    "link": _shown_path,
+    "taken_at": iso_time,
+    "tags": lambda tags: [t.to_json() for t in tags],
+    "score": lambda score: None if score is None else round(score, 6),
+}
+
+#: `ramcli tag --format jsonl|json`, in this order (`model_id` is written as "model"; caption,
+#: status and error only where they say something).
+TAG_JSON = ("path", "tags", "model_id", "caption", "status", "error")
+#: `ramcli search --format jsonl|json|csv`, in this order.
+HIT_FIELDS = ("path", "score", "taken_at", "tags", "caption")
+#: `ramcli show`: the fields it prints after the path, in this order, where set.
+SHOWN = ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version",
+         "content_hash", "caption", "link")
+
+
+def photo_json(photo: object, names: tuple[str, ...]) -> dict:
+    """The named fields of a photo record, each in its JSON form (`FORMATTERS`)."""
+    return {name: FORMATTERS.get(name, _same)(getattr(photo, name)) for name in names}
+
+
+def _same(value: Any) -> Any:
+    return value

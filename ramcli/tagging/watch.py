@@ -84,7 +84,7 @@ class MountPoints:
             known = {from_text(p) for (p,) in db.execute(f"SELECT path FROM {self.TABLE}")}
         now = {m for root in roots for m in mount_points_under(root)}
         if now - known and not self.index.readonly:
-            with self.index._write():
+            with self.index.write():
                 db.execute(f"CREATE TABLE IF NOT EXISTS {self.TABLE} (path TEXT PRIMARY KEY)")
                 db.conn.executemany(f"INSERT OR IGNORE INTO {self.TABLE} (path) VALUES (?)",
                                     [(to_text(m),) for m in sorted(now - known)])
