@@ -16,6 +16,9 @@ LABELS = typer.Option(None, "--labels", help="Label folder of the baseline model
 DATA = typer.Option(..., "--data", help="Input shards: folder, .tar or brace pattern; repeatable.")
 OUT = typer.Option(..., "--out", help="Folder for the new shards and report.json.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+RAY = typer.Option(False, "--ray", help="Spread the shards over Ray model actors (pip install 'ramcli\\[ray]'; --data and --out on storage every node sees). See docs/scale-out.md.")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster to join (implies --ray; default: $RAY_ADDRESS, else a local Ray).")
+RAY_ACTORS = typer.Option(None, "--ray-actors", min=1, help="Model actors (default: one per GPU; without GPUs one per node).")
 
 
 def _model(weights: str, labels: Path | None):
@@ -39,9 +42,9 @@ def generate(
     captioner: Path | None = typer.Option(None, "--captioner", help="A RAM/Tag2Text `ramcli train`/`finetune` checkpoint: add generated captions and their tags."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per model call."),
     device: str = DEVICE,
-    ray: bool = typer.Option(False, "--ray", help="Spread the shards over Ray model actors (pip install 'ramcli\\[ray]'; --out on storage every node sees). See docs/scale-out.md."),
-    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster to join (implies --ray; default: $RAY_ADDRESS, else a local Ray)."),
-    ray_actors: int = typer.Option(None, "--ray-actors", min=1, help="Model actors (default: one per GPU; without GPUs one per node)."),
+    ray: bool = RAY,
+    ray_address: str = RAY_ADDRESS,
+    ray_actors: int = RAY_ACTORS,
 ) -> None:
     """Run a baseline model over shards and add the tags (and captions) it generates."""
     from ramcli_train.engine import checkpoint_captioner, generate as run
@@ -77,8 +80,26 @@ def clean(
     category: list[str] = typer.Option(None, "--category", help="Clean only these tags (repeatable; default all)."),
     threshold: float | None = typer.Option(None, "--threshold", help="Region check threshold (default: per-class)."),
     device: str = DEVICE,
+    ray: bool = RAY,
+    ray_address: str = RAY_ADDRESS,
+    ray_actors: int = RAY_ACTORS,
 ) -> None:
     """Drop tags whose detected region is an outlier of its category or not recognised by the model."""
+    if ray or ray_address:
+        from functools import partial
+
+        from ramcli.tagging.on_ray import import_ray
+
+        import_ray()
+        from ramcli_train.detector import GroundingDino, ModelCropEmbedder
+        from ramcli_train.ray_engine import clean as run_on_ray
+
+        report = run_on_ray(_model(weights, labels), data, out, partial(GroundingDino, detector_model),
+                            ModelCropEmbedder, outlier_fraction=outlier_fraction, clusters=clusters,
+                            threshold=threshold, categories=category or None, device=device, address=ray_address,
+                            actors=ray_actors)
+        _print(report, f"{report['removed']} removed")
+        return
     from ramcli.tagging.pipeline import resolve_device
     from ramcli_train.detector import GroundingDino, ModelCropEmbedder
     from ramcli_train.engine import clean as run

@@ -189,9 +189,14 @@ def _read_object(uri: str, filesystems: dict) -> tuple[bytes, int, int]:
 
 class Scorer:
     """A model actor: the driver's model (shipped once through the object store) on this
-    actor's device and precision; decoded rows in, their scores out (the pixels stay here)."""
+    actor's device and precision; decoded rows in, their scores out (the pixels stay here).
 
-    def __init__(self, model: list, device: str, precision: str, exclude: Sequence[str], compile: bool, threads: int):
+    With the driver's caption generator (`tag --caption`) it also writes each photo's caption:
+    Tag2Text's generator reads the image embeddings, which never leave the actor, guided by the
+    tags the driver's decision rule (`decision`: threshold, per-class thresholds, top-k) emits."""
+
+    def __init__(self, model: list, device: str, precision: str, exclude: Sequence[str], compile: bool, threads: int,
+                 captioner: list | None = None, decision: dict | None = None):
         import ray
 
         model = ray.get(model[0])  # a nested reference: the driver keeps it alive for restarts
@@ -200,17 +205,24 @@ class Scorer:
         dev = resolve_device(device)
         chosen = resolve_precision(dev, precision)
         self.precision = "fp32" if chosen == "auto" else chosen  # CPU auto: exact, see docs/scale-out.md
-        self.tagger = Tagger(model, dev, self.precision, exclude=exclude, compile=compile)
+        self.tagger = Tagger(model, dev, self.precision, exclude=exclude, compile=compile,
+                             captioner=ray.get(captioner[0]) if captioner else None, **(decision or {}))
         self.device = str(dev)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = rows["ok"].astype(bool)
         classes = len(self.tagger.active)
         scores = np.zeros((len(ok), classes), np.float32)
+        captions = np.full(len(ok), "", dtype=object)
         if ok.any():
-            scores[ok] = self.tagger.scores(torch.from_numpy(np.ascontiguousarray(rows["pixels"][ok]))).numpy()
+            found, embeds = self.tagger.forward_batch(torch.from_numpy(np.ascontiguousarray(rows["pixels"][ok])))
+            scores[ok] = found.numpy()
+            if self.tagger.captioner is not None:
+                captions[ok] = self.tagger.captions(embeds, self.tagger.decide(found))
         out = {k: v for k, v in rows.items() if k != "pixels"}
         out["scores"] = scores
+        if self.tagger.captioner is not None:
+            out["caption"] = captions
         out["arithmetic"] = np.array([f"{self.precision} on {self.device}"] * len(ok), dtype=object)
         return out
 
@@ -251,10 +263,12 @@ def plan(ray, device: str, actors: int | None, actor_cpus: float | None) -> Clus
 
 
 def scored_batches(ray, cluster: Cluster, paths: Sequence, model, batch_size: int, precision: str,
-                   exclude: Sequence[str] = (), compile_model: bool = False, draft: bool = False
+                   exclude: Sequence[str] = (), compile_model: bool = False, draft: bool = False,
+                   captioner: torch.nn.Module | None = None, decision: dict | None = None
                    ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray Data pipeline: `paths` decoded by tasks and scored by the model actors, back
-    batch by batch in input order (rows as `Scorer` returns them)."""
+    batch by batch in input order (rows as `Scorer` returns them, with captions when a
+    `captioner` is given)."""
     if getattr(model, "fixed_precision", None) is not None:
         raise UsageError("--ray ships the model to its actors: use the .pth/.safetensors weights, not ONNX")
     model_ref = ray.put(model)  # held here for the run: a restarted actor fetches it again
@@ -268,7 +282,9 @@ def scored_batches(ray, cluster: Cluster, paths: Sequence, model, batch_size: in
         Scorer, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cluster.actors),
         fn_constructor_kwargs=dict(model=[model_ref], device=cluster.device, precision=precision,
                                    exclude=list(exclude), compile=compile_model,
-                                   threads=0 if cluster.gpus else int(cluster.cpus)),
+                                   threads=0 if cluster.gpus else int(cluster.cpus),
+                                   captioner=[ray.put(captioner)] if captioner is not None else None,
+                                   decision=decision),
         num_cpus=cluster.cpus, num_gpus=cluster.gpus)  # Ray Data's actor pool: max_restarts and max_task_retries -1
     try:
         yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")
@@ -290,8 +306,10 @@ class RayRunner:
             return
         run, cluster = self.run, self.cluster
         draft = run.decode == "draft" or (cluster.gpus > 0 and run.decode == "workers")
+        decision = dict(threshold=tagger.threshold, thresholds=tagger.thresholds, top_k=tagger.top_k)
         for rows in scored_batches(self.ray, cluster, paths, tagger.model, batch_size, run.precision, run.exclude_tags,
-                                   should_compile(run, torch.device(cluster.device), len(paths)), draft):
+                                   should_compile(run, torch.device(cluster.device), len(paths)), draft,
+                                   tagger.captioner, decision):
             self._record(rows, tagger, sinks, vocab_version, on_batch, skip)
 
     def _record(self, rows: dict[str, np.ndarray], tagger: Tagger, sinks, vocab_version: str, on_batch, skip) -> None:
@@ -314,7 +332,8 @@ class RayRunner:
             keep.append(i)
         scores = torch.from_numpy(np.ascontiguousarray(rows["scores"][keep]))
         batch = Batch(torch.empty(0), items, failures)
-        results = results_of(batch, tagger.decide(scores), tagger, vocab_version)
+        captions = [rows["caption"][i] for i in keep] if "caption" in rows and keep else None
+        results = results_of(batch, tagger.decide(scores), tagger, vocab_version, captions)
         for sink in sinks:
             sink(results)
         if on_batch is not None:
@@ -339,8 +358,10 @@ def connect(address: str | None):
                      **({"include_dashboard": False} if starts else {}))
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise UsageError(f"cannot reach the Ray cluster at {address}: {one_line(exc)}") from None
-        # Ray prints the cluster's error messages (an actor that died and is retried) on stdout,
-        # where the results go; ramcli reports what failed itself.
+        # log_to_driver=False silences the workers' output, but the driver's thread that prints the
+        # cluster's error messages (an actor that died and is retried) writes them on stdout, where
+        # the results go, and Ray has no public switch for it (LoggingConfig sets up loggers; this
+        # is a print). So the private flag Ray's debugger uses; ramcli reports what failed itself.
         import ray._private.worker as worker
 
         if hasattr(worker, "_worker_logs_enabled"):
@@ -371,8 +392,8 @@ def execute(run: TagOptions, sources: Sequence[str], listener: Listener | None =
             actors: int | None = None, actor_cpus: float | None = None, stop: Callable[[], bool] | None = None) -> int:
     """`run` (every option of `ramcli tag`) on Ray; returns what `TagSession.execute` returns.
     `sources`: the paths as typed, URIs among them; `stop`: as `TagSession`'s."""
-    if run.caption or run.cache_embeddings:
-        raise UsageError("--ray does not support --caption or --cache-embeddings (run them locally)")
+    if run.cache_embeddings:
+        raise UsageError("--ray does not support --cache-embeddings (run it locally)")
     uris = [s for s in sources if is_uri(s) and not os.path.lexists(s)]
     local = [Path(s) for s in sources if s not in uris]
     if uris and run.write:
