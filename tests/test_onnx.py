@@ -123,7 +123,7 @@ def test_custom_tags_are_baked_in_at_export_and_refused_later(exported, tmp_path
     with torch.no_grad():
         expected = model(x)
     assert expected.shape[1] == N + 2 and (onnx_model(x) - expected).abs().max() <= 1e-4
-    with pytest.raises(UsageError, match="not in this ONNX file.*Export it again"):
+    with pytest.raises(UsageError, match="not in this ONNX file.*Make it again"):
         onnx_model.add_label_queries(embeds[:1], ["cable car"], ["缆车"], [0.5])
 
 

@@ -24,9 +24,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -36,9 +34,12 @@ from torch import nn
 
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
+from ramcli.fileio import atomic_output
 from ramcli.hashing import file_sha256
 from ramcli.models.labels import LabelSet, resolve_labels
-from ramcli.models.configs import ArchConfig
+from ramcli.models.checkpoint import converted_arch
+from ramcli.models.fixed_graph import FixedGraph
+from ramcli.models.scratch import private_folder
 
 INSTALL = "the OpenVINO runtime is not installed: pip install 'ramcli[openvino]'"
 FORMAT = "ramcli-openvino-tagger"
@@ -122,20 +123,19 @@ def convert_graph(model: nn.Module):
 
 
 def save_ir(graph, meta: dict[str, str], dst: Path) -> Path:
-    """Write `graph` with ramcli's metadata as DST (.xml) and its .bin: made in a private temporary
-    folder beside DST, then moved in (.bin first), so a reader never sees half of one."""
+    """Write `graph` with ramcli's metadata as DST (.xml) and its .bin: made in a private folder
+    in RAMCLI_HOME, then each file moved in atomically (.bin first), so a reader never sees half
+    of one and a link at DST is replaced, never followed."""
     ov = require()
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     for key, value in meta.items():
         graph.set_rt_info(value, ["ramcli", key])
-    tmp = Path(tempfile.mkdtemp(prefix=".ramcli-", dir=dst.parent))
-    try:
-        ov.save_model(graph, str(tmp / "model.xml"), compress_to_fp16=False)
-        os.replace(tmp / "model.bin", dst.with_suffix(".bin"))
-        os.replace(tmp / "model.xml", dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with private_folder("openvino-ir") as work:
+        ov.save_model(graph, str(work / "model.xml"), compress_to_fp16=False)
+        for name, target in (("model.bin", dst.with_suffix(".bin")), ("model.xml", dst)):
+            with atomic_output(target) as tmp:
+                shutil.move(work / name, tmp)
     return dst
 
 
@@ -159,9 +159,12 @@ def cached_ir(model: nn.Module, source: Path, vocab_version: str = "builtin", on
 
 
 # ---------------------------------------------------------------------------- the model
-class OpenVinoModel(nn.Module):
+class OpenVinoModel(FixedGraph):
     """A tagging graph compiled by OpenVINO in one arithmetic, with the `RecognitionModel` surface
     the pipeline uses: `arch`, `labels`, `model_id`, `num_classes` and `forward(x, classes)`."""
+
+    kind = "OpenVINO model"
+    remake = "`ramcli models convert SRC DST.xml`"
 
     runtime = "openvino"
 
@@ -182,8 +185,8 @@ class OpenVinoModel(nn.Module):
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{self.path.name} is not a ramcli tagger "
                                   "(convert one with `ramcli models convert SRC DST.xml`)")
+        self.arch = converted_arch(meta, self.path.name)
         try:
-            self.arch = ArchConfig.from_json(meta["arch"])
             embedded = LabelSet.from_metadata(meta)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{self.path.name}: damaged ramcli metadata ({type(exc).__name__})") from None
@@ -198,18 +201,10 @@ class OpenVinoModel(nn.Module):
         # no CACHE_DIR (OpenVINO's compiled-model cache): compiling Swin-L takes about a second,
         # and a bf16 model imported from that cache crashed (segfault) on an AMX CPU
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        return self.arch.data_config
-
     def fast_paths(self) -> list[str]:
         """The arithmetics worth checking against fp32 on this device, fastest-first by expectation:
         bf16 where the CPU computes it natively (or a GPU), then static int8."""
-        from ramcli.tagging.precision import cpu_flags
+        from ramcli.tagging.cpu_features import cpu_flags
 
         native = self.device_name != "CPU" or bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
         return (["bf16"] if native else []) + ["int8"]
@@ -240,20 +235,10 @@ class OpenVinoModel(nn.Module):
             raise CheckpointError(f"OpenVINO cannot compile {self.path.name} for {self.device_name} "
                                   f"in {self.precision}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
 
-    def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        pixels = images.detach().to("cpu", torch.float32).contiguous().numpy()
+    def run(self, pixels):
         if self._compiled is None:
             self._compiled = self._compile(pixels)
-        logits = torch.from_numpy(np.array(self._compiled(pixels)[0]))
-        return logits if classes is None else logits[:, classes.cpu()]
-
-    def add_label_queries(self, embeds, names, *args, **kwargs) -> None:
-        raise UsageError(f"custom tag(s) {', '.join(list(names)[:5])} are not in this OpenVINO model: its label "
-                         "queries are fixed at conversion. Convert it again (`ramcli models convert SRC DST.xml`)")
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        raise UsageError("an OpenVINO model gives logits only: --cache-embeddings and --caption need the "
-                         ".pth or .safetensors weights")
+        return self._compiled(pixels)[0]
 
 
 def _nncf():
