@@ -68,7 +68,7 @@ def main() -> None:
     from ramcli.tagging.decision import emitted
     from ramcli.models import convert, load_any
     from ramcli.tagging.pipeline import Tagger
-    from ramcli.tagging.precision import native_bf16
+    from ramcli.tagging.cpu_features import native_bf16
 
     cpu = torch.device("cpu")
     model = load_any(args.weights).eval()

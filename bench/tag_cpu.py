@@ -165,7 +165,7 @@ def main() -> None:
     pth, labels = checkpoint(args.arch)
     photos = jpegs(CACHE / "jpeg12mp", args.images)
     from ramcli.models.labels import read_label_dir
-    from ramcli.tagging.precision import cpu_name, native_bf16
+    from ramcli.tagging.cpu_features import cpu_name, native_bf16
 
     thresholds = torch.tensor(read_label_dir(labels, "ram").thresholds)
     print(f"{args.arch}, {len(photos)} x 12 MP JPEGs, {torch.get_num_threads()} threads, batch {args.batch_size}, "
