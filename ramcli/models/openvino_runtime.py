@@ -15,6 +15,10 @@ Arithmetic, one compiled copy each (`OpenVinoModel.at`):
   int8   NNCF post-training static quantisation (weights and activations), calibrated on the
          first batch of photos the model sees: the user's own library.
   int8-weights  NNCF `compress_weights`: int8 weights, activations in the default precision.
+  int8-encoder  int8 weights in the image encoder only; the recognition decoder (from the image
+         projection to the logits) keeps its float weights, and the graph computes in bf16 where
+         the CPU has it natively. On trained models the decoder is where int8 weights flip
+         tags, the encoder where the time goes (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ from ramcli.models.scratch import private_folder
 
 INSTALL = "the OpenVINO runtime is not installed: pip install 'ramcli[openvino]'"
 FORMAT = "ramcli-openvino-tagger"
-PRECISIONS = ("fp32", "bf16", "int8", "int8-weights")
-#: OpenVINO's name of each arithmetic's inference precision hint (None: the plugin's default)
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None, "int8-weights": None}
+PRECISIONS = ("fp32", "bf16", "int8", "int8-weights", "int8-encoder")
+#: OpenVINO's name of each arithmetic's inference precision hint (None: the plugin's default,
+#: which is bf16 on CPUs with native bf16 and f32 elsewhere)
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None, "int8-weights": None, "int8-encoder": None}
 
 
 def require():
@@ -202,12 +207,14 @@ class OpenVinoModel(FixedGraph):
         # and a bf16 model imported from that cache crashed (segfault) on an AMX CPU
 
     def fast_paths(self) -> list[str]:
-        """The arithmetics worth checking against fp32 on this device, fastest-first by expectation:
-        bf16 where the CPU computes it natively (or a GPU), then static int8."""
+        """The arithmetics worth checking against fp32 on this device: bf16 where the CPU computes
+        it natively (or a GPU), and int8 weights in the image encoder. Static int8 and int8 weights
+        everywhere flip more than 1% of a trained model's tags (docs/performance.md): they run
+        when asked for, never by auto."""
         from ramcli.tagging.cpu_features import cpu_flags
 
         native = self.device_name != "CPU" or bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
-        return (["bf16"] if native else []) + ["int8"]
+        return (["bf16"] if native else []) + ["int8-encoder"]
 
     def at(self, precision: str) -> OpenVinoModel:
         """This graph in another arithmetic (compiled on first use)."""
@@ -219,9 +226,8 @@ class OpenVinoModel(FixedGraph):
 
     def _compile(self, calibration: np.ndarray):
         graph = self.graph
-        if self.precision == "int8-weights":
-            with _quiet():
-                graph = _nncf().compress_weights(graph)
+        if self.precision in ("int8-weights", "int8-encoder"):
+            graph = int8_weights(graph, keep_decoder=self.precision == "int8-encoder")
         elif self.precision == "int8":
             graph = quantized_graph(self, calibration)
         config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -239,6 +245,27 @@ class OpenVinoModel(FixedGraph):
         if self._compiled is None:
             self._compiled = self._compile(pixels)
         return self._compiled(pixels)[0]
+
+
+def decoder_ops(graph) -> list[str]:
+    """The names of the operations from the image projection to the logits: the recognition
+    decoder, the label side and the final projection. The image projection is the first matmul
+    of the mean-pooled token concatenated with the image tokens (`RecognitionModel.encode_image`)."""
+    ops = list(graph.get_ordered_ops())
+    start = next((i for i, op in enumerate(ops) if op.get_type_name() == "MatMul"
+                  and op.input_value(0).get_node().get_type_name() == "Concat"), None)
+    if start is None:
+        raise CheckpointError("cannot find the image projection in this graph to keep the decoder in float")
+    return [op.get_friendly_name() for op in ops[start:] if op.get_type_name() not in ("Constant", "Parameter", "Result")]
+
+
+def int8_weights(graph, keep_decoder: bool = False):
+    """A copy of `graph` with int8 weights (NNCF `compress_weights`), the decoder's kept float
+    if `keep_decoder`."""
+    nncf = _nncf()
+    keep = decoder_ops(graph) if keep_decoder else []
+    with _quiet():
+        return nncf.compress_weights(graph.clone(), ignored_scope=nncf.IgnoredScope(names=keep, validate=False))
 
 
 def _nncf():
