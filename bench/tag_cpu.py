@@ -44,7 +44,7 @@ import torch
 from _common import CACHE, checkpoint, jpegs, load_average, peak_rss_mb
 
 PATHS = ("baseline", "fp32", "fp32 compiled", "bf16", "bf16 compiled", "int8", "int8 compiled", "onnx", "onnx int8",
-         "openvino", "openvino bf16", "openvino int8", "openvino int8-weights", "decode")
+         "openvino", "openvino bf16", "openvino int8", "openvino int8-weights", "openvino int8-encoder", "decode")
 ALWAYS = ("baseline", "fp32")
 
 
