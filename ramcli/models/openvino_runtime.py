@@ -203,8 +203,9 @@ class OpenVinoModel(FixedGraph):
             raise CheckpointError(f"{self.path.name}: the label system does not match the graph's outputs")
         if precision not in PRECISIONS:
             raise UsageError(f"OpenVINO runs {', '.join(PRECISIONS)}; not {precision!r}")
-        # no CACHE_DIR (OpenVINO's compiled-model cache): compiling Swin-L takes about a second,
-        # and a bf16 model imported from that cache crashed (segfault) on an AMX CPU
+        # no CACHE_DIR (OpenVINO's compiled-model cache): it saves about a second per start
+        # (docs/performance.md), and a bf16 Swin-L imported from it crashed (segfault) on an AMX
+        # CPU with OpenVINO 2026.4; retested only on small models, where it ran
 
     def fast_paths(self) -> list[str]:
         """The arithmetics worth checking against fp32 on this device: bf16 where the CPU computes
