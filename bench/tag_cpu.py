@@ -9,9 +9,10 @@ Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-li
               layers), each eager and torch.compile'd, and the exported ONNX graph run by ONNX
               Runtime in fp32 and int8 (`--precision int8` on the .onnx: its quantised copy), and
               the graph on OpenVINO (`--runtime openvino`) in fp32, bf16, int8 (NNCF static
-              quantisation calibrated on the first batch of these photos) and int8-weights (NNCF
-              `compress_weights`). Compilation, the ONNX export, the OpenVINO conversion and
-              quantisation/calibration are done once beforehand, not timed.
+              quantisation calibrated on the first batch of these photos), int8-weights (NNCF
+              `compress_weights`) and int8-encoder (int8 weights in the image encoder only).
+              Compilation, the ONNX export, the OpenVINO conversion and quantisation/calibration
+              are done once beforehand, not timed.
   decode    : the pipeline's decode alone (same workers, same decode, no model): the ceiling
               of every row above on this machine.
 
