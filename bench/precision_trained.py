@@ -5,7 +5,8 @@ Random weights are the worst case for reduced precision (their scores bunch at t
 a trained model's scores are spread out. This scores held-out photos with the trained tagger in
 fp32, bf16 (autocast; emulated on a CPU without native bf16), PyTorch int8 (dynamic int8 Linear
 layers), its ONNX export on ONNX Runtime (fp32) and that export's int8 copy, the model on OpenVINO
-(fp32, bf16, static int8 calibrated on the first batch, int8 weights only), compares each tag set
+(fp32, bf16, static int8 calibrated on the first batch, int8 weights everywhere or in the image
+encoder only), compares each tag set
 with fp32's at the model's thresholds, and then runs the real `--precision auto` check (8 photos,
 no cached decision) on the checkpoint, the .onnx and the OpenVINO model.
 
@@ -13,6 +14,10 @@ no cached decision) on the checkpoint, the .onnx and the OpenVINO model.
         --keep-photos .bench_cache/cpu-val-photos        # the trained model, once
     .venv/bin/python bench/precision_trained.py [--weights .bench_cache/cpu-teacher.safetensors]
         [--photos .bench_cache/cpu-val-photos] [--images 128]
+    .venv/bin/python bench/train_learns.py --preset cpu_swin --epochs 4 --save .bench_cache/cpu-swin.safetensors \
+        --keep-photos .bench_cache/cpu-swin-val --no-control      # a small Swin, a few hundred steps
+    .venv/bin/python bench/precision_trained.py --weights .bench_cache/cpu-swin.safetensors \
+        --photos .bench_cache/cpu-swin-val
 
 Without --photos folder, held-out scenes of `ramcli_train.synth` (the validation split, which
 training never sees) are written under .bench_cache/ first.
@@ -25,12 +30,13 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from _common import CACHE, load_average
 
 PATHS = ("fp32", "bf16", "int8", "onnx", "onnx int8", "openvino", "openvino bf16", "openvino int8",
-         "openvino int8-weights")
+         "openvino int8-weights", "openvino int8-encoder")
 
 
 def held_out_photos(folder: Path | None, count: int, size: int) -> list[Path]:
@@ -56,6 +62,44 @@ def batches(photos: list[Path], model, batch: int) -> list[torch.Tensor]:
             if b.items]
 
 
+def nncf_variants(base) -> dict:
+    """The NNCF options tried to keep int8's tags, each a copy of the OpenVINO fp32 model whose
+    graph is built from the first batch it sees (or from every photo, recorded beforehand)."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    from ramcli.models.openvino_runtime import OpenVinoModel, _quiet, decoder_ops, int8_weights
+
+    recorded = []
+
+    def static(graph, first, photos=None, decoder_float=False, **kwargs):
+        samples = [x[None] for x in (np.concatenate(recorded)[:photos] if photos else first)]
+        ignored = nncf.IgnoredScope(names=decoder_ops(graph) if decoder_float else [], validate=False)
+        with _quiet():
+            return nncf.quantize(graph, nncf.Dataset(samples), subset_size=len(samples), ignored_scope=ignored,
+                                 model_type=nncf.ModelType.TRANSFORMER, **kwargs)
+
+    smooth = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=0.95))
+    builds = {
+        "NNCF static, 64 calibration photos": (lambda g, x: static(g, x, photos=64), None),
+        "NNCF static, mixed preset": (lambda g, x: static(g, x, preset=nncf.QuantizationPreset.MIXED), None),
+        "NNCF static, decoder float": (lambda g, x: static(g, x, decoder_float=True), None),
+        "NNCF static, decoder float, SmoothQuant 0.95": (
+            lambda g, x: static(g, x, decoder_float=True, advanced_parameters=smooth), None),
+        "int8 weights in the encoder, f32 elsewhere": (lambda g, x: int8_weights(g, keep_decoder=True), "f32"),
+    }
+    nets = {"(recorder)": OpenVinoModel(base.path)}
+    run = nets["(recorder)"].run
+    nets["(recorder)"].run = lambda x: (recorded.append(x.copy()), run(x))[1]
+    for name, (build, hint) in builds.items():
+        net = OpenVinoModel(base.path)
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), **({"INFERENCE_PRECISION_HINT": hint} if hint else {})}
+        net._compile = lambda x, net=net, build=build, config=config: net.core.compile_model(
+            build(net.graph.clone(), x), "CPU", config)
+        nets[name] = net
+    return nets
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, default=CACHE / "cpu-teacher.safetensors",
@@ -63,12 +107,13 @@ def main() -> None:
     ap.add_argument("--photos", type=Path, default=CACHE / "cpu-val-photos")
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--nncf-options", action="store_true", help="also the NNCF options tried to keep int8's tags")
     args = ap.parse_args()
     os.environ.setdefault("RAMCLI_HOME", str(CACHE / "home"))
     from ramcli.tagging.decision import emitted
     from ramcli.models import convert, load_any
     from ramcli.tagging.pipeline import Tagger
-    from ramcli.tagging.precision import native_bf16
+    from ramcli.tagging.cpu_features import native_bf16
 
     cpu = torch.device("cpu")
     model = load_any(args.weights).eval()
@@ -86,22 +131,27 @@ def main() -> None:
           f"photos from {photos[0].parent}; native bf16: {'yes' if native_bf16() else 'no (bf16 emulated)'}; "
           f"load average {load_average()}", flush=True)
     results = {}
-    for name in PATHS:
+    variants = nncf_variants(openvino_model) if args.nncf_options else {}
+    for name in (*PATHS, *variants):
         first, _, second = name.partition(" ")
         nets = {"onnx": onnx_model, "openvino": openvino_model}
-        net, precision = (nets[first], second or "fp32") if first in nets else (model, first)
+        net, precision = (nets[first], second or "fp32") if first in nets else (variants.get(name, model), first)
+        precision = "fp32" if name in variants else precision
         tagger = Tagger(net, cpu, precision)
         t0 = time.perf_counter()
         scores = torch.cat([tagger.scores(p) for p in pixels])
         results[name] = (scores, n / (time.perf_counter() - t0), tagger._class_thresholds)
     ref, _, thresholds = results["fp32"]
     ref_tags = emitted(ref, thresholds)
-    near = int(((ref - thresholds).abs() < 1e-3).sum())
-    print(f"fp32 emits {int(ref_tags.sum()) / n:.1f} tags per photo; {near / n:.2f} scores per photo lie within 0.001 "
+    near, close = (int(((ref - thresholds).abs() < d).sum()) for d in (1e-3, 0.02))
+    print(f"fp32 emits {int(ref_tags.sum()) / n:.1f} tags per photo of {ref.shape[1]} classes; {close / n:.2f} scores "
+          f"per photo lie within 0.02 and {near / n:.2f} within 0.001 "
           "of their threshold\n")
     print("| path | img/s (model only) | tag agreement with fp32 | max score change | mean score change |")
     print("|---|---|---|---|---|")
     for name, (scores, rate, _) in results.items():
+        if name == "(recorder)":
+            continue
         if name == "fp32":
             print(f"| fp32 | {rate:.1f} | - | - | - |")
             continue

@@ -9,9 +9,10 @@ Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-li
               layers), each eager and torch.compile'd, and the exported ONNX graph run by ONNX
               Runtime in fp32 and int8 (`--precision int8` on the .onnx: its quantised copy), and
               the graph on OpenVINO (`--runtime openvino`) in fp32, bf16, int8 (NNCF static
-              quantisation calibrated on the first batch of these photos) and int8-weights (NNCF
-              `compress_weights`). Compilation, the ONNX export, the OpenVINO conversion and
-              quantisation/calibration are done once beforehand, not timed.
+              quantisation calibrated on the first batch of these photos), int8-weights (NNCF
+              `compress_weights`) and int8-encoder (int8 weights in the image encoder only).
+              Compilation, the ONNX export, the OpenVINO conversion and quantisation/calibration
+              are done once beforehand, not timed.
   decode    : the pipeline's decode alone (same workers, same decode, no model): the ceiling
               of every row above on this machine.
 
@@ -44,7 +45,7 @@ import torch
 from _common import CACHE, checkpoint, jpegs, load_average, peak_rss_mb
 
 PATHS = ("baseline", "fp32", "fp32 compiled", "bf16", "bf16 compiled", "int8", "int8 compiled", "onnx", "onnx int8",
-         "openvino", "openvino bf16", "openvino int8", "openvino int8-weights", "decode")
+         "openvino", "openvino bf16", "openvino int8", "openvino int8-weights", "openvino int8-encoder", "decode")
 ALWAYS = ("baseline", "fp32")
 
 
@@ -165,7 +166,7 @@ def main() -> None:
     pth, labels = checkpoint(args.arch)
     photos = jpegs(CACHE / "jpeg12mp", args.images)
     from ramcli.models.labels import read_label_dir
-    from ramcli.tagging.precision import cpu_name, native_bf16
+    from ramcli.tagging.cpu_features import cpu_name, native_bf16
 
     thresholds = torch.tensor(read_label_dir(labels, "ram").thresholds)
     print(f"{args.arch}, {len(photos)} x 12 MP JPEGs, {torch.get_num_threads()} threads, batch {args.batch_size}, "

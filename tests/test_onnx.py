@@ -123,7 +123,7 @@ def test_custom_tags_are_baked_in_at_export_and_refused_later(exported, tmp_path
     with torch.no_grad():
         expected = model(x)
     assert expected.shape[1] == N + 2 and (onnx_model(x) - expected).abs().max() <= 1e-4
-    with pytest.raises(UsageError, match="not in this ONNX file.*Export it again"):
+    with pytest.raises(UsageError, match="not in this ONNX file.*Make it again"):
         onnx_model.add_label_queries(embeds[:1], ["cable car"], ["缆车"], [0.5])
 
 
@@ -277,7 +277,7 @@ def test_hostile_onnx_files_are_one_line_errors(exported, tmp_path, capsys):
     proto.graph.node[0].op_type = "NoSuchOperator"
     onnx.save_model(proto, str(unrunnable))
     photo_like(80, 60, seed=1).save(tmp_path / "p.jpg")
-    for bad, message in ((foreign, "not a ramcli tagger"), (damaged, "damaged ramcli metadata"),
+    for bad, message in ((foreign, "not a ramcli tagger"), (damaged, "damaged ramcli header (arch:"),
                          (truncated, "not a valid ONNX file"), (unrunnable, "unrunnable.onnx")):
         for precision_name in ("auto", "fp32", "int8"):
             code = run_cli(["tag", str(tmp_path / "p.jpg"), "--weights", str(bad), "--precision", precision_name,

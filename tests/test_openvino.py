@@ -56,7 +56,7 @@ def test_conversion_is_cached_by_content(checkpoints, tmp_path):
     made = first.stat().st_mtime_ns
     assert to_openvino(model, weights).path == first and first.stat().st_mtime_ns == made  # not converted again
     assert first.is_relative_to(home().cache) and first.with_suffix(".bin").is_file()
-    assert not list(first.parent.glob(".ramcli-*"))  # no temporary folder left behind
+    assert not list(first.parent.glob(".ramcli-*")) and not list((home().root / "tmp").glob("*"))  # nothing left behind
     changed = tmp_path / "changed.pth"
     changed.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
     assert cache_key(changed, model.labels) != cache_key(weights, model.labels)  # one byte: another graph
@@ -84,7 +84,7 @@ def test_every_arithmetic_runs_and_int8_is_calibrated_once(checkpoints):
     fp32 = to_openvino(model, weights)
     with torch.no_grad():
         expected = torch.sigmoid(model(_pixels(4)))
-    for name in ("bf16", "int8", "int8-weights"):
+    for name in ("bf16", "int8", "int8-weights", "int8-encoder"):
         scores = torch.sigmoid(fp32.at(name)(_pixels(4)))
         assert scores.shape == expected.shape and not torch.equal(scores, expected)
     calibrated = sorted(fp32.path.parent.glob("*-int8.xml"))
@@ -92,6 +92,32 @@ def test_every_arithmetic_runs_and_int8_is_calibrated_once(checkpoints):
     made = calibrated[0].stat().st_mtime_ns
     fp32.at("int8")(_pixels(2, 9))
     assert calibrated[0].stat().st_mtime_ns == made
+
+
+def _int8_matmuls(graph) -> set[str]:
+    """The matmuls whose weights are stored in int8 (NNCF's Constant -> Convert -> ... chain)."""
+    import openvino as ov
+
+    found = set()
+    for op in graph.get_ordered_ops():
+        if op.get_type_name() == "MatMul":
+            node = op.input_value(1).get_node()
+            while node.get_type_name() in ("Convert", "Subtract", "Multiply", "Reshape", "Transpose"):
+                node = node.input_value(0).get_node()
+            if node.get_type_name() == "Constant" and node.get_element_type() in (ov.Type.i8, ov.Type.u8):
+                found.add(op.get_friendly_name())
+    return found
+
+
+def test_int8_encoder_keeps_the_decoder_weights_float(checkpoints):
+    from ramcli.models.openvino_runtime import decoder_ops, int8_weights
+
+    weights, labels = checkpoints["ram_plus_tiny"]
+    graph = to_openvino(load_any(weights, labels_dir=labels), weights).graph
+    decoder = set(decoder_ops(graph))
+    everywhere, encoder = _int8_matmuls(int8_weights(graph)), _int8_matmuls(int8_weights(graph, keep_decoder=True))
+    assert encoder and not encoder & decoder and everywhere & decoder and encoder < everywhere
+    assert not _int8_matmuls(graph)  # the fp32 graph itself is left alone
 
 
 def _library(folder, n):
@@ -156,4 +182,4 @@ def test_auto_on_openvino_checks_its_own_paths_against_its_fp32(checkpoints, mon
     assert torch.equal(tagger.scores(pixels), exact)  # the check photos keep OpenVINO fp32's scores
     (d,) = decisions
     assert [m.name for m in d.measured] == ["fp32", *converted.fast_paths()]
-    assert "int8" in converted.fast_paths() and d.precision in converted.fast_paths()
+    assert "int8-encoder" in converted.fast_paths() and d.precision in converted.fast_paths()

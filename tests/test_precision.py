@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import ramcli.tagging.cpu_features as cpu_features
 import ramcli.tagging.precision as precision
 from ckpt_factory import make_labels_dir, make_official_checkpoint
 from images import photo_like
@@ -58,12 +59,12 @@ def test_policy_keeps_fp32_and_says_why():
 
 
 def test_native_bf16_needs_the_instructions_and_pytorch_using_them(monkeypatch):
-    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_features.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert precision.native_bf16({"avx2", "avx512f", "avx512_bf16"})
-    assert not precision.native_bf16({"avx2", "avx512f"})  # AVX-512 without bf16: emulated, slow
+    assert cpu_features.native_bf16({"avx2", "avx512f", "avx512_bf16"})
+    assert not cpu_features.native_bf16({"avx2", "avx512f"})  # AVX-512 without bf16: emulated, slow
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
-    assert not precision.native_bf16({"avx2", "avx512f", "avx512_bf16"})
+    assert not cpu_features.native_bf16({"avx2", "avx512f", "avx512_bf16"})
 
 
 # ------------------------------------------------------------------ int8

@@ -292,8 +292,11 @@ def converted_arch(meta: dict[str, str], name: str) -> ArchConfig:
     """The architecture a converted file's header records."""
     try:
         return ArchConfig.from_json(meta["arch"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{name}: damaged ramcli header (arch: {type(exc).__name__})") from None
+    except KeyError:
+        raise CheckpointError(f"{name}: damaged ramcli header (no arch)") from None
+    except (TypeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"{name}: damaged ramcli header (arch: {reason})") from None
 
 
 def load_converted(path: Path, labels: LabelSet | None = None, dtype: torch.dtype | None = None) -> RecognitionModel:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -81,19 +81,81 @@ class ArchConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ArchConfig:
+        """The architecture a file's header records, each field checked (type and range): a
+        ValueError names the first one that is wrong."""
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("the architecture is not a JSON object")
         data.pop("extra", None)  # an always-empty field that files converted by ramcli 0.1 carry
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        missing = [k for k in ("name", "family", "image_size", "swin", "num_classes") if k not in data]
+        if unknown or missing:
+            raise ValueError(f"unknown field {unknown[0][:40]!r}" if unknown else f"no {missing[0]}")
+        for key, (low, high) in WHOLE_NUMBERS.items():
+            if key in data:
+                whole(key, data[key], low, high)
+        if not isinstance(data["name"], str) or not 0 < len(data["name"]) <= 200 or not data["name"].isprintable():
+            raise ValueError(f"name must be 1 to 200 printable characters, not {repr(data['name'])[:40]}")
+        if data["family"] not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {repr(data['family'])[:40]}")
+        if data.get("interpolation", "bilinear") not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be {' or '.join(INTERPOLATIONS)}, not {repr(data['interpolation'])[:40]}")
+        if not isinstance(data.get("backbone", ""), str) or not TIMM_NAME.match(data.get("backbone", "")):
+            raise ValueError(f"backbone is not a timm model name: {repr(data['backbone'])[:40]}")
+        eps = data.get("layer_norm_eps", 1e-12)
+        if type(eps) not in (int, float) or not 0 < eps <= 0.1:
+            raise ValueError(f"layer_norm_eps must be a number above 0 and at most 0.1, not {repr(eps)[:40]}")
+        for key, low in (("mean", -1000.0), ("std", 1e-6)):  # files written before these keep the defaults
+            if key in data:
+                data[key] = three_numbers(key, data[key], low)
+        if data.get("hidden", 768) % data.get("heads", 4):
+            raise ValueError("hidden must be a multiple of heads")
         swin = data.pop("swin")
         if swin is not None:
-            swin = SwinConfig(**{**swin, "depths": checked_depths(swin["depths"]), "num_heads": tuple(swin["num_heads"])})
+            swin = checked_swin(swin)
         if "depths" in data:
             data["depths"] = checked_depths(data["depths"]) if data["depths"] else ()
-        for key in ("mean", "std"):  # files written before these fields keep the defaults
-            if key in data:
-                data[key] = tuple(data[key])
         return cls(swin=swin, **data)
+
+
+#: The whole-number fields of an architecture and their ranges: wide enough for every published
+#: and trainable model, narrow enough that a hostile header cannot ask for a skeleton that takes
+#: forever or all memory to build.
+WHOLE_NUMBERS = {"image_size": (16, 4096), "num_classes": (1, 200_000), "hidden": (8, 8192), "heads": (1, 128),
+                 "intermediate": (8, 32768), "layers": (1, 48), "descriptions_per_class": (1, 256)}
+SWIN_WHOLE_NUMBERS = {"embed_dim": (8, 1024), "window_size": (1, 64), "patch_size": (1, 64)}
+INTERPOLATIONS = ("bilinear", "bicubic")
+TIMM_NAME = re.compile(r"^[A-Za-z0-9_.-]{0,120}$")
+
+
+def whole(key: str, value, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{key} must be a whole number from {low} to {high}, not {repr(value)[:40]}")
+    return value
+
+
+def three_numbers(key: str, value, low: float) -> tuple[float, float, float]:
+    """An RGB mean or std: three finite numbers from `low` to 1000."""
+    if not isinstance(value, list) or len(value) != 3 or not all(
+            type(v) in (int, float) and low <= v <= 1000 for v in value):
+        raise ValueError(f"{key} must be three numbers from {low:g} to 1000, not {repr(value)[:60]}")
+    return tuple(float(v) for v in value)
+
+
+def checked_swin(value) -> SwinConfig:
+    """A Swin backbone from a file's header, checked like the architecture around it."""
+    if not isinstance(value, dict) or set(value) - {f.name for f in fields(SwinConfig)} or not {
+            "embed_dim", "depths", "num_heads", "window_size"} <= set(value):
+        raise ValueError("swin must hold embed_dim, depths, num_heads, window_size (and patch_size)")
+    for key, (low, high) in SWIN_WHOLE_NUMBERS.items():
+        if key in value:
+            whole(f"swin.{key}", value[key], low, high)
+    depths = checked_depths(value["depths"])
+    heads = value["num_heads"]
+    if not isinstance(heads, list) or len(heads) != len(depths) or not all(
+            type(h) is int and 1 <= h <= 128 and value["embed_dim"] * 2 ** i % h == 0 for i, h in enumerate(heads)):
+        raise ValueError("swin.num_heads must be one whole number per stage that divides the stage's width")
+    return SwinConfig(**{**value, "depths": depths, "num_heads": tuple(heads)})
 
 
 #: The most blocks per stage a file may ask for (the largest published Swin has 18): a hostile

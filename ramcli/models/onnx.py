@@ -20,7 +20,7 @@ by the content of the model and of every external data file it references.
 
 Files: ONNX Runtime's quantiser writes a shape-inferred copy beside its input, and the exporter
 writes the weights of a large graph beside its output. Both therefore work on copies in a
-private folder of their own in RAMCLI_HOME (`tempfile.mkdtemp`), and only the finished file is
+private folder of their own in RAMCLI_HOME (`scratch.private_folder`), and only the finished file is
 moved into place, atomically: nothing is ever written beside a user's model or through a link
 found there, a read-only model folder is fine, and two runs at once never share a file.
 """
@@ -33,21 +33,22 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from ramcli.config import home
-from ramcli.errors import CheckpointError, UsageError
+from ramcli.errors import CheckpointError
 from ramcli.fileio import atomic_output, atomic_write
 from ramcli.hashing import file_sha256
 from ramcli.models.labels import LabelError, LabelSet, check_name, resolve_labels
+from ramcli.models.checkpoint import converted_arch
 from ramcli.models.configs import ArchConfig
+from ramcli.models.fixed_graph import FixedGraph
 from ramcli.models.ram import RecognitionModel
+from ramcli.models.scratch import private_folder
 
 FORMAT = "ramcli-onnx-tagger"
 ONNX_DTYPES = ("fp32", "int8")
@@ -109,19 +110,6 @@ def export_onnx(model: RecognitionModel, dst: Path, dtype: str = "fp32", source:
         return _place(staged, dst)
 
 
-@contextlib.contextmanager
-def private_folder(purpose: str):
-    """A new folder in RAMCLI_HOME/tmp that only this process uses (mode 0700, a fresh name),
-    removed with everything in it when the block ends."""
-    root = home().root / "tmp"
-    root.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=root))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def _place(staged: Path, dst: Path) -> Path:
     """Move a finished ONNX file (its external data files first) from a private folder to `dst`,
     each file atomically: a reader sees the old file or the new one, and a link at the target
@@ -139,7 +127,7 @@ def _place(staged: Path, dst: Path) -> Path:
 
 def int8_weight_type(flags: set[str] | None = None) -> str:
     """"QInt8" where the CPU has VNNI (its s8 kernels are exact and fastest), else "QUInt8"."""
-    from ramcli.tagging.precision import cpu_flags
+    from ramcli.tagging.cpu_features import cpu_flags
 
     flags = cpu_flags() if flags is None else flags
     vnni = {"avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni", "avxvnni"}
@@ -299,9 +287,12 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     return read_header(path).meta
 
 
-class OnnxModel(nn.Module):
+class OnnxModel(FixedGraph):
     """An exported tagger run by ONNX Runtime on the CPU, with the `RecognitionModel` surface
     the pipeline uses: `arch`, `labels`, `model_id`, `num_classes` and `forward(x, classes)`."""
+
+    kind = "ONNX file"
+    remake = "`ramcli models convert SRC DST.onnx`"
 
     #: The Tagger runs an exported graph as it was exported, in this arithmetic.
     fixed_precision: str
@@ -312,10 +303,7 @@ class OnnxModel(nn.Module):
         self._session, self.display_name = None, self.path.name
         name = self.path.name
         meta, classes, _ = read_header(path)
-        try:
-            self.arch = ArchConfig.from_json(meta["arch"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{name}: damaged ramcli metadata (arch: {type(exc).__name__})") from None
+        self.arch = converted_arch(meta, name)
         embedded = LabelSet.from_metadata(meta, name)
         # the usual order (--labels, RAMCLI_LABELS, the file's own); custom tags baked in at
         # export make an outside label folder too short, which the check below reports
@@ -354,18 +342,8 @@ class OnnxModel(nn.Module):
                                       f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
         return self._session
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        return self.arch.data_config
-
-    def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        pixels = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        logits = torch.from_numpy(self.session.run(["logits"], {"pixels": pixels})[0])
-        return logits if classes is None else logits[:, classes.cpu()]
+    def run(self, pixels):
+        return self.session.run(["logits"], {"pixels": pixels})[0]
 
     def quantized(self) -> OnnxModel:
         """This graph in int8 on ONNX Runtime (the cached copy of `int8_copy`)."""
@@ -380,15 +358,6 @@ class OnnxModel(nn.Module):
         except Exception as exc:  # the quantiser's own errors on an unusual graph
             raise CheckpointError(f"cannot quantise {self.path.name} to int8: "
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
-
-    def add_label_queries(self, embeds, names, *args, **kwargs) -> None:
-        raise UsageError(f"custom tag(s) {', '.join(list(names)[:5])} are not in this ONNX file: its label "
-                         "queries are fixed at export. Export it again (`ramcli models convert SRC DST.onnx`) "
-                         "to bake the vocabulary's custom tags in")
-
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        raise UsageError("an ONNX model gives logits only: --cache-embeddings and --caption need the "
-                         ".pth or .safetensors weights")
 
 
 def is_onnx(path: Path) -> bool:

@@ -15,6 +15,10 @@ Arithmetic, one compiled copy each (`OpenVinoModel.at`):
   int8   NNCF post-training static quantisation (weights and activations), calibrated on the
          first batch of photos the model sees: the user's own library.
   int8-weights  NNCF `compress_weights`: int8 weights, activations in the default precision.
+  int8-encoder  int8 weights in the image encoder only; the recognition decoder (from the image
+         projection to the logits) keeps its float weights, and the graph computes in bf16 where
+         the CPU has it natively. On trained models the decoder is where int8 weights flip
+         tags, the encoder where the time goes (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -36,15 +38,19 @@ from torch import nn
 
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
+from ramcli.fileio import atomic_output
 from ramcli.hashing import file_sha256
 from ramcli.models.labels import LabelSet, resolve_labels
-from ramcli.models.configs import ArchConfig
+from ramcli.models.checkpoint import converted_arch
+from ramcli.models.fixed_graph import FixedGraph
+from ramcli.models.scratch import private_folder
 
 INSTALL = "the OpenVINO runtime is not installed: pip install 'ramcli[openvino]'"
 FORMAT = "ramcli-openvino-tagger"
-PRECISIONS = ("fp32", "bf16", "int8", "int8-weights")
-#: OpenVINO's name of each arithmetic's inference precision hint (None: the plugin's default)
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None, "int8-weights": None}
+PRECISIONS = ("fp32", "bf16", "int8", "int8-weights", "int8-encoder")
+#: OpenVINO's name of each arithmetic's inference precision hint (None: the plugin's default,
+#: which is bf16 on CPUs with native bf16 and f32 elsewhere)
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None, "int8-weights": None, "int8-encoder": None}
 
 
 def require():
@@ -122,20 +128,19 @@ def convert_graph(model: nn.Module):
 
 
 def save_ir(graph, meta: dict[str, str], dst: Path) -> Path:
-    """Write `graph` with ramcli's metadata as DST (.xml) and its .bin: made in a private temporary
-    folder beside DST, then moved in (.bin first), so a reader never sees half of one."""
+    """Write `graph` with ramcli's metadata as DST (.xml) and its .bin: made in a private folder
+    in RAMCLI_HOME, then each file moved in atomically (.bin first), so a reader never sees half
+    of one and a link at DST is replaced, never followed."""
     ov = require()
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     for key, value in meta.items():
         graph.set_rt_info(value, ["ramcli", key])
-    tmp = Path(tempfile.mkdtemp(prefix=".ramcli-", dir=dst.parent))
-    try:
-        ov.save_model(graph, str(tmp / "model.xml"), compress_to_fp16=False)
-        os.replace(tmp / "model.bin", dst.with_suffix(".bin"))
-        os.replace(tmp / "model.xml", dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with private_folder("openvino-ir") as work:
+        ov.save_model(graph, str(work / "model.xml"), compress_to_fp16=False)
+        for name, target in (("model.bin", dst.with_suffix(".bin")), ("model.xml", dst)):
+            with atomic_output(target) as tmp:
+                shutil.move(work / name, tmp)
     return dst
 
 
@@ -159,9 +164,12 @@ def cached_ir(model: nn.Module, source: Path, vocab_version: str = "builtin", on
 
 
 # ---------------------------------------------------------------------------- the model
-class OpenVinoModel(nn.Module):
+class OpenVinoModel(FixedGraph):
     """A tagging graph compiled by OpenVINO in one arithmetic, with the `RecognitionModel` surface
     the pipeline uses: `arch`, `labels`, `model_id`, `num_classes` and `forward(x, classes)`."""
+
+    kind = "OpenVINO model"
+    remake = "`ramcli models convert SRC DST.xml`"
 
     runtime = "openvino"
 
@@ -182,8 +190,8 @@ class OpenVinoModel(nn.Module):
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{self.path.name} is not a ramcli tagger "
                                   "(convert one with `ramcli models convert SRC DST.xml`)")
+        self.arch = converted_arch(meta, self.path.name)
         try:
-            self.arch = ArchConfig.from_json(meta["arch"])
             embedded = LabelSet.from_metadata(meta)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{self.path.name}: damaged ramcli metadata ({type(exc).__name__})") from None
@@ -195,24 +203,19 @@ class OpenVinoModel(nn.Module):
             raise CheckpointError(f"{self.path.name}: the label system does not match the graph's outputs")
         if precision not in PRECISIONS:
             raise UsageError(f"OpenVINO runs {', '.join(PRECISIONS)}; not {precision!r}")
-        # no CACHE_DIR (OpenVINO's compiled-model cache): compiling Swin-L takes about a second,
-        # and a bf16 model imported from that cache crashed (segfault) on an AMX CPU
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    @property
-    def pretrained_cfg(self) -> dict:
-        return self.arch.data_config
+        # no CACHE_DIR (OpenVINO's compiled-model cache): it saves about a second per start
+        # (docs/performance.md), and a bf16 Swin-L imported from it crashed (segfault) on an AMX
+        # CPU with OpenVINO 2026.4; retested only on small models, where it ran
 
     def fast_paths(self) -> list[str]:
-        """The arithmetics worth checking against fp32 on this device, fastest-first by expectation:
-        bf16 where the CPU computes it natively (or a GPU), then static int8."""
-        from ramcli.tagging.precision import cpu_flags
+        """The arithmetics worth checking against fp32 on this device: bf16 where the CPU computes
+        it natively (or a GPU), and int8 weights in the image encoder. Static int8 and int8 weights
+        everywhere flip more than 1% of a trained model's tags (docs/performance.md): they run
+        when asked for, never by auto."""
+        from ramcli.tagging.cpu_features import cpu_flags
 
         native = self.device_name != "CPU" or bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
-        return (["bf16"] if native else []) + ["int8"]
+        return (["bf16"] if native else []) + ["int8-encoder"]
 
     def at(self, precision: str) -> OpenVinoModel:
         """This graph in another arithmetic (compiled on first use)."""
@@ -224,9 +227,8 @@ class OpenVinoModel(nn.Module):
 
     def _compile(self, calibration: np.ndarray):
         graph = self.graph
-        if self.precision == "int8-weights":
-            with _quiet():
-                graph = _nncf().compress_weights(graph)
+        if self.precision in ("int8-weights", "int8-encoder"):
+            graph = int8_weights(graph, keep_decoder=self.precision == "int8-encoder")
         elif self.precision == "int8":
             graph = quantized_graph(self, calibration)
         config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -240,20 +242,31 @@ class OpenVinoModel(nn.Module):
             raise CheckpointError(f"OpenVINO cannot compile {self.path.name} for {self.device_name} "
                                   f"in {self.precision}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
 
-    def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        pixels = images.detach().to("cpu", torch.float32).contiguous().numpy()
+    def run(self, pixels):
         if self._compiled is None:
             self._compiled = self._compile(pixels)
-        logits = torch.from_numpy(np.array(self._compiled(pixels)[0]))
-        return logits if classes is None else logits[:, classes.cpu()]
+        return self._compiled(pixels)[0]
 
-    def add_label_queries(self, embeds, names, *args, **kwargs) -> None:
-        raise UsageError(f"custom tag(s) {', '.join(list(names)[:5])} are not in this OpenVINO model: its label "
-                         "queries are fixed at conversion. Convert it again (`ramcli models convert SRC DST.xml`)")
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        raise UsageError("an OpenVINO model gives logits only: --cache-embeddings and --caption need the "
-                         ".pth or .safetensors weights")
+def decoder_ops(graph) -> list[str]:
+    """The names of the operations from the image projection to the logits: the recognition
+    decoder, the label side and the final projection. The image projection is the first matmul
+    of the mean-pooled token concatenated with the image tokens (`RecognitionModel.encode_image`)."""
+    ops = list(graph.get_ordered_ops())
+    start = next((i for i, op in enumerate(ops) if op.get_type_name() == "MatMul"
+                  and op.input_value(0).get_node().get_type_name() == "Concat"), None)
+    if start is None:
+        raise CheckpointError("cannot find the image projection in this graph to keep the decoder in float")
+    return [op.get_friendly_name() for op in ops[start:] if op.get_type_name() not in ("Constant", "Parameter", "Result")]
+
+
+def int8_weights(graph, keep_decoder: bool = False):
+    """A copy of `graph` with int8 weights (NNCF `compress_weights`), the decoder's kept float
+    if `keep_decoder`."""
+    nncf = _nncf()
+    keep = decoder_ops(graph) if keep_decoder else []
+    with _quiet():
+        return nncf.compress_weights(graph.clone(), ignored_scope=nncf.IgnoredScope(names=keep, validate=False))
 
 
 def _nncf():
