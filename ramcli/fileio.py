@@ -7,7 +7,8 @@ renamed to the final name (`exclusive=True`: linked, so that a file which appear
 never replaced). Readers see the old file or the new one, never a part of one.
 
 A file the user owns is never replaced this way (a rename gives it a new inode):
-`ramcli.journal` copies new content into it in place.
+`ramcli.journal` copies new content into it in place. `lock_file` is the one file lock (the
+journal's, and the private folders of ramcli.models.scratch).
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+
+try:
+    import fcntl
+
+    def lock_file(fh, wait: bool = True) -> None:
+        """An exclusive lock on an open file, held until it is closed; OSError if `wait` is False
+        and another process holds it."""
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+except ImportError:  # Windows
+    import msvcrt
+
+    def lock_file(fh, wait: bool = True) -> None:
+        msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
 
 
 def _read_umask() -> int:

@@ -29,21 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ramcli import inplace
-from ramcli.fileio import atomic_write, fsync_dir
-
-try:
-    import fcntl
-
-    def _lock(fh, wait: bool = True) -> None:
-        """An exclusive lock on an open file, held until it is closed; OSError if `wait` is False
-        and another process holds it."""
-        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-except ImportError:  # Windows
-    import msvcrt
-
-    def _lock(fh, wait: bool = True) -> None:
-        msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
-
+from ramcli.fileio import atomic_write, fsync_dir, lock_file
 
 # fsync waits on the disk, not on Python: a few at once let the file system merge their flushes.
 _SYNC_THREADS = 8
@@ -90,11 +76,11 @@ class Journal:
         self._retiring: list[Future] = []
         self.waiting: list[Waiting] = []
         with open(self.root / "lock", "a") as guard:
-            _lock(guard)
+            lock_file(guard)
             self.replayed = self._replay_abandoned()
             self.folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.root))
             self._lock = open(self.folder / "lock", "w")
-            _lock(self._lock)
+            lock_file(self._lock)
 
     def close(self) -> None:
         """Wait for every batch to be flushed, remove this session and release it; a session with
@@ -217,7 +203,7 @@ class Journal:
                 continue
             with lock:
                 try:
-                    _lock(lock, wait=False)
+                    lock_file(lock, wait=False)
                 except OSError:
                     continue  # alive
                 kept: list[Path] = []

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ramcli.config import home
-from ramcli.fileio import _lock
+from ramcli.fileio import lock_file
 
 PURPOSES = ("onnx-export", "onnx-int8", "openvino-ir")
 NAME = re.compile(rf"^(?:{'|'.join(map(re.escape, PURPOSES))})-[0-9]+-[a-z0-9_]{{8}}$")
@@ -50,7 +50,7 @@ def private_folder(purpose: str):
     folder = Path(tempfile.mkdtemp(prefix=f"{purpose}-{os.getpid()}-", dir=root))
     try:
         with open(folder / LOCK, "w") as lock:
-            _lock(lock)
+            lock_file(lock)
             yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -91,7 +91,7 @@ def _locked(folder: Path) -> bool:
         return not (folder / LOCK).is_symlink()
     with os.fdopen(fd, "r+") as fh:
         try:
-            _lock(fh, wait=False)
+            lock_file(fh, wait=False)
         except OSError:
             return True
     return False
