@@ -22,7 +22,7 @@ from ramcli.models.checkpoint import save_converted
 from ramcli.models.configs import ArchConfig
 from ramcli.models.decoder import OFFICIAL_LAYER_KEYS
 from ramcli.models.ram import RecognitionModel
-from ramcli_train.loop import load_checkpoint
+from ramcli_train.trainer import load_checkpoint
 
 
 def _read(path: Path) -> tuple[dict, ArchConfig, LabelSet]:

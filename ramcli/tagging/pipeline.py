@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ramcli.tagging.decision import check_threshold, emitted
+from ramcli.tagging.decision import class_policy, emitted
 from ramcli.tagging.embed_cache import EmbeddingCache, rescore
 from ramcli.errors import UsageError
 from ramcli.media.decode import normalize
@@ -106,25 +106,12 @@ class Tagger:
     _class_thresholds: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        labels = self.model.labels
-        if labels is None:
+        if self.model.labels is None:
             raise UsageError("the model has no label system (pass --labels DIR)")
-        names = labels.names
-        excluded = {n.strip().lower() for n in self.exclude if n.strip()}
-        unknown = excluded - {n.lower() for n in names}
-        if unknown:
-            raise UsageError(f"--exclude-tags: unknown tag(s): {', '.join(sorted(unknown)[:5])}")
-        # `deleted` holds Tag2Text's caption-disturbing tags and the vocabulary's disabled ones
-        dropped = set(labels.deleted) | {i for i, n in enumerate(names) if n.lower() in excluded}
-        active = [i for i in range(len(names)) if i not in dropped]
-        if not active:
-            raise UsageError("every tag is disabled or excluded: nothing to tag")
-        self.classes = None if len(active) == len(names) else torch.tensor(active)
-        if self.threshold is not None:
-            check_threshold(self.threshold, "--threshold")
-        base = list(self.thresholds) if self.thresholds is not None else list(labels.thresholds)
-        chosen = [self.threshold if self.threshold is not None else base[i] for i in active]
-        self._class_thresholds = torch.tensor(chosen, dtype=torch.float32)
+        policy = class_policy(self.model.labels, self.threshold, self.thresholds, self.exclude)
+        active = policy.active
+        self.classes = None if len(active) == len(self.model.labels) else torch.tensor(active)
+        self._class_thresholds = policy.thresholds
         self.active = active  # label indices that are computed, in output order
         self.model = self.model.to(self.device).eval()
         if self.device.type == "cuda":
@@ -277,9 +264,7 @@ class Tagger:
     def forward_batch(self, pixels: torch.Tensor, keys: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scores, image embeddings or None). Embeddings are computed separately only when they
         are needed afterwards: stored in the embedding cache under `keys`, or for captions."""
-        x = normalize(pixels.to(self.device, non_blocking=True), self.model.pretrained_cfg)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._input(pixels)
         embeds = None
         net = self._path.module
         started = time.perf_counter()
@@ -297,6 +282,24 @@ class Tagger:
             if self._check.complete:
                 self._decided(self._check.decide(self._path))
         return scores, embeds
+
+    def _input(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = normalize(pixels.to(self.device, non_blocking=True), self.model.pretrained_cfg)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    @torch.inference_mode()
+    def outputs(self, pixels: torch.Tensor | None = None, keys: Sequence[str] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits of every class, image embeddings) on the model's device: of decoded photos
+        `pixels`, or of the cached photos `keys`, from their stored embeddings through the
+        recognition decoder only. What a student learns from its teacher (`ramcli distill`)."""
+        net = self._path.module
+        with self._amp():
+            if pixels is not None:
+                embeds = net.encode_image(self._input(pixels))
+            else:
+                embeds = self.cache.get(keys).to(self.device, torch.float32)
+            return net.decode(embeds), embeds
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         compiled = self.compile and self._check is None
@@ -399,20 +402,21 @@ def default_batch_size(device: torch.device) -> int:
     return {"cuda": 64, "mps": 16}.get(device.type, 4)
 
 
-def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: int,
-                 skip: Callable[[Item], bool] | None = None, decode: str = "workers",
-                 ) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor | None]]:
-    """(batch, scores of its decoded photos, their image embeddings or None) in input order.
+def decoded_batches(paths: list[Path], model: RecognitionModel, batch_size: int, workers: int,
+                    device: torch.device, skip: Callable[[Item], bool] | None = None,
+                    decode: str = "workers") -> Iterator[Batch]:
+    """Batches of `paths` decoded as `model` takes them (its size and interpolation) for
+    `device`, in input order.
 
     `skip(item)` may drop decoded photos before the model runs (e.g. a moved photo the index
     already knows); their pixels are removed from the batch. `decode` (see `resolve_decode`):
     "workers" decodes everything in the worker processes (Pillow; JPEG draft mode only when they
     feed a GPU), "draft" likewise always in draft mode, "device" leaves plain JPEGs to the
-    model's device (nvJPEG on CUDA). Sizes and interpolation are the model's data config.
+    model's device (nvJPEG on CUDA).
     """
-    feeds_gpu = tagger.device.type == "cuda"
-    interpolation = tagger.model.pretrained_cfg["interpolation"]
-    loader = make_loader(paths, tagger.image_size, batch_size, workers=workers, pin_memory=feeds_gpu,
+    feeds_gpu = device.type == "cuda"
+    size, interpolation = model.arch.image_size, model.pretrained_cfg["interpolation"]
+    loader = make_loader(paths, size, batch_size, workers=workers, pin_memory=feeds_gpu,
                          draft=decode == "draft" or feeds_gpu, defer_jpeg=decode == "device",
                          interpolation=interpolation)
     for batch in loader:
@@ -421,7 +425,16 @@ def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: in
             if len(keep) != len(batch.items):
                 batch = batch.select(keep)
         if batch.deferred:
-            batch = decode_deferred(batch, tagger.image_size, tagger.device, interpolation)
+            batch = decode_deferred(batch, size, device, interpolation)
+        yield batch
+
+
+def iter_batches(paths: list[Path], tagger: Tagger, batch_size: int, workers: int,
+                 skip: Callable[[Item], bool] | None = None, decode: str = "workers",
+                 ) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor | None]]:
+    """(batch, scores of its decoded photos, their image embeddings or None) in input order, of
+    the `decoded_batches` of `paths`."""
+    for batch in decoded_batches(paths, tagger.model, batch_size, workers, tagger.device, skip, decode):
         if not batch.items:
             yield batch, torch.zeros(0, len(tagger.active)), None
             continue
