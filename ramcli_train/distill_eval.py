@@ -10,7 +10,8 @@ import torch
 
 from ramcli.media.decode import normalize
 from ramcli.models.ram import RecognitionModel
-from ramcli.tagging.pipeline import Tagger, decoded_batches
+from ramcli.tagging.pipeline import decoded_batches
+from ramcli.tagging.tagger import Tagger
 
 
 def agreement(teacher_tags: list[set[str]], student_tags: list[set[str]]) -> dict[str, float]:

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from ramcli.fileio import atomic_output
 from ramcli.models.ram import RecognitionModel
-from ramcli.tagging.pipeline import Tagger, decoded_batches
+from ramcli.tagging.pipeline import decoded_batches
+from ramcli.tagging.tagger import Tagger
 
 TEACHER_DIR = "teacher"
 

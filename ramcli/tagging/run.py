@@ -429,7 +429,7 @@ class _Stopped(Exception):
 class _Loaded:
     """The model side of a session: loaded on first need, kept until the vocabulary changes."""
 
-    tagger: object  # ramcli.tagging.pipeline.Tagger
+    tagger: object  # ramcli.tagging.tagger.Tagger
     vocab_version: str  # of the vocabulary applied to the model
 
 
@@ -680,7 +680,7 @@ class TagSession:
             return self._loaded
         from ramcli.models import load_model
         from ramcli.tagging.decision import read_threshold_file
-        from ramcli.tagging.pipeline import Tagger
+        from ramcli.tagging.tagger import Tagger
 
         run, err = self.run, self.err
         model = load_model(run.weights, arch=run.arch, labels_dir=run.labels, device=self.device,
