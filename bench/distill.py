@@ -63,7 +63,7 @@ def print_report(report, wall: float, cpu: float, goal: str) -> None:
 
 
 def agreement(args) -> None:
-    from ramcli_train.distill import inherits
+    from ramcli_train.student import inherits
     from ramcli_train.synth import write_shards
 
     own = inherits(args.student, load_model(args.teacher))  # a student that starts from the teacher
@@ -90,8 +90,8 @@ def against_truth(models: dict[str, Path], scenes: int) -> None:
     import torchvision.transforms.functional as TF
 
     from ramcli.media.decode import normalize
-    from ramcli_train.distill import agreement as f1
-    from ramcli_train.distill import tag_sets
+    from ramcli_train.distill_eval import agreement as f1
+    from ramcli_train.distill_eval import tag_sets
     from ramcli_train.synth import sample
 
     drawn = [sample(11, "val", i, 64) for i in range(scenes)]

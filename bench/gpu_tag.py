@@ -22,7 +22,8 @@ import torch
 from _common import CACHE, checkpoint, jpegs
 from ramcli.media.loader import make_loader
 from ramcli.models import load_any
-from ramcli.tagging.pipeline import Tagger, tag_files
+from ramcli.tagging.pipeline import tag_files
+from ramcli.tagging.tagger import Tagger
 
 
 def sync(device: torch.device) -> None:

@@ -17,7 +17,8 @@ import torch
 
 from _common import CACHE, checkpoint, jpegs
 from ramcli.models import convert, load_any
-from ramcli.tagging.pipeline import Tagger, tag_files
+from ramcli.tagging.pipeline import tag_files
+from ramcli.tagging.tagger import Tagger
 
 
 def tags_of(model, photos: list[Path], precision: str = "fp32") -> list[set[str]]:

@@ -112,7 +112,7 @@ def main() -> None:
     os.environ.setdefault("RAMCLI_HOME", str(CACHE / "home"))
     from ramcli.tagging.decision import emitted
     from ramcli.models import convert, load_any
-    from ramcli.tagging.pipeline import Tagger
+    from ramcli.tagging.tagger import Tagger
     from ramcli.tagging.cpu_features import native_bf16
 
     cpu = torch.device("cpu")

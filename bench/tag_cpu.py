@@ -75,7 +75,8 @@ def baseline(pth: Path, labels: Path, photos: list[Path], **_) -> dict:
 def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: int, workers: int,
                 onnx: Path | None = None) -> dict:
     from ramcli.models import load_any
-    from ramcli.tagging.pipeline import Tagger, tag_files
+    from ramcli.tagging.pipeline import tag_files
+    from ramcli.tagging.tagger import Tagger
 
     first, _, second = name.partition(" ")
     if first == "onnx":  # "onnx" or "onnx int8": the exported graph on ONNX Runtime

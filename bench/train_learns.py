@@ -35,8 +35,10 @@ import torch
 from _common import load_average
 from ramcli_train.config import resolve
 from ramcli_train.export import export_tagger, tagger_from_checkpoint
-from ramcli_train.loop import (Runtime, build_loader, build_model, build_tokenizer, held_out_map,
-                               resolve_training_labels, train)
+from ramcli_train.build import build_model, build_tokenizer
+from ramcli_train.loop import held_out_map, train
+from ramcli_train.runtime import Runtime
+from ramcli_train.sources import build_loader, resolve_training_labels
 from ramcli_train.synth import write_shards
 
 

@@ -110,7 +110,7 @@ def model_time(weights: Path, labels: Path, photo: Path, repeats: int = 5) -> fl
 
     from ramcli.media.decode import load_for_model
     from ramcli.models import load_model
-    from ramcli.tagging.pipeline import Tagger
+    from ramcli.tagging.tagger import Tagger
 
     tagger = Tagger(load_model(str(weights), labels_dir=labels, device=torch.device("cpu")), torch.device("cpu"))
     times = []

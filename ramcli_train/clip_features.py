@@ -27,14 +27,15 @@ import torch
 
 from ramcli.errors import RamcliError, UsageError
 from ramcli.fileio import atomic_output
-from ramcli_train.data import (CLIP_FEATURES_MEMBER as MEMBER, CLIP_MEAN, CLIP_SIZE, CLIP_STD, IMAGE_EXTENSIONS,
-                               decode_image, resolve_shards)
+from ramcli_train.data import resolve_shards
+from ramcli_train.samples import (CLIP_FEATURES_MEMBER as MEMBER, CLIP_MEAN, CLIP_SIZE, CLIP_STD, IMAGE_EXTENSIONS,
+                                  decode_image)
 from ramcli_train.model import ClipTeacher
 
 
 def encode(features: torch.Tensor) -> bytes:
     """One (512,) feature -> .npy bytes (float16: half the size, far below the L1 loss's noise).
-    The loader reads it back with `ramcli_train.data.decode_clip_features`."""
+    The loader reads it back with `ramcli_train.samples.decode_clip_features`."""
     buf = io.BytesIO()
     np.save(buf, features.detach().to(torch.float16).cpu().numpy(), allow_pickle=False)
     return buf.getvalue()

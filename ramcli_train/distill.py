@@ -25,29 +25,24 @@ from __future__ import annotations
 import functools
 import json
 import math
-import tarfile
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ramcli.errors import RamcliError, UsageError
-from ramcli.fileio import atomic_output
-from ramcli.media.decode import ImageError, content_hash, normalize
-from ramcli.media.loader import PhotoDataset, collate, make_loader
-from ramcli.models.configs import CLIP_DIM, ArchConfig
+from ramcli.media.decode import normalize
+from ramcli.media.loader import PhotoDataset, collate
+from ramcli.models.configs import CLIP_DIM
 from ramcli.models.ram import RecognitionModel
+from ramcli_train.distill_eval import agreement, speed, student_scores, tag_sets
+from ramcli_train.distill_photos import collect_photos, key_photos, split
 from ramcli_train.losses import pooled_tag_loss
-
-TEACHER_DIR = "teacher"
-SHARD_DIR = "shards"
-CHECKPOINT = "checkpoint_last.pt"
-SHARD_IMAGES = (".jpg", ".jpeg", ".png", ".webp")
+from ramcli_train.student import INHERITED_LR, LR, build_student, check_faster, inherits, student_arch
+from ramcli_train.teacher import TEACHER_DIR, TeacherStore, TeacherTargets, pooled_embedding, teacher_pass
+from ramcli_train.trainer import CHECKPOINT_LAST, Trainer, load_checkpoint
 
 
 @dataclass
@@ -84,203 +79,6 @@ class DistillConfig:
         return Path(self.work) if self.work else Path(self.out).with_suffix(".distill")
 
 
-@dataclass
-class TeacherTargets:
-    """The teacher's outputs per photo (content hash): logits of every class, pooled embedding."""
-
-    logits: dict[str, torch.Tensor] = field(default_factory=dict)
-    embeds: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- photos
-
-
-def is_shard_source(item: str) -> bool:
-    path = Path(item)
-    return item.endswith(".tar") or "{" in item or (path.is_dir() and any(path.glob("*.tar"))) or (
-        path.is_dir() and any(path.glob("*/*.tar")) and not _has_photos(path))
-
-
-def _has_photos(folder: Path) -> bool:
-    return any(p.suffix.lower() in SHARD_IMAGES for p in folder.iterdir() if p.is_file())
-
-
-def unpack_shards(sources: Sequence[str], dest: Path) -> list[Path]:
-    """The image members of shards as files under `dest`, named by shard and member index (never
-    by the names inside the archive); each shard is unpacked once (a marker says it is complete)."""
-    from ramcli_train.data import resolve_shards
-
-    shards: list[str] = []
-    for source in sources:
-        path = Path(source)
-        nested = sorted(str(p) for p in path.glob("*/*.tar")) if path.is_dir() and not any(path.glob("*.tar")) else []
-        shards += nested or resolve_shards(source)
-    out: list[Path] = []
-    for i, shard in enumerate(shards):
-        folder = dest / f"{i:05d}"
-        done = folder / ".complete"
-        if not done.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            try:
-                with tarfile.open(shard) as tar:
-                    n = 0
-                    for member in tar:
-                        suffix = Path(member.name).suffix.lower()
-                        if not member.isfile() or suffix not in SHARD_IMAGES:
-                            continue
-                        data = tar.extractfile(member).read()
-                        target = folder / f"{n:07d}{suffix}"
-                        target.write_bytes(data)
-                        n += 1
-            except (tarfile.TarError, OSError) as exc:
-                raise RamcliError(f"cannot read shard {Path(shard).name}: {str(exc).splitlines()[0][:160]}") from None
-            done.write_text(shard + "\n", encoding="utf-8")
-        out += sorted(p for p in folder.iterdir() if p.suffix in SHARD_IMAGES)
-    return out
-
-
-def collect_photos(data: Sequence[str], work: Path) -> tuple[list[Path], dict[str, str]]:
-    """(photos, skipped path -> reason) from photo folders/files and shards."""
-    from ramcli.media.discover import discover
-
-    if not data:
-        raise UsageError("no data: pass --data PHOTOS_OR_SHARDS")
-    shards = [d for d in data if is_shard_source(d)]
-    photos = unpack_shards(shards, work / SHARD_DIR) if shards else []
-    skipped: dict[str, str] = {}
-    roots = [Path(d) for d in data if d not in shards]
-    for found in discover(roots):
-        if found.kind in ("image", "raw"):
-            photos.append(found.path)
-        elif found.kind in ("error", "link"):  # links are not followed, as in `tag` without --follow-links
-            skipped[str(found.path)] = found.reason or "unreadable"
-    if not photos:
-        raise RamcliError("no photos found in --data")
-    return photos, skipped
-
-
-# ----------------------------------------------------------------------------- the teacher's pass
-
-
-class TeacherStore:
-    """The teacher's outputs, one safetensors file per batch: `logits` (N, C), `embeds` (N, 512)
-    and the photos' content hashes in the metadata. Files are written under a temporary name and
-    renamed, so a killed pass keeps every finished batch and never leaves half a file."""
-
-    def __init__(self, folder: Path, teacher_id: str):
-        self.folder = Path(folder)
-        self.teacher_id = teacher_id
-
-    def load(self) -> TeacherTargets:
-        targets = TeacherTargets()
-        for path in sorted(self.folder.glob("batch-*.safetensors")):
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-                    if meta.get("teacher") != self.teacher_id:
-                        continue
-                    keys = json.loads(meta["keys"])
-                    logits, embeds = f.get_tensor("logits"), f.get_tensor("embeds")
-            except Exception:  # noqa: BLE001 - a damaged file is redone, never trusted
-                continue
-            for i, key in enumerate(keys):
-                targets.logits[key] = logits[i]
-                targets.embeds[key] = embeds[i]
-        return targets
-
-    def add(self, keys: list[str], logits: torch.Tensor, embeds: torch.Tensor) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        n = len(list(self.folder.glob("batch-*.safetensors")))
-        path = self.folder / f"batch-{n:06d}.safetensors"
-        with atomic_output(path) as tmp:
-            save_file({"logits": logits.float().contiguous().cpu(), "embeds": embeds.float().contiguous().cpu()},
-                      tmp, metadata={"teacher": self.teacher_id, "keys": json.dumps(keys)})
-
-
-def pooled_embedding(embeds: torch.Tensor) -> torch.Tensor:
-    """The image's pooled token: CLIP space for RAM and RAM++ (what their distillation loss trains)."""
-    return embeds[:, 0, :]
-
-
-def key_photos(photos: Sequence[Path]) -> tuple[dict[str, Path], dict[str, str]]:
-    """(content hash -> photo, unreadable photo -> reason): the same image twice is one sample,
-    with one target and one place in the split."""
-    keys: dict[str, Path] = {}
-    failures: dict[str, str] = {}
-    for path in photos:
-        try:
-            keys.setdefault(content_hash(path), path)
-        except ImageError as exc:
-            failures[str(path)] = str(exc)
-        except OSError as exc:
-            failures[str(path)] = exc.strerror or type(exc).__name__
-    return keys, failures
-
-
-@torch.inference_mode()
-def teacher_pass(teacher: RecognitionModel, keys: dict[str, Path], store: TeacherStore, device: torch.device,
-                 batch_size: int, workers: int, cache=None,
-                 on_progress: Callable[[int, int], None] | None = None) -> tuple[TeacherTargets, dict[str, str]]:
-    """Run the teacher over the photos `keys` (content hash -> photo) it has not scored yet:
-    (every stored target, photos it could not read -> reason). `on_progress(done, to_do)`.
-
-    Photos whose image embeddings are in the embedding cache (`ramcli tag --cache-embeddings`
-    with this teacher) only run the recognition decoder."""
-    targets = store.load()
-    key_of = {p: k for k, p in keys.items()}
-    failures: dict[str, str] = {}
-    todo = [p for k, p in keys.items() if k not in targets.logits]
-    done = 0
-    teacher = teacher.to(device).eval()
-    cached = [p for p in todo if cache is not None and key_of[p] in cache]
-    for start in range(0, len(cached), batch_size):
-        chunk = [key_of[p] for p in cached[start:start + batch_size]]
-        embeds = cache.get(chunk).to(device, torch.float32)
-        _record(store, targets, chunk, teacher.decode(embeds), pooled_embedding(embeds))
-        done += len(chunk)
-        if on_progress:
-            on_progress(done, len(todo))
-    in_cache = set(cached)
-    for batch in _loader([p for p in todo if p not in in_cache], teacher, batch_size, workers):
-        for failure in batch.failures:
-            failures[str(failure.path)] = failure.reason
-        if batch.items:
-            embeds = teacher.encode_image(normalize(batch.pixels.to(device), teacher.arch.data_config))
-            chunk = [key_of[item.path] for item in batch.items]
-            _record(store, targets, chunk, teacher.decode(embeds), pooled_embedding(embeds))
-        done += len(batch.items) + len(batch.failures)
-        if on_progress:
-            on_progress(done, len(todo))
-    return targets, failures
-
-
-def _loader(paths: list[Path], model: RecognitionModel, batch_size: int, workers: int):
-    """Photos decoded as `model` takes them (its size and interpolation), as `ramcli tag` does."""
-    return make_loader(paths, model.arch.image_size, batch_size, workers=workers, interpolation=model.arch.interpolation)
-
-
-def _record(store: TeacherStore, targets: TeacherTargets, keys: list[str], logits: torch.Tensor, embeds: torch.Tensor) -> None:
-    store.add(keys, logits, embeds)
-    for i, key in enumerate(keys):
-        targets.logits[key] = logits[i].float().cpu()
-        targets.embeds[key] = embeds[i].float().cpu()
-
-
-def split(keys: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, held-out) by content hash: the same photo always lands on the same side."""
-    if not 0 < val_fraction < 1:
-        raise UsageError("--val-fraction must be between 0 and 1")
-    ordered = sorted(keys)
-    held = [k for k in ordered if int(k[:8], 16) / 16**8 < val_fraction]
-    if not held and len(ordered) > 1:
-        held = [ordered[0]]
-    if len(held) == len(ordered):
-        held = held[:-1]
-    train = [k for k in ordered if k not in set(held)]
-    if not train:
-        raise RamcliError("too few photos to distil on: at least two are needed (one is held out)")
-    return train, held
-
 
 def total_steps(cfg: DistillConfig, train: int) -> int:
     """Optimizer steps of the run: --max-steps, at most --epochs passes over `train` photos."""
@@ -295,7 +93,7 @@ def planned(train: Sequence[str], cfg: DistillConfig, unusable: set[str] = froze
         raise RamcliError("the teacher could read none of the training photos")
     total, keys, steps, epoch = total_steps(cfg, len(train)), [], 0, 0
     while steps < total:
-        order = _epoch_order(len(train), cfg.seed, epoch)
+        order = epoch_order(len(train), cfg.seed, epoch)
         for i in range(0, len(order), cfg.batch_size):
             batch = [train[j] for j in order[i:i + cfg.batch_size]]
             keys += batch
@@ -305,160 +103,6 @@ def planned(train: Sequence[str], cfg: DistillConfig, unusable: set[str] = froze
         epoch += 1
     return list(dict.fromkeys(keys))
 
-
-# ----------------------------------------------------------------------------- the student
-
-
-TEACHER_BACKBONE = "teacher"  # `--backbone teacher`: the teacher's own image encoder
-#: Peak learning rates: a fresh or pretrained encoder's, and a lower one for an encoder that
-#: starts from the teacher's weights, which a higher rate first undoes (docs/distill.md)
-LR, INHERITED_LR = 1e-3, 3e-4
-
-
-def inherits(backbone: str, teacher: RecognitionModel) -> bool:
-    """Whether a student on `backbone` is of the teacher's kind, so starts from its encoder."""
-    return backbone in (TEACHER_BACKBONE, teacher.arch.backbone)
-
-
-def teacher_depths(teacher: RecognitionModel) -> tuple[int, ...]:
-    """Blocks per stage of the teacher's image encoder: its config's, or, for a timm encoder built
-    with its own, counted in the stages timm reports (`feature_info`)."""
-    t = teacher.arch
-    if not t.backbone:
-        return t.swin.depths
-    if t.depths:
-        return t.depths
-    modules = dict(teacher.backbone.named_modules())
-    depths = []
-    for stage in getattr(teacher.backbone, "feature_info", []):
-        module = modules.get(stage["module"])
-        blocks = getattr(module, "blocks", module)
-        if isinstance(blocks, torch.nn.Sequential):
-            depths.append(len(blocks))
-    return tuple(depths)
-
-
-def default_depths(teacher: RecognitionModel) -> tuple[int, ...]:
-    """The default student's blocks per stage: half the teacher's in each stage, at least one.
-    Stages keep their widths, so every block of the student starts from one of the teacher's."""
-    return tuple(max(1, d // 2) for d in teacher_depths(teacher))
-
-
-def student_arch(teacher: RecognitionModel, backbone: str, image_size: int, hidden: int | None = None,
-                 depths: tuple[int, ...] | None = ()) -> ArchConfig:
-    """The student's architecture: the image encoder `backbone` (a timm name, or `teacher` for
-    the teacher's own, the official Swin included) with `depths` blocks per stage (empty: the
-    encoder's own; None: `default_depths` for the teacher's encoder) under the teacher's label
-    side, with a decoder `hidden` wide (None: the teacher's)."""
-    t = teacher.arch
-    decoder = {}
-    if hidden is not None and hidden != t.hidden:
-        if hidden <= 0 or hidden % t.heads:
-            raise UsageError(f"--hidden must be a positive multiple of the teacher's {t.heads} attention heads")
-        decoder = dict(hidden=hidden, intermediate=4 * hidden)
-    own = inherits(backbone, teacher)
-    if depths is None:
-        depths = default_depths(teacher) if own else ()
-    if own and not t.backbone:  # the official Swin: its depths live in its config
-        if depths and len(depths) != len(t.swin.depths):
-            raise UsageError(f"--depths needs {len(t.swin.depths)} stages for the teacher's Swin")
-        encoder = dict(swin=replace(t.swin, depths=tuple(depths) or t.swin.depths), backbone="", depths=())
-    else:
-        encoder = dict(swin=None, backbone=t.backbone if own else backbone,
-                       depths=tuple(depths) or (t.depths if own else ()))
-    name = f"{t.family}_{encoder['backbone'] or 'swin'}_{image_size}"
-    return replace(t, name=name, image_size=image_size, **encoder, **decoder)
-
-
-def flops(arch: ArchConfig) -> int:
-    """Floating-point operations of one photo through the model (PyTorch's FLOP counter on a
-    skeleton with no weights: exact, instant, and not moved by a busy machine)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        model = RecognitionModel(arch).eval()
-        x = torch.zeros(1, 3, arch.image_size, arch.image_size)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops()
-
-
-#: A student must need at most this share of the teacher's FLOPs; closer, it is not measurably faster.
-MAX_FLOPS_SHARE = 0.9
-
-
-def check_faster(teacher: ArchConfig, student: ArchConfig) -> float:
-    """The student's FLOPs as a share of the teacher's; a `UsageError` when the student would not
-    be faster."""
-    share = flops(student) / flops(teacher)
-    if share > MAX_FLOPS_SHARE:
-        raise UsageError(f"the student ({student.encoder}, {student.image_size} px) needs {share:.2f}x the "
-                         f"teacher's FLOPs ({teacher.encoder}, {teacher.image_size} px), so it would not be faster: "
-                         "choose a smaller one (--depths, --image-size, --hidden or --backbone), or pass --force")
-    return share
-
-
-def build_student(teacher: RecognitionModel, backbone: str, image_size: int, hidden: int | None = None,
-                  pretrained: bool = True, depths: tuple[int, ...] | None = ()) -> tuple[RecognitionModel, str]:
-    """(student, where its backbone's weights came from), of `student_arch`. Every teacher tensor
-    outside the image encoder whose shape fits is copied (the whole decoder when `hidden` is the
-    teacher's). An encoder of the teacher's kind starts from the teacher's trained one, block
-    by block (`inherit`), which fits the task better than any pretrained weights; another
-    starts from timm's pretrained weights when `pretrained` and they can be had."""
-    from ramcli_train.model import _init_tagger
-    from ramcli_train.pretrained import load_pretrained_backbone
-
-    t = teacher.arch
-    arch = student_arch(teacher, backbone, image_size, hidden, depths)
-    own = inherits(backbone, teacher)
-    student = RecognitionModel(arch, teacher.labels, model_id="student")
-    _init_tagger(student, None if t.family == "tag2text" else teacher.label_embed.detach().float())
-    copied = inherit(student, teacher, skip=() if own else ("backbone.", "image_proj."))
-    if own:
-        encoder_tensors = [k for k in student.state_dict() if k.startswith("backbone.")]
-        note = (f"backbone {arch.encoder}: {sum(k.startswith('backbone.') for k in copied)} of "
-                f"{len(encoder_tensors)} tensors from the teacher's {t.encoder}"
-                + (", and its projection" if any(k.startswith("image_proj.") for k in copied) else ""))
-    elif pretrained:
-        note = load_pretrained_backbone(student).message
-    else:
-        note = f"backbone {arch.encoder}: random initialisation"
-    return student, note
-
-
-def inherit(student: torch.nn.Module, teacher: torch.nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
-    """Copy the teacher's tensors into the student where they sit at the same place with the same
-    shape, except those whose names start with `skip`; returns the names copied. Where a stage of
-    the student has fewer blocks, its block i starts from the teacher's block
-    i * n_teacher // n_student: spread over the stage as DistilBERT takes every other layer of
-    BERT, and the first from the first, which is the block that changes the width in most
-    encoders."""
-    theirs = teacher.state_dict()
-    copied = {}
-    for name, value in student.state_dict().items():
-        source = None if name.startswith(skip) else _counterpart(name, student, teacher)
-        if source in theirs and tuple(theirs[source].shape) == tuple(value.shape):
-            copied[name] = theirs[source]
-    student.load_state_dict(copied, strict=False)
-    return list(copied)
-
-
-def _counterpart(name: str, student: torch.nn.Module, teacher: torch.nn.Module) -> str | None:
-    """The teacher's name for the student's tensor `name`, block indices spread as `inherit` says."""
-    *path, leaf = name.split(".")
-    s, t, out = student, teacher, []
-    for part in path:
-        mine, theirs = s._modules, t._modules
-        if part not in mine:
-            return None
-        mapped = part
-        if part.isdigit() and len(theirs) > len(mine) and all(k.isdigit() for k in theirs):
-            mapped = str(int(part) * len(theirs) // len(mine))
-        if mapped not in theirs:
-            return None
-        s, t = mine[part], theirs[mapped]
-        out.append(mapped)
-    return ".".join([*out, leaf])
 
 
 def student_loss(student: RecognitionModel, images: torch.Tensor, teacher_logits: torch.Tensor,
@@ -492,7 +136,8 @@ def student_lr(cfg: DistillConfig, step: int, total: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the training photos in `epoch`: the same in `planned` and in training."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.randperm(n, generator=g).tolist()
 
@@ -500,120 +145,48 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: list[Path], keys: list[str],
                   targets: TeacherTargets, device: torch.device, log, resume: bool,
                   on_step: Callable[[int, int, dict], None] | None = None) -> int:
-    """The training loop; returns the number of optimizer steps done. Checkpoints hold the
-    student, optimizer, step and position in the epoch, so `resume` continues exactly."""
-    from ramcli_train.loop import load_checkpoint, save_checkpoint
-
+    """Train the student on the teacher's targets with the shared `Trainer`; returns the number
+    of optimizer steps done. A batch of photos the teacher could not read takes no step."""
     work = cfg.work_dir
     total = total_steps(cfg, len(train_paths))
-    student.to(device).train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, epoch, skip = 0, 0, 0
+    student.to(device)
+    trainer = Trainer(student, work, cfg.lr, cfg.weight_decay, lambda epoch, step: student_lr(cfg, step, total),
+                      max_steps=total, grad_clip=1.0, save_every=cfg.save_every)
     if resume:
-        state = load_checkpoint(work / CHECKPOINT)
         try:
-            student.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            trainer.restore(load_checkpoint(work / CHECKPOINT_LAST))
         except (RuntimeError, ValueError, KeyError):
-            raise RamcliError(f"{work / CHECKPOINT} is not a checkpoint of this student (another --backbone, "
+            raise RamcliError(f"{work / CHECKPOINT_LAST} is not a checkpoint of this student (another --backbone, "
                               "--hidden or teacher?); start without --resume") from None
-        step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
     by_path = dict(zip(train_paths, keys))
     dataset = PhotoDataset(train_paths, student.arch.image_size, interpolation=student.arch.interpolation)
 
-    def checkpoint(batch_in_epoch: int, ep: int) -> None:
-        save_checkpoint(work / CHECKPOINT, {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "step": step, "epoch": ep, "batch_in_epoch": batch_in_epoch})
+    def batches(epoch: int, skip: int):
+        order = epoch_order(len(train_paths), cfg.seed, epoch)
+        sampler = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler[skip:], num_workers=cfg.workers,
+                                           collate_fn=functools.partial(collate, size=student.arch.image_size))
 
-    while step < total:
-        order = _epoch_order(len(train_paths), cfg.seed, epoch)
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[skip:], num_workers=cfg.workers,
-                                             collate_fn=functools.partial(collate, size=student.arch.image_size))
-        done_in_epoch = skip
-        for batch in loader:
-            done_in_epoch += 1
-            usable = [i for i, item in enumerate(batch.items) if by_path[item.path] in targets.logits]
-            if not usable:  # photos the teacher could not read either
-                continue
-            batch_keys = [by_path[batch.items[i].path] for i in usable]
-            lr = student_lr(cfg, step, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            parts = student_loss(student, normalize(batch.pixels[usable].to(device), student.arch.data_config),
-                                 torch.stack([targets.logits[k] for k in batch_keys]).to(device),
-                                 torch.stack([targets.embeds[k] for k in batch_keys]).to(device), cfg.embed_weight,
-                                 cfg.pooled_weight)
-            loss = sum(parts.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            step += 1
-            record = {"step": step, "epoch": epoch, "lr": lr, **{k: round(v.item(), 5) for k, v in parts.items()}}
-            log(record)
-            if on_step:
-                on_step(step, total, record)
-            if cfg.save_every and step % cfg.save_every == 0:
-                checkpoint(done_in_epoch, epoch)
-            if step >= total:
-                break
-        else:
-            epoch, skip = epoch + 1, 0
-            checkpoint(0, epoch)
-            continue
-        checkpoint(done_in_epoch, epoch)
+    def loss(batch, sync: bool):
+        usable = [i for i, item in enumerate(batch.items) if by_path[item.path] in targets.logits]
+        if not usable:  # photos the teacher could not read either
+            return None
+        batch_keys = [by_path[batch.items[i].path] for i in usable]
+        parts = student_loss(student, normalize(batch.pixels[usable].to(device), student.arch.data_config),
+                             torch.stack([targets.logits[k] for k in batch_keys]).to(device),
+                             torch.stack([targets.embeds[k] for k in batch_keys]).to(device), cfg.embed_weight,
+                             cfg.pooled_weight)
+        return sum(parts.values()), parts
+
+    def logged(step: int, epoch: int, lr: float, parts: dict[str, float]) -> None:
+        record = {"step": step, "epoch": epoch, "lr": lr, **{k: round(v, 5) for k, v in parts.items()}}
+        log(record)
+        if on_step:
+            on_step(step, total, record)
+
+    trainer.fit(batches, loss, logged)
     student.eval()
-    return step
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def agreement(teacher_tags: list[set[str]], student_tags: list[set[str]]) -> dict[str, float]:
-    """Micro F1 of the student's tag sets against the teacher's (1.0 when both are empty), and
-    the share of photos with exactly the teacher's set."""
-    common = sum(len(t & s) for t, s in zip(teacher_tags, student_tags))
-    total = sum(len(t) + len(s) for t, s in zip(teacher_tags, student_tags))
-    same = sum(t == s for t, s in zip(teacher_tags, student_tags))
-    return {"f1": 2 * common / total if total else 1.0, "same_set": same / max(1, len(teacher_tags)),
-            "photos": len(teacher_tags)}
-
-
-def tag_sets(model: RecognitionModel, scores: torch.Tensor, device: torch.device) -> list[set[str]]:
-    """Tags emitted for full-class `scores` under `ramcli tag`'s decision rule (the model's thresholds)."""
-    from ramcli.tagging.pipeline import Tagger
-
-    tagger = Tagger(model, device)
-    return [{t.name for t in row} for row in tagger.decide(scores[:, tagger.active])]
-
-
-@torch.inference_mode()
-def student_scores(student: RecognitionModel, paths: list[Path], device: torch.device, batch_size: int,
-                   workers: int) -> torch.Tensor:
-    rows = []
-    for batch in _loader(paths, student, batch_size, workers):
-        rows.append(torch.sigmoid(student(normalize(batch.pixels.to(device), student.arch.data_config)).float()).cpu())
-    return torch.cat(rows)
-
-
-@torch.inference_mode()
-def speed(model: RecognitionModel, paths: list[Path], device: torch.device, batch_size: int) -> dict:
-    """img/s of the model's forward pass (decode excluded) in fp32 on `device`, after one warm-up batch."""
-    pixels = torch.cat([b.pixels for b in _loader(paths, model, batch_size, 0)])
-    x = normalize(pixels.to(device), model.arch.data_config)
-    model = model.to(device).eval()
-    model(x[:batch_size])
-    start, cpu = time.perf_counter(), time.process_time()
-    for i in range(0, len(x), batch_size):
-        model(x[i:i + batch_size])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    return {"images": len(x), "seconds": wall, "img_per_s": len(x) / wall, "cpu_seconds": time.process_time() - cpu,
-            "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
-            "input": model.arch.image_size, "backbone": model.arch.encoder}
+    return trainer.step
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -651,8 +224,8 @@ def distill(cfg: DistillConfig, resume: bool = False,
     device = resolve_device(cfg.device)
     work = cfg.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    if resume and not (work / CHECKPOINT).is_file():
-        raise UsageError(f"nothing to resume: {work / CHECKPOINT} does not exist")
+    if resume and not (work / CHECKPOINT_LAST).is_file():
+        raise UsageError(f"nothing to resume: {work / CHECKPOINT_LAST} does not exist")
     teacher = load_model(cfg.teacher, labels_dir=cfg.labels_dir)
     if cfg.lr is None:
         cfg = replace(cfg, lr=INHERITED_LR if inherits(cfg.backbone, teacher) else LR)

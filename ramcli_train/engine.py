@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ramcli.tagging.decision import emitted
+from ramcli.tagging.decision import ClassPolicy, class_policy, emitted
 from ramcli.errors import RamcliError, UsageError
 from ramcli.fileio import atomic_output
 from ramcli.models import RecognitionModel
-from ramcli_train.data import IMAGE_EXTENSIONS, decode_image, resolve_shards
+from ramcli_train.data import resolve_shards
+from ramcli_train.samples import IMAGE_EXTENSIONS, decode_image
 from ramcli_train.detector import CropEmbedder, Detector, crop
 
 REPORT = "report.json"
@@ -164,12 +165,10 @@ def _score(model: RecognitionModel, images: list[tuple[int, bytes]], device: str
         return {int(p.stem): row for p, row in zip(result.paths, result.scores)}
 
 
-def _decide(model: RecognitionModel, scores: np.ndarray, threshold: float | None) -> list[str]:
-    labels = model.labels
-    thr = np.full(len(labels), threshold) if threshold is not None else np.asarray(labels.thresholds)
-    keep = emitted(scores, thr)
-    keep[list(labels.deleted)] = False
-    return [labels.names[i] for i in np.flatnonzero(keep)]
+def _decide(model: RecognitionModel, policy: ClassPolicy, scores: np.ndarray) -> list[str]:
+    """The tags `ramcli tag` emits for one row of every class's scores, in label order."""
+    keep = emitted(scores[policy.active], policy.thresholds)
+    return [model.labels.names[policy.active[j]] for j in np.flatnonzero(keep)]
 
 
 # ----------------------------------------------------------------------------- generate
@@ -211,7 +210,8 @@ def generate_shard(model: RecognitionModel, names: TagNames, shard: str, out: Pa
     scores = _score(model, images, device, batch_size, workers) if images else {}
     report.images_scored += len(scores)
     report.undecodable += len(images) - len(scores)
-    predicted = {i: _decide(model, row, threshold) for i, row in scores.items()}
+    policy = class_policy(model.labels, threshold)
+    predicted = {i: _decide(model, policy, row) for i, row in scores.items()}
     captions_new: dict[int, str] = {}
     if captioner is not None and predicted:
         order = sorted(predicted)
@@ -259,7 +259,8 @@ def checkpoint_captioner(checkpoint: Path, device: str = "cpu", num_beams: int =
     from ramcli.models.caption import CaptionTokenizer
     from ramcli.media.decode import model_input, normalize
     from ramcli_train.config import TrainConfig
-    from ramcli_train.loop import build_model, load_checkpoint
+    from ramcli_train.build import build_model
+    from ramcli_train.trainer import load_checkpoint
     from ramcli.models.labels import LabelSet
 
     ckpt = load_checkpoint(Path(checkpoint))

@@ -20,7 +20,7 @@ from ramcli.models.labels import LabelSet
 from ramcli.models.checkpoint import BERT_LAYER_KEYS, ours_to_official, save_converted
 from ramcli.models.configs import ArchConfig
 from ramcli.models.ram import RecognitionModel
-from ramcli_train.loop import load_checkpoint
+from ramcli_train.trainer import load_checkpoint
 
 
 def _read(path: Path) -> tuple[dict, ArchConfig, LabelSet]:

@@ -288,7 +288,8 @@ def prepare(start: StartPoint, cfg: TrainConfig, plan: TagPlan,
     """Write init.pt, labels/ and label_embed.safetensors into the run folder; return the
     config that points the training loop at them."""
     from ramcli_train.label_system import write_label_files
-    from ramcli_train.loop import build_model, build_tokenizer, split_data_paths
+    from ramcli_train.build import build_model, build_tokenizer
+    from ramcli_train.sources import split_data_paths
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,11 @@ from conftest import run_cli
 from ramcli.errors import RamcliError, UsageError
 from ramcli_train.clip_features import clip_view
 from ramcli_train.config import resolve
-from ramcli_train.data import ShardDataset, TrainLoader, decode_clip_features, decode_image
-from ramcli_train.loop import build_loader, resolve_training_labels, Runtime, train
+from ramcli_train.data import ShardDataset
+from ramcli_train.samples import TrainLoader, decode_clip_features, decode_image
+from ramcli_train.loop import train
+from ramcli_train.runtime import Runtime
+from ramcli_train.sources import build_loader, resolve_training_labels
 from ramcli_train.model import ClipTeacher
 from ramcli_train.synth import write_shards
 

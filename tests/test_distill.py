@@ -24,17 +24,10 @@ from ramcli.models.checkpoint import save_converted
 from ramcli.models.configs import ARCHS
 from ramcli.models.ram import RecognitionModel, backbone_width
 from ramcli_train import pretrained
-from ramcli_train.distill import (
-    INHERITED_LR,
-    LR,
-    TeacherStore,
-    agreement,
-    build_student,
-    default_depths,
-    key_photos,
-    split,
-    teacher_pass,
-)
+from ramcli_train.distill_eval import agreement
+from ramcli_train.distill_photos import key_photos, split
+from ramcli_train.student import INHERITED_LR, LR, build_student, default_depths
+from ramcli_train.teacher import TeacherStore, teacher_pass
 
 BACKBONES = ["resnet18", "convnext_atto", "efficientnet_b0", "mobilenetv4_conv_small", "vit_tiny_patch16_224",
              "swin_tiny_patch4_window7_224"]

@@ -122,3 +122,30 @@ def test_cli_generate_and_missing_detector(setup, tmp_path, capsys):
               "--out", str(tmp_path / "c"), "--detector-model", str(tmp_path / "no-such-model"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "Grounding DINO" in err and "Traceback" not in err
+
+
+def test_generated_tags_are_the_tags_tag_emits(setup):
+    """The engine decides with the tagger's policy: its active classes (deleted tags never) and
+    thresholds (per class, or one for all), on the same scores, in label order."""
+    import torch
+
+    from ramcli.models.configs import get_arch
+    from ramcli.models.ram import RecognitionModel
+    from ramcli.tagging.decision import class_policy
+    from ramcli.tagging.tagger import Tagger
+    from ramcli_train.engine import _decide
+
+    arch = get_arch("ram_tiny")
+    n = arch.num_classes
+    names = tuple(f"t{i}" for i in range(n))
+    thresholds = tuple(float(t) for t in np.linspace(0.2, 0.8, n))
+    model = RecognitionModel(arch, LabelSet(names, names, thresholds, frozenset({1, 3})))
+    scores = np.random.default_rng(0).random((8, n), dtype=np.float32)
+    for threshold in (None, 0.5):
+        tagger = Tagger(model, torch.device("cpu"), threshold=threshold)
+        policy = class_policy(model.labels, threshold)
+        for row in scores:
+            tags = _decide(model, policy, row)
+            emitted = tagger.decide(torch.from_numpy(row[tagger.active])[None])[0]
+            assert set(tags) == {t.name for t in emitted} and tags == sorted(tags, key=names.index)
+            assert "t1" not in tags and "t3" not in tags

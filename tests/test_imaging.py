@@ -241,12 +241,13 @@ def test_cpu_tagging_decodes_jpegs_in_full_by_default(tmp_path, monkeypatch):
     from ramcli.models.labels import LabelSet
     from ramcli.models.configs import get_arch
     from ramcli.models.ram import RecognitionModel
+    from ramcli.tagging.tagger import Tagger
 
     path = tmp_path / "big.jpg"
     photo_like(1600, 1200, seed=2).save(path, quality=90)
     arch = get_arch("ram_tiny")
     names = tuple(f"t{i}" for i in range(arch.num_classes))
-    tagger = pipeline.Tagger(RecognitionModel(arch, LabelSet(names, names, (0.5,) * arch.num_classes)), torch.device("cpu"))
+    tagger = Tagger(RecognitionModel(arch, LabelSet(names, names, (0.5,) * arch.num_classes)), torch.device("cpu"))
     pixels = {}
     for decode in ("auto", "workers", "draft"):
         batch, _, _ = next(pipeline.iter_batches([path], tagger, 1, 0, decode=pipeline.resolve_decode(tagger.device, decode)))

@@ -26,7 +26,7 @@ from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
 from ramcli.models import load_any
 from ramcli.models.onnx import OnnxModel, export_onnx, int8_copy, int8_weight_type, quantize_onnx, read_onnx_metadata
-from ramcli.tagging.pipeline import Tagger
+from ramcli.tagging.tagger import Tagger
 from ramcli.tagging.precision import DecisionCache
 from test_models_files import JSON, _plain
 

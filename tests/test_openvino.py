@@ -16,7 +16,7 @@ from ramcli.config import home
 from ramcli.errors import UsageError
 from ramcli.models import load_any
 from ramcli.models.openvino_runtime import OpenVinoModel, cache_key, to_openvino
-from ramcli.tagging.pipeline import Tagger
+from ramcli.tagging.tagger import Tagger
 
 N = 30
 CPU = torch.device("cpu")

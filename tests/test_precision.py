@@ -16,7 +16,7 @@ from images import photo_like
 from ramcli.cli.app import app
 from ramcli.errors import UsageError
 from ramcli.models import load_any
-from ramcli.tagging.pipeline import Tagger
+from ramcli.tagging.tagger import Tagger
 from ramcli.tagging.precision import resolve_precision
 from ramcli.tagging.precision import Decision, DecisionCache, Measured, decide, quantize_int8
 
@@ -94,7 +94,7 @@ def test_int8_is_cpu_only():
 # ------------------------------------------------------------------ the auto check
 def _auto(model, monkeypatch, key=None, photos=4, decisions=None, **kw) -> Tagger:
     monkeypatch.setattr(precision, "fast_paths", lambda *model: ["int8"])
-    monkeypatch.setattr("ramcli.tagging.pipeline.fast_paths", lambda *model: ["int8"])
+    monkeypatch.setattr("ramcli.tagging.tagger.fast_paths", lambda *model: ["int8"])
     return Tagger(model, CPU, "auto", check_photos=photos, cache_key=key,
                   on_decision=(decisions.append if decisions is not None else None), **kw)
 
@@ -228,7 +228,7 @@ def test_the_cached_decision_follows_labels_vocabulary_and_runtime(model, model_
     assert not _auto(model, monkeypatch, key=key, vocab_version="v1").checking
     assert _auto(model, monkeypatch, key=key, vocab_version="v2").checking  # a tag's embedding changed
     assert _auto(model, monkeypatch, key=key, vocab_version="v1", exclude=[model.labels.names[0]]).checking
-    monkeypatch.setattr("ramcli.tagging.pipeline.runtime_identity", lambda model: "another runtime")
+    monkeypatch.setattr("ramcli.tagging.tagger.runtime_identity", lambda model: "another runtime")
     assert _auto(model, monkeypatch, key=key, vocab_version="v1").checking
     monkeypatch.undo()
     _accept_any(monkeypatch)
@@ -358,7 +358,7 @@ def test_the_bar_says_checking_precision_while_the_check_runs(model_files, tmp_p
     from ramcli.tagging.session import TagSession
 
     monkeypatch.setattr(precision, "fast_paths", lambda *model: ["int8"])
-    monkeypatch.setattr("ramcli.tagging.pipeline.fast_paths", lambda *model: ["int8"])
+    monkeypatch.setattr("ramcli.tagging.tagger.fast_paths", lambda *model: ["int8"])
     weights, labels = model_files
     lib = _photos(tmp_path / "lib", 4)
     terminal = io.StringIO()

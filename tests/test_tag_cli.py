@@ -22,7 +22,7 @@ from ckpt_factory import make_labels_dir, make_official_checkpoint
 from images import make_image, make_library, photo_like
 from ramcli.cli.app import app
 from ramcli.models import load_any
-from ramcli.tagging.pipeline import Tagger
+from ramcli.tagging.tagger import Tagger
 
 N = 30
 

@@ -13,14 +13,9 @@ from PIL import Image
 
 from ramcli.errors import RamcliError
 from ramcli_train import synth
-from ramcli_train.data import (
-    AnnotationDataset,
-    DataStats,
-    ShardDataset,
-    TrainLoader,
-    TransformConfig,
-    resolve_shards,
-)
+from ramcli_train.annotations import AnnotationDataset
+from ramcli_train.data import ShardDataset, resolve_shards
+from ramcli_train.samples import DataStats, TrainLoader, TransformConfig
 
 EVAL = TransformConfig(size=32, train=False)
 
@@ -254,7 +249,7 @@ def test_bad_annotation_file(tmp_path, content, match):
 
 
 def test_train_transform_and_normalisation(tmp_path):
-    from ramcli_train.data import SampleTransform
+    from ramcli_train.samples import SampleTransform
 
     image = Image.new("RGB", (50, 40), (255, 255, 255))
     main, clip = SampleTransform(TransformConfig(size=32, train=True, clip_view="separate"))(image)
@@ -273,7 +268,8 @@ def test_training_feeds_a_timm_backbone_its_own_data_config(synth_dir):
     """timm's test_resnet is published with mean/std 0.5 and bilinear resizing, resnet10t with
     ImageNet's and bicubic: the training batches and the exported architecture follow each."""
     from ramcli_train.config import resolve
-    from ramcli_train.loop import Runtime, build_loader, resolve_training_labels
+    from ramcli_train.runtime import Runtime
+    from ramcli_train.sources import build_loader, resolve_training_labels
 
     half = resolve("tiny", overrides=dict(data=[str(synth_dir)], backbone="test_resnet", image_size=64))
     arch = half.arch(5)

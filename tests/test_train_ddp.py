@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ramcli_train.loop import load_checkpoint
+from ramcli_train.trainer import load_checkpoint
 
 TAGS = ["red", "green", "blue", "yellow"]
 COLOURS = [(220, 30, 30), (30, 170, 50), (30, 60, 220), (245, 220, 30)]

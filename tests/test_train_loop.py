@@ -18,8 +18,9 @@ from ramcli.errors import UsageError
 from ramcli.models import load_model
 from ramcli_train.config import resolve
 from ramcli_train.export import export_official, export_tagger, tagger_from_checkpoint
-from ramcli_train.loop import held_out_map, load_checkpoint, train
+from ramcli_train.loop import held_out_map, train
 from ramcli_train.synth import write_shards
+from ramcli_train.trainer import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,8 @@ def test_cpu_presets_learn_the_synthetic_tags(tmp_path, preset, overrides, bar, 
 
 
 def test_drop_path_is_the_official_rate_and_acts_only_in_training(shards, tmp_path):
-    from ramcli_train.loop import build_model, resolve_training_labels
+    from ramcli_train.build import build_model
+    from ramcli_train.sources import resolve_training_labels
 
     assert resolve(None).drop_path == 0.1 and resolve("cpu").drop_path == 0.0
     cfg = _cfg(shards, tmp_path, drop_path=0.5)
@@ -187,7 +189,8 @@ def test_drop_path_is_the_official_rate_and_acts_only_in_training(shards, tmp_pa
 
 
 def test_caption_dropout_is_berts_rate_and_off_in_the_cpu_presets(shards, tmp_path):
-    from ramcli_train.loop import build_model, build_tokenizer, resolve_training_labels, split_data_paths
+    from ramcli_train.build import build_model, build_tokenizer
+    from ramcli_train.sources import resolve_training_labels, split_data_paths
 
     assert resolve(None).caption_dropout == 0.1
     assert all(resolve(p).caption_dropout == 0.0 for p in ("tiny", "cpu", "cpu_swin"))
@@ -205,7 +208,8 @@ def test_caption_dropout_is_berts_rate_and_off_in_the_cpu_presets(shards, tmp_pa
 
 
 def test_caption_samples_and_pooled_tag_weight_reach_the_losses(shards, tmp_path):
-    from ramcli_train.loop import build_model, build_tokenizer, resolve_training_labels, split_data_paths
+    from ramcli_train.build import build_model, build_tokenizer
+    from ramcli_train.sources import resolve_training_labels, split_data_paths
 
     assert resolve(None).caption_samples == 0 and resolve(None).pooled_tag_weight == 0.0  # official: off
     captions = ["a red circle", "two blue stars on the grass and no green heart in the sky at all", "a star"]

@@ -12,7 +12,8 @@ same float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,35 @@ def emitted(scores, thresholds):
     if isinstance(scores, torch.Tensor):
         return scores.float() > torch.as_tensor(thresholds, dtype=torch.float32, device=scores.device)
     return np.asarray(scores, dtype=np.float32) > np.asarray(thresholds, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ClassPolicy:
+    """Which classes a model computes and the threshold each is decided at."""
+
+    active: list[int]  # label indices, in output order
+    thresholds: torch.Tensor  # float32, one per active class
+
+
+def class_policy(labels, threshold: float | None = None, thresholds: Sequence[float] | None = None,
+                 exclude: Iterable[str] = ()) -> ClassPolicy:
+    """The active classes of `labels` (every class but Tag2Text's deleted tags, the vocabulary's
+    disabled ones and the names in `exclude`) and their thresholds: `threshold` for all, else
+    `thresholds` (one per label), else the label set's own."""
+    names = labels.names
+    excluded = {n.strip().lower() for n in exclude if n.strip()}
+    unknown = excluded - {n.lower() for n in names}
+    if unknown:
+        raise UsageError(f"--exclude-tags: unknown tag(s): {', '.join(sorted(unknown)[:5])}")
+    dropped = set(labels.deleted) | {i for i, n in enumerate(names) if n.lower() in excluded}
+    active = [i for i in range(len(names)) if i not in dropped]
+    if not active:
+        raise UsageError("every tag is disabled or excluded: nothing to tag")
+    if threshold is not None:
+        check_threshold(threshold, "--threshold")
+    base = list(thresholds) if thresholds is not None else list(labels.thresholds)
+    chosen = [threshold if threshold is not None else base[i] for i in active]
+    return ClassPolicy(active, torch.tensor(chosen, dtype=torch.float32))
 
 
 def threshold_below(score: float) -> float:

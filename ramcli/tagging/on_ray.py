@@ -37,7 +37,8 @@ from ramcli.media.discover import (PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXE
 from ramcli.errors import RamcliError, UsageError
 from ramcli.media.loader import Batch, Failure, Item, PhotoDataset
 from ramcli.pathnames import is_uri
-from ramcli.tagging.pipeline import ScoreResult, Tagger, resolve_device, results_of
+from ramcli.tagging.pipeline import ScoreResult, resolve_device, results_of
+from ramcli.tagging.tagger import Tagger
 from ramcli.tagging.precision import resolve_precision
 from ramcli.tagging.listener import Listener
 from ramcli.tagging.options import TagOptions

@@ -30,7 +30,7 @@ def should_compile(options: TagOptions, device, photos: int) -> bool:
 class Loaded:
     """The model side of a session: loaded on first need, kept until the vocabulary changes."""
 
-    tagger: object  # ramcli.tagging.pipeline.Tagger
+    tagger: object  # ramcli.tagging.tagger.Tagger
     vocab_version: str  # of the vocabulary applied to the model
 
 
@@ -41,7 +41,7 @@ def load_tagger(options: TagOptions, device, precision: str, vocab, listener: Li
     check on the CPU (see `TagSession.load`)."""
     from ramcli.models import load_model
     from ramcli.tagging.decision import read_threshold_file
-    from ramcli.tagging.pipeline import Tagger
+    from ramcli.tagging.tagger import Tagger
 
     model = load_model(options.weights, arch=options.arch, labels_dir=options.labels, device=device,
                        on_pull=lambda p: listener.warning(
