@@ -16,6 +16,7 @@ from images import photo_like
 from ramcli.cli.app import app
 from ramcli.errors import UsageError
 from ramcli.models import load_any
+from ramcli.tagging.options import TagOptions
 from ramcli.tagging.tagger import Tagger
 from ramcli.tagging.precision import resolve_precision
 from ramcli.tagging.precision import Decision, DecisionCache, Measured, decide, quantize_int8
@@ -370,3 +371,11 @@ def test_the_bar_says_checking_precision_while_the_check_runs(model_files, tmp_p
         assert session.execute() == 0
     shown = terminal.getvalue()
     assert "checking precision" in shown and "tagging" in shown
+
+
+@pytest.mark.parametrize("name", ["int8-weights", "int8-encoder"])
+def test_openvinos_own_precisions_need_openvino(name, tmp_path):
+    with pytest.raises(UsageError, match="--runtime openvino"):
+        TagOptions([tmp_path], weights="model.pth", precision=name, write=False).validate()
+    TagOptions([tmp_path], weights="model.pth", precision=name, runtime="openvino", write=False).validate()
+    TagOptions([tmp_path], weights="model.xml", precision=name, write=False).validate()

@@ -21,7 +21,7 @@ from ramcli.cli.write import writer_options as with_writer_options
 from ramcli.metadata.options import WriterOptions
 from ramcli.output import default_format
 
-Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "int8-weights", "int8-encoder"]
 Decode = Literal["auto", "workers", "draft", "device"]
 Format = Literal["table", "json", "jsonl", "csv", "tsv", "paths"]
 Runtime = Literal["auto", "openvino"]
@@ -32,7 +32,7 @@ def _options(
     arch: str = typer.Option(None, help="ram, ram_plus, tag2text or a full arch name (default: from the weights)."),
     labels: Path = typer.Option(None, "--labels", help="Folder of official label files (default: the model's own)."),
     device: str = typer.Option("auto", metavar="[auto|cpu|cuda[:N]|mps]", help="auto: CUDA, then MPS, then the CPU."),
-    precision: Precision = typer.Option("auto", help="auto: bf16 on CUDA, fp16 on MPS, on the CPU the fastest that agrees with fp32 (exact)."),
+    precision: Precision = typer.Option("auto", help="auto: bf16 on CUDA, fp16 on MPS, on the CPU the fastest that agrees with fp32 (exact). int8-weights, int8-encoder: --runtime openvino only."),
     runtime: Runtime = typer.Option("auto", help="auto: PyTorch (ONNX Runtime for .onnx, OpenVINO for .xml); openvino: the whole model on Intel's OpenVINO, converted once (pip install 'ramcli\\[openvino]'); --device then names its device: cpu, gpu, npu."),
     precision_check: int = typer.Option(8, "--precision-check", min=0, help="Photos --precision auto compares on (0: fp32)."),
     decode: Decode = typer.Option("auto", help="JPEG decoding. auto: nvJPEG on CUDA, else workers; draft: faster, scores move slightly."),

@@ -40,7 +40,9 @@ from ramcli.fileio import atomic_write
 from ramcli.tagging.cpu_features import cpu_identity, int8_engine, native_bf16
 from ramcli.tagging.decision import emitted
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+#: OpenVINO's int8 weights (everywhere, or in the image encoder only): `ramcli.models.openvino_runtime`.
+OPENVINO_ONLY = ("int8-weights", "int8-encoder")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", *OPENVINO_ONLY)
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
@@ -53,8 +55,8 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and device.type != "cpu":
-        raise UsageError("--precision int8 runs on the CPU only (use bf16 or fp16 on a GPU)")
+    if (precision == "int8" or precision in OPENVINO_ONLY) and device.type != "cpu":
+        raise UsageError(f"--precision {precision} runs on the CPU only (use bf16 or fp16 on a GPU)")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -69,9 +71,8 @@ MIN_AGREEMENT = 0.99
 #: Largest |score - fp32 score| a fast path may show on the check photos. A few photos hold only
 #: about a hundred emitted tags, so agreement alone cannot see a flip rate of 1%; a path that
 #: moves some score by more than this will flip the tags that sit that close to a threshold on
-#: later photos. Paths that keep >= 99% on full-size models move scores by 0.001-0.01 (bf16
-#: 0.004, ONNX Runtime int8 0.008: docs/performance.md); a trained model's int8 that moved one
-#: by 0.28 is what this rejects.
+#: later photos. The paths that keep 99% of a trained model's tags move scores well below it, the
+#: int8 paths that lose more move some far above it (docs/performance.md).
 MAX_SCORE_CHANGE = 0.02
 #: A fast path must beat fp32 by this factor on the check photos: less is timing noise.
 MIN_SPEEDUP = 1.15
