@@ -50,7 +50,7 @@ def test_choices_are_listed():
     env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "TERMINAL_WIDTH": "200", "PYTHONPATH": str(REPO)}
     text = subprocess.run([sys.executable, "-m", "ramcli", "tag", "--help"], capture_output=True, text=True,
                           env=env, timeout=120).stdout
-    for choices in ("[auto|cpu|cuda[:N]|mps]", "[auto|fp32|bf16|fp16|int8]", "[table|json|jsonl|csv|tsv|paths]",
+    for choices in ("[auto|cpu|cuda[:N]|mps]", "[auto|fp32|bf16|fp16|int8|int8-weights|int8-encoder]", "[table|json|jsonl|csv|tsv|paths]",
                     "[auto|workers|draft|device]"):
         assert choices in text
 

@@ -95,7 +95,10 @@ def tag_options(omit: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
             values = {**defaults, **{p.name: kwargs.pop(p.name) for p in shared}}
             return func(*args, options=_tag_options(kwargs["paths"], writer_options, **values), **kwargs)
 
-        wrapper.__signature__ = signature.replace(parameters=own + shared + [
+        # the command's arguments, then the shared panels, then its own options (--ray, ...)
+        arguments = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]
+        rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in arguments]
+        wrapper.__signature__ = signature.replace(parameters=arguments + shared + rest + [
             inspect.Parameter("writer_options", inspect.Parameter.KEYWORD_ONLY, annotation=WriterOptions)])
         wrapper.__annotations__ = {p.name: p.annotation for p in wrapper.__signature__.parameters.values()}
         return with_writer_options(wrapper)
