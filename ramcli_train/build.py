@@ -14,6 +14,7 @@ from ramcli.models.safeload import load_weights
 from ramcli_train.config import TrainConfig
 from ramcli_train.model import TrainableRAM, label_embeddings
 from ramcli_train.pretrained import load_pretrained_backbone
+from ramcli_train.trainer import load_into
 from ramcli_train.sources import iter_captions
 from ramcli_train.tokenizer import train_tokenizer
 
@@ -46,7 +47,7 @@ def build_model(cfg: TrainConfig, labels: LabelSet, tokenizer: CaptionTokenizer 
         model.backbone_init = load_pretrained_backbone(model.tagger).message
     if cfg.init_from:
         state = load_weights(cfg.init_from)
-        model.load_state_dict(state.get("model", state), strict=True)
+        load_into(model, state.get("model", state), cfg.init_from)
         model.backbone_init = f"backbone {arch.backbone or 'Swin'}: from {Path(cfg.init_from).name}"
     if cfg.grad_ckpt:
         model.set_grad_checkpointing(True)

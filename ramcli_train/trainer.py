@@ -47,6 +47,17 @@ def load_checkpoint(path: Path) -> dict:
     return load_weights(path)
 
 
+def load_into(model: torch.nn.Module, state: dict, source: str | Path) -> None:
+    """`state` into `model`, all of it; a checkpoint of another configuration or of an earlier
+    ramcli (parameter names changed) is a one-line error, not a traceback."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise RamcliError(f"{Path(source).name} does not fit this model (another configuration, or written "
+                          f"by an earlier ramcli): {first[:200]}") from None
+
+
 @dataclass
 class Trainer:
     """AdamW over the model's trainable parameters, stepped on the caller's schedule.
@@ -83,7 +94,7 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint: weights, optimizer moments and the place in the data."""
-        self.model.load_state_dict(state["model"])
+        load_into(self.model, state["model"], self.folder / CHECKPOINT_LAST)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.skip = state["step"], state["epoch"], state["batch_in_epoch"]
 

@@ -3,8 +3,10 @@ checkpoints and exact resume, whatever command brings the batches and the loss."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from ramcli.errors import RamcliError
 from ramcli_train.trainer import CHECKPOINT_LAST, Trainer, load_checkpoint
 
 DATA = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
@@ -86,3 +88,14 @@ def test_a_batch_without_a_loss_takes_no_step(tmp_path):
     trainer.fit(batches, _loss(model))
     assert trainer.step == 2
     assert load_checkpoint(tmp_path / CHECKPOINT_LAST)["batch_in_epoch"] == 0
+
+
+def test_a_checkpoint_of_another_model_is_a_one_line_error(tmp_path):
+    model = _model()
+    trainer = _trainer(model, tmp_path / "a", max_steps=2)
+    trainer.fit(_batches(4), _loss(model))
+    state = load_checkpoint(tmp_path / "a" / CHECKPOINT_LAST)
+    state["model"] = {f"old.{k}": v for k, v in state["model"].items()}  # names an earlier version used
+    with pytest.raises(RamcliError, match="does not fit this model") as caught:
+        _trainer(_model(), tmp_path / "b").restore(state)
+    assert "\n" not in str(caught.value)
