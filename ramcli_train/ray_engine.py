@@ -56,17 +56,24 @@ class ShardGenerator:
         return {"shard": rows["shard"], "counts": np.array(counts, dtype=object)}
 
 
+def _start(address: str | None, device: str, actors: int | None, actor_cpus: float | None, data: Sequence[str],
+           out_dir: Path, verb: str) -> tuple:
+    """The cluster, its plan, and each input shard with its output path (the folder made)."""
+    ray = connect(address)
+    cluster = plan(ray, device, actors, actor_cpus)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = output_paths(data, out_dir)
+    if not shards:
+        raise RamcliError(f"no shards to {verb}")
+    return ray, cluster, shards
+
+
 def generate(model: RecognitionModel, data: Sequence[str], out_dir: Path, threshold: float | None = None,
              device: str = "auto", batch_size: int = 8, address: str | None = None, actors: int | None = None,
              actor_cpus: float | None = None) -> dict:
     """`ramcli_train.engine.generate` (without captions) with the shards spread over Ray actors."""
-    ray = connect(address)
-    cluster = plan(ray, device, actors, actor_cpus)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards = output_paths(data, out_dir)
-    if not shards:
-        raise RamcliError("no shards to generate")
+    ray, cluster, shards = _start(address, device, actors, actor_cpus, data, out_dir, "generate")
     model_ref = ray.put(model)
     ds = ray.data.from_items([{"shard": shard, "out": str(out)} for shard, out in shards],
                              override_num_blocks=len(shards))
@@ -128,13 +135,8 @@ def clean(model: RecognitionModel, data: Sequence[str], out_dir: Path, detector:
     `embedder` are factories each actor calls, `detector(device=...)` and `embedder(model,
     device)`; `on_shard(done, total)` follows the shards as their regions come back."""
     check_clean_options(model, outlier_fraction, categories)
-    ray = connect(address)
-    cluster = plan(ray, device, actors, actor_cpus)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards = output_paths(data, out_dir)
-    if not shards:
-        raise RamcliError("no shards to clean")
+    ray, cluster, shards = _start(address, device, actors, actor_cpus, data, out_dir, "clean")
     model_ref = ray.put(model)
     ds = ray.data.from_items([{"index": i, "shard": shard} for i, (shard, _) in enumerate(shards)],
                              override_num_blocks=len(shards))
