@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from ramcli.errors import UsageError
 from ramcli.library.writeback import unwritten
-from ramcli.media.discover import Found, discover
+from ramcli.media.discover import PHOTO_KINDS, Found, discover
 from ramcli.tagging.listener import Listener, Summary
 from ramcli.tagging.options import TagOptions
 from ramcli.tagging.records import PhotoResult
@@ -111,8 +111,8 @@ class TagSession:
         already hold as failed in the same way. A dry run tells the listener what is due."""
         start = time.monotonic()
         found, counts = self.discover()
-        photos = self.shard([f for f in found if f.kind in ("image", "raw")])
-        summary = Summary(skipped=Counter({k: v for k, v in counts.items() if k not in ("image", "raw", "error")}))
+        photos = self.shard([f for f in found if f.kind in PHOTO_KINDS])
+        summary = Summary(skipped=Counter({k: v for k, v in counts.items() if k not in PHOTO_KINDS and k != "error"}))
         reported = self.shard([f for f in found if f.kind in ("error", "link")])
         errors = [f for f in reported if f.kind == "error"]
         summary.not_followed = [(str(f.path), f.reason or f.kind) for f in reported if f.kind != "error"]
@@ -133,7 +133,7 @@ class TagSession:
                 raise UsageError(f"no such file or folder: {p}")
         found = list(discover(self.options.paths, self.options.include, self.options.exclude,
                               follow_links=self.options.follow_links))
-        return [f for f in found if f.kind in ("image", "raw", "error", "link")], Counter(f.kind for f in found)
+        return [f for f in found if f.kind in PHOTO_KINDS or f.kind in ("error", "link")], Counter(f.kind for f in found)
 
     @staticmethod
     def shard(found: list[Found]) -> list[Found]:
