@@ -32,7 +32,7 @@ from ramcli.media.discover import PHOTO_KINDS, Found, discover
 from ramcli.tagging.listener import Listener, Summary
 from ramcli.tagging.options import TagOptions
 from ramcli.tagging.records import PhotoResult
-from ramcli.tagging.sinks import OUTSIDE_LINK, MetadataSink, Triage, count_tagged, moved_skipper
+from ramcli.tagging.sinks import OUTSIDE_LINK, MetadataSink, Moves, Triage, count_tagged
 from ramcli.tagging.tagger_setup import Loaded, load_tagger
 
 #: Jobs of up to this many photos are decoded in-process: starting the decode worker processes
@@ -269,7 +269,8 @@ class TagSession:
         tagger = loaded.tagger
         cached, todo = split_cached(todo, index, tagger.model.model_id, tagger.cache)
         summary.rescored += len(cached)
-        sinks = [triage]
+        moves = Moves(index, summary) if index is not None else None
+        sinks = [moves, triage] if moves is not None else [triage]
         if self._metadata is not None:
             self._metadata.summary = summary
             self._metadata.left_alone = {} if options.follow_links else dict.fromkeys(links, OUTSIDE_LINK)
@@ -279,7 +280,6 @@ class TagSession:
         if index is not None:
             sinks.append(lambda results: index.record_batch(results, links=links))
         sinks.append(lambda results: count_tagged(results, summary))
-        skip = moved_skipper(index, summary) if index is not None else None
         batch_size = options.batch_size or default_batch_size(self.device)
         workers = options.workers
         if workers is None:
@@ -302,12 +302,15 @@ class TagSession:
         try:
             rescore_cached(cached, tagger, sinks, loaded.vocab_version, advance)
             (self.runner or tag_files)([f.path for f in todo], tagger, sinks, batch_size, workers,
-                                       vocab_version=loaded.vocab_version, on_batch=advance, skip=skip,
+                                       vocab_version=loaded.vocab_version, on_batch=advance,
+                                       skip=moves.skip if moves is not None else None,
                                        decode=self.decode)
         except _Stopped:
             pass
         finally:
             listener.ended()
+        if moves is not None:
+            moves.apply()  # photos skipped after the last batch with results
         if tagger.checking:
             self.precision_note = "fp32 (auto: too few photos decoded to finish the fast-path check)"
         summary.precision = self.precision_note
