@@ -36,7 +36,7 @@ import torch
 from _common import CACHE, jpegs, load_average, make_labels_dir
 from ramcli.models.labels import read_label_dir
 from ramcli.models import load_model
-from ramcli.models.checkpoint import save_converted
+from ramcli.models.converted import save_converted
 from ramcli.models.configs import ARCHS
 from ramcli.models.ram import RecognitionModel
 from ramcli_train.distill import DistillConfig, distill

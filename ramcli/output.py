@@ -36,7 +36,7 @@ from rich.text import Text
 
 from ramcli.errors import UsageError
 from ramcli.pathnames import display
-from ramcli.tagging.records import TagScore
+from ramcli.tagging.records import TAG_CELLS, TagScore, field_cell
 
 FORMATS = ("table", "json", "jsonl", "csv", "tsv", "paths")
 LIST_SEPARATOR = "|"
@@ -185,20 +185,30 @@ def tag_cells(tags: Sequence[TagScore], lang: str = "en") -> list[list[str]]:
     return [[tag_label(t.name, t.name_zh, lang) for t in tags], [f"{t.score:.4f}" for t in tags]]
 
 
+def cell_columns(names: Sequence[str]) -> tuple[str, ...]:
+    """The csv/tsv header of a view of photo fields: `tags` is two columns, tags and scores."""
+    return tuple(column for name in names for column in (("tags", "scores") if name == "tags" else (name,)))
+
+
+def photo_cells(photo, names: Sequence[str], lang: str = "en") -> list:
+    """A photo record's csv/tsv row for a view of its fields, in `cell_columns(names)` order."""
+    cells: list = []
+    for name in names:
+        cells += tag_cells(photo.tags, lang) if name == "tags" else [field_cell(photo, name)]
+    return cells
+
+
 def photo_result_layout(lang: str = "en") -> Layout:
     """`ramcli tag`'s records (PhotoResult); json is the JSONL contract of `PhotoResult.to_json`."""
     if lang not in LANGS:
         raise UsageError(f"unknown language {lang!r}; use one of {', '.join(LANGS)}")
-
-    def row(r) -> list:
-        return [display(r.path), r.status, *tag_cells(r.tags, lang), r.caption, r.error]
 
     def table_row(r) -> list:
         if r.status != "tagged":
             return [display(r.path), Text(r.error or r.status, style="red")]
         return [display(r.path), ", ".join(f"{tag_label(t.name, t.name_zh, lang)} {t.score:.2f}" for t in r.tags)]
 
-    return Layout(columns=("path", "status", "tags", "scores", "caption", "error"), row=row,
+    return Layout(columns=cell_columns(TAG_CELLS), row=lambda r: photo_cells(r, TAG_CELLS, lang),
                   json=lambda r: r.to_json(), path=lambda r: r.path,
                   table_columns=("photo", "tags"), table_row=table_row)
 

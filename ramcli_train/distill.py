@@ -282,7 +282,7 @@ def distill(cfg: DistillConfig, resume: bool = False,
         speeds = {"teacher": speed(teacher, timed, device, batch), "student": speed(student, timed, device, batch)}
         speeds["speedup"] = speeds["student"]["img_per_s"] / speeds["teacher"]["img_per_s"]
         log({"event": "end", "steps": steps, "agreement": agree, "speed": speeds})
-    from ramcli.models.checkpoint import save_converted
+    from ramcli.models.converted import save_converted
 
     out = save_converted(student.float(), Path(cfg.out), source=f"ramcli distill from {teacher.model_id}")
     return Report(len(keyed) - len(unusable), skipped, len(taken), len(held_keys), steps, len(targets.logits) - before, note,

@@ -59,7 +59,7 @@ def unpack_shards(sources: Sequence[str], dest: Path) -> list[Path]:
 
 def collect_photos(data: Sequence[str], work: Path) -> tuple[list[Path], dict[str, str]]:
     """(photos, skipped path -> reason) from photo folders/files and shards."""
-    from ramcli.media.discover import discover
+    from ramcli.media.discover import PHOTO_KINDS, discover
 
     if not data:
         raise UsageError("no data: pass --data PHOTOS_OR_SHARDS")
@@ -68,7 +68,7 @@ def collect_photos(data: Sequence[str], work: Path) -> tuple[list[Path], dict[st
     skipped: dict[str, str] = {}
     roots = [Path(d) for d in data if d not in shards]
     for found in discover(roots):
-        if found.kind in ("image", "raw"):
+        if found.kind in PHOTO_KINDS:
             photos.append(found.path)
         elif found.kind in ("error", "link"):  # links are not followed, as in `tag` without --follow-links
             skipped[str(found.path)] = found.reason or "unreadable"

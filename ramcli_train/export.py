@@ -1,7 +1,7 @@
 """Training checkpoint -> the files other code loads.
 
 - `export_tagger`: the self-contained tag-only safetensors file (`ramcli tag --weights FILE`),
-  written by `ramcli.models.checkpoint.save_converted` from the very `RecognitionModel` trained.
+  written by `ramcli.models.converted.save_converted` from the very `RecognitionModel` trained.
 - `export_official`: `{'model': state_dict, 'epoch', 'config'}` in the official key layout
   (Microsoft Swin names, `tagging_head.*`, `tag_encoder.*`, `text_decoder.*`, tied tensors
   duplicated under both names), so the official code (and `ramcli models convert`) load it.
@@ -17,7 +17,8 @@ import torch
 from ramcli.errors import RamcliError
 from ramcli.fileio import atomic_output
 from ramcli.models.labels import LabelSet
-from ramcli.models.checkpoint import BERT_LAYER_KEYS, ours_to_official, save_converted
+from ramcli.models.checkpoint import BERT_LAYER_KEYS, ours_to_official
+from ramcli.models.converted import save_converted
 from ramcli.models.configs import ArchConfig
 from ramcli.models.ram import RecognitionModel
 from ramcli_train.trainer import load_checkpoint

@@ -78,7 +78,8 @@ class StartPoint:
 def read_start_point(path: Path, labels_dir: Path | None = None) -> StartPoint:
     """A `ramcli train` checkpoint, a published/official `.pth` (training parts included) or a
     converted tagger `.safetensors` (tag-only: the caption branch then starts fresh)."""
-    from ramcli.models.checkpoint import is_converted, load_converted, load_official, read_converted_metadata, read_official
+    from ramcli.models.checkpoint import load_official, read_official
+    from ramcli.models.converted import is_converted, load_converted, read_converted_metadata
     from ramcli.models.configs import infer_family
 
     path = Path(path)

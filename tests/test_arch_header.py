@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ramcli.errors import CheckpointError
-from ramcli.models.checkpoint import converted_arch
+from ramcli.models.converted import converted_arch
 from ramcli.models.configs import ARCHS, ArchConfig
 
 GOOD = json.loads(ARCHS["ram_tiny"].to_json())

@@ -20,7 +20,7 @@ from ramcli.cli.app import app
 from ramcli.errors import CheckpointError, UsageError
 from ramcli.tagging.embed_cache import EmbeddingCache
 from ramcli.models import load_any, load_model
-from ramcli.models.checkpoint import save_converted
+from ramcli.models.converted import save_converted
 from ramcli.models.configs import ARCHS
 from ramcli.models.ram import RecognitionModel, backbone_width
 from ramcli_train import pretrained

@@ -11,6 +11,7 @@ import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,7 +20,9 @@ from ramcli.library.index import Index
 from ramcli.library.ledger import Ledger, LedgerEntry
 from ramcli.library.merge import MergeCounts, check, merge
 from ramcli.library.schema import SCHEMA_VERSION
+from ramcli.tagging.listener import Summary
 from ramcli.tagging.records import PhotoResult, TagScore
+from ramcli.tagging.sinks import Moves
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -523,3 +526,22 @@ def test_merge_migrates_an_older_source_in_a_temporary_copy(index, tmp_path):
     assert path.read_bytes() == before  # still version 1: the migration ran on a copy
     assert [p.name for p in index.path.parent.iterdir() if p.name.startswith(".ramcli-merge")] == []
     assert check(index) == []
+
+
+def test_moves_are_decided_while_decoding_and_recorded_by_the_sink(index, tmp_path):
+    """The decode loop only reads the index; the batch's first sink re-points. A moved photo and
+    a copy of it in one run: the very file takes the record and its ledger, the copy is new."""
+    old, new, copy = tmp_path / "old.jpg", tmp_path / "new.jpg", tmp_path / "copy.jpg"
+    old.write_bytes(b"x")
+    index.record_batch([result(old, [("dog", "狗", 0.9)], content_hash="h1")])
+    old.rename(new)
+    copy.write_bytes(b"xx")
+    summary = Summary()
+    moves = Moves(index, summary)
+    before = index.db.execute("SELECT total_changes()").fetchone()
+    assert moves.skip(SimpleNamespace(path=new, content_hash="h1", size=100, mtime_ns=5))  # the very file
+    assert not moves.skip(SimpleNamespace(path=copy, content_hash="h1", size=2, mtime_ns=5))  # claimed: a new photo
+    assert index.db.execute("SELECT total_changes()").fetchone() == before and index.lookup(str(old)) is not None
+    moves([])
+    assert index.lookup(str(old)) is None and index.photo_tags(str(new))[0].name == "dog"
+    assert index.lookup(str(copy)) is None and summary.moved == 1

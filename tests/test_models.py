@@ -14,7 +14,8 @@ from official_reference import official_logits
 from ramcli.errors import CheckpointError
 from ramcli.models.labels import read_label_dir
 from ramcli.models import convert, load_any
-from ramcli.models.checkpoint import load_converted, map_official, read_converted_metadata
+from ramcli.models.checkpoint import map_official
+from ramcli.models.converted import load_converted, read_converted_metadata
 from ramcli.models.configs import infer_arch
 from ramcli.models.ram import RecognitionModel
 
@@ -234,7 +235,7 @@ def test_custom_queries_with_unequal_description_counts(ckpts):
 def test_fresh_model_matches_its_converted_roundtrip(tmp_path, labels_dir):
     """A model built from a config (training) saves and loads through the converted format."""
     from ramcli.models.labels import LabelSet
-    from ramcli.models.checkpoint import save_converted
+    from ramcli.models.converted import save_converted
     from ramcli.models.configs import ARCHS as REGISTRY
 
     arch = REGISTRY["ram_tiny"]

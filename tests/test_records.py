@@ -7,6 +7,7 @@ from datetime import datetime
 
 from ramcli.library.columns import PhotoColumns
 from ramcli.library.index import PHOTO_COLUMNS, Index, PhotoRecord
+from ramcli.output import cell_columns, photo_cells
 from ramcli.tagging.records import KEEP, PhotoResult, TagScore, photo_json
 
 
@@ -40,6 +41,9 @@ def test_a_new_field_is_stored_read_kept_and_printed(tmp_path):
     assert stored == 4 and read == replace(record, id=1, tags=[])
     assert photo_json(read, ("path", "rating", "taken_at")) == {
         "path": "/p/a.jpg", "rating": 4, "taken_at": "2024-05-01T12:00:00"}
+    view = ("path", "rating", "tags")  # a csv view naming it
+    assert cell_columns(view) == ("path", "rating", "tags", "scores")
+    assert photo_cells(record, view) == ["/p/a.jpg", 4, ["dog"], ["0.5000"]]
 
 
 def test_a_taken_at_that_is_not_a_date_reads_as_unknown(tmp_path):

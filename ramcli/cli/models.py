@@ -46,7 +46,7 @@ def info(name: str = typer.Argument(..., help="A published name or a weights fil
     """Architecture, classes, data config, label checksum, provenance, and what a file holds that
     tagging does not use (reads headers only for converted files)."""
     from ramcli.models import PUBLISHED, load_any
-    from ramcli.models.checkpoint import converted_arch, is_converted, read_converted_metadata
+    from ramcli.models.converted import converted_arch, is_converted, read_converted_metadata
 
     if name in PUBLISHED:
         p = PUBLISHED[name]

@@ -21,7 +21,7 @@ from rich.table import Column
 from ramcli import config
 from ramcli.cli.common import console, err_console
 from ramcli.errors import RamcliError, UsageError
-from ramcli.output import FORMATS, Layout, default_format, make_table, tag_cells, write_json, write_records
+from ramcli.output import FORMATS, Layout, cell_columns, default_format, make_table, photo_cells, write_json, write_records
 from ramcli.pathnames import display
 from ramcli.tagging.records import HIT_FIELDS, SHOWN, iso_time, photo_json
 
@@ -75,8 +75,8 @@ def _score(score: float | None) -> str:
 PATHS = Layout(columns=("path",), row=lambda p: [p], json=lambda p: {"path": p}, path=lambda p: p)
 
 HITS = Layout(
-    columns=("path", "score", "taken_at", "tags", "scores", "caption"),
-    row=lambda h: [display(h.path), _score(h.score), iso_time(h.taken_at), *tag_cells(h.tags), h.caption],
+    columns=cell_columns(HIT_FIELDS),
+    row=lambda h: photo_cells(h, HIT_FIELDS),
     json=lambda h: photo_json(h, HIT_FIELDS),
     path=lambda h: h.path,  # the real bytes
 )

@@ -25,7 +25,7 @@ import json
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -162,15 +162,16 @@ class Index:
                     [(error, path_key(path)) for path, error in errors.items()],
                 )
 
-    def find_moved(self, content_hash: str) -> PhotoRecord | None:
-        """A record with this content hash whose file is gone: the photo was moved or renamed."""
+    def find_moved(self, content_hash: str, exclude: Container[str] = ()) -> PhotoRecord | None:
+        """A record with this content hash whose file is gone: the photo was moved or renamed.
+        `exclude`: paths of records already claimed by another photo."""
         rows = self.db.execute(
             f"SELECT {PHOTO_COLUMNS.select} FROM photos WHERE content_hash = ? AND status = 'tagged'",
             [content_hash],
         ).fetchall()
         for row in rows:
             record = PHOTO_COLUMNS.read(row)
-            if not is_uri(record.path) and not os.path.exists(record.path):
+            if record.path not in exclude and not is_uri(record.path) and not os.path.exists(record.path):
                 return record
         return None
 

@@ -16,16 +16,8 @@ import torch
 from ramcli.config import home
 from ramcli.errors import CheckpointError, UsageError
 from ramcli.models.labels import LabelError, LabelSet, check_name, resolve_labels
-from ramcli.models.checkpoint import (
-    converted_arch,
-    is_converted,
-    load_converted,
-    load_official,
-    official_model_id,
-    read_converted_metadata,
-    read_official,
-    save_converted,
-)
+from ramcli.models.checkpoint import load_official, official_model_id, read_official
+from ramcli.models.converted import converted_arch, is_converted, load_converted, read_converted_metadata, save_converted
 from ramcli.models.configs import ARCHS, FAMILIES, ArchConfig, get_arch
 from ramcli.models.onnx import export_onnx, is_onnx, load_onnx, read_onnx_metadata
 from ramcli.models.openvino_runtime import export_ir, is_ir, load_ir

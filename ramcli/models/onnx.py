@@ -44,7 +44,7 @@ from ramcli.errors import CheckpointError
 from ramcli.fileio import atomic_output, atomic_write
 from ramcli.hashing import file_sha256
 from ramcli.models.labels import LabelError, LabelSet, check_name, resolve_labels
-from ramcli.models.checkpoint import converted_arch
+from ramcli.models.converted import converted_arch
 from ramcli.models.configs import ArchConfig
 from ramcli.models.fixed_graph import FixedGraph
 from ramcli.models.ram import RecognitionModel

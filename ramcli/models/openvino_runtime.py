@@ -41,7 +41,7 @@ from ramcli.errors import CheckpointError, UsageError
 from ramcli.fileio import atomic_output
 from ramcli.hashing import file_sha256
 from ramcli.models.labels import LabelSet, resolve_labels
-from ramcli.models.checkpoint import converted_arch
+from ramcli.models.converted import converted_arch
 from ramcli.models.fixed_graph import FixedGraph
 from ramcli.models.scratch import private_folder
 

@@ -32,8 +32,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from ramcli.media.discover import (PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXES, VIDEO_SUFFIXES, Found, os_reason,
-                             walk_reaches)
+from ramcli.media.discover import (PHOTO_KINDS, PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXES, VIDEO_SUFFIXES, Found,
+                                   os_reason, walk_reaches)
 from ramcli.errors import RamcliError, UsageError
 from ramcli.media.loader import Batch, Failure, Item, PhotoDataset
 from ramcli.pathnames import is_uri
@@ -103,7 +103,7 @@ def list_objects(uri: str, include: Sequence[str] = (), exclude: Sequence[str] =
         kind = "raw" if suffix in RAW_SUFFIXES else "image" if suffix in PHOTO_SUFFIXES else \
             "video" if suffix in VIDEO_SUFFIXES else "unsupported"
         counts[kind] += 1
-        if kind in ("image", "raw"):
+        if kind in PHOTO_KINDS:
             photos.append(Found(f"{scheme}://{path}", kind, size=size, mtime_ns=mtime_ns or 0))
     return photos, counts
 

@@ -4,8 +4,9 @@ writer), what the index stores, what search and `show` print.
 `PhotoResult` is that record. Its fields are the columns of the index's `photos` table
 (`ramcli.library.index.PhotoRecord` adds what only the index knows: the row id, when it was
 tagged, the link it was reached through), and every output format writes them through
-`photo_json`, which formats each field once, by `FORMATTERS`. The views (`TAG_JSON`,
-`HIT_FIELDS`, `SHOWN`) only choose which fields they print.
+`photo_json`, which formats each field once, by `FORMATTERS` (csv/tsv cells by
+`CELL_FORMATTERS`). The views (`TAG_JSON`, `TAG_CELLS`, `HIT_FIELDS`, `SHOWN`) only choose which
+fields they print.
 """
 
 from __future__ import annotations
@@ -92,10 +93,21 @@ FORMATTERS: dict[str, Callable[[Any], Any]] = {
     "score": lambda score: None if score is None else round(score, 6),
 }
 
+#: How a field is written in a csv/tsv cell where its JSON form does not serve (the tags are two
+#: cells, names and scores: `ramcli.output.photo_cells`); a field not named here is written as it is.
+CELL_FORMATTERS: dict[str, Callable[[Any], Any]] = {
+    "path": _shown_path,
+    "link": _shown_path,
+    "taken_at": iso_time,
+    "score": lambda score: None if score is None else f"{score:.3f}",
+}
+
 #: `ramcli tag --format jsonl|json`, in this order (`model_id` is written as "model"; caption,
 #: status and error only where they say something).
 TAG_JSON = ("path", "tags", "model_id", "caption", "status", "error")
-#: `ramcli search --format jsonl|json|csv`, in this order.
+#: `ramcli tag --format csv|tsv`, in this order.
+TAG_CELLS = ("path", "status", "tags", "caption", "error")
+#: `ramcli search --format jsonl|json|csv|tsv`, in this order.
 HIT_FIELDS = ("path", "score", "taken_at", "tags", "caption")
 #: `ramcli show`: the fields it prints after the path, in this order, where set.
 SHOWN = ("status", "error", "size", "width", "height", "taken_at", "tagged_at", "model_id", "vocab_version",
@@ -105,6 +117,11 @@ SHOWN = ("status", "error", "size", "width", "height", "taken_at", "tagged_at", 
 def photo_json(photo: object, names: tuple[str, ...]) -> dict:
     """The named fields of a photo record, each in its JSON form (`FORMATTERS`)."""
     return {name: FORMATTERS.get(name, _same)(getattr(photo, name)) for name in names}
+
+
+def field_cell(photo: object, name: str) -> Any:
+    """One field of a photo record in its csv/tsv form (`CELL_FORMATTERS`)."""
+    return CELL_FORMATTERS.get(name, _same)(getattr(photo, name))
 
 
 def _same(value: Any) -> Any:

@@ -28,11 +28,11 @@ from collections.abc import Callable
 
 from ramcli.errors import UsageError
 from ramcli.library.writeback import unwritten
-from ramcli.media.discover import Found, discover
+from ramcli.media.discover import PHOTO_KINDS, Found, discover
 from ramcli.tagging.listener import Listener, Summary
 from ramcli.tagging.options import TagOptions
 from ramcli.tagging.records import PhotoResult
-from ramcli.tagging.sinks import OUTSIDE_LINK, MetadataSink, Triage, count_tagged, moved_skipper
+from ramcli.tagging.sinks import OUTSIDE_LINK, MetadataSink, Moves, Triage, count_tagged
 from ramcli.tagging.tagger_setup import Loaded, load_tagger
 
 #: Jobs of up to this many photos are decoded in-process: starting the decode worker processes
@@ -111,8 +111,8 @@ class TagSession:
         already hold as failed in the same way. A dry run tells the listener what is due."""
         start = time.monotonic()
         found, counts = self.discover()
-        photos = self.shard([f for f in found if f.kind in ("image", "raw")])
-        summary = Summary(skipped=Counter({k: v for k, v in counts.items() if k not in ("image", "raw", "error")}))
+        photos = self.shard([f for f in found if f.kind in PHOTO_KINDS])
+        summary = Summary(skipped=Counter({k: v for k, v in counts.items() if k not in PHOTO_KINDS and k != "error"}))
         reported = self.shard([f for f in found if f.kind in ("error", "link")])
         errors = [f for f in reported if f.kind == "error"]
         summary.not_followed = [(str(f.path), f.reason or f.kind) for f in reported if f.kind != "error"]
@@ -133,7 +133,7 @@ class TagSession:
                 raise UsageError(f"no such file or folder: {p}")
         found = list(discover(self.options.paths, self.options.include, self.options.exclude,
                               follow_links=self.options.follow_links))
-        return [f for f in found if f.kind in ("image", "raw", "error", "link")], Counter(f.kind for f in found)
+        return [f for f in found if f.kind in PHOTO_KINDS or f.kind in ("error", "link")], Counter(f.kind for f in found)
 
     @staticmethod
     def shard(found: list[Found]) -> list[Found]:
@@ -269,7 +269,8 @@ class TagSession:
         tagger = loaded.tagger
         cached, todo = split_cached(todo, index, tagger.model.model_id, tagger.cache)
         summary.rescored += len(cached)
-        sinks = [triage]
+        moves = Moves(index, summary) if index is not None else None
+        sinks = [moves, triage] if moves is not None else [triage]
         if self._metadata is not None:
             self._metadata.summary = summary
             self._metadata.left_alone = {} if options.follow_links else dict.fromkeys(links, OUTSIDE_LINK)
@@ -279,7 +280,6 @@ class TagSession:
         if index is not None:
             sinks.append(lambda results: index.record_batch(results, links=links))
         sinks.append(lambda results: count_tagged(results, summary))
-        skip = moved_skipper(index, summary) if index is not None else None
         batch_size = options.batch_size or default_batch_size(self.device)
         workers = options.workers
         if workers is None:
@@ -302,12 +302,15 @@ class TagSession:
         try:
             rescore_cached(cached, tagger, sinks, loaded.vocab_version, advance)
             (self.runner or tag_files)([f.path for f in todo], tagger, sinks, batch_size, workers,
-                                       vocab_version=loaded.vocab_version, on_batch=advance, skip=skip,
+                                       vocab_version=loaded.vocab_version, on_batch=advance,
+                                       skip=moves.skip if moves is not None else None,
                                        decode=self.decode)
         except _Stopped:
             pass
         finally:
             listener.ended()
+        if moves is not None:
+            moves.apply()  # photos skipped after the last batch with results
         if tagger.checking:
             self.precision_note = "fp32 (auto: too few photos decoded to finish the fast-path check)"
         summary.precision = self.precision_note

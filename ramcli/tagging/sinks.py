@@ -3,14 +3,14 @@
 `Triage` comes first: it checks that each tagged photo's file is still the one decoded, and
 judges each failure (broken until its file changes, or failed and retried). `MetadataSink`
 then writes the tags into the photos' metadata through ExifTool. Both tally what they did in
-the run's `Summary`, as `count_tagged` does the photos tagged. `moved_skipper` acts a step
-earlier, on each decoded photo: one the index knows under a path that is gone is re-pointed.
+the run's `Summary`, as `count_tagged` does the photos tagged. `Moves` decides a step earlier,
+on each decoded photo, whether the index knows it under a path that is gone, and re-points
+such photos as the first sink of their batch.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 import stat
 
 from ramcli.library.writeback import unwritten
@@ -146,25 +146,42 @@ def count_tagged(results: list[PhotoResult], summary: Summary) -> None:
     summary.tagged += sum(r.status == "tagged" for r in results)  # failures: `Triage`
 
 
-def moved_skipper(index, summary: Summary) -> Callable:
-    """A photo whose image data the index knows under a path that is gone was moved: re-point it.
+class Moves:
+    """Photos the index knows under a path that is gone were moved: `skip`, asked for each
+    decoded photo, decides, and the moves are recorded by the first sink of the batch (and by
+    `apply` after the last batch), so that only sinks write the index.
 
     Only the very file moves with its size and mtime (a rename keeps both), so only then does
     the write ledger follow it and the photo skip the model. Any other file with that image
     data (a copy restored from before ramcli wrote, an edited copy) takes the record over but
     not the ledger, and is tagged and written like a new photo: the ledger's rows describe
-    the old file, and against the copy they would say the user deleted ramcli's tags."""
+    the old file, and against the copy they would say the user deleted ramcli's tags. A record
+    goes to one new path only, though copies of it come in the same run."""
 
-    def skip(item) -> bool:
-        if index.lookup(str(item.path)) is not None:
+    def __init__(self, index, summary: Summary):
+        self.index, self.summary = index, summary
+        self.pending: list[tuple[str, str, int, int, bool]] = []
+        self.claimed: set[str] = set()
+
+    def skip(self, item) -> bool:
+        if self.index.lookup(str(item.path)) is not None:
             return False
-        old = index.find_moved(item.content_hash)
+        old = self.index.find_moved(item.content_hash, exclude=self.claimed)
         if old is None:
             return False
         same_file = (old.size, old.mtime_ns) == (item.size, item.mtime_ns)
-        index.move(old.path, str(item.path), item.size, item.mtime_ns, with_ledger=same_file)
-        if same_file:
-            summary.moved += 1
+        self.claimed.add(old.path)
+        self.pending.append((old.path, str(item.path), item.size, item.mtime_ns, same_file))
         return same_file
 
-    return skip
+    def __call__(self, results: list[PhotoResult]) -> None:
+        """Before anything else records the batch: a copy's result then lands on the record it
+        took over."""
+        self.apply()
+
+    def apply(self) -> None:
+        for old, new, size, mtime_ns, same_file in self.pending:
+            self.index.move(old, new, size, mtime_ns, with_ledger=same_file)
+            if same_file:
+                self.summary.moved += 1
+        self.pending.clear()

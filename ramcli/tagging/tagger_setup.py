@@ -69,7 +69,8 @@ def load_tagger(options: TagOptions, device, precision: str, vocab, listener: Li
 def load_captioner(weights: str | None, model) -> Callable:
     """Tag2Text's caption generator, from the training parts of the original .pth."""
     from ramcli.models import get_published, resolve_weights
-    from ramcli.models.checkpoint import is_converted, read_official
+    from ramcli.models.checkpoint import read_official
+    from ramcli.models.converted import is_converted
     from ramcli.models.registry import download
 
     if model.arch.family != "tag2text":

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ramcli.errors import RamcliError, UsageError
-from ramcli.media.discover import Found, discover, walk_reaches
+from ramcli.media.discover import PHOTO_KINDS, Found, discover, walk_reaches
 from ramcli.pathnames import display, from_text, to_text
 from ramcli.tagging.deletions import Deletions, is_deleted, mount_points_under
 from ramcli.tagging.listener import Listener, Summary
@@ -309,9 +309,9 @@ class Watcher:
         start = time.monotonic()
         summary = Summary()
         found = [f for p in files for f in self._classified(p)]
-        photos = [f for f in found if f.kind in ("image", "raw")]
+        photos = [f for f in found if f.kind in PHOTO_KINDS]
         errors = [f for f in found if f.kind == "error"]
-        summary.skipped = Counter(f.kind for f in found if f.kind not in ("image", "raw", "error"))
+        summary.skipped = Counter(f.kind for f in found if f.kind not in PHOTO_KINDS and f.kind != "error")
         photos = self.deletions.renamed(photos, deleted, summary)
         self.session.run_pass(photos, errors, summary)
         if deleted:
