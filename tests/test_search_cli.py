@@ -212,6 +212,15 @@ def test_show_stats_prune_check(capsysbinary, library):
     assert code == 1
 
 
+def test_show_names_the_photo_once_however_many_fields_were_written(capsysbinary, library):
+    with Index.open() as ix:
+        Ledger(ix.db).record([LedgerEntry(str(library / "a.jpg"), str(library / "a.jpg"), field, "dog", False)
+                              for field in ("XMP-dc:Subject", "IPTC:Keywords", "XMP-lr:HierarchicalSubject")])
+    code, out, _ = run(capsysbinary, "show", str(library / "a.jpg"), "-f", "table")
+    assert code == 0 and out.count("IPTC:Keywords") == 1
+    assert out.count(str(library / "a.jpg")) == 1 and out.count("(the photo)") == 1
+
+
 def test_search_without_index(capsysbinary):
     code, _, err = run(capsysbinary, "search", "dog")
     assert code == 1 and "no index" in err

@@ -68,6 +68,22 @@ def _query_text(words: list[str]) -> str:
     return " ".join(f'"{w}"' if len(w.split()) > 1 and '"' not in w else w for w in words)
 
 
+def _firsts(items) -> list[bool]:
+    """For each item, whether it differs from the one before (a group's first row)."""
+    items = list(items)
+    return [i == 0 or items[i] != items[i - 1] for i in range(len(items))]
+
+
+def _written_file(target: str, photo: str, first: bool) -> str:
+    """A file cell of `show`'s table: the photo itself, or a sidecar by its name beside it;
+    named on its first row only."""
+    if not first:
+        return ""
+    if target == photo:
+        return "(the photo)"
+    return display(os.path.basename(target)) if os.path.dirname(target) == os.path.dirname(photo) else display(target)
+
+
 def _score(score: float | None) -> str:
     return "" if score is None else f"{score:.3f}"
 
@@ -204,9 +220,9 @@ def register(app: typer.Typer) -> None:
         if written:
             console.print(make_table(
                 [Column("file", overflow="fold"), "field", Column("values", overflow="fold")],
-                ((display(target), field, ", ".join(e.value + ("" if not e.preexisting else " (was there)")
-                                                    for e in entries))
-                 for (target, field), entries in written.items()),
+                ((_written_file(target, record.path, first), field,
+                  ", ".join(e.value + ("" if not e.preexisting else " (was there)") for e in entries))
+                 for first, ((target, field), entries) in zip(_firsts(t for t, _ in written), written.items())),
                 title="written to metadata"))
         else:
             console.print("  nothing written to the file's metadata yet", style="dim")
