@@ -104,7 +104,7 @@ def main() -> None:
     # slows both)
     python = min(_timed(sys.executable, "-c", "pass") for _ in range(3))
     for args in (("--help",), ("tag", "--format", "yaml", "photos")):
-        seconds = best_of(3, *args)
+        seconds = best_of(5, *args)
         check(
             "2",
             f"`ramcli {' '.join(args)}` answers in {seconds:.2f} s (Python alone: {python:.2f} s)",
