@@ -162,20 +162,12 @@ def main() -> None:
         done.returncode == 2 and one_error_line(done),
         done.stderr,
     )
-    done = run("tag", "--weights", "nope.pth", "photos")
-    check(
-        "6",
-        "a missing --weights file exits 2",
-        done.returncode == 2 and one_error_line(done),
-        done.stderr,
-    )
-    done = run("tag", "--weights", "ram_swin_larg_14m", "photos")
-    check(
-        "6",
-        "a misspelt model name gets a did-you-mean",
-        done.returncode == 2 and "ram_swin_large_14m" in done.stderr,
-        done.stderr,
-    )
+    for args, what, seen in (
+        (("--weights", "nope.pth"), "a missing --weights file exits 2", "error: "),
+        (("--weights", "ram_swin_larg_14m"), "a misspelt model name gets a did-you-mean", "ram_swin_large_14m"),
+    ):
+        done = run("tag", *args, "photos")
+        check("6", what, done.returncode == 2 and one_error_line(done) and seen in done.stderr, done.stderr)
     bare_path = os.pathsep.join(
         p
         for p in os.environ["PATH"].split(os.pathsep)
