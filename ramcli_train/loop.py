@@ -37,7 +37,7 @@ from ramcli_train.config import TrainConfig, dump
 from ramcli_train.model import ClipTeacher
 from ramcli_train.runtime import Runtime, autocast, rng_state, seed_everything, set_rng_state, setup_runtime
 from ramcli_train.sources import build_loader, count_samples, resolve_training_labels, split_data_paths
-from ramcli_train.trainer import CHECKPOINT_LAST, Trainer, load_checkpoint
+from ramcli_train.trainer import CHECKPOINT_LAST, Trainer, load_checkpoint, progress_line
 
 
 @torch.no_grad()
@@ -221,8 +221,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 rate = window["images"] / max(time.perf_counter() - window["start"], 1e-9)
                 log.write({"step": step, "epoch": epoch, "lr": lr, **{k: round(v, 5) for k, v in last.items()},
                            "img_per_s": round(rate, 2), "skipped": loader.stats.skipped})
-                parts_text = " ".join(f"{k} {v:.3f}" for k, v in last.items())
-                line = f"step {step} {parts_text} lr {lr:.2e} {rate:.1f} img/s"
+                line = progress_line(step, total, parts, lr, rate)
                 progress.update(task, description=line)
                 if not sys.stderr.isatty():  # a log file or a pipe gets a line, where a terminal gets the bar
                     print(line, file=sys.stderr, flush=True)

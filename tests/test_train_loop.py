@@ -266,5 +266,6 @@ def test_a_piped_log_gets_step_lines_and_the_summary_counts_the_data_once(shards
                               "--set", "tokenizer_vocab=300"], capsys)
     assert code in (0, None), err
     steps = [line for line in err.splitlines() if line.startswith("step ")]
-    assert [int(line.split()[1]) for line in steps] == [2, 4, 6, 8, 9] and all(" loss " in s for s in steps)
+    assert [line.split()[1] for line in steps] == ["2/9", "4/9", "6/9", "8/9", "9/9"]
+    assert all(" loss " in s and " lr " in s and s.endswith(" img/s") for s in steps)
     assert "trained 9 steps; used 48 of 48 samples per epoch" in stdout  # 3 epochs of 48, not 144

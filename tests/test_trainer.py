@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from ramcli.errors import RamcliError
-from ramcli_train.trainer import CHECKPOINT_LAST, Trainer, load_checkpoint
+from ramcli_train.trainer import (
+    CHECKPOINT_LAST,
+    Trainer,
+    load_checkpoint,
+    progress_line,
+)
 
 DATA = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
 TARGET = DATA @ torch.tensor([1.0, -2.0, 0.5])
@@ -99,3 +104,9 @@ def test_a_checkpoint_of_another_model_is_a_one_line_error(tmp_path):
     with pytest.raises(RamcliError, match="does not fit this model") as caught:
         _trainer(_model(), tmp_path / "b").restore(state)
     assert "\n" not in str(caught.value)
+
+
+def test_one_progress_line_format_with_and_without_a_measured_speed():
+    parts = {"tag": 0.8, "caption": 0.4}
+    assert progress_line(40, 200, parts, 1e-4, 12.34) == "step 40/200 loss 1.2000 (tag 0.8000, caption 0.4000) lr 1.00e-04 12.3 img/s"
+    assert progress_line(40, 200, parts, 1e-4) == "step 40/200 loss 1.2000 (tag 0.8000, caption 0.4000) lr 1.00e-04"

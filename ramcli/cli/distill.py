@@ -44,10 +44,10 @@ class ProgressLines:
         self.last[stage] = (done, now)
         if stage == "teacher":
             return f"teacher {done}/{total} photos"
-        losses = {k: v for k, v in (record or {}).items() if k not in ("step", "epoch", "lr")}
-        parts = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
-        lr = f" lr {record['lr']:.2e}" if record and "lr" in record else ""
-        return f"step {done}/{total} loss {sum(losses.values()):.4f} ({parts}){lr}"
+        from ramcli_train.trainer import progress_line
+
+        parts = {k: v for k, v in record.items() if k not in ("step", "epoch", "lr")}
+        return progress_line(done, total, parts, record["lr"])
 
 
 def register(app: typer.Typer) -> None:
