@@ -37,7 +37,7 @@ StepFn = Callable[[int, int, float, dict[str, float]], None]
 def progress_line(step: int, total: int, parts: dict[str, float], lr: float, img_per_s: float | None = None) -> str:
     """The periodic line of every training command, one format in a progress bar on a terminal
     and in a piped log, so that one grep reads the logs of `train`, `finetune` and `distill`:
-    `step 40/200 loss 1.2345 (tag 0.8123, caption 0.4222) lr 1.00e-04 12.3 img/s`."""
+    `step 40/200 loss 1.2345 (tag 0.8123, lm 0.4222) lr 1.00e-04 12.3 img/s`."""
     named = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
     rate = "" if img_per_s is None else f" {img_per_s:.1f} img/s"
     return f"step {step}/{total} loss {sum(parts.values()):.4f} ({named}) lr {lr:.2e}{rate}"

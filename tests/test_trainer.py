@@ -107,6 +107,6 @@ def test_a_checkpoint_of_another_model_is_a_one_line_error(tmp_path):
 
 
 def test_one_progress_line_format_with_and_without_a_measured_speed():
-    parts = {"tag": 0.8, "caption": 0.4}
-    assert progress_line(40, 200, parts, 1e-4, 12.34) == "step 40/200 loss 1.2000 (tag 0.8000, caption 0.4000) lr 1.00e-04 12.3 img/s"
-    assert progress_line(40, 200, parts, 1e-4) == "step 40/200 loss 1.2000 (tag 0.8000, caption 0.4000) lr 1.00e-04"
+    parts = {"tag": 0.8, "lm": 0.4}
+    assert progress_line(40, 200, parts, 1e-4, 12.34) == "step 40/200 loss 1.2000 (tag 0.8000, lm 0.4000) lr 1.00e-04 12.3 img/s"
+    assert progress_line(40, 200, parts, 1e-4) == "step 40/200 loss 1.2000 (tag 0.8000, lm 0.4000) lr 1.00e-04"
