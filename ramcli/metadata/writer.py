@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from ramcli.closing import Closing
 from ramcli.config import home
 from ramcli.journal import Journal
 from ramcli.library.ledger import Intent, Ledger
@@ -47,7 +48,7 @@ from ramcli.metadata.planner import Batch, Item, Planner, as_items
 from ramcli.tagging.records import TagScore
 
 
-class MetadataWriter:
+class MetadataWriter(Closing):
     """Plans and writes keyword metadata for batches of photos; see the module docstring.
 
     `journal`: the folder of the redo journal (default: `journal` in RAMCLI_HOME)."""
@@ -69,12 +70,6 @@ class MetadataWriter:
         except BaseException:
             self.close()
             raise
-
-    def __enter__(self) -> MetadataWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._background is not None:

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from ramcli.closing import Closing
 from ramcli.errors import UsageError
 from ramcli.library.writeback import unwritten
 from ramcli.media.discover import PHOTO_KINDS, Found, discover
@@ -45,7 +46,7 @@ class _Stopped(Exception):
     """Raised between batches when `TagSession.stop` says so."""
 
 
-class TagSession:
+class TagSession(Closing):
     """What outlives one run over a list of photos: the index, the model, the ExifTool writer and
     the output stream. `ramcli tag` runs once in a session; `ramcli watch` keeps one open and runs
     once per group of new or changed photos, so the model is loaded once (on first need: a run
@@ -82,12 +83,6 @@ class TagSession:
         self._loaded: Loaded | None = None
         self._output = None
         self._metadata: MetadataSink | None = None
-
-    def __enter__(self) -> TagSession:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def end_output(self) -> None:
         """Finish the results printed so far (a table or JSON array is written at its end)."""
