@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 
@@ -12,6 +13,9 @@ PLAIN = bool(os.environ.get("NO_COLOR"))
 
 console = Console(color_system=None) if PLAIN else Console()
 err_console = Console(stderr=True, color_system=None) if PLAIN else Console(stderr=True)
+
+#: `--format` of the listing commands that print through a `ramcli.output.Layout`.
+LAYOUT_FORMAT_OPTION = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, else jsonl).")
 
 
 def fail(message: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ramcli.cli.common import console, err_console
+from ramcli.cli.common import LAYOUT_FORMAT_OPTION, console, err_console
 from ramcli.output import Layout, check_format, default_format, write_records
 
 models_app = typer.Typer(help="The published models: list, info, pull, import, convert.", no_args_is_help=True)
@@ -27,7 +27,7 @@ MODELS = Layout(
 
 @models_app.command("list")
 def list_models(
-    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, else jsonl)."),
+    fmt: str = LAYOUT_FORMAT_OPTION,
 ) -> None:
     """The published models, their size, and whether they are installed."""
     from ramcli.config import home

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from ramcli.cli.common import console
+from ramcli.cli.common import LAYOUT_FORMAT_OPTION, console
 from ramcli.errors import UsageError
 from ramcli.models.labels import OPEN_SET_THRESHOLD, resolve_labels
 from ramcli.output import Layout, check_format, default_format, write_records
@@ -87,7 +87,7 @@ def list_(
     builtin: bool = typer.Option(False, "--builtin", help="Only the model's built-in tags."),
     custom: bool = typer.Option(False, "--custom", help="Only custom tags."),
     search: str = typer.Option(None, "--search", help="Only tags whose name or synonym contains WORD."),
-    fmt: str = typer.Option(None, "--format", "-f", help="table, json, jsonl, csv or tsv (default: table on a terminal, else jsonl)."),
+    fmt: str = LAYOUT_FORMAT_OPTION,
     labels: Path = LABELS_OPTION,
 ) -> None:
     """List tags with their threshold, state and synonyms."""
