@@ -16,27 +16,17 @@ import platformdirs
 
 @dataclass(frozen=True)
 class Home:
+    """The state directory and the places in it, laid out by `home()`."""
+
     root: Path
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def index(self) -> Path:
-        return self.root / "index.db"
-
-    @property
-    def vocab(self) -> Path:
-        return self.root / "vocab"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
+    models: Path
+    index: Path
+    vocab: Path
+    cache: Path
 
 
 def home() -> Home:
     """The state directory: `$RAMCLI_HOME` or the platform's user data dir."""
     env = os.environ.get("RAMCLI_HOME")
     root = Path(env).expanduser() if env else Path(platformdirs.user_data_dir("ramcli"))
-    return Home(root)
+    return Home(root, models=root / "models", index=root / "index.db", vocab=root / "vocab", cache=root / "cache")
