@@ -8,42 +8,21 @@ sqlite-utils pulls in when it is installed), the image codecs, ONNX Runtime, the
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from fresh_cli import REPO, FreshRun, run_ramcli
 
 HEAVY = ("torch", "torchvision", "timm", "open_clip", "numpy", "pandas", "sqlite_utils", "onnx", "onnxruntime",
          "PIL", "pillow_heif", "rawpy", "transformers", "simplemma", "safetensors", "huggingface_hub", "watchfiles",
          "ramcli_train")
 
-DRIVER = """
-import json, sys
-from ramcli.cli.app import main
-try:
-    main(sys.argv[1:])
-    code = 0
-except SystemExit as exc:
-    code = exc.code or 0
-heavy = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(HEAVY)))
-print("STARTUP " + json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
-"""
 
-
-def run(*args: str, tmp_path: Path) -> dict:
-    env = {**os.environ, "RAMCLI_HOME": str(tmp_path / "home"), "COLUMNS": "100",
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    driver = DRIVER.replace("HEAVY", repr(json.dumps(HEAVY)))
-    done = subprocess.run([sys.executable, "-c", driver, *args], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=tmp_path)
-    line = next((l for l in done.stderr.splitlines() if l.startswith("STARTUP ")), None)
-    assert line is not None, done.stderr
-    return json.loads(line.removeprefix("STARTUP ")) | {"stdout": done.stdout, "stderr": done.stderr}
+def run(*args: str, tmp_path: Path) -> FreshRun:
+    return run_ramcli(*args, home=tmp_path / "home", cwd=tmp_path, extra_env={"COLUMNS": "100"}, timeout=120)
 
 
 COMMANDS = ["tag", "watch", "search", "show", "stats", "write", "untag", "vocab", "vocab add", "vocab list",
@@ -54,8 +33,8 @@ COMMANDS = ["tag", "watch", "search", "show", "stats", "write", "untag", "vocab"
 @pytest.mark.parametrize("command", ["", *COMMANDS])
 def test_help_loads_nothing_heavy(command, tmp_path):
     result = run(*command.split(), "--help", tmp_path=tmp_path)
-    assert result["code"] == 0 and "Usage: ramcli" in result["stdout"]
-    assert result["heavy"] == []
+    assert result.code == 0 and "Usage: ramcli" in result.stdout
+    assert result.modules_of(HEAVY) == []
 
 
 @pytest.mark.parametrize(
@@ -73,17 +52,17 @@ def test_help_loads_nothing_heavy(command, tmp_path):
 )
 def test_usage_errors_are_one_line_exit_2_and_load_nothing_heavy(args, message, tmp_path):
     result = run(*args, tmp_path=tmp_path)
-    err = result["stderr"].splitlines()[:-1]  # the driver's own line last
-    assert result["code"] == 2, result["stderr"]
+    err = result.stderr.splitlines()
+    assert result.code == 2, result.stderr
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert result["heavy"] == []
+    assert result.modules_of(HEAVY) == []
     assert not (tmp_path / "home").exists()  # nothing created for a command that did not run
 
 
 def test_version(tmp_path):
     for flag in ("-V", "--version"):
         result = run(flag, tmp_path=tmp_path)
-        assert result["code"] == 0 and result["stdout"].startswith("ramcli ") and result["heavy"] == []
+        assert result.code == 0 and result.stdout.startswith("ramcli ") and result.modules_of(HEAVY) == []
 
 
 def test_no_color_means_no_escape_codes_even_on_a_terminal(tmp_path):
