@@ -55,88 +55,78 @@ def test_photo_names_are_not_temporary(name):
     assert not is_temporary(name)
 
 
-class Clock:
-    def __init__(self):
-        self.now = 100.0
+class Settling:
+    """A Settler on a clock the test sets: `ready(at=101.0)` moves the time, then asks."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self, quiet: float):
+        self.now = 100.0
+        self.settler = Settler(quiet, lambda: self.now)
+
+    def ready(self, at: float) -> tuple[list[str], list[str]]:
+        self.now = at
+        return self.settler.ready()
 
 
 def test_settler_waits_until_size_and_mtime_stay_the_same(tmp_path):
-    clock = Clock()
-    settler = Settler(1.0, clock)
+    s = Settling(1.0)
     photo = tmp_path / "a.jpg"
     photo.write_bytes(b"half")
-    settler.touch(str(photo))
-    assert settler.next_due() == pytest.approx(101.0)
-    clock.now = 100.9
-    assert settler.ready() == ([], [])
+    s.settler.touch(str(photo))
+    assert s.settler.next_due() == pytest.approx(101.0)
+    assert s.ready(at=100.9) == ([], [])
     with open(photo, "ab") as fh:  # the copy goes on: no event seen yet, but the size changed
         fh.write(b" and the rest")
-    clock.now = 101.0
-    assert settler.ready() == ([], [])  # restarted, not ready
-    clock.now = 101.9
-    assert settler.ready() == ([], [])
-    clock.now = 102.0
-    assert settler.ready() == ([str(photo)], [])
-    assert settler.next_due() is None
+    assert s.ready(at=101.0) == ([], [])  # restarted, not ready
+    assert s.ready(at=101.9) == ([], [])
+    assert s.ready(at=102.0) == ([str(photo)], [])
+    assert s.settler.next_due() is None
     # an mtime change alone (same size) also restarts the wait
-    settler.touch(str(photo))
+    s.settler.touch(str(photo))
     st = photo.stat()
     os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    clock.now = 103.5
-    assert settler.ready() == ([], [])
-    clock.now = 104.5
-    assert settler.ready() == ([str(photo)], [])
+    assert s.ready(at=103.5) == ([], [])
+    assert s.ready(at=104.5) == ([str(photo)], [])
 
 
 def test_settler_deletions_wait_and_a_file_that_vanishes_is_dropped(tmp_path):
-    clock = Clock()
-    settler = Settler(0.5, clock)
+    s = Settling(0.5)
     photo = tmp_path / "b.jpg"
     photo.write_bytes(b"x")
-    settler.touch(str(photo))
+    s.settler.touch(str(photo))
     photo.unlink()
-    settler.delete(str(photo))
-    assert settler.files == {}
-    clock.now = 100.4
-    assert settler.ready() == ([], [])
-    clock.now = 100.5
-    assert settler.ready() == ([], [str(photo)])
+    s.settler.delete(str(photo))
+    assert s.settler.files == {}
+    assert s.ready(at=100.4) == ([], [])
+    assert s.ready(at=100.5) == ([], [str(photo)])
     # deleted, then there again (restored, or written anew): an addition, not a deletion
-    settler.delete(str(photo))
+    s.settler.delete(str(photo))
     photo.write_bytes(b"y")
-    settler.touch(str(photo))
-    clock.now = 101.0
-    assert settler.ready() == ([str(photo)], [])
+    s.settler.touch(str(photo))
+    assert s.ready(at=101.0) == ([str(photo)], [])
 
 
 def test_settler_a_deletion_waits_for_the_files_noted_with_it(tmp_path):
     """A folder renamed: the old name is noted as deleted a moment before the files under the new
     one; both must come out together, or the move would look like a deletion and an addition."""
-    clock = Clock()
-    settler = Settler(1.0, clock)
-    settler.delete(str(tmp_path / "old"))
-    clock.now = 100.01
+    s = Settling(1.0)
+    s.settler.delete(str(tmp_path / "old"))
+    s.now = 100.01
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "a.jpg").write_bytes(b"x")
-    settler.touch(str(tmp_path / "new" / "a.jpg"))
-    clock.now = 101.0
-    assert settler.ready() == ([], [])
-    clock.now = 101.01
-    assert settler.ready() == ([str(tmp_path / "new" / "a.jpg")], [str(tmp_path / "old")])
+    s.settler.touch(str(tmp_path / "new" / "a.jpg"))
+    assert s.ready(at=101.0) == ([], [])
+    assert s.ready(at=101.01) == ([str(tmp_path / "new" / "a.jpg")], [str(tmp_path / "old")])
     # a file that keeps changing does not hold a deletion up for ever
-    settler.delete(str(tmp_path / "gone.jpg"))
+    s.settler.delete(str(tmp_path / "gone.jpg"))
     busy = tmp_path / "busy.log"
     out = []
     for step in range(1, 5):
         busy.write_bytes(b"x" * step)
-        clock.now = 101.01 + 0.6 * step
-        settler.touch(str(busy))
-        files, deleted = settler.ready()
+        s.now = 101.01 + 0.6 * step
+        s.settler.touch(str(busy))
+        files, deleted = s.settler.ready()
         assert files == []
-        out += [(clock.now, d) for d in deleted]
+        out += [(s.now, d) for d in deleted]
     assert out == [(pytest.approx(102.21), str(tmp_path / "gone.jpg"))]
 
 
