@@ -68,14 +68,15 @@ def nncf_variants(base) -> dict:
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-    from ramcli.models.openvino_runtime import OpenVinoModel, _quiet, decoder_ops, int8_weights
+    from ramcli.models.openvino_runtime import OpenVinoModel
+    from ramcli.tagging.runtimes.openvino import decoder_ops, int8_weights, quiet
 
     recorded = []
 
     def static(graph, first, photos=None, decoder_float=False, **kwargs):
         samples = [x[None] for x in (np.concatenate(recorded)[:photos] if photos else first)]
         ignored = nncf.IgnoredScope(names=decoder_ops(graph) if decoder_float else [], validate=False)
-        with _quiet():
+        with quiet():
             return nncf.quantize(graph, nncf.Dataset(samples), subset_size=len(samples), ignored_scope=ignored,
                                  model_type=nncf.ModelType.TRANSFORMER, **kwargs)
 
@@ -92,11 +93,7 @@ def nncf_variants(base) -> dict:
     run = nets["(recorder)"].run
     nets["(recorder)"].run = lambda x: (recorded.append(x.copy()), run(x))[1]
     for name, (build, hint) in builds.items():
-        net = OpenVinoModel(base.path)
-        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), **({"INFERENCE_PRECISION_HINT": hint} if hint else {})}
-        net._compile = lambda x, net=net, build=build, config=config: net.core.compile_model(
-            build(net.graph.clone(), x), "CPU", config)
-        nets[name] = net
+        nets[name] = OpenVinoModel(base.path).at(name, hint, lambda net, x, build=build: build(net.graph.clone(), x))
     return nets
 
 

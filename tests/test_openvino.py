@@ -16,6 +16,7 @@ from ramcli.config import home
 from ramcli.errors import UsageError
 from ramcli.models import load_any
 from ramcli.models.openvino_runtime import OpenVinoModel, cache_key, to_openvino
+from ramcli.tagging import runtimes
 from ramcli.tagging.tagger import Tagger
 
 N = 30
@@ -85,12 +86,12 @@ def test_every_arithmetic_runs_and_int8_is_calibrated_once(checkpoints):
     with torch.no_grad():
         expected = torch.sigmoid(model(_pixels(4)))
     for name in ("bf16", "int8", "int8-weights", "int8-encoder"):
-        scores = torch.sigmoid(fp32.at(name)(_pixels(4)))
+        scores = torch.sigmoid(runtimes.lookup(fp32, name).build(fp32)(_pixels(4)))
         assert scores.shape == expected.shape and not torch.equal(scores, expected)
     calibrated = sorted(fp32.path.parent.glob("*-int8.xml"))
     assert len(calibrated) == 1  # the first photos calibrate it; later runs reuse that copy
     made = calibrated[0].stat().st_mtime_ns
-    fp32.at("int8")(_pixels(2, 9))
+    runtimes.lookup(fp32, "int8").build(fp32)(_pixels(2, 9))
     assert calibrated[0].stat().st_mtime_ns == made
 
 
@@ -110,7 +111,7 @@ def _int8_matmuls(graph) -> set[str]:
 
 
 def test_int8_encoder_keeps_the_decoder_weights_float(checkpoints):
-    from ramcli.models.openvino_runtime import decoder_ops, int8_weights
+    from ramcli.tagging.runtimes.openvino import decoder_ops, int8_weights
 
     weights, labels = checkpoints["ram_plus_tiny"]
     graph = to_openvino(load_any(weights, labels_dir=labels), weights).graph
@@ -150,7 +151,7 @@ def test_tag_runtime_openvino_end_to_end(checkpoints, tmp_path):
     again = CliRunner().invoke(app, [*base, "--runtime", "openvino"], catch_exceptions=False)
     assert again.exit_code == 0 and "converting" not in again.stderr  # the cached IR
     bad = CliRunner().invoke(app, [*base[:-4], "--runtime", "openvino", "--precision", "fp16"])
-    assert isinstance(bad.exception, UsageError) and "OpenVINO runs" in str(bad.exception)  # exit 2 in main()
+    assert isinstance(bad.exception, UsageError) and "OpenVINO model runs --precision auto, fp32, bf16" in str(bad.exception)  # exit 2 in main()
 
 
 def test_without_the_extra_the_message_says_how_to_install(checkpoints, tmp_path, monkeypatch):
@@ -181,5 +182,5 @@ def test_auto_on_openvino_checks_its_own_paths_against_its_fp32(checkpoints, mon
     exact = Tagger(converted, CPU, "fp32").scores(pixels)
     assert torch.equal(tagger.scores(pixels), exact)  # the check photos keep OpenVINO fp32's scores
     (d,) = decisions
-    assert [m.name for m in d.measured] == ["fp32", *converted.fast_paths()]
-    assert "int8-encoder" in converted.fast_paths() and d.precision in converted.fast_paths()
+    assert [m.name for m in d.measured] == ["fp32", *runtimes.fast_paths(converted)]
+    assert "int8-encoder" in runtimes.fast_paths(converted) and d.precision in runtimes.fast_paths(converted)

@@ -16,10 +16,12 @@ from images import photo_like
 from ramcli.cli.app import app
 from ramcli.errors import UsageError
 from ramcli.models import load_any
+from ramcli.tagging import runtimes
 from ramcli.tagging.options import TagOptions
+from ramcli.tagging.precision import Decision, DecisionCache, Measured, decide, resolve_precision
+from ramcli.tagging.runtimes import pytorch as pytorch_paths
+from ramcli.tagging.runtimes.pytorch import quantize_int8
 from ramcli.tagging.tagger import Tagger
-from ramcli.tagging.precision import resolve_precision
-from ramcli.tagging.precision import Decision, DecisionCache, Measured, decide, quantize_int8
 
 N = 30
 CPU = torch.device("cpu")
@@ -94,8 +96,7 @@ def test_int8_is_cpu_only():
 
 # ------------------------------------------------------------------ the auto check
 def _auto(model, monkeypatch, key=None, photos=4, decisions=None, **kw) -> Tagger:
-    monkeypatch.setattr(precision, "fast_paths", lambda *model: ["int8"])
-    monkeypatch.setattr("ramcli.tagging.tagger.fast_paths", lambda *model: ["int8"])
+    monkeypatch.setattr(runtimes, "fast_paths", lambda *model: ["int8"])
     return Tagger(model, CPU, "auto", check_photos=photos, cache_key=key,
                   on_decision=(decisions.append if decisions is not None else None), **kw)
 
@@ -262,7 +263,7 @@ def test_a_fast_path_that_cannot_be_built_leaves_fp32(model, monkeypatch):
     def read_only(model):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(precision, "quantize_int8", read_only)
+    monkeypatch.setattr(pytorch_paths, "quantize_int8", read_only)
     decisions: list[Decision] = []
     tagger = _auto(model, monkeypatch, decisions=decisions)
     scores = tagger.scores(_pixels(4))
@@ -280,7 +281,7 @@ def test_a_cached_path_that_fails_falls_back_to_fp32_saying_why(model, model_fil
         def forward(self, x, classes=None):
             raise RuntimeError("damaged cached copy")
 
-    monkeypatch.setattr(precision, "quantize_int8", lambda model: Damaged())
+    monkeypatch.setattr(pytorch_paths, "quantize_int8", lambda model: Damaged())
     decisions: list[Decision] = []
     tagger = _auto(model, monkeypatch, key=key, decisions=decisions)
     assert decisions[0].precision == "int8" and decisions[0].cached
@@ -292,7 +293,7 @@ def test_a_cached_path_that_fails_falls_back_to_fp32_saying_why(model, model_fil
     def unbuildable(model):
         raise OSError("no space left")
 
-    monkeypatch.setattr(precision, "quantize_int8", unbuildable)
+    monkeypatch.setattr(pytorch_paths, "quantize_int8", unbuildable)
     later: list[Decision] = []
     _auto(model, monkeypatch, key=key, decisions=later).scores(_pixels(2))
     assert later[-1].precision == "fp32" and "no space left" in later[-1].reason
@@ -358,8 +359,7 @@ def test_the_bar_says_checking_precision_while_the_check_runs(model_files, tmp_p
     from ramcli.tagging.options import TagOptions
     from ramcli.tagging.session import TagSession
 
-    monkeypatch.setattr(precision, "fast_paths", lambda *model: ["int8"])
-    monkeypatch.setattr("ramcli.tagging.tagger.fast_paths", lambda *model: ["int8"])
+    monkeypatch.setattr(runtimes, "fast_paths", lambda *model: ["int8"])
     weights, labels = model_files
     lib = _photos(tmp_path / "lib", 4)
     terminal = io.StringIO()

@@ -87,3 +87,24 @@ def test_only_ramcli_folders_are_removed_never_followed_links(tmp_path, monkeypa
     assert not abandoned.exists() and (precious / "photo.jpg").read_bytes() == b"keep"
     assert planted.is_symlink() and named_like_ramcli_file.is_file() and all(f.is_dir() for f in others)
 
+
+
+def test_a_tag_run_that_converts_nothing_removes_a_killed_conversions_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ckpt_factory import make_labels_dir, make_official_checkpoint
+    from images import photo_like
+    from ramcli.cli.app import app
+
+    monkeypatch.setenv("RAMCLI_HOME", str(tmp_path / "home"))
+    left = _killed_run(tmp_path / "home")
+    _age(left)
+    weights = make_official_checkpoint(tmp_path / "ram_tiny.pth", "ram_tiny", num_classes=20)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo_like(96, 64).save(photos / "a.jpg")
+    res = CliRunner().invoke(app, ["tag", str(photos), "--weights", str(weights), "--labels",
+                                   str(make_labels_dir(tmp_path, 20)), "--precision", "fp32", "--no-write",
+                                   "--no-index", "-f", "jsonl"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert not left.exists() and list(scratch_root().iterdir()) == []

@@ -20,8 +20,10 @@ from ramcli.cli.write import FollowLinksOption
 from ramcli.cli.write import writer_options as with_writer_options
 from ramcli.metadata.options import WriterOptions
 from ramcli.output import default_format
+from ramcli.tagging import runtimes
 
-Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "int8-weights", "int8-encoder"]
+Precision = Literal[runtimes.names()]
+_OPENVINO_ONLY = ", ".join(name for name in runtimes.names() if runtimes.runtimes_of(name) == ["openvino"])
 Decode = Literal["auto", "workers", "draft", "device"]
 Format = Literal["table", "json", "jsonl", "csv", "tsv", "paths"]
 Runtime = Literal["auto", "openvino"]
@@ -32,7 +34,7 @@ def _options(
     arch: str = typer.Option(None, help="ram, ram_plus, tag2text or a full arch name (default: from the weights)."),
     labels: Path = typer.Option(None, "--labels", help="Folder of official label files (default: the model's own)."),
     device: str = typer.Option("auto", metavar="[auto|cpu|cuda[:N]|mps]", help="auto: CUDA, then MPS, then the CPU."),
-    precision: Precision = typer.Option("auto", help="auto: bf16 on CUDA, fp16 on MPS, on the CPU the fastest that agrees with fp32 (exact). int8-weights, int8-encoder: --runtime openvino only."),
+    precision: Precision = typer.Option("auto", help="auto: bf16 on CUDA, fp16 on MPS, on the CPU the fastest that agrees with fp32 (exact). " f"{_OPENVINO_ONLY}: --runtime openvino only."),
     runtime: Runtime = typer.Option("auto", help="auto: PyTorch (ONNX Runtime for .onnx, OpenVINO for .xml); openvino: the whole model on Intel's OpenVINO, converted once (pip install 'ramcli\\[openvino]'); --device then names its device: cpu, gpu, npu."),
     precision_check: int = typer.Option(8, "--precision-check", min=0, help="Photos --precision auto compares on (0: fp32)."),
     decode: Decode = typer.Option("auto", help="JPEG decoding. auto: nvJPEG on CUDA, else workers; draft: faster, scores move slightly."),

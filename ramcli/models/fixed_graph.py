@@ -17,6 +17,8 @@ class FixedGraph(nn.Module):
     kind = "converted model"
     #: the command that makes the graph again with the vocabulary's custom tags
     remake = "`ramcli models convert SRC DST`"
+    #: what to do when a PyTorch device (cuda, mps) was asked for
+    device_advice = "a converted model runs on the CPU"
 
     @property
     def num_classes(self) -> int:
@@ -39,6 +41,11 @@ class FixedGraph(nn.Module):
                          f"queries are fixed when it is made. Make it again ({self.remake}) to bake the "
                          "vocabulary's custom tags in")
 
+    @property
+    def logits_only(self) -> str:
+        """Why image embeddings (captions, the embedding cache) cannot come from this graph."""
+        return (f"an {self.kind} gives logits only: --cache-embeddings and --caption need the "
+                ".pth or .safetensors weights")
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        raise UsageError(f"an {self.kind} gives logits only: --cache-embeddings and --caption need the "
-                         ".pth or .safetensors weights")
+        raise UsageError(self.logits_only)

@@ -293,6 +293,8 @@ class OnnxModel(FixedGraph):
 
     kind = "ONNX file"
     remake = "`ramcli models convert SRC DST.onnx`"
+    runtime = "onnxruntime"
+    device_advice = "ONNX models run on the CPU (ONNX Runtime); use --device cpu or the .pth/.safetensors weights"
 
     #: The Tagger runs an exported graph as it was exported, in this arithmetic.
     fixed_precision: str

@@ -8,28 +8,17 @@ keyed by what the graph is made of (see `cache_key`). The ramcli metadata (archi
 system, model id, data config) travels in the IR's `rt_info`, as it does in an ONNX file's
 `metadata_props`, so `--weights model.xml` needs nothing else.
 
-Arithmetic, one compiled copy each (`OpenVinoModel.at`):
-  fp32   OpenVINO's f32 inference precision. Its CPU plugin runs *bf16* by default on CPUs with
-         AMX or AVX512-BF16, so fp32 is asked for explicitly.
-  bf16   the bf16 inference-precision hint (native on AMX and AVX512-BF16).
-  int8   NNCF post-training static quantisation (weights and activations), calibrated on the
-         first batch of photos the model sees: the user's own library.
-  int8-weights  NNCF `compress_weights`: int8 weights, activations in the default precision.
-  int8-encoder  int8 weights in the image encoder only; the recognition decoder (from the image
-         projection to the logits) keeps its float weights, and the graph computes in bf16 where
-         the CPU has it natively. On trained models the decoder is where int8 weights flip
-         tags, the encoder where the time goes (docs/performance.md).
+Each arithmetic (fp32, bf16, int8 ...) is one compiled copy of the graph (`OpenVinoModel.at`),
+described with the other runtimes' in `ramcli.tagging.runtimes.openvino`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +36,6 @@ from ramcli.models.scratch import private_folder
 
 INSTALL = "the OpenVINO runtime is not installed: pip install 'ramcli[openvino]'"
 FORMAT = "ramcli-openvino-tagger"
-PRECISIONS = ("fp32", "bf16", "int8", "int8-weights", "int8-encoder")
-#: OpenVINO's name of each arithmetic's inference precision hint (None: the plugin's default,
-#: which is bf16 on CPUs with native bf16 and f32 elsewhere)
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": None, "int8-weights": None, "int8-encoder": None}
 
 
 def require():
@@ -170,15 +155,17 @@ class OpenVinoModel(FixedGraph):
 
     kind = "OpenVINO model"
     remake = "`ramcli models convert SRC DST.xml`"
-
     runtime = "openvino"
+    device_advice = "with --runtime openvino, --device names OpenVINO's device (cpu, gpu, npu)"
 
     def __init__(self, path: Path, labels_dir: Path | None = None, device: str = "CPU",
-                 precision: str = "fp32", threads: int | None = None):
+                 precision: str = "fp32", threads: int | None = None, hint: str | None = "f32",
+                 transform: Callable | None = None):
         super().__init__()
         ov = require()
         self.path, self.device_name, self.precision = Path(path), device_name(device), precision
         self._labels_dir, self._threads, self._compiled = labels_dir, threads, None
+        self._hint, self._transform = hint, transform
         self.core = ov.Core()
         try:
             self.graph = self.core.read_model(str(self.path))
@@ -201,41 +188,28 @@ class OpenVinoModel(FixedGraph):
         classes = self.graph.outputs[0].get_partial_shape()[-1]
         if self.labels is None or (classes.is_static and classes.get_length() != len(self.labels)):
             raise CheckpointError(f"{self.path.name}: the label system does not match the graph's outputs")
-        if precision not in PRECISIONS:
-            raise UsageError(f"OpenVINO runs {', '.join(PRECISIONS)}; not {precision!r}")
         # no CACHE_DIR (OpenVINO's compiled-model cache): it saves about a second per start
         # (docs/performance.md), and a bf16 Swin-L imported from it crashed (segfault) on an AMX
         # CPU with OpenVINO 2026.4; retested only on small models, where it ran
 
-    def fast_paths(self) -> list[str]:
-        """The arithmetics worth checking against fp32 on this device: bf16 where the CPU computes
-        it natively (or a GPU), and int8 weights in the image encoder. Static int8 and int8 weights
-        everywhere flip more than 1% of a trained model's tags (docs/performance.md): they run
-        when asked for, never by auto."""
-        from ramcli.tagging.cpu_features import cpu_flags
-
-        native = self.device_name != "CPU" or bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
-        return (["bf16"] if native else []) + ["int8-encoder"]
-
-    def at(self, precision: str) -> OpenVinoModel:
-        """This graph in another arithmetic (compiled on first use)."""
+    def at(self, precision: str, hint: str | None = None, transform: Callable | None = None) -> OpenVinoModel:
+        """This graph in another arithmetic, compiled on first use: with OpenVINO's inference
+        precision `hint` (None: the plugin's default, which is bf16 on CPUs with native bf16 and
+        f32 elsewhere), after `transform(model, calibration)` has rewritten the graph (NNCF's
+        int8; calibration: the first pixels it scores). The paths: `ramcli.tagging.runtimes.openvino`."""
         if precision == self.precision:
             return self
-        copy = OpenVinoModel(self.path, self._labels_dir, self.device_name, precision, self._threads)
+        copy = OpenVinoModel(self.path, self._labels_dir, self.device_name, precision, self._threads, hint, transform)
         copy.model_id = self.model_id
         return copy
 
     def _compile(self, calibration: np.ndarray):
-        graph = self.graph
-        if self.precision in ("int8-weights", "int8-encoder"):
-            graph = int8_weights(graph, keep_decoder=self.precision == "int8-encoder")
-        elif self.precision == "int8":
-            graph = quantized_graph(self, calibration)
+        graph = self.graph if self._transform is None else self._transform(self, calibration)
         config = {"PERFORMANCE_HINT": "LATENCY"}
         if self.device_name == "CPU":
             config["INFERENCE_NUM_THREADS"] = self._threads or torch.get_num_threads()
-        if HINTS[self.precision] is not None:
-            config["INFERENCE_PRECISION_HINT"] = HINTS[self.precision]
+        if self._hint is not None:
+            config["INFERENCE_PRECISION_HINT"] = self._hint
         try:
             return self.core.compile_model(graph, self.device_name, config)
         except Exception as exc:
@@ -246,63 +220,6 @@ class OpenVinoModel(FixedGraph):
         if self._compiled is None:
             self._compiled = self._compile(pixels)
         return self._compiled(pixels)[0]
-
-
-def decoder_ops(graph) -> list[str]:
-    """The names of the operations from the image projection to the logits: the recognition
-    decoder, the label side and the final projection. The image projection is the first matmul
-    of the mean-pooled token concatenated with the image tokens (`RecognitionModel.encode_image`)."""
-    ops = list(graph.get_ordered_ops())
-    start = next((i for i, op in enumerate(ops) if op.get_type_name() == "MatMul"
-                  and op.input_value(0).get_node().get_type_name() == "Concat"), None)
-    if start is None:
-        raise CheckpointError("cannot find the image projection in this graph to keep the decoder in float")
-    return [op.get_friendly_name() for op in ops[start:] if op.get_type_name() not in ("Constant", "Parameter", "Result")]
-
-
-def int8_weights(graph, keep_decoder: bool = False):
-    """A copy of `graph` with int8 weights (NNCF `compress_weights`), the decoder's kept float
-    if `keep_decoder`."""
-    nncf = _nncf()
-    keep = decoder_ops(graph) if keep_decoder else []
-    with _quiet():
-        return nncf.compress_weights(graph.clone(), ignored_scope=nncf.IgnoredScope(names=keep, validate=False))
-
-
-def _nncf():
-    try:
-        import nncf
-    except ImportError:
-        raise UsageError(INSTALL) from None
-    nncf.set_log_level(logging.ERROR)
-    return nncf
-
-
-@contextlib.contextmanager
-def _quiet():
-    """NNCF draws progress bars and tables on stdout, where ramcli's results go."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
-def quantized_graph(model: OpenVinoModel, calibration: np.ndarray):
-    """The statically quantised graph (NNCF, transformer preset: int8 matmuls, softmax and norms
-    left in float), calibrated on `calibration` (the first photos this model scores), cached
-    beside the fp32 IR: the first library's photos calibrate it, later runs reuse it."""
-    nncf = _nncf()
-    dst = model.path.with_name(f"{model.path.stem}-int8.xml")
-    if not model.path.is_relative_to(home().cache):  # a user's IR: the int8 copy goes to the cache
-        dst = home().cache / "openvino" / f"{cache_key(model.path, model.labels)}-int8.xml"
-    if dst.is_file() and dst.with_suffix(".bin").is_file():
-        return model.core.read_model(str(dst))
-    samples = [calibration[i: i + 1] for i in range(calibration.shape[0])]
-    with _quiet():
-        graph = nncf.quantize(model.graph, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(samples))
-    save_ir(graph, {}, dst)
-    return graph
 
 
 def load_ir(path: Path, labels_dir: Path | None = None, device: str = "CPU") -> OpenVinoModel:

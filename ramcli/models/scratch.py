@@ -4,8 +4,8 @@ removal of those that a killed run left behind.
 ONNX Runtime's quantiser, the ONNX exporter and OpenVINO's serializer write files beside their
 input or output, so each works in a folder of its own (`private_folder`: mode 0700, a fresh
 name), and only finished files leave it. A run killed mid-way (converting a Swin-L takes
-minutes) leaves its folder behind, gigabytes of it; the next run that needs a folder removes
-such folders first (`remove_abandoned`).
+minutes) leaves its folder behind, gigabytes of it; the next `ramcli tag` (as it loads its
+model) and the next run that needs a folder remove such folders first (`remove_abandoned`).
 
 A folder is known as ramcli's by its name (`PURPOSE-PID-xxxxxxxx`, one of PURPOSES) and as
 abandoned by its lock: a live folder holds an exclusive lock on its `lock` file for as long as

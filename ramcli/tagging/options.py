@@ -53,13 +53,13 @@ class TagOptions:
 
     def validate(self) -> None:
         """The combinations no run can carry out, as usage errors."""
+        from ramcli.tagging import runtimes
         from ramcli.tagging.pipeline import RUNTIMES
-        from ramcli.tagging.precision import OPENVINO_ONLY
 
         if self.write and not self.use_index:
             raise UsageError("--no-index needs --no-write: the index keeps the ledger that makes `untag` exact")
         if self.runtime not in RUNTIMES:
             raise UsageError(f"unknown runtime {self.runtime!r}; use one of {', '.join(RUNTIMES)}")
         openvino = self.runtime == "openvino" or str(self.weights or "").lower().endswith(".xml")
-        if self.precision in OPENVINO_ONLY and not openvino:
+        if runtimes.runtimes_of(self.precision) == ["openvino"] and not openvino:
             raise UsageError(f"--precision {self.precision} is an OpenVINO path: add --runtime openvino")

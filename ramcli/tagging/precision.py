@@ -15,9 +15,10 @@ would make any arithmetic "agree". The decision is cached in RAMCLI_HOME under e
 decided it (`DecisionCache.key` and `Tagger`'s part of the key), so later runs skip the check,
 and a run with other thresholds never changes what a default run uses.
 
-An exported fp32 ONNX file has one fast path, ONNX Runtime's int8 copy of it, checked the same
-way against ONNX Runtime fp32; an OpenVINO model has its own (bf16, int8), checked against
-OpenVINO fp32. The check never makes a run fail: a path that cannot be built or run drops out,
+The paths themselves, and which of them auto checks for a model, are `ramcli.tagging.runtimes`:
+an exported fp32 ONNX file has one fast path, ONNX Runtime's int8 copy of it, checked against
+ONNX Runtime fp32; an OpenVINO model has its own (bf16, int8 weights), checked against OpenVINO
+fp32. The check never makes a run fail: a path that cannot be built or run drops out,
 and a chosen path that fails later falls back to fp32 (`Tagger`), each saying why.
 """
 
@@ -27,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,25 +37,22 @@ from torch import nn
 from ramcli.config import home
 from ramcli.errors import UsageError
 from ramcli.fileio import atomic_write
-from ramcli.tagging.cpu_features import cpu_identity, int8_engine, native_bf16
+from ramcli.tagging import runtimes
+from ramcli.tagging.cpu_features import cpu_identity
 from ramcli.tagging.decision import emitted
-
-#: OpenVINO's int8 weights (everywhere, or in the image encoder only): `ramcli.models.openvino_runtime`.
-OPENVINO_ONLY = ("int8-weights", "int8-encoder")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", *OPENVINO_ONLY)
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """The arithmetic the Tagger runs: fp32, bf16, fp16, int8, or 'auto' on the CPU.
+    """The arithmetic the Tagger runs: a path's name (`ramcli.tagging.runtimes`), or 'auto' on
+    the CPU.
 
     auto: bf16 on CUDA (fp16 where the GPU has no bf16); fp16 on MPS (its autocast supports
     fp16 on every macOS that has MPS, bf16 only on newer ones); on the CPU the Tagger checks the
     fast paths this CPU has against fp32 on the first photos of the run (`PrecisionCheck`).
-    int8 (dynamic quantisation of the Linear layers) has CPU kernels only.
     """
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if (precision == "int8" or precision in OPENVINO_ONLY) and device.type != "cpu":
+    if precision not in runtimes.names():
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(runtimes.names())}")
+    if precision != "auto" and device.type not in {d for p in runtimes.paths() if p.name == precision for d in p.devices}:
         raise UsageError(f"--precision {precision} runs on the CPU only (use bf16 or fp16 on a GPU)")
     if precision != "auto":
         return precision
@@ -79,35 +76,14 @@ MIN_SPEEDUP = 1.15
 DEFAULT_CHECK_PHOTOS = 8
 
 
-def _exported(model: nn.Module | None) -> bool:
-    return getattr(model, "fixed_precision", None) is not None
-
-
-def fast_paths(model: nn.Module | None = None) -> list[str]:
-    """The CPU fast paths worth checking for `model` on this machine, fastest-first by
-    expectation. An fp32 ONNX file has ONNX Runtime's int8; an int8 one none; an OpenVINO model
-    says itself."""
-    if hasattr(model, "fast_paths"):
-        return model.fast_paths()
-    if _exported(model):
-        return ["int8"] if model.fixed_precision == "fp32" else []
-    paths = []
-    if native_bf16():
-        paths.append("bf16")
-    if int8_engine() is not None:
-        paths.append("int8")
-    return paths
-
-
 def runtime_identity(model: nn.Module | None) -> str:
     """The runtime that computes `model` and its version: a cached decision holds for it only."""
-    if getattr(model, "runtime", None) == "openvino":
+    runtime = runtimes.runtime_of(model)
+    if runtime == "openvino":
         import openvino
 
         return f"openvino {openvino.__version__} {model.device_name}"
-    if _exported(model):
-        return "onnxruntime"  # its version is part of cpu_identity(onnx=True)
-    return "pytorch"
+    return runtime  # onnxruntime's version is part of cpu_identity(onnx=True)
 
 
 def model_fingerprint(path: Path) -> str:
@@ -123,47 +99,27 @@ def model_fingerprint(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- the paths
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose Linear layers (backbone and decoder) run dynamic int8: weights
-    quantised per output channel once, activations per batch. Attention products, norms and the
-    RAM++ description reweighting stay fp32. An ONNX model gives its ONNX Runtime int8 copy."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    if _exported(model):
-        return model.quantized()
-    engine = int8_engine()
-    if engine is None:
-        raise RuntimeError("this PyTorch build has no quantized CPU kernels")
-    torch.backends.quantized.engine = engine
-    with torch.no_grad(), warnings.catch_warnings():
-        # torch.ao's eager quantisation is marked deprecated in favour of torchao; it is still the
-        # one with fast x86/ARM int8 kernels for eager CPU inference (docs/performance.md)
-        warnings.filterwarnings("ignore", message=".*quantize_per_", category=UserWarning)
-        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
-        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
-
-
 @dataclass
 class Arithmetic:
-    """One way to run the model: the module (the model, or its int8 copy) and the autocast dtype."""
+    """One way to run the model, built from its path (`ramcli.tagging.runtimes`): the module (the
+    model, a quantised copy, a compiled graph) and the dtype PyTorch autocasts to."""
 
     name: str
     module: nn.Module
     device_type: str = "cpu"
+    autocast: str | None = None
 
     @classmethod
     def build(cls, name: str, model: nn.Module, device: torch.device) -> Arithmetic:
-        if hasattr(model, "at"):  # OpenVINO: one compiled graph per arithmetic, no autocast
-            return cls(name, model.at(name).eval(), device.type)
-        module = quantize_int8(model) if name == "int8" else model
-        return cls(name, module.eval(), device.type)
+        path = runtimes.lookup(model, name)
+        if path is None:
+            raise UsageError(f"{runtimes.runtime_of(model)} has no --precision {name} for this model")
+        return cls(name, path.build(model).eval(), device.type, path.autocast)
 
     def context(self):
-        dtype = AUTOCAST[self.name] if not hasattr(self.module, "at") else None
-        return torch.autocast(self.device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=getattr(torch, self.autocast))
 
     def __call__(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         with self.context():
@@ -281,7 +237,7 @@ class DecisionCache:
             decision = Decision.from_json(entry)
         except (KeyError, TypeError, ValueError):
             return None
-        return decision if decision.precision in ("fp32", *(fast_paths() if paths is None else paths)) else None
+        return decision if decision.precision in ("fp32", *(runtimes.fast_paths() if paths is None else paths)) else None
 
     def put(self, key: str, decision: Decision) -> None:
         data = self._read()

@@ -20,6 +20,7 @@ import torch
 from ramcli.errors import UsageError
 from ramcli.media.decode import normalize
 from ramcli.models import RecognitionModel
+from ramcli.tagging import runtimes
 from ramcli.tagging.decision import class_policy, emitted
 from ramcli.tagging.embed_cache import EmbeddingCache, rescore
 from ramcli.tagging.precision import (
@@ -28,7 +29,6 @@ from ramcli.tagging.precision import (
     Decision,
     DecisionCache,
     PrecisionCheck,
-    fast_paths,
     one_line,
     runtime_identity,
 )
@@ -86,15 +86,7 @@ class Tagger:
         self._compiled_batch: int | None = None
         self._check: PrecisionCheck | None = None
         self._key: str | None = None
-        fixed = getattr(self.model, "fixed_precision", None)
-        if getattr(self.model, "runtime", None) == "openvino":
-            self._run_openvino()
-        elif fixed is not None:
-            self._run_exported(fixed)
-        elif self.precision == "auto":
-            self._start_check()
-        else:
-            self._use(Arithmetic.build(self.precision, self.model, self.device))
+        self._choose_path()
 
     # ------------------------------------------------------------------ precision
     def _use(self, path: Arithmetic) -> None:
@@ -103,44 +95,29 @@ class Tagger:
         if self.compile and self._check is None:
             self._forward = torch.compile(path.module, dynamic=False)
 
-    def _run_exported(self, fixed: str) -> None:
-        """An exported graph (ONNX) runs on the CPU with ONNX Runtime: in the arithmetic it was
-        exported with, or, from an fp32 file, in int8 (its quantised copy), which auto checks."""
-        if self.device.type != "cpu":
-            raise UsageError("ONNX models run on the CPU (ONNX Runtime); use --device cpu or the .pth/.safetensors weights")
-        faster = fast_paths(self.model)
-        allowed = ("auto", fixed, *faster)
-        if self.precision not in allowed:
-            raise UsageError(f"this ONNX file computes in {fixed}; it runs with --precision "
-                             f"{' or '.join(allowed)} (bf16/fp16 need the .pth/.safetensors weights)")
-        if self.captioner is not None or self.cache is not None:
-            raise UsageError("an ONNX model gives logits only: --caption and --cache-embeddings need the "
-                             ".pth/.safetensors weights")
-        self.compile = False  # ONNX Runtime optimises the graph itself
-        if self.precision == "auto" and faster:
-            return self._start_check()
-        self._use(Arithmetic.build(fixed if self.precision == "auto" else self.precision, self.model, self.device))
-        if self.precision == "auto":
-            self.decision = Decision(fixed, "an ONNX file runs in the arithmetic it was exported with")
+    def _choose_path(self) -> None:
+        """Run the path `precision` names on the model's runtime (`ramcli.tagging.runtimes`), or
+        with auto check the fast paths it has against fp32. A graph converted for another runtime
+        (ONNX Runtime, OpenVINO) runs there, gives logits only and is optimised by its runtime."""
+        offered = runtimes.offered(self.model)
+        if runtimes.runtime_of(self.model) != "pytorch":
+            if self.device.type != "cpu":
+                raise UsageError(self.model.device_advice)
+            if self.captioner is not None or self.cache is not None:
+                raise UsageError(self.model.logits_only)
+            self.compile = False
+        if self.precision not in ("auto", *offered):
+            raise UsageError(f"this {getattr(self.model, 'kind', 'model')} runs --precision "
+                             f"{', '.join(('auto', *offered))}; not {self.precision}")
+        if self.precision != "auto":
+            return self._use(Arithmetic.build(self.precision, self.model, self.device))
+        if "fp32" not in offered:  # an int8 ONNX file: its own arithmetic is the reference
+            self._use(Arithmetic.build(offered[0], self.model, self.device))
+            self.decision = Decision(offered[0], f"this {self.model.kind} runs in the arithmetic it was exported with")
             if self.on_decision is not None:
                 self.on_decision(self.decision)
-
-    def _run_openvino(self) -> None:
-        """An OpenVINO graph computes in the arithmetic it was compiled for: fp32, bf16 or int8
-        (`ramcli.models.openvino_runtime`), which auto checks like PyTorch's."""
-        from ramcli.models.openvino_runtime import PRECISIONS as OPENVINO
-
-        if self.device.type != "cpu":
-            raise UsageError("with --runtime openvino, --device names OpenVINO's device (cpu, gpu, npu)")
-        if self.precision not in ("auto", *OPENVINO):
-            raise UsageError(f"OpenVINO runs --precision auto, {', '.join(OPENVINO)}; not {self.precision}")
-        if self.captioner is not None or self.cache is not None:
-            raise UsageError("an OpenVINO model gives logits only: --caption and --cache-embeddings need the "
-                             "PyTorch runtime")
-        self.compile = False  # OpenVINO optimises the graph itself
-        if self.precision == "auto":
-            return self._start_check()
-        self._use(Arithmetic.build(self.precision, self.model, self.device))
+            return
+        self._start_check()
 
     def _judged_thresholds(self) -> list[torch.Tensor]:
         """The thresholds auto compares tags at: the model's own, and the user's as well where
@@ -163,7 +140,7 @@ class Tagger:
     def _start_check(self) -> None:
         judged = self._judged_thresholds()
         self._key = self._decision_key(judged)
-        candidates = fast_paths(self.model)
+        candidates = runtimes.fast_paths(self.model)
         cached = DecisionCache().get(self._key, candidates) if self._key else None
         if cached is not None:
             return self._decided(cached)

@@ -40,9 +40,11 @@ def load_tagger(options: TagOptions, device, precision: str, vocab, listener: Li
     first job (it decides on compiling); `precision_check`: the Tagger's arguments for auto's
     check on the CPU (see `TagSession.load`)."""
     from ramcli.models import load_model
+    from ramcli.models.scratch import remove_abandoned
     from ramcli.tagging.decision import read_threshold_file
     from ramcli.tagging.tagger import Tagger
 
+    remove_abandoned()  # a killed conversion's gigabytes, whether or not this run converts
     model = load_model(options.weights, arch=options.arch, labels_dir=options.labels, device=device,
                        on_pull=lambda p: listener.warning(
                            f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
