@@ -22,4 +22,4 @@ class Closing(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Release what the resource holds; called once by `with`, and safe to call again."""
+        """Release what the resource holds (the end of a `with` block calls it)."""

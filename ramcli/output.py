@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
+from ramcli.closing import Closing
 from ramcli.errors import UsageError
 from ramcli.pathnames import display
 from ramcli.tagging.records import TAG_CELLS, TagScore, field_cell
@@ -92,7 +93,7 @@ def make_table(columns: Iterable[str | Column], rows: Iterable[Sequence[Any]], t
     return table
 
 
-class RecordWriter:
+class RecordWriter(Closing):
     """A sink for records in one of the layout's formats; call it with each batch, then `close`.
 
     `output` is a file to write instead of stdout; `append` keeps what a file already holds
@@ -149,12 +150,6 @@ class RecordWriter:
         self._stream.flush()
         if self._owned:
             self._stream.close()
-
-    def __enter__(self) -> RecordWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def write_records(records: Iterable, fmt: str, layout: Layout, output: Path | None = None, null: bool = False) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import sqlite_utils
 
 from ramcli import config
+from ramcli.closing import Closing
 from ramcli.errors import RamcliError
 from ramcli.library import tags
 from ramcli.library.columns import PhotoColumns
@@ -69,7 +70,7 @@ def path_key(path: str | os.PathLike) -> str:
     return to_text(normalize_path(path))
 
 
-class Index:
+class Index(Closing):
     """The index database. Open with `Index.open()`; use as a context manager or call `close()`."""
 
     def __init__(self, db: sqlite_utils.Database, path: Path, readonly: bool, busy_timeout: float):
@@ -104,12 +105,6 @@ class Index:
 
     def close(self) -> None:
         self.db.close()
-
-    def __enter__(self) -> Index:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def write(self) -> AbstractContextManager[None]:
         """One write transaction (a savepoint inside an open one), for the index's tables and
