@@ -61,6 +61,7 @@ def main() -> None:
 
     from ramcli.tagging import on_ray as ray_tag
     from ramcli.tagging.options import TagOptions
+    from ramcli.tagging.ray_cluster import import_ray
     from ramcli.tagging.session import TagSession
 
     os.environ["RAMCLI_HOME"] = str(CACHE / "ray_home")
@@ -78,7 +79,7 @@ def main() -> None:
     print(f"{args.arch} (random weights), {args.images} photos {args.size}, --precision {args.precision}, "
           f"batch {args.batch_size}; {cores} cores; load before: {load_average()}", flush=True)
     rows = [("local", timed(local))]
-    ray = ray_tag.import_ray()
+    ray = import_ray()
     ray.init(num_cpus=max(counts) * args.actor_cpus + 1, include_dashboard=False, log_to_driver=False)
     for n in counts:
         seconds = timed(lambda: ray_tag.execute(run(), [str(p) for p in photos], actors=n,

@@ -13,7 +13,9 @@ from PIL import Image
 
 from ramcli.models import load_any
 from ramcli_train.detector import Detection, ModelCropEmbedder
-from ramcli_train.engine import clean, generate, outliers, read_samples
+from ramcli_train.engine_clean import clean, outliers
+from ramcli_train.engine_generate import generate
+from ramcli_train.engine_shards import read_samples
 from ramcli_train.label_system import write_label_files
 from ramcli_train.synth import ALL_TAGS, COLOURS, write_shards
 from ramcli.models.labels import LabelSet
@@ -133,7 +135,7 @@ def test_generated_tags_are_the_tags_tag_emits(setup):
     from ramcli.models.ram import RecognitionModel
     from ramcli.tagging.decision import class_policy
     from ramcli.tagging.tagger import Tagger
-    from ramcli_train.engine import _decide
+    from ramcli_train.engine_generate import _decide
 
     arch = get_arch("ram_tiny")
     n = arch.num_classes

@@ -1,5 +1,5 @@
 """`ramcli engine`: the data engine, generate and clean. Thin wrappers over
-`ramcli_train.engine`."""
+`ramcli_train.engine_generate` and `ramcli_train.engine_clean`."""
 
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ def generate(
     ray_actors: int = RAY_ACTORS,
 ) -> None:
     """Run a baseline model over shards and add the tags (and captions) it generates."""
-    from ramcli_train.engine import checkpoint_captioner, generate as run
+    from ramcli_train.engine_generate import checkpoint_captioner, generate as run
 
     if ray or ray_address:
         from ramcli.errors import UsageError
-        from ramcli.tagging.on_ray import import_ray
+        from ramcli.tagging.ray_cluster import import_ray
 
         import_ray()
         if captioner:
@@ -88,7 +88,7 @@ def clean(
     if ray or ray_address:
         from functools import partial
 
-        from ramcli.tagging.on_ray import import_ray
+        from ramcli.tagging.ray_cluster import import_ray
 
         import_ray()
         from ramcli_train.detector import GroundingDino, ModelCropEmbedder
@@ -102,7 +102,7 @@ def clean(
         return
     from ramcli.tagging.pipeline import resolve_device
     from ramcli_train.detector import GroundingDino, ModelCropEmbedder
-    from ramcli_train.engine import clean as run
+    from ramcli_train.engine_clean import clean as run
 
     model = _model(weights, labels)
     dev = str(resolve_device(device))
