@@ -24,17 +24,6 @@ import time
 from pathlib import Path
 
 from _common import CACHE, checkpoint, jpegs, load_average
-from ckpt_factory import make_labels_dir, make_official_checkpoint
-
-
-def model(arch: str) -> tuple[Path, Path]:
-    if arch != "ram_tiny":
-        return checkpoint(arch)
-    CACHE.mkdir(exist_ok=True)
-    path = CACHE / "ram_tiny.pth"
-    if not path.exists():
-        make_official_checkpoint(path, "ram_tiny", num_classes=4585)
-    return path, make_labels_dir(CACHE, 4585)
 
 
 def timed(run_it) -> float:
@@ -55,7 +44,7 @@ def main() -> None:
     parser.add_argument("--actor-cpus", type=int, default=1)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    weights, labels = model(args.arch)
+    weights, labels = checkpoint(args.arch)
     photos = jpegs(CACHE / f"ray_photos_{args.size}", args.images, (width, height), quality=90)
     counts = [int(v) for v in args.actors.split(",")]
 
