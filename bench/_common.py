@@ -17,12 +17,13 @@ from ckpt_factory import make_labels_dir, make_official_checkpoint  # noqa: E402
 from images import photo_like  # noqa: E402
 
 
-def checkpoint(arch: str, optimizer_state: bool = False) -> tuple[Path, Path]:
-    """(official-layout .pth, labels dir) for a full-size arch, built once and cached."""
+def checkpoint(arch: str, optimizer_state: bool = False, num_classes: int | None = None) -> tuple[Path, Path]:
+    """(official-layout .pth, labels dir), built once and cached: with the whole tag list of the
+    arch's family, or its first `num_classes` tags (a tiny model whose cost is not its label table)."""
     CACHE.mkdir(exist_ok=True)
     family = "tag2text" if arch.startswith("tag2text") else "ram"
-    n = 3429 if family == "tag2text" else 4585
-    path = CACHE / f"{arch}{'-optim' if optimizer_state else ''}.pth"
+    n = num_classes or (3429 if family == "tag2text" else 4585)
+    path = CACHE / f"{arch}{'-optim' if optimizer_state else ''}{f'-{num_classes}' if num_classes else ''}.pth"
     if not path.exists():
         print(f"building {path.name} (random weights, official layout) ...", file=sys.stderr, flush=True)
         make_official_checkpoint(path, arch, num_classes=n, optimizer_state=optimizer_state)

@@ -71,7 +71,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.images, args.arch = 8, "ram_tiny"
-    pth, labels = checkpoint(args.arch) if not args.quick else _tiny()
+    pth, labels = checkpoint(args.arch, num_classes=50 if args.quick else None)
     size_px = (4000, 3000) if not args.quick else (640, 480)
     photos = jpegs(CACHE / ("jpeg12mp" if not args.quick else "jpeg_quick"), args.images, size=size_px)
     model = load_any(pth, labels_dir=labels)
@@ -113,16 +113,6 @@ def main() -> None:
         base.scores(tf(Image.open(p).convert("RGB")).unsqueeze(0))
     sync(device)
     print(f"end-to-end official-style (full decode, fp32, batch 1): {n / (time.perf_counter() - t0):8.1f} img/s")
-
-
-def _tiny():
-    from _common import make_labels_dir, make_official_checkpoint
-
-    CACHE.mkdir(exist_ok=True)
-    path = CACHE / "ram_tiny.pth"
-    if not path.exists():
-        make_official_checkpoint(path, "ram_tiny", num_classes=50)
-    return path, make_labels_dir(CACHE, 50)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,6 @@ import time
 from pathlib import Path
 
 from _common import CACHE, checkpoint, jpegs, load_average
-from ckpt_factory import make_labels_dir, make_official_checkpoint
-
-
-def model(arch: str) -> tuple[Path, Path]:
-    if arch != "ram_tiny":
-        return checkpoint(arch)
-    CACHE.mkdir(exist_ok=True)
-    path = CACHE / "ram_tiny.pth"
-    if not path.exists():
-        make_official_checkpoint(path, "ram_tiny", num_classes=4585)
-    return path, make_labels_dir(CACHE, 4585)
 
 
 def timed(run_it) -> float:
@@ -55,12 +44,13 @@ def main() -> None:
     parser.add_argument("--actor-cpus", type=int, default=1)
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    weights, labels = model(args.arch)
+    weights, labels = checkpoint(args.arch)
     photos = jpegs(CACHE / f"ray_photos_{args.size}", args.images, (width, height), quality=90)
     counts = [int(v) for v in args.actors.split(",")]
 
     from ramcli.tagging import on_ray as ray_tag
     from ramcli.tagging.options import TagOptions
+    from ramcli.tagging.ray_cluster import import_ray
     from ramcli.tagging.session import TagSession
 
     os.environ["RAMCLI_HOME"] = str(CACHE / "ray_home")
@@ -78,7 +68,7 @@ def main() -> None:
     print(f"{args.arch} (random weights), {args.images} photos {args.size}, --precision {args.precision}, "
           f"batch {args.batch_size}; {cores} cores; load before: {load_average()}", flush=True)
     rows = [("local", timed(local))]
-    ray = ray_tag.import_ray()
+    ray = import_ray()
     ray.init(num_cpus=max(counts) * args.actor_cpus + 1, include_dashboard=False, log_to_driver=False)
     for n in counts:
         seconds = timed(lambda: ray_tag.execute(run(), [str(p) for p in photos], actors=n,

@@ -36,17 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _common import CACHE, checkpoint, jpegs, load_average, photo_like  # noqa: E402
-from ckpt_factory import make_labels_dir, make_official_checkpoint  # noqa: E402
-
-
-def model_files(arch: str) -> tuple[Path, Path]:
-    if arch != "ram_tiny":
-        return checkpoint(arch)
-    CACHE.mkdir(exist_ok=True)
-    path = CACHE / "ram_tiny.pth"
-    if not path.exists():
-        make_official_checkpoint(path, "ram_tiny", num_classes=30)
-    return path, make_labels_dir(CACHE, 30)
 
 
 class Watch:
@@ -228,7 +217,7 @@ def main() -> None:
     parser.add_argument("--idle-files", type=int, default=10_000)
     parser.add_argument("--skip", nargs="*", default=[], choices=["latency", "burst", "idle"])
     args = parser.parse_args()
-    weights, labels = model_files(args.arch)
+    weights, labels = checkpoint(args.arch, num_classes=30 if args.arch == "ram_tiny" else None)
     print(f"model {args.arch}; load average before: {load_average()}; {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="ramcli-watch-bench-") as tmp:
         for name, step in (("latency", latency), ("burst", burst), ("idle", idle_cpu)):

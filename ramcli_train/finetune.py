@@ -40,7 +40,7 @@ from ramcli.errors import CheckpointError, UsageError
 from ramcli.models.labels import RAM_DEFAULT_THRESHOLD, LabelSet, resolve_labels
 from ramcli.models.configs import CLIP_DIM, SWIN_B_224, SWIN_B_384, SWIN_L_224, SWIN_L_384, SWIN_TINY_TEST, ArchConfig
 from ramcli.models.safeload import load_weights
-from ramcli.tagging.vocab import name_key
+from ramcli.tagging.tag_names import name_key
 from ramcli_train.config import CPU_SWIN, PRESETS, TrainConfig, read_config_file, resolve
 
 INIT_FILE = "init.pt"

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from ramcli.models.clip_text import ClipTextEncoder, ensemble
 from ramcli.errors import RamcliError, UsageError
 from ramcli.models.labels import RAM_DEFAULT_THRESHOLD, LabelSet, read_label_dir
-from ramcli.tagging.vocab import clean_name, name_key
+from ramcli.tagging.tag_names import clean_name, name_key
 
 MANIFEST = "label_system.json"
 SYNONYMS = "synonyms.json"

@@ -5,13 +5,13 @@ plan as `ramcli tag --ray`), running the local engine's own per-shard step on it
 travels once through Ray's object store, as the driver loaded it. The input shards and the
 output folder must be visible at the same path on every node.
 
-- generate: an actor runs `engine.generate_shard`, writing the new shard (atomically) into the
-  output folder; the driver adds up the actors' counts into `report.json`.
-- clean: an actor runs `engine.shard_regions` (detector, crop embeddings, the model's check of
-  each crop) and hands the regions back; the driver compares each category across all shards
-  (`engine.clean_report`, as locally), and Ray tasks write the cleaned shards
-  (`engine.write_cleaned`). The detector is built on each actor from a factory, so its weights
-  must be reachable from every node.
+- generate: an actor runs `engine_generate.generate_shard`, writing the new shard (atomically)
+  into the output folder; the driver adds up the actors' counts into `report.json`.
+- clean: an actor runs `engine_clean.shard_regions` (detector, crop embeddings, the model's
+  check of each crop) and hands the regions back; the driver compares each category across all
+  shards (`engine_clean.clean_report`, as locally), and Ray tasks write the cleaned shards
+  (`engine_clean.write_cleaned`). The detector is built on each actor from a factory, so its
+  weights must be reachable from every node.
 
 A killed actor is restarted and its shard processed again from the start; results are keyed by
 shard and outputs written atomically, so nothing is lost, doubled or half-written.
@@ -27,10 +27,16 @@ import numpy as np
 
 from ramcli.errors import RamcliError
 from ramcli.models import RecognitionModel
-from ramcli.tagging.on_ray import connect, one_line, plan
+from ramcli.tagging.ray_cluster import connect, one_line, plan
 from ramcli_train.detector import CropEmbedder, Detector, ModelCropEmbedder
-from ramcli_train.engine import (TagNames, check_clean_options, clean_report, generate_report, generate_shard,
-                                 output_paths, shard_regions, write_cleaned)
+from ramcli_train.engine_clean import (
+    check_clean_options,
+    clean_report,
+    shard_regions,
+    write_cleaned,
+)
+from ramcli_train.engine_generate import generate_report, generate_shard
+from ramcli_train.engine_shards import TagNames, output_paths
 
 
 class ShardGenerator:
@@ -71,7 +77,7 @@ def _start(address: str | None, device: str, actors: int | None, actor_cpus: flo
 def generate(model: RecognitionModel, data: Sequence[str], out_dir: Path, threshold: float | None = None,
              device: str = "auto", batch_size: int = 8, address: str | None = None, actors: int | None = None,
              actor_cpus: float | None = None) -> dict:
-    """`ramcli_train.engine.generate` (without captions) with the shards spread over Ray actors."""
+    """`ramcli_train.engine_generate.generate` (without captions) with the shards spread over Ray actors."""
     out_dir = Path(out_dir)
     ray, cluster, shards = _start(address, device, actors, actor_cpus, data, out_dir, "generate")
     model_ref = ray.put(model)
@@ -131,7 +137,7 @@ def clean(model: RecognitionModel, data: Sequence[str], out_dir: Path, detector:
           threshold: float | None = None, categories: Sequence[str] | None = None, device: str = "auto",
           batch_size: int = 8, seed: int = 0, address: str | None = None, actors: int | None = None,
           actor_cpus: float | None = None, on_shard: Callable[[int, int], None] | None = None) -> dict:
-    """`ramcli_train.engine.clean` with the shards' regions found by Ray actors. `detector` and
+    """`ramcli_train.engine_clean.clean` with the shards' regions found by Ray actors. `detector` and
     `embedder` are factories each actor calls, `detector(device=...)` and `embedder(model,
     device)`; `on_shard(done, total)` follows the shards as their regions come back."""
     check_clean_options(model, outlier_fraction, categories)

@@ -4,6 +4,7 @@ outliers, region check) on synthetic shards with a tiny real RAM model."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ from PIL import Image
 
 from ramcli.models import load_any
 from ramcli_train.detector import Detection, ModelCropEmbedder
-from ramcli_train.engine import clean, generate, outliers, read_samples
+from ramcli_train.engine_clean import clean, outliers
+from ramcli_train.engine_generate import generate
+from ramcli_train.engine_shards import read_samples
 from ramcli_train.label_system import write_label_files
 from ramcli_train.synth import ALL_TAGS, COLOURS, write_shards
 from ramcli.models.labels import LabelSet
@@ -124,6 +127,26 @@ def test_cli_generate_and_missing_detector(setup, tmp_path, capsys):
     assert exc.value.code == 1 and "Grounding DINO" in err and "Traceback" not in err
 
 
+def test_ray_usage_errors_come_before_the_model(tmp_path, capsys, monkeypatch):
+    """`--ray` without Ray names the extra to install, and `generate --ray --captioner` is
+    refused: one line each, exit 2, before the (here missing) weights are looked at."""
+    from ramcli.cli.app import main
+
+    missing = str(tmp_path / "missing.pth")
+    args = ["--weights", missing, "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--ray"]
+    with pytest.raises(SystemExit) as exc:
+        main(["engine", "generate", *args, "--captioner", missing])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --ray does not generate captions yet: run --captioner locally"]
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    for command in ("generate", "clean"):
+        with pytest.raises(SystemExit) as exc:
+            main(["engine", command, *args])
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == ["error: --ray needs Ray: pip install 'ramcli[ray]'"]
+
+
 def test_generated_tags_are_the_tags_tag_emits(setup):
     """The engine decides with the tagger's policy: its active classes (deleted tags never) and
     thresholds (per class, or one for all), on the same scores, in label order."""
@@ -133,7 +156,7 @@ def test_generated_tags_are_the_tags_tag_emits(setup):
     from ramcli.models.ram import RecognitionModel
     from ramcli.tagging.decision import class_policy
     from ramcli.tagging.tagger import Tagger
-    from ramcli_train.engine import _decide
+    from ramcli_train.engine_generate import _decide
 
     arch = get_arch("ram_tiny")
     n = arch.num_classes

@@ -26,7 +26,10 @@ from typer.testing import CliRunner
 from ckpt_factory import make_labels_dir, make_official_checkpoint
 from images import photo_like
 from ramcli.tagging import on_ray as ray_tag
+from ramcli.tagging import ray_cluster
 from ramcli.cli.app import app
+from ramcli.errors import UsageError
+from ramcli.media.object_storage import list_objects
 from ramcli.pathnames import from_text
 from ramcli.tagging.options import TagOptions
 
@@ -236,10 +239,10 @@ def test_object_storage_addresses_are_listed_read_and_recorded_as_given(model_fi
     (lib / ".hidden.jpg").write_bytes((lib / "p00.jpg").read_bytes())
     (lib / "p00.xmp").write_text("<x/>")
     uri = f"file://{lib}"
-    with pytest.raises(ray_tag.UsageError, match="not UTF-8"):
+    with pytest.raises(UsageError, match="not UTF-8"):
         _tag(model_files, tmp_path / "home", uri, "--ray", "--no-write")
     (lib / NAMES[4]).unlink()  # object keys are UTF-8: the listing refuses a local name that is not
-    with pytest.raises(ray_tag.UsageError, match="add --no-write"):
+    with pytest.raises(UsageError, match="add --no-write"):
         _tag(model_files, tmp_path / "home", uri, "--ray")
     res = _tag(model_files, tmp_path / "home", uri, "--ray", "--no-write", "--exclude", "sub/p1*")
     assert res.exit_code == 1, res.output
@@ -262,13 +265,13 @@ def test_object_storage_addresses_are_listed_read_and_recorded_as_given(model_fi
 def test_actors_leave_a_cpu_for_decoding(cluster):
     import ray
 
-    assert ray_tag.plan(ray, "auto", None, None) == ray_tag.Cluster(1, 1, 0, "cpu")  # 2 CPUs: 1 model, 1 decode
-    with pytest.raises(ray_tag.UsageError, match="leave at least one for decoding"):
-        ray_tag.plan(ray, "cpu", 2, 1)
-    with pytest.raises(ray_tag.UsageError, match="no node of the Ray cluster has that many CPUs"):
-        ray_tag.plan(ray, "cpu", 1, 4)
-    with pytest.raises(ray_tag.UsageError, match="has no GPU"):
-        ray_tag.plan(ray, "cuda", None, None)
+    assert ray_cluster.plan(ray, "auto", None, None) == ray_cluster.Cluster(1, 1, 0, "cpu")  # 2 CPUs: 1 model, 1 decode
+    with pytest.raises(UsageError, match="leave at least one for decoding"):
+        ray_cluster.plan(ray, "cpu", 2, 1)
+    with pytest.raises(UsageError, match="no node of the Ray cluster has that many CPUs"):
+        ray_cluster.plan(ray, "cpu", 1, 4)
+    with pytest.raises(UsageError, match="has no GPU"):
+        ray_cluster.plan(ray, "cuda", None, None)
 
 
 def test_list_objects_follows_the_walks_rules(tmp_path):
@@ -276,12 +279,12 @@ def test_list_objects_follows_the_walks_rules(tmp_path):
                  "skip/f.jpg", "keep/g.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x" * 3)
-    photos, counts = ray_tag.list_objects(f"file://{tmp_path}", exclude=["skip"])
+    photos, counts = list_objects(f"file://{tmp_path}", exclude=["skip"])
     assert [p.path for p in photos] == [f"file://{tmp_path}/{n}" for n in ("a.jpg", "b.JPEG", "c.cr2", "keep/g.png")]
     assert [p.kind for p in photos] == ["image", "image", "raw", "image"] and photos[0].size == 3
     assert counts == {"image": 3, "raw": 1, "video": 1, "unsupported": 1}
-    with pytest.raises(ray_tag.UsageError, match="no such object or folder"):
-        ray_tag.list_objects(f"file://{tmp_path}/missing")
+    with pytest.raises(UsageError, match="no such object or folder"):
+        list_objects(f"file://{tmp_path}/missing")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -314,11 +317,11 @@ def test_an_address_that_does_not_answer_is_one_line_at_once():
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # bound, not listening: connections are refused
-        with pytest.raises(ray_tag.UsageError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}: "):
-            ray_tag._reachable(f"127.0.0.1:{port}")
-        with pytest.raises(ray_tag.UsageError, match="cannot reach"):
-            ray_tag._reachable(f"ray://127.0.0.1:{port}")
-    ray_tag._reachable("auto")  # found by Ray itself
+        with pytest.raises(UsageError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}: "):
+            ray_cluster._reachable(f"127.0.0.1:{port}")
+        with pytest.raises(UsageError, match="cannot reach"):
+            ray_cluster._reachable(f"ray://127.0.0.1:{port}")
+    ray_cluster._reachable("auto")  # found by Ray itself
 
 
 def test_the_command_line_does_not_import_ray():
@@ -345,7 +348,8 @@ def test_the_index_keeps_object_addresses_as_given(tmp_path):
 def test_engine_generate_on_ray_writes_the_shards_of_a_local_run(cluster, tmp_path):
     from ramcli.models.labels import LabelSet
     from ramcli.models import load_any
-    from ramcli_train import engine, ray_engine
+    from ramcli_train import engine_generate, ray_engine
+    from ramcli_train.engine_shards import read_samples
     from ramcli_train.label_system import write_label_files
     from ramcli_train.synth import ALL_TAGS, write_shards
 
@@ -354,14 +358,13 @@ def test_engine_generate_on_ray_writes_the_shards_of_a_local_run(cluster, tmp_pa
     write_label_files(labels, LabelSet(ALL_TAGS, ALL_TAGS, (0.65,) * len(ALL_TAGS)))
     weights = make_official_checkpoint(tmp_path / "ram.pth", "ram_tiny", num_classes=len(ALL_TAGS))
     data = [str(tmp_path / "s" / "train")]
-    local = engine.generate(load_any(weights, labels_dir=labels), data, tmp_path / "local", device="cpu")
+    local = engine_generate.generate(load_any(weights, labels_dir=labels), data, tmp_path / "local", device="cpu")
     remote = ray_engine.generate(load_any(weights, labels_dir=labels), data, tmp_path / "ray", device="cpu")
     assert remote == local and local["generated"] > 0
     shards = sorted(p.name for p in (tmp_path / "local").glob("*.tar"))
     assert len(shards) == 3 and shards == sorted(p.name for p in (tmp_path / "ray").glob("*.tar"))
     for name in shards:
-        assert list(engine.read_samples(str(tmp_path / "ray" / name))) == \
-            list(engine.read_samples(str(tmp_path / "local" / name)))
+        assert list(read_samples(str(tmp_path / "ray" / name))) == list(read_samples(str(tmp_path / "local" / name)))
 
 
 @pytest.mark.slow

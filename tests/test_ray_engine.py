@@ -15,8 +15,9 @@ import test_engine
 from ckpt_factory import make_official_checkpoint
 from ramcli.models import load_any
 from ramcli.models.labels import LabelSet
-from ramcli_train import engine, ray_engine
+from ramcli_train import engine_clean, ray_engine
 from ramcli_train.detector import ModelCropEmbedder
+from ramcli_train.engine_shards import read_samples
 from ramcli_train.label_system import write_label_files
 from ramcli_train.synth import ALL_TAGS, write_shards
 
@@ -59,7 +60,7 @@ def setup(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = engine.clean(model, [str(root / "s" / "train")], root / "local", test_engine.ColourDetector(),
+        report = engine_clean.clean(model, [str(root / "s" / "train")], root / "local", test_engine.ColourDetector(),
                               ModelCropEmbedder(model), **OPTIONS)
     finally:
         torch.set_num_threads(threads)
@@ -74,7 +75,7 @@ def _same_shards(a: Path, b: Path) -> None:
     names = sorted(p.name for p in a.glob("*.tar"))
     assert names == sorted(p.name for p in b.glob("*.tar"))
     for name in names:
-        assert list(engine.read_samples(str(a / name))) == list(engine.read_samples(str(b / name))), name
+        assert list(read_samples(str(a / name))) == list(read_samples(str(b / name))), name
 
 
 def _actor_pids(name: bytes) -> list[int]:

@@ -15,6 +15,7 @@ from ramcli.errors import RamcliError
 from ramcli.models.labels import read_label_dir
 from ramcli.models import load_model
 from ramcli.tagging.vocab import Vocabulary
+from ramcli.tagging.vocab_apply import apply_to_model
 from ramcli.tagging.vocab_files import parse_import_file
 
 NUM_CLASSES = 30
@@ -192,7 +193,7 @@ def test_ram_custom_tag_scores_match_official_openset(tiny_models, vocab, load_e
     vocab.add("tram", load_encoder)
     vocab.add("Rack_railway", load_encoder, threshold=0.42)
     model = load_model(paths["ram_tiny"], labels_dir=labels)
-    vocab.apply_to_model(model)
+    apply_to_model(vocab, model)
     assert len(model.labels) == NUM_CLASSES + 2 and model.labels.names[-2:] == ("tram", "Rack_railway") and model.labels.thresholds[-2:] == (0.5, 0.42)
     x = images(model.arch.image_size)
     with torch.no_grad():
@@ -209,7 +210,7 @@ def test_ram_plus_unequal_description_counts_match_official(tiny_models, vocab, 
     vocab.add("funicular", load_encoder, descriptions=["a funicular railway."])
     vocab.add("monorail", load_encoder)  # no descriptions: the 63 prompts, reweighted per image
     model = load_model(paths["ram_plus_tiny"], labels_dir=labels)
-    vocab.apply_to_model(model)
+    apply_to_model(vocab, model)
     x = images(model.arch.image_size)
     with torch.no_grad():
         ours = model(x)[:, NUM_CLASSES:]
@@ -229,7 +230,7 @@ def test_disabled_and_thresholds_fold_into_the_model(tiny_models, vocab, load_en
     vocab.disable(names[2])
     vocab.disable("tram")
     vocab.set_threshold(names[4], 0.93)
-    applied = vocab.apply_to_model(model)
+    applied = apply_to_model(vocab, model)
     assert applied.version == vocab.version and applied.skipped_custom == ()
     assert model.labels.deleted == {2, NUM_CLASSES} and model.labels.thresholds[4] == 0.93
     kept = torch.tensor([i for i in range(NUM_CLASSES + 1) if i not in model.labels.deleted])
@@ -237,7 +238,7 @@ def test_disabled_and_thresholds_fold_into_the_model(tiny_models, vocab, load_en
     with torch.no_grad():
         full, subset = model(x), model(x, classes=kept)
     torch.testing.assert_close(subset, full[:, kept], atol=1e-5, rtol=0)
-    vocab.apply_to_model(model)  # idempotent: tram is not added twice
+    apply_to_model(vocab, model)  # idempotent: tram is not added twice
     assert len(model.labels) == NUM_CLASSES + 1 and model.labels.names.count("tram") == 1
 
 
@@ -246,7 +247,7 @@ def test_tag2text_skips_custom_tags(tmp_path, vocab, load_encoder):
     model = load_model(make_official_checkpoint(tmp_path / "t2t.pth", "tag2text_tiny", NUM_CLASSES), labels_dir=labels)
     vocab.add("tram", load_encoder)
     vocab.disable(model.labels.names[1])
-    applied = vocab.apply_to_model(model)
+    applied = apply_to_model(vocab, model)
     assert applied.skipped_custom == ("tram",) and len(model.labels) == NUM_CLASSES
     assert 1 in model.labels.deleted
 

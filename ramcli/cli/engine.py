@@ -1,5 +1,5 @@
 """`ramcli engine`: the data engine, generate and clean. Thin wrappers over
-`ramcli_train.engine`."""
+`ramcli_train.engine_generate` and `ramcli_train.engine_clean`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,17 @@ def _model(weights: str, labels: Path | None):
     return load_model(weights, labels_dir=labels)
 
 
+def _ray_engine():
+    """`ramcli_train.ray_engine`, once Ray is there: without it `--ray` is a one-line usage error
+    naming the extra, before any model is loaded."""
+    from ramcli.tagging.ray_cluster import import_ray
+
+    import_ray()
+    from ramcli_train import ray_engine
+
+    return ray_engine
+
+
 def _print(report: dict, what: str) -> None:
     console.print(f"{report['samples']} samples; tags {report['tag_count_before']} -> {report['tag_count_after']} "
                   f"({what}); report.json written", highlight=False)
@@ -47,24 +58,21 @@ def generate(
     ray_actors: int = RAY_ACTORS,
 ) -> None:
     """Run a baseline model over shards and add the tags (and captions) it generates."""
-    from ramcli_train.engine import checkpoint_captioner, generate as run
+    from ramcli_train.engine_generate import checkpoint_captioner
+    from ramcli_train.engine_generate import generate as run
 
     if ray or ray_address:
-        from ramcli.errors import UsageError
-        from ramcli.tagging.on_ray import import_ray
-
-        import_ray()
+        ray_engine = _ray_engine()
         if captioner:
-            raise UsageError("--ray does not generate captions yet: run --captioner locally")
-        from ramcli_train.ray_engine import generate as run_on_ray
+            from ramcli.errors import UsageError
 
-        report = run_on_ray(_model(weights, labels), data, out, threshold=threshold, device=device,
-                            batch_size=batch_size, address=ray_address, actors=ray_actors)
-        _print(report, f"{report['generated']} generated")
-        return
-    model = _model(weights, labels)
-    cap = checkpoint_captioner(captioner, "cpu" if device == "auto" else device) if captioner else None
-    report = run(model, data, out, threshold=threshold, captioner=cap, device=device, batch_size=batch_size)
+            raise UsageError("--ray does not generate captions yet: run --captioner locally")
+        report = ray_engine.generate(_model(weights, labels), data, out, threshold=threshold, device=device,
+                                     batch_size=batch_size, address=ray_address, actors=ray_actors)
+    else:
+        model = _model(weights, labels)
+        cap = checkpoint_captioner(captioner, "cpu" if device == "auto" else device) if captioner else None
+        report = run(model, data, out, threshold=threshold, captioner=cap, device=device, batch_size=batch_size)
     _print(report, f"{report['generated']} generated")
 
 
@@ -85,30 +93,24 @@ def clean(
     ray_actors: int = RAY_ACTORS,
 ) -> None:
     """Drop tags whose detected region is an outlier of its category or not recognised by the model."""
+    from ramcli_train.detector import GroundingDino, ModelCropEmbedder
+
     if ray or ray_address:
         from functools import partial
 
-        from ramcli.tagging.on_ray import import_ray
+        report = _ray_engine().clean(_model(weights, labels), data, out, partial(GroundingDino, detector_model),
+                                     ModelCropEmbedder, outlier_fraction=outlier_fraction, clusters=clusters,
+                                     threshold=threshold, categories=category or None, device=device,
+                                     address=ray_address, actors=ray_actors)
+    else:
+        from ramcli.tagging.pipeline import resolve_device
+        from ramcli_train.engine_clean import clean as run
 
-        import_ray()
-        from ramcli_train.detector import GroundingDino, ModelCropEmbedder
-        from ramcli_train.ray_engine import clean as run_on_ray
-
-        report = run_on_ray(_model(weights, labels), data, out, partial(GroundingDino, detector_model),
-                            ModelCropEmbedder, outlier_fraction=outlier_fraction, clusters=clusters,
-                            threshold=threshold, categories=category or None, device=device, address=ray_address,
-                            actors=ray_actors)
-        _print(report, f"{report['removed']} removed")
-        return
-    from ramcli.tagging.pipeline import resolve_device
-    from ramcli_train.detector import GroundingDino, ModelCropEmbedder
-    from ramcli_train.engine import clean as run
-
-    model = _model(weights, labels)
-    dev = str(resolve_device(device))
-    detector = GroundingDino(detector_model, device=dev)
-    report = run(model, data, out, detector, ModelCropEmbedder(model, dev), outlier_fraction=outlier_fraction,
-                 clusters=clusters, threshold=threshold, categories=category or None, device=device)
+        model = _model(weights, labels)
+        dev = str(resolve_device(device))
+        detector = GroundingDino(detector_model, device=dev)
+        report = run(model, data, out, detector, ModelCropEmbedder(model, dev), outlier_fraction=outlier_fraction,
+                     clusters=clusters, threshold=threshold, categories=category or None, device=device)
     _print(report, f"{report['removed']} removed")
 
 

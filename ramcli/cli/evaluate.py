@@ -48,10 +48,11 @@ def register(app: typer.Typer) -> None:
         if ray or ray_address:
             import functools
 
-            from ramcli.tagging import on_ray as ray_tag
+            from ramcli.tagging.on_ray import score_files
+            from ramcli.tagging.ray_cluster import import_ray
 
-            ray_tag.import_ray()
-            scorer = functools.partial(ray_tag.score_files, actor_device=device, address=ray_address, actors=ray_actors)
+            import_ray()
+            scorer = functools.partial(score_files, actor_device=device, address=ray_address, actors=ray_actors)
             device = "cpu"  # the driver only loads the model and gathers the scores
         request = EvalRequest(
             annotations=annotations, taglist=taglist, out_dir=out, images=images, weights=weights, arch=arch,

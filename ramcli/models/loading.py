@@ -155,14 +155,16 @@ def convert(src: Path, dst: Path, dtype: str = "fp32", arch: str | None = None,
     tag-only file, the format chosen by `dst`'s extension: safetensors, ONNX (`.onnx`) or
     OpenVINO's IR (`.xml` + `.bin`), the last two with the custom tags of `vocab` (a
     `ramcli.tagging.vocab.Vocabulary`) baked in."""
+    from ramcli.tagging.vocab_apply import apply_to_model
+
     model = load_any(src, arch=arch, labels_dir=labels_dir)
     if is_ir(dst):
         if dtype != "fp32":
             raise CheckpointError("an OpenVINO model is converted in fp32; its arithmetic is chosen when it runs "
                                   "(`ramcli tag --precision`)")
-        version = vocab.apply_to_model(model).version if vocab is not None else "builtin"
+        version = apply_to_model(vocab, model).version if vocab is not None else "builtin"
         return export_ir(model, dst, source=Path(src).name, vocab_version=version)
     if is_onnx(dst):
-        version = vocab.apply_to_model(model).version if vocab is not None else "builtin"
+        version = apply_to_model(vocab, model).version if vocab is not None else "builtin"
         return export_onnx(model, dst, dtype=dtype, source=Path(src).name, vocab_version=version)
     return save_converted(model, dst, dtype=dtype, source=Path(src).name)

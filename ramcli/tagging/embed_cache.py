@@ -72,7 +72,7 @@ class EmbeddingCache:
 def rescore(model, cache: EmbeddingCache, keys: Sequence[str], classes: torch.Tensor | Sequence[int],
             batch_size: int = 64) -> torch.Tensor:
     """Scores (N, K) in [0, 1] of label `classes` (e.g. the new custom tags' indices after
-    `Vocabulary.apply_to_model`) for cached photos, running only the recognition decoder.
+    `vocab_apply.apply_to_model`) for cached photos, running only the recognition decoder.
 
     Works for RAM and RAM++ alike: RAM++'s per-image description reweighting needs only the
     pooled token, which the cached embeddings hold.

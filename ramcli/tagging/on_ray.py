@@ -15,97 +15,43 @@ restarted and its batch retried (`max_restarts`, `max_task_retries`); Ray Data h
 block to the driver once, and the index keys records by path, so no photo is lost or doubled.
 
 Sources are local (or shared) folders, discovered as `ramcli tag` does, and object storage
-addresses (`s3://`, `gs://`, `file://`) listed through pyarrow's file systems, whose photos are
-recognised by extension and recorded under their address. Ray is imported only here, lazily.
+addresses (`s3://`, `gs://`, `file://`, see `ramcli.media.object_storage`). The cluster and Ray
+itself, imported lazily, come from `ramcli.tagging.ray_cluster`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
-from ramcli.media.discover import (PHOTO_KINDS, PHOTO_SUFFIXES, RAW_SUFFIXES, SIDECAR_SUFFIXES, VIDEO_SUFFIXES, Found,
-                                   os_reason, walk_reaches)
+
 from ramcli.errors import RamcliError, UsageError
+from ramcli.media.discover import Found
 from ramcli.media.loader import Batch, Failure, Item, PhotoDataset
+from ramcli.media.object_storage import list_objects, read_object
 from ramcli.pathnames import is_uri
-from ramcli.tagging.pipeline import ScoreResult, resolve_device, results_of
-from ramcli.tagging.tagger import Tagger
-from ramcli.tagging.precision import resolve_precision
 from ramcli.tagging.listener import Listener
 from ramcli.tagging.options import TagOptions
+from ramcli.tagging.pipeline import ScoreResult, resolve_device, results_of
+from ramcli.tagging.precision import resolve_precision
+from ramcli.tagging.ray_cluster import Cluster, connect, one_line, plan
 from ramcli.tagging.session import TagSession
+from ramcli.tagging.tagger import Tagger
 from ramcli.tagging.tagger_setup import should_compile
 
-INSTALL = "--ray needs Ray: pip install 'ramcli[ray]'"
 #: Upper bound on the blocks the photo list is cut into: a block is the unit Ray schedules and retries.
 MAX_BLOCKS = 2000
 #: Memory a decode task holds besides its batch's pixels: one photo decoded at full size (a
 #: 50 MP RGB frame with Pillow's working copy). Declaring it also keeps Ray Data from fusing
 #: decoding into the model actors, whose cores it would take.
 DECODE_MEMORY = 256 * 2**20
-
-
-def import_ray():
-    """Ray, or a one-line usage error (exit 2) naming the extra to install."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise UsageError(INSTALL) from None
-    return ray
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def list_objects(uri: str, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> tuple[list[Found], Counter]:
-    """The photos under an object-storage address, with the counts of what else was there.
-
-    Listing reads no object, so photos are told by their extension (local discovery sniffs
-    content); hidden and junk names, sidecars and the globs follow the local walk's rules. Each
-    photo's `path` is its full address (a `str`), `size` and `mtime_ns` those of the listing.
-    """
-    import pyarrow as pa
-    from pyarrow import fs as pafs
-
-    try:
-        filesystem, root = pafs.FileSystem.from_uri(uri)
-        base = filesystem.get_file_info(root)
-        if base.type == pafs.FileType.File:
-            files = [(base.path, base.size, base.mtime_ns)]
-        elif base.type == pafs.FileType.Directory:
-            files = sorted((i.path, i.size, i.mtime_ns) for i in filesystem.get_file_info(
-                pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File)
-        else:
-            raise UsageError(f"no such object or folder: {uri}")
-    except UnicodeDecodeError:
-        raise UsageError(f"cannot list {uri}: a name under it is not UTF-8 (object keys always are; "
-                         "give a local folder as a path, not a file:// address)") from None
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        raise UsageError(f"cannot list {uri}: {' '.join(str(exc).split())[:200]}") from None
-    scheme = uri.split("://", 1)[0]
-    photos, counts = [], Counter()
-    for path, size, mtime_ns in files:
-        if path != base.path and not walk_reaches(Path(root), Path(path), include, exclude):
-            continue
-        suffix = PurePosixPath(path).suffix.lower()
-        if suffix in SIDECAR_SUFFIXES:
-            continue
-        kind = "raw" if suffix in RAW_SUFFIXES else "image" if suffix in PHOTO_SUFFIXES else \
-            "video" if suffix in VIDEO_SUFFIXES else "unsupported"
-        counts[kind] += 1
-        if kind in PHOTO_KINDS:
-            photos.append(Found(f"{scheme}://{path}", kind, size=size, mtime_ns=mtime_ns or 0))
-    return photos, counts
 
 
 class RaySession(TagSession):
@@ -144,7 +90,7 @@ def _decode(rows: dict[str, np.ndarray], size: int, draft: bool, interpolation: 
         record: tuple | Failure
         if is_uri(path):
             try:
-                data, stat_size, stat_mtime = _read_object(path, filesystems)
+                data, stat_size, stat_mtime = read_object(path, filesystems)
                 decoded = load_for_model(Path(path.split("://", 1)[1]), size, draft=draft,
                                          interpolation=interpolation, data=data)
                 record = (decoded.pixels, Item(path, decoded.width, decoded.height, decoded.taken_at,
@@ -171,21 +117,6 @@ def _decode(rows: dict[str, np.ndarray], size: int, draft: bool, interpolation: 
                for k, v in out.items()}
     columns["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8)
     return columns
-
-
-def _read_object(uri: str, filesystems: dict) -> tuple[bytes, int, int]:
-    """An object's bytes with its size and mtime as read (as the local loader stats the file);
-    one pyarrow file system per bucket, reused for the rest of the task."""
-    from pyarrow import fs as pafs
-
-    scheme, key = uri.split("://", 1)
-    bucket = "" if scheme == "file" else key.split("/", 1)[0]
-    if (scheme, bucket) not in filesystems:  # from the bucket's address: a key need not be a valid URI
-        filesystems[scheme, bucket] = pafs.FileSystem.from_uri(f"{scheme}://{bucket or '/'}")[0]
-    filesystem = filesystems[scheme, bucket]
-    info = filesystem.get_file_info(key)
-    with filesystem.open_input_file(key) as fh:
-        return fh.readall(), int(info.size or 0), int(info.mtime_ns or 0)
 
 
 class Scorer:
@@ -229,38 +160,6 @@ class Scorer:
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-@dataclasses.dataclass
-class Cluster:
-    """How the model is spread: `actors` model actors of `cpus` CPUs and `gpus` GPUs each."""
-
-    actors: int
-    cpus: float
-    gpus: float
-    device: str  # the actors' --device
-
-
-def plan(ray, device: str, actors: int | None, actor_cpus: float | None) -> Cluster:
-    """One actor per GPU when the cluster has GPUs (and --device is not cpu); otherwise one CPU
-    actor per node, each with all of the smallest node's CPUs but one (left to decode tasks)."""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if device.startswith("cuda") and not gpus:
-        raise UsageError(f"--device {device}: the Ray cluster has no GPU")
-    if device == "mps":
-        raise UsageError("--ray runs the model on CUDA or CPU actors (--device cpu, cuda or auto)")
-    if gpus and device != "cpu":
-        return Cluster(actors or gpus, actor_cpus or 1, 1, "cuda")
-    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [resources.get("CPU", 1)]
-    cluster = Cluster(actors or len(nodes), actor_cpus or max(1, int(min(nodes)) - 1), 0, "cpu")
-    if cluster.cpus > max(nodes):
-        raise UsageError(f"--ray-actor-cpus {cluster.cpus:g}: no node of the Ray cluster has that many CPUs "
-                         f"(the largest has {max(nodes):g})")
-    if cluster.actors * cluster.cpus >= sum(nodes):
-        raise UsageError(f"{cluster.actors} model actors of {cluster.cpus:g} CPUs take all {sum(nodes):g} CPUs of "
-                         "the Ray cluster: leave at least one for decoding (fewer --ray-actors or --ray-actor-cpus)")
-    return cluster
 
 
 def scored_batches(ray, cluster: Cluster, paths: Sequence, model, batch_size: int, precision: str,
@@ -339,54 +238,6 @@ class RayRunner:
             sink(results)
         if on_batch is not None:
             on_batch(len(items) + len(failures), len(failures))
-
-
-def one_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:200]
-
-
-def connect(address: str | None):
-    """Ray, connected: to `address` ('auto' for the cluster this machine belongs to, or
-    'ray://host:10001'), to a running session, or to a new local one. Quiet: ramcli's own
-    progress bar and summary are the output."""
-    ray = import_ray()
-    if not ray.is_initialized():
-        _reachable(address)
-        try:
-            starts = address is None and not os.environ.get("RAY_ADDRESS")  # a new local Ray: no dashboard
-            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
-                     **({"include_dashboard": False} if starts else {}))
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise UsageError(f"cannot reach the Ray cluster at {address}: {one_line(exc)}") from None
-        # log_to_driver=False silences the workers' output, but the driver's thread that prints the
-        # cluster's error messages (an actor that died and is retried) writes them on stdout, where
-        # the results go, and Ray has no public switch for it (LoggingConfig sets up loggers; this
-        # is a print). So the private flag Ray's debugger uses; ramcli reports what failed itself.
-        import ray._private.worker as worker
-
-        if hasattr(worker, "_worker_logs_enabled"):
-            worker._worker_logs_enabled = False
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the output in discovery order, as a local run
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # failures end in one RamcliError line
-    return ray
-
-
-def _reachable(address: str | None) -> None:
-    """A `host:port` (or `ray://host:port`) that does not answer is a one-line error at once;
-    Ray itself would retry for minutes."""
-    import socket
-
-    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # None, "auto", "local": Ray finds the cluster itself
-    try:
-        socket.create_connection((host, int(port)), timeout=10).close()
-    except OSError as exc:
-        raise UsageError(f"cannot reach the Ray cluster at {address}: {os_reason(exc)}") from None
 
 
 def execute(run: TagOptions, sources: Sequence[str], listener: Listener | None = None, address: str | None = None,

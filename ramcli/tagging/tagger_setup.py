@@ -43,12 +43,13 @@ def load_tagger(options: TagOptions, device, precision: str, vocab, listener: Li
     from ramcli.models.scratch import remove_abandoned
     from ramcli.tagging.decision import read_threshold_file
     from ramcli.tagging.tagger import Tagger
+    from ramcli.tagging.vocab_apply import apply_to_model
 
     remove_abandoned()  # a killed conversion's gigabytes, whether or not this run converts
     model = load_model(options.weights, arch=options.arch, labels_dir=options.labels, device=device,
                        on_pull=lambda p: listener.warning(
                            f"downloading {p.name} ({p.size / 1e9:.1f} GB) from huggingface.co/{p.repo_id} …"))
-    applied = vocab.apply_to_model(model)
+    applied = apply_to_model(vocab, model)
     if options.runtime == "openvino":
         from ramcli.models import resolve_weights
         from ramcli.models.openvino_runtime import to_openvino

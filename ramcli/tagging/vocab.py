@@ -14,18 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save
 
-from ramcli.models.clip_text import ClipTextEncoder, ensemble, processed_name
 from ramcli.errors import RamcliError
 from ramcli.fileio import atomic_write
+from ramcli.models.clip_text import ClipTextEncoder
 from ramcli.models.labels import OPEN_SET_THRESHOLD, LabelSet
 from ramcli.tagging.decision import is_threshold
+from ramcli.tagging.tag_names import clean_name, name_key
 
 if TYPE_CHECKING:
     from ramcli.tagging.vocab_files import ImportPlan
@@ -34,21 +35,6 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 
 EncoderLoader = Callable[[], ClipTextEncoder]
-
-
-def name_key(name: str) -> str:
-    """Two names with the same key would get the same CLIP embedding, so they are the same tag."""
-    return " ".join(processed_name(name).split())
-
-
-def clean_name(name: str, what: str = "tag name") -> str:
-    """A stripped, single-spaced name, or a one-line error for empty or unprintable input."""
-    cleaned = " ".join(str(name).split())
-    if not cleaned:
-        raise RamcliError(f"{what} is empty")
-    if not cleaned.isprintable():
-        raise RamcliError(f"{what} has control characters: {cleaned!r}")
-    return cleaned
 
 
 def parse_threshold(value: float | str, name: str) -> float:
@@ -74,15 +60,6 @@ class CustomTag:
     clip_weights: str = ""
     #: Chinese name for `--lang zh|both` output; empty means the English name is shown.
     name_zh: str = ""
-
-
-@dataclass(frozen=True)
-class AppliedVocab:
-    """What `apply_to_model` did: the vocabulary version the results carry, and the custom tags a
-    closed-set model (Tag2Text) cannot score, which the run reports."""
-
-    version: str
-    skipped_custom: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -363,44 +340,6 @@ class Vocabulary:
         for alias, name in plan.synonyms.items():
             self.add_synonym(name, alias)
 
-    # ------------------------------------------------------------------ the model
-    def apply_to_model(self, model) -> AppliedVocab:
-        """Append custom tags as label queries and fold thresholds/disabled tags into `model.labels`.
-
-        RAM gets one query per tag: the official prompt ensemble. RAM++ gets the user's
-        descriptions, or without them the 63 prompts as descriptions, reweighted per image.
-        Tag2Text is closed-set: its custom tags are skipped (listed in `skipped_custom`). Disabled
-        tags join `labels.deleted`, so the tagger leaves them out of the label queries.
-        Idempotent: tags the model already has are not added twice.
-        """
-        family = model.arch.family
-        present = {name_key(n) for n in model.labels.names}
-        todo = [t for t in self.custom if name_key(t.name) not in present]
-        skipped: tuple[str, ...] = ()
-        if family == "tag2text":
-            skipped, todo = tuple(t.name for t in todo), []
-        if todo:
-            if family == "ram":
-                embeds = torch.stack([ensemble(self.embeddings[t.name]["template"]) for t in todo])
-                counts = None
-            else:
-                rows = [self.embeddings[t.name].get("descriptions", self.embeddings[t.name]["template"]) for t in todo]
-                embeds, counts = torch.cat(rows), [len(r) for r in rows]
-            model.add_label_queries(embeds, [t.name for t in todo], [t.name_zh or t.name for t in todo],
-                                    [t.threshold for t in todo], descriptions_per_tag=counts)
-        labels = model.labels
-        index = {name_key(n): i for i, n in enumerate(labels.names)}
-        thresholds = list(labels.thresholds)
-        for tag in self.custom:
-            if name_key(tag.name) in index:
-                thresholds[index[name_key(tag.name)]] = tag.threshold
-        for name, value in self.thresholds.items():
-            if name_key(name) in index:
-                thresholds[index[name_key(name)]] = value
-        disabled = frozenset(index[name_key(n)] for n in self.disabled if name_key(n) in index)
-        model.labels = replace(labels, thresholds=tuple(thresholds), deleted=labels.deleted | disabled)
-        return AppliedVocab(self.version, skipped)
-
 
 # ---------------------------------------------------------------------- helpers
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -409,4 +348,3 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(tensors[key].contiguous().numpy().tobytes())
     return digest.hexdigest()
-

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ramcli.errors import RamcliError
 from ramcli.models.labels import OPEN_SET_THRESHOLD
-from ramcli.tagging.vocab import CustomTag, name_key
+from ramcli.tagging.tag_names import name_key
+from ramcli.tagging.vocab import CustomTag
 
 
 @dataclass(frozen=True)
