@@ -17,8 +17,11 @@ class FixedGraph(nn.Module):
     kind = "converted model"
     #: the command that makes the graph again with the vocabulary's custom tags
     remake = "`ramcli models convert SRC DST`"
-    #: what to do when a PyTorch device (cuda, mps) was asked for
-    device_advice = "a converted model runs on the CPU"
+
+    @property
+    def device_advice(self) -> str:
+        """What to do when a PyTorch device (cuda, mps) was asked for."""
+        return f"an {self.kind} runs on the CPU; use --device cpu or the .pth/.safetensors weights"
 
     @property
     def num_classes(self) -> int:

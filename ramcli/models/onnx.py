@@ -288,13 +288,11 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
 
 
 class OnnxModel(FixedGraph):
-    """An exported tagger run by ONNX Runtime on the CPU, with the `RecognitionModel` surface
-    the pipeline uses: `arch`, `labels`, `model_id`, `num_classes` and `forward(x, classes)`."""
+    """An exported tagger run by ONNX Runtime on the CPU."""
 
     kind = "ONNX file"
     remake = "`ramcli models convert SRC DST.onnx`"
     runtime = "onnxruntime"
-    device_advice = "ONNX models run on the CPU (ONNX Runtime); use --device cpu or the .pth/.safetensors weights"
 
     #: The Tagger runs an exported graph as it was exported, in this arithmetic.
     fixed_precision: str
