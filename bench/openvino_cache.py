@@ -21,25 +21,25 @@ from _common import CACHE, checkpoint, load_average
 ONE_START = """
 import json, sys, time
 import numpy as np, openvino as ov
-xml, cache, hint, out = sys.argv[1:5]
+xml, cache, hint, out, size = sys.argv[1:6]
 core = ov.Core()
 if cache != "-":
     core.set_property({"CACHE_DIR": cache})
 t0 = time.perf_counter()
 compiled = core.compile_model(xml, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
 t1 = time.perf_counter()
-size = compiled.inputs[0].get_partial_shape()[-1].get_length()
-x = np.random.default_rng(0).standard_normal((2, 3, size, size), dtype=np.float32)
+x = np.random.default_rng(0).standard_normal((2, 3, int(size), int(size)), dtype=np.float32)
 np.save(out, compiled(x)[0])
 print(json.dumps({"start": t1 - t0, "first_batch": time.perf_counter() - t1}))
 """
 
 
-def start(xml: Path, cache: str, hint: str, out: Path) -> dict:
-    run = subprocess.run([sys.executable, "-c", ONE_START, str(xml), cache, hint, str(out)],
+def start(xml: Path, cache: str, hint: str, out: Path, size: int) -> dict:
+    run = subprocess.run([sys.executable, "-c", ONE_START, str(xml), cache, hint, str(out), str(size)],
                          capture_output=True, text=True)
     if run.returncode != 0:  # a crash is a result here, not an error of the benchmark
-        return {"start": float("nan"), "first_batch": float("nan"), "failed": f"exit {run.returncode}"}
+        why = (run.stderr.strip().splitlines() or [""])[-1][:120]
+        return {"start": float("nan"), "first_batch": float("nan"), "failed": f"exit {run.returncode} {why}"}
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -56,25 +56,27 @@ def main() -> None:
     from ramcli.models.openvino_runtime import cached_ir
 
     pth, labels = checkpoint(args.arch)
-    xml = cached_ir(load_any(pth, labels_dir=labels), pth)
+    model = load_any(pth, labels_dir=labels)
+    xml, size = cached_ir(model, pth), model.arch.image_size
     hint = {"fp32": "f32", "bf16": "bf16"}[args.precision]
     print(f"{args.arch} {args.precision}, 2 photos per batch; load average {load_average()}", flush=True)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        rows = [("no cache", start(xml, "-", hint, work / "plain.npy"), work / "plain.npy")]
-        rows.append(("cache: first start (compile, export)", start(xml, str(work / "cache"), hint, work / "0.npy"),
+        rows = [("no cache", start(xml, "-", hint, work / "plain.npy", size), work / "plain.npy")]
+        rows.append(("cache: first start (compile, export)", start(xml, str(work / "cache"), hint, work / "0.npy", size),
                      work / "0.npy"))
         for i in range(1, args.starts + 1):
-            rows.append((f"cache: start {i + 1} (import)", start(xml, str(work / "cache"), hint, work / f"{i}.npy"),
+            rows.append((f"cache: start {i + 1} (import)", start(xml, str(work / "cache"), hint, work / f"{i}.npy", size),
                          work / f"{i}.npy"))
-        size = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file()) / 2**20
-        plain = np.load(work / "plain.npy")
+        mib = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file()) / 2**20
+        plain = np.load(work / "plain.npy") if (work / "plain.npy").exists() else None
         print("| start | start-up s | first batch s | max logit difference vs no cache |")
         print("|---|---:|---:|---:|")
         for name, row, out in rows:
-            diff = f"{float(np.abs(np.load(out) - plain).max()):.2g}" if out.exists() else row.get("failed", "-")
+            diff = (f"{float(np.abs(np.load(out) - plain).max()):.2g}" if out.exists() and plain is not None
+                    else row.get("failed", "-"))
             print(f"| {name} | {row['start']:.1f} | {row['first_batch']:.1f} | {diff} |")
-        print(f"cache on disk: {size:.0f} MiB; load average at the end {load_average()}")
+        print(f"cache on disk: {mib:.0f} MiB; load average at the end {load_average()}")
         shutil.rmtree(work / "cache", ignore_errors=True)
 
 
