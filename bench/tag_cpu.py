@@ -21,14 +21,17 @@ still prints its ratios against a baseline and agreement against an fp32 of the 
 
 Each path runs in a fresh process, so "peak MB" is that path's own resident high-water mark
 (model, activations, compiled code; decode workers not included). Tag agreement = tags emitted
-by both / tags emitted by either, vs ramcli fp32 on the same (draft-decoded) pixels; "max change"
+by both / tags emitted by either, vs ramcli fp32 on the same pixels; "max change"
 is the largest |score - fp32 score| over all photos and classes. Random weights put many scores
 within a hair of their threshold (the header says how many), so agreement here is a worst case.
 
-    .venv/bin/python bench/tag_cpu.py [--images 8] [--batch-size 4] [--workers 1] [--paths int8,onnx]
+    .venv/bin/python bench/tag_cpu.py [--images 32] [--batch-size 4] [--workers 1] [--paths int8,onnx]
     .venv/bin/python bench/tag_cpu.py --paths "bf16,openvino,openvino bf16,openvino int8,openvino int8-weights"
-        [--onnx /work/artifacts/ram_swin_large_384-random.onnx]   # reuse an export (minutes) across runs
-    ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/tag_cpu.py --paths fp32,int8   # an AVX2-only CPU
+        [--onnx .bench_cache/ram_swin_large_384.onnx]   # reuse an export (minutes) across runs
+    ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/tag_cpu.py --paths fp32,int8   # PyTorch held to AVX2
+
+OpenVINO cannot be held to AVX2 on a newer CPU (with ONEDNN_MAX_CPU_ISA=AVX2 its CPU plugin
+fails to compile), so its AVX2 rows need an AVX2-only machine.
 """
 
 from __future__ import annotations
@@ -151,7 +154,8 @@ def tags(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ram_swin_large_384")
-    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--images", type=int, default=32,
+                    help="photos per path: enough that starting the decode workers weighs as little as in a library")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--paths", default=",".join(PATHS),

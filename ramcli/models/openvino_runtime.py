@@ -188,9 +188,9 @@ class OpenVinoModel(FixedGraph):
         classes = self.graph.outputs[0].get_partial_shape()[-1]
         if self.labels is None or (classes.is_static and classes.get_length() != len(self.labels)):
             raise CheckpointError(f"{self.path.name}: the label system does not match the graph's outputs")
-        # no CACHE_DIR (OpenVINO's compiled-model cache): it saves about a second per start
-        # (docs/performance.md), and a bf16 Swin-L imported from it crashed (segfault) on an AMX
-        # CPU with OpenVINO 2026.4; retested only on small models, where it ran
+        # no CACHE_DIR (OpenVINO's compiled-model cache): it saves under a second per start
+        # and keeps another copy of the weights per model, arithmetic and vocabulary
+        # (bench/openvino_cache.py)
 
     def at(self, precision: str, hint: str | None = None, transform: Callable | None = None) -> OpenVinoModel:
         """This graph in another arithmetic, compiled on first use: with OpenVINO's inference
