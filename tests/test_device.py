@@ -100,3 +100,20 @@ def test_tag_command_names_the_missing_device(gpus, tmp_path, capsys):
     assert run_cli(["tag", str(tmp_path), "--device", "mps", "--no-write", "--no-index"]) == 2
     err = capsys.readouterr().err
     assert "Metal backend is not available" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("weights", ["model.onnx", "model.XML"])
+def test_a_converted_graph_runs_on_the_cpu_where_auto_would_pick_a_gpu(gpus, tmp_path, weights, monkeypatch):
+    import ramcli.models
+    from ramcli.tagging.options import TagOptions
+    from ramcli.tagging.session import TagSession
+
+    monkeypatch.setenv("RAMCLI_HOME", str(tmp_path))
+    gpus(cuda=True, mps=False)
+    monkeypatch.setattr(ramcli.models, "model_id_of", lambda weights: "a converted tagger")  # no real file needed
+    options = TagOptions(paths=[tmp_path], weights=str(tmp_path / weights), write=False, use_index=False)
+    assert TagSession(options).device == torch.device("cpu")
+    with pytest.raises(UsageError, match="CUDA"):  # asked for by name, the GPU is still checked for
+        gpus(cuda=False, mps=False)
+        TagSession(TagOptions(paths=[tmp_path], weights=str(tmp_path / weights), device="cuda", write=False,
+                              use_index=False))

@@ -68,8 +68,10 @@ class TagSession(Closing):
         options.validate()
         self.options, self.listener = options, listener or Listener()
         self.stop, self.runner = stop, runner
-        # OpenVINO's devices (cpu, gpu, npu) are its own; PyTorch then only prepares pixels on the CPU
-        self.device = resolve_device("cpu" if options.runtime == "openvino" else options.device)
+        # OpenVINO's devices (cpu, gpu, npu) are its own, and a converted graph (.onnx, .xml) runs on
+        # its runtime's CPU even where auto would pick a GPU; PyTorch then only prepares pixels
+        converted = options.device == "auto" and str(options.weights or "").lower().endswith((".onnx", ".xml"))
+        self.device = resolve_device("cpu" if options.runtime == "openvino" or converted else options.device)
         self.precision = resolve_precision(self.device, options.precision)
         self.precision_note = self.precision if self.precision != "auto" else ""  # for the summary
         self.decode = resolve_decode(self.device, options.decode)
