@@ -428,5 +428,6 @@ def test_progress_lines_reach_a_piped_log(world, tmp_path):
     assert res.exit_code == 1, res.output
     steps = [line for line in res.stderr.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in steps] == ["1/5", "2/5", "4/5", "5/5"]
-    assert all(" loss " in line and "soft" in line and "embed" in line and " lr " in line for line in steps)
+    assert all(" loss " in line and "soft" in line and "embed" in line and " lr " in line and line.endswith(" img/s")
+               for line in steps)
     assert any(line.startswith("teacher ") and line.endswith(" photos") for line in res.stderr.splitlines())

@@ -46,8 +46,8 @@ class ProgressLines:
             return f"teacher {done}/{total} photos"
         from ramcli_train.trainer import progress_line
 
-        parts = {k: v for k, v in record.items() if k not in ("step", "epoch", "lr")}
-        return progress_line(done, total, parts, record["lr"])
+        parts = {k: v for k, v in record.items() if k not in ("step", "epoch", "lr", "img_per_s")}
+        return progress_line(done, total, parts, record["lr"], record.get("img_per_s"))
 
 
 def register(app: typer.Typer) -> None:
