@@ -14,7 +14,8 @@ Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-li
               Compilation, the ONNX export, the OpenVINO conversion and quantisation/calibration
               are done once beforehand, not timed.
   decode    : the pipeline's decode alone (same workers, same decode, no model): the ceiling
-              of every row above on this machine.
+              of every row above on this machine. Each ramcli row also times its model alone,
+              on pixels decoded beforehand: the other ceiling.
 
 baseline and fp32 run in every invocation, so a run split by path (`--paths onnx,onnx int8`)
 still prints its ratios against a baseline and agreement against an fp32 of the same run.
@@ -107,7 +108,20 @@ def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: i
     names = model.labels.names
     scores = torch.tensor([[got[str(p)][n] for n in names] for p in photos])
     return {"rate": rate, "scores": scores, "peak": peak_rss_mb(), "setup": setup,
-            "compiled": tagger.compile}
+            "compiled": tagger.compile, "model_rate": model_alone(model, tagger, photos, batch)}
+
+
+def model_alone(model, tagger, photos: list[Path], batch: int) -> float:
+    """img/s of the model on pixels decoded beforehand: the ceiling a path's model sets."""
+    from ramcli.media.loader import make_loader
+
+    interpolation = model.pretrained_cfg["interpolation"]
+    batches = [b.pixels for b in make_loader(photos, model.arch.image_size, batch, workers=0,
+                                             interpolation=interpolation) if b.items]
+    t0 = time.perf_counter()
+    for pixels in batches:
+        tagger.scores(pixels)
+    return len(photos) / (time.perf_counter() - t0)
 
 
 def decode_only(arch: str, photos: list[Path], batch: int, workers: int) -> dict:
@@ -216,8 +230,9 @@ def table(results: dict[str, dict], thresholds: torch.Tensor, photos: int) -> No
     base = results.get("baseline")
     ref = results.get("fp32")
     print()
-    print("| path | img/s | vs baseline | tag agreement with fp32 | max score change | peak MB | load after |")
-    print("|---|---|---|---|---|---|---|")
+    print("| path | img/s | vs baseline | model alone img/s (vs baseline) | tag agreement with fp32 | max score change "
+          "| peak MB | load after |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         ratio = f"{r['rate'] / base['rate']:.2f}x" if base else "-"
         if ref is not None and r is not ref and r["scores"] is not None:
@@ -227,7 +242,9 @@ def table(results: dict[str, dict], thresholds: torch.Tensor, photos: int) -> No
             change = f"{(r['scores'] - ref['scores']).abs().max():.4f}"
         else:
             agree, change = "-", "-"
-        print(f"| {name} | {r['rate']:.3f} | {ratio} | {agree} | {change} | {r['peak']:.0f} | {r['load']} |")
+        alone = r.get("model_rate")
+        alone = "-" if alone is None else f"{alone:.3f}" + (f" ({alone / base['rate']:.2f}x)" if base else "")
+        print(f"| {name} | {r['rate']:.3f} | {ratio} | {alone} | {agree} | {change} | {r['peak']:.0f} | {r['load']} |")
     if base is not None:
         near = ((base["scores"] - thresholds).abs() < 1e-3).sum().item()
         print(f"\nbaseline scores within 0.001 of their threshold: {near / photos:.1f} per photo\n", flush=True)
