@@ -33,14 +33,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def bf16_instructions(flags: set[str] | None = None) -> bool:
+    """bf16 matmuls in hardware: AVX512-BF16, AMX-BF16, Arm BF16 (what OpenVINO's kernels use)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def native_bf16(flags: set[str] | None = None) -> bool:
-    """bf16 matmuls in hardware (AVX512-BF16, AMX-BF16, Arm BF16), and PyTorch using them: an
-    `ATEN_CPU_CAPABILITY=avx2` process runs bf16 through emulation even on such a CPU."""
+    """bf16 matmuls in hardware, and PyTorch using them: an `ATEN_CPU_CAPABILITY=avx2` process
+    runs bf16 through emulation even on such a CPU."""
     flags = cpu_flags() if flags is None else flags
     if platform.machine().lower() in ("aarch64", "arm64"):
-        return "bf16" in flags
-    capability = torch.backends.cpu.get_cpu_capability()
-    return bool(flags & {"avx512_bf16", "amx_bf16"}) and capability.startswith("AVX512")
+        return bf16_instructions(flags)
+    return bf16_instructions(flags) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def int8_engine() -> str | None:

@@ -20,11 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def _always(model: Any) -> bool:
+def itself(model: Any) -> Any:
+    """The build of a path that runs the model as it is (autocast, or the file's own arithmetic)."""
+    return model
+
+
+def always(model: Any) -> bool:
     return True
 
 
-def _never(model: Any) -> bool:
+def never(model: Any) -> bool:
     return False
 
 
@@ -41,10 +46,10 @@ class PrecisionPath:
     #: the torch dtype name PyTorch autocasts to while it runs (None: none)
     autocast: str | None = None
     #: whether `model` can run this path at all (an int8 ONNX file has no fp32 path)
-    offered: Callable[[Any], bool] = _always
+    offered: Callable[[Any], bool] = always
     #: whether `--precision auto` checks it against fp32 for `model` on this machine: the fast
     #: paths that can keep a trained model's tags (docs/performance.md)
-    checked: Callable[[Any], bool] = _never
+    checked: Callable[[Any], bool] = never
 
 
 #: The runtime of every model that does not name another: its paths are listed first.

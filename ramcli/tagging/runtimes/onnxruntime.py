@@ -4,21 +4,14 @@ once into RAMCLI_HOME), which auto checks."""
 
 from __future__ import annotations
 
-from ramcli.tagging.runtimes import PrecisionPath, register
+from ramcli.tagging.runtimes import PrecisionPath, itself, register
 
 
 def _exported_in(name: str):
     return lambda model: model.fixed_precision == name
 
 
-def _itself(model):
-    return model
-
-
-def _int8(model):
-    return model if model.fixed_precision == "int8" else model.quantized()
-
-
-register(PrecisionPath("fp32", "onnxruntime", "the fp32 file as exported", _itself, offered=_exported_in("fp32")))
-register(PrecisionPath("int8", "onnxruntime", "the int8 file, or an fp32 file's int8 copy", _int8,
+register(PrecisionPath("fp32", "onnxruntime", "the fp32 file as exported", itself, offered=_exported_in("fp32")))
+register(PrecisionPath("int8", "onnxruntime", "the int8 file, or an fp32 file's int8 copy",
+                       lambda model: model.quantized(),
                        checked=_exported_in("fp32")))

@@ -24,7 +24,7 @@ import io
 import logging
 import warnings
 
-from ramcli.tagging.runtimes import PrecisionPath, register
+from ramcli.tagging.runtimes import PrecisionPath, always, register
 
 
 def compiled(name: str, hint: str | None = None, transform=None):
@@ -35,13 +35,9 @@ def compiled(name: str, hint: str | None = None, transform=None):
 
 
 def _native_bf16(model) -> bool:
-    from ramcli.tagging.cpu_features import cpu_flags
+    from ramcli.tagging.cpu_features import bf16_instructions
 
-    return model.device_name != "CPU" or bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def _always(model) -> bool:
-    return True
+    return model.device_name != "CPU" or bf16_instructions()
 
 
 def decoder_ops(graph) -> list[str]:
@@ -117,4 +113,4 @@ register(PrecisionPath("int8-weights", "openvino", "NNCF int8 weights everywhere
                        compiled("int8-weights", transform=lambda model, _: int8_weights(model.graph))))
 register(PrecisionPath("int8-encoder", "openvino", "NNCF int8 weights in the image encoder, the decoder float",
                        compiled("int8-encoder", transform=lambda model, _: int8_weights(model.graph, keep_decoder=True)),
-                       checked=_always))
+                       checked=always))

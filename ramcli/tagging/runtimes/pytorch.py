@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import warnings
 
-from ramcli.tagging.runtimes import PrecisionPath, register
-
-
-def _itself(model):
-    return model
+from ramcli.tagging.runtimes import PrecisionPath, itself, register
 
 
 def _native_bf16(model) -> bool:
@@ -49,9 +45,9 @@ def quantize_int8(model):
 
 GPU_AND_CPU = ("cpu", "cuda", "mps")
 
-register(PrecisionPath("fp32", "pytorch", "exact float32", _itself, GPU_AND_CPU))
-register(PrecisionPath("bf16", "pytorch", "bfloat16 autocast", _itself, GPU_AND_CPU, autocast="bfloat16",
+register(PrecisionPath("fp32", "pytorch", "exact float32", itself, GPU_AND_CPU))
+register(PrecisionPath("bf16", "pytorch", "bfloat16 autocast", itself, GPU_AND_CPU, autocast="bfloat16",
                        checked=_native_bf16))
-register(PrecisionPath("fp16", "pytorch", "float16 autocast (GPUs)", _itself, GPU_AND_CPU, autocast="float16"))
+register(PrecisionPath("fp16", "pytorch", "float16 autocast (GPUs)", itself, GPU_AND_CPU, autocast="float16"))
 register(PrecisionPath("int8", "pytorch", "dynamic int8 Linear layers", lambda model: quantize_int8(model),
                        checked=_has_int8_kernels))
