@@ -61,6 +61,8 @@ class TagSession(Closing):
     def __init__(self, options: TagOptions, listener: Listener | None = None,
                  stop: Callable[[], bool] | None = None, runner: Callable | None = None):
         from ramcli.models import model_id_of
+        from ramcli.models.onnx import is_onnx
+        from ramcli.models.openvino_runtime import is_ir
         from ramcli.tagging.pipeline import resolve_decode, resolve_device
         from ramcli.tagging.precision import resolve_precision
         from ramcli.tagging.vocab import Vocabulary
@@ -70,7 +72,8 @@ class TagSession(Closing):
         self.stop, self.runner = stop, runner
         # OpenVINO's devices (cpu, gpu, npu) are its own, and a converted graph (.onnx, .xml) runs on
         # its runtime's CPU even where auto would pick a GPU; PyTorch then only prepares pixels
-        converted = options.device == "auto" and str(options.weights or "").lower().endswith((".onnx", ".xml"))
+        weights = options.weights or ""
+        converted = options.device == "auto" and (is_onnx(weights) or is_ir(weights))
         self.device = resolve_device("cpu" if options.runtime == "openvino" or converted else options.device)
         self.precision = resolve_precision(self.device, options.precision)
         self.precision_note = self.precision if self.precision != "auto" else ""  # for the summary
