@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,7 +42,7 @@ from ramcli_train.distill_photos import collect_photos, key_photos, split
 from ramcli_train.losses import pooled_tag_loss
 from ramcli_train.student import INHERITED_LR, LR, build_student, check_faster, inherits, student_arch
 from ramcli_train.teacher import TEACHER_DIR, TeacherStore, TeacherTargets, pooled_embedding, teacher_pass
-from ramcli_train.trainer import CHECKPOINT_LAST, Trainer, load_checkpoint
+from ramcli_train.trainer import CHECKPOINT_LAST, Throughput, Trainer, load_checkpoint
 
 
 @dataclass
@@ -168,13 +167,13 @@ def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: li
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler[skip:], num_workers=cfg.workers,
                                            collate_fn=functools.partial(collate, size=student.arch.image_size))
 
-    window = {"start": time.perf_counter(), "images": 0}  # the photos trained on since the last step
+    throughput = Throughput()
 
     def loss(batch, sync: bool):
         usable = [i for i, item in enumerate(batch.items) if by_path[item.path] in targets.logits]
         if not usable:  # photos the teacher could not read either
             return None
-        window["images"] += len(usable)
+        throughput.add(len(usable))
         batch_keys = [by_path[batch.items[i].path] for i in usable]
         parts = student_loss(student, normalize(batch.pixels[usable].to(device), student.arch.data_config),
                              torch.stack([targets.logits[k] for k in batch_keys]).to(device),
@@ -183,11 +182,8 @@ def train_student(cfg: DistillConfig, student: RecognitionModel, train_paths: li
         return sum(parts.values()), parts
 
     def logged(step: int, epoch: int, lr: float, parts: dict[str, float]) -> None:
-        now = time.perf_counter()
-        rate = window["images"] / max(now - window["start"], 1e-9)
-        window.update(start=now, images=0)
         record = {"step": step, "epoch": epoch, "lr": lr, **{k: round(v, 5) for k, v in parts.items()},
-                  "img_per_s": round(rate, 2)}
+                  "img_per_s": round(throughput.read(), 2)}
         log(record)
         if on_step:
             on_step(step, total, record)

@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from ramcli_train.config import TrainConfig, dump
 from ramcli_train.model import ClipTeacher
 from ramcli_train.runtime import Runtime, autocast, rng_state, seed_everything, set_rng_state, setup_runtime
 from ramcli_train.sources import build_loader, count_samples, resolve_training_labels, split_data_paths
-from ramcli_train.trainer import CHECKPOINT_LAST, Trainer, load_checkpoint, progress_line
+from ramcli_train.trainer import CHECKPOINT_LAST, Throughput, Trainer, load_checkpoint, progress_line
 
 
 @torch.no_grad()
@@ -191,7 +190,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 continue
             yield batch
 
-    window = {"start": time.perf_counter(), "images": 0}
+    throughput = Throughput()
 
     def loss(batch, sync: bool):
         images = batch.images.to(rt.device, non_blocking=True)
@@ -207,7 +206,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         with ctx, autocast(cfg, rt.device):
             parts = ddp(images, batch.tags.to(rt.device), batch.parse_tags.to(rt.device), captions, **extra)
             value = losses.combine(parts, cfg.tag_rescale)
-        window["images"] += len(batch) * rt.world
+        throughput.add(len(batch) * rt.world)
         return value, parts
 
     last: dict[str, float] = {}
@@ -218,14 +217,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             nonlocal last
             last = {**parts, "loss": sum(parts.values())}
             if rt.main and (step % cfg.log_every == 0 or step == total):
-                rate = window["images"] / max(time.perf_counter() - window["start"], 1e-9)
+                rate = throughput.read()
                 log.write({"step": step, "epoch": epoch, "lr": lr, **{k: round(v, 5) for k, v in last.items()},
                            "img_per_s": round(rate, 2), "skipped": loader.stats.skipped})
                 line = progress_line(step, total, parts, lr, rate)
                 progress.update(task, description=line)
                 if not sys.stderr.isatty():  # a log file or a pipe gets a line, where a terminal gets the bar
                     print(line, file=sys.stderr, flush=True)
-                window.update(start=time.perf_counter(), images=0)
             progress.update(task, completed=step)
 
         trainer.fit(batches, loss, on_step)

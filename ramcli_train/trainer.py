@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import time
 import torch
 
 from ramcli.errors import RamcliError
@@ -41,6 +42,23 @@ def progress_line(step: int, total: int, parts: dict[str, float], lr: float, img
     named = ", ".join(f"{k} {v:.4f}" for k, v in parts.items())
     rate = "" if img_per_s is None else f" {img_per_s:.1f} img/s"
     return f"step {step}/{total} loss {sum(parts.values()):.4f} ({named}) lr {lr:.2e}{rate}"
+
+
+class Throughput:
+    """Images trained on per second since the last reading, for the progress line."""
+
+    def __init__(self):
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def read(self) -> float:
+        """The rate since the last reading (or the start), and a new window from now."""
+        now = time.perf_counter()
+        rate = self.images / max(now - self.start, 1e-9)
+        self.start, self.images = now, 0
+        return rate
 
 
 def save_checkpoint(path: Path, payload: dict) -> Path:
