@@ -43,11 +43,34 @@ def test_fp32_logits_match_pytorch(checkpoints, arch):
     converted = to_openvino(model, weights)
     assert isinstance(converted, OpenVinoModel) and converted.model_id == model.model_id
     assert converted.labels == model.labels and converted.arch == model.arch
-    for batch in (1, 3):  # the batch size is free, not the one the graph was traced with
+    # the batch size is free, not the one the graph was traced with: compiled for 1, then for
+    # 3, and a batch of 2 is padded to 3 and cut back
+    for batch in (1, 3, 2):
         x = _pixels(batch, batch)
         with torch.no_grad():
             expected = model(x)
         torch.testing.assert_close(converted(x), expected, atol=1e-4, rtol=0)
+
+
+def test_a_run_compiles_one_static_shape_and_pads_its_last_batch(checkpoints, monkeypatch):
+    weights, labels = checkpoints["ram_tiny"]
+    model = load_any(weights, labels_dir=labels).eval()
+    converted = to_openvino(model, weights)
+    shapes = []
+    compile_model = converted.core.compile_model
+
+    def spy(graph, *args):
+        shapes.append(graph.inputs[0].get_partial_shape())
+        return compile_model(graph, *args)
+
+    monkeypatch.setattr(converted.core, "compile_model", spy)
+    for batch in (4, 4, 3, 1):
+        x = _pixels(batch, batch)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), model(x), atol=1e-4, rtol=0)
+    size = model.arch.image_size
+    assert [list(s.to_shape()) for s in shapes] == [[4, 3, size, size]] and shapes[0].is_static
+    assert converted.graph.inputs[0].get_partial_shape()[0].is_dynamic  # the IR keeps its free batch
 
 
 def test_conversion_is_cached_by_content(checkpoints, tmp_path):

@@ -164,7 +164,8 @@ class OpenVinoModel(FixedGraph):
         super().__init__()
         ov = require()
         self.path, self.device_name, self.precision = Path(path), device_name(device), precision
-        self._labels_dir, self._threads, self._compiled = labels_dir, threads, None
+        self._labels_dir, self._threads = labels_dir, threads
+        self._ready, self._compiled, self._batch = None, None, 0
         self._hint, self._transform = hint, transform
         self.core = ov.Core()
         try:
@@ -203,8 +204,12 @@ class OpenVinoModel(FixedGraph):
         copy.model_id = self.model_id
         return copy
 
-    def _compile(self, calibration: np.ndarray):
-        graph = self.graph if self._transform is None else self._transform(self, calibration)
+    def _compile(self, batch: int):
+        """The graph compiled for exactly `batch` images. A static shape: OpenVINO's CPU plugin
+        runs it far faster than the IR's free batch, since Swin's window masks and position
+        biases fold into constants instead of being broadcast at every call."""
+        graph = self._ready.clone()
+        graph.reshape([batch, 3, self.arch.image_size, self.arch.image_size])
         config = {"PERFORMANCE_HINT": "LATENCY"}
         if self.device_name == "CPU":
             config["INFERENCE_NUM_THREADS"] = self._threads or torch.get_num_threads()
@@ -217,9 +222,17 @@ class OpenVinoModel(FixedGraph):
                                   f"in {self.precision}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
 
     def run(self, pixels):
-        if self._compiled is None:
-            self._compiled = self._compile(pixels)
-        return self._compiled(pixels)[0]
+        """Logits of `pixels` by the graph compiled for the largest batch seen: a run compiles
+        once for its batch size and pads a smaller batch (its last) up to it."""
+        n = pixels.shape[0]
+        if self._ready is None:  # the first pixels also calibrate a transform (NNCF's int8)
+            self._ready = self.graph if self._transform is None else self._transform(self, pixels)
+        if n > self._batch:
+            self._compiled = None  # the smaller copy's memory goes first
+            self._compiled, self._batch = self._compile(n), n
+        if n < self._batch:
+            pixels = np.concatenate([pixels, np.zeros((self._batch - n, *pixels.shape[1:]), pixels.dtype)])
+        return self._compiled(pixels)[0][:n]
 
 
 def load_ir(path: Path, labels_dir: Path | None = None, device: str = "CPU") -> OpenVinoModel:
