@@ -93,7 +93,9 @@ def nncf_variants(base) -> dict:
     run = nets["(recorder)"].run
     nets["(recorder)"].run = lambda x: (recorded.append(x.copy()), run(x))[1]
     for name, (build, hint) in builds.items():
-        nets[name] = OpenVinoModel(base.path).at(name, hint, lambda net, x, build=build: build(net.graph.clone(), x))
+        # made as the "fp32" model, which the Tagger's fp32 path runs as it is (`OpenVinoModel.at`)
+        nets[name] = OpenVinoModel(base.path, precision="fp32", hint=hint,
+                                   transform=lambda net, x, build=build: build(net.graph.clone(), x))
     return nets
 
 
