@@ -56,3 +56,31 @@ def test_ctrl_c_says_re_run_and_the_re_run_continues(tmp_path):
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert len(rerun.stdout.splitlines()) == 60 - done and _tagged(home / "index.db") == 60
+
+
+def test_a_failure_that_follows_ctrl_c_is_the_interrupt(monkeypatch, capsys):
+    """ExifTool and the decode workers get the SIGINT too: what their death breaks (here a
+    cleanup that finds ExifTool gone) may surface instead of the KeyboardInterrupt."""
+    from ramcli.cli import app as cli
+
+    def interrupted_then_broken(**_):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt comes first
+        finally:
+            raise RuntimeError("ExifTool instance not running: Cannot execute()")
+
+    monkeypatch.setattr(cli, "app", interrupted_then_broken)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted: re-run to continue (what was done is kept)"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+    def broken(**_):  # without Ctrl-C the same failure is what it is
+        raise RuntimeError("ExifTool instance not running: Cannot execute()")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([])
+    assert exit_.value.code == 1 and "internal error: RuntimeError" in capsys.readouterr().err

@@ -7,9 +7,12 @@ error answer at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 
 import typer
 
@@ -132,6 +135,35 @@ def main(argv: list[str] | None = None) -> None:
         from typer import rich_utils
 
         rich_utils.COLOR_SYSTEM = None
+    with _noting_ctrl_c() as ctrl_c:
+        _run(argv, ctrl_c)
+
+
+@contextlib.contextmanager
+def _noting_ctrl_c():
+    """Ctrl-C as Python handles it (a KeyboardInterrupt), remembered while a command runs.
+
+    Ctrl-C reaches ramcli's helper processes too (ExifTool, decode workers), and what their
+    death breaks in a background thread or a cleanup can surface before, or instead of, the
+    KeyboardInterrupt. Once Ctrl-C was pressed, any failure is the interrupt."""
+    pressed = threading.Event()
+
+    def handler(signum, frame):
+        pressed.set()
+        signal.default_int_handler(signum, frame)
+
+    own = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not ignored, not a caller's
+    if own:
+        signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _run(argv: list[str] | None, ctrl_c: threading.Event) -> None:
     try:
         code = app(args=argv, prog_name="ramcli", standalone_mode=False)
     except click_errors.NoArgsIsHelpError as exc:  # `ramcli` or `ramcli vocab` alone: the help
@@ -149,11 +181,15 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         _interrupted()
     except RamcliError as exc:
+        if ctrl_c.is_set():
+            _interrupted()
         fail(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _interrupted()
     except Exception as exc:
+        if ctrl_c.is_set():
+            _interrupted()
         if os.environ.get("RAMCLI_DEBUG"):
             raise
         fail(f"internal error: {type(exc).__name__}: {exc} (RAMCLI_DEBUG=1 shows the traceback)")

@@ -38,6 +38,10 @@ from pathlib import Path
 from ramcli.errors import RamcliError
 
 MIN_EXIFTOOL = (12, 15)  # PyExifTool 0.5.6 needs -echo4 ${status}
+# After Ctrl-C ExifTool got the SIGINT too and is gone. PyExifTool warns about it on stderr when
+# it next looks, from whichever thread; ramcli says what that means itself (the interrupt, or a
+# failed write with its reason).
+warnings.filterwarnings("ignore", "ExifTool process was previously running but died", UserWarning)
 
 # What ExifTool is asked to read: every field the planner looks at, in full.
 READ_TAGS = ("-XMP:all", "-IPTC:all", "-Photoshop:IPTCDigest", "-File:CurrentIPTCDigest", "-EXIF:ImageDescription")
@@ -203,8 +207,5 @@ class ExifToolProcess:
         return per_file_messages(stderr), failed
 
     def close(self) -> None:
-        # After Ctrl-C ExifTool got the SIGINT too and is gone; pyexiftool would warn about that.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if self._et.running:
-                self._et.terminate()
+        if self._et.running:
+            self._et.terminate()
