@@ -26,6 +26,17 @@ def _tagged(db: Path) -> int:
         return 0
 
 
+def _as_a_shell_starts_a_job() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _signal_state(pid: int) -> str:
+    """The blocked, ignored and caught signal masks of a process, for a failure message."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines() if Path(f"/proc/{pid}/status").exists() else []
+    return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 @pytest.mark.slow
 def test_ctrl_c_says_re_run_and_the_re_run_continues(tmp_path):
     weights = make_official_checkpoint(tmp_path / "ram_tiny.pth", "ram_tiny", num_classes=20)
@@ -38,16 +49,19 @@ def test_ctrl_c_says_re_run_and_the_re_run_continues(tmp_path):
     env = {**os.environ, "RAMCLI_HOME": str(home), "PYTHONPATH": str(REPO)}
     args = [sys.executable, "-m", "ramcli", "tag", str(lib), "--weights", str(weights), "--labels", str(labels),
             "--workers", "0", "--batch-size", "1", "--precision", "fp32", "-q", "-f", "jsonl"]
-    # its own process group, as a shell runs a job: Ctrl-C reaches ramcli and ExifTool alike
+    # its own process group, as a shell runs a job: Ctrl-C reaches ramcli and ExifTool alike; and
+    # SIGINT handled and unblocked, as an interactive shell starts a job, whatever this process
+    # (pytest and the libraries earlier tests loaded) does with it
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_a_shell_starts_a_job)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and _tagged(home / "index.db") < 3:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
+    state = _signal_state(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (err, state)
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: interrupted: re-run to continue"), err
     assert "Warning" not in err and "Traceback" not in err, err
@@ -70,17 +84,25 @@ def test_a_failure_that_follows_ctrl_c_is_the_interrupt(monkeypatch, capsys):
         finally:
             raise RuntimeError("ExifTool instance not running: Cannot execute()")
 
-    monkeypatch.setattr(cli, "app", interrupted_then_broken)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([])
-    assert exit_.value.code == 130
-    assert capsys.readouterr().err.strip() == "error: interrupted: re-run to continue (what was done is kept)"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
-
-    def broken(**_):  # without Ctrl-C the same failure is what it is
+    def broken(**_):
         raise RuntimeError("ExifTool instance not running: Cannot execute()")
 
-    monkeypatch.setattr(cli, "app", broken)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([])
-    assert exit_.value.code == 1 and "internal error: RuntimeError" in capsys.readouterr().err
+    # SIGINT handled and unblocked, as an interactive shell starts ramcli, whatever the libraries
+    # earlier tests loaded did to this process
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        monkeypatch.setattr(cli, "app", interrupted_then_broken)
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([])
+        assert exit_.value.code == 130, (previous, blocked)
+        assert capsys.readouterr().err.strip() == "error: interrupted: re-run to continue (what was done is kept)"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+        monkeypatch.setattr(cli, "app", broken)  # without Ctrl-C the same failure is what it is
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([])
+        assert exit_.value.code == 1 and "internal error: RuntimeError" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -184,6 +184,21 @@ def test_missing_exiftool_is_a_clear_error(ledger):
         MetadataWriter(WriterOptions(exiftool="/nonexistent/exiftool"), ledger)
 
 
+def test_an_exiftool_killed_under_ramcli_is_a_clear_error(tmp_path):
+    from ramcli.metadata import ExifToolProcess
+
+    photo = make_photo(tmp_path, "p", "jpg", seed=1)
+    process = ExifToolProcess()
+    try:
+        assert str(photo) in process.read([str(photo)])[0]
+        os.kill(process._et._process.pid, signal.SIGKILL)  # PyExifTool's own child: no public handle
+        process._et._process.wait()
+        with pytest.raises(RamcliError, match="ExifTool stopped while ramcli was using it; re-run to continue"):
+            process.read([str(photo)])
+    finally:
+        process.close()
+
+
 # --- every format, end to end ------------------------------------------------------------------
 
 

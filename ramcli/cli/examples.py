@@ -56,7 +56,7 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "train clip-features": [("ramcli train clip-features --data shards/ --out shards_clip/", "then --set distill=precomputed")],
     "finetune": [("ramcli finetune --from ram_plus_swin_large_14m.pth --data shards/ --out runs/ft", ""),
                  ("ramcli finetune --from W.pth --data shards/ --add-tag tram", "a new tag")],
-    "distill": [("ramcli distill --teacher W.pth --data ~/Pictures --out small.safetensors", "resnet50 student"),
+    "distill": [("ramcli distill --teacher W.pth --data ~/Pictures --out small.safetensors", "the teacher's encoder at half its depth"),
                 ("ramcli distill --teacher W.pth --data ~/Pictures --backbone teacher --depths 2,2,6,2 --out s.safetensors",
                  "a shallower copy of the teacher")],
     "engine generate": [("ramcli engine generate --weights W.pth --data shards/ --out shards_gen/", "")],

@@ -182,7 +182,12 @@ class ExifToolProcess:
     def execute(self, *args: str) -> tuple[bytes, str]:
         """Run one command; returns (stdout, stderr). A non-zero status is left to the caller,
         which reads per-file errors from stderr."""
-        stdout = self._et.execute(*map(safe_argument, args), raw_bytes=True)
+        from exiftool.exceptions import ExifToolNotRunning
+
+        try:
+            stdout = self._et.execute(*map(safe_argument, args), raw_bytes=True)
+        except ExifToolNotRunning:  # killed (by a Ctrl-C meant for ramcli, or out of memory)
+            raise RamcliError("ExifTool stopped while ramcli was using it; re-run to continue") from None
         return stdout, self._et.last_stderr.decode("utf-8", "replace")
 
     def read(self, names: Sequence[str]) -> tuple[dict[str, dict], dict[str, list[str]]]:
