@@ -31,8 +31,9 @@ within a hair of their threshold (the header says how many), so agreement here i
         [--onnx .bench_cache/ram_swin_large_384.onnx]   # reuse an export (minutes) across runs
     ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/tag_cpu.py --paths fp32,int8   # PyTorch held to AVX2
 
-OpenVINO cannot be held to AVX2 on a newer CPU (with ONEDNN_MAX_CPU_ISA=AVX2 its CPU plugin
-fails to compile), so its AVX2 rows need an AVX2-only machine.
+OpenVINO cannot be held to AVX2 on a newer CPU (with ONEDNN_MAX_CPU_ISA=AVX2 its oneDNN kernels
+use AVX2, but its MLAS matmuls and normalisations still use AVX-512), so its AVX2 rows need an
+AVX2-only machine.
 """
 
 from __future__ import annotations
