@@ -48,6 +48,15 @@ def jpegs(folder: Path, count: int, size: tuple[int, int] = (4000, 3000), qualit
     return out
 
 
+def start_workers_as_ramcli() -> None:
+    """In a path's own process (started with spawn, to isolate it), start decode workers the way
+    `ramcli tag` does: with the platform's default start method. A spawned process inherits spawn,
+    whose workers import torch and ramcli afresh (seconds) inside the timed run."""
+    import multiprocessing
+
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages: benchmarks print them next to their numbers."""
     try:

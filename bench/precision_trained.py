@@ -21,6 +21,11 @@ no cached decision) on the checkpoint, the .onnx and the OpenVINO model.
 
 Without --photos folder, held-out scenes of `ramcli_train.synth` (the validation split, which
 training never sees) are written under .bench_cache/ first.
+
+--draft renders those scenes at camera scale instead (7.8x the model's input: 500 px for a 64 px
+model, as a 4000x3000 photo is to Swin-L's 384, so JPEG draft mode decodes them at the same 1/2
+scale) and adds rows decoded in draft mode (`--decode draft`), still against fp32 on the full
+decode, so they count both changes.
 """
 
 from __future__ import annotations
@@ -54,12 +59,17 @@ def held_out_photos(folder: Path | None, count: int, size: int) -> list[Path]:
     return paths
 
 
-def batches(photos: list[Path], model, batch: int) -> list[torch.Tensor]:
+#: a 12 MP photo's long side over Swin-L's input (4000 / 384, rounded down to keep draft's scale)
+CAMERA_SCALE = 7.8
+DRAFT_PATHS = ("fp32", "openvino bf16")
+
+
+def batches(photos: list[Path], model, batch: int, draft: bool = False) -> list[torch.Tensor]:
     from ramcli.media.loader import make_loader
 
     cfg = model.pretrained_cfg
-    return [b.pixels for b in make_loader(photos, model.arch.image_size, batch, interpolation=cfg["interpolation"])
-            if b.items]
+    return [b.pixels for b in make_loader(photos, model.arch.image_size, batch, interpolation=cfg["interpolation"],
+                                          draft=draft) if b.items]
 
 
 def nncf_variants(base) -> dict:
@@ -107,6 +117,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--nncf-options", action="store_true", help="also the NNCF options tried to keep int8's tags")
+    ap.add_argument("--draft", action="store_true", help="camera-scale scenes, and rows decoded in JPEG draft mode")
     args = ap.parse_args()
     os.environ.setdefault("RAMCLI_HOME", str(CACHE / "home"))
     from ramcli.tagging.decision import emitted
@@ -123,23 +134,28 @@ def main() -> None:
     from ramcli.models.openvino_runtime import to_openvino
 
     openvino_model = to_openvino(model, args.weights)
-    photos = held_out_photos(args.photos, args.images, model.arch.image_size)
+    if args.draft:
+        photos = held_out_photos(None, args.images, round(CAMERA_SCALE * model.arch.image_size))
+    else:
+        photos = held_out_photos(args.photos, args.images, model.arch.image_size)
     pixels = batches(photos, model, args.batch_size)
+    drafted = batches(photos, model, args.batch_size, draft=True) if args.draft else None
     n = sum(p.shape[0] for p in pixels)
     print(f"{args.weights.name} ({model.model_id}, {model.arch.name}, {len(model.labels)} classes), {n} held-out "
           f"photos from {photos[0].parent}; native bf16: {'yes' if native_bf16() else 'no (bf16 emulated)'}; "
           f"load average {load_average()}", flush=True)
     results = {}
     variants = nncf_variants(openvino_model) if args.nncf_options else {}
-    for name in (*PATHS, *variants):
+    for name in (*PATHS, *variants, *(f"{p} draft" for p in DRAFT_PATHS if args.draft)):
+        name, draft = name.removesuffix(" draft"), name.endswith(" draft")
         first, _, second = name.partition(" ")
         nets = {"onnx": onnx_model, "openvino": openvino_model}
         net, precision = (nets[first], second or "fp32") if first in nets else (variants.get(name, model), first)
         precision = "fp32" if name in variants else precision
         tagger = Tagger(net, cpu, precision)
         t0 = time.perf_counter()
-        scores = torch.cat([tagger.scores(p) for p in pixels])
-        results[name] = (scores, n / (time.perf_counter() - t0), tagger._class_thresholds)
+        scores = torch.cat([tagger.scores(p) for p in (drafted if draft else pixels)])
+        results[name + " draft" * draft] = (scores, n / (time.perf_counter() - t0), tagger._class_thresholds)
     ref, _, thresholds = results["fp32"]
     ref_tags = emitted(ref, thresholds)
     near, close = (int(((ref - thresholds).abs() < d).sum()) for d in (1e-3, 0.02))

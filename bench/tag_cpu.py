@@ -4,7 +4,7 @@ Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-li
 
   baseline  : one image at a time: full PIL decode, the official torchvision transform
               (Resize((384,384)), ToTensor, Normalize), fp32 forward at batch 1.
-  fp32 ...  : the `ramcli tag` pipeline (CPU default decode in worker processes, batches, strict
+  fp32 ...  : the `ramcli tag` pipeline (CPU default decode, its decode workers, batches, strict
               thresholds) in each arithmetic: fp32, bf16 autocast, int8 (dynamic int8 Linear
               layers), each eager and torch.compile'd, and the exported ONNX graph run by ONNX
               Runtime in fp32 and int8 (`--precision int8` on the .onnx: its quantised copy), and
@@ -16,6 +16,8 @@ Random-weight RAM Swin-L (official layout), a folder of generated 12 MP photo-li
   decode    : the pipeline's decode alone (same workers, same decode, no model): the ceiling
               of every row above on this machine. Each ramcli row also times its model alone,
               on pixels decoded beforehand: the other ceiling.
+  ... draft : any ramcli path or decode with JPEG draft mode (`--decode draft`); its agreement is
+              still against fp32 on the official full decode, so it counts both changes.
 
 baseline and fp32 run in every invocation, so a run split by path (`--paths onnx,onnx int8`)
 still prints its ratios against a baseline and agreement against an fp32 of the same run.
@@ -47,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from _common import CACHE, checkpoint, jpegs, load_average, peak_rss_mb
+from _common import CACHE, checkpoint, jpegs, load_average, peak_rss_mb, start_workers_as_ramcli
 
 PATHS = ("baseline", "fp32", "fp32 compiled", "bf16", "bf16 compiled", "int8", "int8 compiled", "onnx", "onnx int8",
          "openvino", "openvino bf16", "openvino int8", "openvino int8-weights", "openvino int8-encoder", "decode")
@@ -78,11 +80,12 @@ def baseline(pth: Path, labels: Path, photos: list[Path], **_) -> dict:
 
 
 def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: int, workers: int,
-                onnx: Path | None = None) -> dict:
+                onnx: Path | None = None, decode: str = "workers") -> dict:
     from ramcli.models import load_any
     from ramcli.tagging.pipeline import tag_files
     from ramcli.tagging.tagger import Tagger
 
+    start_workers_as_ramcli()
     first, _, second = name.partition(" ")
     if first == "onnx":  # "onnx" or "onnx int8": the exported graph on ONNX Runtime
         model, precision, compiled = load_any(onnx, labels_dir=labels), second or "fp32", False
@@ -104,7 +107,7 @@ def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: i
             got[r.path] = {t.name: t.score for t in r.tags}
 
     t0 = time.perf_counter()
-    tag_files(photos, tagger, [sink], batch_size=batch, workers=workers)
+    tag_files(photos, tagger, [sink], batch_size=batch, workers=workers, decode=decode)
     rate = len(photos) / (time.perf_counter() - t0)
     names = model.labels.names
     scores = torch.tensor([[got[str(p)][n] for n in names] for p in photos])
@@ -125,17 +128,18 @@ def model_alone(model, tagger, photos: list[Path], batch: int) -> float:
     return len(photos) / (time.perf_counter() - t0)
 
 
-def decode_only(arch: str, photos: list[Path], batch: int, workers: int) -> dict:
-    """The pipeline's CPU decode (official full decode, resize to the model's input) without a
-    model: the most any path can reach end to end with these workers."""
+def decode_only(arch: str, photos: list[Path], batch: int, workers: int, draft: bool = False) -> dict:
+    """The pipeline's CPU decode (official full decode or draft mode, resize to the model's input)
+    without a model: the most any path can reach end to end with these workers."""
     from ramcli.media.loader import make_loader
     from ramcli.models.configs import get_arch
 
+    start_workers_as_ramcli()
     config = get_arch(arch)
 
     def run() -> float:
         t0 = time.perf_counter()
-        for _ in make_loader(photos, config.image_size, batch, workers=workers,
+        for _ in make_loader(photos, config.image_size, batch, workers=workers, draft=draft,
                              interpolation=config.data_config["interpolation"]):
             pass
         return time.perf_counter() - t0
@@ -170,15 +174,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="ram_swin_large_384")
     ap.add_argument("--images", type=int, default=32,
-                    help="photos per path: enough that starting the decode workers weighs as little as in a library")
+                    help="photos per path: enough that filling the pipeline weighs as little as in a library")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="decode workers (default: what `ramcli tag` starts on this machine: none below 4 cores)")
     ap.add_argument("--paths", default=",".join(PATHS),
-                    help=f"comma-separated subset of: {', '.join(PATHS)} (baseline and fp32 always run)")
+                    help=f"comma-separated subset of: {', '.join(PATHS)}, any but baseline with ' draft' "
+                         "(baseline and fp32 always run)")
     ap.add_argument("--onnx", type=Path, help="the exported .onnx to use (exported there first if missing)")
     args = ap.parse_args()
+    if args.workers is None:
+        from ramcli.tagging.pipeline import default_workers
+
+        args.workers = default_workers()
     chosen = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = set(chosen) - set(PATHS)
+    unknown = {p.removesuffix(" draft") for p in chosen} - set(PATHS) | ({"baseline draft"} & set(chosen))
     if unknown:
         raise SystemExit(f"unknown path(s): {', '.join(sorted(unknown))}")
     chosen = [*ALWAYS, *(p for p in chosen if p not in ALWAYS)]
@@ -207,10 +217,12 @@ def main() -> None:
         with ProcessPoolExecutor(1, mp_context=spawn) as pool:
             if name == "baseline":
                 job = pool.submit(baseline, pth, labels, photos)
-            elif name == "decode":
-                job = pool.submit(decode_only, args.arch, photos, args.batch_size, args.workers)
+            elif name.removesuffix(" draft") == "decode":
+                job = pool.submit(decode_only, args.arch, photos, args.batch_size, args.workers, name.endswith(" draft"))
             else:
-                job = pool.submit(ramcli_path, pth, labels, photos, name, args.batch_size, args.workers, onnx)
+                path, draft = name.removesuffix(" draft"), name.endswith(" draft")
+                job = pool.submit(ramcli_path, pth, labels, photos, path, args.batch_size, args.workers, onnx,
+                                  "draft" if draft else "workers")
             try:
                 results[name] = r = job.result()
             except Exception as exc:  # a crashed runtime (a segfault) is a result too
