@@ -95,22 +95,26 @@ def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: i
         model, precision, compiled = to_openvino(load_any(pth, labels_dir=labels), pth), second or "fp32", False
     else:
         model, precision, compiled = load_any(pth, labels_dir=labels), first, second == "compiled"
-    tagger = Tagger(model, torch.device("cpu"), precision, threshold=0.0,
-                    compile=compiled)  # threshold 0: every score comes back
+    tagger = Tagger(model, torch.device("cpu"), precision, compile=compiled)  # the model's own thresholds
     t0 = time.perf_counter()
     tag_files(photos[:batch], tagger, [lambda r: None], batch_size=batch, workers=0)  # warm-up / compile
     setup = time.perf_counter() - t0
-    got: dict[str, list[float]] = {}
+    recorded, forward = [], tagger.forward_batch
 
-    def sink(results):
-        for r in results:
-            got[r.path] = {t.name: t.score for t in r.tags}
+    def recording(pixels, hashes):
+        """Every score, as the model gave it: a run emits only the tags above their thresholds."""
+        scores, embeds = forward(pixels, hashes)
+        recorded.append(scores)
+        return scores, embeds
 
+    tagger.forward_batch = recording
+    tagged = []
     t0 = time.perf_counter()
-    tag_files(photos, tagger, [sink], batch_size=batch, workers=workers, decode=decode)
+    tag_files(photos, tagger, [tagged.extend], batch_size=batch, workers=workers, decode=decode)
     rate = len(photos) / (time.perf_counter() - t0)
-    names = model.labels.names
-    scores = torch.tensor([[got[str(p)][n] for n in names] for p in photos])
+    tagger.forward_batch = forward
+    assert [r.path for r in tagged] == [str(p) for p in photos], "a photo failed or came back out of order"
+    scores = torch.from_numpy(tagger.full_scores(torch.cat(recorded)))
     return {"rate": rate, "scores": scores, "peak": peak_rss_mb(), "setup": setup,
             "compiled": tagger.compile, "model_rate": model_alone(model, tagger, photos, batch)}
 

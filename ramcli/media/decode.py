@@ -170,7 +170,7 @@ def load_for_model(path: Path, size: int, draft: bool = False, defer_jpeg: bool 
                 return Decoded(None, width, height, taken_at, known_hash, encoded, orientation)
             if draft and img.format == "JPEG":
                 img.draft("RGB", (2 * size, 2 * size))
-            rgb = to_rgb(ImageOps.exif_transpose(img))
+            rgb = to_rgb(upright(img))
             digest = known_hash or pixel_hash(rgb)
             pixels = resize_for_model(rgb, size, interpolation)
     except Image.DecompressionBombError as exc:
@@ -204,11 +204,18 @@ def content_hash(path: Path) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return img.info.get(_PREVIEW_HASH) or pixel_hash(to_rgb(ImageOps.exif_transpose(img)))
+            return img.info.get(_PREVIEW_HASH) or pixel_hash(to_rgb(upright(img)))
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         raise ImageError(_decode_reason(exc)) from None
     finally:
         img.close()
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` decoded and turned as its EXIF orientation says, in place: `exif_transpose`'s default
+    copies the image even when there is nothing to turn, a 36 MB copy per 12 MP photo."""
+    ImageOps.exif_transpose(img, in_place=True)
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
