@@ -137,6 +137,7 @@ def decode_only(arch: str, photos: list[Path], batch: int, workers: int, draft: 
     without a model: the most any path can reach end to end with these workers."""
     from ramcli.media.loader import make_loader
     from ramcli.models.configs import get_arch
+    from ramcli.tagging.pipeline import decode_threads
 
     start_workers_as_ramcli()
     config = get_arch(arch)
@@ -144,7 +145,7 @@ def decode_only(arch: str, photos: list[Path], batch: int, workers: int, draft: 
     def run() -> float:
         t0 = time.perf_counter()
         for _ in make_loader(photos, config.image_size, batch, workers=workers, draft=draft,
-                             interpolation=config.data_config["interpolation"]):
+                             interpolation=config.data_config["interpolation"], threads=decode_threads(workers)):
             pass
         return time.perf_counter() - t0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import warnings
 
 import numpy as np
 import torch
@@ -14,14 +16,14 @@ from ramcli.media.loader import Batch, Failure, decode_deferred, make_loader
 S = 32
 
 
-def run(paths, workers: int, batch_size: int = 4) -> list[Batch]:
-    return list(make_loader(paths, S, batch_size=batch_size, workers=workers, pin_memory=False))
+def run(paths, workers: int, batch_size: int = 4, threads: int = 1) -> list[Batch]:
+    return list(make_loader(paths, S, batch_size=batch_size, workers=workers, pin_memory=False, threads=threads))
 
 
-def check_library_run(tmp_path, workers: int) -> None:
+def check_library_run(tmp_path, workers: int, threads: int = 1) -> None:
     library = make_library(tmp_path / "lib")
     paths = sorted(library)
-    batches = run(paths, workers)
+    batches = run(paths, workers, threads=threads)
     assert len(batches) == -(-len(paths) // 4)
     seen = []
     for batch in batches:
@@ -45,6 +47,30 @@ def test_library_in_process(tmp_path):
 
 def test_library_with_worker_processes(tmp_path):
     check_library_run(tmp_path, workers=2)
+
+
+def test_library_in_process_on_several_threads(tmp_path):
+    filters = list(warnings.filters)
+    check_library_run(tmp_path, workers=0, threads=3)
+    assert warnings.filters == filters  # the decoders' warning silencing does not outlive the run
+
+
+def test_in_process_threads_decode_a_batch_at_once(tmp_path, monkeypatch):
+    """Two photos of a batch are decoded at the same time: each waits for the other to start."""
+    import ramcli.media.loader as loader
+
+    paths = [tmp_path / f"{i}.jpg" for i in range(4)]
+    for path in paths:
+        make_image(path, "jpeg")
+    both_started = threading.Barrier(2, timeout=10)
+
+    def decode_alongside_another(*args, **kwargs):
+        both_started.wait()
+        return load_for_model(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "load_for_model", decode_alongside_another)
+    (batch,) = run(paths, workers=0, batch_size=4, threads=2)
+    assert batch.failures == [] and [i.path for i in batch.items] == paths
 
 
 def test_bad_photos_in_the_middle_of_a_batch(tmp_path):

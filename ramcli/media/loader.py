@@ -14,6 +14,8 @@ device (nvJPEG) just before the forward pass.
 from __future__ import annotations
 
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -109,18 +111,35 @@ def decode_deferred(batch: Batch, size: int, device: torch.device, interpolation
 
 
 class PhotoDataset(Dataset):
-    """Photos by index; each item is `(pixels, Item)` or a `Failure`, never an exception."""
+    """Photos by index; each item is `(pixels, Item)` or a `Failure`, never an exception.
+
+    `threads`: how many photos of a batch are decoded at once (`__getitems__`). Pillow's decode
+    and resize release the GIL, so decoding in-process between two model calls can use every
+    core instead of one.
+    """
 
     def __init__(self, paths: list[Path], size: int, draft: bool = False, defer_jpeg: bool = False,
-                 interpolation: str = "bilinear"):
+                 interpolation: str = "bilinear", threads: int = 1):
         self.paths = [Path(p) for p in paths]
         self.size = size
         self.draft = draft
         self.defer_jpeg = defer_jpeg
         self.interpolation = interpolation
+        self.threads = threads
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, Item] | Failure]:
+        """A batch's records in order, decoded `threads` at a time."""
+        if self.threads <= 1 or len(indices) <= 1:
+            return [self[i] for i in indices]
+        # Each decode silences Pillow's warnings with `catch_warnings`, which is not thread-safe:
+        # threads leaving it out of order could restore each other's filters. Entered here, in
+        # the calling thread, it holds the filters that every thread saves, and restores them last.
+        with warnings.catch_warnings(), ThreadPoolExecutor(min(self.threads, len(indices))) as pool:
+            warnings.simplefilter("ignore")
+            return list(pool.map(self.__getitem__, indices))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Item] | Failure:
         path = self.paths[index]
@@ -179,8 +198,10 @@ def make_loader(
     prefetch_factor: int = 4,
     defer_jpeg: bool = False,
     interpolation: str = "bilinear",
+    threads: int = 1,
 ) -> DataLoader:
-    """An iterable of `Batch`es over `paths`, decoded by `workers` processes (0: in-process).
+    """An iterable of `Batch`es over `paths`, decoded by `workers` processes (0: in-process),
+    each decoding `threads` photos of a batch at once.
 
     `size` and `interpolation` are the model's data config; `draft`: JPEG draft mode (see
     `ramcli.media.decode`).
@@ -192,7 +213,7 @@ def make_loader(
         pin_memory = torch.cuda.is_available()
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
     return DataLoader(
-        PhotoDataset(paths, size, draft, defer_jpeg, interpolation),
+        PhotoDataset(paths, size, draft, defer_jpeg, interpolation, threads),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
