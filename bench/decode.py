@@ -2,8 +2,9 @@
 
 Official: `Image.open().convert('RGB')` then torchvision Resize((S,S)) + ToTensor + Normalize,
 full-resolution decode. ramcli: `make_loader` (draft-mode JPEG decode at >= 2S, EXIF
-orientation, content hash, uint8 out) + `normalize`. Both run in-process and in 1 and 2
-DataLoader worker processes; each configuration is timed as its best pass after a warm-up one.
+orientation, content hash, uint8 out) + `normalize`. Both run in-process (ramcli's on every
+core, as `ramcli tag` decodes without workers) and in 1 and 2 DataLoader worker processes; each
+configuration is timed as its best pass after a warm-up one.
 
     .venv/bin/python bench/decode.py [--count 16] [--size 384] [--workers 1 2] [--passes 3]
 """
@@ -28,6 +29,7 @@ from images import jpeg_bytes, photo_like  # noqa: E402
 
 from ramcli.media.decode import normalize  # noqa: E402
 from ramcli.media.loader import make_loader  # noqa: E402
+from ramcli.tagging.pipeline import decode_threads  # noqa: E402
 
 
 class OfficialDataset(Dataset):
@@ -93,8 +95,9 @@ def main() -> None:
                 OfficialDataset(paths, args.size), batch_size=args.batch, num_workers=workers,
                 persistent_workers=workers > 0,
             )
-            draft_loader = make_loader(paths, args.size, args.batch, workers=workers, pin_memory=False, draft=True)
-            full_loader = make_loader(paths, args.size, args.batch, workers=workers, pin_memory=False, draft=False)
+            ramcli = dict(workers=workers, pin_memory=False, threads=decode_threads(workers))
+            draft_loader = make_loader(paths, args.size, args.batch, draft=True, **ramcli)
+            full_loader = make_loader(paths, args.size, args.batch, draft=False, **ramcli)
             official = timed_rate(lambda: iter(official_loader), args.count, args.passes)
             ours = timed_rate(lambda: (normalize(b.pixels) for b in draft_loader), args.count, args.passes)
             no_draft = timed_rate(lambda: (normalize(b.pixels) for b in full_loader), args.count, args.passes)
