@@ -137,9 +137,13 @@ class PhotoDataset(Dataset):
         # Each decode silences Pillow's warnings with `catch_warnings`, which is not thread-safe:
         # threads leaving it out of order could restore each other's filters. Entered here, in
         # the calling thread, it holds the filters that every thread saves, and restores them last.
-        with warnings.catch_warnings(), ThreadPoolExecutor(min(self.threads, len(indices))) as pool:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return list(pool.map(self.__getitem__, indices))
+            pool = ThreadPoolExecutor(min(self.threads, len(indices)))
+            try:
+                return list(pool.map(self.__getitem__, indices))
+            finally:
+                pool.shutdown(cancel_futures=True)  # after a Ctrl-C, photos not yet started stay undecoded
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Item] | Failure:
         path = self.paths[index]
