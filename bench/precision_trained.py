@@ -146,8 +146,8 @@ def main() -> None:
           f"load average {load_average()}", flush=True)
     results = {}
     variants = nncf_variants(openvino_model) if args.nncf_options else {}
-    for name in (*PATHS, *variants, *(f"{p} draft" for p in DRAFT_PATHS if args.draft)):
-        name, draft = name.removesuffix(" draft"), name.endswith(" draft")
+    runs = [(name, False) for name in (*PATHS, *variants)] + [(name, True) for name in DRAFT_PATHS if args.draft]
+    for name, draft in runs:
         first, _, second = name.partition(" ")
         nets = {"onnx": onnx_model, "openvino": openvino_model}
         net, precision = (nets[first], second or "fp32") if first in nets else (variants.get(name, model), first)
