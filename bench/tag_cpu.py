@@ -31,11 +31,13 @@ within a hair of their threshold (the header says how many), so agreement here i
     .venv/bin/python bench/tag_cpu.py [--images 32] [--batch-size 4] [--workers 1] [--paths int8,onnx]
     .venv/bin/python bench/tag_cpu.py --paths "bf16,openvino,openvino bf16,openvino int8,openvino int8-weights"
         [--onnx .bench_cache/ram_swin_large_384.onnx]   # reuse an export (minutes) across runs
-    ATEN_CPU_CAPABILITY=avx2 .venv/bin/python bench/tag_cpu.py --paths fp32,int8   # PyTorch held to AVX2
+    .venv/bin/python bench/tag_cpu.py --isa avx2 --paths "openvino,openvino int8"   # as on an AVX2-only CPU
 
-OpenVINO cannot be held to AVX2 on a newer CPU (with ONEDNN_MAX_CPU_ISA=AVX2 its oneDNN kernels
-use AVX2, but its MLAS matmuls and normalisations still use AVX-512), so its AVX2 rows need an
-AVX2-only machine.
+`--isa avx2` (or avx2_vnni: an AVX2 CPU with AVX-VNNI, Intel's laptops since 2021) holds every
+path and the baseline to those instructions on a newer CPU: PyTorch (ATEN_CPU_CAPABILITY), MKL
+(MKL_ENABLE_INSTRUCTIONS) and oneDNN, OpenVINO's kernels included (ONEDNN_MAX_CPU_ISA). Not all
+of OpenVINO: its MLAS fp32 matmuls and its normalisations still use AVX-512, so its fp32 rows
+are an upper bound of an AVX2 CPU's (its int8 matmuls are oneDNN's, held).
 """
 
 from __future__ import annotations
@@ -54,6 +56,23 @@ from _common import CACHE, checkpoint, jpegs, load_average, peak_rss_mb, start_w
 PATHS = ("baseline", "fp32", "fp32 compiled", "bf16", "bf16 compiled", "int8", "int8 compiled", "onnx", "onnx int8",
          "openvino", "openvino bf16", "openvino int8", "openvino int8-weights", "openvino int8-encoder", "decode")
 ALWAYS = ("baseline", "fp32")
+#: `--isa`: what oneDNN is held to; PyTorch and MKL are held to AVX2 for both
+ISAS = {"avx2": "AVX2", "avx2_vnni": "AVX2_VNNI"}
+
+
+def hold_to(isa: str) -> None:
+    """Make the path processes started after this compute as on a CPU with only `isa`: they read
+    these variables as they load their kernels."""
+    os.environ.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA=ISAS[isa])
+
+
+def openvino_default_f32() -> None:
+    """Where a path leaves OpenVINO its default precision, use f32, as the plugin does on a CPU
+    without bf16: held to AVX2 it still sees bf16 in the CPU's flags and fails to compile."""
+    from ramcli.models.openvino_runtime import OpenVinoModel
+
+    at = OpenVinoModel.at
+    OpenVinoModel.at = lambda self, precision, hint=None, transform=None: at(self, precision, hint or "f32", transform)
 
 
 def baseline(pth: Path, labels: Path, photos: list[Path], **_) -> dict:
@@ -86,6 +105,8 @@ def ramcli_path(pth: Path, labels: Path, photos: list[Path], name: str, batch: i
     from ramcli.tagging.tagger import Tagger
 
     start_workers_as_ramcli()
+    if "ONEDNN_MAX_CPU_ISA" in os.environ:
+        openvino_default_f32()
     first, _, second = name.partition(" ")
     if first == "onnx":  # "onnx" or "onnx int8": the exported graph on ONNX Runtime
         model, precision, compiled = load_any(onnx, labels_dir=labels), second or "fp32", False
@@ -187,7 +208,10 @@ def main() -> None:
                     help=f"comma-separated subset of: {', '.join(PATHS)}, any but baseline with ' draft' "
                          "(baseline and fp32 always run)")
     ap.add_argument("--onnx", type=Path, help="the exported .onnx to use (exported there first if missing)")
+    ap.add_argument("--isa", choices=sorted(ISAS), help="compute as on a CPU with only these instructions (see above)")
     args = ap.parse_args()
+    if args.isa:
+        hold_to(args.isa)
     if args.workers is None:
         from ramcli.tagging.pipeline import default_workers
 
@@ -204,9 +228,10 @@ def main() -> None:
     from ramcli.tagging.cpu_features import cpu_name, native_bf16
 
     thresholds = torch.tensor(read_label_dir(labels, "ram").thresholds)
+    kernels = (f"paths held to {args.isa}" if args.isa else f"PyTorch kernels {torch.backends.cpu.get_cpu_capability()}"
+               f", native bf16: {'yes' if native_bf16() else 'no'}")
     print(f"{args.arch}, {len(photos)} x 12 MP JPEGs, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.workers} decode worker(s); CPU {cpu_name()}, PyTorch kernels {torch.backends.cpu.get_cpu_capability()}"
-          f", native bf16: {'yes' if native_bf16() else 'no'}; load average {load_average()}", flush=True)
+          f"{args.workers} decode worker(s); CPU {cpu_name()}, {kernels}; load average {load_average()}", flush=True)
     if any(name.startswith("openvino") for name in chosen):
         t0 = time.perf_counter()
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # its memory is freed after
