@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import threading
 import warnings
 
 import numpy as np
+import pytest
 import torch
 from images import make_image, make_library
 
@@ -47,6 +49,19 @@ def test_library_in_process(tmp_path):
 
 def test_library_with_worker_processes(tmp_path):
     check_library_run(tmp_path, workers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_library_with_workers_started_fresh(tmp_path, method):
+    """Decode workers that start as a fresh interpreter, as they do by default on macOS (spawn)
+    and on Linux from Python 3.14 (forkserver): everything they are given must pickle."""
+    old = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(method, force=True)
+    try:
+        check_library_run(tmp_path, workers=2)
+    finally:
+        multiprocessing.set_start_method(old, force=True)
 
 
 def test_library_in_process_on_several_threads(tmp_path):
