@@ -208,7 +208,7 @@ def main() -> None:
                     help=f"comma-separated subset of: {', '.join(PATHS)}, any but baseline with ' draft' "
                          "(baseline and fp32 always run)")
     ap.add_argument("--onnx", type=Path, help="the exported .onnx to use (exported there first if missing)")
-    ap.add_argument("--isa", choices=sorted(ISAS), help="compute as on a CPU with only these instructions (see above)")
+    ap.add_argument("--isa", choices=sorted(ISAS), help="compute as on a CPU with only these instructions (how, and what it does not hold: the module docstring)")
     args = ap.parse_args()
     if args.isa:
         hold_to(args.isa)

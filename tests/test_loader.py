@@ -52,7 +52,7 @@ def test_library_with_worker_processes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("method", [m for m in ("spawn", "forkserver") if m in multiprocessing.get_all_start_methods()])
 def test_library_with_workers_started_fresh(tmp_path, method):
     """Decode workers that start as a fresh interpreter, as they do by default on macOS (spawn)
     and on Linux from Python 3.14 (forkserver): everything they are given must pickle."""
