@@ -29,7 +29,6 @@ from images import jpeg_bytes, photo_like  # noqa: E402
 
 from ramcli.media.decode import normalize  # noqa: E402
 from ramcli.media.loader import make_loader  # noqa: E402
-from ramcli.tagging.pipeline import decode_threads  # noqa: E402
 
 
 class OfficialDataset(Dataset):
@@ -95,7 +94,7 @@ def main() -> None:
                 OfficialDataset(paths, args.size), batch_size=args.batch, num_workers=workers,
                 persistent_workers=workers > 0,
             )
-            ramcli = dict(workers=workers, pin_memory=False, threads=decode_threads(workers))
+            ramcli = dict(workers=workers, pin_memory=False)
             draft_loader = make_loader(paths, args.size, args.batch, draft=True, **ramcli)
             full_loader = make_loader(paths, args.size, args.batch, draft=False, **ramcli)
             official = timed_rate(lambda: iter(official_loader), args.count, args.passes)

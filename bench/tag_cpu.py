@@ -158,7 +158,6 @@ def decode_only(arch: str, photos: list[Path], batch: int, workers: int, draft: 
     without a model: the most any path can reach end to end with these workers."""
     from ramcli.media.loader import make_loader
     from ramcli.models.configs import get_arch
-    from ramcli.tagging.pipeline import decode_threads
 
     start_workers_as_ramcli()
     config = get_arch(arch)
@@ -166,7 +165,7 @@ def decode_only(arch: str, photos: list[Path], batch: int, workers: int, draft: 
     def run() -> float:
         t0 = time.perf_counter()
         for _ in make_loader(photos, config.image_size, batch, workers=workers, draft=draft,
-                             interpolation=config.data_config["interpolation"], threads=decode_threads(workers)):
+                             interpolation=config.data_config["interpolation"]):
             pass
         return time.perf_counter() - t0
 

@@ -110,6 +110,22 @@ def decode_deferred(batch: Batch, size: int, device: torch.device, interpolation
     return done.select([i for i in range(len(batch.items)) if i not in bad]) if bad else done
 
 
+#: At most this many photos decoded at once in-process: each holds its full-size decode (36 MB
+#: for 12 MP) until it is resized.
+MAX_DECODE_THREADS = 8
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, as taskset or a container limits it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decode_threads(workers: int) -> int:
+    """Photos of a batch decoded at once by each decoder: in-process (no workers) every core, as
+    the model waits for the batch anyway; in a worker one, the workers being the parallelism."""
+    return min(MAX_DECODE_THREADS, usable_cores()) if workers == 0 else 1
+
+
 class PhotoDataset(Dataset):
     """Photos by index; each item is `(pixels, Item)` or a `Failure`, never an exception.
 
@@ -202,10 +218,10 @@ def make_loader(
     prefetch_factor: int = 4,
     defer_jpeg: bool = False,
     interpolation: str = "bilinear",
-    threads: int = 1,
+    threads: int | None = None,
 ) -> DataLoader:
     """An iterable of `Batch`es over `paths`, decoded by `workers` processes (0: in-process),
-    each decoding `threads` photos of a batch at once.
+    each decoding `threads` photos of a batch at once (None: `decode_threads(workers)`).
 
     `size` and `interpolation` are the model's data config; `draft`: JPEG draft mode (see
     `ramcli.media.decode`).
@@ -216,6 +232,7 @@ def make_loader(
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
+    threads = decode_threads(workers) if threads is None else threads
     return DataLoader(
         PhotoDataset(paths, size, draft, defer_jpeg, interpolation, threads),
         batch_size=batch_size,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ramcli.errors import UsageError
-from ramcli.media.loader import Batch, Item, decode_deferred, make_loader
+from ramcli.media.loader import Batch, Item, decode_deferred, make_loader, usable_cores
 from ramcli.models import RecognitionModel
 from ramcli.tagging.precision import resolve_precision
 from ramcli.tagging.records import PhotoResult, TagScore
@@ -83,15 +83,6 @@ def resolve_decode(device: torch.device, decode: str = "auto") -> str:
 CPU_WORKERS_FROM_CORES = 4
 
 
-#: At most this many photos decoded at once in-process: each holds its full-size decode (36 MB
-#: for 12 MP) until it is resized.
-MAX_DECODE_THREADS = 8
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def default_workers() -> int:
     """Decode workers: all cores (max 8) with a GPU, where decoding is the bottleneck; on the
     CPU none below CPU_WORKERS_FROM_CORES cores, else at most 2 (never every core): decoding a
@@ -101,12 +92,6 @@ def default_workers() -> int:
     if torch.cuda.is_available() or mps_available():
         return min(8, cores)
     return 0 if cores < CPU_WORKERS_FROM_CORES else min(2, cores - 1)
-
-
-def decode_threads(workers: int) -> int:
-    """Photos of a batch decoded at once by each decoder: in-process (no workers) every core, as
-    the model waits for the batch anyway; in a worker one, the workers being the parallelism."""
-    return min(MAX_DECODE_THREADS, usable_cores()) if workers == 0 else 1
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -130,7 +115,7 @@ def decoded_batches(paths: list[Path], model: RecognitionModel, batch_size: int,
     size, interpolation = model.arch.image_size, model.pretrained_cfg["interpolation"]
     loader = make_loader(paths, size, batch_size, workers=workers, pin_memory=feeds_gpu,
                          draft=decode == "draft" or feeds_gpu, defer_jpeg=decode == "device",
-                         interpolation=interpolation, threads=decode_threads(workers))
+                         interpolation=interpolation)
     for batch in loader:
         if skip is not None and batch.items:
             keep = [i for i, item in enumerate(batch.items) if not skip(item)]
